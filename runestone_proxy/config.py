@@ -1,0 +1,216 @@
+"""The frozen configuration tree and its strict loader.
+
+One ``config.toml`` becomes one :class:`Config`. Loading is strict on purpose: an unknown key,
+a wrong type or an impossible value is an error that names the key (``$.server.port``) and the
+file, and the process exits 2 before it listens (see ``__main__``). Every field has a default,
+so an empty file (or none at all) runs the gateway on its embedded defaults.
+
+Order of precedence, lowest first: field defaults, the TOML file, environment overrides
+(``PORT``, ``HEALTH_PORT``, ...; see :data:`ENV_OVERRIDES`). Overrides are applied to the raw
+dict before validation, so a bad ``PORT=abc`` is reported like a bad ``server.port``.
+Units live in names: ``_s`` seconds, ``_ms`` milliseconds, ``_bytes`` bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import cattrs
+
+DEFAULT_CONFIG_PATHS = ("config.toml",)
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``messages`` name each bad key."""
+
+    def __init__(self, source: str, messages: list[str]) -> None:
+        super().__init__(f"{source}: " + "; ".join(messages))
+        self.source = source
+        self.messages = messages
+
+
+class FieldError(ValueError):
+    """A validator's complaint about one field; the loader appends the field to the path."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _port(_inst: object, attribute: attrs.Attribute[Any], value: int | None) -> None:
+    if value is not None and not 0 <= value <= 65535:
+        raise FieldError(attribute.name, f"must be between 0 and 65535, got {value}")
+
+
+def _positive(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value <= 0:
+        raise FieldError(attribute.name, f"must be > 0, got {value}")
+
+
+def _non_negative(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value < 0:
+        raise FieldError(attribute.name, f"must be >= 0, got {value}")
+
+
+def _existing_file(_inst: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None and not Path(value).is_file():
+        raise FieldError(attribute.name, f"no such file: {value}")
+
+
+@attrs.frozen
+class LimitsConfig:
+    """Per-connection limits, answered as nginx would (414, 431, 413, 408, 400)."""
+
+    max_request_line_bytes: int = attrs.field(default=8192, validator=_positive)
+    max_header_bytes: int = attrs.field(default=32768, validator=_positive)
+    max_body_bytes: int = attrs.field(default=8 * 1024 * 1024, validator=_positive)
+    header_timeout_s: float = attrs.field(default=10.0, validator=_positive)
+    body_timeout_s: float = attrs.field(default=60.0, validator=_positive)
+    keepalive_timeout_s: float = attrs.field(default=75.0, validator=_positive)
+    send_timeout_s: float = attrs.field(default=60.0, validator=_positive)
+    max_connections: int = attrs.field(default=10_000, validator=_positive)
+    max_pipelined_requests: int = attrs.field(default=32, validator=_positive)
+    h2_max_concurrent_streams: int = attrs.field(default=128, validator=_positive)
+    h2_max_header_list_bytes: int = attrs.field(default=65536, validator=_positive)
+    h2_initial_window_bytes: int = attrs.field(default=65535, validator=_positive)
+    #: Rapid reset (CVE-2023-44487): client resets tolerated per rolling second.
+    h2_max_resets_per_s: int = attrs.field(default=100, validator=_positive)
+    #: SETTINGS/PING/empty-frame floods: control frames tolerated per rolling second.
+    h2_max_control_frames_per_s: int = attrs.field(default=200, validator=_positive)
+    #: CONTINUATION flood: header-block fragments tolerated for one header block.
+    h2_max_continuation_frames: int = attrs.field(default=32, validator=_positive)
+
+
+@attrs.frozen
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = attrs.field(default=4003, validator=_port)
+    #: A second listener for /health* and /metrics only; off when unset.
+    health_port: int | None = attrs.field(default=None, validator=_port)
+    tls_cert: str | None = attrs.field(default=None, validator=_existing_file)
+    tls_key: str | None = attrs.field(default=None, validator=_existing_file)
+    #: How long in-flight requests and streams may run after SIGTERM before cancellation.
+    shutdown_grace_s: float = attrs.field(default=10.0, validator=_non_negative)
+    backlog: int = attrs.field(default=1024, validator=_positive)
+
+    def __attrs_post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise FieldError("tls_key", "tls_cert and tls_key must be set together")
+
+
+@attrs.frozen
+class LoggingConfig:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    #: auto: pretty on a TTY, JSON lines otherwise.
+    format: Literal["auto", "json", "console"] = "auto"
+    access_log: bool = True
+
+
+@attrs.frozen
+class Config:
+    server: ServerConfig = attrs.Factory(ServerConfig)
+    limits: LimitsConfig = attrs.Factory(LimitsConfig)
+    logging: LoggingConfig = attrs.Factory(LoggingConfig)
+
+
+# --- loading -------------------------------------------------------------------------------
+
+_converter = cattrs.Converter(forbid_extra_keys=True)
+
+
+def _set(raw: dict[str, Any], dotted: str, value: object) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            return  # the file has a non-table here; validation will name it
+        node = child
+    node[leaf] = value
+
+
+def _as_int(text: str) -> object:
+    try:
+        return int(text)
+    except ValueError:
+        return text  # left as a string: validation reports the key with its bad value
+
+
+#: Environment variable -> (dotted key, parser). Applied on top of the file.
+ENV_OVERRIDES: dict[str, tuple[str, Callable[[str], object]]] = {
+    "PORT": ("server.port", _as_int),
+    "HEALTH_PORT": ("server.health_port", _as_int),
+    "RUNESTONE_HOST": ("server.host", str),
+    "RUNESTONE_LOG_LEVEL": ("logging.level", str.lower),
+    "RUNESTONE_LOG_FORMAT": ("logging.format", str.lower),
+}
+
+
+def apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    for name, (dotted, parse) in ENV_OVERRIDES.items():
+        text = env.get(name)
+        if text is not None and text != "":
+            _set(raw, dotted, parse(text))
+    return raw
+
+
+def find_path(explicit: str | None, env: Mapping[str, str]) -> Path | None:
+    """The config file to read: ``--config``, else ``RUNESTONE_CONFIG``, else ./config.toml."""
+    if explicit:
+        return Path(explicit)
+    if env.get("RUNESTONE_CONFIG"):
+        return Path(env["RUNESTONE_CONFIG"])
+    for candidate in DEFAULT_CONFIG_PATHS:
+        if Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+def _format(exc: BaseException, type_: type[Any] | None) -> str:
+    if isinstance(exc, FieldError):
+        return f"\0{exc.field}\0{exc}"
+    if isinstance(exc, ValueError) and type(exc) is ValueError:
+        return f"invalid value ({exc})"
+    return cattrs.v.format_exception(exc, type_)
+
+
+def _messages(exc: cattrs.BaseValidationError) -> list[str]:
+    """cattrs' messages, with validator complaints pinned to their field's path."""
+    out = []
+    for line in cattrs.transform_error(exc, path="$", format_exception=_format):
+        if line.startswith("\0"):
+            _, field, rest = line.split("\0", 2)
+            message, _, path = rest.rpartition(" @ ")
+            line = f"invalid value ({message}) @ {path}.{field}"
+        out.append(line)
+    return out
+
+
+def structure(raw: dict[str, Any], source: str) -> Config:
+    try:
+        return _converter.structure(raw, Config)
+    except cattrs.BaseValidationError as exc:
+        raise ConfigError(source, _messages(exc)) from None
+    except FieldError as exc:
+        raise ConfigError(source, [f"invalid value ({exc}) @ $.{exc.field}"]) from None
+
+
+def load(path: Path | None, env: Mapping[str, str] | None = None) -> Config:
+    """Read, override and validate; raise :class:`ConfigError` naming every bad key."""
+    env = os.environ if env is None else env
+    source = str(path) if path is not None else "<embedded defaults>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with path.open("rb") as fh:
+                raw = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(source, [f"cannot read: {exc.strerror}"]) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(source, [f"not valid TOML: {exc}"]) from None
+    return structure(apply_env(raw, env), source)

@@ -1,0 +1,246 @@
+"""The one error tree: every failure the gateway can answer with, and how it answers.
+
+Each class knows its HTTP status and the ``type``/``code`` of OpenAI's error envelope
+(``{"error": {"message", "type", "param", "code"}}``), and whether a router may retry the
+request elsewhere. Foreign exceptions (sockets, TLS, SQLite, provider bodies) are mapped to
+these once, at the edge that meets them; everything above that edge speaks only this tree.
+
+    GatewayError                    500 server_error
+    ├── BadRequest                  400 invalid_request_error
+    │   ├── InvalidJSON             400 (code invalid_json)
+    │   ├── InvalidParam            400 (code invalid_value, names ``param``)
+    │   └── NoCandidate             400 (code no_candidate: routing constraints excluded all)
+    ├── AuthenticationFailed        401 (code invalid_api_key)
+    ├── PermissionDenied            403
+    ├── NotFound                    404 (code not_found)
+    │   └── ModelNotFound           404 (code model_not_found)
+    ├── MethodNotAllowed            405 (carries ``Allow``)
+    ├── RequestTimeout              408
+    ├── PayloadTooLarge             413
+    ├── URITooLong                  414
+    ├── HeaderFieldsTooLarge        431
+    ├── RateLimited                 429 (code rate_limit_exceeded, carries ``retry-after``)
+    ├── ServiceUnavailable          503 (draining, overloaded; retryable)
+    └── UpstreamError               502 (retryable)
+        ├── UpstreamConnectError    502 (refused, reset, TLS failure)
+        ├── UpstreamTimeout         504
+        ├── UpstreamProtocolError   502 (a provider broke its own wire format)
+        └── ProviderError           the provider's own status and meaning, passed through
+"""
+
+from __future__ import annotations
+
+import json
+from typing import ClassVar
+
+
+class GatewayError(Exception):
+    """Base of the tree. Subclasses set the class attributes; instances carry the message."""
+
+    status: ClassVar[int] = 500
+    error_type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str | None] = None
+    retryable: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.headers = headers
+
+    @property
+    def http_status(self) -> int:
+        return self.status
+
+    @property
+    def is_retryable(self) -> bool:
+        return self.retryable
+
+    def envelope(self) -> dict[str, object]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def body(self) -> bytes:
+        return json.dumps(self.envelope(), separators=(",", ":")).encode()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r}, status={self.http_status})"
+
+
+class BadRequest(GatewayError):
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class InvalidJSON(BadRequest):
+    default_code = "invalid_json"
+
+
+class InvalidParam(BadRequest):
+    default_code = "invalid_value"
+
+
+class NoCandidate(BadRequest):
+    default_code = "no_candidate"
+
+
+class AuthenticationFailed(GatewayError):
+    status = 401
+    error_type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+
+class PermissionDenied(GatewayError):
+    status = 403
+    error_type = "invalid_request_error"
+    default_code = "permission_denied"
+
+
+class NotFound(GatewayError):
+    status = 404
+    error_type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    default_code = "model_not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    error_type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+    def __init__(self, message: str, *, allow: tuple[str, ...]) -> None:
+        super().__init__(message, headers=((b"allow", ", ".join(allow).encode()),))
+        self.allow = allow
+
+
+class RequestTimeout(GatewayError):
+    status = 408
+    error_type = "invalid_request_error"
+    default_code = "request_timeout"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    error_type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class URITooLong(GatewayError):
+    status = 414
+    error_type = "invalid_request_error"
+    default_code = "uri_too_long"
+
+
+class HeaderFieldsTooLarge(GatewayError):
+    status = 431
+    error_type = "invalid_request_error"
+    default_code = "headers_too_large"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    error_type = "requests"
+    default_code = "rate_limit_exceeded"
+    retryable = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: float | None = None,
+        code: str | None = None,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        if retry_after_s is not None:
+            # RFC 9110 §10.2.3: delay-seconds is a non-negative integer; round up.
+            seconds = max(0, int(-(-retry_after_s // 1)))
+            headers = ((b"retry-after", str(seconds).encode()), *headers)
+        super().__init__(message, code=code, headers=headers)
+        self.retry_after_s = retry_after_s
+
+
+class ServiceUnavailable(GatewayError):
+    status = 503
+    error_type = "server_error"
+    default_code = "service_unavailable"
+    retryable = True
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    error_type = "server_error"
+    default_code = "bad_gateway"
+    retryable = True
+
+
+class UpstreamConnectError(UpstreamError):
+    default_code = "upstream_connect_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    default_code = "upstream_timeout"
+
+
+class UpstreamProtocolError(UpstreamError):
+    default_code = "upstream_protocol_error"
+
+
+class ProviderError(UpstreamError):
+    """A provider answered with an error: keep its status, meaning and retryability."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        error_type: str,
+        retryable: bool,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: float | None = None,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        if retry_after_s is not None:
+            seconds = max(0, int(-(-retry_after_s // 1)))
+            headers = ((b"retry-after", str(seconds).encode()), *headers)
+        super().__init__(message, param=param, code=code, headers=headers)
+        self._status = status
+        self._type = error_type
+        self._retryable = retryable
+        self.retry_after_s = retry_after_s
+
+    @property
+    def http_status(self) -> int:
+        return self._status
+
+    @property
+    def is_retryable(self) -> bool:
+        return self._retryable
+
+    def envelope(self) -> dict[str, object]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self._type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }

@@ -1,0 +1,1 @@
+"""Runestone: an OpenAI-compatible LLM API gateway on Trio."""

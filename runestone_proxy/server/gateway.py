@@ -1,0 +1,84 @@
+"""The Gateway: what every connection hands its requests to.
+
+It owns the route table, the current config (swapped whole on SIGHUP), the lifecycle phase
+that readiness reports, and the component registry ``/health`` lists. ``dispatch`` is the
+one entry point for both protocols: resolve the route, run the handler, turn errors from
+:mod:`runestone_proxy.errors` into OpenAI's envelope, and never let an unexpected exception
+escape into the connection task.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import structlog
+
+from runestone_proxy import errors
+from runestone_proxy.config import Config
+from runestone_proxy.server.http import JSON_HEADERS, Request, Responder
+from runestone_proxy.server.router import Router
+
+log = structlog.get_logger("runestone.gateway")
+
+
+class Phase(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(12)
+
+
+def valid_request_id(value: bytes) -> str | None:
+    """A client-sent ``x-request-id`` we can echo safely (printable ASCII, bounded)."""
+    if 0 < len(value) <= 200 and all(0x21 <= b <= 0x7E for b in value):
+        return value.decode("ascii")
+    return None
+
+
+@attrs.define(eq=False)
+class Gateway:
+    config: Config
+    router: Router = attrs.Factory(Router)
+    phase: Phase = Phase.STARTING
+    started_at: float = attrs.Factory(time.monotonic)
+    #: name -> zero-arg callable returning {"status": "ok" | "degraded" | "down", ...}.
+    components: dict[str, Callable[[], dict[str, Any]]] = attrs.Factory(dict)
+    open_connections: int = 0
+    #: Called with the new Config after a validated SIGHUP swap (subsystems re-read theirs).
+    reload_hooks: list[Callable[[Config], None]] = attrs.Factory(list)
+
+    @property
+    def ready(self) -> bool:
+        return self.phase is Phase.READY
+
+    def apply_config(self, config: Config) -> None:
+        self.config = config
+        for hook in self.reload_hooks:
+            hook(config)
+
+    async def dispatch(self, request: Request, responder: Responder) -> None:
+        """Route and run one request. Errors become envelopes; nothing escapes."""
+        try:
+            handler, params = self.router.resolve(request.method, request.path)
+            request.path_params = params
+            await handler(request, responder)
+        except errors.GatewayError as exc:
+            await send_error(responder, exc)
+        except Exception:
+            log.exception("request.crashed", request_id=request.request_id, path=request.path)
+            await send_error(responder, errors.GatewayError("The server had an error."))
+
+
+async def send_error(responder: Responder, exc: errors.GatewayError) -> None:
+    """Answer ``exc`` in OpenAI's envelope, unless a response already started."""
+    if responder.started:
+        return
+    await responder.respond(exc.http_status, (*JSON_HEADERS, *exc.headers), exc.body())

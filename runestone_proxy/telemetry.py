@@ -1,0 +1,68 @@
+"""The telemetry spine: ``emit(event, **fields)`` fans out to every registered handler.
+
+Event names are dotted (``router.decide``, ``provider.request.stop``; the full list is in
+design.md). Handlers are plain callables ``(event, fields) -> None``: the structlog bridge,
+the metrics registry, and in tests a recorder. Emitting with no handlers costs one truthiness
+check, so hot paths may emit freely; nothing emits per SSE chunk.
+
+No event ever carries a prompt, a completion or a whole API key: callers pass ids, counts
+and masked keys (:func:`mask_key`), and the log chain redacts again as a second line of
+defence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+TelemetryHandler = Callable[[str, dict[str, Any]], None]
+
+_handlers: list[TelemetryHandler] = []
+
+
+def emit(event: str, **fields: Any) -> None:
+    """Send ``event`` to every handler. A failing handler never breaks the caller."""
+    if not _handlers:
+        return
+    for handler in tuple(_handlers):
+        try:
+            handler(event, fields)
+        except Exception:  # noqa: BLE001 - telemetry must never fail a request
+            continue
+
+
+def add_handler(handler: TelemetryHandler) -> Callable[[], None]:
+    """Register ``handler``; returns a function that removes it again."""
+    _handlers.append(handler)
+
+    def remove() -> None:
+        if handler in _handlers:
+            _handlers.remove(handler)
+
+    return remove
+
+
+def mask_key(key: str | bytes | None) -> str:
+    """``sk-abc...wxyz`` -> ``sk-...wxyz``: enough to tell keys apart, never enough to use."""
+    if key is None:
+        return "-"
+    text = key.decode(errors="replace") if isinstance(key, bytes) else key
+    if len(text) <= 8:
+        return "..." + text[-2:] if len(text) > 2 else "***"
+    prefix = text[:3] if text.startswith("sk-") else text[:2]
+    return f"{prefix}...{text[-4:]}"
+
+
+@attrs.define
+class Recorder:
+    """A handler that keeps events in memory: for tests, and for /health summaries."""
+
+    events: list[tuple[str, dict[str, Any]]] = attrs.Factory(list)
+
+    def __call__(self, event: str, fields: dict[str, Any]) -> None:
+        self.events.append((event, fields))
+
+    def named(self, event: str) -> list[dict[str, Any]]:
+        return [fields for name, fields in self.events if name == event]
