@@ -17,13 +17,15 @@ from typing import Any
 
 import attrs
 import structlog
+import trio
 
 from runestone_proxy import errors
 from runestone_proxy.config import Config
-from runestone_proxy.server.http import JSON_HEADERS, Request, Responder
+from runestone_proxy.server.http import JSON_HEADERS, HeaderList, Request, Responder
 from runestone_proxy.server.router import Router
 
 log = structlog.get_logger("runestone.gateway")
+access_log = structlog.get_logger("runestone.access")
 
 
 class Phase(enum.Enum):
@@ -54,6 +56,9 @@ class Gateway:
     open_connections: int = 0
     #: Called with the new Config after a validated SIGHUP swap (subsystems re-read theirs).
     reload_hooks: list[Callable[[Config], None]] = attrs.Factory(list)
+    #: Set when draining starts: connections stop taking new requests (h1 answers with
+    #: ``Connection: close``, idle keep-alives close, h2 sends GOAWAY) and let work finish.
+    draining: trio.Event = attrs.Factory(trio.Event)
 
     @property
     def ready(self) -> bool:
@@ -75,6 +80,32 @@ class Gateway:
         except Exception:
             log.exception("request.crashed", request_id=request.request_id, path=request.path)
             await send_error(responder, errors.GatewayError("The server had an error."))
+
+
+def request_id_from(headers: HeaderList) -> str:
+    """The client's ``x-request-id`` when it is safe to echo, else a fresh one."""
+    for name, value in headers:
+        if name == b"x-request-id":
+            return valid_request_id(value) or new_request_id()
+    return new_request_id()
+
+
+def log_access(
+    gateway: Gateway, request: Request, status: int, sent_bytes: int, started: float
+) -> None:
+    """The one access line per request (no bodies, no query strings with secrets)."""
+    if gateway.config.logging.access_log:
+        access_log.info(
+            "http.access",
+            request_id=request.request_id,
+            protocol=f"HTTP/{request.http_version}",
+            method=request.method,
+            path=request.path,
+            status=status,
+            bytes=sent_bytes,
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            client=request.client,
+        )
 
 
 async def send_error(responder: Responder, exc: errors.GatewayError) -> None:
