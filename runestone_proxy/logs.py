@@ -18,13 +18,29 @@ import structlog
 
 from runestone_proxy import telemetry
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR}
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
-_SECRET_FIELDS = frozenset({"api_key", "authorization", "key", "token", "secret", "password",
-                            "x-api-key", "webhook_secret"})
+_SECRET_FIELDS = frozenset(
+    {
+        "api_key",
+        "authorization",
+        "key",
+        "token",
+        "secret",
+        "password",
+        "x-api-key",
+        "webhook_secret",
+    }
+)
 # Bearer tokens and provider keys that slipped into free text: keep the last four characters.
-_SECRET_TEXT = re.compile(r"\b(sk-(?:ant-)?|gsk_|Bearer\s+)([A-Za-z0-9_\-]{4,})([A-Za-z0-9_\-]{4})\b")
+_SECRET_TEXT = re.compile(
+    r"\b(sk-(?:ant-)?|gsk_|Bearer\s+)([A-Za-z0-9_\-]{4,})([A-Za-z0-9_\-]{4})\b"
+)
 
 _LOUD_EVENTS = {
     "auth.failure": "warning",
@@ -35,7 +51,9 @@ _LOUD_EVENTS = {
 }
 
 
-def redact(_logger: object, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+def redact(
+    _logger: object, _name: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     """Mask secret-named fields and key-shaped substrings anywhere in string values."""
     for field, value in event.items():
         if field in _SECRET_FIELDS and isinstance(value, str | bytes):

@@ -59,6 +59,8 @@ class Gateway:
     #: Set when draining starts: connections stop taking new requests (h1 answers with
     #: ``Connection: close``, idle keep-alives close, h2 sends GOAWAY) and let work finish.
     draining: trio.Event = attrs.Factory(trio.Event)
+    #: Set whenever ``open_connections`` drops to zero (the drain waits on a fresh one).
+    connections_idle: trio.Event = attrs.Factory(trio.Event)
 
     @property
     def ready(self) -> bool:

@@ -35,7 +35,7 @@ class _Pattern:
 
 @attrs.define
 class Router:
-    """Maps (method, path) to a handler; ``HEAD`` falls back to ``GET`` as RFC 9110 §9.3.2 allows."""
+    """Maps (method, path) to a handler; ``HEAD`` falls back to ``GET`` (RFC 9110 §9.3.2)."""
 
     _static: dict[str, dict[str, Handler]] = attrs.Factory(dict)
     _patterns: list[_Pattern] = attrs.Factory(list)

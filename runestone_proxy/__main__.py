@@ -1,0 +1,59 @@
+"""``runestone-proxy`` / ``python -m runestone_proxy``: argv -> config -> logs -> trio.run.
+
+Exit status: 0 after a clean shutdown (SIGTERM/SIGINT drained), 2 when the configuration is
+invalid (every bad key is printed with the file it came from), 1 on any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import trio
+
+from runestone_proxy import __version__, config, logs
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="runestone-proxy",
+        description="Runestone: an OpenAI-compatible LLM API gateway.",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="config file (default: $RUNESTONE_CONFIG, else ./config.toml, else built-in defaults)",
+    )
+    parser.add_argument(
+        "--check-config", action="store_true", help="validate the configuration and exit"
+    )
+    parser.add_argument("--version", action="version", version=f"runestone-proxy {__version__}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    path = config.find_path(args.config, os.environ)
+    try:
+        cfg = config.load(path, os.environ)
+    except config.ConfigError as exc:
+        for message in exc.messages:
+            print(f"runestone-proxy: config error in {exc.source}: {message}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(f"runestone-proxy: {path or '<embedded defaults>'}: configuration is valid")
+        return 0
+    logs.configure(cfg.logging.level, cfg.logging.format)
+    from runestone_proxy.server.app import serve
+
+    try:
+        trio.run(lambda: serve(cfg, config_path=Path(path) if path else None))
+    except KeyboardInterrupt:  # a signal that arrived before the handler was installed
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

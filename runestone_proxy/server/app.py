@@ -1,0 +1,209 @@
+"""``serve(config)``: the process's nursery tree, its lifecycle, and its signals.
+
+The tree (every task has an owner; nothing runs in the background unparented)::
+
+    serve(config)                         root nursery
+    ├── signals                           SIGTERM/SIGINT -> drain; SIGHUP -> reload config
+    ├── watchdog                          WATCHDOG=1 to systemd (when WatchdogSec is set)
+    ├── health accept loop                health_port (optional): /health*, kept until the end
+    │   └── health connections
+    ├── services                          (later issues: upstream pool, SQLite store, drainer,
+    │                                      config watcher) opened before readiness
+    └── connections nursery               one task per connection (h1 or h2)
+        │   └── request / stream tasks    owned by their connection
+        └── accept loops                  main port(s); cancelled first when draining
+
+Lifecycle: STARTING (readiness 503) -> READY (READY=1 to systemd) -> DRAINING on SIGTERM or
+SIGINT: readiness turns 503, STOPPING=1, the accept loops stop (listening sockets close),
+``gateway.draining`` tells connections to finish what they have (h1 closes idle keep-alives,
+h2 sends GOAWAY), and after ``shutdown_grace_s`` whatever is left is cancelled. Then the root
+nursery is cancelled and ``serve`` returns: exit status 0. A second SIGTERM/SIGINT during the
+drain cancels at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Mapping
+from functools import partial
+from pathlib import Path
+
+import attrs
+import structlog
+import trio
+
+from runestone_proxy import config as config_mod
+from runestone_proxy import logs
+from runestone_proxy.config import Config, ConfigError
+from runestone_proxy.server import systemd
+from runestone_proxy.server.gateway import Gateway, Phase
+from runestone_proxy.server.health import add_health_routes
+from runestone_proxy.server.listener import accept_loop, make_ssl_context
+from runestone_proxy.server.router import Router
+
+log = structlog.get_logger("runestone.app")
+
+#: Keys whose change needs a restart (the listening sockets are bound once).
+_RESTART_ONLY = ("host", "port", "health_port", "tls_cert", "tls_key", "backlog")
+
+
+@attrs.frozen
+class Bound:
+    """What ``serve`` reports through ``task_status`` once it is listening."""
+
+    port: int
+    health_port: int | None
+
+
+@attrs.define(eq=False)
+class App:
+    config: Config
+    config_path: Path | None
+    env: Mapping[str, str]
+    gateway: Gateway
+    health_gateway: Gateway
+    notifier: systemd.Notifier
+    shutdown: trio.Event = attrs.Factory(trio.Event)
+
+    @classmethod
+    def build(cls, config: Config, config_path: Path | None, env: Mapping[str, str]) -> App:
+        gateway = Gateway(config)
+        add_health_routes(gateway.router, gateway)
+        # The health port serves health only, but reports the main gateway's phase.
+        health_gateway = Gateway(config, router=Router())
+        add_health_routes(health_gateway.router, gateway)
+        return cls(
+            config, config_path, env, gateway, health_gateway, systemd.Notifier.from_env(env)
+        )
+
+    # --- listening ----------------------------------------------------------------------------
+
+    async def _listeners(self) -> tuple[list[trio.SocketListener], list[trio.SocketListener]]:
+        """Main and health listeners: inherited from systemd (LISTEN_FDS) or bound here."""
+        server = self.config.server
+        inherited = systemd.listen_fds_with_names(self.env)
+        if inherited:
+            main: list[trio.SocketListener] = []
+            health: list[trio.SocketListener] = []
+            for index, (name, sock) in enumerate(inherited):
+                listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+                is_health = name == "health" or (name == "unknown" and index == 1)
+                (health if is_health else main).append(listener)
+            return main, health
+        bound = await trio.open_tcp_listeners(server.port, host=server.host, backlog=server.backlog)
+        if server.health_port is None:
+            return bound, []
+        health_bound = await trio.open_tcp_listeners(
+            server.health_port, host=server.host, backlog=server.backlog
+        )
+        return bound, health_bound
+
+    async def run(self, task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED) -> None:
+        ssl_context = make_ssl_context(self.config.server)
+        main, health = await self._listeners()
+        bound = Bound(
+            port=main[0].socket.getsockname()[1],
+            health_port=health[0].socket.getsockname()[1] if health else None,
+        )
+        async with trio.open_nursery() as root:
+            await root.start(self._signals)
+            interval = systemd.watchdog_interval(self.env)
+            if interval is not None:
+                await root.start(systemd.watchdog_loop, self.notifier, interval)
+            for listener in health:
+                await root.start(
+                    partial(accept_loop, listener, self.health_gateway, root, capped=False)
+                )
+            async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as accepting:
+                    for listener in main:
+                        serve_main = partial(
+                            accept_loop,
+                            listener,
+                            self.gateway,
+                            connections,
+                            ssl_context=ssl_context,
+                        )
+                        await accepting.start(serve_main)
+                    self.gateway.phase = Phase.READY
+                    log.info(
+                        "gateway.ready",
+                        port=bound.port,
+                        health_port=bound.health_port,
+                        tls=ssl_context is not None,
+                    )
+                    await self.notifier.ready(f"listening on port {bound.port}")
+                    task_status.started(bound)
+                    await self.shutdown.wait()
+                    accepting.cancel_scope.cancel()
+                await self._drain(connections)
+            root.cancel_scope.cancel()
+        log.info("gateway.stopped")
+
+    async def _drain(self, connections: trio.Nursery) -> None:
+        grace = self.config.server.shutdown_grace_s
+        log.info("gateway.draining", open_connections=self.gateway.open_connections, grace_s=grace)
+        with trio.move_on_after(grace):
+            if self.gateway.open_connections:
+                self.gateway.connections_idle = trio.Event()
+                await self.gateway.connections_idle.wait()
+        if self.gateway.open_connections:
+            log.warning("gateway.drain.cancelled", open_connections=self.gateway.open_connections)
+        connections.cancel_scope.cancel()
+
+    # --- signals and reload ------------------------------------------------------------------
+
+    async def _signals(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            task_status.started()
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await self.reload()
+                elif self.shutdown.is_set():
+                    log.warning("gateway.shutdown.forced", signal=signal.Signals(signum).name)
+                    self.gateway.connections_idle.set()
+                    self.gateway.open_connections = 0
+                else:
+                    log.info("gateway.shutdown", signal=signal.Signals(signum).name)
+                    await self.begin_drain()
+
+    async def begin_drain(self) -> None:
+        self.gateway.phase = Phase.DRAINING
+        await self.notifier.stopping()
+        self.gateway.draining.set()
+        self.shutdown.set()
+
+    async def reload(self) -> None:
+        """Re-read and validate the config; swap what may change at run time, else keep it."""
+        await self.notifier.reloading()
+        try:
+            new = config_mod.load(self.config_path, self.env)
+        except ConfigError as exc:
+            log.error("config.reload.failed", source=exc.source, errors=exc.messages)
+        else:
+            for key in _RESTART_ONLY:
+                if getattr(new.server, key) != getattr(self.config.server, key):
+                    log.warning("config.reload.needs_restart", key=f"server.{key}")
+            self.config = new
+            self.gateway.apply_config(new)
+            self.health_gateway.apply_config(new)
+            logs.configure(new.logging.level, new.logging.format)
+            log.info("config.reloaded", source=exc_source(self.config_path))
+        await self.notifier.ready("reloaded")
+
+
+def exc_source(path: Path | None) -> str:
+    return str(path) if path is not None else "<embedded defaults>"
+
+
+async def serve(
+    config: Config,
+    *,
+    config_path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the gateway until SIGTERM/SIGINT. Reports :class:`Bound` once listening."""
+    app = App.build(config, config_path, os.environ if env is None else env)
+    await app.run(task_status)

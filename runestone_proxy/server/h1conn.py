@@ -1,0 +1,427 @@
+"""One HTTP/1.1 connection on h11: keep-alive, pipelining, bodies, limits, disconnects.
+
+How this works
+--------------
+The connection task is the only reader of the socket. It loops: wait for a request head
+(bounded by the keep-alive timeout while idle and the header timeout once bytes arrived),
+validate it against the limits, then run the request. While the handler runs, a *watcher*
+task keeps reading: body bytes go to the handler through a bounded channel (so a slow handler
+back-pressures the client), and after the body it watches for EOF, which means the client went
+away: the watcher cancels the handler's scope at once, so upstream work stops too. Pipelined
+bytes that arrive meanwhile stay buffered in h11 until the response is done (RFC 9112 §9.3.2:
+responses go out in request order), bounded by ``max_pipelined_requests``.
+
+Only the request side writes, one response at a time, so writes need no lock. Each write is
+one ``send_all`` bounded by ``send_timeout_s``; streamed bodies go out chunked, one flush per
+``send``. Errors found before a handler runs (400, 408, 413, 414, 431, 501) are answered in
+OpenAI's envelope with ``Connection: close``, as nginx would, and the connection ends.
+"""
+
+from __future__ import annotations
+
+import time
+from http import HTTPStatus
+
+import attrs
+import h11
+import structlog
+import trio
+
+from runestone_proxy import errors
+from runestone_proxy.config import LimitsConfig
+from runestone_proxy.server.gateway import Gateway, log_access, new_request_id, request_id_from
+from runestone_proxy.server.http import JSON_HEADERS, HeaderList, Request
+
+log = structlog.get_logger("runestone.h1")
+
+_READ_SIZE = 65536
+_BODY_END = b""
+_CLOSE = (b"connection", b"close")
+_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+
+
+class _ClientGone(Exception):
+    """The peer closed or reset the connection."""
+
+
+@attrs.define(eq=False)
+class _StreamingBody:
+    """A request body that arrives after the head: fed by the watcher, read by the handler."""
+
+    conn: H1Connection
+    receiver: trio.MemoryReceiveChannel[bytes | errors.GatewayError]
+    finished: bool = False
+
+    async def receive(self) -> bytes:
+        if self.finished:
+            return b""
+        if self.conn.proto.they_are_waiting_for_100_continue:
+            # RFC 9110 §10.1.1: the client waits for our go-ahead before sending the body.
+            await self.conn.write(self.conn.proto.send(h11.InformationalResponse(status_code=100, headers=[])))
+        try:
+            item = await self.receiver.receive()
+        except trio.EndOfChannel:
+            item = _BODY_END
+        if isinstance(item, errors.GatewayError):
+            self.finished = True
+            raise item
+        if not item:
+            self.finished = True
+        return item
+
+
+@attrs.define(eq=False)
+class H1Responder:
+    """Implements :class:`~runestone_proxy.server.http.Responder` over one h11 exchange."""
+
+    conn: H1Connection
+    request_id: str
+    head_only: bool
+    status: int = 0
+    sent_bytes: int = 0
+
+    @property
+    def started(self) -> bool:
+        return self.status != 0
+
+    def _head(self, status: int, headers: HeaderList, length: int | None) -> h11.Response:
+        out = [*headers, (b"x-request-id", self.request_id.encode())]
+        if length is not None:
+            out.append((b"content-length", str(length).encode()))
+        if self.conn.closing:
+            out.append(_CLOSE)
+        self.status = status
+        return h11.Response(status_code=status, headers=out, reason=_REASONS.get(status, b""))
+
+    async def respond(self, status: int, headers: HeaderList, body: bytes) -> None:
+        if self.started:
+            raise RuntimeError("response already started")
+        conn = self.conn.proto
+        data = conn.send(self._head(status, headers, len(body)))
+        if body and not self.head_only:
+            data += conn.send(h11.Data(data=body))
+            self.sent_bytes = len(body)
+        data += conn.send(h11.EndOfMessage())
+        await self.conn.write(data)
+
+    async def start(self, status: int, headers: HeaderList) -> None:
+        if self.started:
+            raise RuntimeError("response already started")
+        await self.conn.write(self.conn.proto.send(self._head(status, headers, None)))
+
+    async def send(self, data: bytes) -> None:
+        if not data or self.head_only:
+            return
+        self.sent_bytes += len(data)
+        await self.conn.write(self.conn.proto.send(h11.Data(data=data)))
+
+    async def finish(self) -> None:
+        if not self.started:
+            await self.respond(500, JSON_HEADERS, errors.GatewayError("No response.").body())
+        elif self.conn.proto.our_state is h11.SEND_BODY:
+            await self.conn.write(self.conn.proto.send(h11.EndOfMessage()))
+
+
+@attrs.define(eq=False)
+class H1Connection:
+    stream: trio.abc.Stream
+    gateway: Gateway
+    limits: LimitsConfig
+    client: str | None
+    proto: h11.Connection
+    #: Set once this connection will close after the current response.
+    closing: bool = False
+    idle_scope: trio.CancelScope | None = None
+
+    @classmethod
+    def new(cls, stream: trio.abc.Stream, gateway: Gateway, client: str | None) -> H1Connection:
+        limits = gateway.config.limits
+        conn = h11.Connection(
+            h11.SERVER,
+            max_incomplete_event_size=limits.max_request_line_bytes + limits.max_header_bytes,
+        )
+        return cls(stream, gateway, limits, client, conn)
+
+    async def write(self, data: bytes) -> None:
+        with trio.fail_after(self.limits.send_timeout_s):
+            await self.stream.send_all(data)
+
+    async def receive(self) -> bytes | bytearray:
+        try:
+            return await self.stream.receive_some(_READ_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return b""
+
+    # --- the request loop -------------------------------------------------------------------
+
+    async def serve(self, initial: bytes) -> None:
+        if initial:
+            self.proto.receive_data(initial)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_drain)
+            try:
+                while not self.closing:
+                    request = await self._next_request()
+                    if request is None:
+                        break
+                    await self._run(request)
+                    if self.proto.our_state is h11.MUST_CLOSE or self.proto.their_state in (
+                        h11.MUST_CLOSE,
+                        h11.CLOSED,
+                    ):
+                        break
+                    if (
+                        self.proto.our_state is not h11.DONE
+                        or self.proto.their_state is not h11.DONE
+                    ):
+                        break  # the body was not fully read (error answered early): close
+                    self.proto.start_next_cycle()
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _watch_drain(self) -> None:
+        await self.gateway.draining.wait()
+        self.closing = True
+        if self.idle_scope is not None:
+            self.idle_scope.cancel()
+
+    async def _next_request(self) -> h11.Request | None:
+        """Read until a request head; answer and return None on errors, timeouts, or EOF."""
+        received_any = (
+            bool(self.proto.trailing_data[0]) if self.proto.their_state is h11.IDLE else True
+        )
+        deadline = trio.current_time() + (
+            self.limits.header_timeout_s if received_any else self.limits.keepalive_timeout_s
+        )
+        while True:
+            try:
+                event = self.proto.next_event()
+            except h11.RemoteProtocolError as exc:
+                await self._reject(self._protocol_error(exc))
+                return None
+            if isinstance(event, h11.Request):
+                return event
+            if event is h11.NEED_DATA:
+                with trio.CancelScope(deadline=deadline) as scope:
+                    self.idle_scope = None if received_any else scope
+                    if self.closing and not received_any:
+                        return None
+                    data = await self.receive()
+                self.idle_scope = None
+                if scope.cancelled_caught:
+                    if received_any and not self.closing:
+                        await self._reject(errors.RequestTimeout("Timed out reading the request."))
+                    return None
+                if not received_any and data:
+                    received_any = True
+                    deadline = trio.current_time() + self.limits.header_timeout_s
+                self.proto.receive_data(data)
+                if not data and not self.proto.trailing_data[0]:
+                    return None
+                continue
+            # ConnectionClosed (EOF between requests) or PAUSED: nothing more to serve.
+            return None
+
+    def _protocol_error(self, exc: h11.RemoteProtocolError) -> errors.GatewayError:
+        if exc.error_status_hint == 431:
+            buffered = self.proto.trailing_data[0]
+            if b"\n" not in buffered[: self.limits.max_request_line_bytes + 2]:
+                return errors.URITooLong("Request line too long.")
+            return errors.HeaderFieldsTooLarge("Request header fields too large.")
+        if exc.error_status_hint == 501:
+            return errors.GatewayError(f"Not implemented: {exc}.", code="not_implemented")
+        return errors.BadRequest(f"Malformed HTTP request: {exc}.", code="bad_request")
+
+    async def _reject(self, exc: errors.GatewayError) -> None:
+        """Answer an error found before any handler ran, then close (nginx's behaviour)."""
+        self.closing = True
+        if self.proto.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        status = 501 if exc.code == "not_implemented" else exc.http_status
+        request_id = new_request_id().encode()
+        headers = [*JSON_HEADERS, *exc.headers, _CLOSE, (b"x-request-id", request_id)]
+        body = exc.body()
+        headers.append((b"content-length", str(len(body)).encode()))
+        try:
+            head = h11.Response(
+                status_code=status, headers=headers, reason=_REASONS.get(status, b"")
+            )
+            data = self.proto.send(head)
+            data += self.proto.send(h11.Data(data=body)) + self.proto.send(h11.EndOfMessage())
+            await self.write(data)
+        except (h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except trio.TooSlowError:
+            pass
+
+    def _check_head(self, event: h11.Request) -> errors.GatewayError | None:
+        limits = self.limits
+        if len(event.target) > limits.max_request_line_bytes:
+            return errors.URITooLong("Request URI too long.")
+        size = 0
+        content_length: bytes | None = None
+        chunked = False
+        for name, value in event.headers:
+            size += len(name) + len(value) + 4
+            if name == b"content-length":
+                content_length = value
+            elif name == b"transfer-encoding":
+                chunked = True
+        if size > limits.max_header_bytes:
+            return errors.HeaderFieldsTooLarge("Request header fields too large.")
+        if chunked and content_length is not None:
+            # RFC 9112 §6.3: both present is how request smuggling starts; refuse and close.
+            return errors.BadRequest(
+                "Both Content-Length and Transfer-Encoding were sent.", code="bad_request"
+            )
+        if content_length is not None and int(content_length) > limits.max_body_bytes:
+            return errors.PayloadTooLarge(
+                f"Request body exceeds the limit of {limits.max_body_bytes} bytes."
+            )
+        return None
+
+    async def _run(self, event: h11.Request) -> None:
+        started = time.perf_counter()
+        problem = self._check_head(event)
+        if problem is not None:
+            await self._reject(problem)
+            return
+        if self.gateway.draining.is_set():
+            self.closing = True
+        target = event.target.decode("latin-1")
+        path, _, query = target.partition("?")
+        headers = event.headers
+        request_id = request_id_from(headers)
+        method = event.method.decode("ascii")
+        responder = H1Responder(self, request_id, head_only=method == "HEAD")
+
+        # The body may already be complete in the buffer (small JSON usually is).
+        parts: list[bytes] = []
+        try:
+            next_event = self.proto.next_event()
+            while isinstance(next_event, h11.Data):
+                parts.append(next_event.data)
+                next_event = self.proto.next_event()
+        except h11.RemoteProtocolError as exc:
+            await self._reject(self._protocol_error(exc))
+            return
+        send_channel, receive_channel = trio.open_memory_channel[bytes | errors.GatewayError](1)
+        body_source: _StreamingBody | _BufferedBody
+        if isinstance(next_event, h11.EndOfMessage):
+            body_source = _BufferedBody(b"".join(parts))
+            send_channel.close()
+        else:
+            body_source = _StreamingBody(self, receive_channel)
+            if parts:
+                send_channel.send_nowait(b"".join(parts))
+
+        request = Request(
+            method=method,
+            path=path,
+            query=query,
+            headers=headers,  # h11's Headers is a sequence of (name, value) pairs
+            http_version=event.http_version.decode("ascii"),
+            body_source=body_source,
+            request_id=request_id,
+            client=self.client,
+            max_body_bytes=self.limits.max_body_bytes,
+        )
+        async with trio.open_nursery() as nursery:
+            with trio.CancelScope() as handler_scope:
+                nursery.start_soon(
+                    self._watch, send_channel, handler_scope, isinstance(body_source, _BufferedBody)
+                )
+                try:
+                    await self.gateway.dispatch(request, responder)
+                    await responder.finish()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+                    self.closing = True
+            nursery.cancel_scope.cancel()
+        if handler_scope.cancelled_caught:
+            self.closing = True  # the client went away mid-request
+        log_access(self.gateway, request, responder.status or 499, responder.sent_bytes, started)
+
+    async def _watch(
+        self,
+        body: trio.MemorySendChannel[bytes | errors.GatewayError],
+        handler_scope: trio.CancelScope,
+        body_done: bool,
+    ) -> None:
+        """Feed the body to the handler, then notice the client leaving (EOF) and cancel it."""
+        async with body:
+            received = 0
+            while not body_done:
+                try:
+                    event = self.proto.next_event()
+                except h11.RemoteProtocolError as exc:
+                    self.closing = True
+                    await body.send(self._protocol_error(exc))
+                    return
+                if event is h11.NEED_DATA:
+                    with trio.move_on_after(self.limits.body_timeout_s):
+                        data = await self.receive()
+                        self.proto.receive_data(data)
+                        if not data:
+                            handler_scope.cancel()
+                            return
+                        continue
+                    await body.send(errors.RequestTimeout("Timed out reading the request body."))
+                    self.closing = True
+                    return
+                if isinstance(event, h11.Data):
+                    received += len(event.data)
+                    if received > self.limits.max_body_bytes:
+                        self.closing = True
+                        await body.send(
+                            errors.PayloadTooLarge(
+                                f"Request body exceeds {self.limits.max_body_bytes} bytes."
+                            )
+                        )
+                        return
+                    await body.send(event.data)
+                elif isinstance(event, h11.EndOfMessage):
+                    body_done = True
+                else:
+                    return
+        # Body complete: keep reading so EOF is noticed promptly. Pipelined bytes are
+        # buffered in h11 (bounded); past the bound we stop reading until the response is done.
+        budget = self.limits.max_pipelined_requests * (
+            self.limits.max_request_line_bytes + self.limits.max_header_bytes
+        )
+        while budget > 0:
+            data = await self.receive()
+            if not data:
+                handler_scope.cancel()
+                return
+            budget -= len(data)
+            self.proto.receive_data(data)
+        await trio.sleep_forever()
+
+
+@attrs.define(eq=False)
+class _BufferedBody:
+    data: bytes
+    done: bool = False
+
+    async def receive(self) -> bytes:
+        if self.done:
+            return b""
+        self.done = True
+        return self.data
+
+
+async def serve_h1(
+    stream: trio.abc.Stream, gateway: Gateway, *, initial: bytes = b"", client: str | None = None
+) -> None:
+    """Serve one HTTP/1.1 connection until it closes. Catches, logs and closes (never raises)."""
+    conn = H1Connection.new(stream, gateway, client)
+    try:
+        await conn.serve(initial)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+        pass
+    except Exception:
+        log.exception("h1.connection.crashed", client=client)
+    finally:
+        with trio.move_on_after(1) as cleanup:
+            cleanup.shield = True
+            await stream.aclose()
