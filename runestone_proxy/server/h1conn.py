@@ -146,9 +146,10 @@ class H1Connection:
         with trio.fail_after(self.limits.send_timeout_s):
             await self.stream.send_all(data)
 
-    async def receive(self) -> bytes | bytearray:
+    async def receive(self) -> bytes:
         try:
-            return await self.stream.receive_some(_READ_SIZE)
+            data = await self.stream.receive_some(_READ_SIZE)
+            return data if type(data) is bytes else bytes(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return b""
 
