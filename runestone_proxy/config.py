@@ -112,10 +112,139 @@ class LoggingConfig:
 
 
 @attrs.frozen
+class UpstreamConfig:
+    """The provider-facing HTTP client: pool size and the four timeouts (seconds)."""
+
+    connect_timeout_s: float = attrs.field(default=10.0, validator=_positive)
+    first_byte_timeout_s: float = attrs.field(default=120.0, validator=_positive)
+    between_chunks_timeout_s: float = attrs.field(default=60.0, validator=_positive)
+    total_timeout_s: float = attrs.field(default=900.0, validator=_positive)
+    max_connections_per_origin: int = attrs.field(default=256, validator=_positive)
+    idle_timeout_s: float = attrs.field(default=90.0, validator=_positive)
+    #: Largest non-stream provider answer we buffer (streams are never buffered whole).
+    max_response_bytes: int = attrs.field(default=32 * 1024 * 1024, validator=_positive)
+
+
+ProviderKind = Literal["openai", "anthropic", "mock"]
+Flavor = Literal["auto", "openai", "groq", "openrouter", "generic"]
+
+
+@attrs.frozen
+class ProviderConfig:
+    """One provider deployment. ``kind`` picks the wire format; ``name`` is how requests
+    and models refer to it. Secrets come from the environment (``api_key_env``) only."""
+
+    name: str
+    kind: ProviderKind
+    base_url: str | None = None
+    api_key_env: str | None = None
+    #: Quirk handling for the openai kind; auto: from the name (groq, openrouter, openai).
+    flavor: Flavor = "auto"
+    #: Static extra headers sent upstream (e.g. OpenRouter's HTTP-Referer / X-Title).
+    headers: dict[str, str] = attrs.Factory(dict)
+    enabled: bool = True
+    #: Anthropic requires max_tokens; used when the OpenAI request omits it.
+    default_max_tokens: int = attrs.field(default=4096, validator=_positive)
+    # The mock kind's behaviour (ignored by other kinds).
+    latency_ms: float = attrs.field(default=0.0, validator=_non_negative)
+    chunk_count: int = attrs.field(default=8, validator=_positive)
+    chunk_interval_ms: float = attrs.field(default=0.0, validator=_non_negative)
+    embedding_dim: int = attrs.field(default=16, validator=_positive)
+
+    def __attrs_post_init__(self) -> None:
+        if self.kind != "mock":
+            if not self.base_url:
+                raise FieldError("base_url", f"provider {self.name!r} needs a base_url")
+            if not self.base_url.startswith(("http://", "https://")):
+                raise FieldError(
+                    "base_url", f"must start with http:// or https://: {self.base_url}"
+                )
+
+    @property
+    def resolved_flavor(self) -> str:
+        if self.flavor != "auto":
+            return self.flavor
+        return self.name if self.name in ("openai", "groq", "openrouter") else "generic"
+
+
+@attrs.frozen
+class ModelConfig:
+    """A model a provider serves, with what routing needs to know about it."""
+
+    id: str
+    provider: str
+    #: The id sent upstream, when it differs from ``id``.
+    upstream_id: str | None = None
+    input_cost_per_1k: float = attrs.field(default=0.0, validator=_non_negative)
+    output_cost_per_1k: float = attrs.field(default=0.0, validator=_non_negative)
+    capabilities: tuple[str, ...] = ("chat", "streaming")
+    family: str = "general"
+
+    @property
+    def upstream(self) -> str:
+        return self.upstream_id or self.id
+
+
+@attrs.frozen
+class RoutingConfig:
+    policy: Literal["default", "cost"] = "default"
+
+
+@attrs.frozen
+class AuthKeyConfig:
+    """One API key: from an environment variable, or by its SHA-256 (hex) only."""
+
+    key_env: str | None = None
+    key_sha256: str | None = None
+    tenant: str = "default"
+    active: bool = True
+
+    def __attrs_post_init__(self) -> None:
+        if (self.key_env is None) == (self.key_sha256 is None):
+            raise FieldError("key_env", "set exactly one of key_env or key_sha256")
+
+
+@attrs.frozen
+class AuthConfig:
+    enabled: bool = True
+    keys: tuple[AuthKeyConfig, ...] = ()
+
+
+def _default_providers() -> tuple[ProviderConfig, ...]:
+    return (ProviderConfig(name="mock", kind="mock"),)
+
+
+def _default_models() -> tuple[ModelConfig, ...]:
+    everything = ("chat", "streaming", "tools", "json_mode", "completions")
+    return (
+        ModelConfig(id="mock-1", provider="mock", capabilities=everything),
+        ModelConfig(id="mock-embed-1", provider="mock", capabilities=("embeddings",)),
+    )
+
+
+@attrs.frozen
 class Config:
     server: ServerConfig = attrs.Factory(ServerConfig)
     limits: LimitsConfig = attrs.Factory(LimitsConfig)
     logging: LoggingConfig = attrs.Factory(LoggingConfig)
+    auth: AuthConfig = attrs.Factory(AuthConfig)
+    upstream: UpstreamConfig = attrs.Factory(UpstreamConfig)
+    routing: RoutingConfig = attrs.Factory(RoutingConfig)
+    providers: tuple[ProviderConfig, ...] = attrs.Factory(_default_providers)
+    models: tuple[ModelConfig, ...] = attrs.Factory(_default_models)
+    #: alias -> "provider:model" or a model id.
+    aliases: dict[str, str] = attrs.Factory(dict)
+
+    def __attrs_post_init__(self) -> None:
+        names = [p.name for p in self.providers]
+        for name in names:
+            if names.count(name) > 1:
+                raise FieldError("providers", f"provider name {name!r} is used twice")
+        for model in self.models:
+            if model.provider not in names:
+                raise FieldError(
+                    "models", f"model {model.id!r} names unknown provider {model.provider!r}"
+                )
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -151,11 +280,35 @@ ENV_OVERRIDES: dict[str, tuple[str, Callable[[str], object]]] = {
 }
 
 
+def _as_bool(text: str) -> object:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    return text
+
+
+ENV_OVERRIDES["RUNESTONE_ROUTER_POLICY"] = ("routing.policy", str.lower)
+ENV_OVERRIDES["RUNESTONE_AUTH_ENABLED"] = ("auth.enabled", _as_bool)
+
+#: ``<NAME>_BASE_URL`` overrides the base_url of the provider with that name, as the
+#: official SDKs read ``OPENAI_BASE_URL`` / ``ANTHROPIC_BASE_URL``.
+BASE_URL_PROVIDERS = ("openai", "anthropic", "groq", "openrouter")
+
+
 def apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
     for name, (dotted, parse) in ENV_OVERRIDES.items():
         text = env.get(name)
         if text is not None and text != "":
             _set(raw, dotted, parse(text))
+    providers = raw.get("providers")
+    if isinstance(providers, list):
+        for provider in providers:
+            if isinstance(provider, dict) and provider.get("name") in BASE_URL_PROVIDERS:
+                url = env.get(f"{str(provider['name']).upper()}_BASE_URL")
+                if url:
+                    provider["base_url"] = url
     return raw
 
 
