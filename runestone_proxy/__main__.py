@@ -47,11 +47,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logs.configure(cfg.logging.level, cfg.logging.format)
     from runestone_proxy.server.app import serve
+    from runestone_proxy.server.systemd import ListenFdsError
 
     try:
         trio.run(lambda: serve(cfg, config_path=Path(path) if path else None))
     except KeyboardInterrupt:  # a signal that arrived before the handler was installed
         return 0
+    except ListenFdsError as exc:
+        print(f"runestone-proxy: socket activation: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. the port is taken
+        print(f"runestone-proxy: cannot listen: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

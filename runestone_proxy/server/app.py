@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
@@ -84,13 +85,12 @@ class App:
         server = self.config.server
         inherited = systemd.listen_fds_with_names(self.env)
         if inherited:
-            main: list[trio.SocketListener] = []
-            health: list[trio.SocketListener] = []
-            for index, (name, sock) in enumerate(inherited):
-                listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-                is_health = name == "health" or (name == "unknown" and index == 1)
-                (health if is_health else main).append(listener)
-            return main, health
+            roles = systemd.assign_roles(inherited)
+
+            def wrap(socks: tuple[socket.socket, ...]) -> list[trio.SocketListener]:
+                return [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks]
+
+            return wrap(roles.main), wrap(roles.health)
         bound = await trio.open_tcp_listeners(server.port, host=server.host, backlog=server.backlog)
         if server.health_port is None:
             return bound, []
@@ -170,7 +170,8 @@ class App:
 
     async def begin_drain(self) -> None:
         self.gateway.phase = Phase.DRAINING
-        await self.notifier.stopping()
+        with trio.CancelScope(shield=True):
+            await self.notifier.stopping()
         self.gateway.draining.set()
         self.shutdown.set()
 
