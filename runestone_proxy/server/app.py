@@ -38,10 +38,12 @@ from runestone_proxy import config as config_mod
 from runestone_proxy import logs
 from runestone_proxy.config import Config, ConfigError
 from runestone_proxy.server import systemd
+from runestone_proxy.server.api import Api
 from runestone_proxy.server.gateway import Gateway, Phase
 from runestone_proxy.server.health import add_health_routes
 from runestone_proxy.server.listener import accept_loop, make_ssl_context
 from runestone_proxy.server.router import Router
+from runestone_proxy.server.upstream import UpstreamPool
 
 log = structlog.get_logger("runestone.app")
 
@@ -66,6 +68,8 @@ class App:
     health_gateway: Gateway
     notifier: systemd.Notifier
     shutdown: trio.Event = attrs.Factory(trio.Event)
+    pool: UpstreamPool = attrs.field(kw_only=True)
+    api: Api = attrs.field(kw_only=True)
 
     @classmethod
     def build(cls, config: Config, config_path: Path | None, env: Mapping[str, str]) -> App:
@@ -74,9 +78,41 @@ class App:
         # The health port serves health only, but reports the main gateway's phase.
         health_gateway = Gateway(config, router=Router())
         add_health_routes(health_gateway.router, gateway)
-        return cls(
-            config, config_path, env, gateway, health_gateway, systemd.Notifier.from_env(env)
+        up = config.upstream
+        pool = UpstreamPool(
+            max_connections_per_origin=up.max_connections_per_origin,
+            idle_timeout_s=up.idle_timeout_s,
+            proxy_env=env,
         )
+        api = Api.build(config, env, pool)
+        api.add_routes(gateway.router)
+        gateway.reload_hooks.append(api.reload)
+        gateway.components["upstream"] = lambda: {
+            "status": "ok",
+            "open_connections": pool.open_connections,
+            "idle_connections": pool.idle_connections,
+        }
+        notifier = systemd.Notifier.from_env(env)
+        return cls(config, config_path, env, gateway, health_gateway, notifier, pool=pool, api=api)
+
+    def _warn_if_open(self) -> None:
+        if not self.api.keys.open:
+            return
+        host = self.config.server.host
+        loopback = host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
+        reason = "auth disabled" if not self.config.auth.enabled else "no API key configured"
+        if loopback:
+            log.warning(
+                "auth.open", reason=reason, host=host, hint="any local process may call the API"
+            )
+        else:
+            log.error(
+                "auth.open.public",
+                reason=reason,
+                host=host,
+                hint="ANYONE who can reach this address may call the API; set "
+                "RUNESTONE_API_KEYS or [[auth.keys]]",
+            )
 
     # --- listening ----------------------------------------------------------------------------
 
@@ -106,7 +142,8 @@ class App:
             port=main[0].socket.getsockname()[1],
             health_port=health[0].socket.getsockname()[1] if health else None,
         )
-        async with trio.open_nursery() as root:
+        self._warn_if_open()
+        async with self.pool, trio.open_nursery() as root:
             await root.start(self._signals)
             interval = systemd.watchdog_interval(self.env)
             if interval is not None:

@@ -1,0 +1,277 @@
+"""The provider call: translator + upstream pool (or the in-process mock), whole or streamed.
+
+``Providers`` holds one :class:`ProviderRuntime` per configured provider (its translator, key,
+base URL) and the shared upstream pool. Two entry points carry a call out:
+
+* ``complete(target, call) -> bytes``: the whole OpenAI-shaped answer;
+* ``open_stream(target, call)``: an async context manager yielding a :class:`PayloadStream`
+  whose ``next()`` returns the next batch of OpenAI chunk payloads (``None`` at the end).
+  Nothing has reached the client when it is opened, nor after a failed first ``next()``, so
+  a router may still fail over; the relay starts the response only once the first payloads
+  are in hand.
+
+Every upstream error is already mapped to :mod:`runestone_proxy.errors` by the pool or the
+translator; the ``retryable`` flag on each error is what routing uses to decide on failover.
+Leaving the context (finished, failed, or cancelled because the client went away) closes the
+upstream exchange; the pool discards a connection whose exchange did not complete.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Protocol
+
+import attrs
+import trio
+
+from runestone_proxy import telemetry
+from runestone_proxy.config import Config, ProviderConfig
+from runestone_proxy.errors import GatewayError, InvalidParam, UpstreamProtocolError
+from runestone_proxy.gateway.routing import Target
+from runestone_proxy.protocol.sse import SSEError, SSEParser
+from runestone_proxy.providers.anthropic import AnthropicTranslator
+from runestone_proxy.providers.base import ProviderCall, StreamTranslator, Translator
+from runestone_proxy.providers.completions import ChatToTextStream, chat_to_text_completion
+from runestone_proxy.providers.mock import MockProvider, MockSettings
+from runestone_proxy.providers.openai import OpenAITranslator
+from runestone_proxy.server.upstream import UpstreamPool, UpstreamResponse, UpstreamTimeouts
+
+
+class PayloadStream(Protocol):
+    async def next(self) -> list[bytes] | None:
+        """The next OpenAI chunk payloads, or None once the stream ended cleanly."""
+
+
+@attrs.define(eq=False)
+class ProviderRuntime:
+    config: ProviderConfig
+    api_key: str | None
+    translator: Translator | None
+    mock: MockProvider | None
+    base_url: str
+    extra_headers: tuple[tuple[bytes, bytes], ...]
+
+    @classmethod
+    def build(cls, config: ProviderConfig, env: Mapping[str, str]) -> ProviderRuntime:
+        key = env.get(config.api_key_env) if config.api_key_env else None
+        translator: Translator | None = None
+        mock = None
+        if config.kind == "openai":
+            translator = OpenAITranslator(config.name, config.resolved_flavor)  # type: ignore[arg-type]
+        elif config.kind == "anthropic":
+            translator = AnthropicTranslator(
+                config.name, default_max_tokens=config.default_max_tokens
+            )
+        else:
+            mock = MockProvider(
+                MockSettings(
+                    latency_ms=config.latency_ms,
+                    chunk_count=config.chunk_count,
+                    chunk_interval_ms=config.chunk_interval_ms,
+                    embedding_dim=config.embedding_dim,
+                )
+            )
+        headers = tuple((k.lower().encode(), v.encode()) for k, v in config.headers.items())
+        return cls(config, key, translator, mock, (config.base_url or "").rstrip("/"), headers)
+
+    @property
+    def chat_only(self) -> bool:
+        return self.config.kind == "anthropic"
+
+    def prepare(self, call: ProviderCall) -> ProviderCall:
+        """Adapt a legacy completions call for chat-only providers (prompt -> messages)."""
+        if call.endpoint == "completions" and self.chat_only:
+            from runestone_proxy.providers.completions import prompt_to_chat_body
+
+            return attrs.evolve(
+                call, endpoint="chat", body=prompt_to_chat_body(call.body), raw=None
+            )
+        if call.endpoint == "embeddings" and self.chat_only:
+            raise InvalidParam(
+                f"Provider `{self.config.name}` does not serve embeddings.", param="model"
+            )
+        return call
+
+
+@attrs.define(eq=False)
+class _UpstreamStream:
+    response: UpstreamResponse
+    translator: StreamTranslator
+    parser: SSEParser = attrs.Factory(SSEParser)
+    ended: bool = False
+
+    async def next(self) -> list[bytes] | None:
+        while not self.ended:
+            data = await self.response.receive()
+            try:
+                if not data:
+                    self.ended = True
+                    self.parser.close()
+                    tail = self.translator.finish()
+                    return tail or None
+                out: list[bytes] = []
+                for event in self.parser.feed(data):
+                    out.extend(self.translator.feed(event))
+                    if self.translator.done:
+                        self.ended = True
+                        out.extend(self.translator.finish())
+                        break
+            except SSEError as exc:
+                raise UpstreamProtocolError(
+                    f"Provider sent a malformed event stream: {exc}"
+                ) from None
+            if out:
+                return out
+        return None
+
+
+@attrs.define(eq=False)
+class _MockStream:
+    payloads: list[bytes]
+    interval_s: float
+    index: int = 0
+
+    async def next(self) -> list[bytes] | None:
+        if self.index >= len(self.payloads):
+            return None
+        if self.interval_s and self.index:
+            await trio.sleep(self.interval_s)
+        self.index += 1
+        return [self.payloads[self.index - 1]]
+
+
+@attrs.define(eq=False)
+class Providers:
+    """The provider runtimes and the upstream pool they share; rebuilt on config reload."""
+
+    runtimes: dict[str, ProviderRuntime]
+    pool: UpstreamPool
+    timeouts: UpstreamTimeouts
+    max_response_bytes: int
+
+    @classmethod
+    def build(cls, config: Config, env: Mapping[str, str], pool: UpstreamPool) -> Providers:
+        up = config.upstream
+        timeouts = UpstreamTimeouts(
+            connect_s=up.connect_timeout_s,
+            first_byte_s=up.first_byte_timeout_s,
+            between_chunks_s=up.between_chunks_timeout_s,
+            total_s=up.total_timeout_s,
+        )
+        runtimes = {p.name: ProviderRuntime.build(p, env) for p in config.providers}
+        return cls(runtimes, pool, timeouts, up.max_response_bytes)
+
+    def runtime(self, target: Target) -> ProviderRuntime:
+        return self.runtimes[target.provider]
+
+    async def complete(self, target: Target, call: ProviderCall) -> bytes:
+        runtime = self.runtime(target)
+        legacy = call.endpoint == "completions" and runtime.chat_only
+        call = runtime.prepare(call)
+        started = time.perf_counter()
+        telemetry.emit(
+            "provider.request.start",
+            provider=target.provider,
+            model=target.model,
+            request_id=call.request_id,
+            stream=False,
+        )
+        try:
+            if runtime.mock is not None:
+                await _mock_latency(runtime)
+                body = runtime.mock.respond(call)
+            else:
+                body = await self._http_complete(runtime, call)
+            if legacy:
+                body = chat_to_text_completion(body)
+        except GatewayError as exc:
+            _emit_error(target, call, exc, started)
+            raise
+        telemetry.emit(
+            "provider.request.stop",
+            provider=target.provider,
+            model=target.model,
+            request_id=call.request_id,
+            duration_ms=_ms(started),
+            stream=False,
+        )
+        return body
+
+    async def _http_complete(self, runtime: ProviderRuntime, call: ProviderCall) -> bytes:
+        assert runtime.translator is not None
+        up = runtime.translator.build_request(call, runtime.api_key)
+        headers = (*up.headers, *runtime.extra_headers)
+        url = runtime.base_url + up.path
+        async with self.pool.request(up.method, url, headers, up.body, self.timeouts) as resp:
+            body = await resp.read(self.max_response_bytes)
+            if resp.status >= 300:
+                raise runtime.translator.parse_error(resp.status, resp.headers, body)
+        return runtime.translator.parse_response(call, body)
+
+    @asynccontextmanager
+    async def open_stream(self, target: Target, call: ProviderCall) -> AsyncIterator[PayloadStream]:
+        runtime = self.runtime(target)
+        legacy = call.endpoint == "completions" and runtime.chat_only
+        call = runtime.prepare(call)
+        started = time.perf_counter()
+        telemetry.emit(
+            "provider.request.start",
+            provider=target.provider,
+            model=target.model,
+            request_id=call.request_id,
+            stream=True,
+        )
+        try:
+            if runtime.mock is not None:
+                await _mock_latency(runtime)
+                interval = runtime.config.chunk_interval_ms / 1000
+                yield _MockStream(runtime.mock.chunks(call), interval)
+            else:
+                assert runtime.translator is not None
+                up = runtime.translator.build_request(call, runtime.api_key)
+                headers = (*up.headers, *runtime.extra_headers)
+                async with self.pool.request(
+                    up.method, runtime.base_url + up.path, headers, up.body, self.timeouts
+                ) as resp:
+                    if resp.status >= 300:
+                        body = await resp.read(self.max_response_bytes)
+                        raise runtime.translator.parse_error(resp.status, resp.headers, body)
+                    translator: StreamTranslator = runtime.translator.stream(call)
+                    if legacy:
+                        translator = ChatToTextStream(translator)
+                    yield _UpstreamStream(resp, translator)
+        except GatewayError as exc:
+            _emit_error(target, call, exc, started)
+            raise
+        telemetry.emit(
+            "provider.request.stop",
+            provider=target.provider,
+            model=target.model,
+            request_id=call.request_id,
+            duration_ms=_ms(started),
+            stream=True,
+        )
+
+
+async def _mock_latency(runtime: ProviderRuntime) -> None:
+    if runtime.config.latency_ms:
+        await trio.sleep(runtime.config.latency_ms / 1000)
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)
+
+
+def _emit_error(target: Target, call: ProviderCall, exc: GatewayError, started: float) -> None:
+    telemetry.emit(
+        "provider.request.error",
+        provider=target.provider,
+        model=target.model,
+        request_id=call.request_id,
+        status=exc.http_status,
+        code=exc.code,
+        retryable=exc.is_retryable,
+        duration_ms=_ms(started),
+    )

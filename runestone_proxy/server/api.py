@@ -1,0 +1,279 @@
+"""The OpenAI-compatible API: ``/v1/chat/completions``, ``/v1/completions``,
+``/v1/embeddings``, ``/v1/models``, ``/v1/models/{model}`` and the legacy ``/v1/chat/stream``.
+
+Each generation request goes: authenticate -> parse the JSON body once -> validate -> resolve
+the model to provider targets -> call the provider (whole, or streamed through the SSE relay)
+-> answer in OpenAI's shapes with Runestone's metadata (``x-runestone-provider``,
+``x-runestone-routing-policy``; top-level ``provider``, ``routing_policy``, ``request_id`` in
+non-stream bodies).
+
+The relay starts the client's response only once the provider produced its first payloads,
+so an error before that is answered as an ordinary error envelope with its status; after
+it, the stream ends with ``data: {"error": ...}`` and ``data: [DONE]`` (never a made-up
+``finish_reason``). Every event is flushed as it is written; nothing buffers a whole stream.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from runestone_proxy import telemetry
+from runestone_proxy.config import Config
+from runestone_proxy.errors import GatewayError, InvalidJSON, InvalidParam, ModelNotFound
+from runestone_proxy.gateway.auth import KeyStore, Principal
+from runestone_proxy.gateway.pipeline import Providers
+from runestone_proxy.gateway.routing import RoutingTable, Target
+from runestone_proxy.protocol.sse import DONE, encode_data
+from runestone_proxy.providers.base import Endpoint, ProviderCall
+from runestone_proxy.server.http import JSON_HEADERS, SSE_HEADERS, Request, Responder
+from runestone_proxy.server.router import Router
+from runestone_proxy.server.upstream import UpstreamPool
+
+#: Request fields that are Runestone's own: used for routing, never sent to a provider.
+RUNESTONE_FIELDS = frozenset(
+    {"provider", "model_family", "capabilities", "max_cost_per_token", "tenant_id", "webhook_url"}
+)
+_REQUIRED = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
+
+
+def parse_object(raw: bytes) -> dict[str, Any]:
+    """Parse a JSON request body; it must be an object."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidJSON(
+            "We could not parse the JSON body of your request. The OpenAI API expects a "
+            "JSON payload."
+        ) from None
+    if not isinstance(body, dict):
+        raise InvalidJSON("The request body must be a JSON object.")
+    return body
+
+
+def validate(endpoint: Endpoint, body: Mapping[str, Any]) -> None:
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise InvalidParam("you must provide a model parameter", param="model")
+    field = _REQUIRED[endpoint]
+    value = body.get(field)
+    if value is None:
+        raise InvalidParam(
+            f"Missing required parameter: '{field}'.",
+            param=field,
+            code="missing_required_parameter",
+        )
+    if endpoint == "chat":
+        if not isinstance(value, list) or not value:
+            raise InvalidParam("'messages' must be a non-empty array.", param="messages")
+        for index, message in enumerate(value):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise InvalidParam(
+                    f"Invalid message at index {index}: each message needs a 'role'.",
+                    param=f"messages[{index}]",
+                )
+    for flag in ("stream",):
+        if flag in body and not isinstance(body[flag], bool):
+            raise InvalidParam(f"'{flag}' must be a boolean.", param=flag)
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise InvalidParam("'stream_options' must be an object.", param="stream_options")
+
+
+def splice_metadata(body: bytes, fields: bytes) -> bytes:
+    """Add top-level fields to a JSON object without re-encoding it: ``{...}`` -> ``{...,f}``."""
+    end = body.rstrip()
+    if not end.endswith(b"}"):
+        return body
+    inner = end[:-1].rstrip()
+    sep = b"" if inner.endswith(b"{") else b","
+    return inner + sep + fields + b"}"
+
+
+@attrs.define(eq=False)
+class Api:
+    """The API's current view of the config; ``reload`` swaps it whole (in-flight requests
+    keep the objects they already hold)."""
+
+    keys: KeyStore
+    routing: RoutingTable
+    providers: Providers
+    policy: str
+    env: Mapping[str, str]
+
+    @classmethod
+    def build(cls, config: Config, env: Mapping[str, str], pool: UpstreamPool) -> Api:
+        return cls(
+            KeyStore.build(config, env),
+            RoutingTable.build(config, env),
+            Providers.build(config, env, pool),
+            config.routing.policy,
+            env,
+        )
+
+    def reload(self, config: Config) -> None:
+        self.keys = KeyStore.build(config, self.env)
+        self.routing = RoutingTable.build(config, self.env)
+        self.providers = Providers.build(config, self.env, self.providers.pool)
+        self.policy = config.routing.policy
+
+    def add_routes(self, router: Router) -> None:
+        router.add("POST", "/v1/chat/completions", self.chat_completions)
+        router.add("POST", "/v1/completions", self.completions)
+        router.add("POST", "/v1/embeddings", self.embeddings)
+        router.add("POST", "/v1/chat/stream", self.legacy_chat_stream)
+        router.add("GET", "/v1/models", self.list_models)
+        router.add("GET", "/v1/models/{model}", self.get_model)
+
+    # --- handlers ------------------------------------------------------------------------------
+
+    async def chat_completions(self, request: Request, responder: Responder) -> None:
+        await self._generate(request, responder, "chat")
+
+    async def completions(self, request: Request, responder: Responder) -> None:
+        await self._generate(request, responder, "completions")
+
+    async def embeddings(self, request: Request, responder: Responder) -> None:
+        await self._generate(request, responder, "embeddings")
+
+    async def legacy_chat_stream(self, request: Request, responder: Responder) -> None:
+        await self._generate(request, responder, "chat", force_stream=True)
+
+    def authenticate(self, request: Request) -> Principal:
+        principal = self.keys.authenticate(
+            request.header(b"authorization"), request.header(b"x-api-key")
+        )
+        request.context["principal"] = principal
+        return principal
+
+    async def list_models(self, request: Request, responder: Responder) -> None:
+        self.authenticate(request)
+        data = [
+            _model_object(mid, owner, alias) for mid, owner, alias in self.routing.listed_models()
+        ]
+        body = json.dumps({"object": "list", "data": data}, separators=(",", ":")).encode()
+        await responder.respond(200, JSON_HEADERS, body)
+
+    async def get_model(self, request: Request, responder: Responder) -> None:
+        self.authenticate(request)
+        wanted = request.path_params["model"]
+        for mid, owner, alias in self.routing.listed_models():
+            if mid == wanted:
+                body = json.dumps(_model_object(mid, owner, alias), separators=(",", ":"))
+                await responder.respond(200, JSON_HEADERS, body.encode())
+                return
+        raise ModelNotFound(
+            f"The model `{wanted}` does not exist or you do not have access to it.", param="model"
+        )
+
+    # --- generation ----------------------------------------------------------------------------
+
+    async def _generate(
+        self, request: Request, responder: Responder, endpoint: Endpoint, force_stream: bool = False
+    ) -> None:
+        self.authenticate(request)
+        raw = await request.body()
+        body = parse_object(raw)
+        validate(endpoint, body)
+        extras = RUNESTONE_FIELDS.intersection(body)
+        provider_field = body.get("provider")
+        if provider_field is not None and not isinstance(provider_field, str):
+            raise InvalidParam("'provider' must be a string.", param="provider")
+        resolution = self.routing.resolve(body["model"], provider_field)
+        stream = force_stream or body.get("stream") is True
+        if endpoint == "embeddings":
+            stream = False
+        target = resolution.targets[0]
+        for name in extras:
+            body.pop(name)
+        if force_stream:
+            body["stream"] = True
+        options = body.get("stream_options")
+        include_usage = bool(stream and isinstance(options, dict) and options.get("include_usage"))
+        forward_raw = not extras and not force_stream and target.upstream_model == body["model"]
+        call = ProviderCall(
+            endpoint=endpoint,
+            body=body,
+            model=target.upstream_model,
+            stream=stream,
+            include_usage=include_usage,
+            raw=raw if forward_raw else None,
+            request_id=request.request_id,
+        )
+        telemetry.emit(
+            "router.decide",
+            policy=self.policy,
+            requested=resolution.requested,
+            via=resolution.via,
+            candidates=[t.provider for t in resolution.targets],
+            choice=target.provider,
+            reason="first candidate",
+            request_id=request.request_id,
+        )
+        meta = (
+            (b"x-runestone-provider", target.provider.encode()),
+            (b"x-runestone-routing-policy", self.policy.encode()),
+        )
+        if stream:
+            await self._relay(request, responder, target, call, meta)
+            return
+        answer = await self.providers.complete(target, call)
+        fields = json.dumps(
+            {
+                "provider": target.provider,
+                "routing_policy": self.policy,
+                "request_id": request.request_id,
+            },
+            separators=(",", ":"),
+        ).encode()[1:-1]
+        await responder.respond(200, (*JSON_HEADERS, *meta), splice_metadata(answer, fields))
+
+    async def _relay(
+        self,
+        request: Request,
+        responder: Responder,
+        target: Target,
+        call: ProviderCall,
+        meta: tuple[tuple[bytes, bytes], ...],
+    ) -> None:
+        started = time.perf_counter()
+        chunks = 0
+        async with self.providers.open_stream(target, call) as stream:
+            payloads = await stream.next()  # errors so far leave as an ordinary envelope
+            await responder.start(200, (*SSE_HEADERS, *meta))
+            try:
+                while payloads is not None:
+                    chunks += len(payloads)
+                    if len(payloads) == 1:
+                        await responder.send(encode_data(payloads[0]))
+                    else:
+                        await responder.send(b"".join(encode_data(p) for p in payloads))
+                    payloads = await stream.next()
+            except GatewayError as exc:
+                await responder.send(encode_data(exc.body()) + DONE)
+                telemetry.emit(
+                    "stream.error",
+                    provider=target.provider,
+                    request_id=call.request_id,
+                    code=exc.code,
+                    chunks=chunks,
+                )
+                return
+            await responder.send(DONE)
+        telemetry.emit(
+            "stream.complete",
+            provider=target.provider,
+            request_id=call.request_id,
+            chunks=chunks,
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+
+
+def _model_object(model_id: str, owner: str, alias_for: str | None) -> dict[str, Any]:
+    obj: dict[str, Any] = {"id": model_id, "object": "model", "created": 0, "owned_by": owner}
+    if alias_for is not None:
+        obj["alias_for"] = alias_for
+    return obj
