@@ -198,6 +198,10 @@ class AuthKeyConfig:
     key_sha256: str | None = None
     tenant: str = "default"
     active: bool = True
+    #: Per-key rate limits; unset means unlimited.
+    rpm: int | None = attrs.field(default=None, validator=attrs.validators.optional(_positive))
+    rph: int | None = attrs.field(default=None, validator=attrs.validators.optional(_positive))
+    tpm: int | None = attrs.field(default=None, validator=attrs.validators.optional(_positive))
 
     def __attrs_post_init__(self) -> None:
         if (self.key_env is None) == (self.key_sha256 is None):
@@ -208,6 +212,54 @@ class AuthKeyConfig:
 class AuthConfig:
     enabled: bool = True
     keys: tuple[AuthKeyConfig, ...] = ()
+
+
+@attrs.frozen
+class TenantConfig:
+    """One tenant's share of capacity and what happens when it is used up."""
+
+    #: Concurrent requests/streams; unset: ``tenancy.default_max_concurrent``.
+    max_concurrent: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_positive)
+    )
+    #: wait: FIFO up to max_wait_ms, then 429; queue: 202 + durable job; reject: 429 at once.
+    on_limit: Literal["wait", "queue", "reject"] = "wait"
+    max_wait_ms: float = attrs.field(default=2000.0, validator=_non_negative)
+    #: Share of the global capacity when tenants compete for it (weighted fairness).
+    weight: float = attrs.field(default=1.0, validator=_positive)
+    #: Cap on this tenant's queued (not yet finished) overflow jobs; past it, 429.
+    max_queued_jobs: int = attrs.field(default=1000, validator=_positive)
+
+
+@attrs.frozen
+class TenancyConfig:
+    #: Per-tenant default ($MAX_CONCURRENT_PER_TENANT).
+    default_max_concurrent: int = attrs.field(default=10, validator=_positive)
+    #: Gateway-wide in-flight cap shared fairly (by weight) among tenants.
+    global_max_concurrent: int = attrs.field(default=1024, validator=_positive)
+
+
+@attrs.frozen
+class OverflowConfig:
+    """The durable overflow queue (SQLite) and its drainer."""
+
+    #: Relative paths live under $RUNESTONE_STATE_DIR (systemd StateDirectory) when set.
+    database: str = "runestone.sqlite3"
+    max_attempts: int = attrs.field(default=5, validator=_positive)
+    #: A claimed job's lease; an expired lease (crash) returns the job to the queue.
+    lease_s: float = attrs.field(default=300.0, validator=_positive)
+    backoff_base_s: float = attrs.field(default=1.0, validator=_positive)
+    backoff_max_s: float = attrs.field(default=60.0, validator=_positive)
+    #: Finished jobs' results are kept this long, then swept.
+    retention_s: float = attrs.field(default=7 * 86400.0, validator=_positive)
+    #: The same Idempotency-Key from the same tenant within this window returns the same job.
+    idempotency_window_s: float = attrs.field(default=86400.0, validator=_positive)
+    #: Environment variable holding the webhook HMAC-SHA256 secret.
+    webhook_secret_env: str = "RUNESTONE_WEBHOOK_SECRET"
+    webhook_timeout_s: float = attrs.field(default=10.0, validator=_positive)
+    webhook_max_attempts: int = attrs.field(default=8, validator=_positive)
+    #: Most enqueues committed in one transaction (group commit).
+    group_commit_max_batch: int = attrs.field(default=256, validator=_positive)
 
 
 def _default_providers() -> tuple[ProviderConfig, ...]:
@@ -228,6 +280,9 @@ class Config:
     limits: LimitsConfig = attrs.Factory(LimitsConfig)
     logging: LoggingConfig = attrs.Factory(LoggingConfig)
     auth: AuthConfig = attrs.Factory(AuthConfig)
+    tenancy: TenancyConfig = attrs.Factory(TenancyConfig)
+    tenants: dict[str, TenantConfig] = attrs.Factory(dict)
+    overflow: OverflowConfig = attrs.Factory(OverflowConfig)
     upstream: UpstreamConfig = attrs.Factory(UpstreamConfig)
     routing: RoutingConfig = attrs.Factory(RoutingConfig)
     providers: tuple[ProviderConfig, ...] = attrs.Factory(_default_providers)
@@ -291,6 +346,7 @@ def _as_bool(text: str) -> object:
 
 ENV_OVERRIDES["RUNESTONE_ROUTER_POLICY"] = ("routing.policy", str.lower)
 ENV_OVERRIDES["RUNESTONE_AUTH_ENABLED"] = ("auth.enabled", _as_bool)
+ENV_OVERRIDES["MAX_CONCURRENT_PER_TENANT"] = ("tenancy.default_max_concurrent", _as_int)
 
 #: ``<NAME>_BASE_URL`` overrides the base_url of the provider with that name, as the
 #: official SDKs read ``OPENAI_BASE_URL`` / ``ANTHROPIC_BASE_URL``.
