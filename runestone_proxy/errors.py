@@ -204,7 +204,11 @@ class UpstreamProtocolError(UpstreamError):
 
 
 class ProviderError(UpstreamError):
-    """A provider answered with an error: keep its status, meaning and retryability."""
+    """A provider answered with an error: keep its status, meaning and retryability.
+
+    ``code`` stays null when the provider sent none, as OpenAI itself does."""
+
+    default_code = None
 
     def __init__(
         self,
