@@ -143,6 +143,10 @@ class ProviderConfig:
     #: Static extra headers sent upstream (e.g. OpenRouter's HTTP-Referer / X-Title).
     headers: dict[str, str] = attrs.Factory(dict)
     enabled: bool = True
+    #: Most in-flight requests Runestone sends this deployment (protects provider limits).
+    max_concurrent: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_positive)
+    )
     #: Anthropic requires max_tokens; used when the OpenAI request omits it.
     default_max_tokens: int = attrs.field(default=4096, validator=_positive)
     # The mock kind's behaviour (ignored by other kinds).
@@ -179,6 +183,14 @@ class ModelConfig:
     output_cost_per_1k: float = attrs.field(default=0.0, validator=_non_negative)
     capabilities: tuple[str, ...] = ("chat", "streaming")
     family: str = "general"
+    #: Share of traffic within a group of deployments of the same id (round_robin).
+    weight: float = attrs.field(default=1.0, validator=_positive)
+    #: Time-to-first-token hedging: start a second candidate when the first has produced
+    #: nothing after this long. Off when unset; ``hedge_p95`` uses the observed p95 instead.
+    hedge_delay_ms: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_positive)
+    )
+    hedge_p95: bool = False
 
     @property
     def upstream(self) -> str:
@@ -186,8 +198,35 @@ class ModelConfig:
 
 
 @attrs.frozen
+class BreakerConfig:
+    """Per-deployment circuit breaker (see gateway/breaker.py for the state table)."""
+
+    #: Consecutive failures that open the breaker.
+    failure_threshold: int = attrs.field(default=5, validator=_positive)
+    #: ... or this error rate over ``window_s`` (with at least ``min_requests`` calls).
+    error_rate_threshold: float = attrs.field(default=0.5, validator=_positive)
+    window_s: float = attrs.field(default=30.0, validator=_positive)
+    min_requests: int = attrs.field(default=20, validator=_positive)
+    #: Open -> half-open after this long.
+    cooldown_s: float = attrs.field(default=15.0, validator=_positive)
+    #: Probes admitted at once while half-open.
+    half_open_probes: int = attrs.field(default=1, validator=_positive)
+
+
+@attrs.frozen
 class RoutingConfig:
     policy: Literal["default", "cost"] = "default"
+    #: Within a group of deployments serving one model id.
+    group_strategy: Literal["round_robin", "least_in_flight"] = "round_robin"
+    #: Attempts per request across candidates (1 = no retry).
+    max_attempts: int = attrs.field(default=3, validator=_positive)
+    retry_base_ms: float = attrs.field(default=100.0, validator=_non_negative)
+    retry_max_ms: float = attrs.field(default=2000.0, validator=_non_negative)
+    #: Budget for all attempts until an answer (or a stream's first byte) is in hand.
+    deadline_s: float = attrs.field(default=60.0, validator=_positive)
+    #: Output tokens assumed for cost estimates when the request sets no max_tokens.
+    default_output_tokens: int = attrs.field(default=256, validator=_positive)
+    breaker: BreakerConfig = attrs.Factory(BreakerConfig)
 
 
 @attrs.frozen
