@@ -208,7 +208,7 @@ class ProviderError(UpstreamError):
 
     ``code`` stays null when the provider sent none, as OpenAI itself does."""
 
-    default_code = None
+    default_code: ClassVar[str | None] = None
 
     def __init__(
         self,

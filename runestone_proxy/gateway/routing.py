@@ -84,6 +84,16 @@ class RoutingTable:
             raise InvalidParam("you must provide a model parameter", param="model")
         if provider is not None:
             return Resolution(model, (self._on_provider(provider, model, "provider"),), "provider")
+        if model == AUTO_MODEL and AUTO_MODEL not in self.aliases and AUTO_MODEL not in self.models:
+            every = tuple(
+                Target(e.provider, e.upstream, e.id, e)
+                for entries in self.models.values()
+                for e in entries
+                if e.provider in self.available
+            )
+            if not every:
+                raise ModelNotFound("No routable model is configured.", param="model")
+            return Resolution(model, every, "auto")
         return self._resolve(model, model, depth=0, alias=None)
 
     def _resolve(self, requested: str, name: str, depth: int, alias: str | None) -> Resolution:
@@ -138,3 +148,145 @@ class RoutingTable:
         for alias, target in self.aliases.items():
             out.append((alias, "runestone", target))
         return out
+
+
+# --- policies: constraints, cost, order ---------------------------------------------------
+
+#: A request for this model lets the router choose among every routable model.
+AUTO_MODEL = "auto"
+
+
+@attrs.frozen
+class Constraints:
+    """What a request needs from a model, derived from its body (pure)."""
+
+    capabilities: frozenset[str]
+    family: str | None = None
+    max_cost_per_token: float | None = None
+    est_input_tokens: int = 0
+    est_output_tokens: int = 0
+
+
+def _content_has_image(messages: object) -> bool:
+    if not isinstance(messages, list):
+        return False
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and part.get("type") == "image_url":
+                    return True
+    return False
+
+
+def constraints_for(
+    endpoint: str, body: Mapping[str, object], default_output_tokens: int
+) -> Constraints:
+    """Capabilities the request needs (explicit ``capabilities`` plus what its fields imply),
+    its ``model_family`` and ``max_cost_per_token``, and a token estimate for pricing."""
+    needed = {"embeddings"} if endpoint == "embeddings" else {"chat"}
+    if endpoint == "completions":
+        needed = {"completions"}
+    if body.get("stream") is True:
+        needed.add("streaming")
+    if body.get("tools") or body.get("functions"):
+        needed.add("tools")
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"):
+        needed.add("json_mode")
+    if _content_has_image(body.get("messages")):
+        needed.add("vision")
+    explicit = body.get("capabilities")
+    if explicit is not None:
+        if not isinstance(explicit, list) or not all(isinstance(c, str) for c in explicit):
+            raise InvalidParam("'capabilities' must be an array of strings.", param="capabilities")
+        needed.update(explicit)
+    family = body.get("model_family")
+    if family is not None and not isinstance(family, str):
+        raise InvalidParam("'model_family' must be a string.", param="model_family")
+    max_cost = body.get("max_cost_per_token")
+    if max_cost is not None and (
+        isinstance(max_cost, bool) or not isinstance(max_cost, int | float) or max_cost < 0
+    ):
+        raise InvalidParam(
+            "'max_cost_per_token' must be a non-negative number.", param="max_cost_per_token"
+        )
+    text = body.get("messages") or body.get("prompt") or body.get("input") or ""
+    est_in = max(1, len(str(text)) // 4)
+    out = body.get("max_completion_tokens") or body.get("max_tokens")
+    est_out = out if isinstance(out, int) and out > 0 else default_output_tokens
+    if endpoint == "embeddings":
+        est_out = 0
+    return Constraints(
+        frozenset(needed),
+        family,
+        float(max_cost) if max_cost is not None else None,
+        est_in,
+        est_out,
+    )
+
+
+def estimated_cost(entry: ModelConfig, c: Constraints) -> float:
+    return (
+        c.est_input_tokens * entry.input_cost_per_1k
+        + c.est_output_tokens * entry.output_cost_per_1k
+    ) / 1000
+
+
+def _exclusion(entry: ModelConfig, c: Constraints) -> str | None:
+    missing = sorted(c.capabilities - set(entry.capabilities))
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    if c.family is not None and entry.family != c.family:
+        return f"family {entry.family!r} is not {c.family!r}"
+    if c.max_cost_per_token is not None:
+        price = max(entry.input_cost_per_1k, entry.output_cost_per_1k) / 1000
+        if price > c.max_cost_per_token:
+            return f"price {price:.3g}/token exceeds max_cost_per_token {c.max_cost_per_token:.3g}"
+    return None
+
+
+def filter_and_order(
+    targets: tuple[Target, ...], c: Constraints, policy: str
+) -> tuple[list[Target], str]:
+    """The targets that satisfy ``c``, ordered by ``policy``; NoCandidate says why none.
+
+    ``default`` keeps the configured order; ``cost`` orders by estimated request cost
+    (cheapest first, ties in configured order). Returns (ordered targets, reason)."""
+    from runestone_proxy.errors import NoCandidate
+
+    kept: list[Target] = []
+    excluded: list[str] = []
+    for target in targets:
+        why = _exclusion(target.entry, c) if target.entry is not None else None
+        if why is None:
+            kept.append(target)
+        else:
+            excluded.append(f"{target.provider}:{target.model} ({why})")
+    if not kept:
+        raise NoCandidate(
+            "No model can serve this request: " + "; ".join(excluded) + ".",
+            param="model",
+        )
+    if policy == "cost":
+        kept.sort(key=lambda t: estimated_cost(t.entry, c) if t.entry is not None else 0.0)
+        return kept, "cheapest capable"
+    return kept, "configured order"
+
+
+def smooth_wrr(weights: Mapping[str, float], current: dict[str, float]) -> str:
+    """Smooth weighted round-robin (nginx's): pick one name and update ``current`` in place.
+
+    Each pick adds every weight to its running total, takes the largest, and subtracts the
+    sum of weights from the winner, which spreads picks evenly in proportion to weight."""
+    total = 0.0
+    best = ""
+    best_value = float("-inf")
+    for name, weight in weights.items():
+        value = current.get(name, 0.0) + weight
+        current[name] = value
+        total += weight
+        if value > best_value:
+            best, best_value = name, value
+    current[best] -= total
+    return best
