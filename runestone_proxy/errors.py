@@ -186,7 +186,7 @@ class ServiceUnavailable(GatewayError):
 class UpstreamError(GatewayError):
     status = 502
     error_type = "server_error"
-    default_code = "bad_gateway"
+    default_code: ClassVar[str | None] = "bad_gateway"
     retryable = True
 
 
