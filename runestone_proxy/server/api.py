@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -26,8 +26,10 @@ from runestone_proxy import telemetry
 from runestone_proxy.config import Config
 from runestone_proxy.errors import GatewayError, InvalidJSON, InvalidParam, ModelNotFound
 from runestone_proxy.gateway.auth import KeyStore, Principal
-from runestone_proxy.gateway.pipeline import Providers
-from runestone_proxy.gateway.routing import RoutingTable, Target
+from runestone_proxy.gateway.deployments import Deployments
+from runestone_proxy.gateway.failover import Failover
+from runestone_proxy.gateway.pipeline import PayloadStream, Providers
+from runestone_proxy.gateway.routing import RoutingTable, Target, constraints_for, filter_and_order
 from runestone_proxy.protocol.sse import DONE, encode_data
 from runestone_proxy.providers.base import Endpoint, ProviderCall
 from runestone_proxy.server.http import JSON_HEADERS, SSE_HEADERS, Request, Responder
@@ -103,22 +105,33 @@ class Api:
     providers: Providers
     policy: str
     env: Mapping[str, str]
+    deployments: Deployments
+    failover: Failover
+    default_output_tokens: int
 
     @classmethod
     def build(cls, config: Config, env: Mapping[str, str], pool: UpstreamPool) -> Api:
+        deployments = Deployments.from_config(config)
         return cls(
             KeyStore.build(config, env),
             RoutingTable.build(config, env),
             Providers.build(config, env, pool),
             config.routing.policy,
             env,
+            deployments,
+            Failover(deployments),
+            config.routing.default_output_tokens,
         )
 
     def reload(self, config: Config) -> None:
+        """Swap in a validated config. Each table is replaced whole, so a request in flight
+        keeps the resolution, providers and keys it started with."""
         self.keys = KeyStore.build(config, self.env)
         self.routing = RoutingTable.build(config, self.env)
         self.providers = Providers.build(config, self.env, self.providers.pool)
         self.policy = config.routing.policy
+        self.default_output_tokens = config.routing.default_output_tokens
+        self.deployments.reconfigure(config)
 
     def add_routes(self, router: Router) -> None:
         router.add("POST", "/v1/chat/completions", self.chat_completions)
@@ -186,64 +199,71 @@ class Api:
         stream = force_stream or body.get("stream") is True
         if endpoint == "embeddings":
             stream = False
-        target = resolution.targets[0]
+        policy = self.policy
+        constraints = constraints_for(endpoint, body, self.default_output_tokens)
+        ordered, reason = filter_and_order(resolution.targets, constraints, policy)
+        targets = self.deployments.order_groups(ordered)
         for name in extras:
             body.pop(name)
         if force_stream:
             body["stream"] = True
         options = body.get("stream_options")
         include_usage = bool(stream and isinstance(options, dict) and options.get("include_usage"))
-        forward_raw = not extras and not force_stream and target.upstream_model == body["model"]
-        call = ProviderCall(
-            endpoint=endpoint,
-            body=body,
-            model=target.upstream_model,
-            stream=stream,
-            include_usage=include_usage,
-            raw=raw if forward_raw else None,
-            request_id=request.request_id,
-        )
+        may_forward = not extras and not force_stream
+
+        def call_for(target: Target) -> ProviderCall:
+            forward = may_forward and target.upstream_model == body["model"]
+            return ProviderCall(
+                endpoint=endpoint,
+                body=body,
+                model=target.upstream_model,
+                stream=stream,
+                include_usage=include_usage,
+                raw=raw if forward else None,
+                request_id=request.request_id,
+            )
+
         telemetry.emit(
             "router.decide",
-            policy=self.policy,
+            policy=policy,
             requested=resolution.requested,
             via=resolution.via,
-            candidates=[t.provider for t in resolution.targets],
-            choice=target.provider,
-            reason="first candidate",
+            candidates=[f"{t.provider}:{t.model}" for t in targets],
+            choice=f"{targets[0].provider}:{targets[0].model}",
+            reason=reason,
             request_id=request.request_id,
         )
-        meta = (
-            (b"x-runestone-provider", target.provider.encode()),
-            (b"x-runestone-routing-policy", self.policy.encode()),
-        )
         if stream:
-            await self._relay(request, responder, target, call, meta)
+            await self._relay(request, responder, targets, call_for, policy)
             return
-        answer = await self.providers.complete(target, call)
+        target, answer = await self.failover.complete(targets, call_for, self.providers)
         fields = json.dumps(
             {
                 "provider": target.provider,
-                "routing_policy": self.policy,
+                "routing_policy": policy,
                 "request_id": request.request_id,
             },
             separators=(",", ":"),
         ).encode()[1:-1]
-        await responder.respond(200, (*JSON_HEADERS, *meta), splice_metadata(answer, fields))
+        headers = (*JSON_HEADERS, *_meta(target, policy))
+        await responder.respond(200, headers, splice_metadata(answer, fields))
 
     async def _relay(
         self,
         request: Request,
         responder: Responder,
-        target: Target,
-        call: ProviderCall,
-        meta: tuple[tuple[bytes, bytes], ...],
+        targets: list[Target],
+        call_for: Callable[[Target], ProviderCall],
+        policy: str,
     ) -> None:
-        started = time.perf_counter()
-        chunks = 0
-        async with self.providers.open_stream(target, call) as stream:
-            payloads = await stream.next()  # errors so far leave as an ordinary envelope
-            await responder.start(200, (*SSE_HEADERS, *meta))
+        """Stream through the failover executor; the response starts at the commit."""
+
+        async def relay(
+            target: Target, stream: PayloadStream, payloads: list[bytes] | None
+        ) -> None:
+            started = time.perf_counter()
+            chunks = 0
+            await responder.start(200, (*SSE_HEADERS, *_meta(target, policy)))
             try:
                 while payloads is not None:
                     chunks += len(payloads)
@@ -257,19 +277,28 @@ class Api:
                 telemetry.emit(
                     "stream.error",
                     provider=target.provider,
-                    request_id=call.request_id,
+                    request_id=request.request_id,
                     code=exc.code,
                     chunks=chunks,
                 )
                 return
             await responder.send(DONE)
-        telemetry.emit(
-            "stream.complete",
-            provider=target.provider,
-            request_id=call.request_id,
-            chunks=chunks,
-            duration_ms=round((time.perf_counter() - started) * 1000, 3),
-        )
+            telemetry.emit(
+                "stream.complete",
+                provider=target.provider,
+                request_id=request.request_id,
+                chunks=chunks,
+                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            )
+
+        await self.failover.stream(targets, call_for, self.providers, relay)
+
+
+def _meta(target: Target, policy: str) -> tuple[tuple[bytes, bytes], ...]:
+    return (
+        (b"x-runestone-provider", target.provider.encode()),
+        (b"x-runestone-routing-policy", policy.encode()),
+    )
 
 
 def _model_object(model_id: str, owner: str, alias_for: str | None) -> dict[str, Any]:

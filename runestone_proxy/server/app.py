@@ -29,6 +29,7 @@ import socket
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import attrs
 import structlog
@@ -37,10 +38,11 @@ import trio
 from runestone_proxy import config as config_mod
 from runestone_proxy import logs
 from runestone_proxy.config import Config, ConfigError
+from runestone_proxy.gateway.deployments import providers_view
 from runestone_proxy.server import systemd
 from runestone_proxy.server.api import Api
 from runestone_proxy.server.gateway import Gateway, Phase
-from runestone_proxy.server.health import add_health_routes
+from runestone_proxy.server.health import add_health_routes, add_providers_route
 from runestone_proxy.server.listener import accept_loop, make_ssl_context
 from runestone_proxy.server.router import Router
 from runestone_proxy.server.upstream import UpstreamPool
@@ -87,6 +89,12 @@ class App:
         api = Api.build(config, env, pool)
         api.add_routes(gateway.router)
         gateway.reload_hooks.append(api.reload)
+
+        def providers_health() -> dict[str, Any]:
+            return providers_view(api.deployments, api.routing.unavailable)
+
+        for router in (gateway.router, health_gateway.router):
+            add_providers_route(router, providers_health)
         gateway.components["upstream"] = lambda: {
             "status": "ok",
             "open_connections": pool.open_connections,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from runestone_proxy import __version__
@@ -63,3 +64,13 @@ def add_health_routes(router: Router, gateway: Gateway) -> None:
     router.add("GET", "/health", health)
     router.add("GET", "/health/live", live)
     router.add("GET", "/health/ready", ready)
+
+
+def add_providers_route(router: Router, view: Callable[[], dict[str, Any]]) -> None:
+    """``/health/providers``: each deployment's breaker state, in-flight count, recent error
+    rate and latency percentiles (no API key needed, like the other health endpoints)."""
+
+    async def providers(_request: Request, responder: Responder) -> None:
+        await responder.respond(200, _NO_STORE, _json({"providers": view()}))
+
+    router.add("GET", "/health/providers", providers)

@@ -1,0 +1,176 @@
+"""Live state of each provider deployment: breaker, in-flight count, cap, pause, latencies.
+
+Routing reads it to skip deployments that are open, paused (a provider 429 with
+``retry-after`` pauses that deployment for that long) or at their ``max_concurrent`` cap, and
+to order a group of deployments (weighted round-robin or least-in-flight). The failover
+executor writes it: one ``using()`` block per attempt holds the in-flight count and the cap
+slot, and feeds the outcome to the breaker. ``/health/providers`` renders ``snapshot()``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import attrs
+import trio
+
+from runestone_proxy import telemetry
+from runestone_proxy.config import Config, RoutingConfig
+from runestone_proxy.gateway.breaker import Breaker, State
+from runestone_proxy.gateway.routing import Target, smooth_wrr
+
+_SAMPLES = 512
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+
+
+@attrs.define(eq=False)
+class Deployment:
+    name: str
+    breaker: Breaker
+    max_concurrent: int | None
+    in_flight: int = 0
+    paused_until: float = 0.0
+    latencies_ms: deque[float] = attrs.Factory(lambda: deque(maxlen=_SAMPLES))
+    ttft_ms: deque[float] = attrs.Factory(lambda: deque(maxlen=_SAMPLES))
+    cap_freed: trio.Event = attrs.Factory(trio.Event)
+
+    def at_cap(self) -> bool:
+        return self.max_concurrent is not None and self.in_flight >= self.max_concurrent
+
+    def ready_at(self, now: float) -> float:
+        """When this deployment may next take a request, ignoring its cap."""
+        return max(self.breaker.ready_at(now), self.paused_until)
+
+    def p95_ttft_s(self) -> float | None:
+        if len(self.ttft_ms) < 20:
+            return None
+        value = _percentile(list(self.ttft_ms), 0.95)
+        return None if value is None else value / 1000
+
+
+@attrs.define(eq=False)
+class Deployments:
+    routing: RoutingConfig
+    by_name: dict[str, Deployment]
+    wrr: dict[str, dict[str, float]] = attrs.Factory(dict)
+
+    @classmethod
+    def from_config(cls, config: Config) -> Deployments:
+        return cls(
+            config.routing,
+            {
+                p.name: Deployment(p.name, Breaker(config.routing.breaker), p.max_concurrent)
+                for p in config.providers
+            },
+        )
+
+    def reconfigure(self, config: Config) -> None:
+        """Keep live state (breakers, in-flight) for deployments that still exist."""
+        self.routing = config.routing
+        fresh = {}
+        for provider in config.providers:
+            old = self.by_name.get(provider.name)
+            if old is None:
+                old = Deployment(provider.name, Breaker(config.routing.breaker), None)
+            old.max_concurrent = provider.max_concurrent
+            old.breaker.config = config.routing.breaker
+            fresh[provider.name] = old
+        self.by_name = fresh
+
+    def order_groups(self, targets: list[Target]) -> list[Target]:
+        """Reorder deployments of the same model id by the group strategy, in place of
+        that model's first position; distinct models keep their order."""
+        groups: dict[str, list[Target]] = {}
+        for target in targets:
+            groups.setdefault(target.model, []).append(target)
+        if all(len(g) == 1 for g in groups.values()):
+            return targets
+        out: list[Target] = []
+        seen: set[str] = set()
+        for target in targets:
+            if target.model in seen:
+                continue
+            seen.add(target.model)
+            group = groups[target.model]
+            if len(group) > 1:
+                group = self._order_group(target.model, group)
+            out.extend(group)
+        return out
+
+    def _order_group(self, model: str, group: list[Target]) -> list[Target]:
+        if self.routing.group_strategy == "least_in_flight":
+            return sorted(group, key=lambda t: self.by_name[t.provider].in_flight)
+        weights = {t.provider: (t.entry.weight if t.entry else 1.0) for t in group}
+        first = smooth_wrr(weights, self.wrr.setdefault(model, {}))
+        return sorted(group, key=lambda t: t.provider != first)
+
+    @contextmanager
+    def using(self, deployment: Deployment) -> Iterator[None]:
+        deployment.in_flight += 1
+        try:
+            yield
+        finally:
+            deployment.in_flight -= 1
+            if deployment.max_concurrent is not None:
+                deployment.cap_freed.set()
+                deployment.cap_freed = trio.Event()
+
+    def record(self, deployment: Deployment, ok: bool, latency_ms: float | None) -> None:
+        now = trio.current_time()
+        if latency_ms is not None and ok:
+            deployment.latencies_ms.append(latency_ms)
+        moved = deployment.breaker.on_result(now, ok)
+        if moved is not None:
+            emit_transition(deployment.name, moved)
+
+    def snapshot(self) -> dict[str, Any]:
+        now = trio.current_time()
+        out: dict[str, Any] = {}
+        for name, d in self.by_name.items():
+            lat = list(d.latencies_ms)
+            out[name] = {
+                "state": d.breaker.state.value,
+                "in_flight": d.in_flight,
+                "max_concurrent": d.max_concurrent,
+                "paused_for_s": round(max(0.0, d.paused_until - now), 3),
+                "error_rate": round(d.breaker.error_rate(now), 4),
+                "consecutive_failures": d.breaker.consecutive_failures,
+                "latency_ms": {
+                    "p50": _percentile(lat, 0.5),
+                    "p95": _percentile(lat, 0.95),
+                    "p99": _percentile(lat, 0.99),
+                    "samples": len(lat),
+                },
+                "ttft_ms_p95": _percentile(list(d.ttft_ms), 0.95),
+            }
+        return out
+
+
+def emit_transition(name: str, state: State) -> None:
+    event = {
+        State.OPEN: "circuit.open",
+        State.HALF_OPEN: "circuit.half_open",
+        State.CLOSED: "circuit.close",
+    }[state]
+    telemetry.emit(event, provider=name, at=time.time())
+
+
+def providers_view(deployments: Deployments, unavailable: Mapping[str, str]) -> dict[str, Any]:
+    snap = deployments.snapshot()
+    for name, why in unavailable.items():
+        if name in snap:
+            snap[name]["available"] = False
+            snap[name]["reason"] = why
+    for entry in snap.values():
+        entry.setdefault("available", True)
+    return snap
