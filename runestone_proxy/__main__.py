@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         trio.run(lambda: serve(cfg, config_path=Path(path) if path else None))
     except KeyboardInterrupt:  # a signal that arrived before the handler was installed
         return 0
+    except config.ConfigError as exc:  # e.g. a bad RUNESTONE_ALIASES_PATH file
+        for message in exc.messages:
+            print(f"runestone-proxy: config error in {exc.source}: {message}", file=sys.stderr)
+        return 2
     except ListenFdsError as exc:
         print(f"runestone-proxy: socket activation: {exc}", file=sys.stderr)
         return 2

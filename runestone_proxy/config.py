@@ -334,6 +334,12 @@ class Config:
         for name in names:
             if names.count(name) > 1:
                 raise FieldError("providers", f"provider name {name!r} is used twice")
+        from runestone_proxy.gateway.aliases import AliasError, validate
+
+        try:
+            validate(self.aliases, names, [m.id for m in self.models])
+        except AliasError as exc:
+            raise FieldError("aliases", str(exc)) from None
         for model in self.models:
             if model.provider not in names:
                 raise FieldError(

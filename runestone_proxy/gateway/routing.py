@@ -58,7 +58,10 @@ class RoutingTable:
     providers: frozenset[str]
 
     @classmethod
-    def build(cls, config: Config, env: Mapping[str, str]) -> RoutingTable:
+    def build(
+        cls, config: Config, env: Mapping[str, str], extra_aliases: Mapping[str, str] | None = None
+    ) -> RoutingTable:
+        """``extra_aliases`` (from the aliases file) win over ``[aliases]``."""
         available: set[str] = set()
         unavailable: dict[str, str] = {}
         for provider in config.providers:
@@ -75,7 +78,7 @@ class RoutingTable:
             available=frozenset(available),
             unavailable=unavailable,
             models={k: tuple(v) for k, v in models.items()},
-            aliases=dict(config.aliases),
+            aliases={**config.aliases, **(extra_aliases or {})},
             providers=frozenset(p.name for p in config.providers),
         )
 

@@ -18,13 +18,16 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import attrs
+import structlog
 
 from runestone_proxy import telemetry
-from runestone_proxy.config import Config
+from runestone_proxy.config import Config, ConfigError
 from runestone_proxy.errors import GatewayError, InvalidJSON, InvalidParam, ModelNotFound
+from runestone_proxy.gateway import aliases
 from runestone_proxy.gateway.auth import KeyStore, Principal
 from runestone_proxy.gateway.deployments import Deployments
 from runestone_proxy.gateway.failover import Failover
@@ -35,6 +38,8 @@ from runestone_proxy.providers.base import Endpoint, ProviderCall
 from runestone_proxy.server.http import JSON_HEADERS, SSE_HEADERS, Request, Responder
 from runestone_proxy.server.router import Router
 from runestone_proxy.server.upstream import UpstreamPool
+
+log = structlog.get_logger("runestone.api")
 
 #: Request fields that are Runestone's own: used for routing, never sent to a provider.
 RUNESTONE_FIELDS = frozenset(
@@ -108,26 +113,54 @@ class Api:
     deployments: Deployments
     failover: Failover
     default_output_tokens: int
+    config: Config
+    #: RUNESTONE_ALIASES_PATH, when set; its aliases win over config.toml's.
+    aliases_path: Path | None = None
 
     @classmethod
     def build(cls, config: Config, env: Mapping[str, str], pool: UpstreamPool) -> Api:
+        """Raises :class:`~runestone_proxy.config.ConfigError` for a bad aliases file."""
+        path = aliases.path_from_env(env)
+        extra = None
+        if path is not None:
+            try:
+                extra = _load_aliases(path, config)
+            except aliases.AliasError as exc:
+                raise ConfigError(str(path), [str(exc)]) from None
         deployments = Deployments.from_config(config)
         return cls(
             KeyStore.build(config, env),
-            RoutingTable.build(config, env),
+            RoutingTable.build(config, env, extra),
             Providers.build(config, env, pool),
             config.routing.policy,
             env,
             deployments,
             Failover(deployments),
             config.routing.default_output_tokens,
+            config,
+            path,
         )
+
+    def reload_aliases(self) -> bool:
+        """Re-read the aliases file; install it only if valid. Returns whether it was."""
+        if self.aliases_path is None:
+            return False
+        try:
+            extra = _load_aliases(self.aliases_path, self.config)
+        except aliases.AliasError as exc:
+            log.error("aliases.reload.failed", path=str(self.aliases_path), error=str(exc))
+            return False
+        self.routing = RoutingTable.build(self.config, self.env, extra)
+        log.info("aliases.reloaded", path=str(self.aliases_path), count=len(extra))
+        return True
 
     def reload(self, config: Config) -> None:
         """Swap in a validated config. Each table is replaced whole, so a request in flight
         keeps the resolution, providers and keys it started with."""
+        self.config = config
         self.keys = KeyStore.build(config, self.env)
         self.routing = RoutingTable.build(config, self.env)
+        self.reload_aliases()
         self.providers = Providers.build(config, self.env, self.providers.pool)
         self.policy = config.routing.policy
         self.default_output_tokens = config.routing.default_output_tokens
@@ -292,6 +325,15 @@ class Api:
             )
 
         await self.failover.stream(targets, call_for, self.providers, relay)
+
+
+def _load_aliases(path: Path, config: Config) -> dict[str, str]:
+    raw = aliases.load_file(path)
+    merged = {**config.aliases, **raw}
+    table = aliases.validate(
+        merged, [p.name for p in config.providers], [m.id for m in config.models]
+    )
+    return {name: table[name] for name in raw}
 
 
 def _meta(target: Target, policy: str) -> tuple[tuple[bytes, bytes], ...]:

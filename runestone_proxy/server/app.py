@@ -38,6 +38,7 @@ import trio
 from runestone_proxy import config as config_mod
 from runestone_proxy import logs
 from runestone_proxy.config import Config, ConfigError
+from runestone_proxy.gateway import aliases
 from runestone_proxy.gateway.deployments import providers_view
 from runestone_proxy.server import systemd
 from runestone_proxy.server.api import Api
@@ -153,6 +154,8 @@ class App:
         self._warn_if_open()
         async with self.pool, trio.open_nursery() as root:
             await root.start(self._signals)
+            if self.api.aliases_path is not None:
+                await root.start(aliases.watch, self.api.aliases_path, self.api.reload_aliases)
             interval = systemd.watchdog_interval(self.env)
             if interval is not None:
                 await root.start(systemd.watchdog_loop, self.notifier, interval)
