@@ -26,7 +26,13 @@ import structlog
 
 from runestone_proxy import telemetry
 from runestone_proxy.config import Config, ConfigError
-from runestone_proxy.errors import GatewayError, InvalidJSON, InvalidParam, ModelNotFound
+from runestone_proxy.errors import (
+    AuthenticationFailed,
+    GatewayError,
+    InvalidJSON,
+    InvalidParam,
+    ModelNotFound,
+)
 from runestone_proxy.gateway import aliases
 from runestone_proxy.gateway.auth import KeyStore, Principal
 from runestone_proxy.gateway.deployments import Deployments
@@ -189,9 +195,19 @@ class Api:
         await self._generate(request, responder, "chat", force_stream=True)
 
     def authenticate(self, request: Request) -> Principal:
-        principal = self.keys.authenticate(
-            request.header(b"authorization"), request.header(b"x-api-key")
-        )
+        try:
+            principal = self.keys.authenticate(
+                request.header(b"authorization"), request.header(b"x-api-key")
+            )
+        except AuthenticationFailed as exc:
+            telemetry.emit(
+                "auth.failure",
+                request_id=request.request_id,
+                path=request.path,
+                client=request.client,
+                reason=exc.message,
+            )
+            raise
         request.context["principal"] = principal
         return principal
 

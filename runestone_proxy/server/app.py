@@ -36,14 +36,18 @@ import structlog
 import trio
 
 from runestone_proxy import config as config_mod
-from runestone_proxy import logs
+from runestone_proxy import logs, metrics, telemetry
 from runestone_proxy.config import Config, ConfigError
 from runestone_proxy.gateway import aliases
 from runestone_proxy.gateway.deployments import providers_view
 from runestone_proxy.server import systemd
 from runestone_proxy.server.api import Api
 from runestone_proxy.server.gateway import Gateway, Phase
-from runestone_proxy.server.health import add_health_routes, add_providers_route
+from runestone_proxy.server.health import (
+    add_health_routes,
+    add_metrics_route,
+    add_providers_route,
+)
 from runestone_proxy.server.listener import accept_loop, make_ssl_context
 from runestone_proxy.server.router import Router
 from runestone_proxy.server.upstream import UpstreamPool
@@ -96,6 +100,8 @@ class App:
 
         for router in (gateway.router, health_gateway.router):
             add_providers_route(router, providers_health)
+            add_metrics_route(router)
+        _register_gauges(gateway, pool, api)
         gateway.components["upstream"] = lambda: {
             "status": "ok",
             "open_connections": pool.open_connections,
@@ -145,13 +151,24 @@ class App:
         return bound, health_bound
 
     async def run(self, task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED) -> None:
+        self._warn_if_open()
+        removers = [
+            telemetry.add_handler(metrics.on_event),
+            telemetry.add_handler(logs.telemetry_to_log),
+        ]
+        try:
+            await self._run(task_status)
+        finally:
+            for remove in removers:
+                remove()
+
+    async def _run(self, task_status: trio.TaskStatus[Bound]) -> None:
         ssl_context = make_ssl_context(self.config.server)
         main, health = await self._listeners()
         bound = Bound(
             port=main[0].socket.getsockname()[1],
             health_port=health[0].socket.getsockname()[1] if health else None,
         )
-        self._warn_if_open()
         async with self.pool, trio.open_nursery() as root:
             await root.start(self._signals)
             if self.api.aliases_path is not None:
@@ -233,13 +250,48 @@ class App:
         else:
             for key in _RESTART_ONLY:
                 if getattr(new.server, key) != getattr(self.config.server, key):
-                    log.warning("config.reload.needs_restart", key=f"server.{key}")
+                    # Not ``key=``: the log redactor masks fields named like secrets.
+                    log.warning("config.reload.needs_restart", setting=f"server.{key}")
             self.config = new
             self.gateway.apply_config(new)
             self.health_gateway.apply_config(new)
             logs.configure(new.logging.level, new.logging.format)
             log.info("config.reloaded", source=exc_source(self.config_path))
         await self.notifier.ready("reloaded")
+
+
+_BREAKER_VALUE = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
+
+
+def _register_gauges(gateway: Gateway, pool: UpstreamPool, api: Api) -> None:
+    metrics.REGISTRY.gauge(
+        "runestone_open_connections",
+        "Client connections open on the main port.",
+        lambda: [((), float(gateway.open_connections))],
+    )
+    metrics.REGISTRY.gauge(
+        "runestone_upstream_connections",
+        "Upstream connections open, by state.",
+        lambda: [
+            ((("state", "open"),), float(pool.open_connections)),
+            ((("state", "idle"),), float(pool.idle_connections)),
+        ],
+    )
+    metrics.REGISTRY.gauge(
+        "runestone_provider_in_flight",
+        "Requests in flight per provider deployment.",
+        lambda: [
+            ((("provider", n),), float(d.in_flight)) for n, d in api.deployments.by_name.items()
+        ],
+    )
+    metrics.REGISTRY.gauge(
+        "runestone_circuit_state",
+        "Breaker state per deployment: 0 closed, 1 half-open, 2 open.",
+        lambda: [
+            ((("provider", n),), _BREAKER_VALUE[d.breaker.state.value])
+            for n, d in api.deployments.by_name.items()
+        ],
+    )
 
 
 def exc_source(path: Path | None) -> str:

@@ -19,7 +19,7 @@ import attrs
 import structlog
 import trio
 
-from runestone_proxy import errors
+from runestone_proxy import errors, metrics
 from runestone_proxy.config import Config
 from runestone_proxy.server.http import JSON_HEADERS, HeaderList, Request, Responder
 from runestone_proxy.server.router import Router
@@ -96,6 +96,7 @@ def log_access(
     gateway: Gateway, request: Request, status: int, sent_bytes: int, started: float
 ) -> None:
     """The one access line per request (no bodies, no query strings with secrets)."""
+    metrics.count_request(status)
     if gateway.config.logging.access_log:
         access_log.info(
             "http.access",

@@ -15,12 +15,14 @@ from collections.abc import Callable
 from typing import Any
 
 from runestone_proxy import __version__
+from runestone_proxy.metrics import REGISTRY
 from runestone_proxy.server.gateway import Gateway, Phase
 from runestone_proxy.server.http import JSON_HEADERS, Request, Responder
 from runestone_proxy.server.router import Router
 
 _NO_STORE = (*JSON_HEADERS, (b"cache-control", b"no-store"))
 _LIVE_BODY = b'{"status":"ok"}'
+_METRICS_HEADERS = ((b"content-type", b"text/plain; version=0.0.4; charset=utf-8"),)
 
 
 def _json(obj: dict[str, Any]) -> bytes:
@@ -64,6 +66,15 @@ def add_health_routes(router: Router, gateway: Gateway) -> None:
     router.add("GET", "/health", health)
     router.add("GET", "/health/live", live)
     router.add("GET", "/health/ready", ready)
+
+
+def add_metrics_route(router: Router) -> None:
+    """``/metrics``: Prometheus text exposition (no API key; expose it on health_port)."""
+
+    async def metrics_handler(_request: Request, responder: Responder) -> None:
+        await responder.respond(200, _METRICS_HEADERS, REGISTRY.render())
+
+    router.add("GET", "/metrics", metrics_handler)
 
 
 def add_providers_route(router: Router, view: Callable[[], dict[str, Any]]) -> None:

@@ -1,0 +1,126 @@
+"""The metrics registry and ``/metrics`` in Prometheus text format (exposition format 0.0.4).
+
+Counters are fed by the telemetry spine (:func:`on_event` is a telemetry handler) and by the
+access path (:func:`count_request`); gauges are read from live objects when scraped, through
+callbacks registered by the app. Nothing here does I/O or allocates per SSE chunk: a counter
+increment is one dict update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import attrs
+
+Labels = tuple[tuple[str, str], ...]
+
+
+@attrs.define
+class Counter:
+    name: str
+    help: str
+    values: dict[Labels, float] = attrs.Factory(dict)
+
+    def inc(self, labels: Labels = (), amount: float = 1.0) -> None:
+        self.values[labels] = self.values.get(labels, 0.0) + amount
+
+
+GaugeSource = Callable[[], Iterable[tuple[Labels, float]]]
+
+
+@attrs.define
+class Registry:
+    counters: dict[str, Counter] = attrs.Factory(dict)
+    gauges: dict[str, tuple[str, GaugeSource]] = attrs.Factory(dict)
+
+    def counter(self, name: str, help_text: str) -> Counter:
+        if name not in self.counters:
+            self.counters[name] = Counter(name, help_text)
+        return self.counters[name]
+
+    def gauge(self, name: str, help_text: str, source: GaugeSource) -> None:
+        self.gauges[name] = (help_text, source)
+
+    def render(self) -> bytes:
+        lines: list[str] = []
+        for counter in self.counters.values():
+            lines.append(f"# HELP {counter.name} {counter.help}")
+            lines.append(f"# TYPE {counter.name} counter")
+            for labels, value in sorted(counter.values.items()):
+                lines.append(f"{counter.name}{_labels(labels)} {_num(value)}")
+        for name, (help_text, source) in self.gauges.items():
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} gauge")
+            try:
+                samples = list(source())
+            except Exception:  # a broken source must not break the scrape
+                samples = []
+            for labels, value in samples:
+                lines.append(f"{name}{_labels(labels)} {_num(value)}")
+        return ("\n".join(lines) + "\n").encode()
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(labels: Labels) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels) + "}"
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+REGISTRY = Registry()
+
+_http = REGISTRY.counter("runestone_http_requests_total", "HTTP requests answered, by status.")
+_events = {
+    "provider.request.stop": REGISTRY.counter(
+        "runestone_provider_requests_total", "Provider calls that completed, by provider."
+    ),
+    "provider.request.error": REGISTRY.counter(
+        "runestone_provider_errors_total", "Provider calls that failed, by provider and status."
+    ),
+    "router.retry": REGISTRY.counter(
+        "runestone_router_retries_total", "Attempts retried or failed over, by provider."
+    ),
+    "router.hedge": REGISTRY.counter(
+        "runestone_router_hedges_total", "Hedged second attempts started, by primary."
+    ),
+    "stream.complete": REGISTRY.counter(
+        "runestone_streams_completed_total", "SSE streams relayed to the end, by provider."
+    ),
+    "stream.error": REGISTRY.counter(
+        "runestone_streams_failed_total", "SSE streams ended by an error event, by provider."
+    ),
+    "auth.failure": REGISTRY.counter("runestone_auth_failures_total", "Rejected API keys."),
+    "ratelimit.block": REGISTRY.counter(
+        "runestone_ratelimit_blocks_total", "Requests refused by a rate or capacity limit."
+    ),
+    "overflow.enqueue": REGISTRY.counter(
+        "runestone_overflow_enqueued_total", "Requests parked in the durable queue."
+    ),
+}
+_circuit = REGISTRY.counter(
+    "runestone_circuit_transitions_total", "Circuit breaker transitions, by provider and state."
+)
+_LABEL_FIELDS = ("provider", "tenant", "status", "primary")
+
+
+def count_request(status: int) -> None:
+    _http.inc((("status", str(status)),))
+
+
+def on_event(event: str, fields: dict[str, Any]) -> None:
+    """Telemetry handler: count the events operators chart."""
+    if event.startswith("circuit."):
+        _circuit.inc((("provider", str(fields.get("provider"))), ("state", event[8:])))
+        return
+    counter = _events.get(event)
+    if counter is not None:
+        labels = tuple((k, str(fields[k])) for k in _LABEL_FIELDS if k in fields)
+        counter.inc(labels)
