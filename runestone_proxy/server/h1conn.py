@@ -57,7 +57,9 @@ class _StreamingBody:
             return b""
         if self.conn.proto.they_are_waiting_for_100_continue:
             # RFC 9110 §10.1.1: the client waits for our go-ahead before sending the body.
-            await self.conn.write(self.conn.proto.send(h11.InformationalResponse(status_code=100, headers=[])))
+            await self.conn.write(
+                self.conn.proto.send(h11.InformationalResponse(status_code=100, headers=[]))
+            )
         try:
             item = await self.receiver.receive()
         except trio.EndOfChannel:
@@ -276,10 +278,13 @@ class H1Connection:
                 "Both Content-Length and Transfer-Encoding were sent.", code="bad_request"
             )
         if content_length is not None and int(content_length) > limits.max_body_bytes:
-            return errors.PayloadTooLarge(
-                f"Request body exceeds the limit of {limits.max_body_bytes} bytes."
-            )
+            return self._too_large()
         return None
+
+    def _too_large(self) -> errors.PayloadTooLarge:
+        return errors.PayloadTooLarge(
+            f"Request body exceeds the limit of {self.limits.max_body_bytes} bytes."
+        )
 
     async def _run(self, event: h11.Request) -> None:
         started = time.perf_counter()
@@ -306,6 +311,10 @@ class H1Connection:
         except h11.RemoteProtocolError as exc:
             await self._reject(self._protocol_error(exc))
             return
+        buffered = sum(map(len, parts))
+        if buffered > self.limits.max_body_bytes:  # a chunked body has no length to check
+            await self._reject(self._too_large())
+            return
         send_channel, receive_channel = trio.open_memory_channel[bytes | errors.GatewayError](1)
         body_source: _StreamingBody | _BufferedBody
         if isinstance(next_event, h11.EndOfMessage):
@@ -329,9 +338,8 @@ class H1Connection:
         )
         async with trio.open_nursery() as nursery:
             with trio.CancelScope() as handler_scope:
-                nursery.start_soon(
-                    self._watch, send_channel, handler_scope, isinstance(body_source, _BufferedBody)
-                )
+                body_done = isinstance(body_source, _BufferedBody)
+                nursery.start_soon(self._watch, send_channel, handler_scope, body_done, buffered)
                 try:
                     await self.gateway.dispatch(request, responder)
                     await responder.finish()
@@ -347,10 +355,10 @@ class H1Connection:
         body: trio.MemorySendChannel[bytes | errors.GatewayError],
         handler_scope: trio.CancelScope,
         body_done: bool,
+        received: int,
     ) -> None:
         """Feed the body to the handler, then notice the client leaving (EOF) and cancel it."""
         async with body:
-            received = 0
             while not body_done:
                 try:
                     event = self.proto.next_event()
@@ -366,18 +374,15 @@ class H1Connection:
                             handler_scope.cancel()
                             return
                         continue
-                    await body.send(errors.RequestTimeout("Timed out reading the request body."))
+                    # Set before the send: the handler answers as soon as it receives this.
                     self.closing = True
+                    await body.send(errors.RequestTimeout("Timed out reading the request body."))
                     return
                 if isinstance(event, h11.Data):
                     received += len(event.data)
                     if received > self.limits.max_body_bytes:
                         self.closing = True
-                        await body.send(
-                            errors.PayloadTooLarge(
-                                f"Request body exceeds {self.limits.max_body_bytes} bytes."
-                            )
-                        )
+                        await body.send(self._too_large())
                         return
                     await body.send(event.data)
                 elif isinstance(event, h11.EndOfMessage):

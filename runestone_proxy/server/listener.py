@@ -128,17 +128,20 @@ async def accept_loop(
                     await trio.sleep(_BACKOFF_S)
                     continue
                 raise
-            if capped and gateway.open_connections >= gateway.config.limits.max_connections:
-                connections.start_soon(_refuse, stream)
-                continue
+            if capped:
+                if gateway.open_connections >= gateway.config.limits.max_connections:
+                    connections.start_soon(_refuse, stream)
+                    continue
+                # Counted here, not in the new task: a burst of accepts runs before any of
+                # the tasks it starts, and each must see the ones before it.
+                gateway.open_connections += 1
             connections.start_soon(_tracked, stream, gateway, ssl_context, capped)
 
 
 async def _tracked(
     stream: trio.abc.Stream, gateway: Gateway, ssl_context: ssl.SSLContext | None, capped: bool
 ) -> None:
-    if capped:
-        gateway.open_connections += 1
+    """Serve one connection that ``accept_loop`` counted (when ``capped``); uncount it."""
     try:
         await handle_connection(stream, gateway, ssl_context)
     finally:

@@ -1,0 +1,46 @@
+"""Fixtures shared by the whole suite. Helpers that are not fixtures live in ``helpers.py``.
+
+Test rules (as trio-websocket states its own): real sockets bind 127.0.0.1 on port 0; every
+test body runs under ``trio.fail_after``; nothing sleeps to wait for something that can be
+awaited; time-dependent tests take pytest-trio's ``autojump_clock`` fixture
+(``MockClock(autojump_threshold=0)``) when everything runs in-process.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import attrs
+import pytest
+import trustme
+
+
+@attrs.frozen
+class TLSFiles:
+    """A throwaway CA and a ``localhost``/``127.0.0.1`` certificate issued by it."""
+
+    ca: trustme.CA
+    cert: Path
+    key: Path
+
+    def client_context(self, alpn: list[str] | None = None) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        self.ca.configure_trust(context)
+        if alpn is not None:
+            context.set_alpn_protocols(alpn)
+        return context
+
+
+@pytest.fixture(scope="session")
+def tls_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_files(tls_ca: trustme.CA, tmp_path: Path) -> TLSFiles:
+    issued = tls_ca.issue_cert("localhost", "127.0.0.1")
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    issued.private_key_pem.write_to_path(str(key))
+    cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    return TLSFiles(tls_ca, cert, key)

@@ -1,0 +1,449 @@
+"""HTTP/1.1 over real loopback sockets: the listener, the h11 connection and their limits.
+
+Test rules: the gateway runs in-process on 127.0.0.1 port 0 (``helpers.running_app``); the
+client is :class:`helpers.RawClient`, which writes hand-made bytes, so malformed and hostile
+requests are easy to send; every test body runs under ``trio.fail_after``; handlers and the
+test meet on ``trio.Event``s, never on sleeps; timeout tests run on pytest-trio's
+``autojump_clock`` so a ten-second limit costs no wall time.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from conftest import TLSFiles
+from helpers import (
+    HOST,
+    RawClient,
+    Response,
+    chunked,
+    get,
+    make_config,
+    request,
+    running_app,
+)
+
+from runestone_proxy.server.http import SSE_HEADERS, Request, Responder
+
+TIMEOUT_S = 5
+LIVE = request("GET", "/health/live")
+
+
+async def echo(request: Request, responder: Responder) -> None:
+    body = await request.body()
+    await responder.respond(200, [(b"content-type", b"application/octet-stream")], body)
+
+
+ECHO = {("POST", "/echo"): echo}
+
+
+def error_code(response: Response) -> str:
+    code: str = response.json()["error"]["code"]
+    return code
+
+
+async def assert_closed(client: RawClient) -> None:
+    """The server closed the connection and sent nothing more."""
+    assert await client.read_eof() == b""
+
+
+# --- the happy paths ------------------------------------------------------------------------
+
+
+async def test_keep_alive_serves_two_requests_on_one_connection() -> None:
+    with trio.fail_after(TIMEOUT_S):
+        async with running_app(make_config()) as gw, await RawClient.connect(gw.port) as client:
+            first = await client.exchange(LIVE)
+            second = await client.exchange(LIVE)
+    assert (first.status, second.status) == (200, 200)
+    assert first.body == second.body == b'{"status":"ok"}'
+    assert first.header("connection") is None
+
+
+async def test_pipelined_requests_are_answered_in_order() -> None:
+    burst = (
+        request("GET", "/health/live", {"x-request-id": "first"})
+        + request("POST", "/echo", {"x-request-id": "second"}, body=b"posted")
+        + request("GET", "/nope", {"x-request-id": "third"})
+    )
+    with trio.fail_after(TIMEOUT_S):
+        async with running_app(make_config(), ECHO) as gw, await RawClient.connect(gw.port) as c:
+            await c.send(burst)
+            responses = [await c.read_response() for _ in range(3)]
+            # Still open and in step afterwards.
+            after = await c.exchange(LIVE)
+    assert [r.header("x-request-id") for r in responses] == ["first", "second", "third"]
+    assert [r.status for r in responses] == [200, 200, 404]
+    assert responses[1].body == b"posted"
+    assert after.status == 200
+
+
+async def test_content_length_body() -> None:
+    with trio.fail_after(TIMEOUT_S):
+        async with running_app(make_config(), ECHO) as gw, await RawClient.connect(gw.port) as c:
+            await c.send(request("POST", "/echo", {"content-length": "11"}))
+            await c.send(b"hello ")
+            await c.send(b"world")
+            response = await c.read_response()
+            again = await c.exchange(request("POST", "/echo", body=b"x" * 1000))
+    assert (response.status, response.body) == (200, b"hello world")
+    assert (again.status, again.body) == (200, b"x" * 1000)
+
+
+async def test_chunked_request_body() -> None:
+    with trio.fail_after(TIMEOUT_S):
+        async with running_app(make_config(), ECHO) as gw, await RawClient.connect(gw.port) as c:
+            await c.send(request("POST", "/echo", {"transfer-encoding": "chunked"}))
+            await c.send(b"5\r\nhello\r\n")
+            await c.send(b"6\r\n world\r\n")
+            await c.send(b"0\r\n\r\n")
+            response = await c.read_response()
+            again = await c.exchange(LIVE)
+    assert (response.status, response.body) == (200, b"hello world")
+    assert again.status == 200
+
+
+async def test_expect_100_continue() -> None:
+    head = request("POST", "/echo", {"expect": "100-continue", "content-length": "4"})
+    with trio.fail_after(TIMEOUT_S):
+        async with running_app(make_config(), ECHO) as gw, await RawClient.connect(gw.port) as c:
+            await c.send(head)
+            interim = await c.read_response()
+            await c.send(b"body")
+            final = await c.read_response()
+    assert interim.status == 100
+    assert (final.status, final.body) == (200, b"body")
+
+
+async def test_head_sends_headers_and_no_body() -> None:
+    with trio.fail_after(TIMEOUT_S):
+        async with running_app(make_config()) as gw, await RawClient.connect(gw.port) as client:
+            head = await client.exchange(request("HEAD", "/health/live"), head=True)
+            # Were any body bytes sent, this would parse them as a status line.
+            after = await client.exchange(LIVE)
+    assert head.status == 200
+    assert head.header("content-length") == str(len(b'{"status":"ok"}'))
+    assert (after.status, after.body) == (200, b'{"status":"ok"}')
+
+
+async def test_streamed_response_flushes_each_chunk() -> None:
+    go = trio.Event()
+
+    async def stream(_request: Request, responder: Responder) -> None:
+        await responder.start(200, SSE_HEADERS)
+        await responder.send(b"data: one\n\n")
+        await go.wait()
+        await responder.send(b"data: two\n\n")
+
+    with trio.fail_after(TIMEOUT_S):
+        routes = {("GET", "/stream"): stream}
+        async with running_app(make_config(), routes) as gw, await RawClient.connect(gw.port) as c:
+            await c.send(request("GET", "/stream"))
+            head = await c.read_head()
+            first = await c.read_chunk()  # arrives while the handler waits for ``go``
+            go.set()
+            second = await c.read_chunk()
+            last = await c.read_chunk()
+            after = await c.exchange(LIVE)
+    assert head.status == 200
+    assert head.header("transfer-encoding") == "chunked"
+    assert head.header("content-type") == "text/event-stream; charset=utf-8"
+    assert (first, second, last) == (b"data: one\n\n", b"data: two\n\n", b"")
+    assert after.status == 200
+
+
+async def test_connection_close_is_honoured() -> None:
+    with trio.fail_after(TIMEOUT_S):
+        async with running_app(make_config()) as gw, await RawClient.connect(gw.port) as client:
+            response = await client.exchange(
+                request("GET", "/health/live", {"connection": "close"})
+            )
+            await assert_closed(client)
+    assert response.status == 200
+    assert response.header("connection") == "close"
+
+
+async def test_http_1_0_without_keep_alive_closes() -> None:
+    with trio.fail_after(TIMEOUT_S):
+        async with running_app(make_config()) as gw, await RawClient.connect(gw.port) as client:
+            await client.send(b"GET /health/live HTTP/1.0\r\n\r\n")
+            response = await client.read_response()
+            await assert_closed(client)
+    assert (response.status, response.body) == (200, b'{"status":"ok"}')
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["waiting", "streaming"])
+async def test_client_disconnect_cancels_the_handler(streaming: bool) -> None:
+    started, cancelled = trio.Event(), trio.Event()
+
+    async def hang(_request: Request, responder: Responder) -> None:
+        if streaming:
+            await responder.start(200, SSE_HEADERS)
+            await responder.send(b"data: one\n\n")
+        started.set()
+        try:
+            await trio.sleep_forever()
+        finally:
+            cancelled.set()
+
+    with trio.fail_after(TIMEOUT_S):
+        async with running_app(make_config(), {("GET", "/hang"): hang}) as gw:
+            client = await RawClient.connect(gw.port)
+            await client.send(request("GET", "/hang"))
+            await started.wait()
+            await client.aclose()
+            await cancelled.wait()
+            assert gw.app.gateway.open_connections <= 1
+            assert (await get(gw.port, "/health/live")).status == 200
+
+
+async def test_not_found_and_method_not_allowed_envelopes() -> None:
+    with trio.fail_after(TIMEOUT_S):
+        async with running_app(make_config()) as gw, await RawClient.connect(gw.port) as client:
+            missing = await client.exchange(request("GET", "/nope"))
+            wrong = await client.exchange(request("POST", "/health/live", body=b"{}"))
+            after = await client.exchange(LIVE)
+    assert missing.status == 404
+    assert missing.header("content-type") == "application/json"
+    assert missing.json()["error"]["type"] == "invalid_request_error"
+    assert error_code(missing) == "unknown_url"
+    assert wrong.status == 405
+    assert wrong.header("allow") == "GET, HEAD"
+    assert error_code(wrong) == "method_not_allowed"
+    assert after.status == 200
+
+
+async def test_request_id_is_generated_or_echoed() -> None:
+    with trio.fail_after(TIMEOUT_S):
+        async with running_app(make_config()) as gw, await RawClient.connect(gw.port) as client:
+            fresh = await client.exchange(LIVE)
+            echoed = await client.exchange(
+                request("GET", "/health/live", {"x-request-id": "abc-123"})
+            )
+            unsafe = await client.exchange(request("GET", "/health/live", {"x-request-id": "a b"}))
+            error = await client.exchange(request("GET", "/nope"))
+    assert re.fullmatch(r"req_[0-9a-f]{24}", fresh.header("x-request-id") or "")
+    assert echoed.header("x-request-id") == "abc-123"
+    assert re.fullmatch(r"req_[0-9a-f]{24}", unsafe.header("x-request-id") or "")
+    assert re.fullmatch(r"req_[0-9a-f]{24}", error.header("x-request-id") or "")
+
+
+# --- limits: each answered with its status, then the connection closes ---------------------
+
+
+async def rejected(limits: dict[str, Any], data: bytes) -> Response:
+    """Send ``data`` on a fresh connection; the response, after checking the server closed."""
+    with trio.fail_after(TIMEOUT_S):
+        async with running_app(make_config(**limits), ECHO) as gw:
+            async with await RawClient.connect(gw.port) as client:
+                await client.send(data)
+                response = await client.read_response()
+                await assert_closed(client)
+    assert response.header("connection") == "close"
+    assert response.header("content-type") == "application/json"
+    return response
+
+
+@pytest.mark.parametrize("length", [300, 5000], ids=["parsed", "buffered"])
+async def test_request_line_too_long_is_414(length: int) -> None:
+    data = request("GET", "/" + "a" * length)
+    response = await rejected({"max_request_line_bytes": 256, "max_header_bytes": 1024}, data)
+    assert response.status == 414
+    assert error_code(response) == "uri_too_long"
+
+
+@pytest.mark.parametrize("count", [20, 200], ids=["parsed", "buffered"])
+async def test_headers_too_large_is_431(count: int) -> None:
+    data = request("GET", "/health/live", [(f"x-h{i}", "v" * 60) for i in range(count)])
+    response = await rejected({"max_request_line_bytes": 256, "max_header_bytes": 1024}, data)
+    assert response.status == 431
+    assert error_code(response) == "headers_too_large"
+
+
+async def test_content_length_over_the_limit_is_413_before_the_body() -> None:
+    head = request("POST", "/echo", {"content-length": "100000"})
+    response = await rejected({"max_body_bytes": 1000}, head)
+    assert response.status == 413
+    assert error_code(response) == "request_too_large"
+
+
+async def test_chunked_body_over_the_limit_is_413() -> None:
+    data = request("POST", "/echo", {"transfer-encoding": "chunked"}) + chunked(*[b"x" * 400] * 5)
+    response = await rejected({"max_body_bytes": 1000}, data)
+    assert response.status == 413
+    assert error_code(response) == "request_too_large"
+
+
+async def test_chunked_body_crossing_the_limit_while_streaming_is_413() -> None:
+    started = trio.Event()
+
+    async def upload(request: Request, responder: Responder) -> None:
+        started.set()
+        await echo(request, responder)
+
+    config = make_config(max_body_bytes=1000)
+    with trio.fail_after(TIMEOUT_S):
+        async with running_app(config, {("POST", "/upload"): upload}) as gw:
+            async with await RawClient.connect(gw.port) as client:
+                await client.send(request("POST", "/upload", {"transfer-encoding": "chunked"}))
+                await started.wait()  # the rest arrives while the handler reads
+                for _ in range(5):
+                    await client.send(b"190\r\n" + b"x" * 400 + b"\r\n")
+                response = await client.read_response()
+                await assert_closed(client)
+    assert response.status == 413
+    assert response.header("connection") == "close"
+
+
+async def test_expect_100_continue_over_the_limit_gets_413_instead() -> None:
+    head = request("POST", "/echo", {"expect": "100-continue", "content-length": "5000"})
+    response = await rejected({"max_body_bytes": 1000}, head)
+    assert response.status == 413
+
+
+async def test_slow_body_gets_408_then_close(autojump_clock: trio.testing.MockClock) -> None:
+    config = make_config(body_timeout_s=20)
+    with trio.fail_after(60):
+        async with running_app(config, ECHO) as gw, await RawClient.connect(gw.port) as client:
+            await client.send(request("POST", "/echo", {"content-length": "10"}) + b"abc")
+            response = await client.read_response()
+            await assert_closed(client)
+    assert response.status == 408
+    assert response.header("connection") == "close"
+    assert error_code(response) == "request_timeout"
+
+
+async def test_malformed_request_is_400() -> None:
+    response = await rejected({}, b"GARBAGE\r\n\r\n")
+    assert response.status == 400
+
+
+async def test_content_length_with_transfer_encoding_is_400() -> None:
+    # RFC 9112 §6.1: a request with both is how smuggling starts; refuse and close.
+    data = request(
+        "POST", "/echo", {"content-length": "5", "transfer-encoding": "chunked"}
+    ) + chunked(b"hello")
+    response = await rejected({}, data)
+    assert response.status == 400
+
+
+async def test_conflicting_content_lengths_are_400() -> None:
+    data = request("POST", "/echo", [("content-length", "5"), ("content-length", "6")]) + b"hello!"
+    response = await rejected({}, data)
+    assert response.status == 400
+
+
+async def test_unsupported_transfer_encoding_is_501() -> None:
+    data = request("POST", "/echo", {"transfer-encoding": "gzip"}) + b"xxxx"
+    response = await rejected({}, data)
+    assert response.status == 501
+
+
+async def test_slow_headers_get_408_then_close(autojump_clock: trio.testing.MockClock) -> None:
+    config = make_config(header_timeout_s=10)
+    with trio.fail_after(60):
+        async with running_app(config) as gw, await RawClient.connect(gw.port) as client:
+            await client.send(b"GET /health/live HTTP/1.1\r\nhost: test\r\n")  # no blank line
+            started = trio.current_time()
+            response = await client.read_response()
+            waited = trio.current_time() - started
+            await assert_closed(client)
+    assert response.status == 408
+    assert error_code(response) == "request_timeout"
+    assert 10 <= waited < 11
+
+
+async def test_idle_keep_alive_connection_is_closed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    config = make_config(keepalive_timeout_s=30, header_timeout_s=5)
+    with trio.fail_after(120):
+        async with running_app(config) as gw, await RawClient.connect(gw.port) as client:
+            assert (await client.exchange(LIVE)).status == 200
+            started = trio.current_time()
+            await assert_closed(client)  # no 408 for a connection between requests
+            waited = trio.current_time() - started
+    assert 30 <= waited < 31
+
+
+async def test_connection_cap_refuses_with_503() -> None:
+    with trio.fail_after(TIMEOUT_S):
+        async with running_app(make_config(max_connections=2)) as gw:
+            async with (
+                await RawClient.connect(gw.port) as first,
+                await RawClient.connect(gw.port) as second,
+            ):
+                assert (await first.exchange(LIVE)).status == 200
+                assert (await second.exchange(LIVE)).status == 200
+                async with await RawClient.connect(gw.port) as third:
+                    await third.send(LIVE)
+                    refused = await third.read_response()
+                    await assert_closed(third)
+                assert (await first.exchange(LIVE)).status == 200
+                assert (await second.exchange(LIVE)).status == 200
+    assert refused.status == 503
+    assert refused.header("connection") == "close"
+    assert refused.header("retry-after") == "1"
+    assert error_code(refused) == "service_unavailable"
+
+
+async def test_connection_cap_holds_for_a_burst_of_connections() -> None:
+    # Three connections complete their handshakes (blocking connects: no checkpoint between
+    # them) before the server accepts any: the third must still be refused, whichever of the
+    # accept loop and the new connection tasks the scheduler runs first.
+    with trio.fail_after(TIMEOUT_S):
+        async with running_app(make_config(max_connections=2)) as gw:
+            socks = [socket.create_connection((HOST, gw.port)) for _ in range(3)]
+            clients = [
+                RawClient(trio.SocketStream(trio.socket.from_stdlib_socket(s))) for s in socks
+            ]
+            try:
+                refused = await clients[2].read_response()
+                served = [await c.exchange(LIVE) for c in clients[:2]]
+            finally:
+                for client in clients:
+                    await client.aclose()
+    assert refused.status == 503
+    assert [r.status for r in served] == [200, 200]
+
+
+# --- TLS ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alpn", [["http/1.1"], None], ids=["alpn", "no-alpn"])
+async def test_tls_serves_http_1_1(tls_files: TLSFiles, alpn: list[str] | None) -> None:
+    config = make_config(server={"tls_cert": str(tls_files.cert), "tls_key": str(tls_files.key)})
+    context = tls_files.client_context(alpn)
+    with trio.fail_after(TIMEOUT_S):
+        async with running_app(config) as gw:
+            async with await RawClient.connect(gw.port, ssl_context=context) as client:
+                assert isinstance(client.stream, trio.SSLStream)
+                selected = client.stream.selected_alpn_protocol()
+                first = await client.exchange(LIVE)
+                second = await client.exchange(
+                    request("GET", "/health/live", {"connection": "close"})
+                )
+                await assert_closed(client)
+    assert selected == ("http/1.1" if alpn else None)
+    assert (first.status, first.body) == (200, b'{"status":"ok"}')
+    assert second.status == 200
+
+
+async def test_tls_port_drops_a_cleartext_client(tls_files: TLSFiles) -> None:
+    config = make_config(server={"tls_cert": str(tls_files.cert), "tls_key": str(tls_files.key)})
+    with trio.fail_after(TIMEOUT_S):
+        async with running_app(config) as gw:
+            async with await RawClient.connect(gw.port) as client:
+                await client.send(LIVE)
+                reply = await client.read_eof()
+            # The listener is unharmed.
+            context = tls_files.client_context(["http/1.1"])
+            async with await RawClient.connect(gw.port, ssl_context=context) as client:
+                after = await client.exchange(LIVE)
+    assert not reply.startswith(b"HTTP/")
+    assert after.status == 200
