@@ -92,9 +92,11 @@ class LoadResult:
     p99_ms: float
     max_ms: float
     #: Filled in by the runner from a :class:`bench.procs.CpuMeter` on the target:
-    #: the server's CPU seconds, and the wall seconds they were measured over.
+    #: the server's CPU seconds, the wall seconds they were measured over, and the CPU
+    #: seconds other processes used on the server's core meanwhile.
     server_cpu_s: float | None = None
     server_wall_s: float | None = None
+    others_cpu_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)

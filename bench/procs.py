@@ -179,23 +179,43 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS_PER_S
 
 
+def core_busy_seconds(core: int) -> float:
+    """Busy time of CPU ``core`` since boot, all processes together (from /proc/stat)."""
+    prefix = f"cpu{core} "
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(prefix):
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, line.split()[1:9])
+            return (user + nice + system + irq + softirq + steal) / _TICKS_PER_S
+    raise OSError(f"no {prefix.strip()} line in /proc/stat")
+
+
 @attrs.define
 class CpuMeter:
-    """How much CPU a server burnt during the measured part of a load run.
+    """How much CPU a server burnt during the measured part of a load run, and how much of
+    its core other processes took meanwhile.
 
     On a shared machine req/s moves with the neighbours; CPU time per request much less,
-    so it is the steadier figure for comparing the gateway with the baseline.
+    so it is the steadier figure for comparing the gateway with the baseline. ``others_s``
+    says how noisy the run was.
     """
 
     pid: int
+    core: int | None = None
     cpu_s: float | None = None
     wall_s: float | None = None
+    others_s: float | None = None
     _cpu0: float = 0.0
+    _core0: float = 0.0
     _wall0: float = 0.0
 
     def start(self) -> None:
         self._cpu0, self._wall0 = cpu_seconds(self.pid), time.monotonic()
+        if self.core is not None:
+            self._core0 = core_busy_seconds(self.core)
 
     def stop(self) -> None:
         self.cpu_s = cpu_seconds(self.pid) - self._cpu0
         self.wall_s = time.monotonic() - self._wall0
+        if self.core is not None:
+            busy = core_busy_seconds(self.core) - self._core0
+            self.others_s = max(0.0, busy - self.cpu_s)

@@ -8,8 +8,10 @@ plus the min-max req/s spread so that noise is visible rather than averaged away
 Beside throughput, each row carries the server's CPU cost: CPU microseconds per request
 and CPU utilisation during the measured window (from ``/proc/<pid>/stat``). Neighbours on
 a shared machine steal wall time, not our process's CPU time, so ``us/req`` and the
-``cost`` ratio to the baseline stay steady when req/s does not; ``cpu%`` well below 100
-means the server was not the bottleneck (latency-bound at low concurrency, or starved).
+``cost`` ratio to the baseline stay steady when req/s does not. ``cpu%`` well below 100
+means the server was not the bottleneck: latency-bound at low concurrency, limited by the
+load tool, or starved by neighbours, which ``others%`` (other processes' share of the
+server's core during the run) tells apart.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ class Row:
     cpu_pct: float | None = None
     #: Median server CPU microseconds per request.
     cpu_us_per_req: float | None = None
+    #: Median share of the server's core that other processes used meanwhile (noise).
+    others_pct: float | None = None
     baseline: str | None = None
     #: req/s relative to the baseline at the same concurrency (higher is better).
     ratio: float | None = None
@@ -74,6 +78,12 @@ def _cpu_pct(result: LoadResult) -> float:
     if result.server_cpu_s is None or result.duration_s <= 0:
         return float("nan")
     return 100 * result.server_cpu_s / result.duration_s
+
+
+def _others_pct(result: LoadResult) -> float:
+    if result.others_cpu_s is None or not result.server_wall_s:
+        return float("nan")
+    return 100 * result.others_cpu_s / result.server_wall_s
 
 
 def _median(values: list[float]) -> float | None:
@@ -126,6 +136,7 @@ def aggregate(scenarios: Sequence[Scenario], runs: Sequence[Run]) -> list[Row]:
                     non_2xx=sum(r.non_2xx for r in ok),
                     cpu_pct=_median([_cpu_pct(r) for r in ok]),
                     cpu_us_per_req=_median([cpu_us_per_request(r) for r in ok]),
+                    others_pct=_median([_others_pct(r) for r in ok]),
                     baseline=scenario.baseline,
                     note=note,
                 )
@@ -158,6 +169,7 @@ _COLUMNS = (
     ("cpu%", ">"),
     ("us/req", ">"),
     ("cost", ">"),
+    ("others%", ">"),
     ("err", ">"),
     ("non2xx", ">"),
 )
@@ -183,6 +195,7 @@ def _cells(row: Row) -> list[str]:
         _fmt(row.cpu_pct, ".0f"),
         _fmt(row.cpu_us_per_req, ".0f"),
         _fmt(row.cost, ".2f", "x"),
+        _fmt(row.others_pct, ".0f"),
         str(row.errors),
         str(row.non_2xx),
     ]

@@ -173,11 +173,14 @@ def _measure(
                 )
                 label = f"[bench] {repeat + 1}/{args.repeats} {scenario.name} c={conc}"
                 print(f"{label} ({choose_tool(spec, args.tool)}) ...", end="", file=sys.stderr)
-                meter = CpuMeter(proc.popen.pid)
+                meter = CpuMeter(proc.popen.pid, proc.cpu)
                 try:
                     result = run_load(spec, args.tool, meter)
                     result = attrs.evolve(
-                        result, server_cpu_s=meter.cpu_s, server_wall_s=meter.wall_s
+                        result,
+                        server_cpu_s=meter.cpu_s,
+                        server_wall_s=meter.wall_s,
+                        others_cpu_s=meter.others_s,
                     )
                 except (LoadError, OSError) as exc:
                     print(f" failed: {exc}", file=sys.stderr)
