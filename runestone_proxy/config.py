@@ -13,8 +13,10 @@ Units live in names: ``_s`` seconds, ``_ms`` milliseconds, ``_bytes`` bytes.
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
+import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -352,6 +354,25 @@ class Config:
 _converter = cattrs.Converter(forbid_extra_keys=True)
 
 
+def _strict(type_: type[Any], *accepted: type[Any]) -> None:
+    """Structure ``type_`` only from ``accepted`` TOML types: cattrs would call ``int("80")``
+    and ``bool("false")`` (True), so a quoted number or boolean would pass silently."""
+    name = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}[type_]
+
+    def hook(value: object, _type: object) -> object:
+        if isinstance(value, bool) is not (type_ is bool) or not isinstance(value, accepted):
+            raise ValueError(f"expected {name}, got {type(value).__name__} {value!r}")
+        return type_(value)
+
+    _converter.register_structure_hook(type_, hook)
+
+
+_strict(bool, bool)
+_strict(int, int)
+_strict(float, int, float)
+_strict(str, str)
+
+
 def _set(raw: dict[str, Any], dotted: str, value: object) -> None:
     node = raw
     *parents, leaf = dotted.split(".")
@@ -425,22 +446,43 @@ def find_path(explicit: str | None, env: Mapping[str, str]) -> Path | None:
     return None
 
 
+def _unknown_keys(exc: cattrs.ForbiddenExtraKeysError) -> str:
+    """One ``\1key\1message`` per unknown key, so each is named by its own path."""
+    known = [field.name for field in attrs.fields(exc.cl)] if attrs.has(exc.cl) else []
+    out = []
+    for key in sorted(exc.extra_fields):
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        out.append(f"\1{key}\1unknown key{hint}")
+    return "".join(out)
+
+
 def _format(exc: BaseException, type_: type[Any] | None) -> str:
     if isinstance(exc, FieldError):
         return f"\0{exc.field}\0{exc}"
+    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
+        return _unknown_keys(exc)
+    if typing.get_origin(type_) is Literal:
+        return f"invalid value (must be one of {', '.join(map(repr, typing.get_args(type_)))})"
     if isinstance(exc, ValueError) and type(exc) is ValueError:
         return f"invalid value ({exc})"
     return cattrs.v.format_exception(exc, type_)
 
 
 def _messages(exc: cattrs.BaseValidationError) -> list[str]:
-    """cattrs' messages, with validator complaints pinned to their field's path."""
+    """cattrs' messages, with validator complaints and unknown keys pinned to their path."""
     out = []
     for line in cattrs.transform_error(exc, path="$", format_exception=_format):
         if line.startswith("\0"):
             _, field, rest = line.split("\0", 2)
             message, _, path = rest.rpartition(" @ ")
             line = f"invalid value ({message}) @ {path}.{field}"
+        elif line.startswith("\1"):
+            found, _, path = line.rpartition(" @ ")
+            parts = found.split("\1")[1:]
+            for key, message in zip(parts[::2], parts[1::2], strict=True):
+                out.append(f"{message} @ {path}.{key}")
+            continue
         out.append(line)
     return out
 

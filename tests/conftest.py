@@ -8,28 +8,11 @@ awaited; time-dependent tests take pytest-trio's ``autojump_clock`` fixture
 
 from __future__ import annotations
 
-import ssl
 from pathlib import Path
 
-import attrs
 import pytest
 import trustme
-
-
-@attrs.frozen
-class TLSFiles:
-    """A throwaway CA and a ``localhost``/``127.0.0.1`` certificate issued by it."""
-
-    ca: trustme.CA
-    cert: Path
-    key: Path
-
-    def client_context(self, alpn: list[str] | None = None) -> ssl.SSLContext:
-        context = ssl.create_default_context()
-        self.ca.configure_trust(context)
-        if alpn is not None:
-            context.set_alpn_protocols(alpn)
-        return context
+from helpers import TLSFiles
 
 
 @pytest.fixture(scope="session")

@@ -29,6 +29,7 @@ from typing import Any
 
 import attrs
 import trio
+import trustme
 
 from runestone_proxy.config import Config
 from runestone_proxy.server.app import App, Bound
@@ -48,6 +49,25 @@ def make_config(*, server: Mapping[str, Any] | None = None, **limits: Any) -> Co
         server=attrs.evolve(config.server, port=0, **(server or {})),
         limits=attrs.evolve(config.limits, **limits),
     )
+
+
+# --- TLS ----------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class TLSFiles:
+    """A throwaway CA and a ``localhost``/``127.0.0.1`` certificate issued by it."""
+
+    ca: trustme.CA
+    cert: Path
+    key: Path
+
+    def client_context(self, alpn: list[str] | None = None) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        self.ca.configure_trust(context)
+        if alpn is not None:
+            context.set_alpn_protocols(alpn)
+        return context
 
 
 # --- the gateway in-process -----------------------------------------------------------------

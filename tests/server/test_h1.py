@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from conftest import TLSFiles
 from helpers import (
     HOST,
     RawClient,
     Response,
+    TLSFiles,
     chunked,
     get,
     make_config,
