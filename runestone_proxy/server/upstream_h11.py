@@ -1,0 +1,337 @@
+"""One HTTP/1.1 connection to an upstream origin: connect, send, read the response.
+
+The connection layer under :class:`~runestone_proxy.server.upstream.UpstreamPool`: a trio
+stream (TCP, or TLS with SNI and hostname checks), the h11 state machine that frames it, and
+the mapping of socket, TLS, h11 and timeout failures to :mod:`runestone_proxy.errors`. The
+pool decides which connection to use, and when to retry, reuse or close; this module does
+the I/O of one exchange. It also defines the values shared by both transports
+(:class:`UpstreamTimeouts`, :class:`UpstreamResponse`); import them from ``upstream``.
+
+Every wait is a cancel scope whose deadline is the earlier of the step's own limit
+(``connect_s``, ``first_byte_s``, ``between_chunks_s``) and the request's total deadline.
+"""
+
+from __future__ import annotations
+
+import select
+import ssl
+from collections.abc import AsyncIterable, Sequence
+from contextlib import suppress
+from typing import Final, cast
+
+import attrs
+import h11
+import trio
+
+from runestone_proxy.errors import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+
+Headers = Sequence[tuple[bytes, bytes]]
+Body = bytes | AsyncIterable[bytes]
+
+RECEIVE_BYTES: Final = 65536
+MAX_HEAD_BYTES: Final = 64 * 1024  # h11 max_incomplete_event_size: the largest response head
+CLOSE_TIMEOUT_S: Final = 1.0
+# The pool owns framing and Host (RFC 9112 §6, §3.2); callers' copies are dropped.
+FRAMING_HEADERS: Final = frozenset(
+    {b"host", b"content-length", b"transfer-encoding", b"connection"}
+)
+WITH_CONTENT: Final = frozenset({"POST", "PUT", "PATCH"})
+
+
+@attrs.frozen
+class UpstreamTimeouts:
+    """Limits for one upstream request, in seconds. ``total_s`` bounds the whole exchange."""
+
+    connect_s: float = 10
+    first_byte_s: float = 60
+    between_chunks_s: float = 60
+    total_s: float = 600
+
+
+@attrs.define(eq=False)
+class UpstreamResponse:
+    """A response whose body is read incrementally. Header names are lower-case bytes."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]] = attrs.field(repr=False)
+    origin: str  # scheme://host:port, safe to log
+
+    async def receive(self) -> bytes:
+        """The next body chunk, ``b""`` at the end; each call is bounded by between_chunks_s."""
+        raise NotImplementedError
+
+    async def read(self, max_bytes: int | None = None) -> bytes:
+        """The rest of the body; raises :class:`UpstreamError` if it exceeds ``max_bytes``."""
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await self.receive():
+            size += len(chunk)
+            if max_bytes is not None and size > max_bytes:
+                raise UpstreamError(f"upstream {self.origin}: response body over {max_bytes} bytes")
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def timed_out(
+    origin: str, what: str, limit_s: float, t: UpstreamTimeouts, deadline: float
+) -> UpstreamTimeout:
+    """The error for a fired cancel scope: the total limit if that was the one reached."""
+    if trio.current_time() >= deadline:
+        return UpstreamTimeout(f"upstream {origin}: request exceeded total_s={t.total_s}s")
+    return UpstreamTimeout(f"upstream {origin}: {what} within {limit_s}s")
+
+
+@attrs.frozen
+class Origin:
+    """Where connections go. ``label`` (scheme://host:port) is what errors and logs show."""
+
+    scheme: str
+    host: str
+    port: int
+    host_header: bytes  # RFC 9112 §3.2: uri-host [":" port], the port only when not default
+    label: str
+    proxy: str | None = attrs.field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, scheme: str, host: str, port: int, proxy: str | None = None) -> Origin:
+        hostport = f"[{host}]" if ":" in host else host
+        default = port == (443 if scheme == "https" else 80)
+        host_header = (hostport if default else f"{hostport}:{port}").encode()
+        return cls(scheme, host, port, host_header, f"{scheme}://{hostport}:{port}", proxy)
+
+
+class EarlyClose(Exception):
+    """The peer closed or reset the connection before any byte of the response arrived."""
+
+    def __init__(self, reason: str, *, during_send: bool, replayable: bool) -> None:
+        super().__init__(reason)
+        self.during_send = during_send
+        self.replayable = replayable
+
+
+@attrs.define(eq=False)
+class H11Connection:
+    """One keep-alive connection. Used by one request at a time; the pool parks it between."""
+
+    origin: Origin
+    stream: trio.abc.Stream = attrs.field(repr=False)
+    sock: trio.socket.SocketType = attrs.field(repr=False)
+    proto: h11.Connection = attrs.field(repr=False)
+    idle_since: float = 0.0
+    reused: bool = False
+
+    @classmethod
+    async def connect(
+        cls, origin: Origin, ssl_context: ssl.SSLContext, t: UpstreamTimeouts, deadline: float
+    ) -> H11Connection:
+        label = origin.label
+        with trio.CancelScope(deadline=min(deadline, trio.current_time() + t.connect_s)):
+            try:
+                tcp = await trio.open_tcp_stream(origin.host, origin.port)  # sets TCP_NODELAY
+            except OSError as exc:  # refused, unreachable, DNS (gaierror)
+                raise UpstreamConnectError(f"upstream {label}: cannot connect: {exc}") from exc
+            stream: trio.abc.Stream = tcp
+            try:
+                if origin.scheme == "https":
+                    stream = trio.SSLStream(
+                        tcp, ssl_context, server_hostname=origin.host, https_compatible=True
+                    )
+                    await stream.do_handshake()
+                    if stream.selected_alpn_protocol() not in (None, "http/1.1"):
+                        raise UpstreamConnectError(f"upstream {label}: ALPN other than http/1.1")
+            except trio.BrokenResourceError as exc:
+                await _close(tcp)
+                reason = exc.__cause__ or exc
+                raise UpstreamConnectError(f"upstream {label}: TLS failed: {reason}") from exc
+            except BaseException:
+                await _close(tcp)
+                raise
+            proto = h11.Connection(our_role=h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+            return cls(origin, stream, tcp.socket, proto)
+        raise timed_out(label, "could not connect", t.connect_s, t, deadline)
+
+    def usable(self, now: float, idle_timeout_s: float) -> bool:
+        """Whether an idle connection may carry another request: not expired, and nothing to
+        read (an idle keep-alive peer has nothing to say; readable means it closed, RFC 9112
+        §9.5). One zero-timeout poll(2)."""
+        if now - self.idle_since >= idle_timeout_s:
+            return False
+        fd = self.sock.fileno()
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            return not poller.poll(0)
+        return not select.select([fd], [], [], 0)[0]  # pragma: no cover (Windows)
+
+    def recycle(self, now: float) -> bool:
+        """After a response: ready the connection for the next one if both sides are DONE
+        (neither side asked to close, the body was read to its end), RFC 9112 §9.3."""
+        proto = self.proto
+        if proto.our_state is not h11.DONE or proto.their_state is not h11.DONE:
+            return False
+        proto.start_next_cycle()
+        self.idle_since = now
+        return True
+
+    async def aclose(self) -> None:
+        await _close(self.stream)
+
+    async def start(
+        self,
+        method: str,
+        target: bytes,
+        headers: Headers,
+        body: Body,
+        t: UpstreamTimeouts,
+        deadline: float,
+    ) -> H11Response:
+        """Send the request and read up to the response head. Raises :class:`EarlyClose`
+        if the connection died before any response byte (the pool decides on a retry).
+
+        With a bytes body, writing and waiting for the head share one cancel scope:
+        ``first_byte_s`` runs from the start of the write (one ``send_all``)."""
+        origin, proto = self.origin, self.proto
+        fields = [(b"host", origin.host_header)]
+        if not isinstance(body, bytes):
+            fields.append((b"transfer-encoding", b"chunked"))  # RFC 9112 §7.1
+        elif body or method in WITH_CONTENT:  # RFC 9110 §8.6: none for a GET without content
+            fields.append((b"content-length", str(len(body)).encode()))
+        for field in headers:
+            if field[0].lower() not in FRAMING_HEADERS:
+                fields.append(field)
+        try:
+            head = proto.send(h11.Request(method=method, target=target, headers=fields))
+        except h11.LocalProtocolError as exc:
+            raise ValueError(f"invalid upstream request to {origin.label}: {exc}") from exc
+        replayable = isinstance(body, bytes)
+        if isinstance(body, bytes):
+            if body:  # head and body in one write; under Content-Length, h11 passes body through
+                parts = cast(list[bytes], proto.send_with_data_passthrough(h11.Data(data=body)))
+                head = b"".join([head, *parts])
+            proto.send(h11.EndOfMessage())  # writes nothing under Content-Length
+        else:
+            await self._send_streamed(head, body, t, deadline)
+        with trio.CancelScope(deadline=min(deadline, trio.current_time() + t.first_byte_s)):
+            if replayable:
+                await self._send_all(head, replayable=True)
+            event = await self._receive_head(replayable)
+            return H11Response(
+                event.status_code, list(event.headers), origin.label, self, deadline, t
+            )
+        raise timed_out(origin.label, "no response head", t.first_byte_s, t, deadline)
+
+    async def _send_all(self, data: bytes, replayable: bool) -> None:
+        try:
+            await self.stream.send_all(data)
+        except trio.BrokenResourceError as exc:
+            raise EarlyClose("lost while sending", during_send=True, replayable=replayable) from exc
+
+    async def _send_streamed(
+        self, head: bytes, body: AsyncIterable[bytes], t: UpstreamTimeouts, deadline: float
+    ) -> None:
+        """Chunked request body (RFC 9112 §7.1): one write per chunk, as the caller yields it,
+        each within ``between_chunks_s``; the caller's producer counts against ``total_s``.
+        Only the head can be replayed, so a retry is possible only before the first chunk."""
+        proto = self.proto
+        with trio.CancelScope(deadline=deadline) as total:
+            await self._send_within(head, t, deadline, replayable=True)
+            async for chunk in body:
+                if chunk:
+                    data = cast(list[bytes], proto.send_with_data_passthrough(h11.Data(data=chunk)))
+                    await self._send_within(b"".join(data), t, deadline, replayable=False)
+            await self._send_within(proto.send(h11.EndOfMessage()), t, deadline, replayable=False)
+        if total.cancelled_caught:
+            raise timed_out(self.origin.label, "request body not sent", t.total_s, t, deadline)
+
+    async def _send_within(
+        self, data: bytes, t: UpstreamTimeouts, deadline: float, replayable: bool
+    ) -> None:
+        with trio.CancelScope(deadline=trio.current_time() + t.between_chunks_s) as scope:
+            await self._send_all(data, replayable)
+        if scope.cancelled_caught:
+            what = "request bytes not sent"
+            raise timed_out(self.origin.label, what, t.between_chunks_s, t, deadline)
+
+    async def _receive_head(self, replayable: bool) -> h11.Response:
+        proto, label = self.proto, self.origin.label
+        first_byte = False
+        while True:
+            try:
+                event = proto.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise UpstreamProtocolError(f"upstream {label}: {exc}") from exc
+            if event is h11.NEED_DATA:
+                try:
+                    data = await self.stream.receive_some(RECEIVE_BYTES)
+                except trio.BrokenResourceError as exc:
+                    if first_byte:
+                        raise UpstreamConnectError(f"upstream {label}: reset in the head") from exc
+                    raise EarlyClose(
+                        "reset before the response", during_send=False, replayable=replayable
+                    ) from exc
+                if not data and not first_byte:
+                    raise EarlyClose(
+                        "closed before the response", during_send=False, replayable=replayable
+                    )
+                first_byte = True
+                proto.receive_data(cast(bytes, data))
+            elif isinstance(event, h11.Response):
+                return event
+            elif not isinstance(event, h11.InformationalResponse):  # skip 1xx, RFC 9110 §15.2
+                raise UpstreamProtocolError(f"upstream {label}: unexpected {type(event).__name__}")
+
+
+@attrs.define(eq=False)
+class H11Response(UpstreamResponse):
+    conn: H11Connection = attrs.field(repr=False)
+    _deadline: float = attrs.field(repr=False)
+    _timeouts: UpstreamTimeouts = attrs.field(repr=False)
+    _done: bool = attrs.field(default=False, repr=False)
+    detached: bool = attrs.field(default=False, repr=False)  # set when the `async with` ends
+
+    async def receive(self) -> bytes:
+        if self._done:
+            return b""
+        if self.detached:
+            raise trio.ClosedResourceError("response read after its `async with` block ended")
+        conn = self.conn
+        proto = conn.proto
+        while True:
+            try:
+                event = proto.next_event()
+            except h11.RemoteProtocolError as exc:  # bad framing, or EOF before the body's end
+                raise UpstreamProtocolError(f"upstream {self.origin}: {exc}") from exc
+            if event is h11.NEED_DATA:
+                t = self._timeouts
+                deadline = min(self._deadline, trio.current_time() + t.between_chunks_s)
+                with trio.CancelScope(deadline=deadline) as scope:
+                    try:
+                        data = await conn.stream.receive_some(RECEIVE_BYTES)
+                    except trio.BrokenResourceError as exc:
+                        msg = f"upstream {self.origin}: connection lost mid-body"
+                        raise UpstreamConnectError(msg) from exc
+                if scope.cancelled_caught:
+                    what = "no body bytes"
+                    raise timed_out(self.origin, what, t.between_chunks_s, t, self._deadline)
+                proto.receive_data(cast(bytes, data))  # b"" is EOF
+            elif isinstance(event, h11.Data):
+                if event.data:
+                    return bytes(event.data)  # h11 hands out a bytearray slice
+            elif isinstance(event, h11.EndOfMessage):
+                self._done = True
+                return b""
+            else:
+                name = type(event).__name__
+                raise UpstreamProtocolError(f"upstream {self.origin}: unexpected {name}")
+
+
+async def _close(stream: trio.abc.Stream) -> None:
+    """Close in a shielded, bounded scope: safe in ``finally`` and under cancellation."""
+    with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_TIMEOUT_S):
+        with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.aclose()
