@@ -1,0 +1,407 @@
+"""HTTP/2 server connections over h2: streams, flow control, drain and flood defences.
+
+The listener calls :func:`serve_h2` once it knows a connection speaks HTTP/2 (the cleartext
+preface was sniffed, or TLS ALPN chose ``h2``). Every stream becomes one
+:class:`~runestone_proxy.server.http.Request` handed to ``Gateway.dispatch``; the stream
+object itself is that request's body source and the handler's responder.
+
+How this works::
+
+    serve_h2(stream, gateway)           catches, logs and closes; only Cancelled escapes
+    └── connection nursery
+        ├── reader (nursery body)       socket -> FrameGuard -> h2 -> events; the only reader
+        ├── writer                      the only writer: queued output -> socket
+        ├── drain watcher               gateway.draining -> GOAWAY(NO_ERROR)
+        └── stream task, one per stream own cancel scope: gateway.dispatch(request, stream)
+
+* Writing. h2 is sans-IO: any task changes it synchronously, then calls ``flush``, which
+  moves h2's output to the :class:`~runestone_proxy.server.h2writer.SerialWriter` and waits
+  until it is sent. Cancelling a stream never cuts a frame in half; a peer that stops
+  reading for ``send_timeout_s`` loses the whole connection.
+* Request bodies. DATA is queued on its stream without ever blocking the reader, and its
+  flow-control credit (RFC 9113 §5.2, §6.9) is handed back only as the handler consumes it,
+  so a slow handler closes its own stream's window. The connection window is opened to
+  ``max streams x stream window`` up front: one stalled stream never starves the others at
+  connection level, and buffered bodies stay bounded by that product.
+* Response bodies. ``send`` writes as much as the stream's window and the peer's frame size
+  allow and parks until a WINDOW_UPDATE (§6.9) wakes it; a window shut for longer than
+  ``send_timeout_s`` resets that stream with CANCEL. Other streams are unaffected.
+* Stream limit. h2 treats a stream beyond our SETTINGS_MAX_CONCURRENT_STREAMS as a
+  connection error; §5.1.2 also allows a stream error, REFUSED_STREAM, which clients retry.
+  So h2 is given a higher internal cap and this module refuses the excess itself.
+* GOAWAY. h2 ends the connection on any GOAWAY it sends or receives. The graceful one
+  (drain, idle) is therefore a raw frame written beside h2's output, so in-flight streams
+  keep running and later streams are refused (§6.8). Error GOAWAYs go through h2.
+* Abuse. :class:`~runestone_proxy.protocol.h2limits.FrameGuard` scans frame headers before
+  h2 parses them (rapid reset, CONTINUATION, SETTINGS/PING floods); h2's own
+  ``ProtocolError`` carries the code for everything else. Either way: GOAWAY, then close.
+* Closing. After a GOAWAY the connection half-closes and reads (and drops) what the client
+  still sends for a moment, so a TCP reset cannot destroy the GOAWAY in flight.
+* Timeouts. ``header_timeout_s`` until the first request, ``keepalive_timeout_s`` while no
+  stream is open, ``body_timeout_s`` per wait for request body (408).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import structlog
+import trio
+from h2.errors import ErrorCodes
+from h2.settings import SettingCodes, Settings
+from hyperframe.frame import GoAwayFrame
+
+from runestone_proxy import errors
+from runestone_proxy.config import LimitsConfig
+from runestone_proxy.protocol.h2limits import FrameGuard, Violation
+from runestone_proxy.server.gateway import Gateway, log_access, send_error
+from runestone_proxy.server.h2stream import H2Stream
+from runestone_proxy.server.h2writer import SerialWriter
+
+__all__ = ["serve_h2"]
+
+log = structlog.get_logger("runestone.h2")
+
+_READ_BYTES = 65536
+_LINGER_S = 2.0
+_LINGER_BYTES = 1 << 20
+_CLOSE_S = 2.0
+_DEFAULT_WINDOW = 65535  # RFC 9113 §6.9.2: every window starts here
+_MAX_WINDOW = _MAX_STREAM_ID = 2**31 - 1  # RFC 9113 §6.9.1, §5.1.1
+_NO_RESPONSE = 499  # access-log status when no response went out (nginx's "client closed")
+
+
+async def serve_h2(
+    stream: trio.abc.Stream, gateway: Gateway, *, initial: bytes = b"", client: str | None = None
+) -> None:
+    """Serve one HTTP/2 connection until it ends. ``initial``: bytes already read (preface)."""
+    conn = H2ServerConnection(stream, gateway, client)
+    linger = False
+    try:
+        linger = await conn.run(initial)
+    except* Exception:
+        log.exception("h2.connection.crashed", client=client)
+    finally:
+        await conn.close(linger=linger)
+
+
+@attrs.define(eq=False, repr=False)
+class H2ServerConnection:
+    """One HTTP/2 connection: the h2 state machine, its stream table and its socket."""
+
+    stream: trio.abc.Stream
+    gateway: Gateway
+    client: str | None
+    limits: LimitsConfig = attrs.field(init=False)
+    proto: h2.connection.H2Connection = attrs.field(init=False)
+    guard: FrameGuard = attrs.field(init=False)
+    streams: dict[int, H2Stream] = attrs.Factory(dict)
+    _on: dict[type[h2.events.Event], Callable[[Any], None]] = attrs.field(init=False)
+    writer: SerialWriter = attrs.field(init=False)
+    _nursery: trio.Nursery | None = None
+    _read_scope: trio.CancelScope | None = None
+    _opened_at: float = attrs.Factory(trio.current_time)
+    _idle_since: float | None = None
+    _last_stream_id: int = _MAX_STREAM_ID
+    _goaway_sent: bool = False
+    _ending: bool = False
+    _linger: bool = False
+    _closing: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        self.limits = self.gateway.config.limits
+        self.proto = h2.connection.H2Connection(
+            config=h2.config.H2Configuration(
+                client_side=False, header_encoding=None, validate_inbound_headers=True
+            )
+        )
+        limits = self.limits
+        self.writer = SerialWriter(self.stream, limits.send_timeout_s, on_broken=self._stop)
+        self.guard = FrameGuard.from_limits(
+            max_resets_per_s=limits.h2_max_resets_per_s,
+            max_control_frames_per_s=limits.h2_max_control_frames_per_s,
+            max_continuation_frames=limits.h2_max_continuation_frames,
+            max_header_list_bytes=limits.h2_max_header_list_bytes,
+        )
+        self._on = {
+            h2.events.RequestReceived: self._on_request,
+            h2.events.DataReceived: self._on_data,
+            h2.events.StreamEnded: self._on_stream_ended,
+            h2.events.StreamReset: self._on_reset,
+            h2.events.WindowUpdated: self._on_window,
+            h2.events.RemoteSettingsChanged: self._on_settings,
+            h2.events.ConnectionTerminated: self._on_terminated,
+        }
+
+    def __repr__(self) -> str:
+        return f"<H2ServerConnection client={self.client} streams={len(self.streams)}>"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self, initial: bytes) -> bool:
+        """Serve until the connection ends; True when a GOAWAY wants a lingering close."""
+        self._start_protocol()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self.writer.run)
+            nursery.start_soon(self._watch_drain)
+            try:
+                await self._read_loop(initial)
+            finally:
+                self._stop()
+        return self._linger and not self.writer.broken
+
+    async def close(self, *, linger: bool) -> None:
+        """Flush and linger if a GOAWAY went out, then close (shielded and bounded)."""
+        self._stop()
+        try:
+            if linger and not self.writer.broken:  # a courtesy: it yields to cancellation
+                with trio.move_on_after(_LINGER_S):
+                    self._take_output()
+                    await self.writer.send_rest()
+                    await self._discard_input()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_S):
+                await self.stream.aclose()
+
+    def _start_protocol(self) -> None:
+        limits, proto = self.limits, self.proto
+        advertised = {
+            SettingCodes.MAX_CONCURRENT_STREAMS: limits.h2_max_concurrent_streams,
+            SettingCodes.MAX_HEADER_LIST_SIZE: limits.h2_max_header_list_bytes,
+            SettingCodes.INITIAL_WINDOW_SIZE: limits.h2_initial_window_bytes,
+        }
+        proto.local_settings = Settings(client=False, initial_values=advertised)
+        proto.initiate_connection()
+        # Excess streams are refused here, not by h2 (see the module docstring).
+        internal_cap = 2 * limits.h2_max_concurrent_streams + 16
+        advertised[SettingCodes.MAX_CONCURRENT_STREAMS] = internal_cap
+        proto.local_settings = Settings(client=False, initial_values=advertised)
+        proto.decoder.max_header_list_size = limits.h2_max_header_list_bytes
+        # RFC 9113 §6.9.2: SETTINGS never change the connection window; WINDOW_UPDATE does.
+        target = min(limits.h2_max_concurrent_streams * limits.h2_initial_window_bytes, _MAX_WINDOW)
+        if target > _DEFAULT_WINDOW:
+            proto.increment_flow_control_window(target - _DEFAULT_WINDOW)
+
+    async def _watch_drain(self) -> None:
+        await self.gateway.draining.wait()
+        self._goaway_gracefully()
+        self._wake_reader()
+
+    def _stop(self) -> None:
+        """Cancel every stream and the connection nursery (idempotent, synchronous)."""
+        self._closing = True
+        for st in self.streams.values():
+            st.cancel()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        self.writer.cut_short(_CLOSE_S)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    async def _read_loop(self, data: bytes | bytearray) -> None:
+        while True:
+            if data:
+                if not self._feed(data):
+                    return
+                await self.flush()
+            with trio.CancelScope(deadline=self._read_deadline()) as scope:
+                self._read_scope = scope
+                try:
+                    data = await self.stream.receive_some(_READ_BYTES)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+            self._read_scope = None
+            if scope.cancelled_caught:
+                # Idle, slow to start, or drained: say GOAWAY before closing (RFC 9113 §9.1).
+                self._goaway_gracefully()
+                self._linger = True
+                return
+            if not data:
+                return  # the client went away; nobody is left to tell
+
+    def _read_deadline(self) -> float:
+        if self.streams:
+            return math.inf
+        if self._goaway_sent:
+            return -math.inf
+        if self._idle_since is None:
+            return self._opened_at + self.limits.header_timeout_s
+        return self._idle_since + self.limits.keepalive_timeout_s
+
+    def _wake_reader(self) -> None:
+        if self._read_scope is not None:
+            self._read_scope.deadline = self._read_deadline()
+
+    def _feed(self, data: bytes | bytearray) -> bool:
+        """Hand ``data`` to the guard, then to h2; False once the connection must end."""
+        violation = self.guard.feed(data, trio.current_time())
+        if violation is not None:
+            self._abort(violation)
+            return False
+        try:
+            events = self.proto.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            # h2 has queued a GOAWAY carrying exc.error_code (RFC 9113 §5.4.1).
+            code = getattr(exc.error_code, "name", exc.error_code)
+            log.info("h2.protocol_error", client=self.client, code=code, error=str(exc))
+            self._goaway_sent = self._linger = True
+            return False
+        on = self._on
+        for event in events:
+            handler = on.get(type(event))
+            if handler is not None:
+                handler(event)
+                if self._ending:
+                    return False
+        return True
+
+    def _abort(self, violation: Violation) -> None:
+        log.warning("h2.abuse", client=self.client, reason=violation.reason)
+        last = min(self._last_stream_id, self.proto.highest_inbound_stream_id)
+        self.proto.close_connection(violation.error_code, last_stream_id=last)
+        self._goaway_sent = self._linger = self._ending = True
+
+    # -- events (called by the reader, synchronously) ----------------------------------------
+
+    def _on_request(self, event: h2.events.RequestReceived) -> None:
+        sid = event.stream_id
+        if self._goaway_sent or len(self.streams) >= self.limits.h2_max_concurrent_streams:
+            # RFC 9113 §5.1.2 and §8.7: REFUSED_STREAM means "not processed, safe to retry".
+            self.proto.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            violation = self.guard.note_reset(trio.current_time())
+            if violation is not None:
+                self._abort(violation)
+            return
+        st = H2Stream.open(self, sid, event.headers)
+        self.streams[sid] = st
+        self._idle_since = trio.current_time()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._run_stream, st)
+
+    def _on_data(self, event: h2.events.DataReceived) -> None:
+        st = self.streams.get(event.stream_id)
+        flow = event.flow_controlled_length
+        if st is not None and event.data:
+            st.on_data(event.data, flow)
+        else:  # padding only, or nobody left to read it: the credit goes back at once
+            self.credit(event.stream_id, flow)
+
+    def _on_stream_ended(self, event: h2.events.StreamEnded) -> None:
+        if (st := self.streams.get(event.stream_id)) is not None:
+            st.on_end()
+
+    def _on_reset(self, event: h2.events.StreamReset) -> None:
+        if (st := self.streams.get(event.stream_id)) is not None:
+            st.cancel()  # RFC 9113 §6.4: the client (or h2, on a stream error) reset it
+
+    def _on_window(self, event: h2.events.WindowUpdated) -> None:
+        if event.stream_id == 0:
+            self._wake_writers()
+        elif (st := self.streams.get(event.stream_id)) is not None:
+            st.writable.unpark_all()
+
+    def _on_settings(self, event: h2.events.RemoteSettingsChanged) -> None:
+        if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+            self._wake_writers()  # RFC 9113 §6.9.2: every stream window moved
+
+    def _on_terminated(self, event: h2.events.ConnectionTerminated) -> None:
+        self._ending = True  # the client said GOAWAY: cancel everything and close
+
+    def _wake_writers(self) -> None:
+        for st in self.streams.values():
+            st.writable.unpark_all()
+
+    # -- streams -----------------------------------------------------------------------------
+
+    async def _run_stream(self, st: H2Stream) -> None:
+        started = time.perf_counter()
+        try:
+            with st.scope:
+                if st.too_large:
+                    limit = self.limits.max_body_bytes
+                    exc = errors.PayloadTooLarge(
+                        f"Request body exceeds the limit of {limit} bytes."
+                    )
+                    await send_error(st, exc)
+                else:
+                    await self.gateway.dispatch(st.request, st)
+                if not st.started:
+                    await send_error(st, errors.GatewayError("The server sent no response."))
+                await st.finish()
+        except Exception:
+            log.exception("h2.stream.crashed", request_id=st.request.request_id)
+        finally:
+            self._stream_done(st)
+            status = st.status or _NO_RESPONSE
+            log_access(self.gateway, st.request, status, st.sent_bytes, started)
+
+    def _stream_done(self, st: H2Stream) -> None:
+        del self.streams[st.sid]
+        if self._closing:
+            return
+        self.credit(st.sid, st.unacked)  # unread body: the connection window gets it back
+        if not st.gone and not st.ended:
+            self.reset(st, ErrorCodes.CANCEL)
+        elif not st.gone and not st.body_ended:
+            # RFC 9113 §8.1: the response is complete; stop the rest of the request.
+            self.reset(st, ErrorCodes.NO_ERROR)
+        self._take_output()  # the writer sends it; this task is done
+        if not self.streams:
+            self._idle_since = trio.current_time()
+            self._wake_reader()
+
+    def reset(self, st: H2Stream, code: ErrorCodes) -> None:
+        """Send RST_STREAM (queued) and mark the stream gone."""
+        st.gone = True
+        try:
+            self.proto.reset_stream(st.sid, code)
+        except h2.exceptions.ProtocolError:
+            pass  # already closed on h2's side
+
+    def credit(self, sid: int, flow: int) -> None:
+        """Give ``flow`` bytes of window back to the client (WINDOW_UPDATE when h2 sees fit)."""
+        if flow:
+            try:
+                self.proto.acknowledge_received_data(flow, sid)
+            except h2.exceptions.ProtocolError:
+                pass  # the stream is long forgotten; nothing to credit
+
+    # -- writing -----------------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Queue what h2 has to send and wait until the writer has put it on the wire."""
+        await self.writer.wait_written(self._take_output())
+
+    def _take_output(self) -> int:
+        return self.writer.queue(self.proto.data_to_send())
+
+    def _goaway_gracefully(self) -> None:
+        """Queue GOAWAY(NO_ERROR) without telling h2, which would end every stream (§6.8)."""
+        if not self._goaway_sent:
+            self._goaway_sent = True
+            self._last_stream_id = self.proto.highest_inbound_stream_id
+            frame = GoAwayFrame(0, last_stream_id=self._last_stream_id, error_code=0)
+            self._take_output()  # keep h2's frames ahead of it
+            self.writer.queue(frame.serialize())
+
+    async def _discard_input(self) -> None:
+        try:
+            if isinstance(self.stream, trio.abc.HalfCloseableStream):
+                await self.stream.send_eof()
+            received = 0
+            while received < _LINGER_BYTES:
+                data = await self.stream.receive_some(_READ_BYTES)
+                if not data:
+                    return
+                received += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass

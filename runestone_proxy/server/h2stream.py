@@ -1,0 +1,257 @@
+"""One HTTP/2 stream as a handler sees it: the request's body source and its responder.
+
+:mod:`~runestone_proxy.server.h2conn` makes one :class:`H2Stream` per request and passes it
+to ``Gateway.dispatch`` twice over: as the :class:`Request`'s ``body_source`` and as the
+``Responder``. Everything here runs in that stream's own task; the connection's reader only
+appends to it and wakes it.
+
+How this works:
+
+* Request body. The reader appends each DATA payload with its flow-controlled length
+  (padding included) and unparks :meth:`H2Stream.receive`. Credit goes back to the client
+  (``acknowledge_received_data``, RFC 9113 §6.9) only when the handler takes a chunk, so
+  the client's window for this stream stays shut while the handler is busy. Each wait for
+  more body is bounded by ``body_timeout_s`` (408).
+* Response. Headers are lower-cased, stripped of connection-specific fields (RFC 9113
+  §8.2.2) and given ``x-request-id``; ``respond`` adds ``content-length``. Data goes out in
+  frames no larger than the stream's send window and the peer's SETTINGS_MAX_FRAME_SIZE
+  (§6.5.2); at a shut window the stream parks until a WINDOW_UPDATE, at most
+  ``send_timeout_s``, then resets itself with CANCEL. HEAD responses carry no body.
+* Going away. ``gone`` marks a stream that no longer exists on the wire (reset by either
+  side, or the connection is closing); whoever sets it also cancels :attr:`H2Stream.scope`.
+  After every wait the stream checks it, so no h2 call is made for a dead stream and the
+  handler sees Cancelled, never an h2 exception.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+from h2.errors import ErrorCodes
+
+from runestone_proxy import errors
+from runestone_proxy.server.gateway import request_id_from
+from runestone_proxy.server.http import HeaderList, Request
+
+if TYPE_CHECKING:
+    from runestone_proxy.server.h2conn import H2ServerConnection
+
+__all__ = ["H2Stream", "split_headers"]
+
+# RFC 9113 §8.2.2: connection-specific header fields are malformed in HTTP/2.
+_CONNECTION_HEADERS = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
+
+
+def split_headers(
+    headers: HeaderList,
+) -> tuple[bytes, bytes, list[tuple[bytes, bytes]]]:
+    """(:method, :path, regular fields) from a request's header block.
+
+    Split ``cookie`` fields are joined again (RFC 9113 §8.2.3) and ``:authority`` stands in
+    for a missing ``host`` (§8.3.1), so handlers see what HTTP/1.1 would have given them.
+    """
+    method = path = authority = b""
+    fields: list[tuple[bytes, bytes]] = []
+    cookies: list[bytes] = []
+    for name, value in headers:
+        if name[:1] != b":":
+            if name == b"cookie":
+                cookies.append(value)
+            else:
+                fields.append((name, value))
+        elif name == b":method":
+            method = value
+        elif name == b":path":
+            path = value
+        elif name == b":authority":
+            authority = value
+    if cookies:
+        fields.append((b"cookie", b"; ".join(cookies)))
+    if authority and not any(name == b"host" for name, _ in fields):
+        fields.append((b"host", authority))
+    return method, path, fields
+
+
+@attrs.define(eq=False, repr=False)
+class H2Stream:
+    """One exchange: the request's :class:`BodySource` and the handler's ``Responder``."""
+
+    conn: H2ServerConnection
+    sid: int
+    head: bool
+    #: The declared content-length is over ``max_body_bytes``: answer 413 unread.
+    too_large: bool
+    request: Request = attrs.field(init=False)
+    scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    #: The stream is gone from the wire (reset by either side, or the connection closes).
+    gone: bool = False
+    # Request body: (data, flow-controlled length) not yet read by the handler.
+    chunks: collections.deque[tuple[bytes, int]] = attrs.Factory(collections.deque)
+    unacked: int = 0
+    body_ended: bool = False
+    readable: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
+    # Response.
+    status: int = 0
+    sent_bytes: int = 0
+    ended: bool = False
+    writable: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
+
+    @classmethod
+    def open(cls, conn: H2ServerConnection, sid: int, headers: HeaderList) -> H2Stream:
+        """The stream for a request whose header block just arrived (RFC 9113 §8.3.1)."""
+        method, path, fields = split_headers(headers)
+        raw_path, _, query = path.partition(b"?")
+        limit = conn.limits.max_body_bytes
+        length = next((value for name, value in fields if name == b"content-length"), b"")
+        st = cls(conn, sid, method == b"HEAD", length.isdigit() and int(length) > limit)
+        st.request = Request(
+            method=method.decode("latin-1"),
+            path=raw_path.decode("latin-1"),
+            query=query.decode("latin-1"),
+            headers=fields,
+            http_version="2",
+            body_source=st,
+            request_id=request_id_from(fields),
+            client=conn.client,
+            max_body_bytes=limit,
+        )
+        return st
+
+    def __repr__(self) -> str:
+        return f"<H2Stream {self.sid} status={self.status} gone={self.gone}>"
+
+    # -- called by the connection's reader ---------------------------------------------------
+
+    def on_data(self, data: bytes, flow: int) -> None:
+        self.chunks.append((data, flow))
+        self.unacked += flow
+        self.readable.unpark_all()
+
+    def on_end(self) -> None:
+        self.body_ended = True
+        self.readable.unpark_all()
+
+    def cancel(self) -> None:
+        """The stream is gone: cancel its task (RST_STREAM, or the connection closes)."""
+        self.gone = True
+        self.scope.cancel()
+
+    # -- BodySource --------------------------------------------------------------------------
+
+    async def receive(self) -> bytes:
+        while not self.chunks:
+            if self.body_ended:
+                await trio.lowlevel.checkpoint()
+                return b""
+            with trio.move_on_after(self.conn.limits.body_timeout_s) as waited:
+                await self.readable.park()
+            if waited.cancelled_caught:
+                raise errors.RequestTimeout("Timed out waiting for the request body.")
+            await self._alive()
+        data, flow = self.chunks.popleft()
+        self.unacked -= flow
+        self.conn.credit(self.sid, flow)
+        await self.conn.flush()
+        return data
+
+    # -- Responder ---------------------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        return self.status != 0
+
+    async def respond(self, status: int, headers: HeaderList, body: bytes) -> None:
+        await self._alive()
+        bodyless = self.head or not body
+        self._send_headers(status, headers, len(body), end=bodyless)
+        if bodyless:
+            await self.conn.flush()
+        else:
+            await self._send_data(body, end=True)
+
+    async def start(self, status: int, headers: HeaderList) -> None:
+        await self._alive()
+        self._send_headers(status, headers, None, end=self.head)
+        await self.conn.flush()
+
+    async def send(self, data: bytes) -> None:
+        if not self.status or (self.ended and not self.head):
+            raise RuntimeError("send() outside a started, unfinished response")
+        if self.head or not data:
+            await trio.lowlevel.checkpoint()
+            return
+        await self._alive()
+        await self._send_data(data, end=False)
+
+    async def finish(self) -> None:
+        """End the response (END_STREAM) unless it already ended."""
+        if not self.ended:
+            await self._alive()
+            self.conn.proto.end_stream(self.sid)
+            self.ended = True
+            await self.conn.flush()
+
+    def _send_headers(
+        self, status: int, headers: HeaderList, length: int | None, *, end: bool
+    ) -> None:
+        if self.status:
+            raise RuntimeError("the response already started")
+        block = [(b":status", b"%d" % status)]
+        has_id = has_length = False
+        for name, value in headers:
+            name = name.lower()
+            if name in _CONNECTION_HEADERS:
+                continue
+            has_id = has_id or name == b"x-request-id"
+            has_length = has_length or name == b"content-length"
+            block.append((name, value))
+        if not has_id:
+            block.append((b"x-request-id", self.request.request_id.encode()))
+        if length is not None and not has_length:
+            block.append((b"content-length", b"%d" % length))
+        self.conn.proto.send_headers(self.sid, block, end_stream=end)
+        self.status = status
+        self.ended = end
+
+    async def _send_data(self, data: bytes, *, end: bool) -> None:
+        proto = self.conn.proto
+        view = memoryview(data)
+        while True:
+            window = min(proto.local_flow_control_window(self.sid), proto.max_outbound_frame_size)
+            if window <= 0:
+                await self.conn.flush()
+                await self._wait_window()
+                continue
+            size = min(window, len(view))
+            last = size == len(view)
+            proto.send_data(self.sid, view[:size], end_stream=end and last)
+            self.sent_bytes += size
+            if last:
+                break
+            view = view[size:]
+        self.ended = end
+        await self.conn.flush()
+        await self._alive()
+
+    async def _wait_window(self) -> None:
+        await self._alive()
+        with trio.move_on_after(self.conn.limits.send_timeout_s):
+            while self.conn.proto.local_flow_control_window(self.sid) <= 0:
+                await self.writable.park()
+                await self._alive()
+            return
+        # The client kept the window shut too long: a stream error (RFC 9113 §5.4.2).
+        self.conn.reset(self, ErrorCodes.CANCEL)
+        await self.conn.flush()
+        await self._alive()
+
+    async def _alive(self) -> None:
+        """Raise Cancelled if the stream went away while this task was waiting."""
+        if self.gone:
+            self.scope.cancel()
+            await trio.lowlevel.checkpoint()

@@ -1,0 +1,89 @@
+"""The one writer of an HTTP/2 connection: queued bytes go out in order, whole, in time.
+
+Any task may :meth:`SerialWriter.queue` bytes (synchronously, so what h2 produced is never
+held by a task that might be cancelled) and then :meth:`SerialWriter.wait_written` for them.
+:meth:`SerialWriter.run`, the connection's writer task, sends everything queued so far in one
+``send_all`` (writes from many streams coalesce).
+
+Each send is shielded: cancelling a stream's task never cuts a frame in half, which would
+corrupt every other stream on the connection (RFC 9113 §4.1). Only the send's own deadline
+ends it early: ``send_timeout_s`` when the peer stops reading, or a short grace set by
+:meth:`SerialWriter.cut_short` when the connection closes. A send that ends early, or fails,
+leaves the writer ``broken``: nothing more may be written, and ``on_broken`` is called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import attrs
+import trio
+
+__all__ = ["SerialWriter"]
+
+
+@attrs.define(eq=False)
+class SerialWriter:
+    stream: trio.abc.Stream
+    send_timeout_s: float
+    on_broken: Callable[[], None]
+    broken: bool = False
+    _out: list[bytes] = attrs.Factory(list)
+    _queued_bytes: int = 0
+    _written_bytes: int = 0
+    _has_output: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
+    _wrote: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
+    _scope: trio.CancelScope | None = None
+
+    def queue(self, data: bytes) -> int:
+        """Add ``data`` to the output; returns the mark to pass to :meth:`wait_written`."""
+        if data:
+            self._out.append(data)
+            self._queued_bytes += len(data)
+            self._has_output.unpark_all()
+        return self._queued_bytes
+
+    async def wait_written(self, mark: int) -> None:
+        """Return once everything queued up to ``mark`` is on the wire."""
+        if self._written_bytes >= mark:
+            await trio.lowlevel.checkpoint()
+        while self._written_bytes < mark:
+            await self._wrote.park()
+
+    async def run(self) -> None:
+        """The writer task. Returns when the writer breaks; cancel it to stop it."""
+        while True:
+            while not self._out:
+                await self._has_output.park()
+            count = len(self._out)
+            data = b"".join(self._out) if count > 1 else self._out[0]
+            failed = False
+            deadline = trio.current_time() + self.send_timeout_s
+            with trio.CancelScope(shield=True, deadline=deadline) as scope:
+                self._scope = scope
+                try:
+                    await self.stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    failed = True
+            self._scope = None
+            if failed or scope.cancelled_caught:
+                self.broken = True
+                self.on_broken()
+                return
+            del self._out[:count]
+            self._written_bytes += len(data)
+            self._wrote.unpark_all()
+
+    def cut_short(self, grace_s: float) -> None:
+        """The connection is closing: give the send in flight at most ``grace_s`` more."""
+        if self._scope is not None:
+            self._scope.deadline = min(self._scope.deadline, trio.current_time() + grace_s)
+
+    async def send_rest(self) -> None:
+        """Once :meth:`run` is over: send what is still queued (the closing GOAWAY)."""
+        if self._out and not self.broken:
+            data, self._out = b"".join(self._out), []
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.broken = True
