@@ -79,7 +79,7 @@ class Request:
         if self._body is None:
             parts = []
             size = 0
-            async for chunk in self.stream():
+            while chunk := await self.body_source.receive():
                 size += len(chunk)
                 if size > self.max_body_bytes:
                     raise PayloadTooLarge(

@@ -196,11 +196,6 @@ async def test_body_over_limit_answers_413(nursery: trio.Nursery) -> None:
             assert (await client.get("/echo")).status == 200
 
 
-# Request.body() (http.py) raises out of `async for` over Request.stream() without closing
-# the generator; trio warns when it is collected. Remove this filter once body() closes it.
-@pytest.mark.filterwarnings(
-    "ignore:Async generator 'runestone_proxy.server.http.Request.stream':ResourceWarning"
-)
 async def test_undeclared_body_over_limit_answers_413(nursery: trio.Nursery) -> None:
     with trio.fail_after(10):
         env = await start(nursery, max_body_bytes=1000)
