@@ -4,13 +4,14 @@ A translator turns one OpenAI-shaped call into the bytes of one upstream HTTP re
 the provider's answer (whole, streamed as SSE events, or an error) back into OpenAI's shapes.
 The pipeline (``gateway/pipeline.py``) does the I/O around it:
 
-    call = ProviderCall(...)                          # parsed once by the API layer
-    up = translator.build_request(call, api_key)      # -> UpstreamRequest (method/path/headers/body)
+    call = ProviderCall(...)                        # parsed once by the API layer
+    up = translator.build_request(call, api_key)    # -> UpstreamRequest
     ... send it with the upstream pool ...
     status != 2xx  -> raise translator.parse_error(status, headers, body)
     non-stream     -> translator.parse_response(call, body) -> OpenAI JSON bytes
-    stream         -> st = translator.stream(call); for each SSE event: st.feed(event) -> [payload]
-                      upstream EOF: st.finish() -> [payload]  (raises if the terminal event never came)
+    stream         -> st = translator.stream(call)
+                      each SSE event: st.feed(event) -> [payload]
+                      upstream EOF: st.finish() -> [payload] (raises if the stream was cut)
 
 Stream payloads are the JSON text of ``chat.completion.chunk`` (or ``text_completion``)
 objects, without SSE framing; the relay frames them as ``data: <payload>\\n\\n`` and adds
