@@ -318,9 +318,21 @@ async def test_slow_body_gets_408_then_close(autojump_clock: trio.testing.MockCl
     assert error_code(response) == "request_timeout"
 
 
-async def test_malformed_request_is_400() -> None:
-    response = await rejected({}, b"GARBAGE\r\n\r\n")
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET /health/live HTTP/1.1\r\n\r\n",
+        b"GET /health/live HTTP/1.1\r\nhost : test\r\n\r\n",
+        b"GET /health/live HTTP/1.1\r\nhost: te\x00st\r\n\r\n",
+        request("POST", "/echo", {"transfer-encoding": "chunked"}) + b"zz\r\nhello\r\n",
+    ],
+    ids=["request-line", "no-host", "space-before-colon", "nul-in-value", "chunk-size"],
+)
+async def test_malformed_request_is_400(data: bytes) -> None:
+    response = await rejected({}, data)
     assert response.status == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
 
 
 async def test_content_length_with_transfer_encoding_is_400() -> None:
@@ -355,6 +367,30 @@ async def test_slow_headers_get_408_then_close(autojump_clock: trio.testing.Mock
             await assert_closed(client)
     assert response.status == 408
     assert error_code(response) == "request_timeout"
+    assert 10 <= waited < 11
+
+
+async def test_a_trickled_head_is_timed_from_its_first_byte(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Slowloris proper: a byte a second keeps every read short, never the whole head.
+    config = make_config(header_timeout_s=10)
+    head = request("GET", "/health/live")
+    with trio.fail_after(60):
+        async with running_app(config) as gw, await RawClient.connect(gw.port) as client:
+
+            async def trickle() -> None:
+                for byte in head[:-1]:
+                    await client.send(bytes([byte]))
+                    await trio.sleep(1)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trickle)
+                started = trio.current_time()
+                response = await client.read_response()
+                waited = trio.current_time() - started
+                nursery.cancel_scope.cancel()
+    assert response.status == 408
     assert 10 <= waited < 11
 
 
