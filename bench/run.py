@@ -23,6 +23,7 @@ import contextlib
 import datetime as dt
 import os
 import platform
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -193,8 +194,16 @@ def _measure(
     return runs
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the ExitStack: targets are stopped
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM must tear down like Ctrl-C does; and a shell that started us in the background
+    # may have left SIGINT ignored.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.list:
         print(list_registry())
         return 0
@@ -234,4 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)  # targets were already stopped on the way out
