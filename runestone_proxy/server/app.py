@@ -161,6 +161,7 @@ class App:
         finally:
             for remove in removers:
                 remove()
+            self.notifier.close()  # the NOTIFY_SOCKET datagram socket, if one was opened
 
     async def _run(self, task_status: trio.TaskStatus[Bound]) -> None:
         ssl_context = make_ssl_context(self.config.server)

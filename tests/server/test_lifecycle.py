@@ -9,6 +9,7 @@ wait is for an event, a log line, a datagram or an exit, under ``trio.fail_after
 
 from __future__ import annotations
 
+import gc
 import signal
 import socket
 from pathlib import Path
@@ -139,6 +140,20 @@ async def test_drain_cancels_what_outlives_the_grace_period(
                 assert (await client.read_head()).status == 200
                 await client.read_eof()
     assert 5 <= cancelled_after < 6
+
+
+async def test_sd_notify_in_process(tmp_path: Path) -> None:
+    path = tmp_path / "notify.sock"
+    app = App.build(drain_config(grace_s=30), None, env={"NOTIFY_SOCKET": str(path)})
+    with trio.fail_after(TIMEOUT_S):
+        async with NotifyReceiver(path) as manager, trio.open_nursery() as nursery:
+            bound = await nursery.start(app.run)
+            ready = await manager.next()
+            await app.begin_drain()
+            stopping = await manager.next()
+    assert ready == {"READY": "1", "STATUS": f"listening on port {bound.port}"}
+    assert stopping == {"STOPPING": "1"}
+    gc.collect()  # an unclosed notify socket would warn here (and fail: warnings are errors)
 
 
 # --- signals, on a child process ------------------------------------------------------------
