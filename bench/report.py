@@ -41,19 +41,21 @@ class Run:
 
 @attrs.frozen
 class Row:
+    """One (scenario, concurrency) point, aggregated over its repeats (``runs`` 0: none)."""
+
     scenario: str
     protocol: str
     concurrency: int
-    tools: tuple[str, ...]
-    runs: int
-    rps: float
-    rps_min: float
-    rps_max: float
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    errors: int
-    non_2xx: int
+    tools: tuple[str, ...] = ()
+    runs: int = 0
+    rps: float = 0.0
+    rps_min: float = 0.0
+    rps_max: float = 0.0
+    p50_ms: float = 0.0
+    p90_ms: float = 0.0
+    p99_ms: float = 0.0
+    errors: int = 0
+    non_2xx: int = 0
     #: Median server CPU%: how busy the target's core was (100 = saturated).
     cpu_pct: float | None = None
     #: Median server CPU microseconds per request.
@@ -100,24 +102,7 @@ def aggregate(scenarios: Sequence[Scenario], runs: Sequence[Run]) -> list[Row]:
             failures = [r.error for r in mine if r.error]
             note = failures[-1] if failures else ""
             if not ok:
-                rows.append(
-                    Row(
-                        scenario.name,
-                        scenario.protocol,
-                        conc,
-                        (),
-                        0,
-                        0,
-                        0,
-                        0,
-                        0,
-                        0,
-                        0,
-                        0,
-                        0,
-                        note=note or "not run",
-                    )
-                )
+                rows.append(Row(scenario.name, scenario.protocol, conc, note=note or "not run"))
                 continue
             rows.append(
                 Row(
