@@ -10,6 +10,7 @@ wait is for an event, a log line, a datagram or an exit, under ``trio.fail_after
 from __future__ import annotations
 
 import gc
+import json
 import signal
 import socket
 from pathlib import Path
@@ -177,6 +178,48 @@ async def test_signal_on_an_idle_gateway_exits_0(config_file: Path, signum: int)
     events = gateway.events()
     assert events.index("gateway.shutdown") < events.index("gateway.draining")
     assert events.index("gateway.draining") < events.index("gateway.stopped")
+
+
+async def test_sigterm_drains_an_in_flight_stream(tmp_path: Path) -> None:
+    # The built-in mock provider, paced: ten chunks 200 ms apart keep a stream in flight.
+    path = tmp_path / "config.toml"
+    path.write_text(
+        "[server]\nhealth_port = 0\nshutdown_grace_s = 30\n"
+        '[[providers]]\nname = "mock"\nkind = "mock"\nchunk_count = 10\n'
+        "chunk_interval_ms = 200\n"
+        '[[models]]\nid = "mock-1"\nprovider = "mock"\ncapabilities = ["chat", "streaming"]\n'
+    )
+    body = json.dumps(
+        {"model": "mock-1", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    ).encode()
+    chat = request("POST", "/v1/chat/completions", {"content-type": "application/json"}, body)
+    with trio.fail_after(TIMEOUT_S):
+        async with gateway_process(path) as gateway:
+            assert gateway.health_port is not None
+            async with await RawClient.connect(gateway.port) as client:
+                await client.send(chat)
+                head = await client.read_head()
+                chunks = [await client.read_chunk()]
+                gateway.send_signal(signal.SIGTERM)
+                await gateway.wait_for_log("gateway.draining")
+                ready = await get(gateway.health_port, "/health/ready")
+                while chunk := await client.read_chunk():
+                    chunks.append(chunk)
+                assert await client.read_eof() == b""
+            assert await gateway.wait() == 0
+    assert head.status == 200
+    assert (ready.status, ready.json()) == (503, {"status": "draining"})
+    assert b"".join(chunks).endswith(b"data: [DONE]\n\n")
+    events = gateway.events()
+    streamed = next(
+        i
+        for i, r in enumerate(gateway.records)
+        if r.get("event") == "http.access" and r["path"] == "/v1/chat/completions"
+    )
+    # The stream's access line comes after the drain began: it was in flight, and finished.
+    assert events.index("gateway.draining") < streamed < events.index("gateway.stopped")
+    assert gateway.records[streamed]["status"] == 200
+    assert "gateway.drain.cancelled" not in events
 
 
 async def test_sighup_with_a_broken_config_keeps_serving(config_file: Path) -> None:
