@@ -11,7 +11,8 @@ Two ways to run the gateway, both on port 0 so tests never fight over ports:
 
 One way to talk to it, :class:`RawClient`: a loopback TCP (or TLS) client that writes
 hand-made bytes and parses responses by hand, independently of h11, so the server's parser is
-not also the test's.
+not also the test's. :class:`TLSFiles` (built by the ``tls_files`` fixture in ``conftest.py``)
+holds a throwaway ``trustme`` CA and certificate for the TLS listener.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def make_config(*, server: Mapping[str, Any] | None = None, **limits: Any) -> Co
     )
 
 
-# --- TLS ----------------------------------------------------------------------------------
+# --- TLS ------------------------------------------------------------------------------------
 
 
 @attrs.frozen
