@@ -7,10 +7,11 @@ How a run goes:
    scenarios skipped; the rest still run.
 2. Start each target once, servers pinned to the first CPU; ``ExitStack`` stops them all
    however the run ends (SIGTERM, bounded wait, SIGKILL).
-3. For each repeat, for each scenario, for each concurrency: warm up, then measure with
-   the load tool pinned to the second CPU. Repeats are the outer loop, so a burst of
+3. For each repeat, for each concurrency level, for each scenario: warm up, then measure
+   with the load tool pinned to the second CPU. Repeats are the outer loop, so a burst of
    noise from a neighbour hurts one repeat of everything rather than every repeat of one
-   scenario.
+   scenario; and a scenario runs right after its baseline at the same concurrency, so the
+   two sides of a ratio see the same machine.
 4. Report medians across repeats (:mod:`bench.report`): a table on stdout, and
    ``results.json``, ``chart.png`` and the targets' logs in ``<out>/<timestamp>/``
    (``<out>/latest`` points at the newest).
@@ -154,9 +155,10 @@ def _measure(
     load_cpu: int | None,
 ) -> list[report.Run]:
     runs: list[report.Run] = []
+    levels = sorted({c for s in scenarios for c in s.concurrency})
     for repeat in range(args.repeats):
-        for scenario in scenarios:
-            for conc in scenario.concurrency:
+        for conc in levels:
+            for scenario in (s for s in scenarios if conc in s.concurrency):
                 proc = running.get(scenario.target)
                 if proc is None or not proc.alive():
                     reason = down.get(scenario.target) or f"{scenario.target} exited"
