@@ -1,0 +1,494 @@
+"""Per-key rate limits: requests per minute and per hour, tokens per minute. Pure: the
+caller passes the time (``trio.current_time()``); nothing here awaits or reads a clock.
+
+How this works
+--------------
+Each limit is a sliding window of counts kept in ``k + 1`` buckets (``k = 60``: one-second
+buckets for the minute limits, one-minute buckets for the hour). A request at time ``t``
+falls in bucket ``b = floor(t / width)``; the window at ``b`` is buckets ``b - k .. b``,
+and a count leaves it when bucket ``b + k + 1`` begins. The window therefore spans between
+``T`` and ``T + width`` of real time, which makes it strict: **no interval of length T
+ever holds more than the limit** (any such interval touches at most ``k + 1`` buckets,
+all of which the last admission's check counted). The price is at most one bucket of
+lag before a count is forgotten (1 s of 60 s, 1 min of 60 min). We chose this over
+GCRA/token buckets, which allow a full burst plus the refill inside one window (up to
+about twice the limit per window), because operators read "rpm = 3" as "no fourth
+request within a minute". Memory is a ring of 61 ints per limit per key, O(1) per check
+in steady traffic.
+
+Tokens are reserved at admission (``max_tokens`` or the default output budget, plus the
+prompt at ~4 characters per token, :func:`estimate_tokens`) and reconciled when the
+response or stream ends (:func:`reconcile`): unused tokens are refunded to the bucket they
+were reserved in (if it is still in the window), extra tokens are charged to the current
+bucket. A denied request is not counted (unlike OpenAI, which counts failed requests), so a
+client that retries too early is not locked out for longer.
+
+Headers: OpenAI's ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}``. With both
+RPM and RPH set, the requests trio reports the more binding one (fewer remaining; RPM on a
+tie). ``reset`` is, as OpenAI defines it, the time until the limit is back to its initial
+state, in OpenAI's (Go) duration format: ``20ms``, ``1s``, ``8.64s``, ``6m0s``, ``1h0m0s``.
+
+:class:`RateLimiter` holds the per-key state (a dict, swept of keys idle longer than their
+longest window, so memory stays bounded), raises 429 :class:`RateLimited` with
+``retry-after`` and OpenAI's ``rate_limit_exceeded`` envelope, and emits ``ratelimit.check``
+and ``ratelimit.block``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import attrs
+
+from runestone_proxy import telemetry
+from runestone_proxy.config import AuthKeyConfig
+from runestone_proxy.errors import RateLimited
+
+Headers = tuple[tuple[bytes, bytes], ...]
+Which = Literal["rpm", "rph", "tpm"]
+
+BUCKETS = 60
+MINUTE_S = 60.0
+HOUR_S = 3600.0
+
+
+@attrs.frozen
+class KeyLimits:
+    """One key's limits; None means unlimited."""
+
+    rpm: int | None = None
+    rph: int | None = None
+    tpm: int | None = None
+
+    @property
+    def unlimited(self) -> bool:
+        return self.rpm is None and self.rph is None and self.tpm is None
+
+    @classmethod
+    def from_config(cls, key: AuthKeyConfig) -> KeyLimits:
+        return cls(key.rpm, key.rph, key.tpm)
+
+
+UNLIMITED = KeyLimits()
+
+
+# --- one sliding window -----------------------------------------------------------------------
+
+
+@attrs.define(slots=True, eq=False)
+class Window:
+    """Counts over the last ``len(ring)`` buckets of ``width_s`` (see the module docstring)."""
+
+    width_s: float
+    ring: list[int]
+    #: The bucket index the ring was last advanced to.
+    last: int
+    total: int = 0
+
+    @classmethod
+    def over(cls, span_s: float, now: float, buckets: int = BUCKETS) -> Window:
+        width = span_s / buckets
+        return cls(width, [0] * (buckets + 1), int(now // width))
+
+    def bucket(self, now: float) -> int:
+        return int(now // self.width_s)
+
+    def advance(self, b: int) -> None:
+        """Forget the buckets that left the window by bucket ``b``."""
+        gap = b - self.last
+        if gap <= 0:
+            return
+        ring, n = self.ring, len(self.ring)
+        if gap >= n:
+            for i in range(n):
+                ring[i] = 0
+            self.total = 0
+        else:
+            for j in range(self.last + 1, b + 1):
+                slot = j % n
+                self.total -= ring[slot]
+                ring[slot] = 0
+        self.last = b
+
+    def add(self, b: int, amount: int) -> None:
+        self.ring[b % len(self.ring)] += amount
+        self.total += amount
+
+    def refund(self, at: int, amount: int) -> None:
+        """Take back up to ``amount`` counted in bucket ``at``, if it is still in the window."""
+        if at <= self.last - len(self.ring) or at > self.last:
+            return
+        slot = at % len(self.ring)
+        taken = min(amount, self.ring[slot])
+        self.ring[slot] -= taken
+        self.total -= taken
+
+    def wait_s(self, limit: int, requested: int, now: float) -> float:
+        """How long until ``requested`` more fits under ``limit`` (0: now; inf: never)."""
+        excess = self.total + requested - limit
+        if excess <= 0:
+            return 0.0
+        if requested > limit:
+            return math.inf
+        n = len(self.ring)
+        for j in range(self.last - n + 1, self.last + 1):
+            excess -= self.ring[j % n]
+            if excess <= 0:
+                return max(0.0, (j + n) * self.width_s - now)
+        return math.inf  # unreachable: the whole window leaves eventually
+
+    def reset_s(self, now: float) -> float:
+        """How long until the window is empty again."""
+        if self.total <= 0:
+            return 0.0
+        n = len(self.ring)
+        for j in range(self.last, self.last - n, -1):
+            if self.ring[j % n]:
+                return max(0.0, (j + n) * self.width_s - now)
+        return 0.0
+
+    @property
+    def horizon_s(self) -> float:
+        """How long a count can stay in the window."""
+        return self.width_s * len(self.ring)
+
+
+# --- per key ----------------------------------------------------------------------------------
+
+
+@attrs.define(slots=True, eq=False)
+class KeyState:
+    rpm: Window | None = None
+    rph: Window | None = None
+    tpm: Window | None = None
+    #: After this time every window is empty and the state may be dropped.
+    expires_at: float = 0.0
+
+
+@attrs.frozen
+class Quota:
+    """What the headers report after a check."""
+
+    limit_requests: int | None = None
+    remaining_requests: int = 0
+    reset_requests_s: float = 0.0
+    limit_tokens: int | None = None
+    remaining_tokens: int = 0
+    reset_tokens_s: float = 0.0
+
+
+@attrs.define(slots=True, eq=False)
+class Reservation:
+    """Tokens reserved at admission; :func:`reconcile` settles it once."""
+
+    state: KeyState | None
+    quota: Quota
+    key: str = ""
+    tokens: int = 0
+    #: The tokens window's bucket the reservation was counted in.
+    bucket: int = 0
+    settled: bool = False
+
+
+NO_RESERVATION = Reservation(None, Quota(), settled=True)
+
+
+@attrs.frozen
+class Denied:
+    which: Which
+    retry_after_s: float  # math.inf: the request can never fit (larger than the limit)
+    limit: int
+    used: int
+    requested: int
+    quota: Quota
+
+
+def _quota(state: KeyState, limits: KeyLimits, now: float) -> Quota:
+    rpm, rph, tpm = limits.rpm, limits.rph, limits.tpm
+    m = state.rpm if rpm is not None else None
+    h = state.rph if rph is not None else None
+    limit_r: int | None = None
+    left_r, reset_r = 0, 0.0
+    if m is not None and rpm is not None:
+        limit_r, left_r = rpm, max(0, rpm - m.total)
+    if h is not None and rph is not None and (limit_r is None or rph - h.total < left_r):
+        limit_r, left_r, m = rph, max(0, rph - h.total), h
+    if m is not None:
+        reset_r = m.reset_s(now)
+    t = state.tpm
+    if t is None or tpm is None:
+        return Quota(limit_r, left_r, reset_r)
+    return Quota(limit_r, left_r, reset_r, tpm, max(0, tpm - t.total), t.reset_s(now))
+
+
+def _advanced(window: Window | None, span_s: float, now: float) -> Window:
+    if window is None:
+        return Window.over(span_s, now)
+    window.advance(int(now // window.width_s))
+    return window
+
+
+def reserve(
+    state: KeyState, limits: KeyLimits, now: float, est_tokens: int = 0, key: str = ""
+) -> Reservation | Denied:
+    """Count one request (and reserve ``est_tokens``) if every limit allows it; otherwise
+    count nothing and say which limit denies it for longest, and for how long."""
+    rpm, rph, tpm = limits.rpm, limits.rph, limits.tpm
+    m = h = t = None
+    over = False
+    if rpm is not None:
+        m = state.rpm = _advanced(state.rpm, MINUTE_S, now)
+        over = m.total >= rpm
+    if rph is not None:
+        h = state.rph = _advanced(state.rph, HOUR_S, now)
+        over = over or h.total >= rph
+    if tpm is not None:
+        t = state.tpm = _advanced(state.tpm, MINUTE_S, now)
+        over = over or t.total + est_tokens > tpm
+    if over:
+        return _denied(state, limits, now, est_tokens)
+    bucket = tokens = 0
+    if m is not None:
+        m.add(m.last, 1)
+    if h is not None:
+        h.add(h.last, 1)
+    if t is not None:
+        t.add(t.last, est_tokens)
+        bucket, tokens = t.last, est_tokens
+    horizon = _HOUR_HORIZON_S if h is not None else _MINUTE_HORIZON_S
+    if state.expires_at < now + horizon:
+        state.expires_at = now + horizon
+    return Reservation(state, _quota(state, limits, now), key, tokens, bucket)
+
+
+_MINUTE_HORIZON_S = MINUTE_S * (BUCKETS + 1) / BUCKETS
+_HOUR_HORIZON_S = HOUR_S * (BUCKETS + 1) / BUCKETS
+
+
+def _denied(state: KeyState, limits: KeyLimits, now: float, est_tokens: int) -> Denied:
+    """The limit that denies the request for longest (so retrying then will succeed)."""
+    checks: tuple[tuple[Which, Window | None, int | None, int], ...] = (
+        ("rpm", state.rpm, limits.rpm, 1),
+        ("rph", state.rph, limits.rph, 1),
+        ("tpm", state.tpm, limits.tpm, est_tokens),
+    )
+    worst: tuple[Which, float, int, int, int] | None = None
+    for which, window, limit, requested in checks:
+        if window is None or limit is None:
+            continue
+        wait = window.wait_s(limit, requested, now)
+        if wait > 0 and (worst is None or wait > worst[1]):
+            worst = (which, wait, limit, window.total, requested)
+    assert worst is not None
+    return Denied(*worst, _quota(state, limits, now))
+
+
+def reconcile(reservation: Reservation, actual_tokens: int | None, now: float) -> None:
+    """Settle a reservation with the tokens really used (None: unknown, keep the estimate).
+    Safe to call more than once; only the first call counts."""
+    if reservation.settled:
+        return
+    reservation.settled = True
+    state = reservation.state
+    if state is None or actual_tokens is None or state.tpm is None:
+        return
+    window = state.tpm
+    window.advance(window.bucket(now))
+    delta = actual_tokens - reservation.tokens
+    if delta < 0:
+        window.refund(reservation.bucket, -delta)
+    elif delta > 0:
+        window.add(window.last, delta)
+        state.expires_at = max(state.expires_at, now + window.horizon_s)
+
+
+# --- the wire ---------------------------------------------------------------------------------
+
+
+def duration(seconds: float) -> str:
+    """OpenAI's reset format (Go's ``time.Duration``), rounded up to the millisecond."""
+    ms = math.ceil(seconds * 1000 - 1e-6)
+    if ms < 1000:
+        return f"{ms}ms" if ms > 0 else "0s"
+    secs, frac = divmod(ms, 1000)
+    minutes, secs = divmod(secs, 60)
+    text = f"{secs}.{frac:03d}".rstrip("0") if frac else str(secs)
+    if minutes >= 60:
+        return f"{minutes // 60}h{minutes % 60}m{text}s"
+    if minutes:
+        return f"{minutes}m{text}s"
+    return f"{text}s"
+
+
+def headers_for(quota: Quota) -> Headers:
+    """OpenAI's ``x-ratelimit-*`` headers for a response (none for an unlimited key)."""
+    requests: Headers = ()
+    if quota.limit_requests is not None:
+        requests = (
+            (b"x-ratelimit-limit-requests", b"%d" % quota.limit_requests),
+            (b"x-ratelimit-remaining-requests", b"%d" % quota.remaining_requests),
+            (b"x-ratelimit-reset-requests", duration(quota.reset_requests_s).encode()),
+        )
+    if quota.limit_tokens is None:
+        return requests
+    return (
+        *requests,
+        (b"x-ratelimit-limit-tokens", b"%d" % quota.limit_tokens),
+        (b"x-ratelimit-remaining-tokens", b"%d" % quota.remaining_tokens),
+        (b"x-ratelimit-reset-tokens", duration(quota.reset_tokens_s).encode()),
+    )
+
+
+class TokensRateLimited(RateLimited):
+    """429 for a tokens-per-minute limit: OpenAI's envelope says ``"type": "tokens"``."""
+
+    error_type = "tokens"
+
+
+_NAMES: dict[Which, str] = {
+    "rpm": "requests per min (RPM)",
+    "rph": "requests per hour (RPH)",
+    "tpm": "tokens per min (TPM)",
+}
+
+
+def error_for(denied: Denied, key_mask: str = "-") -> RateLimited:
+    """The 429 OpenAI would send (the SDK retries it after ``retry-after``), carrying the
+    ``x-ratelimit-*`` headers too. A request larger than its TPM limit can never run: like
+    OpenAI's "Request too large", it gets no ``retry-after``."""
+    cls = TokensRateLimited if denied.which == "tpm" else RateLimited
+    who = f"key {key_mask} on " if key_mask != "-" else ""
+    headers = headers_for(denied.quota)
+    if math.isinf(denied.retry_after_s):
+        return cls(
+            f"Request too large for {who}{_NAMES[denied.which]}: Limit {denied.limit}, "
+            f"Requested {denied.requested}. The input or output tokens must be reduced in "
+            "order to run successfully.",
+            headers=headers,
+        )
+    return cls(
+        f"Rate limit reached for {who}{_NAMES[denied.which]}: Limit {denied.limit}, "
+        f"Used {denied.used}, Requested {denied.requested}. "
+        f"Please try again in {duration(denied.retry_after_s)}.",
+        retry_after_s=denied.retry_after_s,
+        headers=headers,
+    )
+
+
+# --- estimates --------------------------------------------------------------------------------
+
+
+def _chars(value: object) -> int:
+    """Characters of text in a prompt, messages or input (a token id counts as 4)."""
+    if type(value) is str:
+        return len(value)
+    total = 0
+    if type(value) is list:
+        for item in value:
+            total += len(item) if type(item) is str else _chars(item)
+    elif type(value) is dict:
+        for item in value.values():
+            total += len(item) if type(item) is str else _chars(item)
+    elif type(value) is int:
+        total = 4
+    return total
+
+
+def estimate_tokens(body: Mapping[str, Any], default_output_tokens: int) -> int:
+    """Tokens to reserve for a request: the prompt at ~4 characters per token, plus
+    ``max_completion_tokens`` / ``max_tokens`` or ``default_output_tokens`` (pass 0 for
+    embeddings, which produce none)."""
+    chars = _chars(body.get("messages")) + _chars(body.get("prompt")) + _chars(body.get("input"))
+    output = body.get("max_completion_tokens") or body.get("max_tokens")
+    if not isinstance(output, int) or isinstance(output, bool) or output <= 0:
+        output = default_output_tokens
+    return -(-chars // 4) + output
+
+
+def usage_tokens(payload: bytes) -> int | None:
+    """``usage.total_tokens`` from a response body or a stream's last chunk, found without
+    parsing the JSON; None when it is absent."""
+    at = payload.rfind(b'"total_tokens"')
+    if at < 0:
+        return None
+    i = payload.find(b":", at + 14)
+    if i < 0:
+        return None
+    i += 1
+    while i < len(payload) and payload[i] in b" \t\r\n":
+        i += 1
+    j = i
+    while j < len(payload) and 0x30 <= payload[j] <= 0x39:
+        j += 1
+    return int(payload[i:j]) if j > i else None
+
+
+# --- the stateful wrapper ---------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class RateLimiter:
+    """Per-key windows, swept of idle keys. Call :meth:`check` at admission and
+    :meth:`reconcile` when the response or stream ends (``finally``)."""
+
+    keys: dict[str, KeyState] = attrs.Factory(dict)
+    sweep_interval_s: float = MINUTE_S
+    next_sweep: float = -math.inf
+
+    def check(
+        self,
+        key_id: str,
+        limits: KeyLimits,
+        now: float,
+        est_tokens: int = 0,
+        *,
+        tenant: str = "-",
+        key_mask: str = "-",
+        request_id: str | None = None,
+    ) -> tuple[Reservation, Headers]:
+        """Reserve, returning the reservation and the response's ``x-ratelimit-*`` headers;
+        or raise 429 :class:`RateLimited` (with ``retry-after`` and the headers)."""
+        if limits.unlimited:
+            return NO_RESERVATION, ()
+        if now >= self.next_sweep:
+            self.sweep(now)
+        state = self.keys.get(key_id)
+        if state is None:
+            state = self.keys[key_id] = KeyState()
+        result = reserve(state, limits, now, est_tokens, key_id)
+        if isinstance(result, Denied):
+            telemetry.emit(
+                "ratelimit.block",
+                tenant=tenant,
+                key_mask=key_mask,
+                request_id=request_id,
+                limit=result.which,
+                retry_after_s=None if math.isinf(result.retry_after_s) else result.retry_after_s,
+            )
+            raise error_for(result, key_mask)
+        quota = result.quota
+        telemetry.emit(
+            "ratelimit.check",
+            tenant=tenant,
+            key_mask=key_mask,
+            request_id=request_id,
+            remaining_requests=quota.remaining_requests if quota.limit_requests else None,
+            remaining_tokens=quota.remaining_tokens if quota.limit_tokens else None,
+        )
+        return result, headers_for(quota)
+
+    def reconcile(self, reservation: Reservation, actual_tokens: int | None, now: float) -> None:
+        """Settle ``reservation`` (see :func:`reconcile`); ``None``: usage unknown."""
+        reconcile(reservation, actual_tokens, now)
+        state = reservation.state
+        if state is not None and state.expires_at > now:
+            # A long stream may outlive its key's idle sweep: keep an extra charge counted.
+            self.keys.setdefault(reservation.key, state)
+
+    def sweep(self, now: float) -> None:
+        """Drop keys whose windows are all empty."""
+        self.next_sweep = now + self.sweep_interval_s
+        for key in [k for k, s in self.keys.items() if s.expires_at <= now]:
+            del self.keys[key]
