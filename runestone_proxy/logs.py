@@ -64,6 +64,8 @@ def redact(
 
 
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
+    global _enabled_level
+    _enabled_level = _LEVELS[level]
     stream = stream if stream is not None else sys.stderr
     pretty = fmt == "console" or (fmt == "auto" and stream.isatty())
     renderer: structlog.typing.Processor = (
@@ -84,6 +86,14 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
+
+
+_enabled_level = logging.INFO
+
+
+def enabled(level: str) -> bool:
+    """Whether a line at ``level`` would be written: lets hot paths skip building fields."""
+    return _LEVELS[level] >= _enabled_level
 
 
 def telemetry_to_log(event: str, fields: dict[str, Any]) -> None:

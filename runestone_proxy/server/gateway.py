@@ -19,7 +19,7 @@ import attrs
 import structlog
 import trio
 
-from runestone_proxy import errors, metrics
+from runestone_proxy import errors, logs, metrics
 from runestone_proxy.config import Config
 from runestone_proxy.server.http import JSON_HEADERS, HeaderList, Request, Responder
 from runestone_proxy.server.router import Router
@@ -97,7 +97,7 @@ def log_access(
 ) -> None:
     """The one access line per request (no bodies, no query strings with secrets)."""
     metrics.count_request(status)
-    if gateway.config.logging.access_log:
+    if gateway.config.logging.access_log and logs.enabled("info"):
         access_log.info(
             "http.access",
             request_id=request.request_id,

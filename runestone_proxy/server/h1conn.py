@@ -37,6 +37,8 @@ log = structlog.get_logger("runestone.h1")
 _READ_SIZE = 65536
 _BODY_END = b""
 _CLOSE = (b"connection", b"close")
+#: Delay before the watcher starts reading for EOF (disconnects are noticed within this).
+_WATCH_AFTER_S = 0.02
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 
@@ -315,12 +317,12 @@ class H1Connection:
         if buffered > self.limits.max_body_bytes:  # a chunked body has no length to check
             await self._reject(self._too_large())
             return
-        send_channel, receive_channel = trio.open_memory_channel[bytes | errors.GatewayError](1)
         body_source: _StreamingBody | _BufferedBody
+        send_channel: trio.MemorySendChannel[bytes | errors.GatewayError] | None = None
         if isinstance(next_event, h11.EndOfMessage):
-            body_source = _BufferedBody(b"".join(parts))
-            send_channel.close()
+            body_source = _BufferedBody(parts[0] if len(parts) == 1 else b"".join(parts))
         else:
+            send_channel, receive_channel = trio.open_memory_channel[bytes | errors.GatewayError](1)
             body_source = _StreamingBody(self, receive_channel)
             if parts:
                 send_channel.send_nowait(b"".join(parts))
@@ -338,8 +340,7 @@ class H1Connection:
         )
         async with trio.open_nursery() as nursery:
             with trio.CancelScope() as handler_scope:
-                body_done = isinstance(body_source, _BufferedBody)
-                nursery.start_soon(self._watch, send_channel, handler_scope, body_done, buffered)
+                nursery.start_soon(self._watch, send_channel, handler_scope, buffered)
                 try:
                     await self.gateway.dispatch(request, responder)
                     await responder.finish()
@@ -352,12 +353,37 @@ class H1Connection:
 
     async def _watch(
         self,
-        body: trio.MemorySendChannel[bytes | errors.GatewayError],
+        body: trio.MemorySendChannel[bytes | errors.GatewayError] | None,
         handler_scope: trio.CancelScope,
-        body_done: bool,
         received: int,
     ) -> None:
         """Feed the body to the handler, then notice the client leaving (EOF) and cancel it."""
+        if body is not None:
+            await self._feed_body(body, handler_scope, received)
+        # Most handlers answer within a few milliseconds; watching the socket costs epoll
+        # registration syscalls per request, so only start once the handler has run a while.
+        await trio.sleep(_WATCH_AFTER_S)
+        # Body complete: keep reading so EOF is noticed promptly. Pipelined bytes are
+        # buffered in h11 (bounded); past the bound we stop reading until the response is done.
+        budget = self.limits.max_pipelined_requests * (
+            self.limits.max_request_line_bytes + self.limits.max_header_bytes
+        )
+        while budget > 0:
+            data = await self.receive()
+            if not data:
+                handler_scope.cancel()
+                return
+            budget -= len(data)
+            self.proto.receive_data(data)
+        await trio.sleep_forever()
+
+    async def _feed_body(
+        self,
+        body: trio.MemorySendChannel[bytes | errors.GatewayError],
+        handler_scope: trio.CancelScope,
+        received: int,
+    ) -> None:
+        body_done = False
         async with body:
             while not body_done:
                 try:
@@ -389,19 +415,6 @@ class H1Connection:
                     body_done = True
                 else:
                     return
-        # Body complete: keep reading so EOF is noticed promptly. Pipelined bytes are
-        # buffered in h11 (bounded); past the bound we stop reading until the response is done.
-        budget = self.limits.max_pipelined_requests * (
-            self.limits.max_request_line_bytes + self.limits.max_header_bytes
-        )
-        while budget > 0:
-            data = await self.receive()
-            if not data:
-                handler_scope.cancel()
-                return
-            budget -= len(data)
-            self.proto.receive_data(data)
-        await trio.sleep_forever()
 
 
 @attrs.define(eq=False)
