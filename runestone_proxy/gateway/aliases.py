@@ -22,6 +22,9 @@ import trio
 log = structlog.get_logger("runestone.aliases")
 
 POLL_INTERVAL_S = 2.0
+#: The longest chain of aliases resolution follows (``fast -> smart -> ...``); validation
+#: refuses longer ones, so that every table it accepts resolves to the end.
+MAX_CHAIN = 8
 
 
 class AliasError(ValueError):
@@ -32,7 +35,8 @@ def validate(
     aliases: Mapping[str, object], providers: Iterable[str], model_ids: Iterable[str]
 ) -> dict[str, str]:
     """Check every alias points at ``provider:model``, a model id, or another alias, with no
-    cycles. Returns the table as ``dict[str, str]`` or raises :class:`AliasError`."""
+    cycles and no chain longer than :data:`MAX_CHAIN`. Returns the table as
+    ``dict[str, str]`` or raises :class:`AliasError`."""
     known_providers = set(providers)
     known_models = set(model_ids)
     table: dict[str, str] = {}
@@ -60,6 +64,10 @@ def validate(
                 raise AliasError(f"alias cycle: {' -> '.join([*seen, current])}")
             seen.append(current)
             current = table[current]
+        if len(seen) > MAX_CHAIN:
+            raise AliasError(
+                f"alias chain too long ({len(seen)} > {MAX_CHAIN}): {' -> '.join(seen)}"
+            )
     return table
 
 

@@ -3,16 +3,18 @@
 Routing reads it to skip deployments that are open, paused (a provider 429 with
 ``retry-after`` pauses that deployment for that long) or at their ``max_concurrent`` cap, and
 to order a group of deployments (weighted round-robin or least-in-flight). The failover
-executor writes it: one ``using()`` block per attempt holds the in-flight count and the cap
-slot, and feeds the outcome to the breaker. ``/health/providers`` renders ``snapshot()``.
+executor writes it: each attempt holds a :class:`Slot` (the in-flight count and the cap
+place), taken at the moment the attempt is decided so that no other request can take the
+last place before the call starts, and feeds the outcome to the breaker. ``changed`` wakes
+requests waiting for a deployment (a slot given back, a breaker verdict).
+``/health/providers`` renders ``snapshot()``.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -42,7 +44,6 @@ class Deployment:
     paused_until: float = 0.0
     latencies_ms: deque[float] = attrs.Factory(lambda: deque(maxlen=_SAMPLES))
     ttft_ms: deque[float] = attrs.Factory(lambda: deque(maxlen=_SAMPLES))
-    cap_freed: trio.Event = attrs.Factory(trio.Event)
 
     def at_cap(self) -> bool:
         return self.max_concurrent is not None and self.in_flight >= self.max_concurrent
@@ -59,10 +60,37 @@ class Deployment:
 
 
 @attrs.define(eq=False)
+class Slot:
+    """One attempt's place on a deployment, taken by :meth:`Deployments.take` when the
+    attempt is decided; ``with slot:`` around the attempt gives it back at the end."""
+
+    deployments: Deployments
+    deployment: Deployment
+    #: The breaker let this attempt through as a half-open probe.
+    probe: bool = False
+
+    def release_probe(self) -> None:
+        """The attempt ended without a verdict (cancelled, or a hedge lost): free its probe
+        place, and only its own."""
+        if self.probe:
+            self.probe = False
+            self.deployment.breaker.release_probe()
+
+    def __enter__(self) -> Slot:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.deployment.in_flight -= 1
+        self.deployments.notify()
+
+
+@attrs.define(eq=False)
 class Deployments:
     routing: RoutingConfig
     by_name: dict[str, Deployment]
     wrr: dict[str, dict[str, float]] = attrs.Factory(dict)
+    #: Set, then replaced, whenever a slot is given back or a result recorded.
+    changed: trio.Event = attrs.Factory(trio.Event)
 
     @classmethod
     def from_config(cls, config: Config) -> Deployments:
@@ -114,16 +142,15 @@ class Deployments:
         first = smooth_wrr(weights, self.wrr.setdefault(model, {}))
         return sorted(group, key=lambda t: t.provider != first)
 
-    @contextmanager
-    def using(self, deployment: Deployment) -> Iterator[None]:
+    def take(self, deployment: Deployment, probe: bool = False) -> Slot:
+        """Count an attempt in flight now; the caller enters the slot before its first
+        checkpoint."""
         deployment.in_flight += 1
-        try:
-            yield
-        finally:
-            deployment.in_flight -= 1
-            if deployment.max_concurrent is not None:
-                deployment.cap_freed.set()
-                deployment.cap_freed = trio.Event()
+        return Slot(self, deployment, probe)
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
 
     def record(self, deployment: Deployment, ok: bool, latency_ms: float | None) -> None:
         now = trio.current_time()
@@ -132,6 +159,7 @@ class Deployments:
         moved = deployment.breaker.on_result(now, ok)
         if moved is not None:
             emit_transition(deployment.name, moved)
+        self.notify()
 
     def snapshot(self) -> dict[str, Any]:
         now = trio.current_time()

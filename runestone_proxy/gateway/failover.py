@@ -6,22 +6,27 @@ A request comes with its candidates already filtered and ordered by policy
 (``routing.filter_and_order`` + ``Deployments.order_groups``). Each attempt picks the first
 candidate that can take a request now (breaker closed or a half-open probe slot free, not
 paused by a provider ``retry-after``, under its ``max_concurrent`` cap), preferring ones not
-tried yet. A retryable failure (connect error, timeout, 429, 5xx, Anthropic overload) moves
-on to the next candidate at once; coming back to a deployment already tried waits an
-exponential backoff with full jitter. When no candidate can take a request now, the attempt
-waits for the earliest one to become ready (a half-open probe, the end of a pause, a freed
-cap slot), as long as that is before the request's deadline. Non-retryable errors (400, 401,
-404, content policy) go straight back to the client.
+tried yet, and takes its slot in the same step (no checkpoint between the decision and the
+count, so a burst cannot overshoot a cap). A retryable failure (connect error, timeout, 429,
+5xx, Anthropic overload) moves on to a fresh candidate at once; coming back to a deployment
+already tried (because no fresh one can take the request now) waits an exponential backoff
+with full jitter. When no candidate can take a request now, the attempt waits for the
+earliest one to become ready (a half-open probe, the end of a pause) or for a slot or a
+breaker verdict to change things, as long as that is before the request's deadline. No
+attempt starts after the deadline, and none backs off after the last attempt.
+Non-retryable errors (400, 401, 404, content policy) go straight back to the client.
 
 Streams fail over the same way until their first payload is in hand; only then is the
 client's response started (the *commit*), after which failures end the stream in-band.
 With hedging on for the model, a second candidate is started when the first has produced
-nothing after the hedge delay; the first to produce a payload commits and the other is
-cancelled at once (its upstream connection is closed, not returned to the pool).
+nothing after the hedge delay, if one can take a request right then (a hedge never waits);
+the first to produce a payload commits and the other is cancelled at once (its upstream
+connection is closed, not returned to the pool).
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Awaitable, Callable
 
@@ -30,7 +35,13 @@ import trio
 
 from runestone_proxy import telemetry
 from runestone_proxy.errors import GatewayError, ServiceUnavailable, UpstreamTimeout
-from runestone_proxy.gateway.deployments import Deployment, Deployments, emit_transition
+from runestone_proxy.gateway.breaker import State
+from runestone_proxy.gateway.deployments import (
+    Deployment,
+    Deployments,
+    Slot,
+    emit_transition,
+)
 from runestone_proxy.gateway.pipeline import PayloadStream, Providers
 from runestone_proxy.gateway.routing import Target
 from runestone_proxy.providers.base import ProviderCall
@@ -52,13 +63,17 @@ def _counts_against_health(exc: GatewayError) -> bool:
 @attrs.define(eq=False)
 class _Commit:
     winner: Target | None = None
+    winner_key: int | None = None
     scopes: dict[int, trio.CancelScope] = attrs.Factory(dict)
     first_or_done: trio.Event = attrs.Factory(trio.Event)
+    #: Attempts spent beyond the first (a hedge).
+    extra: int = 0
 
     def claim(self, target: Target, key: int) -> bool:
         if self.winner is not None:
             return False
         self.winner = target
+        self.winner_key = key
         for other, scope in self.scopes.items():
             if other != key:
                 scope.cancel()
@@ -73,68 +88,79 @@ class Failover:
 
     # --- picking -------------------------------------------------------------------------------
 
+    def _take_now(self, targets: list[Target], tried: set[str]) -> tuple[Target, Slot] | None:
+        """The first candidate that can take a request now, fresh ones first, with its slot
+        taken (nothing awaits between the checks and the count)."""
+        now = trio.current_time()
+        ordered = [t for t in targets if t.provider not in tried] + [
+            t for t in targets if t.provider in tried
+        ]
+        for target in ordered:
+            d = self.deployments.by_name[target.provider]
+            if d.paused_until > now or d.at_cap():
+                continue
+            allowed, moved = d.breaker.allow(now)
+            if moved is not None:
+                emit_transition(d.name, moved)
+            if allowed:
+                return target, self.deployments.take(d, d.breaker.state is State.HALF_OPEN)
+        return None
+
     async def _pick(
         self, targets: list[Target], tried: set[str], deadline: float, last: GatewayError | None
-    ) -> Target:
+    ) -> tuple[Target, Slot]:
+        deps = [self.deployments.by_name[t.provider] for t in targets]
         while True:
+            if trio.current_time() >= deadline:
+                break
+            picked = self._take_now(targets, tried)
+            if picked is not None:
+                return picked
             now = trio.current_time()
-            ordered = [t for t in targets if t.provider not in tried] + [
-                t for t in targets if t.provider in tried
-            ]
-            for target in ordered:
-                d = self.deployments.by_name[target.provider]
-                if d.paused_until > now or d.at_cap():
-                    continue
-                allowed, moved = d.breaker.allow(now)
-                if moved is not None:
-                    emit_transition(d.name, moved)
-                if allowed:
-                    return target
-            deps = [self.deployments.by_name[t.provider] for t in targets]
-            ready = [d.ready_at(now) for d in deps if not d.at_cap()]
-            if ready and min(ready) <= deadline:
-                await trio.sleep_until(min(ready))
-                continue
-            capped = [d for d in deps if d.at_cap()]
-            if capped:
-                with trio.move_on_at(deadline):
-                    await capped[0].cap_freed.wait()
-                    continue
-            if last is not None:
-                raise last
-            raise ServiceUnavailable(
-                "No provider can take this request before its deadline: "
-                + ", ".join(f"{d.name} ({d.breaker.state.value})" for d in deps)
-                + ".",
-                code="no_provider_available",
-            )
+            capped = any(d.at_cap() for d in deps)
+            wake = min((d.ready_at(now) for d in deps if not d.at_cap()), default=math.inf)
+            if wake > deadline and not capped:
+                break
+            # Until the earliest deployment is ready, or a slot or a verdict changes things.
+            with trio.move_on_at(min(wake, deadline)):
+                await self.deployments.changed.wait()
+        if last is not None:
+            raise last
+        raise ServiceUnavailable(
+            "No provider can take this request before its deadline: "
+            + ", ".join(f"{d.name} ({d.breaker.state.value})" for d in deps)
+            + ".",
+            code="no_provider_available",
+        )
 
-    async def _between_attempts(
-        self,
-        attempt: int,
-        target: Target,
-        targets: list[Target],
-        tried: set[str],
-        exc: GatewayError,
-        deadline: float,
+    def _ready_now(self, d: Deployment, now: float) -> bool:
+        return not d.at_cap() and d.ready_at(now) <= now
+
+    async def _backoff(
+        self, attempt: int, targets: list[Target], tried: set[str], deadline: float
     ) -> None:
-        """Pause a deployment that said 429 + retry-after; back off only when the next pick
-        can only be a deployment already tried (moving on to a fresh one is immediate)."""
-        d = self.deployments.by_name[target.provider]
-        retry_after = getattr(exc, "retry_after_s", None)
-        if exc.http_status == 429 and retry_after:
-            d.paused_until = max(d.paused_until, trio.current_time() + float(retry_after))
-        if all(t.provider in tried for t in targets):
-            routing = self.deployments.routing
-            delay = backoff_s(
-                attempt, routing.retry_base_ms / 1000, routing.retry_max_ms / 1000, self.rng
-            )
-            if delay and trio.current_time() + delay < deadline:
-                await trio.sleep(delay)
+        """Back off only when the next pick can only be a deployment already tried (moving
+        on to a fresh one that can take the request now is immediate)."""
+        now = trio.current_time()
+        by_name = self.deployments.by_name
+        if any(
+            t.provider not in tried and self._ready_now(by_name[t.provider], now) for t in targets
+        ):
+            return
+        routing = self.deployments.routing
+        delay = backoff_s(
+            attempt, routing.retry_base_ms / 1000, routing.retry_max_ms / 1000, self.rng
+        )
+        if delay and now + delay < deadline:
+            await trio.sleep(delay)
 
     def _failed(self, d: Deployment, exc: GatewayError, started: float) -> None:
-        latency = (trio.current_time() - started) * 1000
-        self.deployments.record(d, not _counts_against_health(exc), latency)
+        """Record a failed attempt; a 429 with ``retry-after`` pauses that deployment."""
+        now = trio.current_time()
+        retry_after = getattr(exc, "retry_after_s", None)
+        if exc.http_status == 429 and retry_after:
+            d.paused_until = max(d.paused_until, now + float(retry_after))
+        self.deployments.record(d, not _counts_against_health(exc), (now - started) * 1000)
 
     # --- whole answers -------------------------------------------------------------------------
 
@@ -146,11 +172,13 @@ class Failover:
         tried: set[str] = set()
         last: GatewayError | None = None
         for attempt in range(routing.max_attempts):
-            target = await self._pick(targets, tried, deadline, last)
-            d = self.deployments.by_name[target.provider]
+            if attempt:
+                await self._backoff(attempt - 1, targets, tried, deadline)
+            target, slot = await self._pick(targets, tried, deadline, last)
+            d = slot.deployment
             started = trio.current_time()
             try:
-                with self.deployments.using(d), trio.fail_after(max(0.0, deadline - started)):
+                with slot, trio.fail_after(max(0.0, deadline - started)):
                     body = await providers.complete(target, call_for(target))
             except trio.TooSlowError:
                 exc: GatewayError = UpstreamTimeout(
@@ -161,7 +189,7 @@ class Failover:
                 exc = error
                 self._failed(d, exc, started)
             except BaseException:
-                d.breaker.release_probe()
+                slot.release_probe()
                 raise
             else:
                 self.deployments.record(d, True, (trio.current_time() - started) * 1000)
@@ -169,9 +197,9 @@ class Failover:
             if not exc.is_retryable:
                 raise exc
             last = exc
-            _emit_retry(target, exc, attempt)
             tried.add(target.provider)
-            await self._between_attempts(attempt, target, targets, tried, exc, deadline)
+            if attempt + 1 < routing.max_attempts:
+                _emit_retry(target, exc, attempt)
         assert last is not None
         raise last
 
@@ -186,25 +214,39 @@ class Failover:
         last: GatewayError | None = None
         attempt = 0
         while attempt < routing.max_attempts:
-            target = await self._pick(targets, tried, deadline, last)
+            if attempt:
+                await self._backoff(attempt - 1, targets, tried, deadline)
+            target, slot = await self._pick(targets, tried, deadline, last)
             attempt += 1
             commit = _Commit()
             hedge = self._hedge_delay(target)
             try:
                 if hedge is not None and attempt < routing.max_attempts and len(targets) > 1:
-                    attempt += await self._hedged(
-                        target, targets, tried, hedge, deadline, call_for, providers, relay, commit
+                    await self._hedged(
+                        target,
+                        slot,
+                        targets,
+                        tried,
+                        hedge,
+                        deadline,
+                        call_for,
+                        providers,
+                        relay,
+                        commit,
                     )
                 else:
-                    await self._attempt(target, 0, deadline, call_for, providers, relay, commit)
+                    await self._attempt(
+                        target, slot, 0, deadline, call_for, providers, relay, commit
+                    )
                 return
             except GatewayError as exc:
                 if commit.winner is not None or not exc.is_retryable:
                     raise
                 last = exc
-                _emit_retry(target, exc, attempt - 1)
+                attempt += commit.extra
                 tried.add(target.provider)
-                await self._between_attempts(attempt, target, targets, tried, exc, deadline)
+                if attempt < routing.max_attempts:
+                    _emit_retry(target, exc, attempt - 1)
         assert last is not None
         raise last
 
@@ -221,6 +263,7 @@ class Failover:
     async def _attempt(
         self,
         target: Target,
+        slot: Slot,
         key: int,
         deadline: float,
         call_for: CallFor,
@@ -229,11 +272,11 @@ class Failover:
         commit: _Commit,
     ) -> None:
         """One upstream stream: connect, wait for the first payloads, then commit and relay."""
-        d = self.deployments.by_name[target.provider]
+        d = slot.deployment
         started = trio.current_time()
         committed = False
         try:
-            with self.deployments.using(d):
+            with slot:
                 async with providers.open_stream(target, call_for(target)) as stream:
                     with trio.move_on_at(deadline) as waited:
                         first = await stream.next()
@@ -243,7 +286,7 @@ class Failover:
                         )
                     ttft_ms = (trio.current_time() - started) * 1000
                     if not commit.claim(target, key):
-                        d.breaker.release_probe()
+                        slot.release_probe()
                         return  # another hedged attempt won
                     committed = True
                     d.ttft_ms.append(ttft_ms)
@@ -256,7 +299,7 @@ class Failover:
             raise
         except BaseException:
             if not committed:
-                d.breaker.release_probe()
+                slot.release_probe()
                 telemetry.emit(
                     "provider.request.cancelled",
                     provider=target.provider,
@@ -267,6 +310,7 @@ class Failover:
     async def _hedged(
         self,
         primary: Target,
+        slot: Slot,
         targets: list[Target],
         tried: set[str],
         delay: float,
@@ -275,23 +319,28 @@ class Failover:
         providers: Providers,
         relay: Relay,
         commit: _Commit,
-    ) -> int:
+    ) -> None:
         """Race ``primary`` against a second candidate started after ``delay``.
 
-        Returns how many extra attempts were spent; raises the primary's error when no
-        attempt committed (the caller then fails over as usual). Every deployment that
-        failed here is added to ``tried``."""
+        Raises the primary's error when no attempt committed (the caller then fails over as
+        usual), or the winner's error after it committed. ``commit.extra`` counts the hedge;
+        every other deployment that failed here is added to ``tried``."""
         errors: list[GatewayError] = []
-        extra = 0
+        after_commit: list[GatewayError] = []
 
-        async def run(target: Target, key: int) -> None:
+        async def run(target: Target, slot: Slot, key: int) -> None:
             with trio.CancelScope() as scope:
                 commit.scopes[key] = scope
+                if commit.winner is not None:
+                    scope.cancel()  # the other attempt won before this one started
                 try:
-                    await self._attempt(target, key, deadline, call_for, providers, relay, commit)
+                    await self._attempt(
+                        target, slot, key, deadline, call_for, providers, relay, commit
+                    )
                 except GatewayError as exc:
-                    if commit.winner is not None and commit.winner == target:
-                        raise
+                    if commit.winner_key == key:
+                        after_commit.append(exc)  # raised below, outside the nursery
+                        return
                     errors.append(exc)
                     if target is not primary:
                         tried.add(target.provider)
@@ -299,25 +348,30 @@ class Failover:
                     if key == 0:
                         commit.first_or_done.set()
 
+        # The slots are taken: each task enters its slot before its first checkpoint.
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(run, primary, 0)
+            nursery.start_soon(run, primary, slot, 0)
             with trio.move_on_after(delay):
                 await commit.first_or_done.wait()
             if commit.winner is None and not errors:
-                rest = [t for t in targets if t.provider not in tried and t != primary]
-                if rest:
-                    second = await self._pick(rest, set(), deadline, None)
-                    extra = 1
+                rest = [
+                    t for t in targets if t.provider not in tried and t.provider != primary.provider
+                ]
+                picked = self._take_now(rest, set())  # a hedge never waits for a candidate
+                if picked is not None:
+                    second, second_slot = picked
+                    commit.extra = 1
                     telemetry.emit(
                         "router.hedge",
                         primary=primary.provider,
                         secondary=second.provider,
                         delay_ms=round(delay * 1000, 1),
                     )
-                    nursery.start_soon(run, second, 1)
+                    nursery.start_soon(run, second, second_slot, 1)
+        if after_commit:
+            raise after_commit[0]
         if commit.winner is None:
             raise errors[0] if errors else UpstreamTimeout("No hedged attempt produced a chunk.")
-        return extra
 
 
 def _emit_retry(target: Target, exc: GatewayError, attempt: int) -> None:

@@ -22,8 +22,7 @@ import attrs
 
 from runestone_proxy.config import Config, ModelConfig
 from runestone_proxy.errors import InvalidParam, ModelNotFound
-
-_MAX_ALIAS_DEPTH = 8
+from runestone_proxy.gateway.aliases import MAX_CHAIN as _MAX_ALIAS_DEPTH
 
 
 @attrs.frozen
