@@ -23,6 +23,7 @@ from runestone_proxy import errors, logs, metrics
 from runestone_proxy.config import Config
 from runestone_proxy.server.http import JSON_HEADERS, HeaderList, Request, Responder
 from runestone_proxy.server.router import Router
+from runestone_proxy.server.slowwatch import SlowWatch
 
 log = structlog.get_logger("runestone.gateway")
 access_log = structlog.get_logger("runestone.access")
@@ -59,6 +60,8 @@ class Gateway:
     #: Set when draining starts: connections stop taking new requests (h1 answers with
     #: ``Connection: close``, idle keep-alives close, h2 sends GOAWAY) and let work finish.
     draining: trio.Event = attrs.Factory(trio.Event)
+    #: Arms HTTP/1.1 disconnect watching for requests still running after a few ms.
+    slow_watch: SlowWatch = attrs.Factory(SlowWatch)
     #: Set whenever ``open_connections`` drops to zero (the drain waits on a fresh one).
     connections_idle: trio.Event = attrs.Factory(trio.Event)
 

@@ -19,6 +19,7 @@ OpenAI's envelope with ``Connection: close``, as nginx would, and the connection
 
 from __future__ import annotations
 
+import math
 import time
 from http import HTTPStatus
 
@@ -136,6 +137,11 @@ class H1Connection:
     #: Set once this connection will close after the current response.
     closing: bool = False
     idle_scope: trio.CancelScope | None = None
+    #: The running handler's scope (client gone or too slow to read -> cancelled).
+    handler_scope: trio.CancelScope | None = None
+    #: Set by the watcher once it touches the socket; the next request waits for its exit.
+    watch_done: trio.Event | None = None
+    nursery: trio.Nursery | None = None
 
     @classmethod
     def new(cls, stream: trio.abc.Stream, gateway: Gateway, client: str | None) -> H1Connection:
@@ -147,8 +153,19 @@ class H1Connection:
         return cls(stream, gateway, limits, client, conn)
 
     async def write(self, data: bytes) -> None:
-        with trio.fail_after(self.limits.send_timeout_s):
+        """One flush, bounded by ``send_timeout_s``. While a handler runs, the bound is its
+        scope's deadline (cheaper than a scope per write); a client that stops reading then
+        cancels the handler and the connection closes."""
+        scope = self.handler_scope
+        if scope is None:
+            with trio.fail_after(self.limits.send_timeout_s):
+                await self.stream.send_all(data)
+            return
+        scope.deadline = trio.current_time() + self.limits.send_timeout_s
+        try:
             await self.stream.send_all(data)
+        finally:
+            scope.deadline = math.inf
 
     async def receive(self) -> bytes:
         try:
@@ -163,6 +180,7 @@ class H1Connection:
         if initial:
             self.proto.receive_data(initial)
         async with trio.open_nursery() as nursery:
+            self.nursery = nursery
             nursery.start_soon(self._watch_drain)
             try:
                 while not self.closing:
@@ -338,15 +356,34 @@ class H1Connection:
             client=self.client,
             max_body_bytes=self.limits.max_body_bytes,
         )
-        async with trio.open_nursery() as nursery:
-            with trio.CancelScope() as handler_scope:
-                nursery.start_soon(self._watch, send_channel, handler_scope, buffered)
-                try:
-                    await self.gateway.dispatch(request, responder)
-                    await responder.finish()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
-                    self.closing = True
-            nursery.cancel_scope.cancel()
+        nursery = self.nursery
+        assert nursery is not None
+        watch_scope = trio.CancelScope()
+        self.watch_done = None
+        slow = self.gateway.slow_watch
+        with trio.CancelScope() as handler_scope:
+            self.handler_scope = handler_scope
+            if send_channel is not None or not slow.running:
+                nursery.start_soon(self._watch, send_channel, handler_scope, buffered, watch_scope)
+            else:
+                slow.add(
+                    self,
+                    lambda: nursery.start_soon(
+                        self._watch, None, handler_scope, buffered, watch_scope, False
+                    ),
+                )
+            try:
+                await self.gateway.dispatch(request, responder)
+                await responder.finish()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+                self.closing = True
+            finally:
+                slow.discard(self)
+                self.handler_scope = None
+                watch_scope.cancel()
+        if self.watch_done is not None:
+            with trio.CancelScope(shield=True):
+                await self.watch_done.wait()  # one reader at a time: let the watcher leave
         if handler_scope.cancelled_caught:
             self.closing = True  # the client went away mid-request
         log_access(self.gateway, request, responder.status or 499, responder.sent_bytes, started)
@@ -356,13 +393,28 @@ class H1Connection:
         body: trio.MemorySendChannel[bytes | errors.GatewayError] | None,
         handler_scope: trio.CancelScope,
         received: int,
+        watch_scope: trio.CancelScope,
+        delay: bool = True,
     ) -> None:
-        """Feed the body to the handler, then notice the client leaving (EOF) and cancel it."""
-        if body is not None:
-            await self._feed_body(body, handler_scope, received)
-        # Most handlers answer within a few milliseconds; watching the socket costs epoll
-        # registration syscalls per request, so only start once the handler has run a while.
-        await trio.sleep(_WATCH_AFTER_S)
+        """Feed the body to the handler, then notice the client leaving (EOF) and cancel it.
+
+        Runs in the connection's nursery (no nursery per request); ``watch_scope`` is
+        cancelled when the request ends. Once it reads the socket it sets ``watch_done`` on
+        exit so the connection never has two readers."""
+        with watch_scope:
+            if body is None and delay:
+                # Most handlers answer within milliseconds; watching the socket costs epoll
+                # syscalls per request, so start only once the handler has run a while.
+                await trio.sleep(_WATCH_AFTER_S)
+            done = self.watch_done = trio.Event()
+            try:
+                if body is not None:
+                    await self._feed_body(body, handler_scope, received)
+                await self._watch_eof(handler_scope)
+            finally:
+                done.set()
+
+    async def _watch_eof(self, handler_scope: trio.CancelScope) -> None:
         # Body complete: keep reading so EOF is noticed promptly. Pipelined bytes are
         # buffered in h11 (bounded); past the bound we stop reading until the response is done.
         budget = self.limits.max_pipelined_requests * (

@@ -1,0 +1,47 @@
+"""Arms per-request work only for requests that turn out to be slow.
+
+HTTP/1.1 notices a client that went away only by reading its socket while the handler runs.
+Doing that for every request costs a task, a timer and a cancellation each time, which is
+most of what a fast request costs. Yet only slow requests need it: a request answered within
+a few milliseconds has nothing to cancel. So connections register each request here with a
+callback, and one sweeper task per process (in the app's nursery tree) runs the callbacks of
+requests still in flight after ``delay_s``. A fast request costs a dict insert and delete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import attrs
+import trio
+
+
+@attrs.define(eq=False)
+class SlowWatch:
+    delay_s: float = 0.02
+    #: How often the sweeper looks; disconnects are noticed within delay_s + interval_s.
+    interval_s: float = 0.01
+    pending: dict[object, tuple[float, Callable[[], None]]] = attrs.Factory(dict)
+    running: bool = False
+
+    def add(self, key: object, callback: Callable[[], None]) -> None:
+        self.pending[key] = (trio.current_time() + self.delay_s, callback)
+
+    def discard(self, key: object) -> None:
+        self.pending.pop(key, None)
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.running = True
+        try:
+            task_status.started()
+            while True:
+                await trio.sleep(self.interval_s)  # a sweep period, not a wait for an event
+                if not self.pending:
+                    continue
+                now = trio.current_time()
+                due = [k for k, (when, _) in self.pending.items() if when <= now]
+                for key in due:
+                    _, callback = self.pending.pop(key)
+                    callback()
+        finally:
+            self.running = False
