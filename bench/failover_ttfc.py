@@ -4,7 +4,7 @@ Two gateways run in-process, in front of the same fast fake upstream (``bench.up
 
 * ``healthy-only``: model ``m`` served by one deployment, the healthy upstream;
 * ``refusing-first``: ``m`` served by a group whose first deployment is a 127.0.0.1 port
-  nothing listens on (connect refused) and whose second is the healthy upstream. The
+  bound but not listening (connect refused) and whose second is the healthy upstream. The
   breaker's threshold is set out of reach so that every request pays the failover (with
   the default breaker only the first five would: then the refusing deployment is skipped).
 
@@ -37,13 +37,6 @@ from runestone_proxy.server.app import App
 
 HOST = "127.0.0.1"
 BODY = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "stream": True}
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def gateway_config(deployments: dict[str, str], breaker: BreakerConfig) -> Config:
@@ -83,6 +76,8 @@ def summary(samples: list[float]) -> dict[str, float]:
 
 async def main(requests: int, warmup: int) -> None:
     logs.configure("warning", "json")
+    refusing = socket.socket()  # bound, not listening: refuses, and no one else takes it
+    refusing.bind((HOST, 0))
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(
             partial(trio.serve_tcp, make_handler(Defaults(chunks=20)), 0, host=HOST)
@@ -92,7 +87,8 @@ async def main(requests: int, warmup: int) -> None:
         configs = {
             "healthy-only": gateway_config({"healthy": upstream}, never),
             "refusing-first": gateway_config(
-                {"refusing": f"http://{HOST}:{closed_port()}/v1", "healthy": upstream}, never
+                {"refusing": f"http://{HOST}:{refusing.getsockname()[1]}/v1", "healthy": upstream},
+                never,
             ),
         }
         urls = {}
@@ -107,6 +103,7 @@ async def main(requests: int, warmup: int) -> None:
                     if index >= warmup:
                         samples[name].append(elapsed)
         nursery.cancel_scope.cancel()
+    refusing.close()
     report = {name: summary(values) for name, values in samples.items()}
     added = report["refusing-first"]["median_ms"] - report["healthy-only"]["median_ms"]
     for name, row in report.items():

@@ -11,9 +11,10 @@ test may change at any time:
     die     start the stream, send two chunks, then drop the connection mid-body
     hold    send the first chunk, set ``first_sent``, wait for ``release``, then the rest
 
-A provider that *refuses* is a port nothing listens on (:func:`closed_port`). Every request's
-body is kept in ``requests``; the model a fake answers with is the one it was sent, so a test
-can tell which upstream model routing chose.
+A provider that *refuses* is a port bound but not listening (:func:`refusing_port`). Every
+request's
+body is kept in ``requests``; the model a fake answers with is the one it was sent, so a
+test can tell which upstream model routing chose.
 
 Wire formats: https://platform.openai.com/docs/api-reference/chat/streaming and
 https://platform.openai.com/docs/guides/error-codes.
@@ -23,7 +24,8 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import attrs
@@ -68,12 +70,14 @@ def text(name: str) -> str:
     return "".join(pieces(name))
 
 
-def closed_port() -> int:
-    """A 127.0.0.1 port nothing listens on: connecting to it is refused at once."""
+@contextmanager
+def refusing_port() -> Iterator[int]:
+    """A 127.0.0.1 port that refuses connections at once: bound but not listening, so no
+    other test can take it while the block runs (a closed port could be reused)."""
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         port: int = sock.getsockname()[1]
-    return port
+        yield port
 
 
 @attrs.define(eq=False)

@@ -12,15 +12,16 @@ would report).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 import httpx
 import openai
+import pytest
 import trio
-from flaky_fakes import HOST, KEY, Flaky, closed_port, text
+from flaky_fakes import HOST, KEY, Flaky, refusing_port, text
 
 from runestone_proxy.config import (
     BreakerConfig,
@@ -79,6 +80,13 @@ async def start_gateway(
     return app, f"http://{HOST}:{bound.port}"
 
 
+@pytest.fixture
+def refusing_url() -> Iterator[str]:
+    """The base URL of a provider that refuses every connection."""
+    with refusing_port() as port:
+        yield f"http://{HOST}:{port}/v1"
+
+
 def group(model: str, *providers: str, **entry: Any) -> list[ModelConfig]:
     return [ModelConfig(model, p, **entry) for p in providers]
 
@@ -127,12 +135,11 @@ def sdk_stream(url: str, model: str) -> tuple[str, str, list[str | None]]:
 
 
 async def test_stream_fails_over_before_its_first_byte_and_the_sdk_sees_one_clean_stream(
-    nursery: trio.Nursery,
+    nursery: trio.Nursery, refusing_url: str
 ) -> None:
     alpha, beta = await start_fakes(nursery, "alpha", "beta")
     alpha.mode = "500"
-    providers = {"down": f"http://{HOST}:{closed_port()}/v1", "alpha": alpha.base_url}
-    providers["beta"] = beta.base_url
+    providers = {"down": refusing_url, "alpha": alpha.base_url, "beta": beta.base_url}
     config = gateway_config(providers, group("m", "down", "alpha", "beta"))
     _, url = await start_gateway(nursery, config)
     with trio.fail_after(LIMIT_S):
@@ -274,7 +281,7 @@ async def test_hedging_picks_the_fast_candidate_and_closes_the_slow_ones_connect
 
 
 async def test_cost_policy_picks_the_cheapest_capable_healthy_model(
-    nursery: trio.Nursery,
+    nursery: trio.Nursery, refusing_url: str
 ) -> None:
     (alpha,) = await start_fakes(nursery, "alpha")
     tools = ("chat", "streaming", "tools")
@@ -288,7 +295,7 @@ async def test_cost_policy_picks_the_cheapest_capable_healthy_model(
         ModelConfig("cheap", "alpha", input_cost_per_1k=0.1, output_cost_per_1k=0.2),
         ModelConfig("cheapest", "down", input_cost_per_1k=0.01, output_cost_per_1k=0.02),
     ]
-    providers = {"alpha": alpha.base_url, "down": f"http://{HOST}:{closed_port()}/v1"}
+    providers = {"alpha": alpha.base_url, "down": refusing_url}
     config = gateway_config(providers, models, route=routing(policy="cost"))
     _, url = await start_gateway(nursery, config)
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
