@@ -21,6 +21,7 @@ import attrs
 
 from runestone_proxy.config import Config
 from runestone_proxy.errors import AuthenticationFailed
+from runestone_proxy.gateway.ratelimit import UNLIMITED, KeyLimits
 from runestone_proxy.telemetry import mask_key
 
 
@@ -29,6 +30,7 @@ class Principal:
     tenant: str
     key_mask: str
     key_id: str  # digest prefix: a stable, non-secret id for per-key limits
+    limits: KeyLimits = UNLIMITED
 
 
 ANONYMOUS = Principal(tenant="default", key_mask="-", key_id="anonymous")
@@ -43,6 +45,7 @@ class KeyRecord:
     tenant: str
     active: bool
     sha256: str
+    limits: KeyLimits = UNLIMITED
 
 
 @attrs.frozen
@@ -66,7 +69,7 @@ class KeyStore:
                 if not value:
                     continue  # the variable is unset: this key does not exist on this host
                 sha = digest(value)
-            records[sha] = KeyRecord(entry.tenant, entry.active, sha)
+            records[sha] = KeyRecord(entry.tenant, entry.active, sha, KeyLimits.from_config(entry))
         for value in env.get("RUNESTONE_API_KEYS", "").split(","):
             value = value.strip()
             if value:
@@ -88,7 +91,7 @@ class KeyStore:
         record = self.records.get(sha)
         if record is None or not hmac.compare_digest(record.sha256, sha) or not record.active:
             raise AuthenticationFailed(f"Incorrect API key provided: {mask_key(presented)}.")
-        return Principal(record.tenant, mask_key(presented), sha[:12])
+        return Principal(record.tenant, mask_key(presented), sha[:12], record.limits)
 
 
 def _presented(authorization: bytes | None, x_api_key: bytes | None) -> str | None:

@@ -19,10 +19,11 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import structlog
+import trio
 
 from runestone_proxy import telemetry
 from runestone_proxy.config import Config, ConfigError
@@ -32,12 +33,15 @@ from runestone_proxy.errors import (
     InvalidJSON,
     InvalidParam,
     ModelNotFound,
+    RateLimited,
 )
-from runestone_proxy.gateway import aliases
+from runestone_proxy.gateway import aliases, ratelimit
 from runestone_proxy.gateway.auth import KeyStore, Principal
+from runestone_proxy.gateway.capacity import Capacity, EnqueueInstead
 from runestone_proxy.gateway.deployments import Deployments
 from runestone_proxy.gateway.failover import Failover
 from runestone_proxy.gateway.pipeline import PayloadStream, Providers
+from runestone_proxy.gateway.ratelimit import RateLimiter
 from runestone_proxy.gateway.routing import RoutingTable, Target, constraints_for, filter_and_order
 from runestone_proxy.protocol.sse import DONE, encode_data
 from runestone_proxy.providers.base import Endpoint, ProviderCall
@@ -46,6 +50,22 @@ from runestone_proxy.server.router import Router
 from runestone_proxy.server.upstream import UpstreamPool
 
 log = structlog.get_logger("runestone.api")
+
+
+class Overflow(Protocol):
+    """The durable queue's entry point (server/jobs_api.py): commit the job, answer 202."""
+
+    async def accept(
+        self,
+        request: Request,
+        responder: Responder,
+        principal: Principal,
+        endpoint: Endpoint,
+        body: dict[str, Any],
+        raw: bytes,
+        webhook_url: str | None,
+    ) -> None: ...
+
 
 #: Request fields that are Runestone's own: used for routing, never sent to a provider.
 RUNESTONE_FIELDS = frozenset(
@@ -122,6 +142,10 @@ class Api:
     config: Config
     #: RUNESTONE_ALIASES_PATH, when set; its aliases win over config.toml's.
     aliases_path: Path | None = None
+    capacity: Capacity = attrs.field(kw_only=True)
+    ratelimiter: RateLimiter = attrs.field(kw_only=True, factory=RateLimiter)
+    #: Parks requests durably (202) when their tenant is full and they asked for async.
+    overflow: Overflow | None = attrs.field(kw_only=True, default=None)
 
     @classmethod
     def build(cls, config: Config, env: Mapping[str, str], pool: UpstreamPool) -> Api:
@@ -145,6 +169,7 @@ class Api:
             config.routing.default_output_tokens,
             config,
             path,
+            capacity=Capacity.from_config(config),
         )
 
     def reload_aliases(self) -> bool:
@@ -171,6 +196,7 @@ class Api:
         self.policy = config.routing.policy
         self.default_output_tokens = config.routing.default_output_tokens
         self.deployments.reconfigure(config)
+        self.capacity.reconfigure(config)
 
     def add_routes(self, router: Router) -> None:
         router.add("POST", "/v1/chat/completions", self.chat_completions)
@@ -236,10 +262,76 @@ class Api:
     async def _generate(
         self, request: Request, responder: Responder, endpoint: Endpoint, force_stream: bool = False
     ) -> None:
-        self.authenticate(request)
-        raw = await request.body()
+        principal = self.authenticate(request)
+        # bytes() is free for bytes; a body that arrived as one h11 chunk is a bytearray,
+        # which the upstream pool would take for a streamed (async-iterable) body.
+        raw = bytes(await request.body())
         body = parse_object(raw)
         validate(endpoint, body)
+        if self.keys.open and isinstance(body.get("tenant_id"), str) and body["tenant_id"]:
+            # With no keys configured, the legacy ``tenant_id`` field names the tenant.
+            principal = attrs.evolve(principal, tenant=body["tenant_id"])
+            request.context["principal"] = principal
+        webhook = body.get("webhook_url")
+        if webhook is not None and not (
+            isinstance(webhook, str) and webhook.startswith(("http://", "https://"))
+        ):
+            raise InvalidParam("'webhook_url' must be an http(s) URL.", param="webhook_url")
+        prefer = (request.header(b"prefer") or b"").lower()
+        wants_async = force_stream or b"respond-async" in prefer or webhook is not None
+        limits = principal.limits
+        estimate = (
+            ratelimit.estimate_tokens(
+                body, 0 if endpoint == "embeddings" else self.default_output_tokens
+            )
+            if limits.tpm
+            else 0
+        )
+        reservation, rl_headers = self.ratelimiter.check(
+            principal.key_id,
+            limits,
+            trio.current_time(),
+            estimate,
+            tenant=principal.tenant,
+            key_mask=principal.key_mask,
+            request_id=request.request_id,
+        )
+        usage: list[int | None] = [None]
+        try:
+            async with self.capacity.slot(
+                principal.tenant,
+                wants_async=wants_async,
+                key_mask=principal.key_mask,
+                request_id=request.request_id,
+            ):
+                await self._serve(
+                    request, responder, endpoint, body, raw, force_stream, rl_headers, usage
+                )
+        except EnqueueInstead:
+            if self.overflow is None:
+                raise RateLimited(
+                    f"Tenant {principal.tenant!r} is at capacity and no overflow queue is "
+                    "available.",
+                    retry_after_s=1,
+                    headers=rl_headers,
+                ) from None
+            await self.overflow.accept(request, responder, principal, endpoint, body, raw, webhook)
+        finally:
+            self.ratelimiter.reconcile(reservation, usage[0], trio.current_time())
+
+    async def _serve(
+        self,
+        request: Request,
+        responder: Responder,
+        endpoint: Endpoint,
+        body: dict[str, Any],
+        raw: bytes,
+        force_stream: bool,
+        extra_headers: tuple[tuple[bytes, bytes], ...],
+        usage: list[int | None],
+    ) -> None:
+        """Route and call the provider with the tenant's slot held; ``usage[0]`` gets the
+        tokens the answer reports (for the TPM reconcile)."""
         extras = RUNESTONE_FIELDS.intersection(body)
         provider_field = body.get("provider")
         if provider_field is not None and not isinstance(provider_field, str):
@@ -283,9 +375,10 @@ class Api:
             request_id=request.request_id,
         )
         if stream:
-            await self._relay(request, responder, targets, call_for, policy)
+            await self._relay(request, responder, targets, call_for, policy, extra_headers, usage)
             return
         target, answer = await self.failover.complete(targets, call_for, self.providers)
+        usage[0] = ratelimit.usage_tokens(answer)
         fields = json.dumps(
             {
                 "provider": target.provider,
@@ -294,7 +387,7 @@ class Api:
             },
             separators=(",", ":"),
         ).encode()[1:-1]
-        headers = (*JSON_HEADERS, *_meta(target, policy))
+        headers = (*JSON_HEADERS, *_meta(target, policy), *extra_headers)
         await responder.respond(200, headers, splice_metadata(answer, fields))
 
     async def _relay(
@@ -304,6 +397,8 @@ class Api:
         targets: list[Target],
         call_for: Callable[[Target], ProviderCall],
         policy: str,
+        extra_headers: tuple[tuple[bytes, bytes], ...],
+        usage: list[int | None],
     ) -> None:
         """Stream through the failover executor; the response starts at the commit."""
 
@@ -312,10 +407,12 @@ class Api:
         ) -> None:
             started = time.perf_counter()
             chunks = 0
-            await responder.start(200, (*SSE_HEADERS, *_meta(target, policy)))
+            last = b""
+            await responder.start(200, (*SSE_HEADERS, *_meta(target, policy), *extra_headers))
             try:
                 while payloads is not None:
                     chunks += len(payloads)
+                    last = payloads[-1]
                     if len(payloads) == 1:
                         await responder.send(encode_data(payloads[0]))
                     else:
@@ -332,6 +429,7 @@ class Api:
                 )
                 return
             await responder.send(DONE)
+            usage[0] = ratelimit.usage_tokens(last) if last else None
             telemetry.emit(
                 "stream.complete",
                 provider=target.provider,

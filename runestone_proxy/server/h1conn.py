@@ -93,6 +93,10 @@ class H1Responder:
         out = [*headers, (b"x-request-id", self.request_id.encode())]
         if length is not None:
             out.append((b"content-length", str(length).encode()))
+        if self.conn.proto.their_state is not h11.DONE:
+            # Answered before the body was read (e.g. 401): we will close, so say so
+            # (RFC 9112 §9.6) rather than leave a keep-alive client to find a reset.
+            self.conn.closing = True
         if self.conn.closing:
             out.append(_CLOSE)
         self.status = status
