@@ -226,6 +226,9 @@ class RoutingConfig:
     retry_max_ms: float = attrs.field(default=2000.0, validator=_non_negative)
     #: Budget for all attempts until an answer (or a stream's first byte) is in hand.
     deadline_s: float = attrs.field(default=60.0, validator=_positive)
+    #: One attempt slower than this (to its whole answer, or a stream's first chunk) is
+    #: abandoned for the next candidate while the deadline and attempts allow.
+    attempt_timeout_s: float = attrs.field(default=30.0, validator=_positive)
     #: Output tokens assumed for cost estimates when the request sets no max_tokens.
     default_output_tokens: int = attrs.field(default=256, validator=_positive)
     breaker: BreakerConfig = attrs.Factory(BreakerConfig)

@@ -177,12 +177,14 @@ class Failover:
             target, slot = await self._pick(targets, tried, deadline, last)
             d = slot.deployment
             started = trio.current_time()
+            bound = min(deadline, started + routing.attempt_timeout_s)
             try:
-                with slot, trio.fail_after(max(0.0, deadline - started)):
+                with slot, trio.fail_after(max(0.0, bound - started)):
                     body = await providers.complete(target, call_for(target))
             except trio.TooSlowError:
                 exc: GatewayError = UpstreamTimeout(
-                    f"{target.provider} did not answer within the routing deadline."
+                    f"{target.provider} did not answer within "
+                    f"{'the routing deadline' if bound == deadline else 'the attempt timeout'}."
                 )
                 self._failed(d, exc, started)
             except GatewayError as error:
@@ -275,15 +277,13 @@ class Failover:
         d = slot.deployment
         started = trio.current_time()
         committed = False
+        limit = min(deadline, started + self.deployments.routing.attempt_timeout_s)
         try:
-            with slot:
+            # Until the commit, the whole attempt (connect, head, first chunk) is bounded.
+            with slot, trio.CancelScope(deadline=limit) as bounded:
                 async with providers.open_stream(target, call_for(target)) as stream:
-                    with trio.move_on_at(deadline) as waited:
-                        first = await stream.next()
-                    if waited.cancelled_caught:
-                        raise UpstreamTimeout(
-                            f"{target.provider} produced no first chunk within the deadline."
-                        )
+                    first = await stream.next()
+                    bounded.deadline = math.inf
                     ttft_ms = (trio.current_time() - started) * 1000
                     if not commit.claim(target, key):
                         slot.release_probe()
@@ -291,7 +291,12 @@ class Failover:
                     committed = True
                     d.ttft_ms.append(ttft_ms)
                     self.deployments.record(d, True, ttft_ms)
-                    await relay(target, stream, first)
+                    await relay(target, _Recorded(stream, self, d), first)
+            if bounded.cancelled_caught and not committed:
+                raise UpstreamTimeout(
+                    f"{target.provider} produced no first chunk within "
+                    f"{'the routing deadline' if limit == deadline else 'the attempt timeout'}."
+                )
         except GatewayError as exc:
             if committed:
                 raise
@@ -372,6 +377,23 @@ class Failover:
             raise after_commit[0]
         if commit.winner is None:
             raise errors[0] if errors else UpstreamTimeout("No hedged attempt produced a chunk.")
+
+
+@attrs.define(eq=False)
+class _Recorded:
+    """The committed stream, as the relay sees it: a death after the first byte still counts
+    against the deployment's breaker, though it can no longer fail over."""
+
+    stream: PayloadStream
+    failover: Failover
+    deployment: Deployment
+
+    async def next(self) -> list[bytes] | None:
+        try:
+            return await self.stream.next()
+        except GatewayError as exc:
+            self.failover.deployments.record(self.deployment, not _counts_against_health(exc), None)
+            raise
 
 
 def _emit_retry(target: Target, exc: GatewayError, attempt: int) -> None:

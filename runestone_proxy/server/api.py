@@ -142,6 +142,8 @@ class Api:
     config: Config
     #: RUNESTONE_ALIASES_PATH, when set; its aliases win over config.toml's.
     aliases_path: Path | None = None
+    #: The aliases the file gave at its last valid read.
+    file_aliases: dict[str, str] = attrs.field(kw_only=True, factory=dict)
     capacity: Capacity = attrs.field(kw_only=True)
     ratelimiter: RateLimiter = attrs.field(kw_only=True, factory=RateLimiter)
     #: Parks requests durably (202) when their tenant is full and they asked for async.
@@ -169,6 +171,7 @@ class Api:
             config.routing.default_output_tokens,
             config,
             path,
+            file_aliases=extra or {},
             capacity=Capacity.from_config(config),
         )
 
@@ -181,6 +184,7 @@ class Api:
         except aliases.AliasError as exc:
             log.error("aliases.reload.failed", path=str(self.aliases_path), error=str(exc))
             return False
+        self.file_aliases = extra
         self.routing = RoutingTable.build(self.config, self.env, extra)
         log.info("aliases.reloaded", path=str(self.aliases_path), count=len(extra))
         return True
@@ -190,8 +194,18 @@ class Api:
         keeps the resolution, providers and keys it started with."""
         self.config = config
         self.keys = KeyStore.build(config, self.env)
-        self.routing = RoutingTable.build(config, self.env)
-        self.reload_aliases()
+        if not self.reload_aliases():
+            # A bad file keeps the aliases it had, as long as they still fit the new config.
+            try:
+                aliases.validate(
+                    {**config.aliases, **self.file_aliases},
+                    [p.name for p in config.providers],
+                    [m.id for m in config.models],
+                )
+            except aliases.AliasError as exc:
+                log.error("aliases.dropped", error=str(exc))
+                self.file_aliases = {}
+            self.routing = RoutingTable.build(config, self.env, self.file_aliases)
         self.providers = Providers.build(config, self.env, self.providers.pool)
         self.policy = config.routing.policy
         self.default_output_tokens = config.routing.default_output_tokens
