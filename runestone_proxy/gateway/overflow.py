@@ -1,0 +1,355 @@
+"""The durable overflow queue's rules: job states, retries, lease fencing, webhook payloads.
+
+Pure: no trio, no sqlite, no clock of its own (time and randomness are passed in). The store
+(:mod:`runestone_proxy.server.store`) applies these rules in SQL; the drainer
+(:mod:`runestone_proxy.server.drainer`) decides with them and then does the I/O.
+
+The job state table (the only transitions there are)::
+
+    status     action                                          next status
+    --------   ---------------------------------------------   -----------
+    queued     claim (due, tenant has capacity): new lease     running
+    running    complete (2xx outcome, lease token matches)     succeeded
+    running    fail, retryable and attempts < max_attempts     queued   (next_attempt_at later)
+    running    fail, not retryable or attempts exhausted       failed
+    running    release (shutdown; the attempt is not counted)  queued
+    running    lease expired (crash): recover, or re-claim     queued / running (new lease)
+    succeeded  -- terminal: body redacted to its digest, result kept for retention_s
+    failed     -- terminal: likewise, with the last error envelope as its result
+
+How fencing works: every claim writes a fresh random lease token. ``complete``, ``fail`` and
+``release`` name the token they were given; they change the row only while it is ``running``
+with that same token. A run whose lease expired and was claimed again (after a crash, or a
+run slower than ``lease_s``) holds a stale token, so its result is discarded and the job
+keeps exactly one stored result: the first fenced completion's.
+
+The webhook state table, kept in the same row so delivery survives restarts::
+
+    webhook    event                                           next
+    --------   ---------------------------------------------   ---------
+    none       job ends with a webhook_url                     pending  (due now)
+    pending    receiver answered 2xx                           delivered
+    pending    failure, attempts < webhook_max_attempts        pending  (due later, backoff)
+    pending    failure, attempts exhausted                     failed
+
+Retries back off exponentially with full jitter (AWS Architecture Blog, "Exponential Backoff
+And Jitter"): ``uniform(0, min(max_s, base_s * 2 ** (attempt - 1)))``, never sooner than a
+``retry_after_s`` the provider asked for.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import json
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from runestone_proxy.errors import GatewayError
+
+
+class JobStatus(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class Action(enum.Enum):
+    CLAIM = "claim"
+    COMPLETE = "complete"
+    RETRY = "retry"
+    FAIL = "fail"
+    RELEASE = "release"
+    EXPIRE = "expire"
+
+
+#: (status, action) -> next status: the table above, as data.
+TRANSITIONS: dict[tuple[JobStatus, Action], JobStatus] = {
+    (JobStatus.QUEUED, Action.CLAIM): JobStatus.RUNNING,
+    (JobStatus.RUNNING, Action.COMPLETE): JobStatus.SUCCEEDED,
+    (JobStatus.RUNNING, Action.RETRY): JobStatus.QUEUED,
+    (JobStatus.RUNNING, Action.FAIL): JobStatus.FAILED,
+    (JobStatus.RUNNING, Action.RELEASE): JobStatus.QUEUED,
+    (JobStatus.RUNNING, Action.EXPIRE): JobStatus.QUEUED,
+}
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED})
+#: Statuses that count against a tenant's ``max_queued_jobs``.
+ACTIVE = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
+
+
+class InvalidTransition(Exception):
+    pass
+
+
+def transition(status: JobStatus, action: Action) -> JobStatus:
+    """The next status, or :class:`InvalidTransition` if the table has no such move."""
+    try:
+        return TRANSITIONS[(status, action)]
+    except KeyError:
+        raise InvalidTransition(f"{action.value} is not allowed from {status.value}") from None
+
+
+class WebhookStatus(enum.Enum):
+    NONE = "none"
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+WEBHOOK_TRANSITIONS: frozenset[tuple[WebhookStatus, WebhookStatus]] = frozenset(
+    {
+        (WebhookStatus.NONE, WebhookStatus.PENDING),
+        (WebhookStatus.PENDING, WebhookStatus.DELIVERED),
+        (WebhookStatus.PENDING, WebhookStatus.PENDING),
+        (WebhookStatus.PENDING, WebhookStatus.FAILED),
+    }
+)
+
+
+# --- values ------------------------------------------------------------------------------------
+
+
+def new_job_id() -> str:
+    return "job_" + secrets.token_hex(12)
+
+
+def new_lease_token() -> str:
+    return secrets.token_hex(16)
+
+
+def digest(body: bytes) -> bytes:
+    """What a finished job keeps of its request: ``sha256:<hex>`` (redaction)."""
+    return b"sha256:" + hashlib.sha256(body).hexdigest().encode()
+
+
+@attrs.frozen
+class NewJob:
+    """An accepted request, before it is committed."""
+
+    tenant: str
+    request_id: str
+    endpoint: str
+    body: bytes = attrs.field(repr=False)  # the request JSON: never logged
+    webhook_url: str | None = None
+    idempotency_key: str | None = None
+    id: str = attrs.Factory(new_job_id)
+
+
+@attrs.frozen
+class Job:
+    """One row of the queue, as read back."""
+
+    id: str
+    tenant: str
+    request_id: str
+    endpoint: str
+    body: bytes = attrs.field(repr=False)
+    webhook_url: str | None
+    idempotency_key: str | None
+    status: JobStatus
+    attempts: int
+    lease_token: str | None = attrs.field(repr=False)
+    lease_expires_at: float | None
+    next_attempt_at: float
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+    result: bytes | None = attrs.field(repr=False)
+    result_status: int | None
+    last_error: str | None = attrs.field(repr=False)
+    webhook_status: WebhookStatus
+    webhook_attempts: int
+    webhook_next_at: float | None
+
+
+@attrs.frozen
+class Enqueued:
+    """What ``enqueue`` answers: the job, whether it is new (else an idempotent replay), and
+    the tenant's count of active (queued + running) jobs after it."""
+
+    job: Job
+    created: bool
+    queue_depth: int
+
+
+@attrs.frozen
+class JobOutcome:
+    """What running a job produced: the HTTP status and body the live request would have had."""
+
+    status: int
+    body: bytes = attrs.field(repr=False)
+    retryable: bool = False
+    retry_after_s: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+
+# --- decisions ---------------------------------------------------------------------------------
+
+
+def backoff_s(attempt: int, base_s: float, max_s: float, rand: Callable[[], float]) -> float:
+    """Full jitter: uniform over ``[0, min(max_s, base_s * 2 ** (attempt - 1))]``.
+
+    ``attempt`` counts from 1 (the attempt that just failed); ``rand`` returns [0, 1)."""
+    ceiling = min(max_s, base_s * 2.0 ** min(max(attempt - 1, 0), 62))
+    return rand() * ceiling
+
+
+@attrs.frozen
+class Complete:
+    pass
+
+
+@attrs.frozen
+class Retry:
+    at: float
+
+
+@attrs.frozen
+class Fail:
+    pass
+
+
+Settle = Complete | Retry | Fail
+
+
+def settle(
+    outcome: JobOutcome,
+    attempts: int,
+    *,
+    max_attempts: int,
+    base_s: float,
+    max_s: float,
+    now: float,
+    rand: Callable[[], float],
+) -> Settle:
+    """Decide what a finished run means for its job: done, try again later, or give up."""
+    if outcome.ok:
+        return Complete()
+    if not outcome.retryable or attempts >= max_attempts:
+        return Fail()
+    delay = backoff_s(attempts, base_s, max_s, rand)
+    if outcome.retry_after_s is not None:
+        delay = max(delay, outcome.retry_after_s)
+    return Retry(now + delay)
+
+
+def webhook_settle(
+    delivered: bool,
+    attempts: int,
+    *,
+    max_attempts: int,
+    base_s: float,
+    max_s: float,
+    now: float,
+    rand: Callable[[], float],
+) -> tuple[WebhookStatus, float | None]:
+    """After delivery attempt number ``attempts``: the webhook's next state and due time."""
+    if delivered:
+        return WebhookStatus.DELIVERED, None
+    if attempts >= max_attempts:
+        return WebhookStatus.FAILED, None
+    return WebhookStatus.PENDING, now + backoff_s(attempts, base_s, max_s, rand)
+
+
+def outcome_from_error(exc: GatewayError) -> JobOutcome:
+    """The outcome a job gets when its run raised ``exc`` (the envelope a live request
+    would have received, and whether trying again may help)."""
+    retry_after = getattr(exc, "retry_after_s", None)
+    return JobOutcome(
+        exc.http_status,
+        exc.body(),
+        exc.is_retryable,
+        retry_after if isinstance(retry_after, int | float) else None,
+    )
+
+
+def fenced(status: JobStatus, stored_token: str | None, presented_token: str) -> bool:
+    """May a run holding ``presented_token`` settle this job? Only while it is running under
+    that very lease (constant-time compare: tokens are capabilities)."""
+    return (
+        status is JobStatus.RUNNING
+        and stored_token is not None
+        and hmac.compare_digest(stored_token, presented_token)
+    )
+
+
+def round_robin(tenants: list[str], after: str | None) -> list[str]:
+    """``tenants`` (sorted) in the order to try them: first the one after ``after``."""
+    if after is None:
+        return tenants
+    later = [t for t in tenants if t > after]
+    return later + [t for t in tenants if t <= after]
+
+
+# --- what clients and webhooks see ---------------------------------------------------------
+
+
+def _json_or_none(data: bytes | None) -> Any:
+    if data is None:
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None
+
+
+def job_view(job: Job) -> dict[str, Any]:
+    """The ``runestone.job`` object of ``GET /v1/jobs/{id}``."""
+    view: dict[str, Any] = {
+        "id": job.id,
+        "object": "runestone.job",
+        "status": job.status.value,
+        "attempts": job.attempts,
+        "created_at": job.created_at,
+        "updated_at": job.updated_at,
+        "finished_at": job.finished_at,
+        "request_id": job.request_id,
+        "result": None,
+        "error": None,
+    }
+    if job.status is JobStatus.SUCCEEDED:
+        view["result"] = _json_or_none(job.result)
+    elif job.status is JobStatus.FAILED:
+        view["error"] = _json_or_none(job.result) or error_envelope(job.last_error or "failed")
+    return view
+
+
+def error_envelope(message: str, code: str = "job_failed") -> dict[str, Any]:
+    return {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+
+
+def webhook_body(job: Job) -> bytes:
+    """The webhook's JSON: the job view with ``result`` holding the OpenAI body or, for a
+    failed job, the error envelope."""
+    view = job_view(job)
+    if job.status is JobStatus.FAILED:
+        view["result"] = view["error"]
+    return json.dumps(view, separators=(",", ":")).encode()
+
+
+def sign(secret: bytes, timestamp: int, body: bytes) -> str:
+    """``x-runestone-signature``: ``t=<ts>,v1=<hex HMAC-SHA256(secret, "<ts>.<body>")>``."""
+    mac = hmac.new(secret, str(timestamp).encode() + b"." + body, hashlib.sha256)
+    return f"t={timestamp},v1={mac.hexdigest()}"
+
+
+def verify(secret: bytes, header: str, body: bytes, *, now: int, tolerance_s: int = 300) -> bool:
+    """A receiver's check of :func:`sign` (used by the tests; handy for users)."""
+    fields = dict(part.split("=", 1) for part in header.split(",") if "=" in part)
+    try:
+        timestamp = int(fields["t"])
+    except (KeyError, ValueError):
+        return False
+    if abs(now - timestamp) > tolerance_s:
+        return False
+    expected = sign(secret, timestamp, body).partition(",v1=")[2]
+    return hmac.compare_digest(expected, fields.get("v1", ""))

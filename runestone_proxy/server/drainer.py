@@ -1,0 +1,328 @@
+"""The overflow drainer: runs queued jobs as tenants' capacity frees, delivers webhooks, and
+sweeps finished jobs past their retention. One long-lived task tree in the app's nursery::
+
+    run_drainer                       started with nursery.start; reports the Drainer
+    ├── claim loop                    claims due jobs, fairly, for tenants with capacity
+    │   └── job task (one per job)    holds the tenant's slot; runner(job); settles the lease
+    ├── capacity forwarder            capacity.wait_freed() -> ring the claim loop's bell
+    ├── webhook loop                  POSTs due webhooks (signed), records each attempt
+    └── sweep loop                    deletes jobs finished more than retention_s ago
+
+How this works
+--------------
+Nothing polls. Each loop does what is due, then waits on its doorbell (a
+:class:`~runestone_proxy.server.store.Wakeup`) with, at most, an honest deadline: the
+earliest retry or lease expiry (claims), the next webhook retry, the next job to age out of
+retention. The claim loop's bell rings when an enqueue commits a job, when a capacity slot
+frees (``capacity.wait_freed``, or one of our own jobs ending), and when a job is put back
+for a retry. A claimed job's task first takes ``capacity.job_slot(tenant)``; until it holds
+the slot the claim loop waits (``nursery.start``), so one free slot is never claimed twice.
+
+Every run is bounded by its lease (``lease_s``): a run that outlives it is cancelled and
+counts as a retryable timeout, so leases are never renewed and expiry means the process
+died. Results are stored through the lease token (fencing, see gateway/overflow.py). The
+decision after a run is the pure :func:`~runestone_proxy.gateway.overflow.settle`.
+
+On shutdown (the drainer's scope cancelled) a running job is put back in the queue without
+counting the attempt, as long as the store is still open: cancel the drainer before the
+store (``App`` does). Whatever could not be put back is recovered on the next start, once
+its lease has expired. No prompt or completion text reaches a log line or an event.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from functools import partial
+from typing import Protocol
+from urllib.parse import urlsplit
+
+import attrs
+import httpx
+import structlog
+import trio
+
+from runestone_proxy import telemetry
+from runestone_proxy.config import OverflowConfig
+from runestone_proxy.errors import GatewayError, UpstreamTimeout
+from runestone_proxy.gateway.overflow import (
+    Complete,
+    Fail,
+    Job,
+    JobOutcome,
+    Retry,
+    Settle,
+    WebhookStatus,
+    outcome_from_error,
+    settle,
+    sign,
+    webhook_body,
+    webhook_settle,
+)
+from runestone_proxy.server.store import Store, Wakeup
+
+log = structlog.get_logger("runestone.drainer")
+
+Runner = Callable[[Job], Awaitable[JobOutcome]]
+_WEBHOOK_BATCH = 32
+_RELEASE_GRACE_S = 5.0
+
+
+class Capacity(Protocol):
+    """The tenant limiter's face towards the drainer (gateway/capacity.py)."""
+
+    def has_capacity(self, tenant: str) -> bool: ...
+
+    def job_slot(self, tenant: str) -> AbstractAsyncContextManager[object]: ...
+
+    async def wait_freed(self) -> None: ...
+
+
+@attrs.define(eq=False)
+class Drainer:
+    store: Store
+    runner: Runner
+    capacity: Capacity
+    config: OverflowConfig
+    secret: bytes | None = attrs.field(repr=False)
+    #: Wall clock for stored times; tests on a MockClock pass ``trio.current_time``.
+    clock: Callable[[], float] = time.time
+    rand: Callable[[], float] = random.random
+    webhooks_due: Wakeup = attrs.Factory(Wakeup)
+    sweep_due: Wakeup = attrs.Factory(Wakeup)
+    running: int = 0
+
+    def notify(self) -> None:
+        """Capacity may have freed, or a job was queued: look again."""
+        self.store.wakeup.set()
+
+    async def _wait(self, bell: Wakeup, deadline: float | None) -> None:
+        """Until ``bell`` rings or the wall-clock ``deadline`` passes."""
+        delay = math.inf if deadline is None else max(0.0, deadline - self.clock())
+        with trio.move_on_after(delay):
+            await bell.wait()
+
+    async def _pause_after(self, exc: GatewayError, loop: str) -> None:
+        """A store failure (disk full, locked): say so, wait a little, carry on."""
+        log.error("overflow.drainer.error", loop=loop, error=exc.message)
+        await trio.sleep(self.config.backoff_base_s)
+
+    # --- claiming and running ------------------------------------------------------------------
+
+    async def claim_loop(self, nursery: trio.Nursery) -> None:
+        while True:
+            now = self.clock()
+            try:
+                schedule = await self.store.schedule(now)
+                candidates = [t for t in schedule.due if self.capacity.has_capacity(t)]
+                job = None
+                if candidates:
+                    job = await self.store.claim(candidates, self.config.lease_s, now)
+            except GatewayError as exc:
+                await self._pause_after(exc, "claim")
+                continue
+            if job is None:
+                await self._wait(self.store.wakeup, schedule.next_at)
+                continue
+            # Until the job holds its slot, has_capacity() would still count that slot as
+            # free: start() returns only once it is held (at once, unless a live request
+            # took the room during the claim; then this waits for the tenant's next slot).
+            await nursery.start(partial(self._run, job, schedule.depth - 1))
+
+    async def forward_freed(self) -> None:
+        while True:
+            await self.capacity.wait_freed()
+            self.notify()
+
+    async def _run(
+        self, job: Job, depth: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            async with self.capacity.job_slot(job.tenant):
+                task_status.started()  # the claim loop goes on once the slot is held
+                self.running += 1
+                try:
+                    await self._attempt(job, depth)
+                finally:
+                    self.running -= 1
+        finally:
+            self.notify()  # our slot is free again
+
+    async def _attempt(self, job: Job, depth: int) -> None:
+        assert job.lease_token is not None
+        fields = {"tenant": job.tenant, "job_id": job.id, "request_id": job.request_id}
+        telemetry.emit("overflow.drain.start", **fields, attempt=job.attempts, queue_depth=depth)
+        started = trio.current_time()
+        try:
+            outcome = await self._execute(job)
+        except trio.Cancelled:
+            with trio.CancelScope(shield=True), trio.move_on_after(_RELEASE_GRACE_S):
+                try:
+                    await self.store.release(job.id, job.lease_token, self.clock())
+                except GatewayError as exc:
+                    log.warning("overflow.release.failed", job_id=job.id, error=exc.message)
+            raise
+        now = self.clock()
+        decision = settle(
+            outcome,
+            job.attempts,
+            max_attempts=self.config.max_attempts,
+            base_s=self.config.backoff_base_s,
+            max_s=self.config.backoff_max_s,
+            now=now,
+            rand=self.rand,
+        )
+        try:
+            if isinstance(decision, Complete):
+                stored = await self.store.complete(
+                    job.id, job.lease_token, outcome.body, outcome.status, now
+                )
+            else:
+                retry_at = decision.at if isinstance(decision, Retry) else None
+                stored = await self.store.fail(
+                    job.id, job.lease_token, outcome.body, outcome.status, retry_at, now
+                )
+        except GatewayError as exc:  # not stored: the lease expires and the job runs again
+            log.error("overflow.settle.failed", job_id=job.id, error=exc.message)
+            stored = False
+        result = "stale" if not stored else _RESULT[type(decision)]
+        telemetry.emit(
+            "overflow.drain.stop",
+            **fields,
+            attempt=job.attempts,
+            queue_depth=depth,
+            status=outcome.status,
+            result=result,
+            duration_ms=round((trio.current_time() - started) * 1000, 3),
+        )
+        if result in ("succeeded", "failed"):
+            self.webhooks_due.set()
+            self.sweep_due.set()
+
+    async def _execute(self, job: Job) -> JobOutcome:
+        """``runner(job)``, bounded by the lease; errors become outcomes."""
+        assert job.lease_expires_at is not None
+        with trio.move_on_after(max(0.0, job.lease_expires_at - self.clock())) as scope:
+            try:
+                return await self.runner(job)
+            except GatewayError as exc:
+                return outcome_from_error(exc)
+            except Exception:
+                log.exception("overflow.runner.crashed", job_id=job.id)
+                crashed = GatewayError("The server had an error while processing the job.")
+                return JobOutcome(crashed.http_status, crashed.body(), retryable=True)
+        assert scope.cancelled_caught
+        timeout = UpstreamTimeout(
+            f"The job did not finish within its lease ({self.config.lease_s} s)."
+        )
+        return outcome_from_error(timeout)
+
+    # --- webhooks and retention --------------------------------------------------------------
+
+    async def webhook_loop(self, client: httpx.AsyncClient) -> None:
+        while True:
+            try:
+                due, next_at = await self.store.due_webhooks(self.clock(), _WEBHOOK_BATCH)
+            except GatewayError as exc:
+                await self._pause_after(exc, "webhook")
+                continue
+            if not due:
+                await self._wait(self.webhooks_due, next_at)
+                continue
+            async with trio.open_nursery() as nursery:
+                for job in due:
+                    nursery.start_soon(self._deliver, client, job)
+
+    async def _deliver(self, client: httpx.AsyncClient, job: Job) -> None:
+        assert job.webhook_url is not None
+        body = webhook_body(job)
+        headers = {"content-type": "application/json", "x-runestone-job-id": job.id}
+        if self.secret is not None:
+            headers["x-runestone-signature"] = sign(self.secret, int(time.time()), body)
+        answer: int | str
+        try:
+            with trio.fail_after(self.config.webhook_timeout_s):
+                response = await client.post(job.webhook_url, content=body, headers=headers)
+            answer = response.status_code
+        except (httpx.HTTPError, trio.TooSlowError) as exc:
+            answer = type(exc).__name__
+        delivered = isinstance(answer, int) and 200 <= answer < 300
+        now = self.clock()
+        to, next_at = webhook_settle(
+            delivered,
+            job.webhook_attempts + 1,
+            max_attempts=self.config.webhook_max_attempts,
+            base_s=self.config.backoff_base_s,
+            max_s=self.config.backoff_max_s,
+            now=now,
+            rand=self.rand,
+        )
+        try:
+            await self.store.webhook_attempted(job.id, to, next_at, now)
+        except GatewayError as exc:  # still pending in the store: it is sent again
+            log.error("overflow.webhook.record_failed", job_id=job.id, error=exc.message)
+            return
+        log.info(
+            f"overflow.webhook.{to.value}",
+            job_id=job.id,
+            tenant=job.tenant,
+            attempt=job.webhook_attempts + 1,
+            answer=answer,
+            host=urlsplit(job.webhook_url).hostname,  # never the query: it may hold a token
+        )
+        if to is not WebhookStatus.PENDING:
+            self.sweep_due.set()
+
+    async def sweep_loop(self) -> None:
+        while True:
+            try:
+                deleted, next_at = await self.store.sweep(self.clock())
+            except GatewayError as exc:
+                await self._pause_after(exc, "sweep")
+                continue
+            if deleted:
+                log.info("overflow.sweep", deleted=deleted)
+            await self._wait(self.sweep_due, next_at)
+
+
+_RESULT: dict[type[Settle], str] = {Complete: "succeeded", Retry: "retry", Fail: "failed"}
+
+
+def _secret(config: OverflowConfig, env: Mapping[str, str]) -> bytes | None:
+    value = env.get(config.webhook_secret_env)
+    return value.encode() if value else None
+
+
+async def run_drainer(
+    store: Store,
+    runner: Runner,
+    capacity: Capacity,
+    config: OverflowConfig,
+    *,
+    env: Mapping[str, str] | None = None,
+    clock: Callable[[], float] = time.time,
+    rand: Callable[[], float] = random.random,
+    transport: httpx.AsyncBaseTransport | None = None,
+    task_status: trio.TaskStatus[Drainer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Recover expired leases, then drain until cancelled. Reports the :class:`Drainer`
+    (``notify()`` it when capacity may have freed, if ``capacity.wait_freed`` cannot tell)."""
+    secret = _secret(config, os.environ if env is None else env)
+    if secret is None:
+        log.warning("overflow.webhook.unsigned", secret_env=config.webhook_secret_env)
+    drainer = Drainer(store, runner, capacity, config, secret, clock=clock, rand=rand)
+    recovered = await store.recover(clock())
+    log.info("overflow.drainer.started", recovered=recovered)
+    async with (
+        httpx.AsyncClient(transport=transport, timeout=None, follow_redirects=False) as client,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(drainer.forward_freed)
+        nursery.start_soon(drainer.webhook_loop, client)
+        nursery.start_soon(drainer.sweep_loop)
+        nursery.start_soon(drainer.claim_loop, nursery)
+        task_status.started(drainer)

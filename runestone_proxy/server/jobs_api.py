@@ -1,0 +1,128 @@
+"""The jobs API: ``GET /v1/jobs/{job_id}``, and :func:`accept_async`, which turns a request
+into a durable job and answers ``202 Accepted``.
+
+``accept_async`` commits first and answers after: by the time the client reads the 202 the
+job is in the WAL on disk (group commit, see server/store.py), so a crash cannot lose it.
+An ``Idempotency-Key`` header that the same tenant already used within
+``idempotency_window_s`` answers with the job it created then (status as it is now),
+marked ``idempotent-replayed: true``, and runs nothing twice.
+
+Jobs belong to tenants: a key of another tenant gets 404 ``not_found``, exactly as for an id
+that never existed, so job ids leak nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from runestone_proxy import telemetry
+from runestone_proxy.errors import InvalidParam, NotFound
+from runestone_proxy.gateway.auth import Principal
+from runestone_proxy.gateway.overflow import NewJob, job_view
+from runestone_proxy.server.http import JSON_HEADERS, Request, Responder
+from runestone_proxy.server.router import Router
+from runestone_proxy.server.store import Store
+
+Authenticate = Callable[[Request], Principal]
+
+_MAX_IDEMPOTENCY_KEY = 255
+_MAX_WEBHOOK_URL = 2048
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def add_job_routes(router: Router, store: Store, authenticate: Authenticate) -> None:
+    """Register ``GET /v1/jobs/{job_id}``. ``authenticate`` is ``Api.authenticate`` (the
+    current key table across reloads; it emits ``auth.failure``)."""
+
+    async def get_job(request: Request, responder: Responder) -> None:
+        principal = authenticate(request)
+        job_id = request.path_params["job_id"]
+        job = await store.get(job_id, principal.tenant)
+        if job is None:
+            raise NotFound(f"No job with id '{job_id[:100]}' was found.", param="job_id")
+        await responder.respond(200, JSON_HEADERS, _dumps(job_view(job)))
+
+    router.add("GET", "/v1/jobs/{job_id}", get_job)
+
+
+def idempotency_key(request: Request) -> str | None:
+    """The ``Idempotency-Key`` header: 1-255 printable ASCII characters, else 400."""
+    value = request.header(b"idempotency-key")
+    if value is None:
+        return None
+    if not 0 < len(value) <= _MAX_IDEMPOTENCY_KEY or not all(0x20 <= b <= 0x7E for b in value):
+        raise InvalidParam(
+            f"The Idempotency-Key header must be 1 to {_MAX_IDEMPOTENCY_KEY} printable "
+            "ASCII characters.",
+            param="Idempotency-Key",
+            code="invalid_idempotency_key",
+        )
+    return value.decode("ascii")
+
+
+def check_webhook_url(value: object) -> str | None:
+    """A ``webhook_url`` must be an absolute http(s) URL; 400 ``invalid_value`` if not."""
+    if value is None:
+        return None
+    if isinstance(value, str) and len(value) <= _MAX_WEBHOOK_URL:
+        parts = urlsplit(value)
+        if parts.scheme in ("http", "https") and parts.hostname:
+            return value
+    raise InvalidParam("'webhook_url' must be an absolute http or https URL.", param="webhook_url")
+
+
+async def accept_async(
+    store: Store,
+    request: Request,
+    responder: Responder,
+    principal: Principal,
+    endpoint: str,
+    body: Mapping[str, Any],
+    raw: bytes,
+    webhook_url: str | None,
+) -> None:
+    """Commit the request as a job, then answer ``202`` with its id and ``Location``.
+
+    ``raw`` is stored as it came (the runner parses it again); ``webhook_url`` defaults to the
+    body's. Raises 429 ``RateLimited`` past the tenant's ``max_queued_jobs``, 503 if the
+    store fails, 400 for a bad ``Idempotency-Key`` or ``webhook_url``."""
+    url = check_webhook_url(webhook_url if webhook_url is not None else body.get("webhook_url"))
+    job = NewJob(
+        tenant=principal.tenant,
+        request_id=request.request_id,
+        endpoint=endpoint,
+        body=raw,
+        webhook_url=url,
+        idempotency_key=idempotency_key(request),
+    )
+    enqueued = await store.enqueue(job)
+    stored = enqueued.job
+    telemetry.emit(
+        "overflow.enqueue",
+        tenant=principal.tenant,
+        key_mask=principal.key_mask,
+        request_id=request.request_id,
+        job_id=stored.id,
+        endpoint=endpoint,
+        queue_depth=enqueued.queue_depth,
+        replayed=not enqueued.created,
+    )
+    status_url = f"/v1/jobs/{stored.id}"
+    answer = {
+        "id": stored.id,
+        "object": "runestone.job",
+        "job_id": stored.id,
+        "request_id": stored.request_id,
+        "status": stored.status.value,
+        "status_url": status_url,
+    }
+    headers = [*JSON_HEADERS, (b"location", status_url.encode())]
+    if not enqueued.created:
+        headers.append((b"idempotent-replayed", b"true"))
+    await responder.respond(202, headers, _dumps(answer))

@@ -1,0 +1,367 @@
+"""The overflow queue's durable store: one SQLite database, one connection, one thread.
+
+It owns the database's lifecycle and the way in: every operation is a plain function of
+:mod:`runestone_proxy.server.store_sql` run on the worker thread, the writing ones inside
+one ``BEGIN IMMEDIATE`` ... ``COMMIT``. Everything above this module speaks
+:mod:`runestone_proxy.errors`: SQLite's exceptions are mapped here, once (to 503
+``ServiceUnavailable``: "database is locked", disk full, I/O errors).
+
+How this works
+--------------
+* **One connection, serialised.** The connection is opened with ``check_same_thread=False``
+  and used only through :meth:`Store._call`, i.e. ``trio.to_thread.run_sync`` behind a
+  ``CapacityLimiter(1)``: one SQLite call at a time, never on the event loop. (Tests on a
+  ``MockClock`` pass ``inline=True``: calls then run on the loop's thread, so the mock clock
+  cannot jump ahead while a worker thread is busy.)
+* **Durable.** WAL journal with ``synchronous=FULL``: a commit returns only once the WAL is
+  fsynced, so an acknowledged (202) job survives a crash or a power cut.
+* **Group commit.** ``enqueue`` does not write itself: it hands its job to the writer task
+  over a channel and waits. The writer takes everything pending (up to
+  ``group_commit_max_batch``), commits it in ONE transaction (one fsync), then wakes each
+  caller with its own answer (the job, its idempotent twin, or 429 past the tenant's cap).
+  One caller alone is committed at once, with no artificial delay; under load, the jobs
+  that arrive while a commit is in flight form the next group.
+* **Fair claims.** ``claim`` goes round-robin over the tenants the drainer says have
+  capacity, starting after the tenant served last, and leases that tenant's oldest due job.
+* **Path.** A relative ``overflow.database`` lives under ``$RUNESTONE_STATE_DIR`` (systemd
+  ``StateDirectory=``) when set, else the working directory.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Collection, Mapping
+from pathlib import Path
+from typing import TypeVar
+
+import attrs
+import structlog
+import trio
+
+from runestone_proxy.config import Config, OverflowConfig, TenantConfig
+from runestone_proxy.errors import GatewayError, RateLimited, ServiceUnavailable
+from runestone_proxy.gateway.overflow import Enqueued, Job, JobStatus, NewJob, WebhookStatus
+from runestone_proxy.server import store_sql as sql
+
+log = structlog.get_logger("runestone.store")
+T = TypeVar("T")
+
+
+def resolve_path(database: str, env: Mapping[str, str]) -> Path:
+    path = Path(database)
+    if path.is_absolute():
+        return path
+    state_dir = env.get("RUNESTONE_STATE_DIR")
+    return (Path(state_dir) if state_dir else Path.cwd()) / path
+
+
+@attrs.define
+class Wakeup:
+    """A level-triggered doorbell for one waiter: a ``set`` before ``wait`` is not lost."""
+
+    _event: trio.Event = attrs.Factory(trio.Event)
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event = trio.Event()
+
+
+@attrs.define
+class StoreStats:
+    #: Committed write transactions (every kind).
+    transactions: int = 0
+    #: Of which group commits of enqueues, and the jobs they created.
+    enqueue_batches: int = 0
+    enqueued: int = 0
+
+
+@attrs.frozen
+class Schedule:
+    """What is claimable now (per tenant) and when the next thing becomes claimable."""
+
+    due: Mapping[str, int]
+    next_at: float | None
+
+    @property
+    def depth(self) -> int:
+        return sum(self.due.values())
+
+
+@attrs.define(eq=False)
+class _Pending:
+    job: NewJob = attrs.field(repr=False)
+    now: float
+    done: trio.Event = attrs.Factory(trio.Event)
+    answer: Enqueued | GatewayError | None = None
+
+
+@attrs.define(eq=False)
+class Store:
+    path: Path
+    config: OverflowConfig
+    tenants: Mapping[str, TenantConfig] = attrs.Factory(dict)
+    inline: bool = False
+    #: Rung whenever an enqueue created a job; the drainer waits on it.
+    wakeup: Wakeup = attrs.Factory(Wakeup)
+    stats: StoreStats = attrs.Factory(StoreStats)
+    _conn: sqlite3.Connection | None = attrs.field(default=None, repr=False)
+    _limiter: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(1))
+    _send: trio.MemorySendChannel[_Pending] | None = attrs.field(default=None, repr=False)
+    _last_tenant: str | None = None
+
+    @classmethod
+    def from_config(cls, config: Config, env: Mapping[str, str], *, inline: bool = False) -> Store:
+        path = resolve_path(config.overflow.database, env)
+        return cls(path, config.overflow, dict(config.tenants), inline=inline)
+
+    def apply_config(self, config: Config) -> None:
+        """Reload hook: new caps and timings (a new database path needs a restart)."""
+        self.config = config.overflow
+        self.tenants = dict(config.tenants)
+
+    def max_queued(self, tenant: str) -> int:
+        return self.tenants.get(tenant, TenantConfig()).max_queued_jobs
+
+    @property
+    def is_open(self) -> bool:
+        return self._send is not None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Open the database, report started, run the group-commit writer until cancelled,
+        then close. Opening fails with ``ServiceUnavailable`` (naming the path)."""
+        conn = await self._call_raw(self._open)
+        self._conn = conn
+        send, receive = trio.open_memory_channel[_Pending](self.config.group_commit_max_batch)
+        self._send = send
+        try:
+            log.info("store.open", path=str(self.path))
+            task_status.started()
+            await self._writer(receive)
+        finally:
+            self._send = self._conn = None  # new calls fail fast with ServiceUnavailable
+            with trio.CancelScope(shield=True):
+                await self._call_raw(conn.close)  # after the call in flight, if any
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":
+                raise sqlite3.OperationalError(f"journal_mode is {mode}, not wal")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            sql.migrate(conn)
+        except (OSError, sqlite3.Error) as exc:
+            raise ServiceUnavailable(f"The job store {self.path} cannot be opened: {exc}") from exc
+        return conn
+
+    # --- the one way in ----------------------------------------------------------------------
+
+    async def _call_raw(self, fn: Callable[[], T]) -> T:
+        if self.inline:
+            return fn()
+        return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], T], *, write: bool = False) -> T:
+        """Run ``fn(conn)`` on the worker thread (in a transaction if ``write``), mapping
+        SQLite's errors to ``ServiceUnavailable``."""
+        conn = self._conn
+        if conn is None:
+            raise ServiceUnavailable("The job store is not open.")
+
+        def guarded() -> T:
+            try:
+                if not write:
+                    return fn(conn)
+                conn.execute("BEGIN IMMEDIATE")
+                result = fn(conn)
+                conn.execute("COMMIT")
+                self.stats.transactions += 1
+                return result
+            except sqlite3.Error as exc:
+                log.error("store.error", error=str(exc), kind=type(exc).__name__)
+                raise ServiceUnavailable(f"The job store is unavailable: {exc}") from exc
+            finally:
+                if conn.in_transaction:  # failed mid-transaction: undo all of it
+                    try:
+                        conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        log.error("store.rollback.failed")
+
+        return await self._call_raw(guarded)
+
+    # --- enqueue (group commit) --------------------------------------------------------------
+
+    async def enqueue(self, job: NewJob, now: float | None = None) -> Enqueued:
+        """Commit ``job`` durably, or find its idempotent twin. Raises ``RateLimited`` (429)
+        past the tenant's ``max_queued_jobs``, ``ServiceUnavailable`` if the store fails.
+
+        A caller cancelled after handing its job over may still see it committed."""
+        if self._send is None:
+            raise ServiceUnavailable("The job store is not open.")
+        pending = _Pending(job, time.time() if now is None else now)
+        await self._send.send(pending)
+        await pending.done.wait()
+        assert pending.answer is not None
+        if isinstance(pending.answer, GatewayError):
+            raise pending.answer
+        return pending.answer
+
+    async def _writer(self, receive: trio.MemoryReceiveChannel[_Pending]) -> None:
+        limit = self.config.group_commit_max_batch
+        async for first in receive:
+            batch = [first]
+            while len(batch) < limit:
+                try:
+                    batch.append(receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            answers: list[Enqueued | GatewayError]
+            try:
+                answers = await self._call(self._batch_writer(batch), write=True)
+            except GatewayError as exc:
+                answers = [exc] * len(batch)
+            else:
+                self.stats.enqueue_batches += 1
+            for pending, answer in zip(batch, answers, strict=True):
+                pending.answer = answer
+                pending.done.set()
+            if any(isinstance(a, Enqueued) and a.created for a in answers):
+                self.wakeup.set()
+
+    def _batch_writer(
+        self, batch: list[_Pending]
+    ) -> Callable[[sqlite3.Connection], list[Enqueued | GatewayError]]:
+        def write(conn: sqlite3.Connection) -> list[Enqueued | GatewayError]:
+            active: dict[str, int] = {}  # tenant -> queued + running, kept current in the batch
+            answers = [self._enqueue_one(conn, p.job, p.now, active) for p in batch]
+            self.stats.enqueued += sum(isinstance(a, Enqueued) and a.created for a in answers)
+            return answers
+
+        return write
+
+    def _enqueue_one(
+        self, conn: sqlite3.Connection, job: NewJob, now: float, active: dict[str, int]
+    ) -> Enqueued | GatewayError:
+        if job.tenant not in active:
+            active[job.tenant] = sql.active_count(conn, job.tenant)
+        if job.idempotency_key is not None:
+            since = now - self.config.idempotency_window_s
+            twin = sql.find_idempotent(conn, job.tenant, job.idempotency_key, since)
+            if twin is not None:
+                return Enqueued(twin, False, active[job.tenant])
+        cap = self.max_queued(job.tenant)
+        if active[job.tenant] >= cap:
+            return RateLimited(
+                f"Tenant '{job.tenant}' already has {active[job.tenant]} unfinished jobs, the "
+                f"most it may have ({cap}). Try again once some have finished.",
+                code="too_many_queued_jobs",
+                retry_after_s=self.config.backoff_base_s,
+            )
+        sql.insert(conn, job, now)
+        active[job.tenant] += 1
+        stored = sql.select(conn, job.id)
+        assert stored is not None
+        return Enqueued(stored, True, active[job.tenant])
+
+    # --- the drainer's side -----------------------------------------------------------------
+
+    async def schedule(self, now: float) -> Schedule:
+        return await self._call(
+            lambda conn: Schedule(sql.due_by_tenant(conn, now), sql.next_due_at(conn, now))
+        )
+
+    async def claim(
+        self, tenant_candidates: Collection[str], lease_s: float, now: float
+    ) -> Job | None:
+        """Lease the oldest due job of the next tenant (round-robin over
+        ``tenant_candidates``) with a new token, counting the attempt; None if none is due."""
+
+        def claim(conn: sqlite3.Connection) -> Job | None:
+            job = sql.claim(conn, tenant_candidates, self._last_tenant, lease_s, now)
+            if job is not None:
+                self._last_tenant = job.tenant
+            return job
+
+        return await self._call(claim, write=True)
+
+    async def complete(
+        self, job_id: str, lease_token: str, result: bytes, status: int, now: float
+    ) -> bool:
+        """running -> succeeded with ``result``, if the lease still holds (else False)."""
+        return await self._call(
+            lambda c: sql.finish(c, job_id, lease_token, JobStatus.SUCCEEDED, result, status, now),
+            write=True,
+        )
+
+    async def fail(
+        self,
+        job_id: str,
+        lease_token: str,
+        error: bytes,
+        status: int,
+        retry_at: float | None,
+        now: float,
+    ) -> bool:
+        """running -> queued again at ``retry_at``, or (``retry_at`` None) -> failed with the
+        error envelope ``error`` as its result. Fenced like :meth:`complete`."""
+        if retry_at is None:
+            return await self._call(
+                lambda c: sql.finish(c, job_id, lease_token, JobStatus.FAILED, error, status, now),
+                write=True,
+            )
+        return await self._call(
+            lambda c: sql.retry(c, job_id, lease_token, error, retry_at, now), write=True
+        )
+
+    async def release(self, job_id: str, lease_token: str, now: float) -> bool:
+        """running -> queued at once, the attempt not counted (shutdown). Fenced."""
+        return await self._call(lambda c: sql.release(c, job_id, lease_token, now), write=True)
+
+    async def recover(self, now: float) -> int:
+        """Expired leases (crashed runs) go back to the queue, due now. Returns how many."""
+        return await self._call(lambda c: sql.recover(c, now), write=True)
+
+    # --- reading -----------------------------------------------------------------------------
+
+    async def get(self, job_id: str, tenant: str) -> Job | None:
+        """The job, if it exists AND belongs to ``tenant`` (else None: ids leak nothing)."""
+        return await self._call(lambda c: sql.select_for_tenant(c, job_id, tenant))
+
+    async def counts(self) -> dict[str, int]:
+        """Jobs per status (for /health and tests)."""
+        return await self._call(sql.counts)
+
+    # --- webhooks and retention --------------------------------------------------------------
+
+    async def due_webhooks(self, now: float, limit: int) -> tuple[list[Job], float | None]:
+        """Pending deliveries due now (oldest first), and when the next one falls due."""
+        return await self._call(
+            lambda c: (sql.due_webhooks(c, now, limit), sql.next_webhook_at(c, now))
+        )
+
+    async def webhook_attempted(
+        self, job_id: str, to: WebhookStatus, next_at: float | None, now: float
+    ) -> None:
+        """Record one delivery attempt: delivered, pending again at ``next_at``, or failed."""
+        await self._call(lambda c: sql.webhook_attempted(c, job_id, to, next_at, now), write=True)
+
+    async def sweep(self, now: float) -> tuple[int, float | None]:
+        """Delete jobs finished more than ``retention_s`` ago (not while their webhook is
+        pending). Returns how many, and when the next one falls due for sweeping."""
+        retention = self.config.retention_s
+
+        def sweep(conn: sqlite3.Connection) -> tuple[int, float | None]:
+            deleted = sql.sweep(conn, now - retention)
+            oldest = sql.oldest_finished(conn)
+            return deleted, None if oldest is None else oldest + retention
+
+        return await self._call(sweep, write=True)

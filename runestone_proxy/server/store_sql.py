@@ -1,0 +1,378 @@
+"""The overflow store's SQL: schema and migrations, and one plain function per operation.
+
+Synchronous ``sqlite3`` on a connection the caller owns: :mod:`runestone_proxy.server.store`
+calls these on its one worker thread, wraps the writing ones in a transaction
+(``BEGIN IMMEDIATE`` ... ``COMMIT``) and maps ``sqlite3`` errors. Nothing here opens,
+commits, sleeps or awaits. The rules applied (state table, fencing, redaction) are those of
+:mod:`runestone_proxy.gateway.overflow`.
+
+``schema_version`` holds the version a database was written with: a newer one than this
+code knows is refused rather than misread; older ones are migrated forward one step at a
+time in ``_MIGRATIONS`` (one transaction each).
+
+One row per job::
+
+    id TEXT PK              job_<hex>
+    tenant, request_id, endpoint
+    body BLOB               the request JSON; 'sha256:<hex>' once the job ends (redaction)
+    webhook_url, idempotency_key     unique per tenant (partial index, keys only)
+    status                  queued | running | succeeded | failed (gateway/overflow.py)
+    attempts, lease_token, lease_expires_at, next_attempt_at
+    created_at, updated_at, finished_at             unix seconds (REAL)
+    result BLOB, result_status INT, last_error      the OpenAI body, or the error envelope
+    webhook_status, webhook_attempts, webhook_next_at   none | pending | delivered | failed
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Collection
+from typing import Any
+
+from runestone_proxy.gateway.overflow import (
+    Job,
+    JobStatus,
+    NewJob,
+    WebhookStatus,
+    digest,
+    fenced,
+    new_lease_token,
+    round_robin,
+)
+
+SCHEMA_VERSION = 1
+
+_V1 = (
+    """CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        body BLOB NOT NULL,
+        webhook_url TEXT,
+        idempotency_key TEXT,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        lease_token TEXT,
+        lease_expires_at REAL,
+        next_attempt_at REAL NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        finished_at REAL,
+        result BLOB,
+        result_status INTEGER,
+        last_error TEXT,
+        webhook_status TEXT NOT NULL DEFAULT 'none',
+        webhook_attempts INTEGER NOT NULL DEFAULT 0,
+        webhook_next_at REAL
+    )""",
+    "CREATE UNIQUE INDEX jobs_idempotency ON jobs (tenant, idempotency_key)"
+    " WHERE idempotency_key IS NOT NULL",
+    "CREATE INDEX jobs_tenant ON jobs (tenant, status, created_at)",
+    "CREATE INDEX jobs_due ON jobs (status, next_attempt_at)",
+    "CREATE INDEX jobs_lease ON jobs (status, lease_expires_at)",
+    "CREATE INDEX jobs_webhook ON jobs (webhook_status, webhook_next_at)",
+    "CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL",
+)
+
+#: version reached -> the statements that reach it from the version before.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1}
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema up to :data:`SCHEMA_VERSION`; returns the version found on disk.
+
+    Raises ``sqlite3.DatabaseError`` for a database written by a newer Runestone."""
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    found: int = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
+    if found > SCHEMA_VERSION:
+        raise sqlite3.DatabaseError(
+            f"schema version {found} is newer than this Runestone knows ({SCHEMA_VERSION})"
+        )
+    for version in range(found + 1, SCHEMA_VERSION + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _MIGRATIONS[version]:
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return found
+
+
+def job_from_row(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"],
+        tenant=row["tenant"],
+        request_id=row["request_id"],
+        endpoint=row["endpoint"],
+        body=bytes(row["body"]),
+        webhook_url=row["webhook_url"],
+        idempotency_key=row["idempotency_key"],
+        status=JobStatus(row["status"]),
+        attempts=row["attempts"],
+        lease_token=row["lease_token"],
+        lease_expires_at=row["lease_expires_at"],
+        next_attempt_at=row["next_attempt_at"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        finished_at=row["finished_at"],
+        result=None if row["result"] is None else bytes(row["result"]),
+        result_status=row["result_status"],
+        last_error=row["last_error"],
+        webhook_status=WebhookStatus(row["webhook_status"]),
+        webhook_attempts=row["webhook_attempts"],
+        webhook_next_at=row["webhook_next_at"],
+    )
+
+
+# --- operations (the caller holds the transaction) --------------------------------------------
+
+_ACTIVE = "('queued', 'running')"
+_DUE = (
+    "((status = 'queued' AND next_attempt_at <= :now)"
+    " OR (status = 'running' AND lease_expires_at <= :now))"
+)
+
+
+def select(conn: sqlite3.Connection, job_id: str) -> Job | None:
+    row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    return None if row is None else job_from_row(row)
+
+
+def select_for_tenant(conn: sqlite3.Connection, job_id: str, tenant: str) -> Job | None:
+    row = conn.execute(
+        "SELECT * FROM jobs WHERE id = ? AND tenant = ?", (job_id, tenant)
+    ).fetchone()
+    return None if row is None else job_from_row(row)
+
+
+def active_count(conn: sqlite3.Connection, tenant: str) -> int:
+    """Queued + running jobs of ``tenant`` (what ``max_queued_jobs`` caps)."""
+    count: int = conn.execute(
+        f"SELECT COUNT(*) FROM jobs WHERE tenant = ? AND status IN {_ACTIVE}", (tenant,)
+    ).fetchone()[0]
+    return count
+
+
+def find_idempotent(conn: sqlite3.Connection, tenant: str, key: str, since: float) -> Job | None:
+    """The tenant's job with ``key`` created at or after ``since``; an older holder of the key
+    gives it up (the window has passed, the key may start a new job)."""
+    row = conn.execute(
+        "SELECT * FROM jobs WHERE tenant = ? AND idempotency_key = ?", (tenant, key)
+    ).fetchone()
+    if row is None:
+        return None
+    if row["created_at"] >= since:
+        return job_from_row(row)
+    conn.execute("UPDATE jobs SET idempotency_key = NULL WHERE id = ?", (row["id"],))
+    return None
+
+
+def insert(conn: sqlite3.Connection, job: NewJob, now: float) -> None:
+    conn.execute(
+        "INSERT INTO jobs (id, tenant, request_id, endpoint, body, webhook_url,"
+        " idempotency_key, status, next_attempt_at, created_at, updated_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+        (
+            job.id,
+            job.tenant,
+            job.request_id,
+            job.endpoint,
+            job.body,
+            job.webhook_url,
+            job.idempotency_key,
+            now,
+            now,
+            now,
+        ),
+    )
+
+
+def due_by_tenant(conn: sqlite3.Connection, now: float) -> dict[str, int]:
+    """Jobs claimable now, per tenant: queued and due, or running under an expired lease."""
+    due: dict[str, int] = {}
+    for status, column in (("queued", "next_attempt_at"), ("running", "lease_expires_at")):
+        rows = conn.execute(
+            f"SELECT tenant, COUNT(*) FROM jobs WHERE status = ? AND {column} <= ? GROUP BY tenant",
+            (status, now),
+        )
+        for tenant, count in rows:
+            due[tenant] = due.get(tenant, 0) + count
+    return due
+
+
+def next_due_at(conn: sqlite3.Connection, now: float) -> float | None:
+    """The earliest future retry or lease expiry: when something next becomes claimable."""
+    times = [
+        conn.execute(
+            f"SELECT MIN({column}) FROM jobs WHERE status = ? AND {column} > ?", (status, now)
+        ).fetchone()[0]
+        for status, column in (("queued", "next_attempt_at"), ("running", "lease_expires_at"))
+    ]
+    found = [t for t in times if t is not None]
+    return min(found) if found else None
+
+
+def claim(
+    conn: sqlite3.Connection,
+    candidates: Collection[str],
+    after: str | None,
+    lease_s: float,
+    now: float,
+) -> Job | None:
+    """Lease the oldest due job of the first tenant, in round-robin order from ``after``,
+    that has one: queued -> running (or an expired lease -> a new one), attempts + 1."""
+    for tenant in round_robin(sorted(candidates), after):
+        row = conn.execute(
+            f"SELECT id FROM jobs WHERE tenant = :tenant AND {_DUE} ORDER BY created_at LIMIT 1",
+            {"tenant": tenant, "now": now},
+        ).fetchone()
+        if row is None:
+            continue
+        conn.execute(
+            "UPDATE jobs SET status = 'running', lease_token = ?, lease_expires_at = ?,"
+            " attempts = attempts + 1, updated_at = ? WHERE id = ?",
+            (new_lease_token(), now + lease_s, now, row["id"]),
+        )
+        return select(conn, row["id"])
+    return None
+
+
+def fenced_update(
+    conn: sqlite3.Connection,
+    job_id: str,
+    lease_token: str,
+    assignments: str,
+    params: tuple[Any, ...],
+) -> bool:
+    """Apply ``SET assignments`` only if the job runs under ``lease_token``; else nothing."""
+    row = conn.execute("SELECT status, lease_token FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None or not fenced(JobStatus(row["status"]), row["lease_token"], lease_token):
+        return False
+    conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*params, job_id))
+    return True
+
+
+def finish(
+    conn: sqlite3.Connection,
+    job_id: str,
+    lease_token: str,
+    to: JobStatus,
+    result: bytes,
+    status: int,
+    now: float,
+) -> bool:
+    """running -> succeeded | failed: store the one result, redact the body to its digest,
+    and make the webhook (if any) due now."""
+    row = conn.execute("SELECT body FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        return False
+    error = error_message(result) if to is JobStatus.FAILED else None
+    return fenced_update(
+        conn,
+        job_id,
+        lease_token,
+        "status = ?, result = ?, result_status = ?, last_error = ?, body = ?,"
+        " finished_at = ?, updated_at = ?, lease_token = NULL, lease_expires_at = NULL,"
+        " webhook_status = CASE WHEN webhook_url IS NULL THEN 'none' ELSE 'pending' END,"
+        " webhook_next_at = CASE WHEN webhook_url IS NULL THEN NULL ELSE ? END",
+        (to.value, result, status, error, digest(bytes(row["body"])), now, now, now),
+    )
+
+
+def retry(
+    conn: sqlite3.Connection, job_id: str, lease_token: str, error: bytes, at: float, now: float
+) -> bool:
+    """running -> queued, due at ``at``; the attempt stays counted."""
+    return fenced_update(
+        conn,
+        job_id,
+        lease_token,
+        "status = 'queued', lease_token = NULL, lease_expires_at = NULL,"
+        " next_attempt_at = ?, last_error = ?, updated_at = ?",
+        (at, error_message(error), now),
+    )
+
+
+def release(conn: sqlite3.Connection, job_id: str, lease_token: str, now: float) -> bool:
+    """running -> queued at once; the attempt is not counted (it never really ran)."""
+    return fenced_update(
+        conn,
+        job_id,
+        lease_token,
+        "status = 'queued', lease_token = NULL, lease_expires_at = NULL,"
+        " attempts = MAX(attempts - 1, 0), next_attempt_at = ?, updated_at = ?",
+        (now, now),
+    )
+
+
+def recover(conn: sqlite3.Connection, now: float) -> int:
+    """Expired leases (a crashed run) -> queued, due now. Returns how many."""
+    return conn.execute(
+        "UPDATE jobs SET status = 'queued', lease_token = NULL, lease_expires_at = NULL,"
+        " next_attempt_at = ?, updated_at = ? WHERE status = 'running' AND lease_expires_at <= ?",
+        (now, now, now),
+    ).rowcount
+
+
+def due_webhooks(conn: sqlite3.Connection, now: float, limit: int) -> list[Job]:
+    rows = conn.execute(
+        "SELECT * FROM jobs WHERE webhook_status = 'pending' AND webhook_next_at <= ?"
+        " ORDER BY webhook_next_at LIMIT ?",
+        (now, limit),
+    ).fetchall()
+    return [job_from_row(r) for r in rows]
+
+
+def next_webhook_at(conn: sqlite3.Connection, now: float) -> float | None:
+    at: float | None = conn.execute(
+        "SELECT MIN(webhook_next_at) FROM jobs WHERE webhook_status = 'pending'"
+        " AND webhook_next_at > ?",
+        (now,),
+    ).fetchone()[0]
+    return at
+
+
+def webhook_attempted(
+    conn: sqlite3.Connection, job_id: str, to: WebhookStatus, next_at: float | None, now: float
+) -> None:
+    conn.execute(
+        "UPDATE jobs SET webhook_status = ?, webhook_attempts = webhook_attempts + 1,"
+        " webhook_next_at = ?, updated_at = ? WHERE id = ? AND webhook_status = 'pending'",
+        (to.value, next_at, now, job_id),
+    )
+
+
+def sweep(conn: sqlite3.Connection, before: float) -> int:
+    """Delete jobs finished at or before ``before`` whose webhook is not still pending."""
+    return conn.execute(
+        "DELETE FROM jobs WHERE finished_at IS NOT NULL AND finished_at <= ?"
+        " AND webhook_status != 'pending'",
+        (before,),
+    ).rowcount
+
+
+def oldest_finished(conn: sqlite3.Connection) -> float | None:
+    at: float | None = conn.execute(
+        "SELECT MIN(finished_at) FROM jobs WHERE finished_at IS NOT NULL"
+        " AND webhook_status != 'pending'"
+    ).fetchone()[0]
+    return at
+
+
+def counts(conn: sqlite3.Connection) -> dict[str, int]:
+    rows = conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status")
+    return {status: count for status, count in rows}
+
+
+def error_message(envelope: bytes) -> str:
+    """The ``error.message`` of an envelope, bounded; never anything else of a body."""
+    try:
+        message = json.loads(envelope)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return "the job failed"
+    return str(message)[:500]

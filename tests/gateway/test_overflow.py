@@ -1,0 +1,194 @@
+"""The overflow queue's pure rules: the state table, backoff with full jitter, settling a
+run, fencing, round-robin order, job views and webhook signatures. No event loop."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from runestone_proxy.errors import InvalidParam, RateLimited, UpstreamTimeout
+from runestone_proxy.gateway import overflow
+from runestone_proxy.gateway.overflow import (
+    Action,
+    Complete,
+    Fail,
+    InvalidTransition,
+    Job,
+    JobOutcome,
+    JobStatus,
+    Retry,
+    WebhookStatus,
+)
+
+Q, R, S, F = JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED
+
+
+def test_the_table_allows_exactly_the_documented_moves() -> None:
+    allowed = {
+        (Q, Action.CLAIM): R,
+        (R, Action.COMPLETE): S,
+        (R, Action.RETRY): Q,
+        (R, Action.FAIL): F,
+        (R, Action.RELEASE): Q,
+        (R, Action.EXPIRE): Q,
+    }
+    for status in JobStatus:
+        for action in Action:
+            if (status, action) in allowed:
+                assert overflow.transition(status, action) is allowed[(status, action)]
+            else:
+                with pytest.raises(InvalidTransition):
+                    overflow.transition(status, action)
+
+
+def test_terminal_statuses_have_no_way_out() -> None:
+    assert overflow.TERMINAL == {S, F}
+    assert not [key for key in overflow.TRANSITIONS if key[0] in overflow.TERMINAL]
+
+
+def test_backoff_is_full_jitter_under_an_exponential_ceiling() -> None:
+    rng = random.Random(1234)
+    for attempt in range(1, 12):
+        ceiling = min(60.0, 1.0 * 2 ** (attempt - 1))
+        delays = [overflow.backoff_s(attempt, 1.0, 60.0, rng.random) for _ in range(200)]
+        assert all(0.0 <= d <= ceiling for d in delays)
+        assert max(delays) > 0.8 * ceiling  # the whole range is used: full jitter
+    assert overflow.backoff_s(3, 1.0, 60.0, lambda: 1.0) == 4.0
+    assert overflow.backoff_s(10_000, 1.0, 60.0, lambda: 1.0) == 60.0  # no overflow
+
+
+def test_backoff_is_reproducible_with_a_seed() -> None:
+    first = [overflow.backoff_s(a, 0.5, 30.0, random.Random(7).random) for a in range(1, 6)]
+    again = [overflow.backoff_s(a, 0.5, 30.0, random.Random(7).random) for a in range(1, 6)]
+    assert first == again
+
+
+def _settle(outcome: JobOutcome, attempts: int, rand: float = 0.5) -> overflow.Settle:
+    return overflow.settle(
+        outcome, attempts, max_attempts=5, base_s=1.0, max_s=60.0, now=100.0, rand=lambda: rand
+    )
+
+
+def test_settle_decides_complete_retry_or_fail() -> None:
+    assert _settle(JobOutcome(200, b"{}"), 1) == Complete()
+    assert _settle(JobOutcome(502, b"{}", retryable=True), 1) == Retry(100.5)
+    assert _settle(JobOutcome(502, b"{}", retryable=True), 3) == Retry(102.0)
+    assert _settle(JobOutcome(502, b"{}", retryable=True), 5) == Fail()  # attempts used up
+    assert _settle(JobOutcome(400, b"{}", retryable=False), 1) == Fail()
+
+
+def test_settle_honours_retry_after_when_longer_than_the_backoff() -> None:
+    asked = JobOutcome(429, b"{}", retryable=True, retry_after_s=30.0)
+    assert _settle(asked, 1) == Retry(130.0)
+    short = JobOutcome(429, b"{}", retryable=True, retry_after_s=0.1)
+    assert _settle(short, 1) == Retry(100.5)
+
+
+def test_webhook_settle() -> None:
+    def decide(delivered: bool, attempts: int) -> tuple[WebhookStatus, float | None]:
+        return overflow.webhook_settle(
+            delivered, attempts, max_attempts=3, base_s=2.0, max_s=60.0, now=10.0, rand=lambda: 1
+        )
+
+    assert decide(True, 1) == (WebhookStatus.DELIVERED, None)
+    assert decide(False, 1) == (WebhookStatus.PENDING, 12.0)
+    assert decide(False, 2) == (WebhookStatus.PENDING, 14.0)
+    assert decide(False, 3) == (WebhookStatus.FAILED, None)
+    for before, after in [(WebhookStatus.PENDING, s) for s in WebhookStatus if s.value != "none"]:
+        assert (before, after) in overflow.WEBHOOK_TRANSITIONS
+
+
+def test_fencing_needs_running_and_the_same_token() -> None:
+    assert overflow.fenced(R, "abc", "abc")
+    assert not overflow.fenced(R, "abc", "abd")
+    assert not overflow.fenced(R, None, "abc")
+    assert not overflow.fenced(Q, "abc", "abc")
+    assert not overflow.fenced(S, "abc", "abc")
+
+
+def test_round_robin_starts_after_the_last_tenant_served() -> None:
+    tenants = ["a", "b", "c"]
+    assert overflow.round_robin(tenants, None) == ["a", "b", "c"]
+    assert overflow.round_robin(tenants, "a") == ["b", "c", "a"]
+    assert overflow.round_robin(tenants, "c") == ["a", "b", "c"]
+    assert overflow.round_robin(tenants, "bb") == ["c", "a", "b"]  # served one left the set
+
+
+def test_outcome_from_error_keeps_status_body_and_retryability() -> None:
+    limited = overflow.outcome_from_error(RateLimited("slow down", retry_after_s=3))
+    assert (limited.status, limited.retryable, limited.retry_after_s) == (429, True, 3)
+    assert json.loads(limited.body)["error"]["code"] == "rate_limit_exceeded"
+    bad = overflow.outcome_from_error(InvalidParam("nope", param="model"))
+    assert (bad.status, bad.retryable, bad.retry_after_s) == (400, False, None)
+    assert overflow.outcome_from_error(UpstreamTimeout("late")).status == 504
+
+
+def _job(status: JobStatus, result: bytes | None) -> Job:
+    return Job(
+        id="job_1",
+        tenant="t",
+        request_id="req_1",
+        endpoint="chat",
+        body=b"sha256:00",
+        webhook_url=None,
+        idempotency_key=None,
+        status=status,
+        attempts=2,
+        lease_token=None,
+        lease_expires_at=None,
+        next_attempt_at=1.0,
+        created_at=1.0,
+        updated_at=2.0,
+        finished_at=2.0,
+        result=result,
+        result_status=200,
+        last_error="upstream broke",
+        webhook_status=WebhookStatus.NONE,
+        webhook_attempts=0,
+        webhook_next_at=None,
+    )
+
+
+def test_job_view_shows_result_or_error() -> None:
+    done = overflow.job_view(_job(S, b'{"choices":[]}'))
+    assert done["result"] == {"choices": []}
+    assert done["error"] is None
+    assert done["object"] == "runestone.job"
+    assert done["status"] == "succeeded"
+    envelope = b'{"error":{"message":"m","type":"server_error","param":null,"code":"x"}}'
+    failed = overflow.job_view(_job(F, envelope))
+    assert failed["error"]["error"]["code"] == "x"
+    assert failed["result"] is None
+    queued = overflow.job_view(_job(Q, None))
+    assert queued["result"] is None
+    assert queued["error"] is None
+
+
+def test_webhook_body_carries_the_envelope_as_result_when_failed() -> None:
+    envelope = b'{"error":{"message":"m","type":"server_error","param":null,"code":"x"}}'
+    body = json.loads(overflow.webhook_body(_job(F, envelope)))
+    assert body["result"] == json.loads(envelope)
+    assert body["id"] == "job_1"
+
+
+def test_signature_round_trip_and_tampering() -> None:
+    secret, body = b"s3cret", b'{"id":"job_1"}'
+    header = overflow.sign(secret, 1_700_000_000, body)
+    assert header.startswith("t=1700000000,v1=")
+    assert overflow.verify(secret, header, body, now=1_700_000_010)
+    assert not overflow.verify(secret, header, body + b" ", now=1_700_000_010)
+    assert not overflow.verify(b"other", header, body, now=1_700_000_010)
+    assert not overflow.verify(secret, header, body, now=1_700_009_999)  # too old
+    assert not overflow.verify(secret, "garbage", body, now=1_700_000_000)
+
+
+def test_digest_and_ids() -> None:
+    assert overflow.digest(b"hello").startswith(b"sha256:2cf24dba")
+    assert overflow.new_job_id() != overflow.new_job_id()
+    assert overflow.new_job_id().startswith("job_")
+    assert "body" not in repr(overflow.NewJob("t", "r", "chat", b"secret prompt"))
+    assert b"secret prompt".decode() not in repr(
+        overflow.NewJob("t", "r", "chat", b"secret prompt")
+    )

@@ -1,0 +1,393 @@
+"""The SQLite store: durability settings, group commit, claims and fairness, lease fencing,
+recovery, idempotency, the per-tenant cap, redaction, webhooks state, sweeping, error mapping.
+
+Test rules: every database lives in ``tmp_path``; the store runs on its real worker thread
+(``inline=False``) unless a test says otherwise; time is passed in explicitly (``now=``), so
+nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import attrs
+import pytest
+import trio
+
+from runestone_proxy.config import Config, OverflowConfig, TenantConfig
+from runestone_proxy.errors import RateLimited, ServiceUnavailable
+from runestone_proxy.gateway.overflow import JobStatus, NewJob, WebhookStatus, digest
+from runestone_proxy.server.store import Store, resolve_path
+from runestone_proxy.server.store_sql import SCHEMA_VERSION
+
+BODY = b'{"model":"mock-1","messages":[{"role":"user","content":"a secret prompt"}]}'
+RESULT = b'{"id":"chatcmpl-1","choices":[{"message":{"content":"a secret answer"}}]}'
+ERROR = b'{"error":{"message":"upstream broke","type":"server_error","param":null,"code":"x"}}'
+T0 = 1_000_000.0
+
+
+def new(tenant: str = "a", **kw: object) -> NewJob:
+    return NewJob(tenant, f"req_{tenant}", "chat", BODY, **kw)  # type: ignore[arg-type]
+
+
+def make_store(tmp_path: Path, **overflow: object) -> Store:
+    config = Config(
+        overflow=OverflowConfig(database=str(tmp_path / "jobs.sqlite3"), **overflow),  # type: ignore[arg-type]
+        tenants={"small": TenantConfig(max_queued_jobs=2)},
+    )
+    return Store.from_config(config, env={})
+
+
+@pytest.fixture
+async def store(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Store]:
+    s = make_store(tmp_path)
+    await nursery.start(s.run)
+    return s
+
+
+def raw_rows(store: Store) -> list[sqlite3.Row]:
+    conn = sqlite3.connect(store.path)
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute("SELECT * FROM jobs").fetchall()
+    finally:
+        conn.close()
+
+
+# --- opening ----------------------------------------------------------------------------------
+
+
+async def test_opens_in_wal_with_full_sync_and_a_schema_version(store: Store) -> None:
+    assert await store._call(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0]) == "wal"
+    assert await store._call(lambda c: c.execute("PRAGMA synchronous").fetchone()[0]) == 2
+    version = await store._call(
+        lambda c: c.execute("SELECT version FROM schema_version").fetchall()
+    )
+    assert [tuple(v) for v in version] == [(SCHEMA_VERSION,)]
+
+
+async def test_reopening_keeps_jobs_and_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    first = make_store(tmp_path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(first.run)
+        await first.enqueue(new(), now=T0)
+        nursery.cancel_scope.cancel()
+    assert not first.is_open
+    second = make_store(tmp_path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(second.run)
+        assert await second.counts() == {"queued": 1}
+        nursery.cancel_scope.cancel()
+    conn = sqlite3.connect(second.path)
+    conn.execute("INSERT INTO schema_version VALUES (99)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(ServiceUnavailable, match="newer"):
+        await make_store(tmp_path).run()
+
+
+async def test_an_unopenable_path_is_a_503_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "jobs.sqlite3").mkdir()
+    with pytest.raises(ServiceUnavailable, match=r"jobs\.sqlite3"):
+        await make_store(tmp_path).run()
+    with pytest.raises(ServiceUnavailable):
+        await make_store(tmp_path).enqueue(new())
+
+
+def test_relative_paths_live_in_the_state_directory(tmp_path: Path) -> None:
+    assert resolve_path("q.db", {"RUNESTONE_STATE_DIR": str(tmp_path)}) == tmp_path / "q.db"
+    assert resolve_path("/abs/q.db", {"RUNESTONE_STATE_DIR": str(tmp_path)}) == Path("/abs/q.db")
+    assert resolve_path("q.db", {}) == Path.cwd() / "q.db"
+
+
+# --- enqueue and group commit -----------------------------------------------------------------
+
+
+async def test_enqueue_commits_and_get_is_per_tenant(store: Store) -> None:
+    enqueued = await store.enqueue(new("a"), now=T0)
+    assert enqueued.created
+    assert enqueued.queue_depth == 1
+    job = enqueued.job
+    assert (job.status, job.attempts, job.created_at) == (JobStatus.QUEUED, 0, T0)
+    assert await store.get(job.id, "a") == job
+    assert await store.get(job.id, "b") is None
+    assert await store.get("job_nope", "a") is None
+    assert store.stats.enqueue_batches == 1  # one caller: committed at once, alone
+
+
+async def test_concurrent_enqueues_share_transactions(store: Store) -> None:
+    count = 200
+    ids: list[str] = []
+
+    async def one(i: int) -> None:
+        ids.append((await store.enqueue(new(f"t{i % 5}"), now=T0)).job.id)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(count):
+            nursery.start_soon(one, i)
+    assert len(set(ids)) == count
+    assert await store.counts() == {"queued": count}
+    assert store.stats.enqueued == count
+    assert store.stats.enqueue_batches < count / 4  # grouped, not one fsync per job
+    assert store.stats.transactions == store.stats.enqueue_batches
+
+
+async def test_a_failed_batch_fails_every_caller_and_writes_nothing(store: Store) -> None:
+    job = new("a")
+    await store.enqueue(job, now=T0)
+    results: list[object] = []
+
+    async def dup() -> None:  # the same primary key: the whole group rolls back
+        try:
+            results.append(await store.enqueue(attrs.evolve(job, request_id="again"), now=T0))
+        except ServiceUnavailable as exc:
+            results.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(dup)
+    assert all(isinstance(r, ServiceUnavailable) for r in results)
+    assert await store.counts() == {"queued": 1}
+    assert (await store.enqueue(new("a"), now=T0)).created  # and the store carries on
+
+
+async def test_database_is_locked_maps_to_503_and_the_store_recovers(store: Store) -> None:
+    await store._call(lambda c: c.execute("PRAGMA busy_timeout=50"))
+    other = sqlite3.connect(store.path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(ServiceUnavailable, match="locked") as info:
+            await store.enqueue(new(), now=T0)
+        assert info.value.http_status == 503
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert (await store.enqueue(new(), now=T0)).created
+
+
+# --- idempotency and the cap ------------------------------------------------------------------
+
+
+async def test_an_idempotency_key_returns_the_same_job_within_the_window(store: Store) -> None:
+    first = await store.enqueue(new("a", idempotency_key="k1"), now=T0)
+    again = await store.enqueue(new("a", idempotency_key="k1"), now=T0 + 10)
+    assert first.created
+    assert not again.created
+    assert again.job.id == first.job.id
+    other_tenant = await store.enqueue(new("b", idempotency_key="k1"), now=T0 + 10)
+    assert other_tenant.created
+    assert other_tenant.job.id != first.job.id
+    later = T0 + store.config.idempotency_window_s + 1
+    fresh = await store.enqueue(new("a", idempotency_key="k1"), now=later)
+    assert fresh.created
+    assert fresh.job.id != first.job.id
+    assert (await store.get(first.job.id, "a")).idempotency_key is None  # type: ignore[union-attr]
+
+
+async def test_the_same_key_twice_in_one_group_makes_one_job(store: Store) -> None:
+    jobs = []
+
+    async def one() -> None:
+        jobs.append(await store.enqueue(new("a", idempotency_key="same"), now=T0))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(10):
+            nursery.start_soon(one)
+    assert len({e.job.id for e in jobs}) == 1
+    assert sum(e.created for e in jobs) == 1
+
+
+async def test_the_per_tenant_cap_answers_429(store: Store) -> None:
+    await store.enqueue(new("small"), now=T0)
+    await store.enqueue(new("small"), now=T0)
+    with pytest.raises(RateLimited) as info:
+        await store.enqueue(new("small"), now=T0)
+    assert info.value.http_status == 429
+    assert info.value.code == "too_many_queued_jobs"
+    assert (await store.enqueue(new("other"), now=T0)).created  # other tenants unaffected
+    job = await store.claim(["small"], 60, T0)
+    assert job is not None
+    await store.complete(job.id, job.lease_token or "", RESULT, 200, T0)
+    assert (await store.enqueue(new("small"), now=T0)).created  # a finished job frees room
+
+
+# --- claims, fencing, recovery ----------------------------------------------------------------
+
+
+async def test_claim_leases_the_oldest_due_job(store: Store) -> None:
+    older = (await store.enqueue(new("a"), now=T0)).job
+    await store.enqueue(new("a"), now=T0 + 1)
+    assert await store.claim(["b"], 60, T0 + 2) is None  # not a candidate with jobs
+    job = await store.claim(["a", "b"], 60, T0 + 2)
+    assert job is not None
+    assert job.id == older.id
+    assert (job.status, job.attempts, job.lease_expires_at) == (JobStatus.RUNNING, 1, T0 + 62)
+    assert job.lease_token
+    assert len(job.lease_token) == 32
+
+
+async def test_claims_go_round_robin_across_tenants(store: Store) -> None:
+    for i in range(4):
+        await store.enqueue(new("a"), now=T0 + i)
+    for i in range(2):
+        await store.enqueue(new("b"), now=T0 + 10 + i)
+    await store.enqueue(new("c"), now=T0 + 20)
+    order = []
+    while job := await store.claim(["a", "b", "c"], 60, T0 + 30):
+        order.append(job.tenant)
+    assert order == ["a", "b", "c", "a", "b", "a", "a"]
+
+
+async def test_schedule_reports_due_jobs_and_the_next_deadline(store: Store) -> None:
+    await store.enqueue(new("a"), now=T0)
+    await store.enqueue(new("b"), now=T0)
+    job = await store.claim(["a"], 60, T0)
+    assert job is not None
+    assert job.lease_token is not None
+    assert await store.fail(job.id, job.lease_token, ERROR, 502, T0 + 30, T0)
+    schedule = await store.schedule(T0)
+    assert dict(schedule.due) == {"b": 1}
+    assert schedule.next_at == T0 + 30
+    assert schedule.depth == 1
+    assert dict((await store.schedule(T0 + 30)).due) == {"a": 1, "b": 1}
+    retried = await store.get(job.id, "a")
+    assert retried is not None
+    assert retried.body == BODY
+    assert retried.attempts == 1
+    assert retried.last_error == "upstream broke"
+
+
+async def test_a_stale_run_cannot_settle_the_job(store: Store) -> None:
+    await store.enqueue(new("a"), now=T0)
+    first = await store.claim(["a"], 10, T0)
+    assert first is not None
+    assert first.lease_token is not None
+    assert await store.claim(["a"], 10, T0 + 5) is None  # the lease still holds
+    second = await store.claim(["a"], 10, T0 + 11)  # expired: claimed again, new token
+    assert second is not None
+    assert second.lease_token is not None
+    assert second.id == first.id
+    assert second.attempts == 2
+    assert second.lease_token != first.lease_token
+    assert not await store.complete(first.id, first.lease_token, b'{"stale":1}', 200, T0 + 12)
+    assert not await store.fail(first.id, first.lease_token, ERROR, 500, None, T0 + 12)
+    assert not await store.release(first.id, first.lease_token, T0 + 12)
+    assert await store.complete(second.id, second.lease_token, RESULT, 200, T0 + 13)
+    assert not await store.complete(second.id, second.lease_token, b'{"twice":1}', 200, T0 + 14)
+    done = await store.get(first.id, "a")
+    assert done is not None
+    assert done.status is JobStatus.SUCCEEDED
+    assert done.result == RESULT
+    assert done.lease_token is None
+    assert done.finished_at == T0 + 13
+    assert [r["result"] for r in raw_rows(store)] == [RESULT]  # exactly one stored result
+
+
+async def test_recover_requeues_only_expired_leases(store: Store) -> None:
+    for tenant in ("a", "b"):
+        await store.enqueue(new(tenant), now=T0)
+    short = await store.claim(["a"], 10, T0)
+    await store.claim(["b"], 1000, T0)
+    assert short is not None
+    assert await store.recover(T0 + 5) == 0
+    assert await store.recover(T0 + 10) == 1
+    back = await store.get(short.id, "a")
+    assert back is not None
+    assert back.status is JobStatus.QUEUED
+    assert (back.lease_token, back.next_attempt_at, back.attempts) == (None, T0 + 10, 1)
+    assert await store.counts() == {"queued": 1, "running": 1}
+
+
+async def test_release_returns_the_job_without_counting_the_attempt(store: Store) -> None:
+    await store.enqueue(new("a"), now=T0)
+    job = await store.claim(["a"], 60, T0)
+    assert job is not None
+    assert job.lease_token is not None
+    assert await store.release(job.id, job.lease_token, T0 + 1)
+    back = await store.get(job.id, "a")
+    assert back is not None
+    assert (back.status, back.attempts) == (JobStatus.QUEUED, 0)
+
+
+# --- redaction, webhooks, retention -----------------------------------------------------------
+
+
+async def test_a_finished_job_keeps_only_a_digest_of_its_request(store: Store) -> None:
+    await store.enqueue(new("a"), now=T0)
+    await store.enqueue(new("b"), now=T0)
+    for tenant, ok in (("a", True), ("b", False)):
+        job = await store.claim([tenant], 60, T0)
+        assert job is not None
+        assert job.lease_token is not None
+        if ok:
+            assert await store.complete(job.id, job.lease_token, RESULT, 200, T0 + 1)
+        else:
+            assert await store.fail(job.id, job.lease_token, ERROR, 400, None, T0 + 1)
+    rows = {r["tenant"]: r for r in raw_rows(store)}
+    for row in rows.values():
+        assert row["body"] == digest(BODY)
+        assert b"secret prompt" not in row["body"]
+    assert rows["b"]["status"] == "failed"
+    assert rows["b"]["result"] == ERROR
+    assert (rows["b"]["result_status"], rows["b"]["last_error"]) == (400, "upstream broke")
+
+
+async def test_webhook_state_follows_the_job(store: Store) -> None:
+    url = "http://127.0.0.1:1/hook"
+    await store.enqueue(new("a", webhook_url=url), now=T0)
+    await store.enqueue(new("b"), now=T0)
+    for tenant in ("a", "b"):
+        job = await store.claim([tenant], 60, T0)
+        assert job is not None
+        assert job.lease_token is not None
+        assert job.webhook_status is WebhookStatus.NONE
+        await store.complete(job.id, job.lease_token, RESULT, 200, T0 + 1)
+    due, later = await store.due_webhooks(T0 + 1, 10)
+    assert [j.tenant for j in due] == ["a"]
+    assert later is None
+    assert due[0].webhook_status is WebhookStatus.PENDING
+    await store.webhook_attempted(due[0].id, WebhookStatus.PENDING, T0 + 5, T0 + 1)
+    assert await store.due_webhooks(T0 + 2, 10) == ([], T0 + 5)
+    due, _ = await store.due_webhooks(T0 + 5, 10)
+    assert due[0].webhook_attempts == 1
+    await store.webhook_attempted(due[0].id, WebhookStatus.DELIVERED, None, T0 + 6)
+    assert await store.due_webhooks(T0 + 100, 10) == ([], None)
+    delivered = await store.get(due[0].id, "a")
+    assert delivered is not None
+    assert delivered.webhook_status is WebhookStatus.DELIVERED
+
+
+async def test_sweep_deletes_after_retention_but_not_before_the_webhook(tmp_path: Path) -> None:
+    store = make_store(tmp_path, retention_s=100.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        await store.enqueue(new("a"), now=T0)
+        await store.enqueue(new("b", webhook_url="http://127.0.0.1:1/"), now=T0)
+        await store.enqueue(new("c"), now=T0)  # never finishes: never swept
+        for tenant in ("a", "b"):
+            job = await store.claim([tenant], 60, T0)
+            assert job is not None
+            assert job.lease_token is not None
+            await store.complete(job.id, job.lease_token, RESULT, 200, T0 + 10)
+        assert await store.sweep(T0 + 50) == (0, T0 + 110)
+        assert await store.sweep(T0 + 110) == (1, None)  # b waits for its webhook
+        assert await store.counts() == {"succeeded": 1, "queued": 1}
+        (hook,), _ = await store.due_webhooks(T0 + 110, 10)
+        await store.webhook_attempted(hook.id, WebhookStatus.FAILED, None, T0 + 111)
+        assert await store.sweep(T0 + 111) == (1, None)
+        assert await store.counts() == {"queued": 1}
+        nursery.cancel_scope.cancel()
+
+
+async def test_inline_mode_runs_on_the_loop_thread(tmp_path: Path) -> None:
+    store = Store.from_config(
+        Config(overflow=OverflowConfig(database=str(tmp_path / "i.db"))), env={}, inline=True
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        job = (await store.enqueue(new(), now=T0)).job
+        assert json.loads((await store.get(job.id, "a")).body)["model"] == "mock-1"  # type: ignore[union-attr]
+        nursery.cancel_scope.cancel()
