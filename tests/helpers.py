@@ -369,6 +369,10 @@ async def gateway_process(
                     process.kill()
                 with trio.CancelScope(shield=True), trio.move_on_after(10):
                     await process.wait()
+                # Captured by pytest, shown when the test fails.
+                print(f"gateway exited with {process.returncode}; its log:")
+                for record in gateway.records:
+                    print(json.dumps(record))
     finally:
         assert process.stderr is not None
         with trio.CancelScope(shield=True):
