@@ -268,6 +268,28 @@ async def test_sighup_with_a_valid_config_applies_it(config_file: Path) -> None:
     assert [r["setting"] for r in restart] == ["server.backlog"]
 
 
+async def test_sighup_applies_a_new_log_level(config_file: Path, tmp_path: Path) -> None:
+    path = tmp_path / "notify.sock"
+    with trio.fail_after(CHILD_TIMEOUT_S):
+        async with NotifyReceiver(path) as manager:
+            async with gateway_process(config_file, {"NOTIFY_SOCKET": str(path)}) as gateway:
+                assert (await manager.next())["READY"] == "1"
+                config_file.write_text('[logging]\nlevel = "warning"\naccess_log = true\n')
+                gateway.send_signal(signal.SIGHUP)
+                assert (await manager.next())["RELOADING"] == "1"
+                assert (await manager.next())["READY"] == "1"
+                assert (await get(gateway.port, "/health/live")).status == 200
+                # An error line is a fence: every line before it has been read once it is.
+                config_file.write_text("[logging]\nlevel = 1\n")
+                gateway.send_signal(signal.SIGHUP)
+                await gateway.wait_for_log("config.reload.failed")
+                gateway.send_signal(signal.SIGTERM)
+                assert await gateway.wait() == 0
+    # At "warning", the info lines of the reload and of the request are not written.
+    assert "config.reloaded" not in gateway.events()
+    assert "http.access" not in gateway.events()
+
+
 async def test_sd_notify_ready_reloading_stopping(config_file: Path, tmp_path: Path) -> None:
     path = tmp_path / "notify.sock"
     with trio.fail_after(CHILD_TIMEOUT_S):
