@@ -229,8 +229,7 @@ class App:
                     await self.reload()
                 elif self.shutdown.is_set():
                     log.warning("gateway.shutdown.forced", signal=signal.Signals(signum).name)
-                    self.gateway.connections_idle.set()
-                    self.gateway.open_connections = 0
+                    self.gateway.connections_idle.set()  # the drain stops waiting
                 else:
                     log.info("gateway.shutdown", signal=signal.Signals(signum).name)
                     await self.begin_drain()

@@ -21,7 +21,13 @@ import trio
 
 from runestone_proxy import errors, logs, metrics
 from runestone_proxy.config import Config
-from runestone_proxy.server.http import JSON_HEADERS, HeaderList, Request, Responder
+from runestone_proxy.server.http import (
+    JSON_HEADERS,
+    HeaderList,
+    Request,
+    Responder,
+    ResponseAborted,
+)
 from runestone_proxy.server.router import Router
 from runestone_proxy.server.slowwatch import SlowWatch
 
@@ -84,6 +90,8 @@ class Gateway:
             await send_error(responder, exc)
         except Exception:
             log.exception("request.crashed", request_id=request.request_id, path=request.path)
+            if responder.started:
+                raise ResponseAborted from None
             await send_error(responder, errors.GatewayError("The server had an error."))
 
 

@@ -31,7 +31,7 @@ import trio
 from runestone_proxy import errors
 from runestone_proxy.config import LimitsConfig
 from runestone_proxy.server.gateway import Gateway, log_access, new_request_id, request_id_from
-from runestone_proxy.server.http import JSON_HEADERS, HeaderList, Request
+from runestone_proxy.server.http import JSON_HEADERS, HeaderList, Request, ResponseAborted
 
 log = structlog.get_logger("runestone.h1")
 
@@ -379,8 +379,13 @@ class H1Connection:
             try:
                 await self.gateway.dispatch(request, responder)
                 await responder.finish()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
-                self.closing = True
+            except (
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+                trio.TooSlowError,
+                ResponseAborted,
+            ):
+                self.closing = True  # an aborted response ends without its last chunk
             finally:
                 slow.discard(self)
                 self.handler_scope = None

@@ -65,6 +65,7 @@ from runestone_proxy.protocol.h2limits import FrameGuard, Violation
 from runestone_proxy.server.gateway import Gateway, log_access, send_error
 from runestone_proxy.server.h2stream import H2Stream
 from runestone_proxy.server.h2writer import SerialWriter
+from runestone_proxy.server.http import ResponseAborted
 
 __all__ = ["serve_h2"]
 
@@ -337,6 +338,8 @@ class H2ServerConnection:
                 if not st.started:
                     await send_error(st, errors.GatewayError("The server sent no response."))
                 await st.finish()
+        except ResponseAborted:
+            pass  # logged by dispatch; _stream_done resets the unfinished stream (CANCEL)
         except Exception:
             log.exception("h2.stream.crashed", request_id=st.request.request_id)
         finally:

@@ -119,6 +119,13 @@ class Responder(Protocol):
 
 Handler = Callable[[Request, Responder], Awaitable[None]]
 
+
+class ResponseAborted(Exception):
+    """A handler failed after its response started: the connection layer must cut the
+    response short (HTTP/1.1: close without the last chunk; HTTP/2: RST_STREAM) so the
+    client sees a broken response, never one that looks complete."""
+
+
 JSON_HEADERS: tuple[tuple[bytes, bytes], ...] = ((b"content-type", b"application/json"),)
 SSE_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"content-type", b"text/event-stream; charset=utf-8"),

@@ -483,3 +483,24 @@ async def test_tls_port_drops_a_cleartext_client(tls_files: TLSFiles) -> None:
                 after = await client.exchange(LIVE)
     assert not reply.startswith(b"HTTP/")
     assert after.status == 200
+
+
+async def test_handler_crash_mid_stream_cuts_the_response() -> None:
+    """A failure after the response started must not look like a complete response: no
+    terminating chunk, and the connection closes."""
+
+    async def crash(_request: Request, responder: Responder) -> None:
+        await responder.start(200, SSE_HEADERS)
+        await responder.send(b"data: one\n\n")
+        raise RuntimeError("boom")
+
+    with trio.fail_after(TIMEOUT_S):
+        routes = {("GET", "/crash"): crash}
+        async with running_app(make_config(), routes) as gw, await RawClient.connect(gw.port) as c:
+            await c.send(request("GET", "/crash"))
+            head = await c.read_head()
+            first = await c.read_chunk()
+            rest = await c.read_eof()
+    assert head.status == 200
+    assert first == b"data: one\n\n"
+    assert rest == b""  # closed without the zero-length last chunk
