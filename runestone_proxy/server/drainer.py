@@ -24,9 +24,11 @@ died. Results are stored through the lease token (fencing, see gateway/overflow.
 decision after a run is the pure :func:`~runestone_proxy.gateway.overflow.settle`.
 
 On shutdown (the drainer's scope cancelled) a running job is put back in the queue without
-counting the attempt, as long as the store is still open: cancel the drainer before the
-store (``App`` does). Whatever could not be put back is recovered on the next start, once
-its lease has expired. No prompt or completion text reaches a log line or an event.
+counting the attempt, as long as the store is still open: run the drainer in a nursery
+inside the store's and cancel it first. Whatever could not be put back is recovered on the
+next start, once its lease has expired. A run that finished is settled under a shield, so
+a shutdown never throws a finished result away. No prompt or completion text reaches a
+log line or an event.
 """
 
 from __future__ import annotations
@@ -177,15 +179,8 @@ class Drainer:
             rand=self.rand,
         )
         try:
-            if isinstance(decision, Complete):
-                stored = await self.store.complete(
-                    job.id, job.lease_token, outcome.body, outcome.status, now
-                )
-            else:
-                retry_at = decision.at if isinstance(decision, Retry) else None
-                stored = await self.store.fail(
-                    job.id, job.lease_token, outcome.body, outcome.status, retry_at, now
-                )
+            with trio.CancelScope(shield=True):  # one quick write: keep what the run produced
+                stored = await self._settle(job, job.lease_token, decision, outcome, now)
         except GatewayError as exc:  # not stored: the lease expires and the job runs again
             log.error("overflow.settle.failed", job_id=job.id, error=exc.message)
             stored = False
@@ -202,6 +197,14 @@ class Drainer:
         if result in ("succeeded", "failed"):
             self.webhooks_due.set()
             self.sweep_due.set()
+
+    async def _settle(
+        self, job: Job, token: str, decision: Settle, outcome: JobOutcome, now: float
+    ) -> bool:
+        if isinstance(decision, Complete):
+            return await self.store.complete(job.id, token, outcome.body, outcome.status, now)
+        retry_at = decision.at if isinstance(decision, Retry) else None
+        return await self.store.fail(job.id, token, outcome.body, outcome.status, retry_at, now)
 
     async def _execute(self, job: Job) -> JobOutcome:
         """``runner(job)``, bounded by the lease; errors become outcomes."""
@@ -248,7 +251,10 @@ class Drainer:
             with trio.fail_after(self.config.webhook_timeout_s):
                 response = await client.post(job.webhook_url, content=body, headers=headers)
             answer = response.status_code
-        except (httpx.HTTPError, trio.TooSlowError) as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, trio.TooSlowError) as exc:
+            answer = type(exc).__name__
+        except Exception as exc:  # a cold path: never let one receiver stop the loop
+            log.exception("overflow.webhook.crashed", job_id=job.id)
             answer = type(exc).__name__
         delivered = isinstance(answer, int) and 200 <= answer < 300
         now = self.clock()
@@ -262,7 +268,7 @@ class Drainer:
             rand=self.rand,
         )
         try:
-            await self.store.webhook_attempted(job.id, to, next_at, now)
+            await self.store.webhook_attempted(job.id, to, next_at)
         except GatewayError as exc:  # still pending in the store: it is sent again
             log.error("overflow.webhook.record_failed", job_id=job.id, error=exc.message)
             return

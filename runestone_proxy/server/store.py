@@ -349,10 +349,10 @@ class Store:
         )
 
     async def webhook_attempted(
-        self, job_id: str, to: WebhookStatus, next_at: float | None, now: float
+        self, job_id: str, to: WebhookStatus, next_at: float | None
     ) -> None:
         """Record one delivery attempt: delivered, pending again at ``next_at``, or failed."""
-        await self._call(lambda c: sql.webhook_attempted(c, job_id, to, next_at, now), write=True)
+        await self._call(lambda c: sql.webhook_attempted(c, job_id, to, next_at), write=True)
 
     async def sweep(self, now: float) -> tuple[int, float | None]:
         """Delete jobs finished more than ``retention_s`` ago (not while their webhook is

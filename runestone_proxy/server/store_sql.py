@@ -338,12 +338,13 @@ def next_webhook_at(conn: sqlite3.Connection, now: float) -> float | None:
 
 
 def webhook_attempted(
-    conn: sqlite3.Connection, job_id: str, to: WebhookStatus, next_at: float | None, now: float
+    conn: sqlite3.Connection, job_id: str, to: WebhookStatus, next_at: float | None
 ) -> None:
+    """One delivery attempt recorded (``updated_at`` is the job's, and stays as it was)."""
     conn.execute(
         "UPDATE jobs SET webhook_status = ?, webhook_attempts = webhook_attempts + 1,"
-        " webhook_next_at = ?, updated_at = ? WHERE id = ? AND webhook_status = 'pending'",
-        (to.value, next_at, now, job_id),
+        " webhook_next_at = ? WHERE id = ? AND webhook_status = 'pending'",
+        (to.value, next_at, job_id),
     )
 
 

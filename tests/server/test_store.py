@@ -349,11 +349,11 @@ async def test_webhook_state_follows_the_job(store: Store) -> None:
     assert [j.tenant for j in due] == ["a"]
     assert later is None
     assert due[0].webhook_status is WebhookStatus.PENDING
-    await store.webhook_attempted(due[0].id, WebhookStatus.PENDING, T0 + 5, T0 + 1)
+    await store.webhook_attempted(due[0].id, WebhookStatus.PENDING, T0 + 5)
     assert await store.due_webhooks(T0 + 2, 10) == ([], T0 + 5)
     due, _ = await store.due_webhooks(T0 + 5, 10)
     assert due[0].webhook_attempts == 1
-    await store.webhook_attempted(due[0].id, WebhookStatus.DELIVERED, None, T0 + 6)
+    await store.webhook_attempted(due[0].id, WebhookStatus.DELIVERED, None)
     assert await store.due_webhooks(T0 + 100, 10) == ([], None)
     delivered = await store.get(due[0].id, "a")
     assert delivered is not None
@@ -376,7 +376,7 @@ async def test_sweep_deletes_after_retention_but_not_before_the_webhook(tmp_path
         assert await store.sweep(T0 + 110) == (1, None)  # b waits for its webhook
         assert await store.counts() == {"succeeded": 1, "queued": 1}
         (hook,), _ = await store.due_webhooks(T0 + 110, 10)
-        await store.webhook_attempted(hook.id, WebhookStatus.FAILED, None, T0 + 111)
+        await store.webhook_attempted(hook.id, WebhookStatus.FAILED, None)
         assert await store.sweep(T0 + 111) == (1, None)
         assert await store.counts() == {"queued": 1}
         nursery.cancel_scope.cancel()

@@ -1,0 +1,107 @@
+"""Durable enqueue rate of the overflow store (group commit, WAL, ``synchronous=FULL``).
+
+``C`` concurrent callers each ``await store.enqueue(job)`` in a loop, as request handlers
+answering 202 would; every call returns only once its job is committed and fsynced. The
+store runs as in production (worker thread behind a ``CapacityLimiter(1)``), on a fresh
+database per run, on the filesystem of ``--dir`` (default: the working directory, which
+is where ``runestone.sqlite3`` would live without ``$RUNESTONE_STATE_DIR``).
+
+    /work/venv/bin/python -m bench.enqueue_bench                    # 3 runs, median
+    /work/venv/bin/python -m bench.enqueue_bench --concurrency 1,64,256 --jobs 20000
+    /work/venv/bin/python -m bench.enqueue_bench --no-group         # one fsync per job
+
+Prints, per concurrency level, the median jobs/s of the runs, and the mean group size
+(jobs per transaction) that made it possible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import attrs
+import trio
+
+from runestone_proxy import logs
+from runestone_proxy.config import OverflowConfig, TenantConfig
+from runestone_proxy.gateway.overflow import NewJob
+from runestone_proxy.server.store import Store
+
+BODY = (
+    b'{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are terse."},'
+    b'{"role":"user","content":"Summarise the plot of Hamlet in two sentences, please."}],'
+    b'"max_tokens":128,"temperature":0.2,"webhook_url":"https://hooks.example.com/runestone"}'
+)
+TENANTS = [f"tenant-{i}" for i in range(8)]
+
+
+@attrs.frozen
+class Run:
+    jobs: int
+    seconds: float
+    transactions: int
+
+    @property
+    def rate(self) -> float:
+        return self.jobs / self.seconds
+
+    @property
+    def group(self) -> float:
+        return self.jobs / max(self.transactions, 1)
+
+
+async def one_run(directory: Path, jobs: int, concurrency: int, max_batch: int) -> Run:
+    with tempfile.TemporaryDirectory(dir=directory, prefix="enqueue-bench-") as tmp:
+        path = Path(tmp) / "bench.sqlite3"
+        config = OverflowConfig(database=str(path), group_commit_max_batch=max_batch)
+        tenants = {t: TenantConfig(max_queued_jobs=jobs + 1) for t in TENANTS}
+        store = Store(path, config, tenants)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            per_caller = jobs // concurrency
+
+            async def caller(index: int) -> None:
+                tenant = TENANTS[index % len(TENANTS)]
+                for n in range(per_caller):
+                    await store.enqueue(NewJob(tenant, f"req_{index}_{n}", "chat", BODY))
+
+            started = time.perf_counter()
+            async with trio.open_nursery() as callers:
+                for index in range(concurrency):
+                    callers.start_soon(caller, index)
+            seconds = time.perf_counter() - started
+            total = per_caller * concurrency
+            assert (await store.counts()) == {"queued": total}
+            run = Run(total, seconds, store.stats.enqueue_batches)
+            nursery.cancel_scope.cancel()
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=10_000, help="jobs per run")
+    parser.add_argument("--concurrency", default="64", help="callers, comma list")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dir", type=Path, default=Path.cwd())
+    parser.add_argument("--no-group", action="store_true", help="group_commit_max_batch=1")
+    args = parser.parse_args()
+    logs.configure("warning")
+    max_batch = 1 if args.no_group else OverflowConfig().group_commit_max_batch
+    print(f"synchronous=FULL, WAL, group_commit_max_batch={max_batch}, dir={args.dir}")
+    print(f"{'callers':>8} {'jobs/s (median)':>16} {'runs':>28} {'jobs/commit':>12}")
+    for concurrency in (int(c) for c in args.concurrency.split(",")):
+        runs = [
+            trio.run(one_run, args.dir, args.jobs, concurrency, max_batch)
+            for _ in range(args.repeats)
+        ]
+        rates = [r.rate for r in runs]
+        shown = ", ".join(f"{r:,.0f}" for r in rates)
+        group = statistics.mean(r.group for r in runs)
+        print(f"{concurrency:>8} {statistics.median(rates):>16,.0f} {shown:>28} {group:>12.1f}")
+
+
+if __name__ == "__main__":
+    main()
