@@ -15,6 +15,14 @@ import trustme
 from helpers import TLSFiles
 
 
+@pytest.fixture(autouse=True)
+def _private_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test runs in its own directory, so a gateway started on default settings keeps
+    its SQLite store (``runestone.sqlite3``, relative) out of the checkout and away from
+    other tests."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def tls_ca() -> trustme.CA:
     return trustme.CA()

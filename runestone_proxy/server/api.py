@@ -19,7 +19,7 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import attrs
 import structlog
@@ -40,31 +40,19 @@ from runestone_proxy.gateway.auth import KeyStore, Principal
 from runestone_proxy.gateway.capacity import Capacity, EnqueueInstead
 from runestone_proxy.gateway.deployments import Deployments
 from runestone_proxy.gateway.failover import Failover
+from runestone_proxy.gateway.overflow import Job, JobOutcome
 from runestone_proxy.gateway.pipeline import PayloadStream, Providers
 from runestone_proxy.gateway.ratelimit import RateLimiter
 from runestone_proxy.gateway.routing import RoutingTable, Target, constraints_for, filter_and_order
 from runestone_proxy.protocol.sse import DONE, encode_data
 from runestone_proxy.providers.base import Endpoint, ProviderCall
 from runestone_proxy.server.http import JSON_HEADERS, SSE_HEADERS, Request, Responder
+from runestone_proxy.server.jobs_api import accept_async
 from runestone_proxy.server.router import Router
+from runestone_proxy.server.store import Store
 from runestone_proxy.server.upstream import UpstreamPool
 
 log = structlog.get_logger("runestone.api")
-
-
-class Overflow(Protocol):
-    """The durable queue's entry point (server/jobs_api.py): commit the job, answer 202."""
-
-    async def accept(
-        self,
-        request: Request,
-        responder: Responder,
-        principal: Principal,
-        endpoint: Endpoint,
-        body: dict[str, Any],
-        raw: bytes,
-        webhook_url: str | None,
-    ) -> None: ...
 
 
 #: Request fields that are Runestone's own: used for routing, never sent to a provider.
@@ -147,7 +135,7 @@ class Api:
     capacity: Capacity = attrs.field(kw_only=True)
     ratelimiter: RateLimiter = attrs.field(kw_only=True, factory=RateLimiter)
     #: Parks requests durably (202) when their tenant is full and they asked for async.
-    overflow: Overflow | None = attrs.field(kw_only=True, default=None)
+    store: Store | None = attrs.field(kw_only=True, default=None)
 
     @classmethod
     def build(cls, config: Config, env: Mapping[str, str], pool: UpstreamPool) -> Api:
@@ -322,16 +310,80 @@ class Api:
                     request, responder, endpoint, body, raw, force_stream, rl_headers, usage
                 )
         except EnqueueInstead:
-            if self.overflow is None:
+            if self.store is None:
                 raise RateLimited(
                     f"Tenant {principal.tenant!r} is at capacity and no overflow queue is "
                     "available.",
                     retry_after_s=1,
                     headers=rl_headers,
                 ) from None
-            await self.overflow.accept(request, responder, principal, endpoint, body, raw, webhook)
+            await accept_async(
+                self.store, request, responder, principal, endpoint, body, raw, webhook
+            )
         finally:
             self.ratelimiter.reconcile(reservation, usage[0], trio.current_time())
+
+    def _plan(
+        self, endpoint: Endpoint, body: dict[str, Any], raw: bytes, stream: bool, request_id: str
+    ) -> tuple[list[Target], Callable[[Target], ProviderCall], str]:
+        """Resolve and order the candidates, and say how to call each. Pops Runestone's own
+        fields from ``body``; ``raw`` is forwarded untouched where nothing needs a rewrite."""
+        extras = RUNESTONE_FIELDS.intersection(body)
+        provider_field = body.get("provider")
+        if provider_field is not None and not isinstance(provider_field, str):
+            raise InvalidParam("'provider' must be a string.", param="provider")
+        resolution = self.routing.resolve(body["model"], provider_field)
+        policy = self.policy
+        constraints = constraints_for(endpoint, body, self.default_output_tokens)
+        ordered, reason = filter_and_order(resolution.targets, constraints, policy)
+        targets = self.deployments.order_groups(ordered)
+        for name in extras:
+            body.pop(name)
+        stream_flag = body.get("stream") is True
+        if stream and not stream_flag:
+            body["stream"] = True
+        elif not stream and "stream" in body:
+            body.pop("stream")
+            body.pop("stream_options", None)
+        options = body.get("stream_options")
+        include_usage = bool(stream and isinstance(options, dict) and options.get("include_usage"))
+        may_forward = not extras and stream == stream_flag
+
+        def call_for(target: Target) -> ProviderCall:
+            forward = may_forward and target.upstream_model == body["model"]
+            return ProviderCall(
+                endpoint=endpoint,
+                body=body,
+                model=target.upstream_model,
+                stream=stream,
+                include_usage=include_usage,
+                raw=raw if forward else None,
+                request_id=request_id,
+            )
+
+        telemetry.emit(
+            "router.decide",
+            policy=policy,
+            requested=resolution.requested,
+            via=resolution.via,
+            candidates=[f"{t.provider}:{t.model}" for t in targets],
+            choice=f"{targets[0].provider}:{targets[0].model}",
+            reason=reason,
+            request_id=request_id,
+        )
+        return targets, call_for, policy
+
+    async def _complete(
+        self, endpoint: Endpoint, body: dict[str, Any], raw: bytes, request_id: str
+    ) -> tuple[Target, str, bytes]:
+        """A whole answer through failover, with Runestone's metadata spliced in."""
+        targets, call_for, policy = self._plan(endpoint, body, raw, False, request_id)
+        target, answer = await self.failover.complete(targets, call_for, self.providers)
+        fields = json.dumps(
+            {"provider": target.provider, "routing_policy": policy, "request_id": request_id},
+            separators=(",", ":"),
+        ).encode()[1:-1]
+        return target, policy, splice_metadata(answer, fields)
 
     async def _serve(
         self,
@@ -346,63 +398,27 @@ class Api:
     ) -> None:
         """Route and call the provider with the tenant's slot held; ``usage[0]`` gets the
         tokens the answer reports (for the TPM reconcile)."""
-        extras = RUNESTONE_FIELDS.intersection(body)
-        provider_field = body.get("provider")
-        if provider_field is not None and not isinstance(provider_field, str):
-            raise InvalidParam("'provider' must be a string.", param="provider")
-        resolution = self.routing.resolve(body["model"], provider_field)
-        stream = force_stream or body.get("stream") is True
-        if endpoint == "embeddings":
-            stream = False
-        policy = self.policy
-        constraints = constraints_for(endpoint, body, self.default_output_tokens)
-        ordered, reason = filter_and_order(resolution.targets, constraints, policy)
-        targets = self.deployments.order_groups(ordered)
-        for name in extras:
-            body.pop(name)
-        if force_stream:
-            body["stream"] = True
-        options = body.get("stream_options")
-        include_usage = bool(stream and isinstance(options, dict) and options.get("include_usage"))
-        may_forward = not extras and not force_stream
-
-        def call_for(target: Target) -> ProviderCall:
-            forward = may_forward and target.upstream_model == body["model"]
-            return ProviderCall(
-                endpoint=endpoint,
-                body=body,
-                model=target.upstream_model,
-                stream=stream,
-                include_usage=include_usage,
-                raw=raw if forward else None,
-                request_id=request.request_id,
-            )
-
-        telemetry.emit(
-            "router.decide",
-            policy=policy,
-            requested=resolution.requested,
-            via=resolution.via,
-            candidates=[f"{t.provider}:{t.model}" for t in targets],
-            choice=f"{targets[0].provider}:{targets[0].model}",
-            reason=reason,
-            request_id=request.request_id,
-        )
+        stream = endpoint != "embeddings" and (force_stream or body.get("stream") is True)
         if stream:
+            targets, call_for, policy = self._plan(endpoint, body, raw, True, request.request_id)
             await self._relay(request, responder, targets, call_for, policy, extra_headers, usage)
             return
-        target, answer = await self.failover.complete(targets, call_for, self.providers)
+        target, policy, answer = await self._complete(endpoint, body, raw, request.request_id)
         usage[0] = ratelimit.usage_tokens(answer)
-        fields = json.dumps(
-            {
-                "provider": target.provider,
-                "routing_policy": policy,
-                "request_id": request.request_id,
-            },
-            separators=(",", ":"),
-        ).encode()[1:-1]
         headers = (*JSON_HEADERS, *_meta(target, policy), *extra_headers)
-        await responder.respond(200, headers, splice_metadata(answer, fields))
+        await responder.respond(200, headers, answer)
+
+    async def run_job(self, job: Job) -> JobOutcome:
+        """The overflow drainer's runner: the same pipeline as a live request, answered
+        whole (a queued stream's result is stored as the non-stream completion). The drainer
+        already holds the tenant's slot; failures raise and the drainer decides on retries."""
+        if job.endpoint not in ("chat", "completions", "embeddings"):
+            raise InvalidParam(f"Unknown job endpoint {job.endpoint!r}.")
+        endpoint: Endpoint = job.endpoint  # type: ignore[assignment]  # checked above
+        body = parse_object(job.body)
+        validate(endpoint, body)
+        _, _, answer = await self._complete(endpoint, body, job.body, job.request_id)
+        return JobOutcome(200, answer)
 
     async def _relay(
         self,

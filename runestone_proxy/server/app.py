@@ -42,14 +42,17 @@ from runestone_proxy.gateway import aliases
 from runestone_proxy.gateway.deployments import providers_view
 from runestone_proxy.server import systemd
 from runestone_proxy.server.api import Api
+from runestone_proxy.server.drainer import run_drainer
 from runestone_proxy.server.gateway import Gateway, Phase
 from runestone_proxy.server.health import (
     add_health_routes,
     add_metrics_route,
     add_providers_route,
 )
+from runestone_proxy.server.jobs_api import add_job_routes
 from runestone_proxy.server.listener import accept_loop, make_ssl_context
 from runestone_proxy.server.router import Router
+from runestone_proxy.server.store import Store
 from runestone_proxy.server.upstream import UpstreamPool
 
 log = structlog.get_logger("runestone.app")
@@ -77,6 +80,7 @@ class App:
     shutdown: trio.Event = attrs.Factory(trio.Event)
     pool: UpstreamPool = attrs.field(kw_only=True)
     api: Api = attrs.field(kw_only=True)
+    store: Store = attrs.field(kw_only=True)
 
     @classmethod
     def build(cls, config: Config, config_path: Path | None, env: Mapping[str, str]) -> App:
@@ -92,7 +96,12 @@ class App:
             proxy_env=env,
         )
         api = Api.build(config, env, pool)
+        store = Store.from_config(config, env)
+        api.store = store
         api.add_routes(gateway.router)
+        add_job_routes(gateway.router, store, api.authenticate)
+        gateway.reload_hooks.append(store.apply_config)
+        gateway.components["capacity"] = api.capacity.snapshot
         gateway.reload_hooks.append(api.reload)
 
         def providers_health() -> dict[str, Any]:
@@ -108,7 +117,17 @@ class App:
             "idle_connections": pool.idle_connections,
         }
         notifier = systemd.Notifier.from_env(env)
-        return cls(config, config_path, env, gateway, health_gateway, notifier, pool=pool, api=api)
+        return cls(
+            config,
+            config_path,
+            env,
+            gateway,
+            health_gateway,
+            notifier,
+            pool=pool,
+            api=api,
+            store=store,
+        )
 
     def _warn_if_open(self) -> None:
         if not self.api.keys.open:
@@ -182,6 +201,8 @@ class App:
                 await root.start(
                     partial(accept_loop, listener, self.health_gateway, root, capped=False)
                 )
+            await root.start(self.store.run)
+            services = await root.start(self._services)
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as accepting:
                     for listener in main:
@@ -205,8 +226,26 @@ class App:
                     await self.shutdown.wait()
                     accepting.cancel_scope.cancel()
                 await self._drain(connections)
+            services.cancel()  # the drainer stops before the store, so running jobs are released
             root.cancel_scope.cancel()
         log.info("gateway.stopped")
+
+    async def _services(
+        self, task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The overflow drainer (with its webhook and sweep loops), cancelled as one unit."""
+        with trio.CancelScope() as scope:
+            drain = partial(
+                run_drainer,
+                self.store,
+                self.api.run_job,
+                self.api.capacity,
+                self.config.overflow,
+                env=self.env,
+            )
+            async with trio.open_nursery() as nursery:
+                await nursery.start(drain)
+                task_status.started(scope)
 
     async def _drain(self, connections: trio.Nursery) -> None:
         grace = self.config.server.shutdown_grace_s
