@@ -34,6 +34,17 @@ import json
 from typing import ClassVar
 
 
+def _with_retry_after(
+    headers: tuple[tuple[bytes, bytes], ...], retry_after_s: float | None
+) -> tuple[tuple[bytes, bytes], ...]:
+    """Prepend ``retry-after``: RFC 9110 §10.2.3 delay-seconds, a non-negative integer,
+    rounded up so a client never retries early."""
+    if retry_after_s is None:
+        return headers
+    seconds = max(0, int(-(-retry_after_s // 1)))
+    return ((b"retry-after", str(seconds).encode()), *headers)
+
+
 class GatewayError(Exception):
     """Base of the tree. Subclasses set the class attributes; instances carry the message."""
 
@@ -168,11 +179,7 @@ class RateLimited(GatewayError):
         code: str | None = None,
         headers: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
-        if retry_after_s is not None:
-            # RFC 9110 §10.2.3: delay-seconds is a non-negative integer; round up.
-            seconds = max(0, int(-(-retry_after_s // 1)))
-            headers = ((b"retry-after", str(seconds).encode()), *headers)
-        super().__init__(message, code=code, headers=headers)
+        super().__init__(message, code=code, headers=_with_retry_after(headers, retry_after_s))
         self.retry_after_s = retry_after_s
 
 
@@ -222,10 +229,9 @@ class ProviderError(UpstreamError):
         retry_after_s: float | None = None,
         headers: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
-        if retry_after_s is not None:
-            seconds = max(0, int(-(-retry_after_s // 1)))
-            headers = ((b"retry-after", str(seconds).encode()), *headers)
-        super().__init__(message, param=param, code=code, headers=headers)
+        super().__init__(
+            message, param=param, code=code, headers=_with_retry_after(headers, retry_after_s)
+        )
         self._status = status
         self._type = error_type
         self._retryable = retryable

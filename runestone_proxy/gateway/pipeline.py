@@ -19,8 +19,8 @@ upstream exchange; the pool discards a connection whose exchange did not complet
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from typing import Protocol
 
 import attrs
@@ -95,19 +95,26 @@ class ProviderRuntime:
         return call
 
 
+#: How long the end of an upstream body may lag its terminal event (``[DONE]``,
+#: ``message_stop``) before the connection is given up instead of returned to the pool.
+_DRAIN_S = 1.0
+
+
 @attrs.define(eq=False)
 class _UpstreamStream:
     response: UpstreamResponse
     translator: StreamTranslator
     parser: SSEParser = attrs.Factory(SSEParser)
     ended: bool = False
+    #: The upstream body was read to its end (so the pool may reuse the connection).
+    drained: bool = False
 
     async def next(self) -> list[bytes] | None:
         while not self.ended:
             data = await self.response.receive()
             try:
                 if not data:
-                    self.ended = True
+                    self.ended = self.drained = True
                     self.parser.close()
                     tail = self.translator.finish()
                     return tail or None
@@ -124,7 +131,20 @@ class _UpstreamStream:
                 ) from None
             if out:
                 return out
+        if not self.drained:
+            self.drained = True
+            await self._drain()
         return None
+
+    async def _drain(self) -> None:
+        """Read what follows the terminal event (normally only the end of the chunked body),
+        so that the connection goes back to the pool rather than being closed."""
+        with trio.move_on_after(_DRAIN_S):
+            try:
+                while await self.response.receive():
+                    pass
+            except GatewayError:
+                pass  # the answer is complete; the pool discards the broken connection
 
 
 @attrs.define(eq=False)
@@ -170,89 +190,72 @@ class Providers:
         runtime = self.runtime(target)
         legacy = call.endpoint == "completions" and runtime.chat_only
         call = runtime.prepare(call)
-        started = time.perf_counter()
-        telemetry.emit(
-            "provider.request.start",
-            provider=target.provider,
-            model=target.model,
-            request_id=call.request_id,
-            stream=False,
-        )
-        try:
+        with _accounted(target, call, stream=False):
             if runtime.mock is not None:
                 await _mock_latency(runtime)
                 body = runtime.mock.respond(call)
             else:
                 body = await self._http_complete(runtime, call)
-            if legacy:
-                body = chat_to_text_completion(body)
-        except GatewayError as exc:
-            _emit_error(target, call, exc, started)
-            raise
-        telemetry.emit(
-            "provider.request.stop",
-            provider=target.provider,
-            model=target.model,
-            request_id=call.request_id,
-            duration_ms=_ms(started),
-            stream=False,
-        )
-        return body
+            return chat_to_text_completion(body) if legacy else body
 
-    async def _http_complete(self, runtime: ProviderRuntime, call: ProviderCall) -> bytes:
+    def _upstream(
+        self, runtime: ProviderRuntime, call: ProviderCall
+    ) -> tuple[Translator, str, str, tuple[tuple[bytes, bytes], ...], bytes]:
+        """The translator and (method, url, headers, body) of the provider request."""
         assert runtime.translator is not None
         up = runtime.translator.build_request(call, runtime.api_key)
         headers = (*up.headers, *runtime.extra_headers)
-        url = runtime.base_url + up.path
-        async with self.pool.request(up.method, url, headers, up.body, self.timeouts) as resp:
-            body = await resp.read(self.max_response_bytes)
+        return runtime.translator, up.method, runtime.base_url + up.path, headers, up.body
+
+    async def _http_complete(self, runtime: ProviderRuntime, call: ProviderCall) -> bytes:
+        translator, method, url, headers, body = self._upstream(runtime, call)
+        async with self.pool.request(method, url, headers, body, self.timeouts) as resp:
+            answer = await resp.read(self.max_response_bytes)
             if resp.status >= 300:
-                raise runtime.translator.parse_error(resp.status, resp.headers, body)
-        return runtime.translator.parse_response(call, body)
+                raise translator.parse_error(resp.status, resp.headers, answer)
+        return translator.parse_response(call, answer)
 
     @asynccontextmanager
     async def open_stream(self, target: Target, call: ProviderCall) -> AsyncIterator[PayloadStream]:
         runtime = self.runtime(target)
         legacy = call.endpoint == "completions" and runtime.chat_only
         call = runtime.prepare(call)
-        started = time.perf_counter()
-        telemetry.emit(
-            "provider.request.start",
-            provider=target.provider,
-            model=target.model,
-            request_id=call.request_id,
-            stream=True,
-        )
-        try:
+        with _accounted(target, call, stream=True):
             if runtime.mock is not None:
                 await _mock_latency(runtime)
                 interval = runtime.config.chunk_interval_ms / 1000
                 yield _MockStream(runtime.mock.chunks(call), interval)
-            else:
-                assert runtime.translator is not None
-                up = runtime.translator.build_request(call, runtime.api_key)
-                headers = (*up.headers, *runtime.extra_headers)
-                async with self.pool.request(
-                    up.method, runtime.base_url + up.path, headers, up.body, self.timeouts
-                ) as resp:
-                    if resp.status >= 300:
-                        body = await resp.read(self.max_response_bytes)
-                        raise runtime.translator.parse_error(resp.status, resp.headers, body)
-                    translator: StreamTranslator = runtime.translator.stream(call)
-                    if legacy:
-                        translator = ChatToTextStream(translator)
-                    yield _UpstreamStream(resp, translator)
-        except GatewayError as exc:
-            _emit_error(target, call, exc, started)
-            raise
+                return
+            translator, method, url, headers, body = self._upstream(runtime, call)
+            async with self.pool.request(method, url, headers, body, self.timeouts) as resp:
+                if resp.status >= 300:
+                    answer = await resp.read(self.max_response_bytes)
+                    raise translator.parse_error(resp.status, resp.headers, answer)
+                translated: StreamTranslator = translator.stream(call)
+                if legacy:
+                    translated = ChatToTextStream(translated)
+                yield _UpstreamStream(resp, translated)
+
+
+@contextmanager
+def _accounted(target: Target, call: ProviderCall, *, stream: bool) -> Iterator[None]:
+    """``provider.request.start``, then ``.stop`` or ``.error`` (with status and retryability)."""
+    started = time.perf_counter()
+    fields = {"provider": target.provider, "model": target.model, "request_id": call.request_id}
+    telemetry.emit("provider.request.start", stream=stream, **fields)
+    try:
+        yield
+    except GatewayError as exc:
         telemetry.emit(
-            "provider.request.stop",
-            provider=target.provider,
-            model=target.model,
-            request_id=call.request_id,
+            "provider.request.error",
+            status=exc.http_status,
+            code=exc.code,
+            retryable=exc.is_retryable,
             duration_ms=_ms(started),
-            stream=True,
+            **fields,
         )
+        raise
+    telemetry.emit("provider.request.stop", duration_ms=_ms(started), stream=stream, **fields)
 
 
 async def _mock_latency(runtime: ProviderRuntime) -> None:
@@ -262,16 +265,3 @@ async def _mock_latency(runtime: ProviderRuntime) -> None:
 
 def _ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 3)
-
-
-def _emit_error(target: Target, call: ProviderCall, exc: GatewayError, started: float) -> None:
-    telemetry.emit(
-        "provider.request.error",
-        provider=target.provider,
-        model=target.model,
-        request_id=call.request_id,
-        status=exc.http_status,
-        code=exc.code,
-        retryable=exc.is_retryable,
-        duration_ms=_ms(started),
-    )
