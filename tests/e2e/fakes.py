@@ -1,0 +1,497 @@
+"""Fake providers for the end-to-end tests: real HTTP servers on 127.0.0.1, port 0.
+
+:class:`FakeOpenAI` speaks OpenAI's REST API (``/v1/chat/completions``, ``/v1/completions``,
+``/v1/embeddings``) and :class:`FakeAnthropic` the Messages API (``/v1/messages``). Each is a
+small ASGI app served by hypercorn's trio worker, so the gateway's upstream pool talks to an
+independent HTTP/1.1 implementation over real sockets.
+
+What a fake answers is chosen by the ``model`` the gateway sends upstream (after alias and
+``provider:model`` resolution), so one fake serves every scenario and a test names its
+scenario in the request, e.g. ``model="openai:err-429"``:
+
+    FakeOpenAI                               FakeAnthropic
+    (any other model)  text                  (any other model)      text, with a ping
+    tools              a get_weather call    claude-tools           text, then tool_use
+    err-400 / 401 / 404 / 429 / 500          claude-thinking        thinking (signed), text
+                       OpenAI error bodies   claude-err-401 / 429 / 529   error bodies
+    cut                stream ends, no [DONE]   claude-overloaded-mid  error event mid-stream
+    cut-hard           connection dropped mid-body
+    hang               one chunk, then waits for the client to leave
+    stall              no response head; waits for the client to leave
+
+A request with the wrong key gets the provider's 401, as the real services answer it.
+
+Every request is recorded (headers and parsed body) in ``requests``. ``in_flight`` counts the
+requests being answered and ``disconnects`` the exchanges whose client went away before the
+answer ended; ``wait_until(predicate)`` awaits a change of either, without polling.
+
+Wire formats: https://platform.openai.com/docs/api-reference/chat/streaming (chunks, tool-call
+deltas, the ``include_usage`` chunk), https://platform.openai.com/docs/guides/error-codes,
+https://docs.anthropic.com/en/api/messages-streaming and https://docs.anthropic.com/en/api/errors.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import attrs
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+HOST = "127.0.0.1"
+CREATED = 1_700_000_000
+TEXT_PIECES = ("Hello", " from", " the", " fake.")
+TEXT = "".join(TEXT_PIECES)
+USAGE = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
+#: A tool call's arguments, and how the stream splits them.
+ARGUMENT_PIECES = ('{"ci', 'ty": "Pa', 'ris"}')
+ARGUMENTS = "".join(ARGUMENT_PIECES)
+
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+@attrs.frozen
+class Recorded:
+    """One request as the fake received it."""
+
+    method: str
+    path: str
+    headers: Mapping[str, str]
+    body: Any
+
+
+@attrs.define(eq=False)
+class Exchange:
+    """One request's ASGI channel, with the few ways the fakes answer."""
+
+    fake: FakeProvider
+    receive: Receive
+    send: Send
+    gone: bool = False
+
+    async def json(
+        self, status: int, obj: object, headers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        body = json.dumps(obj).encode()
+        await self.start(status, (("content-type", "application/json"), *headers))
+        await self.send({"type": "http.response.body", "body": body})
+
+    async def start(self, status: int, headers: tuple[tuple[str, str], ...]) -> None:
+        raw = [(k.encode(), v.encode()) for k, v in headers]
+        await self.send({"type": "http.response.start", "status": status, "headers": raw})
+
+    async def start_sse(self) -> None:
+        await self.start(
+            200, (("content-type", "text/event-stream"), ("cache-control", "no-cache"))
+        )
+
+    async def event(self, data: object, event: str | None = None) -> None:
+        text = data if isinstance(data, str) else json.dumps(data)
+        frame = (f"event: {event}\n" if event else "") + f"data: {text}\n\n"
+        await self.send({"type": "http.response.body", "body": frame.encode(), "more_body": True})
+
+    async def end(self) -> None:
+        await self.send({"type": "http.response.body", "body": b""})
+
+    async def wait_gone(self) -> None:
+        """Return once the client went away (ASGI ``http.disconnect``)."""
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+
+
+@attrs.define(eq=False)
+class FakeProvider:
+    """What both fakes share: the server, the recording and the counters."""
+
+    key: str
+    port: int = 0
+    requests: list[Recorded] = attrs.Factory(list)
+    in_flight: int = 0
+    disconnects: int = 0
+    _changed: trio.Event = attrs.Factory(trio.Event)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{HOST}:{self.port}/v1"
+
+    def last(self) -> Recorded:
+        return self.requests[-1]
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        while not predicate():
+            await self._changed.wait()
+
+    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        config = HypercornConfig()
+        config.bind = [f"{HOST}:0"]
+        config.accesslog = None
+        config.errorlog = None
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(hypercorn_serve, self, config)
+            self.port = int(binds[0].rsplit(":", 1)[1])
+            task_status.started()
+
+    async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        raw = b"".join(chunks)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        body = json.loads(raw) if raw else None
+        self.requests.append(Recorded(scope["method"], scope["path"], headers, body))
+        exchange = Exchange(self, receive, send)
+        self.in_flight += 1
+        self._notify()
+        try:
+            await self.handle(scope["path"], headers, body, exchange)
+        finally:
+            self.in_flight -= 1
+            if exchange.gone:
+                self.disconnects += 1
+            self._notify()
+
+    async def handle(self, path: str, headers: Mapping[str, str], body: Any, ex: Exchange) -> None:
+        raise NotImplementedError
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+# --- OpenAI ---------------------------------------------------------------------------------
+
+#: model -> (status, error object, extra headers), in OpenAI's own words.
+OPENAI_ERRORS: dict[str, tuple[int, dict[str, Any], tuple[tuple[str, str], ...]]] = {
+    "err-400": (
+        400,
+        {
+            "message": "Invalid 'temperature': decimal above maximum value. Expected a value "
+            "<= 2, but got 7 instead.",
+            "type": "invalid_request_error",
+            "param": "temperature",
+            "code": "decimal_above_max_value",
+        },
+        (),
+    ),
+    "err-401": (
+        401,
+        {
+            "message": "Incorrect API key provided: sk-fake...0000. You can find your API key "
+            "at https://platform.openai.com/account/api-keys.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "invalid_api_key",
+        },
+        (),
+    ),
+    "err-404": (
+        404,
+        {
+            "message": "The model `err-404` does not exist or you do not have access to it.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "model_not_found",
+        },
+        (),
+    ),
+    "err-429": (
+        429,
+        {
+            "message": "Rate limit reached for requests. Please try again in 7s.",
+            "type": "requests",
+            "param": None,
+            "code": "rate_limit_exceeded",
+        },
+        (("retry-after", "7"), ("x-ratelimit-remaining-requests", "0")),
+    ),
+    "err-500": (
+        500,
+        {
+            "message": "The server had an error while processing your request. Sorry about that!",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        },
+        (),
+    ),
+}
+
+
+def _openai_chunk(model: str, choices: list[Any], usage: bool, obj: str) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": "chatcmpl-fake" if obj == "chat.completion.chunk" else "cmpl-fake",
+        "object": obj,
+        "created": CREATED,
+        "model": model,
+        "system_fingerprint": "fp_fake",
+        "choices": choices,
+    }
+    if usage:
+        chunk["usage"] = None  # OpenAI: null on every chunk but the last
+    return chunk
+
+
+def _delta(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+
+def _text_choice(text: str, finish: str | None = None) -> dict[str, Any]:
+    return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+
+
+def _tool_call_pieces() -> list[dict[str, Any]]:
+    first = {
+        "index": 0,
+        "id": "call_fake_weather",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": ""},
+    }
+    rest = [{"index": 0, "function": {"arguments": piece}} for piece in ARGUMENT_PIECES]
+    return [first, *rest]
+
+
+@attrs.define(eq=False)
+class FakeOpenAI(FakeProvider):
+    async def handle(self, path: str, headers: Mapping[str, str], body: Any, ex: Exchange) -> None:
+        if headers.get("authorization") != f"Bearer {self.key}":
+            await ex.json(401, {"error": OPENAI_ERRORS["err-401"][1]})
+            return
+        model = body.get("model", "") if isinstance(body, dict) else ""
+        if model in OPENAI_ERRORS:
+            status, error, extra = OPENAI_ERRORS[model]
+            await ex.json(status, {"error": error}, extra)
+            return
+        if model == "stall":
+            await ex.wait_gone()
+            return
+        if path == "/v1/embeddings":
+            await ex.json(200, _embeddings(body))
+        elif path not in ("/v1/chat/completions", "/v1/completions"):
+            not_found = {"message": f"Invalid URL (POST {path})", "type": "invalid_request_error"}
+            await ex.json(404, {"error": {**not_found, "param": None, "code": None}})
+        elif body.get("stream"):
+            await self._stream(path, model, body, ex)
+        elif path == "/v1/completions":
+            await ex.json(200, _text_completion(model))
+        else:
+            await ex.json(200, _chat_completion(model))
+
+    async def _stream(self, path: str, model: str, body: dict[str, Any], ex: Exchange) -> None:
+        options = body.get("stream_options") or {}
+        usage = bool(options.get("include_usage"))
+        chat = path == "/v1/chat/completions"
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        await ex.start_sse()
+        if chat and model == "tools":
+            first = {"role": "assistant", "content": None, "tool_calls": _tool_call_pieces()[:1]}
+            deltas = [first] + [{"tool_calls": [p]} for p in _tool_call_pieces()[1:]]
+            choices = [_delta(d) for d in deltas] + [_delta({}, "tool_calls")]
+        elif chat:
+            deltas = [{"role": "assistant", "content": "", "refusal": None}]
+            deltas += [{"content": piece} for piece in TEXT_PIECES]
+            choices = [_delta(d) for d in deltas] + [_delta({}, "stop")]
+        else:
+            choices = [_text_choice(p) for p in TEXT_PIECES] + [_text_choice("", "stop")]
+        if model in ("cut", "cut-hard", "hang"):
+            choices = choices[: 1 if model == "hang" else 2]
+        for choice in choices:
+            await ex.event(_openai_chunk(model, [choice], usage, obj))
+        if model == "hang":
+            await ex.wait_gone()
+            return
+        if model == "cut-hard":
+            return  # the ASGI app returns mid-body: hypercorn drops the connection
+        if model != "cut":
+            if usage:
+                await ex.event({**_openai_chunk(model, [], False, obj), "usage": USAGE})
+            await ex.event("[DONE]")
+        await ex.end()
+
+
+def _chat_completion(model: str) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": TEXT, "refusal": None}
+    finish = "stop"
+    if model == "tools":
+        call = {
+            "id": "call_fake_weather",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": ARGUMENTS},
+        }
+        message = {"role": "assistant", "content": None, "tool_calls": [call], "refusal": None}
+        finish = "tool_calls"
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": CREATED,
+        "model": model,
+        "system_fingerprint": "fp_fake",
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+        "usage": USAGE,
+    }
+
+
+def _text_completion(model: str) -> dict[str, Any]:
+    return {
+        "id": "cmpl-fake",
+        "object": "text_completion",
+        "created": CREATED,
+        "model": model,
+        "system_fingerprint": "fp_fake",
+        "choices": [_text_choice(TEXT, "stop")],
+        "usage": USAGE,
+    }
+
+
+def embedding_vector(index: int) -> list[float]:
+    """The fake's embedding for input ``index``: 8 floats exact in float32."""
+    return [(index + 1) / 4 + j / 8 for j in range(8)]
+
+
+def _embeddings(body: dict[str, Any]) -> dict[str, Any]:
+    inputs = body.get("input")
+    count = len(inputs) if isinstance(inputs, list) and not isinstance(inputs[0], int) else 1
+    data = []
+    for index in range(count):
+        vector: object = embedding_vector(index)
+        if body.get("encoding_format") == "base64":  # what the SDK asks for by default
+            vector = base64.b64encode(struct.pack("<8f", *embedding_vector(index))).decode()
+        data.append({"object": "embedding", "index": index, "embedding": vector})
+    usage = {"prompt_tokens": 3 * count, "total_tokens": 3 * count}
+    return {"object": "list", "data": data, "model": body.get("model"), "usage": usage}
+
+
+# --- Anthropic ------------------------------------------------------------------------------
+
+ANTHROPIC_ERRORS: dict[str, tuple[int, str, str, tuple[tuple[str, str], ...]]] = {
+    "claude-err-401": (401, "authentication_error", "invalid x-api-key", ()),
+    "claude-err-429": (
+        429,
+        "rate_limit_error",
+        "Number of request tokens has exceeded your per-minute rate limit.",
+        (("retry-after", "9"),),
+    ),
+    "claude-err-529": (529, "overloaded_error", "Overloaded", ()),
+}
+SIGNATURE = "EqQBCgIYAhIM1gbcDa9GJwZA2b3hGgxBdjrkzLoky3dl1pkiMOYds"
+THINKING = "The user wants the weather."
+
+
+def _anthropic_error(kind: str, message: str) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def _blocks(model: str) -> list[dict[str, Any]]:
+    """The content blocks of the fake's answer to ``model``."""
+    if model == "claude-tools":
+        return [
+            {"type": "text", "text": "Let me check."},
+            {
+                "type": "tool_use",
+                "id": "toolu_01fake",
+                "name": "get_weather",
+                "input": json.loads(ARGUMENTS),
+            },
+        ]
+    if model == "claude-thinking":
+        thinking = {"type": "thinking", "thinking": THINKING, "signature": SIGNATURE}
+        return [thinking, {"type": "text", "text": TEXT}]
+    return [{"type": "text", "text": TEXT}]
+
+
+@attrs.define(eq=False)
+class FakeAnthropic(FakeProvider):
+    async def handle(self, path: str, headers: Mapping[str, str], body: Any, ex: Exchange) -> None:
+        if headers.get("x-api-key") != self.key:
+            await ex.json(401, _anthropic_error("authentication_error", "invalid x-api-key"))
+            return
+        if path != "/v1/messages" or not headers.get("anthropic-version"):
+            await ex.json(404, _anthropic_error("not_found_error", f"Not found: {path}"))
+            return
+        model = body.get("model", "")
+        if model in ANTHROPIC_ERRORS:
+            status, kind, message, extra = ANTHROPIC_ERRORS[model]
+            await ex.json(status, _anthropic_error(kind, message), extra)
+            return
+        stop = "tool_use" if model == "claude-tools" else "end_turn"
+        if not body.get("stream"):
+            await ex.json(200, _message(model, _blocks(model), stop))
+            return
+        await ex.start_sse()
+        start = _message(model, [], None)
+        start["usage"] = {"input_tokens": 12, "output_tokens": 1}
+        await ex.event({"type": "message_start", "message": start}, "message_start")
+        for index, block in enumerate(_blocks(model)):
+            await self._block(ex, index, block)
+            if model == "claude-overloaded-mid":
+                error = _anthropic_error("overloaded_error", "Overloaded")
+                await ex.event(error, "error")
+                await ex.end()
+                return
+        delta = {"stop_reason": stop, "stop_sequence": None}
+        usage = {"output_tokens": 5}
+        await ex.event({"type": "message_delta", "delta": delta, "usage": usage}, "message_delta")
+        await ex.event({"type": "message_stop"}, "message_stop")
+        await ex.end()
+
+    async def _block(self, ex: Exchange, index: int, block: dict[str, Any]) -> None:
+        kind = block["type"]
+        opening = {
+            "text": {"type": "text", "text": ""},
+            "thinking": {"type": "thinking", "thinking": ""},
+        }.get(kind, {**block, "input": {}})
+        start = {"type": "content_block_start", "index": index, "content_block": opening}
+        await ex.event(start, "content_block_start")
+        if index == 0:
+            await ex.event({"type": "ping"}, "ping")
+        if kind == "text":
+            pieces = [{"type": "text_delta", "text": block["text"]}]
+        elif kind == "thinking":
+            pieces = [
+                {"type": "thinking_delta", "thinking": block["thinking"]},
+                {"type": "signature_delta", "signature": block["signature"]},
+            ]
+        else:  # tool_use: the first input_json_delta is empty, as Anthropic sends it
+            pieces = [
+                {"type": "input_json_delta", "partial_json": p} for p in ("", *ARGUMENT_PIECES)
+            ]
+        for piece in pieces:
+            event = {"type": "content_block_delta", "index": index, "delta": piece}
+            await ex.event(event, "content_block_delta")
+        await ex.event({"type": "content_block_stop", "index": index}, "content_block_stop")
+
+
+def _message(model: str, content: list[dict[str, Any]], stop: str | None) -> dict[str, Any]:
+    return {
+        "id": "msg_01fake",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": stop,
+        "stop_sequence": None,
+        "usage": {"input_tokens": 12, "output_tokens": 5},
+    }
