@@ -90,6 +90,9 @@ async def running_app(
 ) -> AsyncIterator[Running]:
     """The gateway serving ``config`` (plus test ``routes``) until the block ends."""
     app = App.build(config, None, env={})
+    # SQLite on the loop's own thread: a worker thread would let an autojump MockClock leap
+    # to the test's deadline while the store opens.
+    app.store.inline = True
     for (method, path), handler in (routes or {}).items():
         app.gateway.router.add(method, path, handler)
     async with trio.open_nursery() as nursery:

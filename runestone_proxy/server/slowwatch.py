@@ -23,9 +23,14 @@ class SlowWatch:
     interval_s: float = 0.01
     pending: dict[object, tuple[float, Callable[[], None]]] = attrs.Factory(dict)
     running: bool = False
+    #: Set while the sweeper sleeps with nothing pending (an idle gateway has no timer).
+    _idle: trio.Event | None = None
 
     def add(self, key: object, callback: Callable[[], None]) -> None:
         self.pending[key] = (trio.current_time() + self.delay_s, callback)
+        if self._idle is not None:
+            self._idle.set()
+            self._idle = None
 
     def discard(self, key: object) -> None:
         self.pending.pop(key, None)
@@ -35,9 +40,10 @@ class SlowWatch:
         try:
             task_status.started()
             while True:
-                await trio.sleep(self.interval_s)  # a sweep period, not a wait for an event
                 if not self.pending:
-                    continue
+                    self._idle = trio.Event()
+                    await self._idle.wait()
+                await trio.sleep(self.interval_s)  # a sweep period, not a wait for an event
                 now = trio.current_time()
                 due = [k for k, (when, _) in self.pending.items() if when <= now]
                 for key in due:

@@ -129,6 +129,7 @@ async def test_drain_cancels_what_outlives_the_grace_period(
             cancelled.set()
 
     app = App.build(drain_config(grace_s=5), None, env={})
+    app.store.inline = True  # no worker thread for the autojump clock to leap over
     app.gateway.router.add("GET", "/forever", forever)
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
