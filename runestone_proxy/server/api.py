@@ -47,7 +47,7 @@ from runestone_proxy.gateway.routing import RoutingTable, Target, constraints_fo
 from runestone_proxy.protocol.sse import DONE, encode_data
 from runestone_proxy.providers.base import Endpoint, ProviderCall
 from runestone_proxy.server.http import JSON_HEADERS, SSE_HEADERS, Request, Responder
-from runestone_proxy.server.jobs_api import accept_async
+from runestone_proxy.server.jobs_api import accept_async, replay_idempotent
 from runestone_proxy.server.router import Router
 from runestone_proxy.server.store import Store
 from runestone_proxy.server.upstream import UpstreamPool
@@ -300,6 +300,10 @@ class Api:
         )
         usage: list[int | None] = [None]
         try:
+            if self.store is not None and await replay_idempotent(
+                self.store, request, responder, principal
+            ):
+                return
             async with self.capacity.slot(
                 principal.tenant,
                 wants_async=wants_async,

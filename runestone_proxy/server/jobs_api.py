@@ -5,7 +5,9 @@ into a durable job and answers ``202 Accepted``.
 job is in the WAL on disk (group commit, see server/store.py), so a crash cannot lose it.
 An ``Idempotency-Key`` header that the same tenant already used within
 ``idempotency_window_s`` answers with the job it created then (status as it is now),
-marked ``idempotent-replayed: true``, and runs nothing twice.
+marked ``idempotent-replayed: true``, and runs nothing twice: the API asks
+:func:`replay_idempotent` before it serves a request live, so this holds even when the
+retry finds the tenant with room.
 
 Jobs belong to tenants: a key of another tenant gets 404 ``not_found``, exactly as for an id
 that never existed, so job ids leak nothing.
@@ -21,7 +23,7 @@ from urllib.parse import urlsplit
 from runestone_proxy import telemetry
 from runestone_proxy.errors import InvalidParam, NotFound
 from runestone_proxy.gateway.auth import Principal
-from runestone_proxy.gateway.overflow import NewJob, job_view
+from runestone_proxy.gateway.overflow import Job, NewJob, job_view
 from runestone_proxy.server.http import JSON_HEADERS, Request, Responder
 from runestone_proxy.server.router import Router
 from runestone_proxy.server.store import Store
@@ -113,16 +115,48 @@ async def accept_async(
         queue_depth=enqueued.queue_depth,
         replayed=not enqueued.created,
     )
-    status_url = f"/v1/jobs/{stored.id}"
+    await _accepted(responder, stored, replayed=not enqueued.created)
+
+
+async def replay_idempotent(
+    store: Store, request: Request, responder: Responder, principal: Principal
+) -> bool:
+    """Answer a request whose ``Idempotency-Key`` already made a job (same tenant, within the
+    window) with that job, as :func:`accept_async` would, whether or not the tenant has room
+    now: a retry never runs the request a second time, live or queued. False (nothing sent)
+    if there is no such job, no key, or no open store; 400 for a malformed key."""
+    key = idempotency_key(request)
+    if key is None or not store.is_open:
+        return False
+    twin = await store.find_idempotent(principal.tenant, key)
+    if twin is None:
+        return False
+    telemetry.emit(
+        "overflow.enqueue",
+        tenant=principal.tenant,
+        key_mask=principal.key_mask,
+        request_id=request.request_id,
+        job_id=twin.id,
+        endpoint=twin.endpoint,
+        queue_depth=None,
+        replayed=True,
+    )
+    await _accepted(responder, twin, replayed=True)
+    return True
+
+
+async def _accepted(responder: Responder, job: Job, *, replayed: bool) -> None:
+    """``202`` with the job's id, status and ``Location``."""
+    status_url = f"/v1/jobs/{job.id}"
     answer = {
-        "id": stored.id,
+        "id": job.id,
         "object": "runestone.job",
-        "job_id": stored.id,
-        "request_id": stored.request_id,
-        "status": stored.status.value,
+        "job_id": job.id,
+        "request_id": job.request_id,
+        "status": job.status.value,
         "status_url": status_url,
     }
     headers = [*JSON_HEADERS, (b"location", status_url.encode())]
-    if not enqueued.created:
+    if replayed:
         headers.append((b"idempotent-replayed", b"true"))
     await responder.respond(202, headers, _dumps(answer))

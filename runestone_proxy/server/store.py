@@ -336,6 +336,12 @@ class Store:
         """The job, if it exists AND belongs to ``tenant`` (else None: ids leak nothing)."""
         return await self._call(lambda c: sql.select_for_tenant(c, job_id, tenant))
 
+    async def find_idempotent(self, tenant: str, key: str, now: float | None = None) -> Job | None:
+        """The job ``tenant`` created with Idempotency-Key ``key`` within
+        ``idempotency_window_s``, if any (a read: the live path asks before it runs)."""
+        since = (time.time() if now is None else now) - self.config.idempotency_window_s
+        return await self._call(lambda c: sql.select_idempotent(c, tenant, key, since))
+
     async def counts(self) -> dict[str, int]:
         """Jobs per status (for /health and tests)."""
         return await self._call(sql.counts)

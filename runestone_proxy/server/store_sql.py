@@ -172,6 +172,16 @@ def find_idempotent(conn: sqlite3.Connection, tenant: str, key: str, since: floa
     return None
 
 
+def select_idempotent(conn: sqlite3.Connection, tenant: str, key: str, since: float) -> Job | None:
+    """Read-only :func:`find_idempotent`: the tenant's job with ``key`` created at or after
+    ``since`` (an expired holder is left for the next enqueue to clear)."""
+    row = conn.execute(
+        "SELECT * FROM jobs WHERE tenant = ? AND idempotency_key = ? AND created_at >= ?",
+        (tenant, key, since),
+    ).fetchone()
+    return None if row is None else job_from_row(row)
+
+
 def insert(conn: sqlite3.Connection, job: NewJob, now: float) -> None:
     conn.execute(
         "INSERT INTO jobs (id, tenant, request_id, endpoint, body, webhook_url,"

@@ -1,21 +1,19 @@
-"""Helpers for the overflow-queue end-to-end tests (and the crash test's child process).
+"""Helpers for the overflow-queue end-to-end tests: the two real HTTP servers the gateway
+talks to while it drains jobs, both trio + h11 on 127.0.0.1, port 0.
 
-* :class:`FakeCapacity`: per-tenant slots with the drainer's interface (``has_capacity``,
-  ``job_slot``, ``wait_freed``), standing in for gateway/capacity.py.
-* :class:`WebhookReceiver`: a real HTTP/1.1 server on 127.0.0.1 (trio + h11) that records
-  every delivery, checks its ``x-runestone-signature`` and answers with scripted statuses.
-* :func:`async_route`: ``POST /test/async`` -> :func:`accept_async`, standing in for the
-  /v1 handlers until the product API enqueues on its own.
-* :func:`start_jobs_gateway`: the in-process gateway (``App.build``) plus the store, the
-  jobs routes and the drainer, all owned by the caller's nursery.
+* :class:`WebhookReceiver` records every webhook delivery, checks its
+  ``x-runestone-signature`` and answers with scripted statuses.
+* :class:`FakeUpstream` is an OpenAI-compatible provider (``POST /v1/chat/completions``,
+  non-stream) whose behaviour the model name picks: ``held-1`` answers only once the test
+  releases that request, ``flaky-1`` answers OpenAI's 500 to its first ``failures``
+  requests, anything else answers at once.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from typing import Any
 
@@ -23,44 +21,53 @@ import attrs
 import h11
 import trio
 
-from runestone_proxy.config import Config
-from runestone_proxy.gateway.auth import Principal
 from runestone_proxy.gateway.overflow import verify
-from runestone_proxy.server.api import parse_object
-from runestone_proxy.server.app import App
-from runestone_proxy.server.drainer import Drainer, Runner, run_drainer
-from runestone_proxy.server.http import Handler, Request, Responder
-from runestone_proxy.server.jobs_api import accept_async, add_job_routes
-from runestone_proxy.server.store import Store
 
 HOST = "127.0.0.1"
 SECRET = "whsec_e2e_0123456789"
 
+Answer = tuple[int, list[tuple[str, str]], bytes]
+Handle = Callable[[h11.Request, dict[str, str], bytes], Awaitable[Answer]]
 
-@attrs.define
-class FakeCapacity:
-    per_tenant: int = 2
-    in_flight: Counter[str] = attrs.Factory(Counter)
-    peak: Counter[str] = attrs.Factory(Counter)
-    _freed: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
 
-    def has_capacity(self, tenant: str) -> bool:
-        return self.in_flight[tenant] < self.per_tenant
+async def _serve(
+    handle: Handle, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """An HTTP/1.1 server on 127.0.0.1, port 0; reports its port. ``handle`` answers each
+    request; keep-alive is honoured."""
+    listeners = await trio.open_tcp_listeners(0, host=HOST)
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(partial(_connection, handle), listeners)
 
-    @asynccontextmanager
-    async def job_slot(self, tenant: str) -> AsyncIterator[None]:
-        while not self.has_capacity(tenant):
-            await self._freed.park()
-        self.in_flight[tenant] += 1
-        self.peak[tenant] = max(self.peak[tenant], self.in_flight[tenant])
-        try:
-            yield
-        finally:
-            self.in_flight[tenant] -= 1
-            self._freed.unpark_all()
 
-    async def wait_freed(self) -> None:
-        await self._freed.park()
+async def _connection(handle: Handle, stream: trio.SocketStream) -> None:
+    conn = h11.Connection(h11.SERVER)
+    request: h11.Request | None = None
+    body = b""
+    try:
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Request):
+                request, body = event, b""
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                assert request is not None
+                headers = {k.decode(): v.decode() for k, v in request.headers}
+                status, extra, content = await handle(request, headers, body)
+                head = [*extra, ("content-length", str(len(content)))]
+                response = h11.Response(status_code=status, headers=head)
+                data = conn.send(response) + conn.send(h11.Data(data=content))
+                await stream.send_all(data + conn.send(h11.EndOfMessage()))
+                conn.start_next_cycle()
+            else:  # ConnectionClosed
+                return
+    except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+        return
+    finally:
+        await trio.aclose_forcefully(stream)
 
 
 @attrs.frozen
@@ -101,87 +108,96 @@ class WebhookReceiver:
         return self.delivered()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host=HOST)
-        self.port = listeners[0].socket.getsockname()[1]
-        task_status.started()
-        await trio.serve_listeners(self._connection, listeners)
+        async with trio.open_nursery() as nursery:
+            self.port = await nursery.start(_serve, self._handle)
+            task_status.started()
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
-        conn = h11.Connection(h11.SERVER)
-        headers: dict[str, str] = {}
-        body = b""
-        try:
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(65536))
-                elif isinstance(event, h11.Request):
-                    headers = {k.decode(): v.decode() for k, v in event.headers}
-                    body = b""
-                elif isinstance(event, h11.Data):
-                    body += event.data
-                elif isinstance(event, h11.EndOfMessage):
-                    status = self._record(headers, body)
-                    response = h11.Response(status_code=status, headers=[("content-length", "0")])
-                    await stream.send_all(conn.send(response) + conn.send(h11.EndOfMessage()))
-                    conn.start_next_cycle()
-                else:  # ConnectionClosed
-                    return
-        except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
-            return
-        finally:
-            await trio.aclose_forcefully(stream)
-
-    def _record(self, headers: Mapping[str, str], body: bytes) -> int:
+    async def _handle(self, _request: h11.Request, headers: dict[str, str], body: bytes) -> Answer:
         status = self.script.pop(0) if self.script else 200
         signature = headers.get("x-runestone-signature", "")
         verified = verify(self.secret, signature, body, now=int(time.time()))
         job_id = headers.get("x-runestone-job-id", "")
         self.deliveries.append(Delivery(job_id, headers, body, verified, status))
         self._changed.set()
-        return status
+        return status, [], b""
 
 
-def async_route(store: Store, authenticate: Callable[[Request], Principal]) -> Handler:
-    """``POST /test/async``: what a /v1 handler will do for a request that must be queued."""
-
-    async def handler(request: Request, responder: Responder) -> None:
-        principal = authenticate(request)
-        raw = await request.body()
-        body = parse_object(raw)
-        await accept_async(store, request, responder, principal, "chat", body, raw, None)
-
-    return handler
+_SERVER_ERROR = {
+    "error": {
+        "message": "The server had an error while processing your request. Sorry about that!",
+        "type": "server_error",
+        "param": None,
+        "code": None,
+    }
+}
 
 
-@attrs.frozen
-class JobsGateway:
-    app: App
-    store: Store
-    drainer: Drainer
-    port: int
+@attrs.define(eq=False)
+class Arrival:
+    """One request the fake provider received; ``release`` lets a ``held-1`` one answer."""
+
+    body: dict[str, Any]
+    release: trio.Event = attrs.Factory(trio.Event)
+
+
+@attrs.define(eq=False)
+class FakeUpstream:
+    """An OpenAI-compatible provider; see the module docstring for what each model does."""
+
+    failures: int = 1
+    arrivals: list[Arrival] = attrs.Factory(list)
+    port: int = 0
+    _changed: trio.Event = attrs.Factory(trio.Event)
 
     @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
+    def base_url(self) -> str:
+        return f"http://{HOST}:{self.port}/v1"
+
+    async def wait_arrivals(self, count: int) -> list[Arrival]:
+        """Once at least ``count`` requests arrived: all of them, in order."""
+        while len(self.arrivals) < count:
+            self._changed = trio.Event()
+            await self._changed.wait()
+        return self.arrivals
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self.port = await nursery.start(_serve, self._handle)
+            task_status.started()
+
+    async def _handle(self, request: h11.Request, _headers: dict[str, str], raw: bytes) -> Answer:
+        json_type = [("content-type", "application/json")]
+        if request.method != b"POST" or request.target != b"/v1/chat/completions":
+            return (
+                404,
+                json_type,
+                b'{"error":{"message":"not found","type":"invalid_request_error"}}',
+            )
+        arrival = Arrival(json.loads(raw))
+        self.arrivals.append(arrival)
+        self._changed.set()
+        model = str(arrival.body.get("model", ""))
+        if model == "held-1":
+            await arrival.release.wait()
+        elif model == "flaky-1" and self.failures > 0:
+            self.failures -= 1
+            return 500, json_type, json.dumps(_SERVER_ERROR).encode()
+        return 200, json_type, json.dumps(_completion(model, len(self.arrivals))).encode()
 
 
-async def start_jobs_gateway(
-    nursery: trio.Nursery,
-    config: Config,
-    env: Mapping[str, str],
-    runner: Callable[[int], Runner],
-    capacity: Any,
-) -> JobsGateway:
-    """The gateway with the overflow queue wired in: the store first, then the listener,
-    then the drainer, whose runner is ``runner(port)`` (so it may call the gateway back)."""
-    app = App.build(config, None, env)
-    store = Store.from_config(config, env)
-    add_job_routes(app.gateway.router, store, app.api.authenticate)
-    app.gateway.router.add("POST", "/test/async", async_route(store, app.api.authenticate))
-    await nursery.start(store.run)
-    bound = await nursery.start(app.run)
-    drainer = await nursery.start(
-        partial(run_drainer, store, runner(bound.port), capacity, config.overflow, env=env)
-    )
-    return JobsGateway(app, store, drainer, bound.port)
+def _completion(model: str, number: int) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-upstream-{number}",
+        "object": "chat.completion",
+        "created": 1_700_000_000,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hello from upstream."},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+    }

@@ -1,94 +1,90 @@
-"""Crash test: a gateway killed with SIGKILL, with jobs queued and running, loses nothing.
+"""Crash test: the gateway process killed with SIGKILL, with jobs queued and running, loses
+no acknowledged job.
 
-``crash_worker.py`` (a real gateway process: listener, store, jobs routes, drainer) accepts
-a burst of jobs, each 202 meaning "committed to disk". Once its first runs have started it
-is killed with SIGKILL: no shutdown code runs, leases are left held, some webhooks are still
-pending. A second process on the same database must recover the expired leases, run what
-is left, and deliver every webhook. Then every acknowledged job has succeeded, with exactly
-one stored result, its request redacted to a digest, and a delivery whose HMAC signature
-the receiver verified.
+The child is the product, ``python -m runestone_proxy --config cfg``: tenant ``default``
+(auth off) runs one request at a time and queues whatever finds it busy
+(``on_limit = "queue"``); jobs go to the mock provider, which takes 300 ms. A live request to
+a slower mock model takes the slot first, so each of the 12 requests that follow (each with
+a ``webhook_url``) is committed and answered 202. Once the drainer has a job running and the
+rest queued, the process is killed: no shutdown code runs, a lease is left held. A second
+process on the same database recovers the expired lease, runs what is left and delivers
+every webhook. Then every acknowledged job has succeeded with exactly one stored result
+(its own request id in it), its request redacted to a digest, and a delivery whose HMAC
+signature the receiver verified.
 
-Test rules: 127.0.0.1, port 0; the child reports its port and each run's start on stdout,
-and the test waits for those lines (and for webhook deliveries), never for time.
+Test rules: 127.0.0.1, port 0 (the child's port comes from its ``gateway.ready`` log line);
+waits are for log lines and webhook deliveries; where the child offers no event to await
+(the holder taking the slot, a job starting to run) a bounded loop polls its API.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
-import subprocess
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import attrs
 import httpx
 import trio
+from helpers import gateway_process
 from jobs_helpers import SECRET, WebhookReceiver
 
 from runestone_proxy.gateway.overflow import digest
 
-WORKER = Path(__file__).with_name("crash_worker.py")
 JOBS = 12
 TIMEOUT_S = 40
+POLL_S = 0.02
+ENV = {"RUNESTONE_WEBHOOK_SECRET": SECRET}
+
+CONFIG = """
+[server]
+host = "127.0.0.1"
+port = 0
+shutdown_grace_s = 1.0
+
+[logging]
+level = "info"
+format = "json"
+access_log = false
+
+[auth]
+enabled = false
+
+[tenants.default]
+max_concurrent = 1
+on_limit = "queue"
+
+[overflow]
+database = "{database}"
+lease_s = 1.0
+backoff_base_s = 0.05
+backoff_max_s = 0.2
+
+[[providers]]
+name = "mock"
+kind = "mock"
+latency_ms = 300.0
+
+[[providers]]
+name = "slow"
+kind = "mock"
+latency_ms = 1500.0
+
+[[models]]
+id = "mock-1"
+provider = "mock"
+
+[[models]]
+id = "hold-1"
+provider = "slow"
+"""
 
 
-@attrs.define(eq=False)
-class Worker:
-    process: trio.Process
-    lines: list[dict[str, Any]] = attrs.Factory(list)
-    closed: bool = False
-    _changed: trio.Event = attrs.Factory(trio.Event)
-
-    async def read(self) -> None:
-        assert self.process.stdout is not None
-        pending = b""
-        while data := await self.process.stdout.receive_some(65536):
-            *complete, pending = (pending + data).split(b"\n")
-            self.lines.extend(json.loads(line) for line in complete if line.strip())
-            self._changed.set()
-        self.closed = True
-        self._changed.set()
-
-    async def wait_until(self, event: str, count: int = 1) -> list[dict[str, Any]]:
-        while len(found := [x for x in self.lines if x["event"] == event]) < count:
-            assert not self.closed, f"the worker exited; its log is in {self.log_hint}"
-            self._changed = trio.Event()
-            await self._changed.wait()
-        return found
-
-    log_hint: str = ""
-
-
-@asynccontextmanager
-async def worker(database: Path, log: Path, run_s: float, lease_s: float) -> AsyncIterator[Worker]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNESTONE_", "PORT"))}
-    env.update({"RUNESTONE_WEBHOOK_SECRET": SECRET, "PYTHONUNBUFFERED": "1"})
-    with log.open("ab") as stderr:
-        process = await trio.lowlevel.open_process(
-            [sys.executable, str(WORKER), str(database), str(run_s), str(lease_s)],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-        )
-    child = Worker(process, log_hint=str(log))
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(child.read)
-            yield child
-            nursery.cancel_scope.cancel()
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
-            assert process.stdout is not None
-            await process.stdout.aclose()
+def body(i: int, hook: str) -> bytes:
+    message = {"role": "user", "content": f"secret prompt number {i}"}
+    return json.dumps({"model": "mock-1", "messages": [message], "webhook_url": hook}).encode()
 
 
 def table(database: Path) -> list[sqlite3.Row]:
@@ -100,10 +96,19 @@ def table(database: Path) -> list[sqlite3.Row]:
         conn.close()
 
 
-def body(i: int, hook: str) -> bytes:
-    content = f"secret prompt number {i}"
-    message = {"role": "user", "content": content}
-    return json.dumps({"model": "mock-1", "messages": [message], "webhook_url": hook}).encode()
+async def poll_until(check: Callable[[], Awaitable[bool]]) -> None:
+    """For what the child reports no event for; the caller's ``fail_after`` bounds it."""
+    while not await check():
+        await trio.sleep(POLL_S)
+
+
+async def hold_slot(http: httpx.AsyncClient, answers: list[int], done: trio.Event) -> None:
+    """A live request holding the tenant's one slot for the slow model's 1.5 s."""
+    chat = {"model": "hold-1", "messages": [{"role": "user", "content": "hold"}]}
+    try:
+        answers.append((await http.post("/v1/chat/completions", json=chat)).status_code)
+    finally:
+        done.set()
 
 
 async def test_a_killed_gateway_loses_no_acknowledged_job(
@@ -111,50 +116,77 @@ async def test_a_killed_gateway_loses_no_acknowledged_job(
 ) -> None:
     receiver = WebhookReceiver()
     await nursery.start(receiver.serve)
-    database, log = tmp_path / "jobs.sqlite3", tmp_path / "workers.log"
+    database, config = tmp_path / "jobs.sqlite3", tmp_path / "config.toml"
+    config.write_text(CONFIG.replace("{database}", str(database)))
+    bodies = {f"req-crash-{i}": body(i, receiver.url) for i in range(JOBS)}
+
     with trio.fail_after(TIMEOUT_S):
-        async with worker(database, log, run_s=0.5, lease_s=1.0) as first:
-            (ready,) = await first.wait_until("ready")
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ready['port']}") as http:
+        async with gateway_process(config, ENV) as first:
+            base = f"http://127.0.0.1:{first.port}"
+            async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+                holder: list[int] = []
+                holder_done = trio.Event()
+                nursery.start_soon(hold_slot, http, holder, holder_done)
+
+                async def slot_taken() -> bool:
+                    capacity = (await http.get("/health")).json()["components"]["capacity"]
+                    return bool(capacity["tenants"]["default"]["in_flight"])
+
+                await poll_until(slot_taken)
                 answers = [
-                    await http.post("/test/async", content=body(i, receiver.url))
-                    for i in range(JOBS)
+                    await http.post(
+                        "/v1/chat/completions", content=raw, headers={"x-request-id": rid}
+                    )
+                    for rid, raw in bodies.items()
                 ]
-            assert [a.status_code for a in answers] == [202] * JOBS
-            acknowledged = {a.json()["job_id"] for a in answers}
-            await first.wait_until("started", 3)  # runs in flight (capacity 3), more queued
-            first.process.send_signal(signal.SIGKILL)
-            assert await first.process.wait() == -signal.SIGKILL
+                assert [a.status_code for a in answers] == [202] * JOBS, answers[-1].text
+                jobs = {a.json()["job_id"]: a.json()["request_id"] for a in answers}
+                assert sorted(jobs.values()) == sorted(bodies)
+                first_job = answers[0].json()["job_id"]
+
+                async def first_job_running() -> bool:
+                    status = (await http.get(f"/v1/jobs/{first_job}")).json()["status"]
+                    assert status in ("queued", "running"), status
+                    return bool(status == "running")
+
+                await poll_until(first_job_running)  # the holder is done; jobs run one by one
+                await holder_done.wait()
+                assert holder == [200]
+                first.send_signal(signal.SIGKILL)
+                assert await first.wait() == -signal.SIGKILL
 
         at_kill = table(database)
-        assert {r["id"] for r in at_kill} == acknowledged  # every 202 was on disk
+        assert {r["id"] for r in at_kill} == set(jobs)  # every 202 was on disk
         statuses = [r["status"] for r in at_kill]
         assert "running" in statuses
         assert "queued" in statuses
 
-        async with worker(database, log, run_s=0.05, lease_s=1.0) as second:
-            (ready,) = await second.wait_until("ready")
-            delivered = await receiver.wait_for(acknowledged)
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ready['port']}") as http:
-                views = [(await http.get(f"/v1/jobs/{job_id}")).json() for job_id in acknowledged]
+        async with gateway_process(config, ENV) as second:
+            delivered = await receiver.wait_for(set(jobs))
+            base = f"http://127.0.0.1:{second.port}"
+            async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+                views = [(await http.get(f"/v1/jobs/{job_id}")).json() for job_id in jobs]
+            second.send_signal(signal.SIGTERM)
+            assert await second.wait() == 0
 
     assert {v["status"] for v in views} == {"succeeded"}
-    second_pid = ready["pid"]
     rows = table(database)
     assert len(rows) == JOBS
-    sent = {digest(body(i, receiver.url)) for i in range(JOBS)}
-    assert {bytes(r["body"]) for r in rows} == sent  # requests redacted to their digests
     for row in rows:
+        request_id = row["request_id"]
+        assert jobs[row["id"]] == request_id
         assert row["status"] == "succeeded"
         assert row["result_status"] == 200
+        assert bytes(row["body"]) == digest(bodies[request_id])  # redacted to its digest
         assert row["webhook_status"] == "delivered"
-        result = json.loads(row["result"])
-        assert result["id"] == f"chatcmpl-{row['id']}"  # its own result, exactly one
-    killed_runs = {x["job_id"] for x in first.lines if x["event"] == "started"}
-    finished_by_second = {r["id"] for r in rows if json.loads(r["result"])["pid"] == second_pid}
-    assert (
-        killed_runs - {r["id"] for r in at_kill if r["status"] == "succeeded"} <= finished_by_second
-    )
+        result: dict[str, Any] = json.loads(row["result"])
+        assert result["object"] == "chat.completion"
+        assert result["provider"] == "mock"
+        assert result["request_id"] == request_id  # its own result, the one stored
+        payload = json.loads(delivered[row["id"]].body)
+        assert (payload["id"], payload["request_id"]) == (row["id"], request_id)
+        assert payload["status"] == "succeeded"
+        assert payload["result"] == result
+    assert {d.job_id for d in receiver.deliveries} == set(jobs)
     assert all(d.verified for d in receiver.deliveries)
-    for job_id, delivery in delivered.items():
-        assert json.loads(delivery.body)["result"]["id"] == f"chatcmpl-{job_id}"
+    assert all(d.status == 200 for d in receiver.deliveries)
