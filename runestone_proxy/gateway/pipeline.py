@@ -158,6 +158,8 @@ class _MockStream:
             return None
         if self.interval_s and self.index:
             await trio.sleep(self.interval_s)
+        else:
+            await trio.lowlevel.checkpoint()  # an unpaced mock stream still yields per chunk
         self.index += 1
         return [self.payloads[self.index - 1]]
 

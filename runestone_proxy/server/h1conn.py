@@ -20,6 +20,7 @@ OpenAI's envelope with ``Connection: close``, as nginx would, and the connection
 from __future__ import annotations
 
 import math
+import os
 import time
 from http import HTTPStatus
 
@@ -145,7 +146,10 @@ class H1Connection:
     handler_scope: trio.CancelScope | None = None
     #: Set by the watcher once it touches the socket; the next request waits for its exit.
     watch_done: trio.Event | None = None
+    watch_scope: trio.CancelScope | None = None
     nursery: trio.Nursery | None = None
+    #: The socket's fd when the stream is a plain SocketStream (not TLS), for direct writes.
+    fd: int = -1
 
     @classmethod
     def new(cls, stream: trio.abc.Stream, gateway: Gateway, client: str | None) -> H1Connection:
@@ -154,12 +158,28 @@ class H1Connection:
             h11.SERVER,
             max_incomplete_event_size=limits.max_request_line_bytes + limits.max_header_bytes,
         )
-        return cls(stream, gateway, limits, client, conn)
+        self = cls(stream, gateway, limits, client, conn)
+        if isinstance(stream, trio.SocketStream):
+            self.fd = stream.socket.fileno()
+        return self
 
     async def write(self, data: bytes) -> None:
         """One flush, bounded by ``send_timeout_s``. While a handler runs, the bound is its
         scope's deadline (cheaper than a scope per write); a client that stops reading then
         cancels the handler and the connection closes."""
+        if self.fd >= 0:
+            # Fast path: a plain socket usually takes a whole response at once; only what the
+            # kernel refused goes through trio (and its timeout). The caller's loop awaits
+            # the next read right after, so this costs the scheduler no fairness.
+            try:
+                sent = os.write(self.fd, data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                sent = 0  # let trio raise its own BrokenResourceError below
+            if sent == len(data):
+                return
+            data = data[sent:]
         scope = self.handler_scope
         if scope is None:
             with trio.fail_after(self.limits.send_timeout_s):
@@ -362,20 +382,15 @@ class H1Connection:
         )
         nursery = self.nursery
         assert nursery is not None
-        watch_scope = trio.CancelScope()
         self.watch_done = None
+        self.watch_scope = None
         slow = self.gateway.slow_watch
         with trio.CancelScope() as handler_scope:
             self.handler_scope = handler_scope
             if send_channel is not None or not slow.running:
-                nursery.start_soon(self._watch, send_channel, handler_scope, buffered, watch_scope)
+                self._arm_watch(send_channel, buffered, delay=True)
             else:
-                slow.add(
-                    self,
-                    lambda: nursery.start_soon(
-                        self._watch, None, handler_scope, buffered, watch_scope, False
-                    ),
-                )
+                slow.add(self, self._arm_watch)
             try:
                 await self.gateway.dispatch(request, responder)
                 await responder.finish()
@@ -389,13 +404,29 @@ class H1Connection:
             finally:
                 slow.discard(self)
                 self.handler_scope = None
-                watch_scope.cancel()
+                if self.watch_scope is not None:
+                    self.watch_scope.cancel()
         if self.watch_done is not None:
             with trio.CancelScope(shield=True):
                 await self.watch_done.wait()  # one reader at a time: let the watcher leave
         if handler_scope.cancelled_caught:
             self.closing = True  # the client went away mid-request
         log_access(self.gateway, request, responder.status or 499, responder.sent_bytes, started)
+
+    def _arm_watch(
+        self,
+        body: trio.MemorySendChannel[bytes | errors.GatewayError] | None = None,
+        received: int = 0,
+        delay: bool = False,
+    ) -> None:
+        """Start the watcher for the running request (from the request itself, or from the
+        sweeper once the request has run a while)."""
+        assert self.nursery is not None
+        assert self.handler_scope is not None
+        self.watch_scope = trio.CancelScope()
+        self.nursery.start_soon(
+            self._watch, body, self.handler_scope, received, self.watch_scope, delay
+        )
 
     async def _watch(
         self,
