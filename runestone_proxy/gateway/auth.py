@@ -33,6 +33,18 @@ class Principal:
     limits: KeyLimits = UNLIMITED
 
 
+class KeyRejected(AuthenticationFailed):
+    """401 ``invalid_api_key`` for a key that was presented but is unknown or inactive.
+
+    Carries what telemetry may say about it: the key's mask, and its tenant when the key is
+    known (inactive). The client's message never says which of the two it was."""
+
+    def __init__(self, message: str, *, key_mask: str, tenant: str | None) -> None:
+        super().__init__(message)
+        self.key_mask = key_mask
+        self.tenant = tenant
+
+
 ANONYMOUS = Principal(tenant="default", key_mask="-", key_id="anonymous")
 
 
@@ -88,10 +100,15 @@ class KeyStore:
                 "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
             )
         sha = digest(presented)
+        mask = mask_key(presented)
         record = self.records.get(sha)
         if record is None or not hmac.compare_digest(record.sha256, sha) or not record.active:
-            raise AuthenticationFailed(f"Incorrect API key provided: {mask_key(presented)}.")
-        return Principal(record.tenant, mask_key(presented), sha[:12], record.limits)
+            raise KeyRejected(
+                f"Incorrect API key provided: {mask}.",
+                key_mask=mask,
+                tenant=record.tenant if record is not None else None,
+            )
+        return Principal(record.tenant, mask, sha[:12], record.limits)
 
 
 def _presented(authorization: bytes | None, x_api_key: bytes | None) -> str | None:

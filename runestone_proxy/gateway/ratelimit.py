@@ -20,8 +20,11 @@ Tokens are reserved at admission (``max_tokens`` or the default output budget, p
 prompt at ~4 characters per token, :func:`estimate_tokens`) and reconciled when the
 response or stream ends (:func:`reconcile`): unused tokens are refunded to the bucket they
 were reserved in (if it is still in the window), extra tokens are charged to the current
-bucket. A denied request is not counted (unlike OpenAI, which counts failed requests), so a
-client that retries too early is not locked out for longer.
+bucket. A denied request is not counted (unlike OpenAI, which counts failed requests), nor
+is one the gateway admitted past these limits but never served (refused for tenant capacity,
+or abandoned by its client while waiting for a slot: :func:`cancel` gives its reservation
+back), so a client that retries too early, as the SDK does on every 429, is not locked out
+for longer.
 
 Headers: OpenAI's ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}``. With both
 RPM and RPH set, the requests trio reports the more binding one (fewer remaining; RPM on a
@@ -190,6 +193,9 @@ class Reservation:
     #: The tokens window's bucket the reservation was counted in.
     bucket: int = 0
     settled: bool = False
+    #: When it was made, and the request windows (RPM, RPH) it counted one request in.
+    at: float = 0.0
+    counted: tuple[Window, ...] = ()
 
 
 NO_RESERVATION = Reservation(None, Quota(), settled=True)
@@ -260,7 +266,10 @@ def reserve(
     horizon = _HOUR_HORIZON_S if h is not None else _MINUTE_HORIZON_S
     if state.expires_at < now + horizon:
         state.expires_at = now + horizon
-    return Reservation(state, _quota(state, limits, now), key, tokens, bucket)
+    counted = tuple(w for w in (m, h) if w is not None)
+    return Reservation(
+        state, _quota(state, limits, now), key, tokens, bucket, at=now, counted=counted
+    )
 
 
 _MINUTE_HORIZON_S = MINUTE_S * (BUCKETS + 1) / BUCKETS
@@ -302,6 +311,22 @@ def reconcile(reservation: Reservation, actual_tokens: int | None, now: float) -
     elif delta > 0:
         window.add(window.last, delta)
         state.expires_at = max(state.expires_at, now + window.horizon_s)
+
+
+def cancel(reservation: Reservation, now: float) -> None:
+    """Undo a reservation whose request was never served (refused for capacity, or its
+    client left while it waited): it stops counting against RPM/RPH and its tokens are
+    released. Like :func:`reconcile`, only the first settling call counts."""
+    if reservation.settled:
+        return
+    reservation.settled = True
+    for window in reservation.counted:
+        window.advance(window.bucket(now))
+        window.refund(window.bucket(reservation.at), 1)
+    state = reservation.state
+    if state is not None and state.tpm is not None and reservation.tokens:
+        state.tpm.advance(state.tpm.bucket(now))
+        state.tpm.refund(reservation.bucket, reservation.tokens)
 
 
 # --- the wire ---------------------------------------------------------------------------------
@@ -486,6 +511,13 @@ class RateLimiter:
         if state is not None and state.expires_at > now:
             # A long stream may outlive its key's idle sweep: keep an extra charge counted.
             self.keys.setdefault(reservation.key, state)
+
+    def cancel(self, reservation: Reservation, limits: KeyLimits, now: float) -> Headers:
+        """Give back an unserved request's reservation (see :func:`cancel`); returns the
+        ``x-ratelimit-*`` headers as they stand afterwards, for its 429."""
+        cancel(reservation, now)
+        state = reservation.state
+        return () if state is None else headers_for(_quota(state, limits, now))
 
     def sweep(self, now: float) -> None:
         """Drop keys whose windows are all empty."""

@@ -36,7 +36,7 @@ from runestone_proxy.errors import (
     RateLimited,
 )
 from runestone_proxy.gateway import aliases, ratelimit
-from runestone_proxy.gateway.auth import KeyStore, Principal
+from runestone_proxy.gateway.auth import KeyRejected, KeyStore, Principal
 from runestone_proxy.gateway.capacity import Capacity, EnqueueInstead
 from runestone_proxy.gateway.deployments import Deployments
 from runestone_proxy.gateway.failover import Failover
@@ -228,12 +228,15 @@ class Api:
                 request.header(b"authorization"), request.header(b"x-api-key")
             )
         except AuthenticationFailed as exc:
+            rejected = exc if isinstance(exc, KeyRejected) else None
             telemetry.emit(
                 "auth.failure",
                 request_id=request.request_id,
                 path=request.path,
                 client=request.client,
                 reason=exc.message,
+                key_mask=rejected.key_mask if rejected else "-",
+                tenant=rejected.tenant if rejected else None,
             )
             raise
         request.context["principal"] = principal
@@ -299,10 +302,12 @@ class Api:
             request_id=request.request_id,
         )
         usage: list[int | None] = [None]
+        admitted = False
         try:
             if self.store is not None and await replay_idempotent(
                 self.store, request, responder, principal
             ):
+                admitted = True  # answered from the stored job: it counts
                 return
             async with self.capacity.slot(
                 principal.tenant,
@@ -310,6 +315,7 @@ class Api:
                 key_mask=principal.key_mask,
                 request_id=request.request_id,
             ):
+                admitted = True
                 await self._serve(
                     request, responder, endpoint, body, raw, force_stream, rl_headers, usage
                 )
@@ -319,13 +325,26 @@ class Api:
                     f"Tenant {principal.tenant!r} is at capacity and no overflow queue is "
                     "available.",
                     retry_after_s=1,
-                    headers=rl_headers,
+                    headers=self.ratelimiter.cancel(reservation, limits, trio.current_time()),
                 ) from None
+            admitted = True  # a durable job is served later: it counts now
             await accept_async(
                 self.store, request, responder, principal, endpoint, body, raw, webhook
             )
+        except GatewayError as exc:
+            # Every answer carries the key's x-ratelimit-* headers. A request refused for
+            # capacity was never served: its quota is given back, and its 429 says so.
+            if admitted:
+                exc.headers = (*exc.headers, *rl_headers)
+            else:
+                now = trio.current_time()
+                exc.headers = (*exc.headers, *self.ratelimiter.cancel(reservation, limits, now))
+            raise
         finally:
-            self.ratelimiter.reconcile(reservation, usage[0], trio.current_time())
+            if admitted:
+                self.ratelimiter.reconcile(reservation, usage[0], trio.current_time())
+            else:  # refused, or the client left while it waited for a slot
+                self.ratelimiter.cancel(reservation, limits, trio.current_time())
 
     def _plan(
         self, endpoint: Endpoint, body: dict[str, Any], raw: bytes, stream: bool, request_id: str
