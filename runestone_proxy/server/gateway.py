@@ -91,6 +91,8 @@ class Gateway:
             await handler(request, responder)
         except errors.GatewayError as exc:
             await send_error(responder, exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise  # the client went away mid-write: the connection layer closes, no crash
         except Exception:
             log.exception("request.crashed", request_id=request.request_id, path=request.path)
             if responder.started:
