@@ -13,6 +13,8 @@ Every wait is a cancel scope whose deadline is the earlier of the step's own lim
 
 from __future__ import annotations
 
+import abc
+
 import select
 import ssl
 from collections.abc import AsyncIterable, Sequence
@@ -54,16 +56,16 @@ class UpstreamTimeouts:
 
 
 @attrs.define(eq=False)
-class UpstreamResponse:
+class UpstreamResponse(abc.ABC):
     """A response whose body is read incrementally. Header names are lower-case bytes."""
 
     status: int
     headers: list[tuple[bytes, bytes]] = attrs.field(repr=False)
     origin: str  # scheme://host:port, safe to log
 
+    @abc.abstractmethod
     async def receive(self) -> bytes:
         """The next body chunk, ``b""`` at the end; each call is bounded by between_chunks_s."""
-        raise NotImplementedError
 
     async def read(self, max_bytes: int | None = None) -> bytes:
         """The rest of the body; raises :class:`UpstreamError` if it exceeds ``max_bytes``."""

@@ -425,11 +425,8 @@ def test_stream_reconstructs_the_whole_response(name: str, include_usage: bool) 
 @pytest.mark.parametrize("name", ["text", "tool_use", "thinking_tool"])
 def test_through_the_real_sse_parser_in_small_pieces(name: str) -> None:
     """What the pipeline does: upstream bytes in arbitrary pieces -> SSEParser -> feed."""
-    parser_class = getattr(sse, "SSEParser", None)
-    if parser_class is None:
-        pytest.skip("protocol.sse.SSEParser not there yet")
     raw = (DATA / "streams" / f"{name}.sse").read_bytes()
-    parser = parser_class()
+    parser = sse.SSEParser()
     st = translator().stream(chat({}, stream=True))
     out = []
     for i in range(0, len(raw), 7):
