@@ -14,7 +14,6 @@ Every wait is a cancel scope whose deadline is the earlier of the step's own lim
 from __future__ import annotations
 
 import abc
-
 import select
 import ssl
 from collections.abc import AsyncIterable, Sequence
