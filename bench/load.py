@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import select
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Literal
 from typing import Protocol as TypingProtocol
@@ -34,7 +37,7 @@ import attrs
 from bench.procs import ROOT, pin_to
 
 Protocol = Literal["h1", "h2"]
-Tool = Literal["wrk", "h2load", "python"]
+Tool = Literal["wrk", "h2load", "python", "streamgen"]
 #: Extra seconds a load tool may take past warm-up + duration before it is killed.
 SLACK_S = 30.0
 
@@ -60,6 +63,10 @@ class LoadSpec:
     warmup_s: float = 1.0
     #: CPU to pin the load tool to; None leaves it to the scheduler.
     cpu: int | None = None
+    #: The server under load (streamgen samples its RSS).
+    server_pid: int | None = None
+    #: A tool the scenario needs whatever is installed (streamgen).
+    force_tool: Tool | None = None
 
     @property
     def h2_layout(self) -> tuple[int, int]:
@@ -97,6 +104,8 @@ class LoadResult:
     server_cpu_s: float | None = None
     server_wall_s: float | None = None
     others_cpu_s: float | None = None
+    #: Tool-specific figures (streamgen: TTFC, gaps, stalls, RSS; see bench/streamgen.py).
+    extra: dict[str, float | None] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -167,7 +176,10 @@ def available_tools() -> dict[str, str | None]:
 
 
 def choose_tool(spec: LoadSpec, prefer: str = "auto") -> Tool:
-    """``auto``: wrk for HTTP/1.1, h2load for HTTP/2 (GET/POST only), else Python."""
+    """The scenario's own tool if it names one; ``auto``: wrk for HTTP/1.1, h2load for
+    HTTP/2 (GET/POST only), else Python."""
+    if spec.force_tool is not None:
+        return spec.force_tool
     if prefer == "python":
         return "python"
     tools = available_tools()
@@ -188,6 +200,8 @@ def run_load(spec: LoadSpec, prefer: str = "auto", meter: Meter | None = None) -
             return _run_wrk(spec, Path(tmp), meter)
         if tool == "h2load":
             return _run_h2load(spec, Path(tmp), meter)
+        if tool == "streamgen":
+            return _run_streamgen(spec, Path(tmp), meter)
         return _run_python(spec, Path(tmp), meter)
 
 
@@ -371,3 +385,70 @@ def _run_python(spec: LoadSpec, tmp: Path, meter: Meter) -> LoadResult:
         return LoadResult.from_dict(json.loads(out.strip().splitlines()[-1]))
     except (ValueError, IndexError, TypeError) as exc:
         raise LoadError(f"bench.loadgen printed no result:\n{out[-2000:]}") from exc
+
+
+# --- streamgen ----------------------------------------------------------------------------
+
+#: Seconds streamgen may spend opening its connections before it starts (its own bound).
+STREAMGEN_CONNECT_S = 30.0
+
+
+def _run_streamgen(spec: LoadSpec, tmp: Path, meter: Meter) -> LoadResult:
+    """One bench.streamgen process does warm-up and measurement; ``@start`` / ``@stop`` on
+    its stdout bracket the measured window, so the meter sees only that."""
+    argv = [sys.executable, "-m", "bench.streamgen", "--host", spec.host, "--port", str(spec.port)]
+    argv += ["--streams", str(spec.concurrency), "--duration", str(spec.duration_s)]
+    argv += ["--warmup", str(spec.warmup_s), "--method", spec.request.method]
+    argv += ["--path", spec.request.path]
+    if spec.server_pid is not None:
+        argv += ["--pid", str(spec.server_pid)]
+    for name, value in spec.request.headers:
+        argv += ["--header", f"{name}: {value}"]
+    body = _body_file(spec, tmp)
+    if body is not None:
+        argv += ["--body-file", str(body)]
+    budget = STREAMGEN_CONNECT_S + max(spec.warmup_s, 2.0) + spec.duration_s + SLACK_S
+    deadline = time.monotonic() + budget
+    err_path = tmp / "streamgen.err"
+    with err_path.open("wb") as err:
+        proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=pin_to(spec.cpu),
+            cwd=ROOT,
+        )
+    assert proc.stdout is not None
+    last = ""
+    try:
+        fd = proc.stdout.fileno()
+        pending = b""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise LoadError(f"bench.streamgen did not finish within {budget:.0f} s")
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in (x.decode().strip() for x in lines):
+                if line == "@start":
+                    meter.start()
+                elif line == "@stop":
+                    meter.stop()
+                elif line:
+                    last = line
+        if proc.wait(timeout=10) != 0:
+            stderr = err_path.read_text(errors="replace")
+            raise LoadError(f"bench.streamgen exited {proc.returncode}: {stderr[-2000:]}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+        proc.stdout.close()
+    try:
+        return LoadResult.from_dict(json.loads(last))
+    except (ValueError, TypeError) as exc:
+        raise LoadError(f"bench.streamgen printed no result: {last[-2000:]!r}") from exc

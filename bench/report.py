@@ -68,12 +68,32 @@ class Row:
     #: CPU per request relative to the baseline's (lower is better; 1.0 = as cheap).
     cost: float | None = None
     note: str = ""
+    #: Median p50 / p99 minus the baseline's at the same concurrency (the added latency).
+    added_p50_ms: float | None = None
+    added_p99_ms: float | None = None
+    #: SSE chunk events per response (from the scenario), CPU per chunk, and CPU per chunk
+    #: net of the ``net_of`` scenario's CPU per request.
+    chunks: int = 0
+    us_per_chunk: float | None = None
+    net_of: str | None = None
+    net_us_per_chunk: float | None = None
+    #: Tool-specific figures (streamgen) across repeats: medians; counts summed; memory the
+    #: largest.
+    extra: dict[str, float] = attrs.Factory(dict)
 
 
 def cpu_us_per_request(result: LoadResult) -> float:
     if result.server_cpu_s is None or not result.requests:
         return float("nan")
     return result.server_cpu_s * 1e6 / result.requests
+
+
+def cpu_us_per_chunk(result: LoadResult) -> float:
+    """Server CPU per data event received in the window (streamgen runs only)."""
+    chunks = (result.extra or {}).get("chunks")
+    if result.server_cpu_s is None or not chunks:
+        return float("nan")
+    return result.server_cpu_s * 1e6 / chunks
 
 
 def _cpu_pct(result: LoadResult) -> float:
@@ -91,6 +111,27 @@ def _others_pct(result: LoadResult) -> float:
 def _median(values: list[float]) -> float | None:
     known = [v for v in values if v == v]  # drop NaN
     return statistics.median(known) if known else None
+
+
+#: Streamgen figures summed over repeats (the rest are medians, or maxima below).
+_SUMMED = ("stalls", "failures", "completed", "ttfc_measured", "chunks")
+_MAXED = ("rss_peak_kb", "kb_per_stream", "gap_max_ms")
+
+
+def _extras(results: Sequence[LoadResult]) -> dict[str, float]:
+    keys = sorted({k for r in results for k in (r.extra or {})})
+    out: dict[str, float] = {}
+    for key in keys:
+        values = [v for r in results if (v := (r.extra or {}).get(key)) is not None]
+        if not values:
+            continue
+        if key in _SUMMED:
+            out[key] = sum(values)
+        elif key in _MAXED:
+            out[key] = max(values)
+        else:
+            out[key] = statistics.median(values)
+    return out
 
 
 def aggregate(scenarios: Sequence[Scenario], runs: Sequence[Run]) -> list[Row]:
@@ -124,6 +165,10 @@ def aggregate(scenarios: Sequence[Scenario], runs: Sequence[Run]) -> list[Row]:
                     others_pct=_median([_others_pct(r) for r in ok]),
                     baseline=scenario.baseline,
                     note=note,
+                    chunks=scenario.chunks,
+                    net_of=scenario.net_of,
+                    extra=_extras(ok),
+                    us_per_chunk=_median([cpu_us_per_chunk(r) for r in ok]),
                 )
             )
     by_key = {(row.scenario, row.concurrency): row for row in rows}
@@ -131,9 +176,20 @@ def aggregate(scenarios: Sequence[Scenario], runs: Sequence[Run]) -> list[Row]:
     for row in rows:
         base = by_key.get((row.baseline or "", row.concurrency))
         if base is not None and base.rps > 0 and row.runs:
-            row = attrs.evolve(row, ratio=row.rps / base.rps)
+            row = attrs.evolve(
+                row,
+                ratio=row.rps / base.rps,
+                added_p50_ms=row.p50_ms - base.p50_ms,
+                added_p99_ms=row.p99_ms - base.p99_ms,
+            )
             if row.cpu_us_per_req and base.cpu_us_per_req:
                 row = attrs.evolve(row, cost=row.cpu_us_per_req / base.cpu_us_per_req)
+        if row.chunks and row.us_per_chunk is None and row.cpu_us_per_req is not None:
+            row = attrs.evolve(row, us_per_chunk=row.cpu_us_per_req / row.chunks)
+            net = by_key.get((row.net_of or "", row.concurrency))
+            if net is not None and net.cpu_us_per_req is not None:
+                per_chunk = (row.cpu_us_per_req - net.cpu_us_per_req) / row.chunks
+                row = attrs.evolve(row, net_us_per_chunk=per_chunk)
         out.append(row)
     return out
 
@@ -209,7 +265,62 @@ def table(rows: Sequence[Row]) -> str:
         else []
     )
     notes = sorted({f"{r.scenario}: {r.note}" for r in rows if r.note})
-    return "\n".join(lines + legend + [f"note: {line}" for line in notes])
+    return "\n".join(lines + legend + [f"note: {line}" for line in notes] + derived(rows))
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:+.1f}%"
+
+
+def derived(rows: Sequence[Row]) -> list[str]:
+    """What the columns imply, one line per measured row that has something to add: the
+    latency it adds to its baseline, what it costs per chunk, the streamgen figures."""
+    out: list[str] = []
+    for r in rows:
+        if not r.runs:
+            continue
+        head = f"  {r.scenario} c={r.concurrency}:"
+        if r.baseline is not None and r.added_p50_ms is not None:
+            faster = None if r.ratio is None else (r.ratio - 1) * 100
+            dearer = None if r.cost is None else (r.cost - 1) * 100
+            out.append(
+                f"{head} vs {r.baseline}: added latency p50 {r.added_p50_ms:+.3f} ms,"
+                f" p99 {r.added_p99_ms:+.3f} ms; throughput {_pct(faster)},"
+                f" CPU/req {_pct(dearer)}"
+            )
+        if r.cpu_us_per_req and not r.extra:
+            out.append(
+                f"{head} {r.cpu_us_per_req:.0f} us CPU/req -> {1e6 / r.cpu_us_per_req:,.0f} req/s"
+                " if it had a whole core to itself"
+            )
+        if r.us_per_chunk is not None:
+            how = "CPU / chunks received" if r.extra else f"CPU/request / {r.chunks}"
+            line = f"{head} {r.us_per_chunk:.1f} us CPU/chunk ({how})"
+            if r.net_us_per_chunk is not None:
+                line += f"; net of {r.net_of}'s CPU/request: {r.net_us_per_chunk:.1f} us/chunk"
+            out.append(line)
+        x = r.extra
+        if x:
+            out.append(
+                f"{head} TTFC p50 {r.p50_ms:.2f} p99 {r.p99_ms:.2f} ms; gaps p50"
+                f" {x.get('gap_p50_ms', 0):.1f} p99 {x.get('gap_p99_ms', 0):.1f} max"
+                f" {x.get('gap_max_ms', 0):.0f} ms; stalls {x.get('stalls', 0):.0f};"
+                f" failures {x.get('failures', 0):.0f}; active {x.get('active_mean', 0):.0f};"
+                f" {x.get('chunks_per_s', 0):,.0f} chunks/s"
+            )
+            if "rss_peak_kb" in x:
+                out.append(
+                    f"{head} RSS before {x.get('rss_before_kb', 0) / 1024:.1f} MB, idle conns"
+                    f" {x.get('rss_idle_kb', 0) / 1024:.1f} MB, peak"
+                    f" {x['rss_peak_kb'] / 1024:.1f} MB -> {x.get('kb_per_stream', 0):.1f}"
+                    " KB per active stream (largest over repeats)"
+                )
+            out.append(
+                f"{head} generator CPU {x.get('gen_cpu_pct', 0):.0f}%, loop lag p50"
+                f" {x.get('gen_lag_p50_ms', 0):.1f} p99 {x.get('gen_lag_p99_ms', 0):.1f} ms"
+                " (near 100% or tens of ms: the generator is the bottleneck)"
+            )
+    return ["derived:", *out] if out else []
 
 
 # --- files --------------------------------------------------------------------------------
@@ -294,3 +405,33 @@ def write_chart(path: Path, rows: Sequence[Row], title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def main() -> None:
+    """Re-print the table (and derived lines) of a run from its results.json."""
+    import argparse
+
+    from bench.scenarios import SCENARIOS
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("results", type=Path)
+    args = parser.parse_args()
+    data = json.loads(args.results.read_text())
+    runs = [
+        Run(
+            r["scenario"],
+            r["concurrency"],
+            r["repeat"],
+            LoadResult.from_dict(r["result"]) if r["result"] else None,
+            r["error"],
+        )
+        for r in data["runs"]
+    ]
+    names = list(dict.fromkeys(r.scenario for r in runs))
+    levels = {n: tuple(sorted({r.concurrency for r in runs if r.scenario == n})) for n in names}
+    scenarios = [attrs.evolve(SCENARIOS[n], concurrency=levels[n]) for n in names]
+    print(table(aggregate(scenarios, runs)))
+
+
+if __name__ == "__main__":
+    main()

@@ -60,7 +60,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="auto: wrk / h2load when installed; python: always bench.loadgen",
     )
-    parser.add_argument("--gateway-config", type=Path, help="config.toml for the gateway")
+    parser.add_argument(
+        "--gateway-config", type=Path, help="config.toml for the `gateway` target (health)"
+    )
+    parser.add_argument(
+        "--gateway-env",
+        action="append",
+        default=[],
+        metavar="KEY=VAL",
+        help="extra environment for every gateway target (repeatable)",
+    )
     parser.add_argument("--no-chart", action="store_true", help="skip the PNG (no matplotlib)")
     parser.add_argument("--list", action="store_true", help="list scenarios and targets")
     return parser.parse_args(argv)
@@ -71,10 +80,10 @@ def list_registry() -> str:
     for s in SCENARIOS.values():
         groups = f" [{', '.join(s.groups)}]" if s.groups else ""
         conc = ",".join(map(str, s.concurrency))
-        lines.append(f"  {s.name:<14} {s.protocol} c={conc:<10} -> {s.target}{groups}")
-        lines.append(f"  {'':<14} {s.description}")
+        lines.append(f"  {s.name:<20} {s.protocol} c={conc:<8} -> {s.target}{groups}")
+        lines.append(f"  {'':<20} {s.description}")
     lines.append("targets:")
-    lines += [f"  {t.name:<14} {t.description}" for t in TARGETS.values()]
+    lines += [f"  {t.name:<16} {t.description}" for t in TARGETS.values()]
     return "\n".join(lines)
 
 
@@ -118,6 +127,7 @@ def _meta(args: argparse.Namespace, cpus: tuple[int | None, int | None]) -> dict
         "warmup_s": args.warmup,
         "repeats": args.repeats,
         "tool_preference": args.tool,
+        "gateway_env": args.gateway_env,
         "tools": {name: _tool_version(name) for name in ("wrk", "h2load")},
     }
 
@@ -173,6 +183,8 @@ def _measure(
                     duration_s=args.duration,
                     warmup_s=args.warmup,
                     cpu=load_cpu,
+                    server_pid=proc.popen.pid,
+                    force_tool=scenario.tool,
                 )
                 label = f"[bench] {repeat + 1}/{args.repeats} {scenario.name} c={conc}"
                 print(f"{label} ({choose_tool(spec, args.tool)}) ...", end="", file=sys.stderr)
@@ -191,9 +203,31 @@ def _measure(
                     continue
                 cost = report.cpu_us_per_request(result)
                 line = f" {result.rps:,.0f} req/s p99 {result.p99_ms:.2f} ms {cost:.0f} us CPU/req"
+                if result.extra:
+                    x = result.extra
+                    line += (
+                        f" | TTFC p50 {result.p50_ms:.2f} p99 {result.p99_ms:.2f} ms,"
+                        f" stalls {x.get('stalls')}, failures {x.get('failures')},"
+                        f" {_num(x.get('kb_per_stream'))} KB/stream,"
+                        f" gen CPU {_num(x.get('gen_cpu_pct'))}%"
+                    )
                 print(line, file=sys.stderr)
                 runs.append(report.Run(scenario.name, conc, repeat, result=result))
     return runs
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def parse_env(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--gateway-env wants KEY=VAL, got {pair!r}")
+        env[key] = value
+    return env
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:
@@ -214,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError as exc:
         print(f"bench: {exc.args[0]}; try --list", file=sys.stderr)
         return 2
+    try:
+        gateway_env = parse_env(args.gateway_env)
+    except ValueError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
     if args.concurrency:
         levels = tuple(int(c) for c in args.concurrency.split(","))
         scenarios = [attrs.evolve(s, concurrency=levels) for s in scenarios]
@@ -224,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     cpus = bench_cpus()
     meta = _meta(args, cpus)
     with contextlib.ExitStack() as stack:
-        launch = Launch(outdir, cpus[0], cpus[1], {}, args.gateway_config)
+        launch = Launch(outdir, cpus[0], cpus[1], {}, args.gateway_config, gateway_env)
         down = _start_targets(stack, scenarios, launch)
         runs = _measure(args, scenarios, launch.running, down, cpus[1])
     meta["loadavg_end"] = os.getloadavg()

@@ -24,8 +24,8 @@ from collections.abc import Iterable
 
 import attrs
 
-from bench.load import Protocol, Request
-from bench.targets import TARGETS
+from bench.load import Protocol, Request, Tool
+from bench.targets import LIMITED_KEY, PACED_CHUNKS, PLAIN_KEY, TARGETS
 
 DEFAULT_CONCURRENCY = (1, 16, 64)
 
@@ -40,6 +40,13 @@ class Scenario:
     concurrency: tuple[int, ...] = DEFAULT_CONCURRENCY
     groups: tuple[str, ...] = ()
     baseline: str | None = None
+    #: A load tool this scenario needs whatever ``--tool`` says (``streamgen``).
+    tool: Tool | None = None
+    #: SSE chunk events per response: the report divides CPU per request by it.
+    chunks: int = 0
+    #: A non-stream scenario on the same kind of target: the report subtracts its CPU per
+    #: request to give the net cost per chunk (the per-request work counted once).
+    net_of: str | None = None
 
 
 SCENARIOS: dict[str, Scenario] = {}
@@ -50,8 +57,9 @@ def register(scenario: Scenario) -> Scenario:
         raise ValueError(f"scenario {scenario.name!r} is already registered")
     if scenario.target not in TARGETS:
         raise ValueError(f"scenario {scenario.name!r}: unknown target {scenario.target!r}")
-    if scenario.baseline is not None and scenario.baseline not in SCENARIOS:
-        raise ValueError(f"scenario {scenario.name!r}: register {scenario.baseline!r} first")
+    for other in (scenario.baseline, scenario.net_of):
+        if other is not None and other not in SCENARIOS:
+            raise ValueError(f"scenario {scenario.name!r}: register {other!r} first")
     SCENARIOS[scenario.name] = scenario
     return scenario
 
@@ -67,6 +75,7 @@ def select(names: Iterable[str]) -> list[Scenario]:
         raise KeyError(f"unknown scenario or group: {', '.join(sorted(unknown))}")
     chosen = {s.name for s in SCENARIOS.values() if s.name in wanted or wanted & set(s.groups)}
     chosen |= {b for name in chosen if (b := SCENARIOS[name].baseline) is not None}
+    chosen |= {n for name in chosen if (n := SCENARIOS[name].net_of) is not None}
     return [s for s in SCENARIOS.values() if s.name in chosen]
 
 
@@ -104,5 +113,140 @@ register(
         request=HEALTH,
         groups=("health",),
         baseline="baseline_h1",
+    )
+)
+
+
+# --- the proxy path: chat through the gateway vs straight to the fake upstream ----------------
+
+JSON = (("content-type", "application/json"),)
+CHAT_BODY = (
+    b'{"model":"bench-model","messages":[{"role":"user","content":"Say hello to the bench."}]}'
+)
+STREAM_BODY = (
+    b'{"model":"bench-model","messages":[{"role":"user","content":"Say hello to the bench."}],'
+    b'"stream":true}'
+)
+CHAT = Request("POST", "/v1/chat/completions", JSON, CHAT_BODY)
+STREAM = Request("POST", "/v1/chat/completions", JSON, STREAM_BODY)
+#: Chunk events per stream from ``upstream`` (bench/upstream.py's default; [DONE] not counted).
+STREAM_CHUNKS = 20
+
+register(
+    Scenario(
+        name="direct_h1",
+        description="POST /v1/chat/completions (non-stream) straight to the fake upstream",
+        target="upstream",
+        protocol="h1",
+        request=CHAT,
+        groups=("chat",),
+    )
+)
+register(
+    Scenario(
+        name="chat_h1",
+        description="POST /v1/chat/completions (non-stream) through the gateway to the upstream",
+        target="gateway_upstream",
+        protocol="h1",
+        request=CHAT,
+        groups=("chat",),
+        baseline="direct_h1",
+    )
+)
+register(
+    Scenario(
+        name="direct_stream_h1",
+        description=f"streamed chat ({STREAM_CHUNKS} unpaced chunks) straight to the upstream",
+        target="upstream",
+        protocol="h1",
+        request=STREAM,
+        groups=("stream",),
+        chunks=STREAM_CHUNKS,
+    )
+)
+register(
+    Scenario(
+        name="stream_h1",
+        description=f"streamed chat ({STREAM_CHUNKS} unpaced chunks) through the gateway",
+        target="gateway_upstream",
+        protocol="h1",
+        request=STREAM,
+        groups=("stream",),
+        baseline="direct_stream_h1",
+        chunks=STREAM_CHUNKS,
+        net_of="chat_h1",
+    )
+)
+
+# --- auth and per-key limits: chat_h1 with a key --------------------------------------------
+
+register(
+    Scenario(
+        name="auth_h1",
+        description="chat_h1 with auth on: a RUNESTONE_API_KEYS key (no rate limits)",
+        target="gateway_auth",
+        protocol="h1",
+        request=Request(
+            "POST",
+            "/v1/chat/completions",
+            (*JSON, ("authorization", f"Bearer {PLAIN_KEY}")),
+            CHAT_BODY,
+        ),
+        groups=("auth",),
+        baseline="chat_h1",
+    )
+)
+register(
+    Scenario(
+        name="auth_limits_h1",
+        description="chat_h1 with auth on: an [[auth.keys]] key with rpm/rph/tpm never reached",
+        target="gateway_auth",
+        protocol="h1",
+        request=Request(
+            "POST",
+            "/v1/chat/completions",
+            (*JSON, ("authorization", f"Bearer {LIMITED_KEY}")),
+            CHAT_BODY,
+        ),
+        groups=("auth",),
+        baseline="chat_h1",
+    )
+)
+
+# --- many slow streams at once ----------------------------------------------------------------
+
+PACED_STREAMS = (1000,)
+
+register(
+    Scenario(
+        name="direct_paced_streams",
+        description=(
+            f"concurrent streams of {PACED_CHUNKS} chunks 20 ms apart straight to the paced "
+            "upstream (bench.streamgen): the generator's and upstream's own ceiling"
+        ),
+        target="upstream_paced",
+        protocol="h1",
+        request=STREAM,
+        concurrency=PACED_STREAMS,
+        groups=("paced",),
+        tool="streamgen",
+        chunks=PACED_CHUNKS,
+    )
+)
+register(
+    Scenario(
+        name="paced_streams",
+        description=(
+            f"concurrent streams of {PACED_CHUNKS} chunks 20 ms apart through the gateway "
+            "(bench.streamgen: TTFC, gaps, stalls, RSS per stream)"
+        ),
+        target="gateway_paced",
+        protocol="h1",
+        request=STREAM,
+        concurrency=PACED_STREAMS,
+        groups=("paced",),
+        baseline="direct_paced_streams",
+        tool="streamgen",
+        chunks=PACED_CHUNKS,
     )
 )
