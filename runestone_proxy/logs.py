@@ -89,6 +89,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
 
 
 _enabled_level = logging.INFO
+_telemetry_log = structlog.get_logger("runestone.telemetry")
 
 
 def enabled(level: str) -> bool:
@@ -99,7 +100,9 @@ def enabled(level: str) -> bool:
 def telemetry_to_log(event: str, fields: dict[str, Any]) -> None:
     """The telemetry handler that writes events as log lines."""
     level = _LOUD_EVENTS.get(event, "debug")
-    getattr(structlog.get_logger("runestone.telemetry"), level)(event, **fields)
+    if _LEVELS[level] < _enabled_level:
+        return  # most events are debug: skip the logger entirely on the hot path
+    getattr(_telemetry_log, level)(event, **fields)
 
 
 def get_logger(name: str = "runestone") -> Any:

@@ -301,14 +301,16 @@ class H1Connection:
         except trio.TooSlowError:
             pass
 
-    def _check_head(self, event: h11.Request) -> errors.GatewayError | None:
+    def _check_head(
+        self, event: h11.Request, headers: list[tuple[bytes, bytes]]
+    ) -> errors.GatewayError | None:
         limits = self.limits
         if len(event.target) > limits.max_request_line_bytes:
             return errors.URITooLong("Request URI too long.")
         size = 0
         content_length: bytes | None = None
         chunked = False
-        for name, value in event.headers:
+        for name, value in headers:
             size += len(name) + len(value) + 4
             if name == b"content-length":
                 content_length = value
@@ -332,7 +334,9 @@ class H1Connection:
 
     async def _run(self, event: h11.Request) -> None:
         started = time.perf_counter()
-        problem = self._check_head(event)
+        # One pass over h11's Headers (a Sequence, slow to iterate) into a plain list.
+        headers = list(event.headers)
+        problem = self._check_head(event, headers)
         if problem is not None:
             await self._reject(problem)
             return
@@ -340,7 +344,6 @@ class H1Connection:
             self.closing = True
         target = event.target.decode("latin-1")
         path, _, query = target.partition("?")
-        headers = event.headers
         request_id = request_id_from(headers)
         method = event.method.decode("ascii")
         responder = H1Responder(self, request_id, head_only=method == "HEAD")
@@ -373,7 +376,7 @@ class H1Connection:
             method=method,
             path=path,
             query=query,
-            headers=headers,  # h11's Headers is a sequence of (name, value) pairs
+            headers=headers,
             http_version=event.http_version.decode("ascii"),
             body_source=body_source,
             request_id=request_id,
