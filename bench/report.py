@@ -115,7 +115,10 @@ def _median(values: list[float]) -> float | None:
 
 #: Streamgen figures summed over repeats (the rest are medians, or maxima below).
 _SUMMED = ("stalls", "failures", "completed", "ttfc_measured", "chunks")
-_MAXED = ("rss_peak_kb", "kb_per_stream", "gap_max_ms")
+_MAXED = ("gap_max_ms",)
+#: Memory figures all come from the repeat with the most KB per stream (the first, on a
+#: fresh server: later repeats reuse the heap it grew).
+_MEMORY = ("rss_before_kb", "rss_idle_kb", "rss_peak_kb", "kb_per_stream")
 
 
 def _extras(results: Sequence[LoadResult]) -> dict[str, float]:
@@ -123,7 +126,7 @@ def _extras(results: Sequence[LoadResult]) -> dict[str, float]:
     out: dict[str, float] = {}
     for key in keys:
         values = [v for r in results if (v := (r.extra or {}).get(key)) is not None]
-        if not values:
+        if not values or key in _MEMORY:
             continue
         if key in _SUMMED:
             out[key] = sum(values)
@@ -131,6 +134,10 @@ def _extras(results: Sequence[LoadResult]) -> dict[str, float]:
             out[key] = max(values)
         else:
             out[key] = statistics.median(values)
+    with_memory = [r.extra for r in results if r.extra and r.extra.get("kb_per_stream") is not None]
+    if with_memory:
+        worst = max(with_memory, key=lambda x: x["kb_per_stream"] or 0.0)
+        out.update({k: v for k in _MEMORY if (v := worst.get(k)) is not None})
     return out
 
 
@@ -313,7 +320,7 @@ def derived(rows: Sequence[Row]) -> list[str]:
                     f"{head} RSS before {x.get('rss_before_kb', 0) / 1024:.1f} MB, idle conns"
                     f" {x.get('rss_idle_kb', 0) / 1024:.1f} MB, peak"
                     f" {x['rss_peak_kb'] / 1024:.1f} MB -> {x.get('kb_per_stream', 0):.1f}"
-                    " KB per active stream (largest over repeats)"
+                    " KB per active stream (the repeat with the most)"
                 )
             out.append(
                 f"{head} generator CPU {x.get('gen_cpu_pct', 0):.0f}%, loop lag p50"

@@ -182,6 +182,19 @@ register(
 
 register(
     Scenario(
+        name="chat_h1_b",
+        description="chat_h1 on a second, identical gateway process: the A/A control (how "
+        "far two processes differ with nothing changed)",
+        target="gateway_upstream_b",
+        protocol="h1",
+        request=CHAT,
+        groups=("auth",),
+        baseline="chat_h1",
+    )
+)
+
+register(
+    Scenario(
         name="auth_h1",
         description="chat_h1 with auth on: a RUNESTONE_API_KEYS key (no rate limits)",
         target="gateway_auth",

@@ -9,6 +9,7 @@ Built in: ``baseline`` (bench/baseline.py), ``upstream`` (bench/upstream.py, a f
 OpenAI provider: 20 unpaced chunks per stream), ``upstream_paced`` (the same, 50 chunks
 20 ms apart), and the gateways (``python -m runestone_proxy``): ``gateway`` (default config,
 no upstream), ``gateway_upstream`` (model ``bench-model`` -> ``upstream``, auth off),
+``gateway_upstream_b`` (an identical second process: the A/A control),
 ``gateway_auth`` (the same with auth on: a rate-limited ``[[auth.keys]]`` key and a plain
 ``RUNESTONE_API_KEYS`` key) and ``gateway_paced`` (``bench-model`` -> ``upstream_paced``, sized
 for thousands of streams). Servers under test run on the server CPU; helpers that stand in
@@ -241,6 +242,15 @@ register_target(
         "gateway_upstream",
         "runestone_proxy -> upstream (openai kind), auth off, tenancy wide open",
         _proxy_starter("gateway_upstream", "upstream"),
+        needs=("upstream",),
+        unavailable=gateway_unavailable,
+    )
+)
+register_target(
+    Target(
+        "gateway_upstream_b",
+        "a second, identical gateway_upstream: the A/A control for cross-process comparisons",
+        _proxy_starter("gateway_upstream_b", "upstream"),
         needs=("upstream",),
         unavailable=gateway_unavailable,
     )
