@@ -91,6 +91,8 @@ class Deployments:
     wrr: dict[str, dict[str, float]] = attrs.Factory(dict)
     #: Set, then replaced, whenever a slot is given back or a result recorded.
     changed: trio.Event = attrs.Factory(trio.Event)
+    #: Requests parked in wait_changed().
+    waiting: int = 0
 
     @classmethod
     def from_config(cls, config: Config) -> Deployments:
@@ -149,8 +151,17 @@ class Deployments:
         return Slot(self, deployment, probe)
 
     def notify(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
+        """Wake requests waiting for a deployment; free when nobody waits (the hot path)."""
+        if self.waiting:
+            self.changed.set()
+            self.changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        self.waiting += 1
+        try:
+            await self.changed.wait()
+        finally:
+            self.waiting -= 1
 
     def record(self, deployment: Deployment, ok: bool, latency_ms: float | None) -> None:
         now = trio.current_time()

@@ -97,6 +97,9 @@ class Drainer:
     webhooks_due: Wakeup = attrs.Factory(Wakeup)
     sweep_due: Wakeup = attrs.Factory(Wakeup)
     running: int = 0
+    #: Set while the queue holds jobs: freed capacity matters only then. With an empty
+    #: queue, live requests freeing slots cost the drainer nothing (no wake-up, no query).
+    has_work: trio.Event = attrs.Factory(trio.Event)
 
     def notify(self) -> None:
         """Capacity may have freed, or a job was queued: look again."""
@@ -120,6 +123,10 @@ class Drainer:
             now = self.clock()
             try:
                 schedule = await self.store.schedule(now)
+                if schedule.due or schedule.next_at is not None:
+                    self.has_work.set()
+                elif self.has_work.is_set():
+                    self.has_work = trio.Event()
                 candidates = [t for t in schedule.due if self.capacity.has_capacity(t)]
                 job = None
                 if candidates:
@@ -137,6 +144,7 @@ class Drainer:
 
     async def forward_freed(self) -> None:
         while True:
+            await self.has_work.wait()
             await self.capacity.wait_freed()
             self.notify()
 
