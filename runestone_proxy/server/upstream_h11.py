@@ -14,6 +14,7 @@ Every wait is a cancel scope whose deadline is the earlier of the step's own lim
 from __future__ import annotations
 
 import abc
+import os
 import select
 import ssl
 from collections.abc import AsyncIterable, Sequence
@@ -125,6 +126,8 @@ class H11Connection:
     proto: h11.Connection = attrs.field(repr=False)
     idle_since: float = 0.0
     reused: bool = False
+    #: The socket's fd on a cleartext connection (direct non-blocking reads), else -1.
+    fd: int = -1
 
     @classmethod
     async def connect(
@@ -153,7 +156,8 @@ class H11Connection:
                 await _close(tcp)
                 raise
             proto = h11.Connection(our_role=h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
-            return cls(origin, stream, tcp.socket, proto)
+            fd = tcp.socket.fileno() if stream is tcp else -1
+            return cls(origin, stream, tcp.socket, proto, fd=fd)
         raise timed_out(label, "could not connect", t.connect_s, t, deadline)
 
     def usable(self, now: float, idle_timeout_s: float) -> bool:
@@ -308,6 +312,17 @@ class H11Response(UpstreamResponse):
             except h11.RemoteProtocolError as exc:  # bad framing, or EOF before the body's end
                 raise UpstreamProtocolError(f"upstream {self.origin}: {exc}") from exc
             if event is h11.NEED_DATA:
+                if conn.fd >= 0:
+                    # Cleartext with bytes already waiting: take them without a timeout scope
+                    # (the common case mid-body); one checkpoint keeps the loop fair.
+                    try:
+                        ready: bytes | None = os.read(conn.fd, RECEIVE_BYTES)
+                    except OSError:
+                        ready = None  # would block, or broken: the scoped path decides
+                    if ready is not None:
+                        await trio.lowlevel.checkpoint()
+                        proto.receive_data(ready)  # b"" is EOF
+                        continue
                 t = self._timeouts
                 deadline = min(self._deadline, trio.current_time() + t.between_chunks_s)
                 with trio.CancelScope(deadline=deadline) as scope:
