@@ -2,13 +2,16 @@
 
 The tree (every task has an owner; nothing runs in the background unparented)::
 
-    serve(config)                         root nursery
+    serve(config)                         root nursery (inside the upstream pool's lifetime)
     ├── signals                           SIGTERM/SIGINT -> drain; SIGHUP -> reload config
+    ├── slow-request sweeper              arms h1 disconnect watching for slow requests
+    ├── aliases watcher                   RUNESTONE_ALIASES_PATH mtime (when set)
     ├── watchdog                          WATCHDOG=1 to systemd (when WatchdogSec is set)
     ├── health accept loop                health_port (optional): /health*, kept until the end
     │   └── health connections
-    ├── services                          (later issues: upstream pool, SQLite store, drainer,
-    │                                      config watcher) opened before readiness
+    ├── SQLite store                      one writer task, group commit
+    ├── services                          overflow drainer (claims, webhooks, sweeps);
+    │   └── job tasks                     cancelled before the store so jobs are released
     └── connections nursery               one task per connection (h1 or h2)
         │   └── request / stream tasks    owned by their connection
         └── accept loops                  main port(s); cancelled first when draining
