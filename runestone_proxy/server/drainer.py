@@ -144,7 +144,11 @@ class Drainer:
 
     async def forward_freed(self) -> None:
         while True:
-            await self.has_work.wait()
+            if not self.has_work.is_set():
+                await self.has_work.wait()
+                # Capacity may have freed while nothing listened: look once more now, or
+                # that wake-up is lost and a claimable job waits for the next release.
+                self.notify()
             await self.capacity.wait_freed()
             self.notify()
 
