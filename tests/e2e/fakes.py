@@ -134,18 +134,13 @@ class FakeProvider:
             await self._changed.wait()
 
     async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        config = HypercornConfig()
-        config.bind = [f"{HOST}:0"]
-        config.accesslog = None
-        config.errorlog = None
         async with trio.open_nursery() as nursery:
-            binds = await nursery.start(hypercorn_serve, self, config)
-            self.port = int(binds[0].rsplit(":", 1)[1])
+            self.port = await nursery.start(serve_asgi, self)
             task_status.started()
 
     async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await lifespan(receive, send)
             return
         chunks = []
         while True:
@@ -172,7 +167,24 @@ class FakeProvider:
         raise NotImplementedError
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
+async def serve_asgi(
+    app: Callable[[Message, Receive, Send], Awaitable[None]],
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` with hypercorn's trio worker on 127.0.0.1, port chosen by the OS;
+    reports the port."""
+    config = HypercornConfig()
+    config.bind = [f"{HOST}:0"]
+    config.accesslog = None
+    config.errorlog = None
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(hypercorn_serve, app, config)
+        task_status.started(int(binds[0].rsplit(":", 1)[1]))
+
+
+async def lifespan(receive: Receive, send: Send) -> None:
+    """Answer ASGI lifespan startup and shutdown."""
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":

@@ -30,8 +30,7 @@ from typing import Any
 
 import attrs
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
+from fakes import lifespan, serve_asgi
 
 HOST = "127.0.0.1"
 KEY = "sk-flaky-0123456789abcdef"
@@ -99,20 +98,13 @@ class Flaky:
         return [r.get("model", "") for r in self.requests]
 
     async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        config = HypercornConfig()
-        config.bind = [f"{HOST}:0"]
-        config.accesslog = None
-        config.errorlog = None
         async with trio.open_nursery() as nursery:
-            binds = await nursery.start(hypercorn_serve, self, config)
-            self.port = int(binds[0].rsplit(":", 1)[1])
+            self.port = await nursery.start(serve_asgi, self)
             task_status.started()
 
     async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await lifespan(receive, send)
             return
         raw = b""
         while True:
