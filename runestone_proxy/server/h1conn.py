@@ -85,6 +85,8 @@ class H1Responder:
     head_only: bool
     status: int = 0
     sent_bytes: int = 0
+    #: The streamed body goes out chunked (an HTTP/1.1 client): frame chunks ourselves.
+    chunked: bool = False
 
     @property
     def started(self) -> bool:
@@ -117,12 +119,22 @@ class H1Responder:
     async def start(self, status: int, headers: HeaderList) -> None:
         if self.started:
             raise RuntimeError("response already started")
-        await self.conn.write(self.conn.proto.send(self._head(status, headers, None)))
+        proto = self.conn.proto
+        head = proto.send(self._head(status, headers, None))
+        # h11 picked chunked framing iff it announced it (HTTP/1.1 client, no length).
+        self.chunked = b"\r\ntransfer-encoding: chunked\r\n" in (head or b"").lower()
+        await self.conn.write(head)
 
     async def send(self, data: bytes) -> None:
         if not data or self.head_only:
             return
         self.sent_bytes += len(data)
+        if self.chunked:
+            # RFC 9112 §7.1 chunk framing, done here rather than through an h11 Data event
+            # per SSE chunk: h11 keeps no count in chunked mode, and still writes the last
+            # chunk (EndOfMessage) itself.
+            await self.conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+            return
         await self.conn.write(self.conn.proto.send(h11.Data(data=data)))
 
     async def finish(self) -> None:
