@@ -182,10 +182,16 @@ def _content_has_image(messages: object) -> bool:
 
 
 def constraints_for(
-    endpoint: str, body: Mapping[str, object], default_output_tokens: int
+    endpoint: str,
+    body: Mapping[str, object],
+    default_output_tokens: int,
+    input_bytes: int | None = None,
 ) -> Constraints:
     """Capabilities the request needs (explicit ``capabilities`` plus what its fields imply),
-    its ``model_family`` and ``max_cost_per_token``, and a token estimate for pricing."""
+    its ``model_family`` and ``max_cost_per_token``, and a token estimate for pricing.
+
+    ``input_bytes`` (the raw body's length) gives the input estimate at no cost; without it
+    the prompt is rendered to text, which grows with the prompt (fine off the hot path)."""
     needed = {"embeddings"} if endpoint == "embeddings" else {"chat"}
     if endpoint == "completions":
         needed = {"completions"}
@@ -213,8 +219,11 @@ def constraints_for(
         raise InvalidParam(
             "'max_cost_per_token' must be a non-negative number.", param="max_cost_per_token"
         )
-    text = body.get("messages") or body.get("prompt") or body.get("input") or ""
-    est_in = max(1, len(str(text)) // 4)
+    if input_bytes is not None:
+        est_in = max(1, input_bytes // 4)
+    else:
+        text = body.get("messages") or body.get("prompt") or body.get("input") or ""
+        est_in = max(1, len(str(text)) // 4)
     out = body.get("max_completion_tokens") or body.get("max_tokens")
     est_out = out if isinstance(out, int) and out > 0 else default_output_tokens
     if endpoint == "embeddings":

@@ -357,7 +357,7 @@ class Api:
             raise InvalidParam("'provider' must be a string.", param="provider")
         resolution = self.routing.resolve(body["model"], provider_field)
         policy = self.policy
-        constraints = constraints_for(endpoint, body, self.default_output_tokens)
+        constraints = constraints_for(endpoint, body, self.default_output_tokens, len(raw))
         ordered, reason = filter_and_order(resolution.targets, constraints, policy)
         targets = self.deployments.order_groups(ordered)
         for name in extras:
