@@ -56,6 +56,7 @@ from runestone_proxy.gateway.routing import (
     RoutingTable,
     Target,
     constraints_for,
+    emit_decision,
     filter_and_order,
 )
 from runestone_proxy.providers.base import ProviderCall
@@ -146,16 +147,7 @@ async def measure(bench: Bench, n: int, repeats: int) -> dict[str, float]:
         return loop
 
     def decide() -> None:
-        telemetry.emit(
-            "router.decide",
-            policy=policy,
-            requested=resolution.requested,
-            via=resolution.via,
-            candidates=[f"{t.provider}:{t.model}" for t in targets],
-            choice=f"{targets[0].provider}:{targets[0].model}",
-            reason=reason,
-            request_id="req_bench",
-        )
+        emit_decision(policy, resolution, targets, reason, "req_bench")
 
     sync_pieces: dict[str, Callable[[], object]] = {
         "resolve": lambda: bench.routing.resolve(body["model"], None),

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 
 import attrs
 
+from runestone_proxy import telemetry
 from runestone_proxy.config import Config, ModelConfig
 from runestone_proxy.errors import InvalidParam, ModelNotFound
 from runestone_proxy.gateway.aliases import MAX_CHAIN as _MAX_ALIAS_DEPTH
@@ -301,3 +302,19 @@ def smooth_wrr(weights: Mapping[str, float], current: dict[str, float]) -> str:
             best, best_value = name, value
     current[best] -= total
     return best
+
+
+def emit_decision(
+    policy: str, resolution: Resolution, targets: list[Target], reason: str, request_id: str
+) -> None:
+    """The ``router.decide`` event: policy, candidates in order, the choice and why."""
+    telemetry.emit(
+        "router.decide",
+        policy=policy,
+        requested=resolution.requested,
+        via=resolution.via,
+        candidates=[f"{t.provider}:{t.model}" for t in targets],
+        choice=f"{targets[0].provider}:{targets[0].model}",
+        reason=reason,
+        request_id=request_id,
+    )

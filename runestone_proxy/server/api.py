@@ -43,7 +43,13 @@ from runestone_proxy.gateway.failover import Failover
 from runestone_proxy.gateway.overflow import Job, JobOutcome
 from runestone_proxy.gateway.pipeline import PayloadStream, Providers
 from runestone_proxy.gateway.ratelimit import RateLimiter
-from runestone_proxy.gateway.routing import RoutingTable, Target, constraints_for, filter_and_order
+from runestone_proxy.gateway.routing import (
+    RoutingTable,
+    Target,
+    constraints_for,
+    emit_decision,
+    filter_and_order,
+)
 from runestone_proxy.protocol.sse import DONE, encode_data
 from runestone_proxy.providers.base import Endpoint, ProviderCall
 from runestone_proxy.server.http import JSON_HEADERS, SSE_HEADERS, Request, Responder
@@ -384,16 +390,7 @@ class Api:
                 request_id=request_id,
             )
 
-        telemetry.emit(
-            "router.decide",
-            policy=policy,
-            requested=resolution.requested,
-            via=resolution.via,
-            candidates=[f"{t.provider}:{t.model}" for t in targets],
-            choice=f"{targets[0].provider}:{targets[0].model}",
-            reason=reason,
-            request_id=request_id,
-        )
+        emit_decision(policy, resolution, targets, reason, request_id)
         return targets, call_for, policy
 
     async def _complete(
