@@ -15,10 +15,29 @@ Only the request side writes, one response at a time, so writes need no lock. Ea
 one ``send_all`` bounded by ``send_timeout_s``; streamed bodies go out chunked, one flush per
 ``send``. Errors found before a handler runs (400, 408, 413, 414, 431, 501) are answered in
 OpenAI's envelope with ``Connection: close``, as nginx would, and the connection ends.
+
+What a request costs
+--------------------
+This loop runs once per request, so it avoids per-request machinery where one object per
+connection does the job:
+
+* **One cancel scope per connection**, whose deadline is moved rather than a new scope per
+  wait: the keep-alive deadline while idle, the header deadline once bytes arrived, none
+  while a handler runs except ``send_timeout_s`` around a blocked write. Every way that scope
+  can fire (idle, slow headers, a client gone or not reading) ends the connection anyway, so
+  one scope loses nothing; a slow head is answered 408 after it (``_Phase.HEAD``).
+* **Whole responses skip h11's serialiser.** h11 validates every header of every event twice
+  (on construction and again while adding framing headers); for a whole response we write
+  the head ourselves (our headers are constants or values h11 already parsed and validated,
+  and a CR/LF count guards the rest) and keep h11's state machine in step by sending it a
+  cached, pre-validated ``Content-Length: 0`` head whose bytes we drop. Streamed responses
+  still go through h11, which picks their framing (chunked, or close-delimited for
+  HTTP/1.0).
 """
 
 from __future__ import annotations
 
+import enum
 import math
 import os
 import time
@@ -42,6 +61,31 @@ _CLOSE = (b"connection", b"close")
 #: Delay before the watcher starts reading for EOF (disconnects are noticed within this).
 _WATCH_AFTER_S = 0.02
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+#: Status lines as h11 writes them, for the heads we write ourselves.
+_STATUS_LINES = {code: b"HTTP/1.1 %d %b\r\n" % (code, reason) for code, reason in _REASONS.items()}
+#: Statuses whose framing h11 treats specially (no body): those go through h11 whole.
+_BODYLESS = frozenset({204, 304})
+#: Per status, the head h11's state machine is told we sent (its bytes are dropped): a
+#: ``Content-Length: 0`` response followed by ``EndOfMessage`` moves our side to DONE.
+_SYNC_HEADS: dict[int, h11.Response] = {}
+_END = h11.EndOfMessage()
+
+
+def _sync_head(status: int) -> h11.Response:
+    head = _SYNC_HEADS.get(status)
+    if head is None:
+        head = _SYNC_HEADS[status] = h11.Response(
+            status_code=status, headers=[(b"content-length", b"0")]
+        )
+    return head
+
+
+class _Phase(enum.Enum):
+    """Where the connection is, which decides what its one cancel scope firing means."""
+
+    IDLE = "idle"  # waiting for a request, nothing received: a drain may close it
+    HEAD = "head"  # part of a request head received: a timeout is answered 408
+    BUSY = "busy"  # a handler runs: the scope is its cancel scope
 
 
 class _ClientGone(Exception):
@@ -108,13 +152,38 @@ class H1Responder:
     async def respond(self, status: int, headers: HeaderList, body: bytes) -> None:
         if self.started:
             raise RuntimeError("response already started")
-        conn = self.conn.proto
-        data = conn.send(self._head(status, headers, len(body)))
+        conn = self.conn
+        proto = conn.proto
+        if status >= 200 and status not in _BODYLESS:
+            if proto.their_state is not h11.DONE:
+                # MUST_CLOSE (Connection: close, HTTP/1.0) or a body left unread: see _head.
+                conn.closing = True
+            parts = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status]
+            parts += [b"%b: %b\r\n" % pair for pair in headers]
+            parts.append(
+                b"x-request-id: %b\r\ncontent-length: %d\r\n"
+                % (self.request_id.encode(), len(body))
+            )
+            if conn.closing:
+                parts.append(b"connection: close\r\n")
+            head = b"".join(parts)
+            # Each header line ends in exactly one CRLF: no CR or LF hides inside a value.
+            if head.count(b"\n") == head.count(b"\r") == len(parts) + 1:
+                proto.send(_sync_head(status))
+                proto.send(_END)
+                self.status = status
+                if body and not self.head_only:
+                    self.sent_bytes = len(body)
+                    await conn.write(head + b"\r\n" + body)
+                else:
+                    await conn.write(head + b"\r\n")
+                return
+        data = proto.send(self._head(status, headers, len(body)))
         if body and not self.head_only:
-            data += conn.send(h11.Data(data=body))
+            data += proto.send(h11.Data(data=body))
             self.sent_bytes = len(body)
-        data += conn.send(h11.EndOfMessage())
-        await self.conn.write(data)
+        data += proto.send(_END)
+        await conn.write(data)
 
     async def start(self, status: int, headers: HeaderList) -> None:
         if self.started:
@@ -153,9 +222,9 @@ class H1Connection:
     proto: h11.Connection
     #: Set once this connection will close after the current response.
     closing: bool = False
-    idle_scope: trio.CancelScope | None = None
-    #: The running handler's scope (client gone or too slow to read -> cancelled).
-    handler_scope: trio.CancelScope | None = None
+    #: The connection's one cancel scope (see "What a request costs"); its deadline moves.
+    scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    phase: _Phase = _Phase.IDLE
     #: Set by the watcher once it touches the socket; the next request waits for its exit.
     watch_done: trio.Event | None = None
     watch_scope: trio.CancelScope | None = None
@@ -176,9 +245,9 @@ class H1Connection:
         return self
 
     async def write(self, data: bytes) -> None:
-        """One flush, bounded by ``send_timeout_s``. While a handler runs, the bound is its
-        scope's deadline (cheaper than a scope per write); a client that stops reading then
-        cancels the handler and the connection closes."""
+        """One flush, bounded by ``send_timeout_s``. While a handler runs, the bound is the
+        connection scope's deadline (cheaper than a scope per write); a client that stops
+        reading then cancels the handler and the connection closes."""
         if self.fd >= 0:
             # Fast path: a plain socket usually takes a whole response at once; only what the
             # kernel refused goes through trio (and its timeout). The caller's loop awaits
@@ -192,11 +261,11 @@ class H1Connection:
             if sent == len(data):
                 return
             data = data[sent:]
-        scope = self.handler_scope
-        if scope is None:
+        if self.phase is not _Phase.BUSY:
             with trio.fail_after(self.limits.send_timeout_s):
                 await self.stream.send_all(data)
             return
+        scope = self.scope
         scope.deadline = trio.current_time() + self.limits.send_timeout_s
         try:
             await self.stream.send_all(data)
@@ -219,67 +288,68 @@ class H1Connection:
             self.nursery = nursery
             nursery.start_soon(self._watch_drain)
             try:
-                while not self.closing:
-                    request = await self._next_request()
-                    if request is None:
-                        break
-                    await self._run(request)
-                    if self.proto.our_state is h11.MUST_CLOSE or self.proto.their_state in (
-                        h11.MUST_CLOSE,
-                        h11.CLOSED,
-                    ):
-                        break
-                    if (
-                        self.proto.our_state is not h11.DONE
-                        or self.proto.their_state is not h11.DONE
-                    ):
-                        break  # the body was not fully read (error answered early): close
-                    self.proto.start_next_cycle()
+                with self.scope:
+                    await self._loop()
+                if self.scope.cancelled_caught and self.phase is _Phase.HEAD and not self.closing:
+                    await self._reject(errors.RequestTimeout("Timed out reading the request."))
             finally:
                 nursery.cancel_scope.cancel()
+
+    async def _loop(self) -> None:
+        proto = self.proto
+        while not self.closing:
+            request = await self._next_request()
+            if request is None:
+                return
+            await self._run(request)
+            if proto.our_state is not h11.DONE or proto.their_state is not h11.DONE:
+                # MUST_CLOSE or CLOSED on either side, or a body left unread (an error
+                # answered early): the connection ends here.
+                return
+            proto.start_next_cycle()
 
     async def _watch_drain(self) -> None:
         await self.gateway.draining.wait()
         self.closing = True
-        if self.idle_scope is not None:
-            self.idle_scope.cancel()
+        if self.phase is _Phase.IDLE:
+            self.scope.cancel()
 
     async def _next_request(self) -> h11.Request | None:
-        """Read until a request head; answer and return None on errors, timeouts, or EOF."""
-        received_any = (
-            bool(self.proto.trailing_data[0]) if self.proto.their_state is h11.IDLE else True
-        )
-        deadline = trio.current_time() + (
-            self.limits.header_timeout_s if received_any else self.limits.keepalive_timeout_s
-        )
+        """Read until a request head; answer and return None on errors or EOF. The keep-alive
+        and header timeouts fire the connection scope (``serve`` answers the 408)."""
+        proto = self.proto
+        scope = self.scope
+        waiting = False
         while True:
             try:
-                event = self.proto.next_event()
+                event = proto.next_event()
             except h11.RemoteProtocolError as exc:
                 await self._reject(self._protocol_error(exc))
                 return None
-            if isinstance(event, h11.Request):
+            if type(event) is h11.Request:
+                self.phase = _Phase.BUSY
+                if waiting:
+                    scope.deadline = math.inf
                 return event
-            if event is h11.NEED_DATA:
-                with trio.CancelScope(deadline=deadline) as scope:
-                    self.idle_scope = None if received_any else scope
-                    if self.closing and not received_any:
-                        return None
-                    data = await self.receive()
-                self.idle_scope = None
-                if scope.cancelled_caught:
-                    if received_any and not self.closing:
-                        await self._reject(errors.RequestTimeout("Timed out reading the request."))
+            if event is not h11.NEED_DATA:
+                # ConnectionClosed (EOF between requests) or PAUSED: nothing more to serve.
+                return None
+            if not waiting:  # the first wait for this request starts its clock
+                waiting = True
+                buffered = proto.their_state is not h11.IDLE or bool(proto.trailing_data[0])
+                if not buffered and self.closing:
                     return None
-                if not received_any and data:
-                    received_any = True
-                    deadline = trio.current_time() + self.limits.header_timeout_s
-                self.proto.receive_data(data)
-                if not data and not self.proto.trailing_data[0]:
-                    return None
-                continue
-            # ConnectionClosed (EOF between requests) or PAUSED: nothing more to serve.
-            return None
+                self.phase = _Phase.HEAD if buffered else _Phase.IDLE
+                limits = self.limits
+                timeout = limits.header_timeout_s if buffered else limits.keepalive_timeout_s
+                scope.deadline = trio.current_time() + timeout
+            data = await self.receive()
+            if data and self.phase is _Phase.IDLE:
+                self.phase = _Phase.HEAD
+                scope.deadline = trio.current_time() + self.limits.header_timeout_s
+            proto.receive_data(data)
+            if not data and not proto.trailing_data[0]:
+                return None
 
     def _protocol_error(self, exc: h11.RemoteProtocolError) -> errors.GatewayError:
         if exc.error_status_hint == 431:
@@ -395,38 +465,35 @@ class H1Connection:
             client=self.client,
             max_body_bytes=self.limits.max_body_bytes,
         )
-        nursery = self.nursery
-        assert nursery is not None
         self.watch_done = None
         self.watch_scope = None
         slow = self.gateway.slow_watch
-        with trio.CancelScope() as handler_scope:
-            self.handler_scope = handler_scope
-            if send_channel is not None or not slow.running:
-                self._arm_watch(send_channel, buffered, delay=True)
-            else:
-                slow.add(self, self._arm_watch)
-            try:
-                await self.gateway.dispatch(request, responder)
-                await responder.finish()
-            except (
-                trio.BrokenResourceError,
-                trio.ClosedResourceError,
-                trio.TooSlowError,
-                ResponseAborted,
-            ):
-                self.closing = True  # an aborted response ends without its last chunk
-            finally:
-                slow.discard(self)
-                self.handler_scope = None
-                if self.watch_scope is not None:
-                    self.watch_scope.cancel()
-        if self.watch_done is not None:
-            with trio.CancelScope(shield=True):
-                await self.watch_done.wait()  # one reader at a time: let the watcher leave
-        if handler_scope.cancelled_caught:
-            self.closing = True  # the client went away mid-request
-        log_access(self.gateway, request, responder.status or 499, responder.sent_bytes, started)
+        if send_channel is not None or not slow.running:
+            self._arm_watch(send_channel, buffered, delay=True)
+        else:
+            slow.add(self, self._arm_watch)
+        try:
+            await self.gateway.dispatch(request, responder)
+            await responder.finish()
+        except (
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            trio.TooSlowError,
+            ResponseAborted,
+        ):
+            self.closing = True  # an aborted response ends without its last chunk
+        finally:
+            # Also when the connection scope was cancelled (client gone, or not reading):
+            # then Cancelled goes on up and ends the connection after this.
+            slow.discard(self)
+            if self.watch_scope is not None:
+                self.watch_scope.cancel()
+            if self.watch_done is not None:
+                with trio.CancelScope(shield=True):
+                    await self.watch_done.wait()  # one reader at a time: let the watcher leave
+            log_access(
+                self.gateway, request, responder.status or 499, responder.sent_bytes, started
+            )
 
     def _arm_watch(
         self,
@@ -437,16 +504,13 @@ class H1Connection:
         """Start the watcher for the running request (from the request itself, or from the
         sweeper once the request has run a while)."""
         assert self.nursery is not None
-        assert self.handler_scope is not None
         self.watch_scope = trio.CancelScope()
-        self.nursery.start_soon(
-            self._watch, body, self.handler_scope, received, self.watch_scope, delay
-        )
+        self.nursery.start_soon(self._watch, body, self.scope, received, self.watch_scope, delay)
 
     async def _watch(
         self,
         body: trio.MemorySendChannel[bytes | errors.GatewayError] | None,
-        handler_scope: trio.CancelScope,
+        conn_scope: trio.CancelScope,
         received: int,
         watch_scope: trio.CancelScope,
         delay: bool = True,
@@ -464,12 +528,12 @@ class H1Connection:
             done = self.watch_done = trio.Event()
             try:
                 if body is not None:
-                    await self._feed_body(body, handler_scope, received)
-                await self._watch_eof(handler_scope)
+                    await self._feed_body(body, conn_scope, received)
+                await self._watch_eof(conn_scope)
             finally:
                 done.set()
 
-    async def _watch_eof(self, handler_scope: trio.CancelScope) -> None:
+    async def _watch_eof(self, conn_scope: trio.CancelScope) -> None:
         # Body complete: keep reading so EOF is noticed promptly. Pipelined bytes are
         # buffered in h11 (bounded); past the bound we stop reading until the response is done.
         budget = self.limits.max_pipelined_requests * (
@@ -478,7 +542,7 @@ class H1Connection:
         while budget > 0:
             data = await self.receive()
             if not data:
-                handler_scope.cancel()
+                conn_scope.cancel()
                 return
             budget -= len(data)
             self.proto.receive_data(data)
@@ -487,7 +551,7 @@ class H1Connection:
     async def _feed_body(
         self,
         body: trio.MemorySendChannel[bytes | errors.GatewayError],
-        handler_scope: trio.CancelScope,
+        conn_scope: trio.CancelScope,
         received: int,
     ) -> None:
         body_done = False
@@ -504,7 +568,7 @@ class H1Connection:
                         data = await self.receive()
                         self.proto.receive_data(data)
                         if not data:
-                            handler_scope.cancel()
+                            conn_scope.cancel()
                             return
                         continue
                     # Set before the send: the handler answers as soon as it receives this.
