@@ -60,6 +60,9 @@ _BODY_END = b""
 _CLOSE = (b"connection", b"close")
 #: Delay before the watcher starts reading for EOF (disconnects are noticed within this).
 _WATCH_AFTER_S = 0.02
+#: A request whose wait left less than this on the connection's deadline gets none at once
+#: (see _next_request); otherwise only once it runs longer than _WATCH_AFTER_S.
+_DEADLINE_MARGIN_S = 1.0
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 #: Status lines as h11 writes them, for the heads we write ourselves.
 _STATUS_LINES = {code: b"HTTP/1.1 %d %b\r\n" % (code, reason) for code, reason in _REASONS.items()}
@@ -273,11 +276,37 @@ class H1Connection:
             scope.deadline = math.inf
 
     async def receive(self) -> bytes:
+        """The next bytes from the client; ``b""`` at EOF or when the socket broke."""
+        fd = self.fd
+        if fd < 0:
+            try:
+                data = await self.stream.receive_some(_READ_SIZE)
+                return data if type(data) is bytes else bytes(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return b""
+        # A plain socket: read it directly (trio's SocketStream adds a conflict detector and
+        # a generic non-blocking helper per call). One reader at a time is this class's own
+        # rule, and wait_readable still refuses a second waiter.
         try:
-            data = await self.stream.receive_some(_READ_SIZE)
-            return data if type(data) is bytes else bytes(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return b""
+            data = os.read(fd, _READ_SIZE)
+        except BlockingIOError:
+            pass
+        except OSError:
+            return b""  # reset by the peer: as EOF
+        else:
+            await trio.lowlevel.checkpoint()  # bytes were waiting: still let others run
+            return data
+        while True:
+            try:
+                await trio.lowlevel.wait_readable(fd)
+            except trio.ClosedResourceError:
+                return b""
+            try:
+                return os.read(fd, _READ_SIZE)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return b""
 
     # --- the request loop -------------------------------------------------------------------
 
@@ -328,8 +357,11 @@ class H1Connection:
                 return None
             if type(event) is h11.Request:
                 self.phase = _Phase.BUSY
-                if waiting:
+                if scope.deadline - trio.current_time() < _DEADLINE_MARGIN_S:
                     scope.deadline = math.inf
+                # Otherwise the wait's deadline stays while the handler runs: most answer
+                # in well under _DEADLINE_MARGIN_S, and one still running after
+                # _WATCH_AFTER_S lifts it (_arm_watch). One deadline move per request.
                 return event
             if event is not h11.NEED_DATA:
                 # ConnectionClosed (EOF between requests) or PAUSED: nothing more to serve.
@@ -343,10 +375,12 @@ class H1Connection:
                 limits = self.limits
                 timeout = limits.header_timeout_s if buffered else limits.keepalive_timeout_s
                 scope.deadline = trio.current_time() + timeout
-            data = await self.receive()
-            if data and self.phase is _Phase.IDLE:
+            elif self.phase is _Phase.IDLE:
+                # Bytes came, but not yet a whole head (the usual first read is one): the
+                # header timeout applies from now on.
                 self.phase = _Phase.HEAD
                 scope.deadline = trio.current_time() + self.limits.header_timeout_s
+            data = await self.receive()
             proto.receive_data(data)
             if not data and not proto.trailing_data[0]:
                 return None
@@ -504,6 +538,7 @@ class H1Connection:
         """Start the watcher for the running request (from the request itself, or from the
         sweeper once the request has run a while)."""
         assert self.nursery is not None
+        self.scope.deadline = math.inf  # the wait's deadline no longer applies
         self.watch_scope = trio.CancelScope()
         self.nursery.start_soon(self._watch, body, self.scope, received, self.watch_scope, delay)
 
