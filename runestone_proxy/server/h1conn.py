@@ -149,8 +149,9 @@ class H1Responder:
             self.conn.closing = True
         if self.conn.closing:
             out.append(_CLOSE)
-        self.status = status
-        return h11.Response(status_code=status, headers=out, reason=_REASONS.get(status, b""))
+        head = h11.Response(status_code=status, headers=out, reason=_REASONS.get(status, b""))
+        self.status = status  # only once h11 accepted the headers: else a 500 can follow
+        return head
 
     async def respond(self, status: int, headers: HeaderList, body: bytes) -> None:
         if self.started:

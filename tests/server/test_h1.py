@@ -504,3 +504,42 @@ async def test_handler_crash_mid_stream_cuts_the_response() -> None:
     assert head.status == 200
     assert first == b"data: one\n\n"
     assert rest == b""  # closed without the zero-length last chunk
+
+
+# --- the connection's one deadline (see h1conn "What a request costs") ---------------------
+
+
+@pytest.mark.parametrize("arrives_after_s", [0.0, 29.5], ids=["early", "near-the-deadline"])
+async def test_a_slow_handler_outlives_the_keep_alive_deadline(
+    autojump_clock: trio.testing.MockClock, arrives_after_s: float
+) -> None:
+    # The wait's deadline stays on the connection while a fast handler runs; a slow one
+    # (here 100 s, past the 30 s keep-alive timeout) must never be cut by it.
+    async def slow(_request: Request, responder: Responder) -> None:
+        await trio.sleep(100)
+        await responder.respond(200, [(b"content-type", b"text/plain")], b"late")
+
+    config = make_config(keepalive_timeout_s=30, header_timeout_s=5)
+    with trio.fail_after(600):
+        routes = {("GET", "/slow"): slow}
+        async with running_app(config, routes) as gw, await RawClient.connect(gw.port) as client:
+            assert (await client.exchange(LIVE)).status == 200
+            await trio.sleep(arrives_after_s)
+            response = await client.exchange(request("GET", "/slow"))
+            after = await client.exchange(LIVE)
+    assert (response.status, response.body) == (200, b"late")
+    assert after.status == 200
+
+
+async def test_a_header_value_with_a_line_break_never_reaches_the_wire() -> None:
+    # Whole responses skip h11's serialiser; a CR/LF count guards the head we write.
+    async def inject(_request: Request, responder: Responder) -> None:
+        await responder.respond(200, [(b"x-note", b"a\r\nset-cookie: stolen=1")], b"body")
+
+    with trio.fail_after(TIMEOUT_S):
+        routes = {("GET", "/inject"): inject}
+        async with running_app(make_config(), routes) as gw, await RawClient.connect(gw.port) as c:
+            response = await c.exchange(request("GET", "/inject"))
+    assert response.status == 500
+    assert response.header("set-cookie") is None
+    assert response.json()["error"]["type"] == "server_error"
