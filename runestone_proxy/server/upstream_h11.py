@@ -43,6 +43,42 @@ FRAMING_HEADERS: Final = frozenset(
     {b"host", b"content-length", b"transfer-encoding", b"connection"}
 )
 WITH_CONTENT: Final = frozenset({"POST", "PUT", "PATCH"})
+#: Per method, the request head h11's state machine is told we sent when we write the head
+#: ourselves (its bytes are dropped): with ``Content-Length: 0`` and ``EndOfMessage`` our
+#: side is DONE, and h11 still knows the method (a HEAD's response has no body).
+_SYNC_REQUESTS: dict[str, h11.Request] = {}
+_END: Final = h11.EndOfMessage()
+
+
+def direct_head(
+    method: str, target: bytes, host: bytes, headers: Headers, length: int
+) -> bytes | None:
+    """The request head for a bytes body, written without h11's serialiser, or None when a
+    field would not make a valid head (h11 then builds it, and says what is wrong).
+
+    h11 validates every header of every request against its grammar; ours are the
+    translator's constants, the configured key, and fields h11 parsed from our client, so a
+    CR/LF count (one per line) and a space-free target are the checks left to make."""
+    parts = [b"%b %b HTTP/1.1\r\nhost: %b\r\n" % (method.encode("ascii"), target, host)]
+    if length or method in WITH_CONTENT:  # RFC 9110 §8.6: none for a GET without content
+        parts.append(b"content-length: %d\r\n" % length)
+    for name, value in headers:
+        if name.lower() not in FRAMING_HEADERS:
+            parts.append(b"%b: %b\r\n" % (name, value))
+    head = b"".join(parts)
+    lines = len(parts) + 1
+    if head.count(b"\n") != lines or head.count(b"\r") != lines or b" " in target:
+        return None
+    return head + b"\r\n"
+
+
+def _sync_request(method: str) -> h11.Request:
+    event = _SYNC_REQUESTS.get(method)
+    if event is None:
+        event = _SYNC_REQUESTS[method] = h11.Request(
+            method=method, target=b"/", headers=[(b"host", b"sync"), (b"content-length", b"0")]
+        )
+    return event
 
 
 @attrs.frozen
@@ -201,6 +237,12 @@ class H11Connection:
         With a bytes body, writing and waiting for the head share one cancel scope:
         ``first_byte_s`` runs from the start of the write (one ``send_all``)."""
         origin, proto = self.origin, self.proto
+        if isinstance(body, bytes):
+            head = direct_head(method, target, origin.host_header, headers, len(body))
+            if head is not None:
+                proto.send(_sync_request(method))
+                proto.send(_END)
+                return await self._exchange(head + body if body else head, t, deadline)
         fields = [(b"host", origin.host_header)]
         if not isinstance(body, bytes):
             fields.append((b"transfer-encoding", b"chunked"))  # RFC 9112 §7.1
@@ -213,28 +255,74 @@ class H11Connection:
             head = proto.send(h11.Request(method=method, target=target, headers=fields))
         except h11.LocalProtocolError as exc:
             raise ValueError(f"invalid upstream request to {origin.label}: {exc}") from exc
-        replayable = isinstance(body, bytes)
         if isinstance(body, bytes):
             if body:  # head and body in one write; under Content-Length, h11 passes body through
                 parts = cast(list[bytes], proto.send_with_data_passthrough(h11.Data(data=body)))
                 head = b"".join([head, *parts])
-            proto.send(h11.EndOfMessage())  # writes nothing under Content-Length
-        else:
-            await self._send_streamed(head, body, t, deadline)
+            proto.send(_END)  # writes nothing under Content-Length
+            return await self._exchange(head, t, deadline)
+        await self._send_streamed(head, body, t, deadline)
+        return await self._exchange(None, t, deadline)
+
+    async def _exchange(
+        self, request: bytes | None, t: UpstreamTimeouts, deadline: float
+    ) -> H11Response:
+        """Write ``request`` (a whole, replayable one; None when the body was streamed) and
+        read the response head. Writing and waiting share one cancel scope: ``first_byte_s``
+        runs from the start of the write."""
+        label = self.origin.label
         with trio.CancelScope(deadline=min(deadline, trio.current_time() + t.first_byte_s)):
-            if replayable:
-                await self._send_all(head, replayable=True)
-            event = await self._receive_head(replayable)
-            return H11Response(
-                event.status_code, list(event.headers), origin.label, self, deadline, t
-            )
-        raise timed_out(origin.label, "no response head", t.first_byte_s, t, deadline)
+            if request is not None:
+                await self._send_all(request, replayable=True)
+            event = await self._receive_head(request is not None)
+            return H11Response(event.status_code, list(event.headers), label, self, deadline, t)
+        raise timed_out(label, "no response head", t.first_byte_s, t, deadline)
 
     async def _send_all(self, data: bytes, replayable: bool) -> None:
+        if self.fd >= 0:
+            # Cleartext: the kernel usually takes a whole request at once; trio only gets
+            # what it refused.
+            try:
+                sent = os.write(self.fd, data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                raise EarlyClose(
+                    "lost while sending", during_send=True, replayable=replayable
+                ) from exc
+            if sent == len(data):
+                return
+            data = data[sent:]
         try:
             await self.stream.send_all(data)
         except trio.BrokenResourceError as exc:
             raise EarlyClose("lost while sending", during_send=True, replayable=replayable) from exc
+
+    async def read_some(self) -> bytes:
+        """The next bytes from the origin, ``b""`` at EOF; a reset raises
+        ``trio.BrokenResourceError``. On cleartext, a direct non-blocking read (trio's
+        SocketStream adds a conflict detector and a generic helper per call); a checkpoint
+        keeps the loop fair when bytes were already waiting."""
+        fd = self.fd
+        if fd < 0:
+            return bytes(await self.stream.receive_some(RECEIVE_BYTES))
+        try:
+            data = os.read(fd, RECEIVE_BYTES)
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"upstream {self.origin.label}: {exc}") from exc
+        else:
+            await trio.lowlevel.checkpoint()
+            return data
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                return os.read(fd, RECEIVE_BYTES)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"upstream {self.origin.label}: {exc}") from exc
 
     async def _send_streamed(
         self, head: bytes, body: AsyncIterable[bytes], t: UpstreamTimeouts, deadline: float
@@ -272,7 +360,7 @@ class H11Connection:
                 raise UpstreamProtocolError(f"upstream {label}: {exc}") from exc
             if event is h11.NEED_DATA:
                 try:
-                    data = await self.stream.receive_some(RECEIVE_BYTES)
+                    data = await self.read_some()
                 except trio.BrokenResourceError as exc:
                     if first_byte:
                         raise UpstreamConnectError(f"upstream {label}: reset in the head") from exc
@@ -284,7 +372,7 @@ class H11Connection:
                         "closed before the response", during_send=False, replayable=replayable
                     )
                 first_byte = True
-                proto.receive_data(cast(bytes, data))
+                proto.receive_data(data)
             elif isinstance(event, h11.Response):
                 return event
             elif not isinstance(event, h11.InformationalResponse):  # skip 1xx, RFC 9110 §15.2
@@ -327,14 +415,14 @@ class H11Response(UpstreamResponse):
                 deadline = min(self._deadline, trio.current_time() + t.between_chunks_s)
                 with trio.CancelScope(deadline=deadline) as scope:
                     try:
-                        data = await conn.stream.receive_some(RECEIVE_BYTES)
+                        data = await conn.read_some()
                     except trio.BrokenResourceError as exc:
                         msg = f"upstream {self.origin}: connection lost mid-body"
                         raise UpstreamConnectError(msg) from exc
                 if scope.cancelled_caught:
                     what = "no body bytes"
                     raise timed_out(self.origin, what, t.between_chunks_s, t, self._deadline)
-                proto.receive_data(cast(bytes, data))  # b"" is EOF
+                proto.receive_data(data)  # b"" is EOF
             elif isinstance(event, h11.Data):
                 if event.data:
                     return bytes(event.data)  # h11 hands out a bytearray slice
