@@ -556,6 +556,10 @@ class H1Connection:
         Runs in the connection's nursery (no nursery per request); ``watch_scope`` is
         cancelled when the request ends. Once it reads the socket it sets ``watch_done`` on
         exit so the connection never has two readers."""
+        if watch_scope.cancel_called:
+            # The request ended between start_soon and now, and the connection may already
+            # be reading the next one: this watcher must not become a second reader.
+            return
         with watch_scope:
             if body is None and delay:
                 # Most handlers answer within milliseconds; watching the socket costs epoll

@@ -543,3 +543,26 @@ async def test_a_header_value_with_a_line_break_never_reaches_the_wire() -> None
     assert response.status == 500
     assert response.header("set-cookie") is None
     assert response.json()["error"]["type"] == "server_error"
+
+
+async def test_a_watcher_armed_as_its_request_ends_never_becomes_a_second_reader() -> None:
+    # The sweeper arms a slow request's watcher with start_soon; if the request ends before
+    # that task first runs, the connection is already reading the next request, and the
+    # watcher must stand down rather than wait on the same socket.
+    running: list[Any] = []
+
+    async def arm_then_answer(_request: Request, responder: Responder) -> None:
+        slow = running[0].app.gateway.slow_watch
+        for key in list(slow.pending):
+            _, arm = slow.pending.pop(key)
+            arm()  # what the sweeper does for a request still running after its delay
+        await responder.respond(200, [(b"content-type", b"text/plain")], b"ok")
+
+    with trio.fail_after(TIMEOUT_S):
+        routes = {("GET", "/arm"): arm_then_answer}
+        async with running_app(make_config(), routes) as gw, await RawClient.connect(gw.port) as c:
+            running.append(gw)
+            answers = [await c.exchange(request("GET", "/arm")) for _ in range(3)]
+            after = await c.exchange(LIVE)
+    assert [a.status for a in answers] == [200, 200, 200]
+    assert after.status == 200
