@@ -425,13 +425,36 @@ class H11Response(UpstreamResponse):
                 proto.receive_data(data)  # b"" is EOF
             elif isinstance(event, h11.Data):
                 if event.data:
-                    return bytes(event.data)  # h11 hands out a bytearray slice
+                    return self._with_buffered(event.data)
             elif isinstance(event, h11.EndOfMessage):
                 self._done = True
                 return b""
             else:
                 name = type(event).__name__
                 raise UpstreamProtocolError(f"upstream {self.origin}: unexpected {name}")
+
+    def _with_buffered(self, first: bytes | bytearray) -> bytes:
+        """``first`` and any body bytes h11 already holds behind it, as one chunk.
+
+        A fast upstream writes many small SSE chunks that arrive in one read; handing them
+        on together lets the relay write them to the client at once (each is still sent as
+        soon as it is here) instead of one write and one event-loop pass per chunk. The end
+        of the body, if seen, is remembered for the next ``receive``."""
+        proto = self.conn.proto
+        parts = [first]
+        while True:
+            try:
+                event = proto.next_event()
+            except h11.RemoteProtocolError:
+                break  # the next receive() asks again and raises
+            if type(event) is h11.Data:
+                parts.append(event.data)
+                continue
+            if type(event) is h11.EndOfMessage:
+                self._done = True
+            break  # NEED_DATA: all that was buffered is taken
+        # h11 hands out bytearray slices: bytes() copies one, join copies several.
+        return bytes(first) if len(parts) == 1 else b"".join(parts)
 
 
 async def _close(stream: trio.abc.Stream) -> None:

@@ -401,7 +401,9 @@ async def test_read_max_bytes(serve: Start) -> None:
             async with pool.request("POST", server.base, [], b"x" * 100) as resp:
                 with pytest.raises(UpstreamError, match="over 10 bytes"):
                     await resp.read(max_bytes=10)
-            assert pool.open_connections == 0
+            # Closed if the body was cut short, parked if it had all arrived (it was read to
+            # its end with the bytes already buffered): never left checked out.
+            assert pool.open_connections == pool.idle_connections
 
 
 async def test_informational_responses_are_skipped(serve: Start) -> None:
@@ -888,3 +890,23 @@ async def test_proxy_errors_are_mapped(serve: Start, proxy: FakeProxy) -> None:
                 assert await resp.receive() == b"first"
                 with pytest.raises(UpstreamTimeout, match=r"no body bytes within 0\.2s"):
                     await resp.receive()
+
+
+async def test_chunks_that_arrived_together_are_received_together(serve: Start) -> None:
+    # Many small SSE chunks in one TCP write: one receive() hands them all on (so the relay
+    # writes them at once), then the end of the body, then the connection is reusable.
+    async def burst(ex: Exchange) -> None:
+        await ex.read_body()
+        head = h11.Response(status_code=200, headers=[(b"transfer-encoding", b"chunked")])
+        pieces = [h11.Data(data=b"data: %d\n\n" % i) for i in range(5)]
+        await ex.send(head, *pieces, h11.EndOfMessage())
+
+    server = await serve(burst)
+    with trio.fail_after(LIMIT_S):
+        async with UpstreamPool(timeouts=FAST) as pool:
+            async with pool.request("POST", server.base, [], b"{}") as resp:
+                first = await resp.receive()
+                end = await resp.receive()
+            assert pool.idle_connections == 1
+    assert first == b"".join(b"data: %d\n\n" % i for i in range(5))
+    assert end == b""
