@@ -10,11 +10,11 @@ the gateway's config shape and telemetry handlers, around a stub provider whose
 ``complete()`` returns a fixed body at once (no I/O, no checkpoint):
 
 * ``resolve``           ``RoutingTable.resolve(model)``
-* ``constraints``       ``constraints_for("chat", body, ...)``
+* ``constraints``       ``constraints_for("chat", body, ..., len(raw))`` (as the API calls it)
 * ``filter_and_order``  ``filter_and_order(targets, constraints, policy)``
 * ``order_groups``      ``Deployments.order_groups(ordered)``
-* ``router.decide``     ``telemetry.emit("router.decide", ...)`` (metrics + log handlers,
-  level ``warning`` as in the bench)
+* ``router.decide``     ``emit_decision(...)``, the API's ``router.decide`` emitter (metrics +
+  log handlers, level ``warning`` as in the bench)
 * ``failover``          ``Failover.complete(...)`` minus the bare stub call (``call_for`` +
   ``stub.complete``), i.e. the bookkeeping around the call
 * ``total``             all of the above in one loop, minus the bare stub call
@@ -111,7 +111,8 @@ class Bench:
 
     def targets(self) -> list[Target]:
         resolution = self.routing.resolve(self.body["model"], None)
-        c = constraints_for("chat", self.body, self.config.routing.default_output_tokens)
+        out_tokens = self.config.routing.default_output_tokens
+        c = constraints_for("chat", self.body, out_tokens, len(CHAT_BODY))
         ordered, _ = filter_and_order(resolution.targets, c, self.config.routing.policy)
         return self.deployments.order_groups(ordered)
 
@@ -126,7 +127,8 @@ async def measure(bench: Bench, n: int, repeats: int) -> dict[str, float]:
     policy = bench.config.routing.policy
     out_tokens = bench.config.routing.default_output_tokens
     resolution = bench.routing.resolve(body["model"], None)
-    constraints = constraints_for("chat", body, out_tokens)
+    raw_bytes = len(CHAT_BODY)
+    constraints = constraints_for("chat", body, out_tokens, raw_bytes)
     ordered, reason = filter_and_order(resolution.targets, constraints, policy)
     targets = bench.deployments.order_groups(ordered)
     pc = time.thread_time_ns
@@ -151,7 +153,7 @@ async def measure(bench: Bench, n: int, repeats: int) -> dict[str, float]:
 
     sync_pieces: dict[str, Callable[[], object]] = {
         "resolve": lambda: bench.routing.resolve(body["model"], None),
-        "constraints": lambda: constraints_for("chat", body, out_tokens),
+        "constraints": lambda: constraints_for("chat", body, out_tokens, raw_bytes),
         "filter_and_order": lambda: filter_and_order(resolution.targets, constraints, policy),
         "order_groups": lambda: bench.deployments.order_groups(ordered),
         "router.decide": decide,
@@ -181,19 +183,10 @@ async def measure(bench: Bench, n: int, repeats: int) -> dict[str, float]:
 
     async def everything() -> None:
         res = bench.routing.resolve(body["model"], None)
-        c = constraints_for("chat", body, out_tokens)
+        c = constraints_for("chat", body, out_tokens, raw_bytes)
         kept, why = filter_and_order(res.targets, c, policy)
         tgts = bench.deployments.order_groups(kept)
-        telemetry.emit(
-            "router.decide",
-            policy=policy,
-            requested=res.requested,
-            via=res.via,
-            candidates=[f"{t.provider}:{t.model}" for t in tgts],
-            choice=f"{tgts[0].provider}:{tgts[0].model}",
-            reason=why,
-            request_id="req_bench",
-        )
+        emit_decision(policy, res, tgts, why, "req_bench")
         await bench.failover.complete(tgts, bench.call_for, stub)  # type: ignore[arg-type]
 
     bare = await amedian(bare_call)

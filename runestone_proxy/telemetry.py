@@ -2,8 +2,8 @@
 
 Event names are dotted (``router.decide``, ``provider.request.stop``; the full list is in
 design.md). Handlers are plain callables ``(event, fields) -> None``: the structlog bridge,
-the metrics registry, and in tests a recorder. Emitting with no handlers costs one truthiness
-check, so hot paths may emit freely; nothing emits per SSE chunk.
+the metrics registry, and in tests a recorder. Emitting with no handlers costs an empty loop,
+so hot paths may emit freely; nothing emits per SSE chunk.
 
 No event ever carries a prompt, a completion or a whole API key: callers pass ids, counts
 and masked keys (:func:`mask_key`), and the log chain redacts again as a second line of
@@ -19,14 +19,15 @@ import attrs
 
 TelemetryHandler = Callable[[str, dict[str, Any]], None]
 
-_handlers: list[TelemetryHandler] = []
+#: A tuple, replaced whole when a handler is added or removed: ``emit`` (per request,
+#: several times) iterates it without copying, and a handler that adds or removes one
+#: does not disturb the loop in progress.
+_handlers: tuple[TelemetryHandler, ...] = ()
 
 
 def emit(event: str, **fields: Any) -> None:
     """Send ``event`` to every handler. A failing handler never breaks the caller."""
-    if not _handlers:
-        return
-    for handler in tuple(_handlers):
+    for handler in _handlers:
         try:
             handler(event, fields)
         except Exception:  # telemetry must never fail a request
@@ -35,11 +36,14 @@ def emit(event: str, **fields: Any) -> None:
 
 def add_handler(handler: TelemetryHandler) -> Callable[[], None]:
     """Register ``handler``; returns a function that removes it again."""
-    _handlers.append(handler)
+    global _handlers
+    _handlers = (*_handlers, handler)
 
     def remove() -> None:
+        global _handlers
         if handler in _handlers:
-            _handlers.remove(handler)
+            index = _handlers.index(handler)
+            _handlers = _handlers[:index] + _handlers[index + 1 :]
 
     return remove
 

@@ -35,6 +35,9 @@ class State(enum.Enum):
     HALF_OPEN = "half_open"
 
 
+_ALLOWED: tuple[bool, State | None] = (True, None)
+
+
 TRANSITIONS: frozenset[tuple[State, State]] = frozenset(
     {
         (State.CLOSED, State.OPEN),
@@ -52,8 +55,12 @@ class Breaker:
     consecutive_failures: int = 0
     opened_at: float = 0.0
     probes_in_flight: int = 0
-    #: (time, ok) of recent results, for the error rate over ``window_s``.
-    recent: deque[tuple[float, bool]] = attrs.Factory(deque)
+    #: Times of recent results and of recent failures, oldest first, for the error rate
+    #: over ``window_s``: two deques of floats rather than one of (time, ok) pairs, so that
+    #: recording a result (every request) allocates nothing and the failure count is a
+    #: ``len``. Entries older than the window are dropped as results come in.
+    results: deque[float] = attrs.Factory(deque)
+    failures: deque[float] = attrs.Factory(deque)
 
     def _move(self, to: State, now: float) -> State:
         assert (self.state, to) in TRANSITIONS, (self.state, to)
@@ -63,7 +70,8 @@ class Breaker:
             self.probes_in_flight = 0
         elif to is State.CLOSED:
             self.consecutive_failures = 0
-            self.recent.clear()
+            self.results.clear()
+            self.failures.clear()
         return to
 
     def ready_at(self, now: float) -> float:
@@ -78,6 +86,8 @@ class Breaker:
         """May a request go out now? Takes a probe slot when half-open.
 
         Returns (allowed, the state moved to, if the call caused a transition)."""
+        if self.state is State.CLOSED:
+            return _ALLOWED  # every request asks: answer without building a tuple
         moved = None
         if self.state is State.OPEN:
             if now < self.opened_at + self.config.cooldown_s:
@@ -96,19 +106,24 @@ class Breaker:
             return self._move(State.CLOSED if ok else State.OPEN, now)
         if self.state is State.OPEN:
             return None  # a straggler from before the breaker opened
-        self.recent.append((now, ok))
-        horizon = now - self.config.window_s
-        while self.recent and self.recent[0][0] < horizon:
-            self.recent.popleft()
+        config = self.config
+        horizon = now - config.window_s
+        results = self.results
+        results.append(now)
+        while results[0] < horizon:
+            results.popleft()
         if ok:
             self.consecutive_failures = 0
             return None
+        failures = self.failures
+        failures.append(now)
+        while failures[0] < horizon:
+            failures.popleft()
         self.consecutive_failures += 1
-        if self.consecutive_failures >= self.config.failure_threshold:
+        if self.consecutive_failures >= config.failure_threshold:
             return self._move(State.OPEN, now)
-        if len(self.recent) >= self.config.min_requests:
-            failures = sum(1 for _, good in self.recent if not good)
-            if failures / len(self.recent) >= self.config.error_rate_threshold:
+        if len(results) >= config.min_requests:
+            if len(failures) / len(results) >= config.error_rate_threshold:
                 return self._move(State.OPEN, now)
         return None
 
@@ -119,5 +134,5 @@ class Breaker:
 
     def error_rate(self, now: float) -> float:
         horizon = now - self.config.window_s
-        window = [ok for t, ok in self.recent if t >= horizon]
-        return 0.0 if not window else sum(1 for ok in window if not ok) / len(window)
+        total = sum(1 for t in self.results if t >= horizon)
+        return 0.0 if not total else sum(1 for t in self.failures if t >= horizon) / total

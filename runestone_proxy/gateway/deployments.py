@@ -120,6 +120,14 @@ class Deployments:
     def order_groups(self, targets: list[Target]) -> list[Target]:
         """Reorder deployments of the same model id by the group strategy, in place of
         that model's first position; distinct models keep their order."""
+        if len(targets) < 2:
+            return targets
+        model = targets[0].model
+        for target in targets:  # a plain loop: all() over a generator costs more here
+            if target.model != model:
+                break
+        else:
+            return self._order_group(model, targets)  # one group: the usual shape
         groups: dict[str, list[Target]] = {}
         for target in targets:
             groups.setdefault(target.model, []).append(target)
@@ -141,7 +149,12 @@ class Deployments:
         if self.routing.group_strategy == "least_in_flight":
             return sorted(group, key=lambda t: self.by_name[t.provider].in_flight)
         weights = {t.provider: (t.entry.weight if t.entry else 1.0) for t in group}
-        first = smooth_wrr(weights, self.wrr.setdefault(model, {}))
+        current = self.wrr.get(model)
+        if current is None:
+            current = self.wrr[model] = {}
+        first = smooth_wrr(weights, current)
+        if len(group) == 2 and group[0].provider == first and group[1].provider != first:
+            return group  # already in order: the sort below would copy it unchanged
         return sorted(group, key=lambda t: t.provider != first)
 
     def take(self, deployment: Deployment, probe: bool = False) -> Slot:
@@ -163,8 +176,13 @@ class Deployments:
         finally:
             self.waiting -= 1
 
-    def record(self, deployment: Deployment, ok: bool, latency_ms: float | None) -> None:
-        now = trio.current_time()
+    def record(
+        self, deployment: Deployment, ok: bool, latency_ms: float | None, now: float | None = None
+    ) -> None:
+        """Feed one outcome to the breaker (and, if ok, its latency to the window); ``now``
+        saves a clock read when the caller has just taken one."""
+        if now is None:
+            now = trio.current_time()
         if latency_ms is not None and ok:
             deployment.latencies_ms.append(latency_ms)
         moved = deployment.breaker.on_result(now, ok)

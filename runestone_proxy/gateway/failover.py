@@ -88,10 +88,13 @@ class Failover:
 
     # --- picking -------------------------------------------------------------------------------
 
-    def _take_now(self, targets: list[Target], tried: set[str]) -> tuple[Target, Slot] | None:
+    def _take_now(
+        self, targets: list[Target], tried: set[str], now: float
+    ) -> tuple[Target, Slot] | None:
         """The first candidate that can take a request now, fresh ones first, with its slot
-        taken (nothing awaits between the checks and the count)."""
-        now = trio.current_time()
+        taken (nothing awaits between the checks and the count). The common case: callers
+        try it before :meth:`_wait_for_candidate`, which costs a coroutine even when it
+        would not wait."""
         ordered = (
             [
                 *(t for t in targets if t.provider not in tried),
@@ -100,8 +103,9 @@ class Failover:
             if tried
             else targets
         )
+        by_name = self.deployments.by_name
         for target in ordered:
-            d = self.deployments.by_name[target.provider]
+            d = by_name[target.provider]
             if d.paused_until > now or d.at_cap():
                 continue
             allowed, moved = d.breaker.allow(now)
@@ -111,21 +115,18 @@ class Failover:
                 return target, self.deployments.take(d, d.breaker.state is State.HALF_OPEN)
         return None
 
-    async def _pick(
+    async def _wait_for_candidate(
         self, targets: list[Target], tried: set[str], deadline: float, last: GatewayError | None
     ) -> tuple[Target, Slot]:
-        if trio.current_time() < deadline:
-            picked = self._take_now(targets, tried)  # the common case: no waiting at all
-            if picked is not None:
-                return picked
+        """Wait for a candidate that can take the request (``_take_now`` found none)."""
         deps = [self.deployments.by_name[t.provider] for t in targets]
         while True:
-            if trio.current_time() >= deadline:
+            now = trio.current_time()
+            if now >= deadline:
                 break
-            picked = self._take_now(targets, tried)
+            picked = self._take_now(targets, tried, now)
             if picked is not None:
                 return picked
-            now = trio.current_time()
             capped = any(d.at_cap() for d in deps)
             wake = min((d.ready_at(now) for d in deps if not d.at_cap()), default=math.inf)
             if wake > deadline and not capped:
@@ -169,7 +170,7 @@ class Failover:
         retry_after = getattr(exc, "retry_after_s", None)
         if exc.http_status == 429 and retry_after:
             d.paused_until = max(d.paused_until, now + float(retry_after))
-        self.deployments.record(d, not _counts_against_health(exc), (now - started) * 1000)
+        self.deployments.record(d, not _counts_against_health(exc), (now - started) * 1000, now)
 
     # --- whole answers -------------------------------------------------------------------------
 
@@ -177,15 +178,20 @@ class Failover:
         self, targets: list[Target], call_for: CallFor, providers: Providers
     ) -> tuple[Target, bytes]:
         routing = self.deployments.routing
-        deadline = trio.current_time() + routing.deadline_s
+        started = trio.current_time()
+        deadline = started + routing.deadline_s
         tried: set[str] = set()
         last: GatewayError | None = None
         for attempt in range(routing.max_attempts):
             if attempt:
                 await self._backoff(attempt - 1, targets, tried, deadline)
-            target, slot = await self._pick(targets, tried, deadline, last)
+                started = trio.current_time()
+            picked = self._take_now(targets, tried, started) if started < deadline else None
+            if picked is None:
+                picked = await self._wait_for_candidate(targets, tried, deadline, last)
+                started = trio.current_time()
+            target, slot = picked
             d = slot.deployment
-            started = trio.current_time()
             bound = min(deadline, started + routing.attempt_timeout_s)
             exc: GatewayError
             try:
@@ -201,7 +207,8 @@ class Failover:
                 raise
             else:
                 if not attempt_scope.cancelled_caught:
-                    self.deployments.record(d, True, (trio.current_time() - started) * 1000)
+                    now = trio.current_time()
+                    self.deployments.record(d, True, (now - started) * 1000, now)
                     return target, body
                 exc = UpstreamTimeout(
                     f"{target.provider} did not answer within "
@@ -230,7 +237,11 @@ class Failover:
         while attempt < routing.max_attempts:
             if attempt:
                 await self._backoff(attempt - 1, targets, tried, deadline)
-            target, slot = await self._pick(targets, tried, deadline, last)
+            now = trio.current_time()
+            picked = self._take_now(targets, tried, now) if now < deadline else None
+            if picked is None:
+                picked = await self._wait_for_candidate(targets, tried, deadline, last)
+            target, slot = picked
             attempt += 1
             commit = _Commit()
             hedge = self._hedge_delay(target)
@@ -374,7 +385,8 @@ class Failover:
                 rest = [
                     t for t in targets if t.provider not in tried and t.provider != primary.provider
                 ]
-                picked = self._take_now(rest, set())  # a hedge never waits for a candidate
+                # A hedge never waits for a candidate.
+                picked = self._take_now(rest, set(), trio.current_time())
                 if picked is not None:
                     second, second_slot = picked
                     commit.extra = 1

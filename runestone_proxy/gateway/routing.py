@@ -16,13 +16,14 @@ that only they serve is reported as not found with the reason, so an operator ca
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import attrs
 
 from runestone_proxy import telemetry
 from runestone_proxy.config import Config, ModelConfig
-from runestone_proxy.errors import InvalidParam, ModelNotFound
+from runestone_proxy.errors import InvalidParam, ModelNotFound, NoCandidate
 from runestone_proxy.gateway.aliases import MAX_CHAIN as _MAX_ALIAS_DEPTH
 
 
@@ -36,6 +37,20 @@ class Target:
     #: The id clients see (the table's id, or what they asked for).
     model: str
     entry: ModelConfig | None = None
+    #: ``provider:model``, as ``router.decide`` and error messages name it. Derived once
+    #: here because targets live in cached resolutions and are named on every request.
+    label: str = attrs.field(init=False, eq=False, repr=False)
+    #: The entry's capabilities as a set (None outside the table: never excluded), so that
+    #: the per-request filter is one subset test.
+    capabilities: frozenset[str] | None = attrs.field(init=False, eq=False, repr=False)
+
+    @label.default
+    def _label(self) -> str:
+        return f"{self.provider}:{self.model}"
+
+    @capabilities.default
+    def _capabilities(self) -> frozenset[str] | None:
+        return None if self.entry is None else frozenset(self.entry.capabilities)
 
 
 @attrs.frozen
@@ -47,6 +62,10 @@ class Resolution:
     alias: str | None = None
 
 
+#: Resolutions a routing table keeps (see ``RoutingTable._resolved``).
+_RESOLVED_MAX = 1024
+
+
 @attrs.frozen
 class RoutingTable:
     """The resolution inputs, built once per config (and swapped whole on reload)."""
@@ -56,6 +75,11 @@ class RoutingTable:
     models: Mapping[str, tuple[ModelConfig, ...]]
     aliases: Mapping[str, str]
     providers: frozenset[str]
+    #: Successful resolutions by requested model (``provider`` field unset). Resolution
+    #: depends only on this table, which is immutable and replaced whole on reload, so the
+    #: cache lives and dies with it and a reload can never serve a stale answer. Bounded,
+    #: because ``provider:model`` accepts any model name a client sends.
+    _resolved: dict[str, Resolution] = attrs.field(init=False, factory=dict, eq=False, repr=False)
 
     @classmethod
     def build(
@@ -87,6 +111,15 @@ class RoutingTable:
             raise InvalidParam("you must provide a model parameter", param="model")
         if provider is not None:
             return Resolution(model, (self._on_provider(provider, model, "provider"),), "provider")
+        resolution = self._resolved.get(model)
+        if resolution is None:
+            resolution = self._resolve_model(model)
+            if len(self._resolved) >= _RESOLVED_MAX:
+                self._resolved.clear()
+            self._resolved[model] = resolution
+        return resolution
+
+    def _resolve_model(self, model: str) -> Resolution:
         if model == AUTO_MODEL and AUTO_MODEL not in self.aliases and AUTO_MODEL not in self.models:
             every = tuple(
                 Target(e.provider, e.upstream, e.id, e)
@@ -182,6 +215,19 @@ def _content_has_image(messages: object) -> bool:
     return False
 
 
+#: What each endpoint needs before the body adds anything; with the sets below, these are
+#: shared constants so that a plain request builds no set at all.
+_ENDPOINT_NEEDS = {
+    "chat": frozenset({"chat"}),
+    "completions": frozenset({"completions"}),
+    "embeddings": frozenset({"embeddings"}),
+}
+_STREAMING = frozenset({"streaming"})
+_TOOLS = frozenset({"tools"})
+_JSON_MODE = frozenset({"json_mode"})
+_VISION = frozenset({"vision"})
+
+
 def constraints_for(
     endpoint: str,
     body: Mapping[str, object],
@@ -193,27 +239,26 @@ def constraints_for(
 
     ``input_bytes`` (the raw body's length) gives the input estimate at no cost; without it
     the prompt is rendered to text, which grows with the prompt (fine off the hot path)."""
-    needed = {"embeddings"} if endpoint == "embeddings" else {"chat"}
-    if endpoint == "completions":
-        needed = {"completions"}
-    if body.get("stream") is True:
-        needed.add("streaming")
-    if body.get("tools") or body.get("functions"):
-        needed.add("tools")
-    fmt = body.get("response_format")
+    get = body.get
+    needed = _ENDPOINT_NEEDS.get(endpoint, _ENDPOINT_NEEDS["chat"])
+    if get("stream") is True:
+        needed = needed | _STREAMING
+    if get("tools") or get("functions"):
+        needed = needed | _TOOLS
+    fmt = get("response_format")
     if isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"):
-        needed.add("json_mode")
-    if _content_has_image(body.get("messages")):
-        needed.add("vision")
-    explicit = body.get("capabilities")
+        needed = needed | _JSON_MODE
+    if _content_has_image(get("messages")):
+        needed = needed | _VISION
+    explicit = get("capabilities")
     if explicit is not None:
         if not isinstance(explicit, list) or not all(isinstance(c, str) for c in explicit):
             raise InvalidParam("'capabilities' must be an array of strings.", param="capabilities")
-        needed.update(explicit)
-    family = body.get("model_family")
+        needed = needed.union(explicit)
+    family = get("model_family")
     if family is not None and not isinstance(family, str):
         raise InvalidParam("'model_family' must be a string.", param="model_family")
-    max_cost = body.get("max_cost_per_token")
+    max_cost = get("max_cost_per_token")
     if max_cost is not None and (
         isinstance(max_cost, bool) or not isinstance(max_cost, int | float) or max_cost < 0
     ):
@@ -223,14 +268,14 @@ def constraints_for(
     if input_bytes is not None:
         est_in = max(1, input_bytes // 4)
     else:
-        text = body.get("messages") or body.get("prompt") or body.get("input") or ""
+        text = get("messages") or get("prompt") or get("input") or ""
         est_in = max(1, len(str(text)) // 4)
-    out = body.get("max_completion_tokens") or body.get("max_tokens")
+    out = get("max_completion_tokens") or get("max_tokens")
     est_out = out if isinstance(out, int) and out > 0 else default_output_tokens
     if endpoint == "embeddings":
         est_out = 0
     return Constraints(
-        frozenset(needed),
+        needed,
         family,
         float(max_cost) if max_cost is not None else None,
         est_in,
@@ -245,6 +290,23 @@ def estimated_cost(entry: ModelConfig, c: Constraints) -> float:
     ) / 1000
 
 
+def _price_per_token(entry: ModelConfig) -> float:
+    return max(entry.input_cost_per_1k, entry.output_cost_per_1k) / 1000
+
+
+def _fits(target: Target, c: Constraints) -> bool:
+    """Whether ``target`` meets ``c``: the per-request check, with no allocation. Must agree
+    with :func:`_exclusion`, which words the reason when nothing fits."""
+    entry = target.entry
+    if entry is None or target.capabilities is None:
+        return True  # outside the table: never excluded
+    if not c.capabilities <= target.capabilities:
+        return False
+    if c.family is not None and entry.family != c.family:
+        return False
+    return c.max_cost_per_token is None or not _price_per_token(entry) > c.max_cost_per_token
+
+
 def _exclusion(entry: ModelConfig, c: Constraints) -> str | None:
     missing = sorted(c.capabilities - set(entry.capabilities))
     if missing:
@@ -252,7 +314,7 @@ def _exclusion(entry: ModelConfig, c: Constraints) -> str | None:
     if c.family is not None and entry.family != c.family:
         return f"family {entry.family!r} is not {c.family!r}"
     if c.max_cost_per_token is not None:
-        price = max(entry.input_cost_per_1k, entry.output_cost_per_1k) / 1000
+        price = _price_per_token(entry)
         if price > c.max_cost_per_token:
             return f"price {price:.3g}/token exceeds max_cost_per_token {c.max_cost_per_token:.3g}"
     return None
@@ -265,23 +327,20 @@ def filter_and_order(
 
     ``default`` keeps the configured order; ``cost`` orders by estimated request cost
     (cheapest first, ties in configured order). Returns (ordered targets, reason)."""
-    from runestone_proxy.errors import NoCandidate
-
-    kept: list[Target] = []
-    excluded: list[str] = []
-    for target in targets:
-        why = _exclusion(target.entry, c) if target.entry is not None else None
-        if why is None:
-            kept.append(target)
-        else:
-            excluded.append(f"{target.provider}:{target.model} ({why})")
+    kept = [target for target in targets if _fits(target, c)]
     if not kept:
+        excluded = [
+            f"{target.label} ({_exclusion(target.entry, c)})"
+            for target in targets
+            if target.entry is not None
+        ]
         raise NoCandidate(
             "No model can serve this request: " + "; ".join(excluded) + ".",
             param="model",
         )
     if policy == "cost":
-        kept.sort(key=lambda t: estimated_cost(t.entry, c) if t.entry is not None else 0.0)
+        if len(kept) > 1:
+            kept.sort(key=lambda t: estimated_cost(t.entry, c) if t.entry is not None else 0.0)
         return kept, "cheapest capable"
     return kept, "configured order"
 
@@ -293,7 +352,7 @@ def smooth_wrr(weights: Mapping[str, float], current: dict[str, float]) -> str:
     sum of weights from the winner, which spreads picks evenly in proportion to weight."""
     total = 0.0
     best = ""
-    best_value = float("-inf")
+    best_value = -math.inf
     for name, weight in weights.items():
         value = current.get(name, 0.0) + weight
         current[name] = value
@@ -313,8 +372,8 @@ def emit_decision(
         policy=policy,
         requested=resolution.requested,
         via=resolution.via,
-        candidates=[f"{t.provider}:{t.model}" for t in targets],
-        choice=f"{targets[0].provider}:{targets[0].model}",
+        candidates=[t.label for t in targets],
+        choice=targets[0].label,
         reason=reason,
         request_id=request_id,
     )

@@ -16,6 +16,7 @@ import pytest
 from runestone_proxy import config as config_mod
 from runestone_proxy.config import Config, ModelConfig, ProviderConfig, RoutingConfig
 from runestone_proxy.errors import InvalidParam, ModelNotFound, NoCandidate
+from runestone_proxy.gateway import routing as routing_mod
 from runestone_proxy.gateway.deployments import Deployments
 from runestone_proxy.gateway.routing import (
     AUTO_MODEL,
@@ -213,6 +214,29 @@ def test_extra_aliases_win_over_config() -> None:
     assert pairs(table.resolve("fast").targets) == [("mock", "mock-1")]
 
 
+def test_resolutions_are_cached_per_table_and_a_reload_starts_afresh() -> None:
+    config = Config(providers=PROVIDERS, models=MODELS, aliases=ALIASES)
+    table = RoutingTable.build(config, ENV)
+    first = table.resolve("fast")
+    assert table.resolve("fast") is first  # cached
+    assert table.resolve("gpt-4o", "azure") is not table.resolve("gpt-4o", "azure")  # not
+    # A reload builds a new table: the new alias target is seen at once.
+    reloaded = RoutingTable.build(config, ENV, {"fast": "mock-1"})
+    assert pairs(reloaded.resolve("fast").targets) == [("mock", "mock-1")]
+    assert pairs(table.resolve("fast").targets) == [("openai", "gpt-4o-mini")]
+
+
+def test_the_resolution_cache_is_bounded_and_keeps_no_errors() -> None:
+    table = make_table()
+    for i in range(routing_mod._RESOLVED_MAX + 10):
+        table.resolve(f"mock:model-{i}")
+    assert len(table._resolved) <= routing_mod._RESOLVED_MAX
+    for _ in range(2):
+        with pytest.raises(ModelNotFound):
+            table.resolve("nope")
+    assert "nope" not in table._resolved
+
+
 def test_router_policy_comes_from_the_environment() -> None:
     loaded = config_mod.load(None, {"RUNESTONE_ROUTER_POLICY": "COST"})
     assert loaded.routing.policy == "cost"
@@ -388,6 +412,20 @@ def test_no_candidate_says_which_constraint_excluded_what() -> None:
     with pytest.raises(NoCandidate) as info:
         filter_and_order((CHEAP,), needs(family="frontier"), "default")
     assert "p1:cheap (family 'general' is not 'frontier')" in info.value.message
+
+
+@pytest.mark.parametrize("caps", [(), ("tools",), ("vision",), ("tools", "vision")])
+@pytest.mark.parametrize("family", [None, "general", "frontier"])
+@pytest.mark.parametrize("max_cost", [None, 0.0, 0.0015, 0.0014, 1.0, float("nan")])
+def test_the_fast_filter_agrees_with_the_worded_exclusion(
+    caps: tuple[str, ...], family: str | None, max_cost: float | None
+) -> None:
+    c = needs(*caps, family=family, max_cost_per_token=max_cost)
+    for candidate in CANDIDATES:
+        assert candidate.entry is not None
+        assert routing_mod._fits(candidate, c) == (
+            routing_mod._exclusion(candidate.entry, c) is None
+        )
 
 
 def test_a_target_outside_the_table_is_never_excluded() -> None:
