@@ -26,13 +26,13 @@ connection does the job:
   while a handler runs except ``send_timeout_s`` around a blocked write. Every way that scope
   can fire (idle, slow headers, a client gone or not reading) ends the connection anyway, so
   one scope loses nothing; a slow head is answered 408 after it (``_Phase.HEAD``).
-* **Whole responses skip h11's serialiser.** h11 validates every header of every event twice
-  (on construction and again while adding framing headers); for a whole response we write
-  the head ourselves (our headers are constants or values h11 already parsed and validated,
-  and a CR/LF count guards the rest) and keep h11's state machine in step by sending it a
-  cached, pre-validated ``Content-Length: 0`` head whose bytes we drop. Streamed responses
-  still go through h11, which picks their framing (chunked, or close-delimited for
-  HTTP/1.0).
+* **Response heads skip h11's serialiser.** h11 validates every header of every event twice
+  (on construction and again while adding framing headers); we write the head ourselves
+  (our headers are constants or values h11 already parsed and validated, and a CR/LF count
+  guards the rest) and keep h11's state machine in step by sending it a cached,
+  pre-validated head with the same framing, whose bytes we drop. Streamed bodies are framed
+  as chunks here too (RFC 9112 §7.1); h11 writes the last chunk. An HTTP/1.0 client's
+  stream, 1xx, 204 and 304 go through h11 whole (it picks close-delimited framing).
 """
 
 from __future__ import annotations
@@ -68,18 +68,19 @@ _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 _STATUS_LINES = {code: b"HTTP/1.1 %d %b\r\n" % (code, reason) for code, reason in _REASONS.items()}
 #: Statuses whose framing h11 treats specially (no body): those go through h11 whole.
 _BODYLESS = frozenset({204, 304})
-#: Per status, the head h11's state machine is told we sent (its bytes are dropped): a
-#: ``Content-Length: 0`` response followed by ``EndOfMessage`` moves our side to DONE.
-_SYNC_HEADS: dict[int, h11.Response] = {}
+#: Per status and framing, the head h11's state machine is told we sent (its bytes are
+#: dropped): ``Content-Length: 0`` then ``EndOfMessage`` moves our side to DONE for a whole
+#: response; ``Transfer-Encoding: chunked`` leaves it in SEND_BODY for a streamed one, whose
+#: chunks we frame ourselves and whose last chunk h11 writes at ``EndOfMessage``.
+_SYNC_HEADS: dict[tuple[int, bool], h11.Response] = {}
 _END = h11.EndOfMessage()
 
 
-def _sync_head(status: int) -> h11.Response:
-    head = _SYNC_HEADS.get(status)
+def _sync_head(status: int, *, chunked: bool) -> h11.Response:
+    head = _SYNC_HEADS.get((status, chunked))
     if head is None:
-        head = _SYNC_HEADS[status] = h11.Response(
-            status_code=status, headers=[(b"content-length", b"0")]
-        )
+        framing = (b"transfer-encoding", b"chunked") if chunked else (b"content-length", b"0")
+        head = _SYNC_HEADS[status, chunked] = h11.Response(status_code=status, headers=[framing])
     return head
 
 
@@ -153,35 +154,43 @@ class H1Responder:
         self.status = status  # only once h11 accepted the headers: else a 500 can follow
         return head
 
+    def _direct_head(self, status: int, headers: HeaderList, framing: bytes) -> bytes | None:
+        """The head written without h11's serialiser (see the module docstring), ending in
+        its blank line; None where h11 must do it (1xx, 204, 304, or a value with a CR or
+        LF in it, which h11 then refuses)."""
+        if status < 200 or status in _BODYLESS:
+            return None
+        conn = self.conn
+        if conn.proto.their_state is not h11.DONE:
+            # MUST_CLOSE (Connection: close, HTTP/1.0) or a body left unread: see _head.
+            conn.closing = True
+        parts = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status]
+        parts += [b"%b: %b\r\n" % pair for pair in headers]
+        parts.append(b"x-request-id: %b\r\n%b" % (self.request_id.encode(), framing))
+        if conn.closing:
+            parts.append(b"connection: close\r\n")
+        head = b"".join(parts)
+        # Each header line ends in exactly one CRLF: no CR or LF hides inside a value.
+        lines = len(parts) + 1
+        if head.count(b"\n") != lines or head.count(b"\r") != lines:
+            return None
+        return head + b"\r\n"
+
     async def respond(self, status: int, headers: HeaderList, body: bytes) -> None:
         if self.started:
             raise RuntimeError("response already started")
         conn = self.conn
         proto = conn.proto
-        if status >= 200 and status not in _BODYLESS:
-            if proto.their_state is not h11.DONE:
-                # MUST_CLOSE (Connection: close, HTTP/1.0) or a body left unread: see _head.
-                conn.closing = True
-            parts = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status]
-            parts += [b"%b: %b\r\n" % pair for pair in headers]
-            parts.append(
-                b"x-request-id: %b\r\ncontent-length: %d\r\n"
-                % (self.request_id.encode(), len(body))
-            )
-            if conn.closing:
-                parts.append(b"connection: close\r\n")
-            head = b"".join(parts)
-            # Each header line ends in exactly one CRLF: no CR or LF hides inside a value.
-            if head.count(b"\n") == head.count(b"\r") == len(parts) + 1:
-                proto.send(_sync_head(status))
-                proto.send(_END)
-                self.status = status
-                if body and not self.head_only:
-                    self.sent_bytes = len(body)
-                    await conn.write(head + b"\r\n" + body)
-                else:
-                    await conn.write(head + b"\r\n")
-                return
+        head = self._direct_head(status, headers, b"content-length: %d\r\n" % len(body))
+        if head is not None:
+            proto.send(_sync_head(status, chunked=False))
+            proto.send(_END)
+            self.status = status
+            if body and not self.head_only:
+                self.sent_bytes = len(body)
+                head += body
+            await conn.write(head)
+            return
         data = proto.send(self._head(status, headers, len(body)))
         if body and not self.head_only:
             data += proto.send(h11.Data(data=body))
@@ -192,11 +201,20 @@ class H1Responder:
     async def start(self, status: int, headers: HeaderList) -> None:
         if self.started:
             raise RuntimeError("response already started")
-        proto = self.conn.proto
+        conn = self.conn
+        proto = conn.proto
+        if proto.their_http_version == b"1.1" and not self.head_only:
+            head = self._direct_head(status, headers, b"transfer-encoding: chunked\r\n")
+            if head is not None:
+                proto.send(_sync_head(status, chunked=True))
+                self.status = status
+                self.chunked = True
+                await conn.write(head)
+                return
         head = proto.send(self._head(status, headers, None))
         # h11 picked chunked framing iff it announced it (HTTP/1.1 client, no length).
         self.chunked = b"\r\ntransfer-encoding: chunked\r\n" in (head or b"").lower()
-        await self.conn.write(head)
+        await conn.write(head)
 
     async def send(self, data: bytes) -> None:
         if not data or self.head_only:
