@@ -35,7 +35,7 @@ import trio
 
 from runestone_proxy import telemetry
 from runestone_proxy.errors import GatewayError, ServiceUnavailable, UpstreamTimeout
-from runestone_proxy.gateway.breaker import State
+from runestone_proxy.gateway.breaker import HALF_OPEN
 from runestone_proxy.gateway.deployments import (
     Deployment,
     Deployments,
@@ -112,7 +112,7 @@ class Failover:
             if moved is not None:
                 emit_transition(d.name, moved)
             if allowed:
-                return target, self.deployments.take(d, d.breaker.state is State.HALF_OPEN)
+                return target, self.deployments.take(d, d.breaker.state is HALF_OPEN)
         return None
 
     async def _wait_for_candidate(

@@ -192,9 +192,12 @@ class RoutingTable:
 AUTO_MODEL = "auto"
 
 
-@attrs.frozen
+@attrs.frozen(slots=False)
 class Constraints:
-    """What a request needs from a model, derived from its body (pure)."""
+    """What a request needs from a model, derived from its body (pure).
+
+    Built for every request: without slots, attrs' frozen ``__init__`` fills the instance
+    dict directly, which costs half of what one ``object.__setattr__`` per field does."""
 
     capabilities: frozenset[str]
     family: str | None = None
@@ -228,6 +231,13 @@ _JSON_MODE = frozenset({"json_mode"})
 _VISION = frozenset({"vision"})
 
 
+#: Body fields that add constraints but few requests carry: a body with none of them
+#: (one set test) skips their look-ups.
+_RARE_FIELDS = frozenset(
+    {"tools", "functions", "response_format", "capabilities", "model_family", "max_cost_per_token"}
+)
+
+
 def constraints_for(
     endpoint: str,
     body: Mapping[str, object],
@@ -243,13 +253,33 @@ def constraints_for(
     needed = _ENDPOINT_NEEDS.get(endpoint, _ENDPOINT_NEEDS["chat"])
     if get("stream") is True:
         needed = needed | _STREAMING
+    if _content_has_image(get("messages")):
+        needed = needed | _VISION
+    family: str | None = None
+    max_cost: float | None = None
+    if not _RARE_FIELDS.isdisjoint(body):
+        needed, family, max_cost = _rare_constraints(body, needed)
+    if input_bytes is None:
+        text = get("messages") or get("prompt") or get("input") or ""
+        input_bytes = len(str(text))
+    est_in = input_bytes // 4 or 1  # at least one token
+    out = get("max_completion_tokens") or get("max_tokens")
+    est_out = out if isinstance(out, int) and out > 0 else default_output_tokens
+    if endpoint == "embeddings":
+        est_out = 0
+    return Constraints(needed, family, max_cost, est_in, est_out)
+
+
+def _rare_constraints(
+    body: Mapping[str, object], needed: frozenset[str]
+) -> tuple[frozenset[str], str | None, float | None]:
+    """What tools, ``response_format`` and the routing fields add, validated (400s)."""
+    get = body.get
     if get("tools") or get("functions"):
         needed = needed | _TOOLS
     fmt = get("response_format")
     if isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"):
         needed = needed | _JSON_MODE
-    if _content_has_image(get("messages")):
-        needed = needed | _VISION
     explicit = get("capabilities")
     if explicit is not None:
         if not isinstance(explicit, list) or not all(isinstance(c, str) for c in explicit):
@@ -265,22 +295,7 @@ def constraints_for(
         raise InvalidParam(
             "'max_cost_per_token' must be a non-negative number.", param="max_cost_per_token"
         )
-    if input_bytes is not None:
-        est_in = max(1, input_bytes // 4)
-    else:
-        text = get("messages") or get("prompt") or get("input") or ""
-        est_in = max(1, len(str(text)) // 4)
-    out = get("max_completion_tokens") or get("max_tokens")
-    est_out = out if isinstance(out, int) and out > 0 else default_output_tokens
-    if endpoint == "embeddings":
-        est_out = 0
-    return Constraints(
-        needed,
-        family,
-        float(max_cost) if max_cost is not None else None,
-        est_in,
-        est_out,
-    )
+    return needed, family, float(max_cost) if max_cost is not None else None
 
 
 def estimated_cost(entry: ModelConfig, c: Constraints) -> float:
@@ -327,7 +342,12 @@ def filter_and_order(
 
     ``default`` keeps the configured order; ``cost`` orders by estimated request cost
     (cheapest first, ties in configured order). Returns (ordered targets, reason)."""
-    kept = [target for target in targets if _fits(target, c)]
+    needed = c.capabilities
+    if c.family is None and c.max_cost_per_token is None:
+        # Only capabilities to check (most requests): one subset test per target.
+        kept = [t for t in targets if t.capabilities is None or needed <= t.capabilities]
+    else:
+        kept = [t for t in targets if _fits(t, c)]
     if not kept:
         excluded = [
             f"{target.label} ({_exclusion(target.entry, c)})"
