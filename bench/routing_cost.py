@@ -4,8 +4,9 @@ CPU per request.
 For each request the API (``Api._serve``) resolves the model, derives the request's
 constraints, filters and orders the candidates, orders groups of deployments, emits
 ``router.decide`` and runs the call through the failover executor, which picks a deployment
-(breaker, pause and cap checks), holds its slot, bounds the attempt with a cancel scope and
-records the outcome in the breaker and latency window. This times exactly those calls, with
+(breaker, pause and cap checks), holds its slot, hands the call its attempt deadline (the
+upstream pool's own scopes enforce it: no cancel scope per attempt) and records the
+outcome in the breaker and latency window. This times exactly those calls, with
 the gateway's config shape and telemetry handlers, around a stub provider whose
 ``complete()`` returns a fixed body at once (no I/O, no checkpoint):
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -67,7 +69,7 @@ ANSWER = b'{"id":"x","object":"chat.completion","choices":[],"usage":{"total_tok
 class StubProviders:
     """Stands in for ``Providers``: the answer is there at once."""
 
-    async def complete(self, target: Target, call: ProviderCall) -> bytes:
+    async def complete(self, target: Target, call: ProviderCall, deadline: float) -> bytes:
         return ANSWER
 
 
@@ -176,7 +178,7 @@ async def measure(bench: Bench, n: int, repeats: int) -> dict[str, float]:
 
     async def bare_call() -> None:
         target = targets[0]
-        await stub.complete(target, bench.call_for(target))
+        await stub.complete(target, bench.call_for(target), math.inf)
 
     async def through_failover() -> None:
         await bench.failover.complete(targets, bench.call_for, stub)  # type: ignore[arg-type]

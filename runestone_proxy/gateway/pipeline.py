@@ -3,7 +3,9 @@
 ``Providers`` holds one :class:`ProviderRuntime` per configured provider (its translator, key,
 base URL) and the shared upstream pool. Two entry points carry a call out:
 
-* ``complete(target, call) -> bytes``: the whole OpenAI-shaped answer;
+* ``complete(target, call, deadline) -> bytes``: the whole OpenAI-shaped answer, or
+  :class:`~runestone_proxy.errors.UpstreamTimeout` once ``deadline`` passes (the upstream
+  pool bounds each of its waits by it, so the failover needs no cancel scope per attempt);
 * ``open_stream(target, call)``: an async context manager yielding a :class:`PayloadStream`
   whose ``next()`` returns the next batch of OpenAI chunk payloads (``None`` at the end).
   Nothing has reached the client when it is opened, nor after a failed first ``next()``, so
@@ -19,8 +21,9 @@ upstream exchange; the pool discards a connection whose exchange did not complet
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from types import TracebackType
 from typing import Protocol
 
 import attrs
@@ -28,7 +31,12 @@ import trio
 
 from runestone_proxy import telemetry
 from runestone_proxy.config import Config, ProviderConfig
-from runestone_proxy.errors import GatewayError, InvalidParam, UpstreamProtocolError
+from runestone_proxy.errors import (
+    GatewayError,
+    InvalidParam,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
 from runestone_proxy.gateway.routing import Target
 from runestone_proxy.protocol.sse import SSEError, SSEParser
 from runestone_proxy.providers.anthropic import AnthropicTranslator
@@ -188,16 +196,20 @@ class Providers:
     def runtime(self, target: Target) -> ProviderRuntime:
         return self.runtimes[target.provider]
 
-    async def complete(self, target: Target, call: ProviderCall) -> bytes:
+    async def complete(self, target: Target, call: ProviderCall, deadline: float) -> bytes:
         runtime = self.runtime(target)
         legacy = call.endpoint == "completions" and runtime.chat_only
         call = runtime.prepare(call)
-        with _accounted(target, call, stream=False):
+        with _Accounted(target, call, stream=False):
             if runtime.mock is not None:
-                await _mock_latency(runtime)
+                if runtime.config.latency_ms:
+                    with trio.move_on_at(deadline):
+                        await _mock_latency(runtime)
+                    if trio.current_time() >= deadline:
+                        raise UpstreamTimeout(f"{target.provider} did not answer in time.")
                 body = runtime.mock.respond(call)
             else:
-                body = await self._http_complete(runtime, call)
+                body = await self._http_complete(runtime, call, deadline)
             return chat_to_text_completion(body) if legacy else body
 
     def _upstream(
@@ -209,9 +221,12 @@ class Providers:
         headers = (*up.headers, *runtime.extra_headers)
         return runtime.translator, up.method, runtime.base_url + up.path, headers, up.body
 
-    async def _http_complete(self, runtime: ProviderRuntime, call: ProviderCall) -> bytes:
+    async def _http_complete(
+        self, runtime: ProviderRuntime, call: ProviderCall, deadline: float
+    ) -> bytes:
         translator, method, url, headers, body = self._upstream(runtime, call)
-        async with self.pool.request(method, url, headers, body, self.timeouts) as resp:
+        exchange = self.pool.request(method, url, headers, body, self.timeouts, deadline)
+        async with exchange as resp:
             answer = await resp.read(self.max_response_bytes)
             if resp.status >= 300:
                 raise translator.parse_error(resp.status, resp.headers, answer)
@@ -222,7 +237,7 @@ class Providers:
         runtime = self.runtime(target)
         legacy = call.endpoint == "completions" and runtime.chat_only
         call = runtime.prepare(call)
-        with _accounted(target, call, stream=True):
+        with _Accounted(target, call, stream=True):
             if runtime.mock is not None:
                 await _mock_latency(runtime)
                 interval = runtime.config.chunk_interval_ms / 1000
@@ -239,25 +254,45 @@ class Providers:
                 yield _UpstreamStream(resp, translated)
 
 
-@contextmanager
-def _accounted(target: Target, call: ProviderCall, *, stream: bool) -> Iterator[None]:
-    """``provider.request.start``, then ``.stop`` or ``.error`` (with status and retryability)."""
-    started = time.perf_counter()
-    fields = {"provider": target.provider, "model": target.model, "request_id": call.request_id}
-    telemetry.emit("provider.request.start", stream=stream, **fields)
-    try:
-        yield
-    except GatewayError as exc:
-        telemetry.emit(
-            "provider.request.error",
-            status=exc.http_status,
-            code=exc.code,
-            retryable=exc.is_retryable,
-            duration_ms=_ms(started),
-            **fields,
-        )
-        raise
-    telemetry.emit("provider.request.stop", duration_ms=_ms(started), stream=stream, **fields)
+class _Accounted:
+    """``provider.request.start``, then ``.stop`` or ``.error`` (with status and
+    retryability). A class rather than a generator context manager: it wraps every provider
+    call, and a generator costs a few microseconds more per use."""
+
+    __slots__ = ("fields", "started", "stream")
+
+    def __init__(self, target: Target, call: ProviderCall, *, stream: bool) -> None:
+        self.fields = {
+            "provider": target.provider,
+            "model": target.model,
+            "request_id": call.request_id,
+        }
+        self.stream = stream
+
+    def __enter__(self) -> None:
+        self.started = time.perf_counter()
+        telemetry.emit("provider.request.start", stream=self.stream, **self.fields)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            duration = _ms(self.started)
+            telemetry.emit(
+                "provider.request.stop", duration_ms=duration, stream=self.stream, **self.fields
+            )
+        elif isinstance(exc, GatewayError):
+            telemetry.emit(
+                "provider.request.error",
+                status=exc.http_status,
+                code=exc.code,
+                retryable=exc.is_retryable,
+                duration_ms=_ms(self.started),
+                **self.fields,
+            )
 
 
 async def _mock_latency(runtime: ProviderRuntime) -> None:

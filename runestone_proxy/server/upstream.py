@@ -110,6 +110,8 @@ class _Exchange:
     headers: Headers
     body: Body
     timeouts: UpstreamTimeouts
+    #: The caller's own bound (a failover attempt's), when earlier than ``total_s``.
+    deadline: float | None = None
     _op: _OriginPool | None = None
     _response: H11Response | None = None
     _proxied: AbstractAsyncContextManager[UpstreamResponse] | None = None
@@ -117,13 +119,17 @@ class _Exchange:
     async def __aenter__(self) -> UpstreamResponse:
         pool = self.pool
         op, target = pool._route(self.url)
-        if op.origin.proxy is not None:
-            self._proxied = pool._proxy_transport().request(
-                op.origin, self.method, self.url, self.headers, self.body, self.timeouts
-            )
-            return await self._proxied.__aenter__()
         t = self.timeouts
         deadline = trio.current_time() + t.total_s
+        if self.deadline is not None and self.deadline < deadline:
+            deadline = self.deadline
+            if op.origin.proxy is not None:  # that transport takes a budget, not a deadline
+                t = attrs.evolve(t, total_s=max(0.0, deadline - trio.current_time()))
+        if op.origin.proxy is not None:
+            self._proxied = pool._proxy_transport().request(
+                op.origin, self.method, self.url, self.headers, self.body, t
+            )
+            return await self._proxied.__aenter__()
         await pool._take_slot(op, t, deadline)
         try:
             self._response = await pool._start(op, self, target, deadline)
@@ -191,15 +197,20 @@ class UpstreamPool:
         headers: Headers,
         body: Body = b"",
         timeouts: UpstreamTimeouts | None = None,
+        deadline: float | None = None,
     ) -> AbstractAsyncContextManager[UpstreamResponse]:
         """``async with pool.request(...) as resp``: send one request, yield its response.
 
         ``headers`` must not carry framing (Host, Content-Length, Transfer-Encoding,
         Connection): the pool writes its own. A bytes body is sent with Content-Length, an
-        async iterable one chunked, as it is produced."""
+        async iterable one chunked, as it is produced. ``deadline`` (trio time) tightens
+        ``total_s`` for this exchange: every wait in it, up to the last body byte read
+        inside the block, raises :class:`UpstreamTimeout` once it passes (so a caller's
+        per-attempt bound needs no cancel scope of its own)."""
         if self._closed:
             raise trio.ClosedResourceError("the upstream pool is closed")
-        return _Exchange(self, method, url, headers, body, timeouts or self.timeouts)
+        t = timeouts or self.timeouts
+        return _Exchange(self, method, url, headers, body, t, deadline)
 
     async def prune_idle(self) -> int:
         """Close idle connections that expired or that the peer closed; return how many.

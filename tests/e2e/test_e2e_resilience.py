@@ -253,6 +253,36 @@ async def test_a_dead_providers_breaker_opens_and_closes_after_the_cooldown(
     assert health["alpha"]["consecutive_failures"] == 0
 
 
+async def test_a_stalled_whole_answer_fails_over_at_the_attempt_timeout(
+    nursery: trio.Nursery,
+) -> None:
+    # No cancel scope per attempt: the upstream pool bounds its own waits by the attempt's
+    # deadline, so a provider that never answers is given up on and its connection closed.
+    alpha, beta = await start_fakes(nursery, "alpha", "beta")
+    alpha.mode = "stall"
+    config = gateway_config(
+        {"alpha": alpha.base_url, "beta": beta.base_url},
+        group("m", "alpha", "beta"),
+        route=routing(attempt_timeout_s=0.3),
+    )
+    _, url = await start_gateway(nursery, config)
+    with trio.fail_after(LIMIT_S):
+        async with httpx.AsyncClient(base_url=url, timeout=5) as client:
+            started = trio.current_time()
+            response = await client.post(
+                "/v1/chat/completions", json={"model": "m", "messages": MESSAGES}
+            )
+            waited = trio.current_time() - started
+            await alpha.disconnected.wait()  # the stalled attempt's connection was closed
+            health = await providers_health(client)
+    assert response.status_code == 200
+    assert response.headers["x-runestone-provider"] == "beta"
+    assert response.json()["choices"][0]["message"]["content"] == text("beta")
+    assert 0.3 <= waited < 2.0
+    assert health["alpha"]["consecutive_failures"] == 1
+    assert health["alpha"]["in_flight"] == 0
+
+
 # --- hedging --------------------------------------------------------------------------------
 
 

@@ -143,10 +143,14 @@ class StubProviders:
         finally:
             self.in_flight[provider] -= 1
 
-    async def complete(self, target: Target, call: ProviderCall) -> bytes:
+    async def complete(self, target: Target, call: ProviderCall, deadline: float) -> bytes:
+        # Honours ``deadline`` as Providers.complete does (the upstream pool's scopes).
         step = self._step(target.provider)
         with self._counting(target.provider):
-            await wait(step.delay_s)
+            with trio.move_on_at(deadline):
+                await wait(step.delay_s)
+            if trio.current_time() >= deadline:
+                raise UpstreamTimeout(f"upstream {target.provider}: request exceeded its bound")
             if step.error is not None:
                 raise step.error()
             return json.dumps({"provider": target.provider}).encode()

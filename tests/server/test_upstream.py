@@ -910,3 +910,17 @@ async def test_chunks_that_arrived_together_are_received_together(serve: Start) 
             assert pool.idle_connections == 1
     assert first == b"".join(b"data: %d\n\n" % i for i in range(5))
     assert end == b""
+
+
+async def test_a_callers_deadline_tightens_the_exchange(serve: Start) -> None:
+    # A failover attempt passes its bound: the pool's own waits end there (no extra scope).
+    server = await serve(_streaming_until_peer_closes(trio.Event()))
+    with trio.fail_after(LIMIT_S):
+        async with UpstreamPool(timeouts=FAST) as pool:
+            deadline = trio.current_time() + 0.3
+            async with pool.request("GET", server.base, [], deadline=deadline) as resp:
+                await resp.receive()
+                with pytest.raises(UpstreamTimeout):
+                    await resp.receive()
+            assert trio.current_time() >= deadline
+            assert pool.open_connections == 0  # an exchange cut short is never reused
