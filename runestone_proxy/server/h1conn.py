@@ -26,13 +26,16 @@ connection does the job:
   while a handler runs except ``send_timeout_s`` around a blocked write. Every way that scope
   can fire (idle, slow headers, a client gone or not reading) ends the connection anyway, so
   one scope loses nothing; a slow head is answered 408 after it (``_Phase.HEAD``).
-* **Response heads skip h11's serialiser.** h11 validates every header of every event twice
-  (on construction and again while adding framing headers); we write the head ourselves
-  (our headers are constants or values h11 already parsed and validated, and a CR/LF count
-  guards the rest) and keep h11's state machine in step by sending it a cached,
-  pre-validated head with the same framing, whose bytes we drop. Streamed bodies are framed
-  as chunks here too (RFC 9112 §7.1); h11 writes the last chunk. An HTTP/1.0 client's
-  stream, 1xx, 204 and 304 go through h11 whole (it picks close-delimited framing).
+* **Responses skip h11's serialiser.** h11 validates every header of every event twice
+  (on construction and again while adding framing headers) and walks its state machine per
+  event. We write the head ourselves (our headers are constants or values h11 already
+  parsed and validated, and a CR/LF count guards the rest) and frame streamed bodies as
+  chunks (RFC 9112 §7.1). h11 still parses every request: once a request was read to its
+  end and answered this way, the next one goes to a fresh ``h11.Connection`` fed what the
+  old one still holds (``trailing_data``: pipelined bytes, EOF). That costs a microsecond,
+  against ten for telling the old one about a response it did not write. An HTTP/1.0
+  client's stream, 1xx, 204 and 304 go through h11 whole (it picks close-delimited
+  framing), and the connection then cycles as h11 says.
 """
 
 from __future__ import annotations
@@ -68,20 +71,9 @@ _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 _STATUS_LINES = {code: b"HTTP/1.1 %d %b\r\n" % (code, reason) for code, reason in _REASONS.items()}
 #: Statuses whose framing h11 treats specially (no body): those go through h11 whole.
 _BODYLESS = frozenset({204, 304})
-#: Per status and framing, the head h11's state machine is told we sent (its bytes are
-#: dropped): ``Content-Length: 0`` then ``EndOfMessage`` moves our side to DONE for a whole
-#: response; ``Transfer-Encoding: chunked`` leaves it in SEND_BODY for a streamed one, whose
-#: chunks we frame ourselves and whose last chunk h11 writes at ``EndOfMessage``.
-_SYNC_HEADS: dict[tuple[int, bool], h11.Response] = {}
 _END = h11.EndOfMessage()
-
-
-def _sync_head(status: int, *, chunked: bool) -> h11.Response:
-    head = _SYNC_HEADS.get((status, chunked))
-    if head is None:
-        framing = (b"transfer-encoding", b"chunked") if chunked else (b"content-length", b"0")
-        head = _SYNC_HEADS[status, chunked] = h11.Response(status_code=status, headers=[framing])
-    return head
+#: The last chunk of a chunked body, with no trailers (RFC 9112 §7.1).
+_LAST_CHUNK = b"0\r\n\r\n"
 
 
 class _Phase(enum.Enum):
@@ -135,6 +127,9 @@ class H1Responder:
     sent_bytes: int = 0
     #: The streamed body goes out chunked (an HTTP/1.1 client): frame chunks ourselves.
     chunked: bool = False
+    #: The response was written without h11 (see the module docstring): the connection
+    #: takes a fresh h11.Connection for the next request.
+    direct: bool = False
 
     @property
     def started(self) -> bool:
@@ -183,8 +178,7 @@ class H1Responder:
         proto = conn.proto
         head = self._direct_head(status, headers, b"content-length: %d\r\n" % len(body))
         if head is not None:
-            proto.send(_sync_head(status, chunked=False))
-            proto.send(_END)
+            self.direct = True
             self.status = status
             if body and not self.head_only:
                 self.sent_bytes = len(body)
@@ -206,9 +200,8 @@ class H1Responder:
         if proto.their_http_version == b"1.1" and not self.head_only:
             head = self._direct_head(status, headers, b"transfer-encoding: chunked\r\n")
             if head is not None:
-                proto.send(_sync_head(status, chunked=True))
+                self.direct = self.chunked = True
                 self.status = status
-                self.chunked = True
                 await conn.write(head)
                 return
         head = proto.send(self._head(status, headers, None))
@@ -231,6 +224,9 @@ class H1Responder:
     async def finish(self) -> None:
         if not self.started:
             await self.respond(500, JSON_HEADERS, errors.GatewayError("No response.").body())
+        elif self.direct:
+            if self.chunked:
+                await self.conn.write(_LAST_CHUNK)
         elif self.conn.proto.our_state is h11.SEND_BODY:
             await self.conn.write(self.conn.proto.send(h11.EndOfMessage()))
 
@@ -253,15 +249,15 @@ class H1Connection:
     nursery: trio.Nursery | None = None
     #: The socket's fd when the stream is a plain SocketStream (not TLS), for direct writes.
     fd: int = -1
+    #: h11's ``max_incomplete_event_size``: the largest request line plus header block.
+    max_head: int = 0
 
     @classmethod
     def new(cls, stream: trio.abc.Stream, gateway: Gateway, client: str | None) -> H1Connection:
         limits = gateway.config.limits
-        conn = h11.Connection(
-            h11.SERVER,
-            max_incomplete_event_size=limits.max_request_line_bytes + limits.max_header_bytes,
-        )
-        self = cls(stream, gateway, limits, client, conn)
+        max_head = limits.max_request_line_bytes + limits.max_header_bytes
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
+        self = cls(stream, gateway, limits, client, conn, max_head=max_head)
         if isinstance(stream, trio.SocketStream):
             self.fd = stream.socket.fileno()
         return self
@@ -344,17 +340,30 @@ class H1Connection:
                 nursery.cancel_scope.cancel()
 
     async def _loop(self) -> None:
-        proto = self.proto
         while not self.closing:
             request = await self._next_request()
             if request is None:
                 return
-            await self._run(request)
-            if proto.our_state is not h11.DONE or proto.their_state is not h11.DONE:
+            direct = await self._run(request)
+            proto = self.proto
+            if proto.their_state is not h11.DONE or not (direct or proto.our_state is h11.DONE):
                 # MUST_CLOSE or CLOSED on either side, or a body left unread (an error
                 # answered early): the connection ends here.
                 return
-            proto.start_next_cycle()
+            if direct:
+                self._next_cycle()
+            else:
+                proto.start_next_cycle()
+
+    def _next_cycle(self) -> None:
+        """After a response h11 did not write: a fresh h11 connection for the next request,
+        fed what the old one received and has not parsed (pipelined bytes, EOF)."""
+        data, closed = self.proto.trailing_data
+        self.proto = proto = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
+        if data:
+            proto.receive_data(data)
+        if closed:
+            proto.receive_data(b"")
 
     async def _watch_drain(self) -> None:
         await self.gateway.draining.wait()
@@ -467,14 +476,15 @@ class H1Connection:
             f"Request body exceeds the limit of {self.limits.max_body_bytes} bytes."
         )
 
-    async def _run(self, event: h11.Request) -> None:
+    async def _run(self, event: h11.Request) -> bool:
+        """Serve one request; True if its response was written without h11."""
         started = time.perf_counter()
         # One pass over h11's Headers (a Sequence, slow to iterate) into a plain list.
         headers = list(event.headers)
         problem = self._check_head(event, headers)
         if problem is not None:
             await self._reject(problem)
-            return
+            return False
         if self.gateway.draining.is_set():
             self.closing = True
         target = event.target.decode("latin-1")
@@ -492,11 +502,11 @@ class H1Connection:
                 next_event = self.proto.next_event()
         except h11.RemoteProtocolError as exc:
             await self._reject(self._protocol_error(exc))
-            return
+            return False
         buffered = sum(map(len, parts))
         if buffered > self.limits.max_body_bytes:  # a chunked body has no length to check
             await self._reject(self._too_large())
-            return
+            return False
         body_source: _StreamingBody | _BufferedBody
         send_channel: trio.MemorySendChannel[bytes | errors.GatewayError] | None = None
         if isinstance(next_event, h11.EndOfMessage):
@@ -547,6 +557,7 @@ class H1Connection:
             log_access(
                 self.gateway, request, responder.status or 499, responder.sent_bytes, started
             )
+        return responder.direct
 
     def _arm_watch(
         self,

@@ -566,3 +566,35 @@ async def test_a_watcher_armed_as_its_request_ends_never_becomes_a_second_reader
             after = await c.exchange(LIVE)
     assert [a.status for a in answers] == [200, 200, 200]
     assert after.status == 200
+
+
+async def test_pipelined_requests_then_a_half_close_are_all_answered_then_closed() -> None:
+    # Each direct response hands the bytes h11 still holds (the rest of the burst, then the
+    # EOF) to a fresh h11 connection: nothing pipelined may be lost or reordered.
+    async def stream(_request: Request, responder: Responder) -> None:
+        await responder.start(200, SSE_HEADERS)
+        await responder.send(b"data: one\n\n")
+
+    burst = (
+        request("GET", "/health/live", {"x-request-id": "first"})
+        + request("GET", "/stream", {"x-request-id": "second"})
+        + request("POST", "/echo", {"x-request-id": "third"}, body=b"posted")
+    )
+    routes = {**ECHO, ("GET", "/stream"): stream}
+    with trio.fail_after(TIMEOUT_S):
+        async with running_app(make_config(), routes) as gw, await RawClient.connect(gw.port) as c:
+            await c.send(burst)
+            assert isinstance(c.stream, trio.SocketStream)
+            await c.stream.send_eof()
+            first = await c.read_response()
+            second = await c.read_head()
+            chunks = [await c.read_chunk(), await c.read_chunk()]
+            third = await c.read_response()
+            await assert_closed(c)
+    assert [r.header("x-request-id") for r in (first, second, third)] == [
+        "first",
+        "second",
+        "third",
+    ]
+    assert chunks == [b"data: one\n\n", b""]
+    assert (third.status, third.body) == (200, b"posted")
