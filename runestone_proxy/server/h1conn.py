@@ -66,6 +66,9 @@ _WATCH_AFTER_S = 0.02
 #: A request whose wait left less than this on the connection's deadline gets none at once
 #: (see _next_request); otherwise only once it runs longer than _WATCH_AFTER_S.
 _DEADLINE_MARGIN_S = 1.0
+#: How early (as a share of the timeout) a keep-alive or header deadline may fire: a wait
+#: keeps the deadline an earlier wait set if it is this close to its own (see _next_request).
+_DEADLINE_SLACK = 0.02
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 #: Status lines as h11 writes them, for the heads we write ourselves.
 _STATUS_LINES = {code: b"HTTP/1.1 %d %b\r\n" % (code, reason) for code, reason in _REASONS.items()}
@@ -402,7 +405,11 @@ class H1Connection:
                 self.phase = _Phase.HEAD if buffered else _Phase.IDLE
                 limits = self.limits
                 timeout = limits.header_timeout_s if buffered else limits.keepalive_timeout_s
-                scope.deadline = trio.current_time() + timeout
+                due = trio.current_time() + timeout
+                # A busy connection waits many times a second; moving a deadline is a heap
+                # operation. One already within _DEADLINE_SLACK of the timeout is kept.
+                if not due - timeout * _DEADLINE_SLACK <= scope.deadline <= due:
+                    scope.deadline = due
             elif self.phase is _Phase.IDLE:
                 # Bytes came, but not yet a whole head (the usual first read is one): the
                 # header timeout applies from now on.
