@@ -91,6 +91,21 @@ def group(model: str, *providers: str, **entry: Any) -> list[ModelConfig]:
     return [ModelConfig(model, p, **entry) for p in providers]
 
 
+async def alpha_stalls(
+    nursery: trio.Nursery, *, route: RoutingConfig | None = None, **entry: Any
+) -> tuple[Flaky, Flaky, str]:
+    """Fakes alpha (never answers) and beta behind model ``m``, and the gateway's URL."""
+    alpha, beta = await start_fakes(nursery, "alpha", "beta")
+    alpha.mode = "stall"
+    config = gateway_config(
+        {"alpha": alpha.base_url, "beta": beta.base_url},
+        group("m", "alpha", "beta", **entry),
+        route=route,
+    )
+    _, url = await start_gateway(nursery, config)
+    return alpha, beta, url
+
+
 async def providers_health(client: httpx.AsyncClient) -> dict[str, Any]:
     response = await client.get("/health/providers")
     assert response.status_code == 200
@@ -258,14 +273,7 @@ async def test_a_stalled_whole_answer_fails_over_at_the_attempt_timeout(
 ) -> None:
     # No cancel scope per attempt: the upstream pool bounds its own waits by the attempt's
     # deadline, so a provider that never answers is given up on and its connection closed.
-    alpha, beta = await start_fakes(nursery, "alpha", "beta")
-    alpha.mode = "stall"
-    config = gateway_config(
-        {"alpha": alpha.base_url, "beta": beta.base_url},
-        group("m", "alpha", "beta"),
-        route=routing(attempt_timeout_s=0.3),
-    )
-    _, url = await start_gateway(nursery, config)
+    alpha, _, url = await alpha_stalls(nursery, route=routing(attempt_timeout_s=0.3))
     with trio.fail_after(LIMIT_S):
         async with httpx.AsyncClient(base_url=url, timeout=5) as client:
             started = trio.current_time()
@@ -289,13 +297,7 @@ async def test_a_stalled_whole_answer_fails_over_at_the_attempt_timeout(
 async def test_hedging_picks_the_fast_candidate_and_closes_the_slow_ones_connection(
     nursery: trio.Nursery,
 ) -> None:
-    alpha, beta = await start_fakes(nursery, "alpha", "beta")
-    alpha.mode = "stall"
-    config = gateway_config(
-        {"alpha": alpha.base_url, "beta": beta.base_url},
-        group("m", "alpha", "beta", hedge_delay_ms=50.0),
-    )
-    _, url = await start_gateway(nursery, config)
+    alpha, beta, url = await alpha_stalls(nursery, hedge_delay_ms=50.0)
     with trio.fail_after(LIMIT_S):
         provider, content, _ = await trio.to_thread.run_sync(sdk_stream, url, "m")
         assert (provider, content) == ("beta", text("beta"))
