@@ -298,23 +298,26 @@ class H11Connection:
         except trio.BrokenResourceError as exc:
             raise EarlyClose("lost while sending", during_send=True, replayable=replayable) from exc
 
-    async def read_some(self) -> bytes:
+    async def read_some(self, *, waiting: bool = False) -> bytes:
         """The next bytes from the origin, ``b""`` at EOF; a reset raises
         ``trio.BrokenResourceError``. On cleartext, a direct non-blocking read (trio's
         SocketStream adds a conflict detector and a generic helper per call); a checkpoint
-        keeps the loop fair when bytes were already waiting."""
+        keeps the loop fair when bytes were already waiting. ``waiting``: the caller knows
+        nothing is there yet (a request just sent, a read that just came back empty), so
+        wait for readiness first rather than pay a read that fails."""
         fd = self.fd
         if fd < 0:
             return bytes(await self.stream.receive_some(RECEIVE_BYTES))
-        try:
-            data = os.read(fd, RECEIVE_BYTES)
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            raise trio.BrokenResourceError(f"upstream {self.origin.label}: {exc}") from exc
-        else:
-            await trio.lowlevel.checkpoint()
-            return data
+        if not waiting:
+            try:
+                data = os.read(fd, RECEIVE_BYTES)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"upstream {self.origin.label}: {exc}") from exc
+            else:
+                await trio.lowlevel.checkpoint()
+                return data
         while True:
             await trio.lowlevel.wait_readable(fd)
             try:
@@ -360,7 +363,8 @@ class H11Connection:
                 raise UpstreamProtocolError(f"upstream {label}: {exc}") from exc
             if event is h11.NEED_DATA:
                 try:
-                    data = await self.read_some()
+                    # Right after the request, or mid-head: the origin has yet to speak.
+                    data = await self.read_some(waiting=True)
                 except trio.BrokenResourceError as exc:
                     if first_byte:
                         raise UpstreamConnectError(f"upstream {label}: reset in the head") from exc
@@ -415,7 +419,7 @@ class H11Response(UpstreamResponse):
                 deadline = min(self._deadline, trio.current_time() + t.between_chunks_s)
                 with trio.CancelScope(deadline=deadline) as scope:
                     try:
-                        data = await conn.read_some()
+                        data = await conn.read_some(waiting=True)  # it just read dry
                     except trio.BrokenResourceError as exc:
                         msg = f"upstream {self.origin}: connection lost mid-body"
                         raise UpstreamConnectError(msg) from exc
