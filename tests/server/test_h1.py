@@ -598,3 +598,37 @@ async def test_pipelined_requests_then_a_half_close_are_all_answered_then_closed
     ]
     assert chunks == [b"data: one\n\n", b""]
     assert (third.status, third.body) == (200, b"posted")
+
+
+async def test_an_http_1_0_client_gets_its_stream_close_delimited() -> None:
+    # No chunked coding for HTTP/1.0 (RFC 9112 §7.1): that head stays with h11, which frames
+    # the body by closing the connection.
+    async def stream(_request: Request, responder: Responder) -> None:
+        await responder.start(200, SSE_HEADERS)
+        await responder.send(b"data: one\n\n")
+        await responder.send(b"data: two\n\n")
+
+    with trio.fail_after(TIMEOUT_S):
+        routes = {("GET", "/stream"): stream}
+        async with running_app(make_config(), routes) as gw, await RawClient.connect(gw.port) as c:
+            await c.send(b"GET /stream HTTP/1.0\r\n\r\n")
+            raw = await c.read_eof()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"transfer-encoding" not in head.lower()
+    assert body == b"data: one\n\ndata: two\n\n"
+
+
+async def test_head_of_a_streamed_resource_has_no_body() -> None:
+    async def stream(_request: Request, responder: Responder) -> None:
+        await responder.start(200, SSE_HEADERS)
+        await responder.send(b"data: one\n\n")
+
+    with trio.fail_after(TIMEOUT_S):
+        routes = {("GET", "/stream"): stream}
+        async with running_app(make_config(), routes) as gw, await RawClient.connect(gw.port) as c:
+            head = await c.exchange(request("HEAD", "/stream"), head=True)
+            after = await c.exchange(LIVE)  # nothing of the stream was left on the wire
+    assert head.status == 200
+    assert head.header("content-type") == "text/event-stream; charset=utf-8"
+    assert after.status == 200
