@@ -293,8 +293,10 @@ class H1Connection:
         finally:
             scope.deadline = math.inf
 
-    async def receive(self) -> bytes:
-        """The next bytes from the client; ``b""`` at EOF or when the socket broke."""
+    async def receive(self, *, waiting: bool = False) -> bytes:
+        """The next bytes from the client; ``b""`` at EOF or when the socket broke.
+        ``waiting``: nothing is expected yet (the client has its answer to read before it
+        sends again), so wait for readiness first rather than pay a read that fails."""
         fd = self.fd
         if fd < 0:
             try:
@@ -305,15 +307,16 @@ class H1Connection:
         # A plain socket: read it directly (trio's SocketStream adds a conflict detector and
         # a generic non-blocking helper per call). One reader at a time is this class's own
         # rule, and wait_readable still refuses a second waiter.
-        try:
-            data = os.read(fd, _READ_SIZE)
-        except BlockingIOError:
-            pass
-        except OSError:
-            return b""  # reset by the peer: as EOF
-        else:
-            await trio.lowlevel.checkpoint()  # bytes were waiting: still let others run
-            return data
+        if not waiting:
+            try:
+                data = os.read(fd, _READ_SIZE)
+            except BlockingIOError:
+                pass
+            except OSError:
+                return b""  # reset by the peer: as EOF
+            else:
+                await trio.lowlevel.checkpoint()  # bytes were waiting: let others run too
+                return data
         while True:
             try:
                 await trio.lowlevel.wait_readable(fd)
@@ -415,7 +418,9 @@ class H1Connection:
                 # header timeout applies from now on.
                 self.phase = _Phase.HEAD
                 scope.deadline = trio.current_time() + self.limits.header_timeout_s
-            data = await self.receive()
+            # Between requests, a client (one that does not pipeline) is still reading our
+            # answer: its next request cannot be here yet.
+            data = await self.receive(waiting=self.phase is _Phase.IDLE)
             proto.receive_data(data)
             if not data and not proto.trailing_data[0]:
                 return None
