@@ -144,6 +144,18 @@ register(
 )
 register(
     Scenario(
+        name="bare_proxy_h1",
+        description="POST /v1/chat/completions (non-stream) through a bare trio+h11 proxy "
+        "(bench/bare_proxy.py) to the upstream: what any Trio proxy on h11 spends",
+        target="bare_proxy",
+        protocol="h1",
+        request=CHAT,
+        groups=("chat",),
+        baseline="direct_h1",
+    )
+)
+register(
+    Scenario(
         name="chat_h1",
         description="POST /v1/chat/completions (non-stream) through the gateway to the upstream",
         target="gateway_upstream",

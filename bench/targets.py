@@ -7,8 +7,10 @@ scenario uses once, before the first measurement, and stops them all at the end.
 
 Built in: ``baseline`` (bench/baseline.py), ``upstream`` (bench/upstream.py, a fake
 OpenAI provider: 20 unpaced chunks per stream), ``upstream_paced`` (the same, 50 chunks
-20 ms apart), and the gateways (``python -m runestone_proxy``): ``gateway`` (default config,
-no upstream), ``gateway_upstream`` (model ``bench-model`` -> ``upstream``, auth off),
+20 ms apart), ``bare_proxy`` (bench/bare_proxy.py in front of ``upstream``: the proxy
+path's ceiling, on the server CPU like a gateway), and the gateways
+(``python -m runestone_proxy``): ``gateway`` (default config, no upstream),
+``gateway_upstream`` (model ``bench-model`` -> ``upstream``, auth off),
 ``gateway_upstream_b`` (an identical second process: the A/A control),
 ``gateway_auth`` (the same with auth on: a rate-limited ``[[auth.keys]]`` key and a plain
 ``RUNESTONE_API_KEYS`` key) and ``gateway_paced`` (``bench-model`` -> ``upstream_paced``, sized
@@ -86,6 +88,13 @@ def start_order(names: set[str]) -> list[str]:
 def _start_baseline(launch: Launch) -> Process:
     argv = [sys.executable, "-m", "bench.baseline", "--host", HOST, "--port", "0"]
     return spawn("baseline", argv, launch.workdir, cpu=launch.server_cpu, announces_port=True)
+
+
+def _start_bare_proxy(launch: Launch) -> Process:
+    upstream = launch.running["upstream"].port
+    argv = [sys.executable, "-m", "bench.bare_proxy", "--host", HOST, "--port", "0"]
+    argv += ["--upstream", f"{HOST}:{upstream}"]
+    return spawn("bare_proxy", argv, launch.workdir, cpu=launch.server_cpu, announces_port=True)
 
 
 def _start_upstream(launch: Launch) -> Process:
@@ -222,6 +231,14 @@ def _proxy_starter(
 
 register_target(Target("baseline", "bare trio+h11 keep-alive server", _start_baseline))
 register_target(Target("upstream", "fake OpenAI provider (raw trio+h11)", _start_upstream))
+register_target(
+    Target(
+        "bare_proxy",
+        "bare trio+h11 reverse proxy -> upstream: the proxy path's ceiling",
+        _start_bare_proxy,
+        needs=("upstream",),
+    )
+)
 register_target(
     Target(
         "upstream_paced",
