@@ -13,6 +13,8 @@ request is almost always longer than the preface and differs from it at the firs
 from __future__ import annotations
 
 import errno
+import os
+import socket
 import ssl
 
 import structlog
@@ -31,6 +33,8 @@ H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # Out of file descriptors or buffers: back off instead of spinning (as trio.serve_listeners).
 _CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _BACKOFF_S = 0.1
+#: Connections taken from the backlog per wake-up of the accept loop, at most.
+_ACCEPT_BATCH = 256
 
 
 def make_ssl_context(server: ServerConfig) -> ssl.SSLContext | None:
@@ -116,26 +120,47 @@ async def accept_loop(
     capped: bool = True,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept until cancelled; each connection runs in ``connections``. Closes the socket."""
+    """Accept until cancelled; each connection runs in ``connections``. Closes the socket.
+
+    trio's ``accept`` yields to the scheduler once per connection, so under load a burst of
+    N connects waits N scheduler rounds for its last connection (hundreds of milliseconds of
+    tail latency when a pool of clients reconnects). After each awaited accept, the backlog
+    is drained without yielding through a non-blocking duplicate of the listening socket, as
+    nginx's ``multi_accept`` does, up to ``_ACCEPT_BATCH`` at a time."""
+
+    def admit(stream: trio.SocketStream) -> None:
+        if capped:
+            if gateway.open_connections >= gateway.config.limits.max_connections:
+                connections.start_soon(_refuse, stream)
+                return
+            # Counted here, not in the new task: a burst of accepts runs before any of the
+            # tasks it starts, and each must see the ones before it.
+            gateway.open_connections += 1
+        connections.start_soon(_tracked, stream, gateway, ssl_context, capped)
+
     async with listener:
-        task_status.started()
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                if exc.errno in _CAPACITY_ERRNOS:
-                    log.error("listener.accept.capacity", error=exc.strerror)
-                    await trio.sleep(_BACKOFF_S)
-                    continue
-                raise
-            if capped:
-                if gateway.open_connections >= gateway.config.limits.max_connections:
-                    connections.start_soon(_refuse, stream)
-                    continue
-                # Counted here, not in the new task: a burst of accepts runs before any of
-                # the tasks it starts, and each must see the ones before it.
-                gateway.open_connections += 1
-            connections.start_soon(_tracked, stream, gateway, ssl_context, capped)
+        backlog = socket.socket(fileno=os.dup(listener.socket.fileno()))
+        try:
+            backlog.setblocking(False)
+            task_status.started()
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno in _CAPACITY_ERRNOS:
+                        log.error("listener.accept.capacity", error=exc.strerror)
+                        await trio.sleep(_BACKOFF_S)
+                        continue
+                    raise
+                admit(stream)
+                for _ in range(_ACCEPT_BATCH):
+                    try:
+                        sock, _ = backlog.accept()
+                    except OSError:
+                        break  # drained (EAGAIN), or an error the awaited accept will report
+                    admit(trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
+        finally:
+            backlog.close()
 
 
 async def _tracked(

@@ -448,6 +448,25 @@ async def test_connection_cap_holds_for_a_burst_of_connections() -> None:
     assert [r.status for r in served] == [200, 200]
 
 
+async def test_a_burst_of_connections_taken_from_the_backlog_at_once_is_all_served() -> None:
+    # The accept loop drains the backlog without yielding per connection: every one of a
+    # burst that queued up before the first accept must still be served, in full.
+    with trio.fail_after(TIMEOUT_S):
+        async with running_app(make_config()) as gw:
+            socks = [socket.create_connection((HOST, gw.port)) for _ in range(40)]
+            for sock in socks:
+                sock.sendall(LIVE)
+            clients = [
+                RawClient(trio.SocketStream(trio.socket.from_stdlib_socket(s))) for s in socks
+            ]
+            try:
+                answers = [await c.read_response() for c in clients]
+            finally:
+                for client in clients:
+                    await client.aclose()
+    assert [a.status for a in answers] == [200] * 40
+
+
 # --- TLS ------------------------------------------------------------------------------------
 
 
