@@ -77,16 +77,8 @@ async def measure(n: int, repeats: int) -> dict[str, float]:
             t0 = pc()
             for _ in range(k):
                 principal = keys.authenticate(header, None)
-                limits = principal.limits
-                estimate = ratelimit.estimate_tokens(body, out_tokens) if limits.tpm else 0
-                reservation, _headers = limiter.check(
-                    principal.key_id,
-                    limits,
-                    trio.current_time(),
-                    estimate,
-                    tenant=principal.tenant,
-                    key_mask=principal.key_mask,
-                    request_id="req_bench",
+                reservation, _headers = limiter.admit(
+                    principal, body, out_tokens, trio.current_time(), "req_bench"
                 )
                 used = ratelimit.usage_tokens(ANSWER)
                 limiter.reconcile(reservation, used, trio.current_time())

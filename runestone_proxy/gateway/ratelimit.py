@@ -41,13 +41,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 
 from runestone_proxy import telemetry
 from runestone_proxy.config import AuthKeyConfig
 from runestone_proxy.errors import RateLimited
+
+if TYPE_CHECKING:
+    from runestone_proxy.gateway.auth import Principal
 
 Headers = tuple[tuple[bytes, bytes], ...]
 Which = Literal["rpm", "rph", "tpm"]
@@ -461,6 +464,28 @@ class RateLimiter:
     keys: dict[str, KeyState] = attrs.Factory(dict)
     sweep_interval_s: float = MINUTE_S
     next_sweep: float = -math.inf
+
+    def admit(
+        self,
+        principal: Principal,
+        body: Mapping[str, Any],
+        output_tokens: int,
+        now: float,
+        request_id: str | None = None,
+    ) -> tuple[Reservation, Headers]:
+        """:meth:`check` for one API request by ``principal``, its token estimate taken from
+        ``body`` (only when the key has a TPM limit: the estimate costs a walk of the body)."""
+        limits = principal.limits
+        estimate = estimate_tokens(body, output_tokens) if limits.tpm else 0
+        return self.check(
+            principal.key_id,
+            limits,
+            now,
+            estimate,
+            tenant=principal.tenant,
+            key_mask=principal.key_mask,
+            request_id=request_id,
+        )
 
     def check(
         self,

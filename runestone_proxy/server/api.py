@@ -291,21 +291,9 @@ class Api:
         prefer = (request.header(b"prefer") or b"").lower()
         wants_async = force_stream or b"respond-async" in prefer or webhook is not None
         limits = principal.limits
-        estimate = (
-            ratelimit.estimate_tokens(
-                body, 0 if endpoint == "embeddings" else self.default_output_tokens
-            )
-            if limits.tpm
-            else 0
-        )
-        reservation, rl_headers = self.ratelimiter.check(
-            principal.key_id,
-            limits,
-            trio.current_time(),
-            estimate,
-            tenant=principal.tenant,
-            key_mask=principal.key_mask,
-            request_id=request.request_id,
+        output_tokens = 0 if endpoint == "embeddings" else self.default_output_tokens
+        reservation, rl_headers = self.ratelimiter.admit(
+            principal, body, output_tokens, trio.current_time(), request.request_id
         )
         usage: list[int | None] = [None]
         admitted = False

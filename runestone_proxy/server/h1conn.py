@@ -138,15 +138,21 @@ class H1Responder:
     def started(self) -> bool:
         return self.status != 0
 
+    def _closes(self) -> bool:
+        """Whether the connection ends after this response. Besides a drain, the client may
+        not send another request (MUST_CLOSE: ``Connection: close``, HTTP/1.0), or we answer
+        before its body was read (e.g. 401): then say so (RFC 9112 §9.6) rather than leave a
+        keep-alive client to find a reset."""
+        conn = self.conn
+        if conn.proto.their_state is not h11.DONE:
+            conn.closing = True
+        return conn.closing
+
     def _head(self, status: int, headers: HeaderList, length: int | None) -> h11.Response:
         out = [*headers, (b"x-request-id", self.request_id.encode())]
         if length is not None:
             out.append((b"content-length", str(length).encode()))
-        if self.conn.proto.their_state is not h11.DONE:
-            # Answered before the body was read (e.g. 401): we will close, so say so
-            # (RFC 9112 §9.6) rather than leave a keep-alive client to find a reset.
-            self.conn.closing = True
-        if self.conn.closing:
+        if self._closes():
             out.append(_CLOSE)
         head = h11.Response(status_code=status, headers=out, reason=_REASONS.get(status, b""))
         self.status = status  # only once h11 accepted the headers: else a 500 can follow
@@ -158,14 +164,11 @@ class H1Responder:
         LF in it, which h11 then refuses)."""
         if status < 200 or status in _BODYLESS:
             return None
-        conn = self.conn
-        if conn.proto.their_state is not h11.DONE:
-            # MUST_CLOSE (Connection: close, HTTP/1.0) or a body left unread: see _head.
-            conn.closing = True
+        closes = self._closes()
         parts = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status]
         parts += [b"%b: %b\r\n" % pair for pair in headers]
         parts.append(b"x-request-id: %b\r\n%b" % (self.request_id.encode(), framing))
-        if conn.closing:
+        if closes:
             parts.append(b"connection: close\r\n")
         head = b"".join(parts)
         # Each header line ends in exactly one CRLF: no CR or LF hides inside a value.

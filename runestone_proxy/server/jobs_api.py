@@ -104,18 +104,9 @@ async def accept_async(
         idempotency_key=idempotency_key(request),
     )
     enqueued = await store.enqueue(job)
-    stored = enqueued.job
-    telemetry.emit(
-        "overflow.enqueue",
-        tenant=principal.tenant,
-        key_mask=principal.key_mask,
-        request_id=request.request_id,
-        job_id=stored.id,
-        endpoint=endpoint,
-        queue_depth=enqueued.queue_depth,
-        replayed=not enqueued.created,
-    )
-    await _accepted(responder, stored, replayed=not enqueued.created)
+    replayed = not enqueued.created
+    _emit_enqueue(request, principal, enqueued.job, enqueued.queue_depth, replayed)
+    await _accepted(responder, enqueued.job, replayed=replayed)
 
 
 async def replay_idempotent(
@@ -131,18 +122,25 @@ async def replay_idempotent(
     twin = await store.find_idempotent(principal.tenant, key)
     if twin is None:
         return False
+    _emit_enqueue(request, principal, twin, None, replayed=True)
+    await _accepted(responder, twin, replayed=True)
+    return True
+
+
+def _emit_enqueue(
+    request: Request, principal: Principal, job: Job, queue_depth: int | None, replayed: bool
+) -> None:
+    """``overflow.enqueue``: a job accepted, or an earlier one answered again (``replayed``)."""
     telemetry.emit(
         "overflow.enqueue",
         tenant=principal.tenant,
         key_mask=principal.key_mask,
         request_id=request.request_id,
-        job_id=twin.id,
-        endpoint=twin.endpoint,
-        queue_depth=None,
-        replayed=True,
+        job_id=job.id,
+        endpoint=job.endpoint,
+        queue_depth=queue_depth,
+        replayed=replayed,
     )
-    await _accepted(responder, twin, replayed=True)
-    return True
 
 
 async def _accepted(responder: Responder, job: Job, *, replayed: bool) -> None:

@@ -298,6 +298,16 @@ class H11Connection:
         except trio.BrokenResourceError as exc:
             raise EarlyClose("lost while sending", during_send=True, replayable=replayable) from exc
 
+    def read_ready(self) -> bytes | None:
+        """What a cleartext socket already holds (``b""`` at EOF), or None if a read would
+        block. No checkpoint: the caller decides when to yield."""
+        try:
+            return os.read(self.fd, RECEIVE_BYTES)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"upstream {self.origin.label}: {exc}") from exc
+
     async def read_some(self, *, waiting: bool = False) -> bytes:
         """The next bytes from the origin, ``b""`` at EOF; a reset raises
         ``trio.BrokenResourceError``. On cleartext, a direct non-blocking read (trio's
@@ -309,13 +319,8 @@ class H11Connection:
         if fd < 0:
             return bytes(await self.stream.receive_some(RECEIVE_BYTES))
         if not waiting:
-            try:
-                data = os.read(fd, RECEIVE_BYTES)
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"upstream {self.origin.label}: {exc}") from exc
-            else:
+            data = self.read_ready()
+            if data is not None:
                 await trio.lowlevel.checkpoint()
                 return data
         while True:
@@ -408,9 +413,9 @@ class H11Response(UpstreamResponse):
                     # Cleartext with bytes already waiting: take them without a timeout scope
                     # (the common case mid-body); one checkpoint keeps the loop fair.
                     try:
-                        ready: bytes | None = os.read(conn.fd, RECEIVE_BYTES)
-                    except OSError:
-                        ready = None  # would block, or broken: the scoped path decides
+                        ready = conn.read_ready()
+                    except trio.BrokenResourceError:
+                        ready = None  # the scoped read below reports it
                     if ready is not None:
                         await trio.lowlevel.checkpoint()
                         proto.receive_data(ready)  # b"" is EOF
