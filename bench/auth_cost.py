@@ -23,15 +23,13 @@ writing the extra response headers (a few hundred bytes more per response). Medi
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import trio
 
-from bench.routing_cost import DEFAULT_RESULTS, gateway_cpu_us, pin_to_server_cpu
+from bench.routing_cost import gateway_us, micro_bench_args, pin_to_server_cpu
 from bench.scenarios import CHAT_BODY
 from bench.targets import LIMITED_KEY, PLAIN_KEY
 from runestone_proxy.config import AuthConfig, AuthKeyConfig, Config
@@ -90,21 +88,10 @@ async def measure(n: int, repeats: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--iterations", type=int, default=20_000)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
-    parser.add_argument("--gateway-us", type=float, help="gateway CPU us per request (override)")
-    args = parser.parse_args()
+    args = micro_bench_args(__doc__ or "").parse_args()
     pin_to_server_cpu()
     ns = trio.run(measure, args.iterations, args.repeats)
-    gateway: dict[int, float] = {}
-    if args.gateway_us is not None:
-        gateway = {0: args.gateway_us}
-    elif args.results.is_file():
-        gateway = gateway_cpu_us(args.results)
+    gateway = gateway_us(args)
     print(f"{'case':<8} {'us/request':>10} {'added us':>9}")
     for name, value in ns.items():
         print(f"{name:<8} {value / 1000:10.2f} {(value - ns['open']) / 1000:9.2f}")

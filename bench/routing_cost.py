@@ -217,14 +217,30 @@ def pin_to_server_cpu() -> None:
 DEFAULT_RESULTS = ROOT / "bench" / "results" / "latest" / "results.json"
 
 
-def main() -> None:
+def micro_bench_args(description: str) -> argparse.ArgumentParser:
+    """The options the in-process cost benches share (this one and ``bench.auth_cost``)."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+        description=description, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--iterations", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     parser.add_argument("--gateway-us", type=float, help="gateway CPU us per request (override)")
+    return parser
+
+
+def gateway_us(args: argparse.Namespace) -> dict[int, float]:
+    """The gateway's CPU per request to compare against: ``--gateway-us``, else by
+    concurrency from ``--results`` (empty when neither is there)."""
+    if args.gateway_us is not None:
+        return {0: args.gateway_us}
+    if args.results.is_file():
+        return gateway_cpu_us(args.results)
+    return {}
+
+
+def main() -> None:
+    parser = micro_bench_args(__doc__ or "")
     parser.add_argument("--no-pin", action="store_true", help="do not pin to the first CPU")
     args = parser.parse_args()
     if not args.no_pin:
@@ -243,13 +259,8 @@ def main() -> None:
     finally:
         for remove in removers:
             remove()
-    gateway: dict[int, float] = {}
-    source = "--gateway-us"
-    if args.gateway_us is not None:
-        gateway = {0: args.gateway_us}
-    elif args.results.is_file():
-        gateway = gateway_cpu_us(args.results)
-        source = str(args.results.resolve())
+    gateway = gateway_us(args)
+    source = "--gateway-us" if args.gateway_us is not None else str(args.results.resolve())
     print(f"{'piece':<18} {'single us':>10} {'group2 us':>10}")
     for piece in tables["single"]:
         cells = [f"{tables[name][piece] / 1000:10.2f}" for name in ("single", "group2")]
