@@ -540,29 +540,22 @@ async def test_a_capped_request_takes_whichever_slot_frees_first(
 # --- deadlines ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "stream"])
 async def test_no_attempt_starts_after_the_deadline(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, streamed: bool
 ) -> None:
     failover, targets = make("ab", deadline_s=5.0)
     stub = StubProviders({"a": [STALL], "b": [OK]})
+    run = (
+        failover.stream(targets, call_for, stub, Relay())  # type: ignore[arg-type]
+        if streamed
+        else failover.complete(targets, call_for, stub)  # type: ignore[arg-type]
+    )
     with trio.fail_after(LIMIT_S), pytest.raises(UpstreamTimeout):
-        await failover.complete(targets, call_for, stub)  # type: ignore[arg-type]
+        await run
     assert trio.current_time() == 5.0
     assert stub.called() == ["a"]
     # b never had a chance: its health is untouched.
-    assert failover.deployments.by_name["b"].breaker.consecutive_failures == 0
-
-
-async def test_a_stream_attempt_never_starts_after_the_deadline(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    failover, targets = make("ab", deadline_s=5.0)
-    stub = StubProviders({"a": [STALL], "b": [OK]})
-    relay = Relay()
-    with trio.fail_after(LIMIT_S), pytest.raises(UpstreamTimeout):
-        await failover.stream(targets, call_for, stub, relay)  # type: ignore[arg-type]
-    assert trio.current_time() == 5.0
-    assert stub.called() == ["a"]
     assert failover.deployments.by_name["b"].breaker.consecutive_failures == 0
 
 
