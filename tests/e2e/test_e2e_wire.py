@@ -104,6 +104,12 @@ async def test_metadata_non_stream(http: httpx.AsyncClient) -> None:
             json=chat_body("mock-1"),
             headers={"x-request-id": "client-chosen-id-42"},
         )
+        # Printable ASCII is echoed, quotes and backslashes included: the body stays JSON.
+        quoted = await http.post(
+            "/v1/chat/completions",
+            json=chat_body("mock-1"),
+            headers={"x-request-id": 'id-"q"\\b'},
+        )
     body = response.json()
     assert response.headers["x-request-id"].startswith("req_")
     assert response.headers["x-runestone-provider"] == "anthropic"
@@ -115,6 +121,7 @@ async def test_metadata_non_stream(http: httpx.AsyncClient) -> None:
     assert echoed.headers["x-request-id"] == "client-chosen-id-42"
     assert echoed.json()["request_id"] == "client-chosen-id-42"
     assert echoed.headers["x-runestone-provider"] == "mock"
+    assert quoted.json()["request_id"] == quoted.headers["x-request-id"] == 'id-"q"\\b'
 
 
 @pytest.mark.parametrize(
