@@ -8,10 +8,14 @@ one (:func:`bench.procs.spawn` reads that line).
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 
 import trio
+
+from runestone_proxy.server.listener import waiting_connections
 
 StreamHandler = Callable[[trio.SocketStream], Awaitable[None]]
 
@@ -29,7 +33,28 @@ async def announce_and_serve(handler: StreamHandler, host: str, port: int) -> No
     bound = listeners[0].socket.getsockname()[1]
     sys.stdout.write(f"{bound}\n")
     sys.stdout.flush()
-    await trio.serve_listeners(handler, listeners)
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(_accept_loop, listener, handler, nursery)
+
+
+async def _accept_loop(
+    listener: trio.SocketListener, handler: StreamHandler, nursery: trio.Nursery
+) -> None:
+    """Accept like the gateway does (``multi_accept``): after each awaited accept, take what
+    else is queued without yielding. ``trio.serve_listeners`` takes one connection per
+    scheduler pass, so a busy fake upstream took seconds to accept the connections a
+    gateway opens on demand, and the bench charged that to the gateway."""
+    backlog = socket.socket(fileno=os.dup(listener.socket.fileno()))
+    backlog.setblocking(False)
+    async with listener:
+        try:
+            while True:
+                nursery.start_soon(handler, await listener.accept())
+                for stream in waiting_connections(backlog):
+                    nursery.start_soon(handler, stream)
+        finally:
+            backlog.close()
 
 
 def run(handler: StreamHandler, host: str, port: int) -> None:

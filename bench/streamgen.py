@@ -178,6 +178,9 @@ class Chunked:
 
 async def one_stream(conn: Conn, raw: bytes, stats: Stats, stall_us: int) -> None:
     """Send one streamed request and read its response whole, timing the data events."""
+    # A time to first chunk counts if the stream started inside the window: one sent during
+    # the warm-up (the ramp, connections still being opened) would charge its wait to it.
+    started_inside = stats.measuring
     t0 = time.perf_counter_ns()
     await conn.stream.send_all(raw)
     status, chunked, length = await conn.head()
@@ -204,15 +207,15 @@ async def one_stream(conn: Conn, raw: bytes, stats: Stats, stall_us: int) -> Non
             done = remaining == 0
         if payload and (n := payload.count(b"data:")):
             now = time.perf_counter_ns()
-            if measured:
-                if events == 0:
+            if events == 0:
+                if started_inside:
                     stats.ttfc_us.append((now - t0) // 1000)
-                else:
-                    gap = (now - last) // 1000
-                    stats.gaps_us.append(gap)
-                    stats.max_gap_us = max(stats.max_gap_us, gap)
-                    if gap > stall_us:
-                        stats.stalls += 1
+            elif measured:
+                gap = (now - last) // 1000
+                stats.gaps_us.append(gap)
+                stats.max_gap_us = max(stats.max_gap_us, gap)
+                if gap > stall_us:
+                    stats.stalls += 1
             last = now
             events += n
             if stats.measuring:

@@ -16,6 +16,7 @@ import errno
 import os
 import socket
 import ssl
+from collections.abc import Iterator
 
 import structlog
 import trio
@@ -153,14 +154,25 @@ async def accept_loop(
                         continue
                     raise
                 admit(stream)
-                for _ in range(_ACCEPT_BATCH):
-                    try:
-                        sock, _ = backlog.accept()
-                    except OSError:
-                        break  # drained (EAGAIN), or an error the awaited accept will report
-                    admit(trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
+                for stream in waiting_connections(backlog):
+                    admit(stream)
         finally:
             backlog.close()
+
+
+def waiting_connections(
+    backlog: socket.socket, limit: int = _ACCEPT_BATCH
+) -> Iterator[trio.SocketStream]:
+    """The connections already queued on a listening socket, accepted without yielding to
+    the scheduler, up to ``limit``. ``backlog`` is a non-blocking duplicate of the listening
+    socket (``socket.socket(fileno=os.dup(fd))`` then ``setblocking(False)``), so the
+    trio listener's own socket is left alone."""
+    for _ in range(limit):
+        try:
+            sock, _ = backlog.accept()
+        except OSError:
+            return  # drained (EAGAIN), or an error the awaited accept will report
+        yield trio.SocketStream(trio.socket.from_stdlib_socket(sock))
 
 
 async def _tracked(
