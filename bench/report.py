@@ -191,11 +191,12 @@ def aggregate(scenarios: Sequence[Scenario], runs: Sequence[Run]) -> list[Row]:
             )
             if row.cpu_us_per_req and base.cpu_us_per_req:
                 row = attrs.evolve(row, cost=row.cpu_us_per_req / base.cpu_us_per_req)
-        if row.chunks and row.us_per_chunk is None and row.cpu_us_per_req is not None:
-            row = attrs.evolve(row, us_per_chunk=row.cpu_us_per_req / row.chunks)
+        cpu = row.cpu_us_per_req
+        if row.chunks and row.us_per_chunk is None and cpu is not None:
+            row = attrs.evolve(row, us_per_chunk=cpu / row.chunks)
             net = by_key.get((row.net_of or "", row.concurrency))
             if net is not None and net.cpu_us_per_req is not None:
-                per_chunk = (row.cpu_us_per_req - net.cpu_us_per_req) / row.chunks
+                per_chunk = (cpu - net.cpu_us_per_req) / row.chunks
                 row = attrs.evolve(row, net_us_per_chunk=per_chunk)
         out.append(row)
     return out

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from runestone_proxy.server.listener import waiting_connections
+from runestone_proxy.server.listener import BACKOFF_S, CAPACITY_ERRNOS, waiting_connections
 
 StreamHandler = Callable[[trio.SocketStream], Awaitable[None]]
 
@@ -50,7 +50,14 @@ async def _accept_loop(
     async with listener:
         try:
             while True:
-                nursery.start_soon(handler, await listener.accept())
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in CAPACITY_ERRNOS:
+                        raise
+                    await trio.sleep(BACKOFF_S)  # out of descriptors: as serve_listeners does
+                    continue
+                nursery.start_soon(handler, stream)
                 for stream in waiting_connections(backlog):
                     nursery.start_soon(handler, stream)
         finally:

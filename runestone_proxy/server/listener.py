@@ -32,8 +32,8 @@ log = structlog.get_logger("runestone.listener")
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 # Out of file descriptors or buffers: back off instead of spinning (as trio.serve_listeners).
-_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-_BACKOFF_S = 0.1
+CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+BACKOFF_S = 0.1
 #: Connections taken from the backlog per wake-up of the accept loop, at most.
 _ACCEPT_BATCH = 256
 
@@ -148,9 +148,9 @@ async def accept_loop(
                 try:
                     stream = await listener.accept()
                 except OSError as exc:
-                    if exc.errno in _CAPACITY_ERRNOS:
+                    if exc.errno in CAPACITY_ERRNOS:
                         log.error("listener.accept.capacity", error=exc.strerror)
-                        await trio.sleep(_BACKOFF_S)
+                        await trio.sleep(BACKOFF_S)
                         continue
                     raise
                 admit(stream)
