@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -40,7 +41,7 @@ from bench.routing_cost import pin_to_server_cpu
 from bench.scenarios import CHAT_BODY
 from bench.targets import GATEWAY_ENV, PROXY_CONFIG
 from runestone_proxy import config as config_mod
-from runestone_proxy import logs
+from runestone_proxy import logs, metrics, telemetry
 from runestone_proxy.server.app import App
 from runestone_proxy.server.gateway import Phase
 from runestone_proxy.server.http import BytesBody, HeaderList, Request
@@ -122,6 +123,7 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, help="write a cProfile of one more batch")
     args = parser.parse_args()
     _, load_cpu = bench_cpus()
+    removers: list[Callable[[], None]] = []
     with tempfile.TemporaryDirectory(prefix="api_cost-") as tmp:
         workdir = Path(tmp)
         argv = [sys.executable, "-m", "bench.upstream", "--host", HOST, "--port", "0"]
@@ -134,10 +136,17 @@ def main() -> None:
             logs.configure("warning", "json")
             pin_to_server_cpu()
             app = App.build(config, path, env)
+            # The handlers App.run registers: every request's events reach them.
+            removers = [
+                telemetry.add_handler(metrics.on_event),
+                telemetry.add_handler(logs.telemetry_to_log),
+            ]
             runs, statuses = trio.run(
                 measure, app, args.tasks, args.iterations, args.repeats, args.profile
             )
         finally:
+            for remove in removers:
+                remove()
             upstream.stop()
     median = statistics.median(runs)
     print(f"{'tasks':>5} {'us/request (median)':>20}  runs")
