@@ -71,7 +71,7 @@ class StatusOnly:
 
 
 async def measure(
-    app: App, tasks: int, iterations: int, repeats: int, profile: Path | None
+    app: App, tasks: int, iterations: int, repeats: int, profile: Path | None, watched: bool
 ) -> tuple[list[float], Counter[int]]:
     """CPU microseconds per request for each repeat, and every status seen."""
     gateway = app.gateway
@@ -101,14 +101,18 @@ async def measure(
                 nursery.start_soon(worker, per_task)
         return (time.thread_time_ns() - t0) / 1000 / (per_task * tasks)
 
-    await batch(min(iterations, 2000))  # open the pool's connections, warm the caches
-    results = [await batch(iterations) for _ in range(repeats)]
-    if profile is not None:
-        profiler = cProfile.Profile()
-        profiler.enable()
-        await batch(iterations)
-        profiler.disable()
-        profiler.dump_stats(profile)
+    async with trio.open_nursery() as system:
+        if watched:
+            await system.start(app.pool.watch.run)  # as App.run does: the pool's timeouts
+        await batch(min(iterations, 2000))  # open the pool's connections, warm the caches
+        results = [await batch(iterations) for _ in range(repeats)]
+        if profile is not None:
+            profiler = cProfile.Profile()
+            profiler.enable()
+            await batch(iterations)
+            profiler.disable()
+            profiler.dump_stats(profile)
+        system.cancel_scope.cancel()
     await app.pool.aclose()
     return results, statuses
 
@@ -121,6 +125,11 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=6400, help="requests per repeat")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--profile", type=Path, help="write a cProfile of one more batch")
+    parser.add_argument(
+        "--scopes",
+        action="store_true",
+        help="without the pool's sweeper: a cancel scope per upstream wait",
+    )
     args = parser.parse_args()
     _, load_cpu = bench_cpus()
     removers: list[Callable[[], None]] = []
@@ -142,7 +151,13 @@ def main() -> None:
                 telemetry.add_handler(logs.telemetry_to_log),
             ]
             runs, statuses = trio.run(
-                measure, app, args.tasks, args.iterations, args.repeats, args.profile
+                measure,
+                app,
+                args.tasks,
+                args.iterations,
+                args.repeats,
+                args.profile,
+                not args.scopes,
             )
         finally:
             for remove in removers:

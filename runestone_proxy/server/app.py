@@ -195,6 +195,7 @@ class App:
         async with self.pool, trio.open_nursery() as root:
             await root.start(self._signals)
             await root.start(self.gateway.slow_watch.run)
+            await root.start(self.pool.watch.run)
             if self.api.aliases_path is not None:
                 await root.start(aliases.watch, self.api.aliases_path, self.api.reload_aliases)
             interval = systemd.watchdog_interval(self.env)

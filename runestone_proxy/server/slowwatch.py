@@ -6,6 +6,12 @@ most of what a fast request costs. Yet only slow requests need it: a request ans
 a few milliseconds has nothing to cancel. So connections register each request here with a
 callback, and one sweeper task per process (in the app's nursery tree) runs the callbacks of
 requests still in flight after ``delay_s``. A fast request costs a dict insert and delete.
+
+The upstream pool uses a second instance the same way for its timeouts: a wait for a
+provider's response head or next body bytes registers its due time (``add(..., due=)``)
+instead of entering a cancel scope (about 6.5 us each, once per request and once per paced
+stream chunk), and the callback of a wait still pending when it is due wakes it with
+``trio.lowlevel.notify_closing``. Such a timeout fires up to ``interval_s`` late.
 """
 
 from __future__ import annotations
@@ -26,8 +32,11 @@ class SlowWatch:
     #: Set while the sweeper sleeps with nothing pending (an idle gateway has no timer).
     _idle: trio.Event | None = None
 
-    def add(self, key: object, callback: Callable[[], None]) -> None:
-        self.pending[key] = (trio.current_time() + self.delay_s, callback)
+    def add(self, key: object, callback: Callable[[], None], due: float | None = None) -> None:
+        """Run ``callback`` once ``due`` (trio time; default ``delay_s`` from now) has passed,
+        unless ``discard(key)`` came first. A key holds one callback: a new add replaces it."""
+        when = trio.current_time() + self.delay_s if due is None else due
+        self.pending[key] = (when, callback)
         if self._idle is not None:
             self._idle.set()
             self._idle = None

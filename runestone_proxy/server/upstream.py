@@ -24,7 +24,10 @@ How this works
    sent (RFC 9112 §9.3.1, §9.5): the request is retried once on a fresh connection when
    that is safe (:func:`_may_replay`).
 4. *Body.* ``resp.receive()`` returns the next chunk within ``between_chunks_s``; every
-   step is also bounded by ``total_s`` from the start of the request.
+   step is also bounded by ``total_s`` from the start of the request. While the pool's
+   ``watch`` runs (the app starts it), the head and body waits register their due times
+   with it rather than entering a cancel scope each; it wakes an overdue wait within
+   ``WATCH_INTERVAL_S`` of its limit.
 5. *Release.* Leaving the ``async with`` cleanly with the response read to its end and both
    h11 sides DONE parks the connection for reuse. Any other exit (early, exception,
    cancellation) closes it in a shielded, bounded scope. The slot is always returned.
@@ -48,6 +51,7 @@ import attrs
 import trio
 
 from runestone_proxy.errors import UpstreamConnectError
+from runestone_proxy.server.slowwatch import SlowWatch
 from runestone_proxy.server.upstream_h11 import (
     Body,
     EarlyClose,
@@ -66,6 +70,9 @@ if TYPE_CHECKING:
 __all__ = ["Body", "Headers", "UpstreamPool", "UpstreamResponse", "UpstreamTimeouts"]
 
 _ROUTE_CACHE_MAX: Final = 1024
+#: How often the pool's sweeper looks for overdue head and body waits: a first-byte or
+#: between-chunks timeout fires up to this much after its limit.
+WATCH_INTERVAL_S: Final = 0.05
 _IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _PROXY_VARS: Final = ("https_proxy", "http_proxy", "all_proxy")
 
@@ -177,6 +184,9 @@ class UpstreamPool:
         init=False, factory=dict, repr=False
     )
     _proxy: ProxyTransport | None = attrs.field(init=False, default=None, repr=False)
+    #: Bounds head and body waits without a cancel scope each, once ``run`` by the owner
+    #: (``App`` starts it in the nursery tree); until then every wait is a cancel scope.
+    watch: SlowWatch = attrs.field(factory=lambda: SlowWatch(interval_s=WATCH_INTERVAL_S))
     _open: int = attrs.field(init=False, default=0)
     _idle: int = attrs.field(init=False, default=0)
     _closed: bool = attrs.field(init=False, default=False)
@@ -330,6 +340,7 @@ class UpstreamPool:
         self, op: _OriginPool, t: UpstreamTimeouts, deadline: float
     ) -> H11Connection:
         conn = await H11Connection.connect(op.origin, self.ssl_context, t, deadline)
+        conn.watch = self.watch
         self._open += 1
         return conn
 

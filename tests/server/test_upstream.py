@@ -14,8 +14,9 @@ from __future__ import annotations
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import suppress
+from contextlib import asynccontextmanager, suppress
 from functools import partial
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import attrs
@@ -30,13 +31,29 @@ from runestone_proxy.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
+from runestone_proxy.server.slowwatch import SlowWatch
 from runestone_proxy.server.upstream import UpstreamPool, UpstreamTimeouts
+from runestone_proxy.server.upstream_h11 import H11Connection, _Wait
 from runestone_proxy.server.upstream_httpx import proxy_for
 
 FAST = UpstreamTimeouts(connect_s=2, first_byte_s=2, between_chunks_s=2, total_s=5)
 SHORT = UpstreamTimeouts(connect_s=2, first_byte_s=0.2, between_chunks_s=0.2, total_s=5)
 LIMIT_S = 5
 TEST_DOMAIN = ".runestone.test"
+#: The two ways a head or body wait is bounded: a cancel scope each (a pool on its own), or
+#: the pool's sweeper (as in the app, which runs ``pool.watch``).
+WAITS = pytest.mark.parametrize("watched", [False, True], ids=["scopes", "sweeper"])
+
+
+@asynccontextmanager
+async def open_pool(watched: bool, **kwargs: Any) -> AsyncIterator[UpstreamPool]:
+    async with UpstreamPool(**kwargs) as pool, trio.open_nursery() as nursery:
+        if watched:
+            await nursery.start(pool.watch.run)
+        yield pool
+        assert not pool.watch.pending  # every wait took itself off the sweeper's list
+        nursery.cancel_scope.cancel()
+
 
 # --- a fake upstream: raw trio + h11 ------------------------------------------------------
 
@@ -354,12 +371,13 @@ async def test_leaving_early_closes_the_connection(serve: Start) -> None:
             assert server.accepted == 2
 
 
-async def test_cancellation_mid_body_closes_the_connection(serve: Start) -> None:
+@WAITS
+async def test_cancellation_mid_body_closes_the_connection(serve: Start, watched: bool) -> None:
     peer_closed = trio.Event()
     server = await serve(_streaming_until_peer_closes(peer_closed))
     got_first = trio.Event()
     with trio.fail_after(LIMIT_S):
-        async with UpstreamPool(timeouts=FAST) as pool:
+        async with open_pool(watched, timeouts=FAST) as pool:
 
             async def reader(task_status: trio.TaskStatus[trio.CancelScope]) -> None:
                 with trio.CancelScope() as scope:
@@ -541,24 +559,33 @@ async def test_refused_port_is_a_connect_error() -> None:
                 assert pool.open_connections == 0
 
 
-async def test_stall_before_the_head_is_a_timeout(serve: Start) -> None:
-    async def stall(ex: Exchange) -> None:
-        await ex.read_body()
-        await ex.wait_peer_close()
+async def _stall(ex: Exchange) -> None:
+    await ex.read_body()
+    await ex.wait_peer_close()
 
-    server = await serve(stall)
+
+@WAITS
+async def test_stall_before_the_head_is_a_timeout(serve: Start, watched: bool) -> None:
+    server = await serve(_stall)
     with trio.fail_after(LIMIT_S):
-        async with UpstreamPool(timeouts=SHORT) as pool:
+        async with open_pool(watched, timeouts=SHORT) as pool:
+            started = trio.current_time()
             with pytest.raises(UpstreamTimeout, match=r"no response head within 0\.2s"):
                 async with pool.request("GET", server.base, []):
                     pass
+            assert trio.current_time() - started >= 0.2  # never early
             assert pool.open_connections == 0
+            # The pool still works: a fresh connection, answered in time.
+            server.app = ok_app
+            async with pool.request("GET", server.base, []) as resp:
+                assert resp.status == 200
 
 
-async def test_stall_between_chunks_is_a_timeout(serve: Start) -> None:
+@WAITS
+async def test_stall_between_chunks_is_a_timeout(serve: Start, watched: bool) -> None:
     server = await serve(_streaming_until_peer_closes(trio.Event()))
     with trio.fail_after(LIMIT_S):
-        async with UpstreamPool(timeouts=SHORT) as pool:
+        async with open_pool(watched, timeouts=SHORT) as pool:
             async with pool.request("GET", server.base, []) as resp:
                 assert await resp.receive() == b"first"
                 with pytest.raises(UpstreamTimeout, match=r"no body bytes within 0\.2s"):
@@ -566,11 +593,27 @@ async def test_stall_between_chunks_is_a_timeout(serve: Start) -> None:
             assert pool.open_connections == 0
 
 
-async def test_the_total_limit_bounds_the_whole_exchange(serve: Start) -> None:
+@WAITS
+async def test_a_tls_stall_before_the_head_is_a_timeout(
+    tls_upstream: TLSUpstream, watched: bool
+) -> None:
+    tls_upstream.server.app = _stall
+    url = f"https://api.runestone.test:{tls_upstream.server.port}/"
+    with trio.fail_after(LIMIT_S):
+        pool_cm = open_pool(watched, ssl_context=tls_upstream.client_context, timeouts=SHORT)
+        async with pool_cm as pool:
+            with pytest.raises(UpstreamTimeout, match=r"no response head within 0\.2s"):
+                async with pool.request("POST", url, [], b"{}"):
+                    pass
+            assert pool.open_connections == 0
+
+
+@WAITS
+async def test_the_total_limit_bounds_the_whole_exchange(serve: Start, watched: bool) -> None:
     server = await serve(_streaming_until_peer_closes(trio.Event()))
     limits = UpstreamTimeouts(connect_s=2, first_byte_s=2, between_chunks_s=10, total_s=0.3)
     with trio.fail_after(LIMIT_S):
-        async with UpstreamPool(timeouts=limits) as pool:
+        async with open_pool(watched, timeouts=limits) as pool:
             async with pool.request("GET", server.base, []) as resp:
                 await resp.receive()
                 with pytest.raises(UpstreamTimeout, match=r"exceeded total_s=0\.3s"):
@@ -912,11 +955,12 @@ async def test_chunks_that_arrived_together_are_received_together(serve: Start) 
     assert end == b""
 
 
-async def test_a_callers_deadline_tightens_the_exchange(serve: Start) -> None:
+@WAITS
+async def test_a_callers_deadline_tightens_the_exchange(serve: Start, watched: bool) -> None:
     # A failover attempt passes its bound: the pool's own waits end there (no extra scope).
     server = await serve(_streaming_until_peer_closes(trio.Event()))
     with trio.fail_after(LIMIT_S):
-        async with UpstreamPool(timeouts=FAST) as pool:
+        async with open_pool(watched, timeouts=FAST) as pool:
             deadline = trio.current_time() + 0.3
             async with pool.request("GET", server.base, [], deadline=deadline) as resp:
                 await resp.receive()
@@ -924,3 +968,49 @@ async def test_a_callers_deadline_tightens_the_exchange(serve: Start) -> None:
                     await resp.receive()
             assert trio.current_time() >= deadline
             assert pool.open_connections == 0  # an exchange cut short is never reused
+
+
+# --- the sweeper-bound wait, as plain data ------------------------------------------------
+
+
+@attrs.define(eq=False)
+class _StubConn:
+    """What ``_Wait`` uses of a connection: its sweeper, the expiry flag and callback."""
+
+    watch: SlowWatch
+    expired: bool = False
+
+    def expire(self) -> None:
+        self.expired = True
+
+
+class _OuterCancel(BaseException):
+    """Stands in for ``trio.Cancelled``: not an ``Exception``."""
+
+
+def test_a_sweeper_bound_wait_reports_only_the_expiry_that_ended_it() -> None:
+    watch = SlowWatch()
+    watch.running = True  # as if its task ran; nothing here needs the event loop
+    stub = _StubConn(watch)
+    conn = cast(H11Connection, stub)
+    with _Wait(conn, due=10.0) as wait:
+        assert watch.pending[stub][0] == 10.0
+        stub.expire()  # the sweeper ran just after the bytes had arrived: no timeout
+    assert not wait.timed_out
+    assert not watch.pending
+    with _Wait(conn, due=10.0) as wait:
+        stub.expire()
+        raise trio.ClosedResourceError  # how notify_closing ends the wait
+    assert wait.timed_out
+    with pytest.raises(trio.BrokenResourceError), _Wait(conn, due=10.0) as wait:
+        raise trio.BrokenResourceError  # not expired: a real failure goes on up
+    assert not wait.timed_out
+
+    def cancelled_while_expired() -> None:
+        with _Wait(conn, due=10.0):
+            stub.expire()
+            raise _OuterCancel  # an outer cancellation is never turned into a timeout
+
+    with pytest.raises(_OuterCancel):
+        cancelled_while_expired()
+    assert not watch.pending
