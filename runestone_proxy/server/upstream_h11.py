@@ -412,6 +412,12 @@ class H11Response(UpstreamResponse):
     _timeouts: UpstreamTimeouts = attrs.field(repr=False)
     _done: bool = attrs.field(default=False, repr=False)
     detached: bool = attrs.field(default=False, repr=False)  # set when the `async with` ends
+    #: h11 said NEED_DATA (in ``_with_buffered``) and nothing was fed since: asking again
+    #: would only say it again.
+    _dry: bool = attrs.field(default=False, repr=False)
+    #: The last bytes came after a wait (a paced stream): the next read is not tried before
+    #: waiting, since it would find nothing.
+    _waited: bool = attrs.field(default=False, repr=False)
 
     async def receive(self) -> bytes:
         if self._done:
@@ -421,14 +427,19 @@ class H11Response(UpstreamResponse):
         conn = self.conn
         proto = conn.proto
         while True:
-            try:
-                event = proto.next_event()
-            except h11.RemoteProtocolError as exc:  # bad framing, or EOF before the body's end
-                raise UpstreamProtocolError(f"upstream {self.origin}: {exc}") from exc
+            if self._dry:
+                self._dry = False
+                event: h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED] = h11.NEED_DATA
+            else:
+                try:
+                    event = proto.next_event()
+                except h11.RemoteProtocolError as exc:  # bad framing, or EOF before the end
+                    raise UpstreamProtocolError(f"upstream {self.origin}: {exc}") from exc
             if event is h11.NEED_DATA:
-                if conn.fd >= 0:
-                    # Cleartext with bytes already waiting: take them without a timeout scope
-                    # (the common case mid-body); one checkpoint keeps the loop fair.
+                if conn.fd >= 0 and not self._waited:
+                    # Cleartext with bytes already waiting: take them without a timeout
+                    # (the common case mid-body of a fast stream); one checkpoint keeps the
+                    # loop fair.
                     try:
                         ready = conn.read_ready()
                     except trio.BrokenResourceError:
@@ -437,6 +448,10 @@ class H11Response(UpstreamResponse):
                         await trio.lowlevel.checkpoint()
                         proto.receive_data(ready)  # b"" is EOF
                         continue
+                # Nothing there, or the last bytes needed a wait too: wait for more. Each
+                # chunk of a paced stream comes this way, one wake-up each; a fast stream
+                # that once had to wait goes back to trying reads first when a wait finds
+                # more than one chunk's worth of bytes (see _with_buffered).
                 t = self._timeouts
                 deadline = min(self._deadline, trio.current_time() + t.between_chunks_s)
                 with _Wait(conn, deadline) as wait:
@@ -448,6 +463,7 @@ class H11Response(UpstreamResponse):
                 if wait.timed_out:
                     what = "no body bytes"
                     raise timed_out(self.origin, what, t.between_chunks_s, t, self._deadline)
+                self._waited = True
                 proto.receive_data(data)  # b"" is EOF
             elif isinstance(event, h11.Data):
                 if event.data:
@@ -478,9 +494,14 @@ class H11Response(UpstreamResponse):
                 continue
             if type(event) is h11.EndOfMessage:
                 self._done = True
-            break  # NEED_DATA: all that was buffered is taken
-        # h11 hands out bytearray slices: bytes() copies one, join copies several.
-        return bytes(first) if len(parts) == 1 else b"".join(parts)
+            elif event is h11.NEED_DATA:
+                self._dry = True  # all that was buffered is taken
+            break
+        if len(parts) == 1:
+            # h11 hands out bytearray slices: bytes() copies one, join copies several.
+            return bytes(first)
+        self._waited = False  # chunks arrive faster than we take them: try reads first
+        return b"".join(parts)
 
 
 class _Wait:
