@@ -38,7 +38,7 @@ import trio
 
 from bench.procs import HOST, bench_cpus, spawn
 from bench.routing_cost import pin_to_server_cpu
-from bench.scenarios import CHAT_BODY
+from bench.scenarios import CHAT_BODY, STREAM_BODY, STREAM_CHUNKS
 from bench.targets import GATEWAY_ENV, PROXY_CONFIG
 from runestone_proxy import config as config_mod
 from runestone_proxy import logs, metrics, telemetry
@@ -46,19 +46,17 @@ from runestone_proxy.server.app import App
 from runestone_proxy.server.gateway import Phase
 from runestone_proxy.server.http import BytesBody, HeaderList, Request
 
-HEADERS: HeaderList = [
-    (b"host", b"127.0.0.1"),
-    (b"content-type", b"application/json"),
-    (b"content-length", str(len(CHAT_BODY)).encode()),
-]
+HEADERS: HeaderList = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")]
 
 
 class StatusOnly:
-    """A responder that writes nothing: only the status is kept."""
+    """A responder that writes nothing: it keeps the status, and whether a stream ended with
+    ``data: [DONE]``."""
 
     def __init__(self) -> None:
         self.started = False
         self.status = 0
+        self.done = False
 
     async def respond(self, status: int, headers: HeaderList, body: bytes) -> None:
         self.started, self.status = True, status
@@ -67,16 +65,24 @@ class StatusOnly:
         self.started, self.status = True, status
 
     async def send(self, data: bytes) -> None:
-        pass
+        self.done = data.endswith(b"data: [DONE]\n\n")
 
 
 async def measure(
-    app: App, tasks: int, iterations: int, repeats: int, profile: Path | None, watched: bool
-) -> tuple[list[float], Counter[int]]:
-    """CPU microseconds per request for each repeat, and every status seen."""
+    app: App,
+    tasks: int,
+    iterations: int,
+    repeats: int,
+    profile: Path | None,
+    watched: bool,
+    body: bytes,
+) -> tuple[list[float], Counter[str]]:
+    """CPU microseconds per request for each repeat, and every outcome seen (the status, and
+    for a stream whether it ended with ``[DONE]``)."""
     gateway = app.gateway
     gateway.phase = Phase.READY
-    statuses: Counter[int] = Counter()
+    statuses: Counter[str] = Counter()
+    headers = [*HEADERS[:2], (b"content-length", str(len(body)).encode())]
 
     async def worker(count: int) -> None:
         for i in range(count):
@@ -84,14 +90,14 @@ async def measure(
                 method="POST",
                 path="/v1/chat/completions",
                 query="",
-                headers=HEADERS,
+                headers=headers,
                 http_version="1.1",
-                body_source=BytesBody(CHAT_BODY),
+                body_source=BytesBody(body),
                 request_id=f"req_bench_{i}",
             )
             responder = StatusOnly()
             await gateway.dispatch(request, responder)
-            statuses[responder.status] += 1
+            statuses[f"{responder.status}{' [DONE]' if responder.done else ''}"] += 1
 
     async def batch(total: int) -> float:
         per_task = max(1, total // tasks)
@@ -126,6 +132,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--profile", type=Path, help="write a cProfile of one more batch")
     parser.add_argument(
+        "--stream", action="store_true", help="streamed requests (the relay): also us/chunk"
+    )
+    parser.add_argument("--chunks", type=int, default=STREAM_CHUNKS, help="chunks per stream")
+    parser.add_argument("--pacing-ms", type=float, default=0.0, help="between chunks upstream")
+    parser.add_argument(
         "--scopes",
         action="store_true",
         help="without the pool's sweeper: a cancel scope per upstream wait",
@@ -136,6 +147,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="api_cost-") as tmp:
         workdir = Path(tmp)
         argv = [sys.executable, "-m", "bench.upstream", "--host", HOST, "--port", "0"]
+        argv += ["--chunks", str(args.chunks), "--pacing-ms", str(args.pacing_ms)]
         upstream = spawn("upstream", argv, workdir, cpu=load_cpu, announces_port=True)
         try:
             path = workdir / "gateway.toml"
@@ -158,6 +170,7 @@ def main() -> None:
                 args.repeats,
                 args.profile,
                 not args.scopes,
+                STREAM_BODY if args.stream else CHAT_BODY,
             )
         finally:
             for remove in removers:
@@ -166,6 +179,8 @@ def main() -> None:
     median = statistics.median(runs)
     print(f"{'tasks':>5} {'us/request (median)':>20}  runs")
     print(f"{args.tasks:5d} {median:20.1f}  {', '.join(f'{r:.1f}' for r in runs)}")
+    if args.stream:
+        print(f"us/chunk: {median / args.chunks:.1f} ({args.chunks} chunks per stream)")
     print(f"statuses: {dict(statuses)}")
     print(json.dumps({"us_per_request": median, "runs": runs, "statuses": dict(statuses)}))
 
