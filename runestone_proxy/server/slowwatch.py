@@ -19,7 +19,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import attrs
+import structlog
 import trio
+
+log = structlog.get_logger("runestone.slowwatch")
 
 
 @attrs.define(eq=False)
@@ -57,6 +60,9 @@ class SlowWatch:
                 due = [k for k, (when, _) in self.pending.items() if when <= now]
                 for key in due:
                     _, callback = self.pending.pop(key)
-                    callback()
+                    try:
+                        callback()
+                    except Exception:  # one bad callback must not stop every timeout
+                        log.exception("slowwatch.callback.failed")
         finally:
             self.running = False

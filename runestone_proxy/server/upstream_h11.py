@@ -124,7 +124,7 @@ class UpstreamResponse(abc.ABC):
 def timed_out(
     origin: str, what: str, limit_s: float, t: UpstreamTimeouts, deadline: float
 ) -> UpstreamTimeout:
-    """The error for a fired cancel scope: the total limit if that was the one reached."""
+    """The error for a wait that ran out: the total limit if that was the one reached."""
     if trio.current_time() >= deadline:
         return UpstreamTimeout(f"upstream {origin}: request exceeded total_s={t.total_s}s")
     return UpstreamTimeout(f"upstream {origin}: {what} within {limit_s}s")
@@ -251,7 +251,7 @@ class H11Connection:
         """Send the request and read up to the response head. Raises :class:`EarlyClose`
         if the connection died before any response byte (the pool decides on a retry).
 
-        With a bytes body, writing and waiting for the head share one cancel scope:
+        With a bytes body, writing and waiting for the head share one bound:
         ``first_byte_s`` runs from the start of the write (one ``send_all``)."""
         origin, proto = self.origin, self.proto
         if isinstance(body, bytes):
@@ -285,8 +285,8 @@ class H11Connection:
         self, request: bytes | None, t: UpstreamTimeouts, deadline: float
     ) -> H11Response:
         """Write ``request`` (a whole, replayable one; None when the body was streamed) and
-        read the response head. Writing and waiting share one cancel scope: ``first_byte_s``
-        runs from the start of the write."""
+        read the response head. Writing and waiting share one bound (:class:`_Wait`):
+        ``first_byte_s`` runs from the start of the write."""
         label = self.origin.label
         with _Wait(self, min(deadline, trio.current_time() + t.first_byte_s)):
             if request is not None:
