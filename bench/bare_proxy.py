@@ -16,9 +16,7 @@ from __future__ import annotations
 import h11
 import trio
 
-from bench.serving import StreamHandler, run, server_args
-
-MAX_RECV = 65536
+from bench.serving import MAX_RECV, StreamHandler, next_request, run, server_args
 
 
 async def _exchange(
@@ -54,34 +52,22 @@ def make_handler(host: str, port: int) -> StreamHandler:
         conn = h11.Connection(h11.SERVER)
         upstream: trio.SocketStream | None = None
         up_proto = h11.Connection(h11.CLIENT)
-        request: h11.Request | None = None
-        body: list[bytes] = []
         try:
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(MAX_RECV))
-                elif isinstance(event, h11.Request):
-                    request, body = event, []
-                elif isinstance(event, h11.Data):
-                    body.append(bytes(event.data))
-                elif isinstance(event, h11.EndOfMessage):
-                    assert request is not None
-                    if upstream is None:
-                        upstream = await trio.open_tcp_stream(host, port)
-                    status, answer = await _exchange(upstream, up_proto, request, b"".join(body))
-                    headers = [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(answer)).encode()),
-                    ]
-                    out = conn.send(h11.Response(status_code=status, headers=headers))
-                    out += conn.send(h11.Data(data=answer)) + conn.send(h11.EndOfMessage())
-                    await stream.send_all(out)
-                    if conn.our_state is not h11.DONE:
-                        return
-                    conn.start_next_cycle()
-                else:
-                    return  # ConnectionClosed, or PAUSED without a next request
+            while (got := await next_request(stream, conn)) is not None:
+                request, body = got
+                if upstream is None:
+                    upstream = await trio.open_tcp_stream(host, port)
+                status, answer = await _exchange(upstream, up_proto, request, body)
+                headers = [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(answer)).encode()),
+                ]
+                out = conn.send(h11.Response(status_code=status, headers=headers))
+                out += conn.send(h11.Data(data=answer)) + conn.send(h11.EndOfMessage())
+                await stream.send_all(out)
+                if conn.our_state is not h11.DONE:
+                    return
+                conn.start_next_cycle()
         except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
             return
         finally:

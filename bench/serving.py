@@ -13,11 +13,34 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable
 
+import h11
 import trio
 
 from runestone_proxy.server.listener import BACKOFF_S, CAPACITY_ERRNOS, waiting_connections
 
 StreamHandler = Callable[[trio.SocketStream], Awaitable[None]]
+MAX_RECV = 65536
+
+
+async def next_request(
+    stream: trio.SocketStream, conn: h11.Connection
+) -> tuple[h11.Request, bytes] | None:
+    """The next request on a server-side h11 connection and its whole body, or None once the
+    client closed (or paused without a next request). h11 and stream errors propagate."""
+    request: h11.Request | None = None
+    body = bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(MAX_RECV))
+        elif isinstance(event, h11.Request):
+            request = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage) and request is not None:
+            return request, bytes(body)
+        else:
+            return None
 
 
 def server_args(description: str) -> argparse.ArgumentParser:

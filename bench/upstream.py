@@ -29,9 +29,8 @@ import attrs
 import h11
 import trio
 
-from bench.serving import StreamHandler, run, server_args
+from bench.serving import StreamHandler, next_request, run, server_args
 
-MAX_RECV = 65536
 CREATED = 1_700_000_000
 DEFAULT_MODEL = "bench-model"
 JSON_TYPE = ("content-type", "application/json")
@@ -182,30 +181,18 @@ def _frames(conn: h11.Connection, reply: Reply) -> Iterator[bytes]:
 def make_handler(defaults: Defaults) -> StreamHandler:
     async def handle(stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER)
-        request: h11.Request | None = None
-        body = bytearray()
         try:
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(MAX_RECV))
-                elif isinstance(event, h11.Request):
-                    request, body = event, bytearray()
-                elif isinstance(event, h11.Data):
-                    body += event.data
-                elif isinstance(event, h11.EndOfMessage) and request is not None:
-                    method, target = request.method.decode(), request.target.decode()
-                    reply = decide(method, target, bytes(body), defaults)
-                    for i, out in enumerate(_frames(conn, reply)):
-                        if i and reply.pacing_s:
-                            await trio.sleep(reply.pacing_s)
-                        await stream.send_all(out)
-                    if conn.our_state is not h11.DONE:
-                        return
-                    conn.start_next_cycle()
-                    request = None
-                else:
+            while (got := await next_request(stream, conn)) is not None:
+                request, body = got
+                method, target = request.method.decode(), request.target.decode()
+                reply = decide(method, target, body, defaults)
+                for i, out in enumerate(_frames(conn, reply)):
+                    if i and reply.pacing_s:
+                        await trio.sleep(reply.pacing_s)
+                    await stream.send_all(out)
+                if conn.our_state is not h11.DONE:
                     return
+                conn.start_next_cycle()
         except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
             return
         finally:
