@@ -4,6 +4,9 @@ Counters are fed by the telemetry spine (:func:`on_event` is a telemetry handler
 access path (:func:`count_request`); gauges are read from live objects when scraped, through
 callbacks registered by the app. Nothing here does I/O or allocates per SSE chunk: a counter
 increment is one dict update.
+
+``render(tenant=...)`` is what a tenant's API key sees on the main port: every series whose
+``tenant`` label names another tenant is left out (series without the label stay).
 """
 
 from __future__ import annotations
@@ -42,13 +45,15 @@ class Registry:
     def gauge(self, name: str, help_text: str, source: GaugeSource) -> None:
         self.gauges[name] = (help_text, source)
 
-    def render(self) -> bytes:
+    def render(self, tenant: str | None = None) -> bytes:
+        """The exposition text: everything, or (``tenant`` set) no other tenant's series."""
         lines: list[str] = []
         for counter in self.counters.values():
             lines.append(f"# HELP {counter.name} {counter.help}")
             lines.append(f"# TYPE {counter.name} counter")
             for labels, value in sorted(counter.values.items()):
-                lines.append(f"{counter.name}{_labels(labels)} {_num(value)}")
+                if tenant is None or _visible(labels, tenant):
+                    lines.append(f"{counter.name}{_labels(labels)} {_num(value)}")
         for name, (help_text, source) in self.gauges.items():
             lines.append(f"# HELP {name} {help_text}")
             lines.append(f"# TYPE {name} gauge")
@@ -57,8 +62,14 @@ class Registry:
             except Exception:  # a broken source must not break the scrape
                 samples = []
             for labels, value in samples:
-                lines.append(f"{name}{_labels(labels)} {_num(value)}")
+                if tenant is None or _visible(labels, tenant):
+                    lines.append(f"{name}{_labels(labels)} {_num(value)}")
         return ("\n".join(lines) + "\n").encode()
+
+
+def _visible(labels: Labels, tenant: str) -> bool:
+    """A series ``tenant`` may see: it names no tenant, or names ``tenant``."""
+    return all(value == tenant for key, value in labels if key == "tenant")
 
 
 def _escape(value: str) -> str:

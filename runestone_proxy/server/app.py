@@ -7,7 +7,8 @@ The tree (every task has an owner; nothing runs in the background unparented)::
     ├── slow-request sweeper              arms h1 disconnect watching for slow requests
     ├── aliases watcher                   RUNESTONE_ALIASES_PATH mtime (when set)
     ├── watchdog                          WATCHDOG=1 to systemd (when WatchdogSec is set)
-    ├── health accept loop                health_port (optional): /health*, kept until the end
+    ├── health accept loop                health_port (optional): /health*, /metrics, no key
+    │                                     needed (the operator's port), kept until the end
     │   └── health connections
     ├── SQLite store                      one writer task, group commit
     ├── services                          overflow drainer (claims, webhooks, sweeps);
@@ -51,6 +52,8 @@ from runestone_proxy.server.health import (
     add_health_routes,
     add_metrics_route,
     add_providers_route,
+    key_scope,
+    operator_scope,
 )
 from runestone_proxy.server.jobs_api import add_job_routes
 from runestone_proxy.server.listener import accept_loop, make_ssl_context
@@ -88,7 +91,6 @@ class App:
     @classmethod
     def build(cls, config: Config, config_path: Path | None, env: Mapping[str, str]) -> App:
         gateway = Gateway(config)
-        add_health_routes(gateway.router, gateway)
         # The health port serves health only, but reports the main gateway's phase.
         health_gateway = Gateway(config, router=Router())
         add_health_routes(health_gateway.router, gateway)
@@ -102,6 +104,10 @@ class App:
         store = Store.from_config(config, env)
         api.store = store
         api.add_routes(gateway.router)
+        # The main port's detailed health views need a key once keys exist (a tenant's key
+        # sees its own tenant); the health port is the operator's and shows everything.
+        main_scope = key_scope(api.authenticate)
+        add_health_routes(gateway.router, gateway, main_scope)
         add_job_routes(gateway.router, store, api.authenticate)
         gateway.reload_hooks.append(store.apply_config)
         gateway.components["capacity"] = api.capacity.snapshot
@@ -110,9 +116,12 @@ class App:
         def providers_health() -> dict[str, Any]:
             return providers_view(api.deployments, api.routing.unavailable)
 
-        for router in (gateway.router, health_gateway.router):
-            add_providers_route(router, providers_health)
-            add_metrics_route(router)
+        for router, scope in (
+            (gateway.router, main_scope),
+            (health_gateway.router, operator_scope),
+        ):
+            add_providers_route(router, providers_health, scope)
+            add_metrics_route(router, scope)
         _register_gauges(gateway, pool, api)
         gateway.components["upstream"] = lambda: {
             "status": "ok",

@@ -1,10 +1,22 @@
-"""Health endpoints: ``/health``, ``/health/live``, ``/health/ready``.
+"""Health endpoints: ``/health``, ``/health/live``, ``/health/ready``, ``/health/providers``,
+and ``/metrics``.
 
-They need no API key and are served on the main port and, when ``health_port`` is set, on
-the health listener too. Liveness answers as long as the event loop runs; readiness is 503
-while starting and while draining, so a load balancer stops sending before we stop serving.
-``/health`` lists the components later subsystems register on the gateway (upstream pool,
-SQLite store, drainer), each reporting its own status.
+Liveness answers as long as the event loop runs; readiness is 503 while starting and while
+draining, so a load balancer stops sending before we stop serving. ``/health`` lists the
+components later subsystems register on the gateway (upstream pool, SQLite store, drainer),
+each reporting its own status.
+
+Who sees what. ``/health/live`` and ``/health/ready`` answer anyone, on every port: probes
+carry no key and the answers say nothing about tenants. The detailed views (``/health``,
+``/health/providers``, ``/metrics``) name tenants, their in-flight counts and limits, so a
+:data:`Scope` decides per request what the caller may see:
+
+* on ``health_port`` (the operator's listener, kept on loopback or a private network) and on
+  a gateway running open (no key configured), everything, without a key, as before;
+* on the main port with keys configured, a valid API key is needed (401 in OpenAI's
+  envelope otherwise), and a key sees its own tenant only: rows and series that name
+  another tenant are left out (:func:`tenant_view`, ``Registry.render(tenant=...)``).
+  Gateway-wide figures that name no tenant (provider health, open connections, totals) stay.
 """
 
 from __future__ import annotations
@@ -15,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from runestone_proxy import __version__
+from runestone_proxy.gateway.auth import ANONYMOUS, Principal
 from runestone_proxy.metrics import REGISTRY
 from runestone_proxy.server.gateway import Gateway, Phase
 from runestone_proxy.server.http import JSON_HEADERS, Request, Responder
@@ -22,15 +35,53 @@ from runestone_proxy.server.router import Router
 
 _NO_STORE = (*JSON_HEADERS, (b"cache-control", b"no-store"))
 _LIVE_BODY = b'{"status":"ok"}'
-_METRICS_HEADERS = ((b"content-type", b"text/plain; version=0.0.4; charset=utf-8"),)
+_METRICS_HEADERS = (
+    (b"content-type", b"text/plain; version=0.0.4; charset=utf-8"),
+    (b"cache-control", b"no-store"),
+)
+
+#: What a caller may see of the detailed views: ``None`` is the operator's whole view, a
+#: tenant name is that tenant's view; a caller who may see nothing gets
+#: :class:`~runestone_proxy.errors.AuthenticationFailed` (401) raised.
+Scope = Callable[[Request], str | None]
+
+
+def operator_scope(_request: Request) -> None:
+    """The health port's scope: its listener is the operator's, so no key and no filter."""
+    return None
+
+
+def key_scope(authenticate: Callable[[Request], Principal]) -> Scope:
+    """The main port's scope: what the caller's key allows (``authenticate`` raises 401 for
+    a missing or bad key, and returns the anonymous principal when the gateway runs open)."""
+
+    def scope(request: Request) -> str | None:
+        principal = authenticate(request)
+        return None if principal is ANONYMOUS else principal.tenant
+
+    return scope
+
+
+def tenant_view(components: dict[str, dict[str, Any]], tenant: str) -> dict[str, dict[str, Any]]:
+    """``components`` as ``tenant`` may see them: in a component that lists ``tenants``
+    (capacity, say), only that tenant's row is kept."""
+    scoped: dict[str, dict[str, Any]] = {}
+    for name, component in components.items():
+        rows = component.get("tenants")
+        if isinstance(rows, dict):
+            own = {tenant: rows[tenant]} if tenant in rows else {}
+            component = {**component, "tenants": own}
+        scoped[name] = component
+    return scoped
 
 
 def _json(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-def add_health_routes(router: Router, gateway: Gateway) -> None:
-    """Register the health handlers for ``gateway`` on ``router`` (main or health port)."""
+def add_health_routes(router: Router, gateway: Gateway, scope: Scope = operator_scope) -> None:
+    """Register the health handlers for ``gateway`` on ``router`` (main or health port);
+    ``scope`` guards ``/health`` (liveness and readiness answer anyone)."""
 
     async def live(_request: Request, responder: Responder) -> None:
         await responder.respond(200, _NO_STORE, _LIVE_BODY)
@@ -39,7 +90,8 @@ def add_health_routes(router: Router, gateway: Gateway) -> None:
         status = 200 if gateway.phase is Phase.READY else 503
         await responder.respond(status, _NO_STORE, _json({"status": gateway.phase.value}))
 
-    async def health(_request: Request, responder: Responder) -> None:
+    async def health(request: Request, responder: Responder) -> None:
+        tenant = scope(request)
         components: dict[str, dict[str, Any]] = {}
         for name, probe in gateway.components.items():
             try:
@@ -59,7 +111,7 @@ def add_health_routes(router: Router, gateway: Gateway) -> None:
             "version": __version__,
             "uptime_s": round(time.monotonic() - gateway.started_at, 3),
             "open_connections": gateway.open_connections,
-            "components": components,
+            "components": components if tenant is None else tenant_view(components, tenant),
         }
         await responder.respond(200 if status != "down" else 503, _NO_STORE, _json(body))
 
@@ -68,20 +120,26 @@ def add_health_routes(router: Router, gateway: Gateway) -> None:
     router.add("GET", "/health/ready", ready)
 
 
-def add_metrics_route(router: Router) -> None:
-    """``/metrics``: Prometheus text exposition (no API key; expose it on health_port)."""
+def add_metrics_route(router: Router, scope: Scope = operator_scope) -> None:
+    """``/metrics``: Prometheus text exposition; a tenant's key sees no other tenant's
+    series (scrape the whole set on ``health_port``)."""
 
-    async def metrics_handler(_request: Request, responder: Responder) -> None:
-        await responder.respond(200, _METRICS_HEADERS, REGISTRY.render())
+    async def metrics_handler(request: Request, responder: Responder) -> None:
+        body = REGISTRY.render(tenant=scope(request))
+        await responder.respond(200, _METRICS_HEADERS, body)
 
     router.add("GET", "/metrics", metrics_handler)
 
 
-def add_providers_route(router: Router, view: Callable[[], dict[str, Any]]) -> None:
+def add_providers_route(
+    router: Router, view: Callable[[], dict[str, Any]], scope: Scope = operator_scope
+) -> None:
     """``/health/providers``: each deployment's breaker state, in-flight count, recent error
-    rate and latency percentiles (no API key needed, like the other health endpoints)."""
+    rate and latency percentiles. Providers are shared by every tenant, so any caller
+    ``scope`` admits sees them all."""
 
-    async def providers(_request: Request, responder: Responder) -> None:
+    async def providers(request: Request, responder: Responder) -> None:
+        scope(request)
         await responder.respond(200, _NO_STORE, _json({"providers": view()}))
 
     router.add("GET", "/health/providers", providers)
