@@ -30,6 +30,7 @@ PROTOCOLS = ["h1", "h2"]
 
 @attrs.frozen
 class Ports:
+    app: App
     main: str
     health: str
 
@@ -51,9 +52,10 @@ def config(fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic, *, keys: bool
 
 async def start(nursery: trio.Nursery, cfg: Config) -> Ports:
     env = {**ENV, **{f"KEY_{name.upper()}": key for name, key in KEYS.items()}}
-    bound = await nursery.start(App.build(cfg, None, env).run)
+    app = App.build(cfg, None, env)
+    bound = await nursery.start(app.run)
     assert bound.health_port is not None
-    return Ports(f"http://{HOST}:{bound.port}", f"http://{HOST}:{bound.health_port}")
+    return Ports(app, f"http://{HOST}:{bound.port}", f"http://{HOST}:{bound.health_port}")
 
 
 @pytest.fixture
@@ -151,3 +153,19 @@ async def test_open_gateway_answers_anyone_as_before(
             for path in (*DETAILED, *PROBES):
                 assert (await client.get(base + path)).status_code == 200, (base, path)
             assert set(tenant_rows(await client.get(base + "/health"))) >= set(KEYS)
+
+
+async def test_keys_from_a_reload_guard_the_views_at_once(
+    nursery: trio.Nursery,
+    fake_openai: FakeOpenAI,
+    fake_anthropic: FakeAnthropic,
+    client: httpx.AsyncClient,
+) -> None:
+    with trio.fail_after(10):
+        ports = await start(nursery, config(fake_openai, fake_anthropic, keys=False))
+        assert (await client.get(ports.main + "/metrics")).status_code == 200
+        ports.app.gateway.apply_config(config(fake_openai, fake_anthropic, keys=True))
+        assert (await client.get(ports.main + "/metrics")).status_code == 401
+        assert (await client.get(ports.health + "/metrics")).status_code == 200
+        auth = {"x-api-key": KEYS["acme"]}
+        assert (await client.get(ports.main + "/metrics", headers=auth)).status_code == 200
