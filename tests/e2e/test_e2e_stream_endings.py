@@ -21,9 +21,12 @@ import httpx
 import openai
 import pytest
 import trio
-from e2e_helpers import chat_body, sse_data, sse_json
-from fakes import ARGUMENT_PIECES, BIG_TEXT, TEXT, TEXT_PIECES, USAGE
+from conftest import StartGateway
+from e2e_helpers import chat_body, gateway_config, sse_data, sse_json
+from fakes import ARGUMENT_PIECES, BIG_TEXT, TEXT, TEXT_PIECES, USAGE, FakeAnthropic, FakeOpenAI
 from test_e2e_sdk import MESSAGES, accumulate, stream_chat
+
+from runestone_proxy.config import UpstreamConfig
 
 ANTHROPIC_TOTAL = 12 + 5  # the fake's input_tokens + output_tokens
 
@@ -141,3 +144,23 @@ async def test_asked_usage_chunk_is_kept(sdk: openai.OpenAI) -> None:
     assert chunks[-1].choices == []
     assert chunks[-1].usage is not None
     assert chunks[-1].usage.total_tokens == USAGE["total_tokens"]
+
+
+async def test_event_over_the_cap_is_an_error(
+    start_gateway: StartGateway, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic
+) -> None:
+    """The cap is ``upstream.max_response_bytes``: one event past it ends the stream with an
+    error (the parser never holds more than about one event of that size)."""
+    upstream = UpstreamConfig(max_response_bytes=1024 * 1024)
+    config = gateway_config(fake_openai.base_url, fake_anthropic.base_url, upstream=upstream)
+    gw = await start_gateway(config)
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as http:
+        with trio.fail_after(10):
+            response = await http.post(
+                "/v1/chat/completions", json=chat_body("openai:big", stream=True)
+            )
+    payloads = sse_data(response.text)
+    assert payloads[-1] == "[DONE]"
+    error = json.loads(payloads[-2])["error"]
+    assert error["code"] == "upstream_protocol_error"
+    assert "larger than 1048576 bytes" in error["message"]
