@@ -123,7 +123,8 @@ class UpstreamConfig:
     total_timeout_s: float = attrs.field(default=900.0, validator=_positive)
     max_connections_per_origin: int = attrs.field(default=256, validator=_positive)
     idle_timeout_s: float = attrs.field(default=90.0, validator=_positive)
-    #: Largest non-stream provider answer we buffer (streams are never buffered whole).
+    #: Largest non-stream provider answer we buffer, and the largest single SSE event of a
+    #: stream (streams are never buffered whole: the relay holds one event at a time).
     max_response_bytes: int = attrs.field(default=32 * 1024 * 1024, validator=_positive)
 
 

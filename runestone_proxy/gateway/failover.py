@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import attrs
 import trio
@@ -413,6 +414,10 @@ class _Recorded:
     stream: PayloadStream
     failover: Failover
     deployment: Deployment
+
+    @property
+    def usage(self) -> Mapping[str, Any] | None:
+        return self.stream.usage
 
     async def next(self) -> list[bytes] | None:
         try:

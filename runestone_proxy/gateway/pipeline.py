@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -40,7 +40,7 @@ from runestone_proxy.errors import (
 from runestone_proxy.gateway.routing import Target
 from runestone_proxy.protocol.sse import SSEError, SSEParser
 from runestone_proxy.providers.anthropic import AnthropicTranslator
-from runestone_proxy.providers.base import ProviderCall, StreamTranslator, Translator
+from runestone_proxy.providers.base import Ending, ProviderCall, StreamTranslator, Translator
 from runestone_proxy.providers.completions import ChatToTextStream, chat_to_text_completion
 from runestone_proxy.providers.mock import MockProvider, MockSettings
 from runestone_proxy.providers.openai import OpenAITranslator
@@ -50,6 +50,10 @@ from runestone_proxy.server.upstream import UpstreamPool, UpstreamResponse, Upst
 class PayloadStream(Protocol):
     async def next(self) -> list[bytes] | None:
         """The next OpenAI chunk payloads, or None once the stream ended cleanly."""
+
+    @property
+    def usage(self) -> Mapping[str, Any] | None:
+        """The usage the stream reported (OpenAI's shape), whether the client saw it or not."""
 
 
 @attrs.define(eq=False)
@@ -110,22 +114,31 @@ _DRAIN_S = 1.0
 
 @attrs.define(eq=False)
 class _UpstreamStream:
+    """Upstream bytes -> SSE events -> OpenAI payloads. Where the upstream ends without its
+    terminator, the translator's ``ENDINGS`` table decides (``finish(ending)``): a transport
+    error after the provider said how it finished ends the stream normally; before that, the
+    transport error itself is what the client gets."""
+
     response: UpstreamResponse
     translator: StreamTranslator
-    parser: SSEParser = attrs.Factory(SSEParser)
+    parser: SSEParser
     ended: bool = False
     #: The upstream body was read to its end (so the pool may reuse the connection).
     drained: bool = False
 
+    @property
+    def usage(self) -> Mapping[str, Any] | None:
+        return self.translator.usage
+
     async def next(self) -> list[bytes] | None:
         while not self.ended:
-            data = await self.response.receive()
+            try:
+                data = await self.response.receive()
+            except GatewayError as exc:
+                return self._end("broken", exc)
             try:
                 if not data:
-                    self.ended = self.drained = True
-                    self.parser.close()
-                    tail = self.translator.finish()
-                    return tail or None
+                    return self._end("eof", None)
                 out: list[bytes] = []
                 for event in self.parser.feed(data):
                     out.extend(self.translator.feed(event))
@@ -144,6 +157,19 @@ class _UpstreamStream:
             await self._drain()
         return None
 
+    def _end(self, how: Ending, error: GatewayError | None) -> list[bytes] | None:
+        """The upstream body ended (``error`` None) or broke, before the terminator."""
+        self.ended = self.drained = True  # nothing more to read (the pool drops a broken one)
+        self.parser.close()
+        ending: Ending = "partial" if self.parser.truncated else how
+        try:
+            tail = self.translator.finish(ending)
+        except UpstreamProtocolError:
+            if error is not None:
+                raise error from None
+            raise
+        return tail or None
+
     async def _drain(self) -> None:
         """Read what follows the terminal event (normally only the end of the chunked body),
         so that the connection goes back to the pool rather than being closed."""
@@ -158,6 +184,7 @@ class _UpstreamStream:
 @attrs.define(eq=False)
 class _MockStream:
     payloads: list[bytes]
+    usage: Mapping[str, Any] | None
     interval_s: float
     index: int = 0
 
@@ -179,6 +206,8 @@ class Providers:
     runtimes: dict[str, ProviderRuntime]
     pool: UpstreamPool
     timeouts: UpstreamTimeouts
+    #: The cap on a buffered non-stream answer, and on one SSE event of a stream (the
+    #: parser holds at most one event, so a stream's memory stays bounded by it).
     max_response_bytes: int
 
     @classmethod
@@ -241,7 +270,7 @@ class Providers:
             if runtime.mock is not None:
                 await _mock_latency(runtime)
                 interval = runtime.config.chunk_interval_ms / 1000
-                yield _MockStream(runtime.mock.chunks(call), interval)
+                yield _MockStream(*runtime.mock.stream(call), interval)
                 return
             translator, method, url, headers, body = self._upstream(runtime, call)
             async with self.pool.request(method, url, headers, body, self.timeouts) as resp:
@@ -251,7 +280,8 @@ class Providers:
                 translated: StreamTranslator = translator.stream(call)
                 if legacy:
                     translated = ChatToTextStream(translated)
-                yield _UpstreamStream(resp, translated)
+                # One event may be as large as a whole non-stream answer (the same key).
+                yield _UpstreamStream(resp, translated, SSEParser(self.max_response_bytes))
 
 
 class _Accounted:

@@ -73,7 +73,10 @@ class SSEParser:
     """Incremental text/event-stream parser: ``feed(bytes) -> [SSEEvent]``, ``close()`` at EOF.
 
     Accepts any chunking of the stream. Raises :class:`SSEError` when one event (its data
-    buffer plus the line being read) grows past ``max_event_bytes``.
+    buffer plus the line being read) grows past ``max_event_bytes``; the gateway sets it to
+    ``upstream.max_response_bytes`` (providers send multi-MiB events: one long content delta,
+    a big tool-call argument). The parser holds one event, so memory stays within a small
+    multiple of the cap (the pending line, then its copy as a data value).
     """
 
     max_event_bytes: int = 1024 * 1024

@@ -25,8 +25,15 @@ or more chunk payloads:
                          function{arguments}}]; thinking_delta -> reasoning_content;
                          signature_delta -> kept for the thinking block
     content_block_stop   thinking / redacted_thinking -> thinking_blocks [the signed block]
-    message_delta        stop_reason -> a chunk with finish_reason (once); usage kept
+    message_delta        stop_reason -> a chunk with finish_reason (once); usage kept. In
+                         state BLOCK it first closes the open block, as content_block_stop
+                         would (``max_tokens`` can cut a tool's input mid-block)
     message_stop         done; the usage chunk (choices: []) if the client asked for it
+
+``ENDINGS`` is the other half: what an upstream end *without* ``message_stop`` means in each
+state. After a ``message_delta`` that carried a ``stop_reason`` nothing was lost: the stream
+ends as ``message_stop`` would end it. Before it, or with an event cut in half, it is an
+error.
 
 The OpenAI tool call ``index`` counts tool calls (0, 1, ...), not Anthropic's content block
 index, which also counts text and thinking blocks.
@@ -53,6 +60,7 @@ from runestone_proxy.providers.anthropic_response import (
     tool_arguments,
     usage_to_openai,
 )
+from runestone_proxy.providers.base import Ending, Outcome
 
 
 class State(enum.Enum):
@@ -70,10 +78,32 @@ _TRANSITIONS: Final[Mapping[tuple[State, str], State]] = {
     (State.BLOCK, "content_block_delta"): State.BLOCK,
     (State.BLOCK, "content_block_stop"): State.MESSAGE,
     (State.MESSAGE, "message_delta"): State.ENDING,
+    (State.BLOCK, "message_delta"): State.ENDING,  # closes the open block implicitly
     (State.ENDING, "message_delta"): State.ENDING,
     (State.ENDING, "message_stop"): State.DONE,
 }
 _KNOWN: Final = frozenset(kind for _, kind in _TRANSITIONS)
+
+#: (state, how the upstream ended without message_stop) -> outcome; read by
+#: :meth:`AnthropicStream.finish` and the tests. ENDING means a message_delta arrived;
+#: ``finish`` also requires that it carried a ``stop_reason``, as message_stop does.
+ENDINGS: Final[Mapping[tuple[State, Ending], Outcome]] = {
+    (State.START, "eof"): "error",
+    (State.START, "partial"): "error",
+    (State.START, "broken"): "error",
+    (State.MESSAGE, "eof"): "error",
+    (State.MESSAGE, "partial"): "error",
+    (State.MESSAGE, "broken"): "error",
+    (State.BLOCK, "eof"): "error",
+    (State.BLOCK, "partial"): "error",
+    (State.BLOCK, "broken"): "error",
+    (State.ENDING, "eof"): "end",
+    (State.ENDING, "partial"): "error",
+    (State.ENDING, "broken"): "end",
+    (State.DONE, "eof"): "end",
+    (State.DONE, "partial"): "end",
+    (State.DONE, "broken"): "end",
+}
 
 
 @attrs.define
@@ -113,6 +143,11 @@ class AnthropicStream:
     def state(self) -> State:
         return self._state
 
+    @property
+    def usage(self) -> JSON | None:
+        """The usage so far in OpenAI's shape (message_start's, then message_delta's)."""
+        return usage_to_openai(self._usage) if self._usage else None
+
     def feed(self, event: SSEEvent) -> list[bytes]:
         data = self._decode(event)
         kind = data.get("type", event.event)
@@ -134,13 +169,19 @@ class AnthropicStream:
         self._state = following
         return out
 
-    def finish(self) -> list[bytes]:
-        if self._state is not State.DONE:
+    def finish(self, ending: Ending = "eof") -> list[bytes]:
+        state = self._state
+        if state is State.DONE:
+            return []
+        if ENDINGS[state, ending] == "error" or self._finish_reason is None:
             # Never fabricate finish_reason "stop": a cut stream is an upstream failure.
+            where = "inside an event" if ending == "partial" else f"in state {state.value}"
             raise UpstreamProtocolError(
-                f"{self.provider}: stream ended before message_stop (state {self._state.value})."
+                f"{self.provider}: stream ended before message_stop, {where}."
             )
-        return []
+        out = self._on_message_stop({})  # the stop_reason was said: end as message_stop would
+        self._state = State.DONE
+        return out
 
     # --- event handlers, one per event type in _TRANSITIONS ---------------------------------
 
@@ -193,7 +234,9 @@ class AnthropicStream:
         return []  # empty pieces, citations_delta and future delta types add nothing
 
     def _on_block_stop(self, data: JSON) -> list[bytes]:
-        current = self._open_block(data)
+        return self._close_block(self._open_block(data))
+
+    def _close_block(self, current: _Block) -> list[bytes]:
         self._block = None
         if current.kind == "thinking":
             signed = {
@@ -215,6 +258,11 @@ class AnthropicStream:
         return []
 
     def _on_message_delta(self, data: JSON) -> list[bytes]:
+        if self._block is not None:
+            return self._close_block(self._block) + self._message_delta(data)
+        return self._message_delta(data)
+
+    def _message_delta(self, data: JSON) -> list[bytes]:
         # message_delta usage counts are cumulative (streaming docs), so they replace ours;
         # a null count (a field the delta does not report) keeps the message_start value.
         usage = _object(data.get("usage") or {}, "usage", self.provider)

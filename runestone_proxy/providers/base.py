@@ -11,12 +11,25 @@ The pipeline (``gateway/pipeline.py``) does the I/O around it:
     non-stream     -> translator.parse_response(call, body) -> OpenAI JSON bytes
     stream         -> st = translator.stream(call)
                       each SSE event: st.feed(event) -> [payload]
-                      upstream EOF: st.finish() -> [payload] (raises if the stream was cut)
+                      terminator seen (st.done), or the upstream ended without one:
+                      st.finish(ending) -> [payload] (raises if something was lost)
+                      st.usage -> the usage the stream reported (for accounting)
 
 Stream payloads are the JSON text of ``chat.completion.chunk`` (or ``text_completion``)
 objects, without SSE framing; the relay frames them as ``data: <payload>\\n\\n`` and adds
 ``data: [DONE]``. Payloads are bytes so that a pass-through provider can forward the
 upstream's own bytes without a decode/encode round trip.
+
+Stream endings ("honest, not pedantic"): a stream that ends without its terminator
+(``[DONE]``, ``message_stop``) lost nothing if the provider had already said how it finished
+(every choice's ``finish_reason``; Anthropic's ``message_delta`` with ``stop_reason``): it
+ends normally. Anything cut before that, or cut inside an SSE event, ends with an error,
+never a made-up ``finish_reason``. Each stream translator writes its rule as one table,
+``ENDINGS: (its phase, Ending) -> Outcome``, which its ``finish`` and its tests both read.
+
+Usage: the ``choices: []`` usage chunk reaches the client only if it asked
+(``include_usage``); Runestone may ask the provider anyway (``account_usage``) and reads the
+numbers from ``StreamTranslator.usage``.
 """
 
 from __future__ import annotations
@@ -32,6 +45,17 @@ from runestone_proxy.protocol.sse import SSEEvent
 Endpoint = Literal["chat", "completions", "embeddings"]
 HeaderPairs = Sequence[tuple[bytes, bytes]]
 
+#: How an upstream stream ended when its terminator had not arrived:
+#: ``eof``: the body ended cleanly at an event boundary;
+#: ``partial``: the body ended (or broke) with an incomplete SSE event pending;
+#: ``broken``: a transport failure (reset, cut chunked framing, stall timeout) at an event
+#: boundary. After the terminator every ending is irrelevant (the stream is complete).
+Ending = Literal["eof", "partial", "broken"]
+ENDING_KINDS: tuple[Ending, ...] = ("eof", "partial", "broken")
+#: What an ending means: ``end`` normally (usage chunk if asked, then ``[DONE]``) or
+#: ``error`` (an error event, then ``[DONE]``).
+Outcome = Literal["end", "error"]
+
 
 @attrs.frozen
 class ProviderCall:
@@ -45,6 +69,9 @@ class ProviderCall:
     stream: bool = False
     #: ``stream_options.include_usage`` as the client asked for it.
     include_usage: bool = False
+    #: Runestone wants the stream's usage for its own accounting (a tokens-per-minute limit):
+    #: the provider is asked for it even if the client did not ask; the client never sees it.
+    account_usage: bool = False
     #: The client's original bytes, when they may be forwarded untouched (no rewrite needed).
     raw: bytes | None = None
     request_id: str = ""
@@ -66,12 +93,18 @@ class StreamTranslator(Protocol):
     def done(self) -> bool:
         """True once the provider's terminal event arrived (``[DONE]``, ``message_stop``)."""
 
+    @property
+    def usage(self) -> Mapping[str, Any] | None:
+        """The OpenAI-shaped usage the stream reported so far (None if none), whether or not
+        the client sees it."""
+
     def feed(self, event: SSEEvent) -> list[bytes]:
         """Translate one event. Raises :class:`ProviderError` on an in-band error event."""
 
-    def finish(self) -> list[bytes]:
-        """Upstream ended. Trailing payloads (e.g. the usage chunk), or raise
-        :class:`~runestone_proxy.errors.UpstreamProtocolError` if the stream was cut."""
+    def finish(self, ending: Ending = "eof") -> list[bytes]:
+        """Upstream ended (``ending`` is ignored once :attr:`done`). Trailing payloads (e.g.
+        the usage chunk), or raise :class:`~runestone_proxy.errors.UpstreamProtocolError`
+        where the translator's ``ENDINGS`` table says something was lost."""
 
 
 class Translator(Protocol):

@@ -21,7 +21,7 @@ import attrs
 
 from runestone_proxy.errors import InvalidParam, UpstreamProtocolError
 from runestone_proxy.protocol.sse import SSEEvent
-from runestone_proxy.providers.base import StreamTranslator
+from runestone_proxy.providers.base import Ending, StreamTranslator
 from runestone_proxy.providers.openai import dumps, loads_object
 
 __all__ = [
@@ -121,7 +121,8 @@ class ChatToTextStream:
     """Wraps a chat :class:`StreamTranslator`; re-emits its chunks as ``text_completion``.
 
     A role-only first chunk (no text, no finish reason) produces nothing; the usage chunk
-    (``choices: []``) is kept.
+    (``choices: []``) is kept. It has no ending rule of its own: the inner translator's
+    ``ENDINGS`` table decides, and its usage is the inner one's.
     """
 
     inner: StreamTranslator
@@ -133,8 +134,12 @@ class ChatToTextStream:
     def feed(self, event: SSEEvent) -> list[bytes]:
         return self._convert(self.inner.feed(event))
 
-    def finish(self) -> list[bytes]:
-        return self._convert(self.inner.finish())
+    @property
+    def usage(self) -> Mapping[str, Any] | None:
+        return self.inner.usage
+
+    def finish(self, ending: Ending = "eof") -> list[bytes]:
+        return self._convert(self.inner.finish(ending))
 
     def _convert(self, payloads: list[bytes]) -> list[bytes]:
         out = []

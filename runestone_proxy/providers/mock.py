@@ -94,10 +94,15 @@ class MockProvider:
 
     def chunks(self, call: ProviderCall) -> list[bytes]:
         """The stream payloads (unframed) for ``call.endpoint``; embeddings don't stream."""
+        return self.stream(call)[0]
+
+    def stream(self, call: ProviderCall) -> tuple[list[bytes], dict[str, int]]:
+        """The stream payloads and the usage they amount to (for the gateway's accounting;
+        the client sees the ``choices: []`` usage chunk only if it asked)."""
         if call.endpoint == "chat":
-            return self.chat_chunks(call)
+            return self._chat_stream(call)
         if call.endpoint == "completions":
-            return self.completion_chunks(call)
+            return self._completion_stream(call)
         raise InvalidParam("embeddings cannot be streamed", param="stream")
 
     # -- chat -------------------------------------------------------------------------------
@@ -118,6 +123,9 @@ class MockProvider:
         )
 
     def chat_chunks(self, call: ProviderCall) -> list[bytes]:
+        return self._chat_stream(call)[0]
+
+    def _chat_stream(self, call: ProviderCall) -> tuple[list[bytes], dict[str, int]]:
         answer = _chat_answer(call.body)
         head = self._head(f"chatcmpl-mock-{answer.key}", "chat.completion.chunk", call)
         n = self.settings.chunk_count
@@ -134,9 +142,10 @@ class MockProvider:
         usage = call.include_usage
         out = [_chunk(head, delta, None, usage) for delta in deltas[:-1]]
         out.append(_chunk(head, deltas[-1], answer.finish_reason, usage))
+        counts = answer.usage()
         if usage:
-            out.append(dumps({**head, "choices": [], "usage": answer.usage()}))
-        return out
+            out.append(dumps({**head, "choices": [], "usage": counts}))
+        return out, counts
 
     # -- legacy completions -----------------------------------------------------------------
 
@@ -153,6 +162,9 @@ class MockProvider:
         )
 
     def completion_chunks(self, call: ProviderCall) -> list[bytes]:
+        return self._completion_stream(call)[0]
+
+    def _completion_stream(self, call: ProviderCall) -> tuple[list[bytes], dict[str, int]]:
         answer = _completion_answer(call.body)
         head = self._head(f"cmpl-mock-{answer.key}", "text_completion", call)
         n = self.settings.chunk_count
@@ -162,9 +174,10 @@ class MockProvider:
             finish = answer.finish_reason if i == len(texts) - 1 else None
             choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
             out.append(dumps({**head, "choices": [choice]}))
+        counts = answer.usage()
         if call.include_usage:
-            out.append(dumps({**head, "choices": [], "usage": answer.usage()}))
-        return out
+            out.append(dumps({**head, "choices": [], "usage": counts}))
+        return out, counts
 
     # -- embeddings -------------------------------------------------------------------------
 

@@ -17,6 +17,10 @@ check finds one of the known quirks:
   ``choices: []`` usage chunk, as OpenAI sends it
   (https://platform.openai.com/docs/api-reference/chat/streaming).
 
+Usage chunks (``choices: []``) reach the client only when it asked
+(``stream_options.include_usage``); when only Runestone asked (``account_usage``, for a
+tokens-per-minute limit) they are recorded and dropped. Stream endings: see ``ENDINGS``.
+
 Errors follow OpenAI's envelope ``{"error": {"message", "type", "param", "code"}}``
 (https://platform.openai.com/docs/guides/error-codes); the helpers here also read the
 shapes compatible servers use instead (vLLM's ``{"object": "error", ...}``, FastAPI's
@@ -26,22 +30,31 @@ shapes compatible servers use instead (vLLM's ``{"object": "error", ...}``, Fast
 from __future__ import annotations
 
 import email.utils
+import enum
 import json
 import time
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import attrs
 
 from runestone_proxy.errors import ProviderError, UpstreamProtocolError
 from runestone_proxy.protocol.sse import SSEEvent
-from runestone_proxy.providers.base import HeaderPairs, ProviderCall, UpstreamRequest
+from runestone_proxy.providers.base import (
+    Ending,
+    HeaderPairs,
+    Outcome,
+    ProviderCall,
+    UpstreamRequest,
+)
 
 __all__ = [
+    "ENDINGS",
     "RUNESTONE_EXTRAS",
     "Flavor",
     "OpenAIStream",
     "OpenAITranslator",
+    "Phase",
     "dumps",
     "error_from_payload",
     "error_from_response",
@@ -124,24 +137,70 @@ class OpenAITranslator:
         return body
 
     def stream(self, call: ProviderCall) -> OpenAIStream:
-        return OpenAIStream(name=self.name, include_usage=call.include_usage)
+        n = call.body.get("n", 1)
+        n = n if isinstance(n, int) and not isinstance(n, bool) else 1
+        return OpenAIStream(name=self.name, include_usage=call.include_usage, n=n)
 
     def parse_error(self, status: int, headers: HeaderPairs, body: bytes) -> ProviderError:
         return error_from_response(status, headers, body)
 
 
+class Phase(enum.Enum):
+    """How far an OpenAI-format stream got, as far as its ending is concerned."""
+
+    OPEN = "open"  # some choice that appeared has no finish_reason yet (or none appeared)
+    FINISHED = "finished"  # every choice that appeared has its finish_reason
+    DONE = "done"  # [DONE] arrived
+
+
+#: The ending rules, read by :meth:`OpenAIStream.finish` and by the tests: (phase, how the
+#: upstream ended without ``[DONE]``) -> outcome. Once every choice has its finish_reason
+#: nothing was lost by a missing ``[DONE]``, nor by a transport failure at an event boundary
+#: (at worst the usage chunk, which is never made up). An event cut in half is a loss.
+ENDINGS: Final[Mapping[tuple[Phase, Ending], Outcome]] = {
+    (Phase.OPEN, "eof"): "error",
+    (Phase.OPEN, "partial"): "error",
+    (Phase.OPEN, "broken"): "error",
+    (Phase.FINISHED, "eof"): "end",
+    (Phase.FINISHED, "partial"): "error",
+    (Phase.FINISHED, "broken"): "end",
+    (Phase.DONE, "eof"): "end",
+    (Phase.DONE, "partial"): "end",
+    (Phase.DONE, "broken"): "end",
+}
+
+_FINISHED = (b'"finish_reason":"', b'"finish_reason": "')
+
+
 @attrs.define
 class OpenAIStream:
-    """Stream state for one OpenAI-format SSE stream: payloads pass through as bytes."""
+    """Stream state for one OpenAI-format SSE stream: payloads pass through as bytes.
+
+    Per chunk, only byte checks run unless one finds something to read: an error, a usage
+    object, a non-null ``finish_reason`` (once per choice). With ``n`` > 1 every chunk is
+    decoded, to know which choices appeared (rare; n = 1 has only choice 0).
+    """
 
     name: str
     include_usage: bool = False
+    #: The request's ``n``: how many choices may appear.
+    n: int = 1
     done: bool = attrs.field(default=False, init=False)
     #: The latest ``usage`` object seen in the stream (for the gateway's accounting).
     usage: dict[str, Any] | None = attrs.field(default=None, init=False)
     #: A Groq ``x_groq.usage`` turned into OpenAI's final usage chunk, sent at ``[DONE]``.
     _pending_usage: bytes | None = attrs.field(default=None, init=False, repr=False)
     _usage_chunk_seen: bool = attrs.field(default=False, init=False, repr=False)
+    _appeared: set[int] = attrs.field(factory=set, init=False, repr=False)
+    _finished: set[int] = attrs.field(factory=set, init=False, repr=False)
+
+    @property
+    def phase(self) -> Phase:
+        if self.done:
+            return Phase.DONE
+        if self._finished and self._appeared <= self._finished:
+            return Phase.FINISHED
+        return Phase.OPEN
 
     def feed(self, event: SSEEvent) -> list[bytes]:
         data = event.data
@@ -149,9 +208,7 @@ class OpenAIStream:
             return []  # nothing is defined after the terminator; ignore it
         if data == b"[DONE]" or data.strip() == b"[DONE]":
             self.done = True
-            if self._pending_usage is not None and not self._usage_chunk_seen:
-                return [self._pending_usage]
-            return []
+            return self._trailer()
         if not data.strip():
             return []
         if event.event == "error":  # some compatible servers name their error events
@@ -163,40 +220,68 @@ class OpenAIStream:
             obj = self._load(data)
             if _is_error(obj):  # OpenRouter / OpenAI / vLLM mid-stream error
                 raise error_from_payload(obj)
+        if self.n > 1 or _FINISHED[0] in data or _FINISHED[1] in data:
+            obj = obj if obj is not None else self._load(data)
+            self._track_choices(obj)
         if b'"x_groq"' in data and b'"usage"' in data:
-            return [self._groq(obj if obj is not None else self._load(data), data)]
+            return self._groq(obj if obj is not None else self._load(data), data)
         if b'"usage":{' in data or b'"usage": {' in data:
             obj = obj if obj is not None else self._load(data)
             if isinstance(obj.get("usage"), dict):
                 self.usage = obj["usage"]
                 if obj.get("choices") == []:
                     self._usage_chunk_seen = True
+                    if not self.include_usage:
+                        return []  # Runestone asked for it (accounting); the client did not
         return [data]
 
-    def finish(self) -> list[bytes]:
-        if not self.done:
-            raise UpstreamProtocolError(f"{self.name}: upstream stream ended before [DONE]")
+    def finish(self, ending: Ending = "eof") -> list[bytes]:
+        phase = self.phase
+        if ENDINGS[phase, ending] == "error":
+            if phase is Phase.OPEN:
+                what = "before every choice had a finish_reason"
+            else:
+                what = "inside an event"
+            raise UpstreamProtocolError(
+                f"{self.name}: upstream stream ended {what}, without [DONE]"
+            )
+        if phase is Phase.DONE:
+            return []
+        self.done = True
+        return self._trailer()
+
+    def _trailer(self) -> list[bytes]:
+        if self._pending_usage is not None and not self._usage_chunk_seen:
+            return [self._pending_usage]
         return []
+
+    def _track_choices(self, obj: Mapping[str, Any]) -> None:
+        choices = obj.get("choices")
+        if not isinstance(choices, list):
+            return
+        for choice in choices:
+            if isinstance(choice, Mapping):
+                index = choice.get("index", 0)
+                index = index if isinstance(index, int) else 0
+                self._appeared.add(index)
+                if choice.get("finish_reason") is not None:
+                    self._finished.add(index)
 
     def _load(self, data: bytes) -> dict[str, Any]:
         return loads_object(data, f"{self.name} stream event")
 
-    def _groq(self, obj: dict[str, Any], data: bytes) -> bytes:
+    def _groq(self, obj: dict[str, Any], data: bytes) -> list[bytes]:
         usage = _groq_usage(obj)
         if usage is None:
-            return data
+            return [data]
         usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else usage
         assert isinstance(usage, dict)
         self.usage = usage
         if obj.get("choices") == []:
             self._usage_chunk_seen = True
-            return data
+            return [data] if self.include_usage else []
         if not self.include_usage:
-            # Standard place for usage on the chunk that carried it.
-            if obj.get("usage") is None:
-                obj["usage"] = usage
-                return dumps(obj)
-            return data
+            return [data]  # recorded for accounting; the client gets Groq's bytes as they are
         # include_usage: OpenAI sends usage once, in a last chunk with no choices; counting
         # it on this chunk as well would make summing clients count it twice.
         keep = ("id", "object", "created", "model", "system_fingerprint")
@@ -206,8 +291,8 @@ class OpenAIStream:
         self._pending_usage = dumps(final)
         if obj.get("usage") is not None:
             obj["usage"] = None
-            return dumps(obj)
-        return data
+            return [dumps(obj)]
+        return [data]
 
 
 def _needs_rewrite(call: ProviderCall) -> bool:
@@ -218,7 +303,8 @@ def _needs_rewrite(call: ProviderCall) -> bool:
         return False
     if bool(body.get("stream", False)) != call.stream:
         return True
-    return call.stream and call.include_usage and not _asks_usage(body)
+    wants_usage = call.include_usage or call.account_usage
+    return call.stream and wants_usage and not _asks_usage(body)
 
 
 def _asks_usage(body: Mapping[str, Any]) -> bool:
@@ -233,7 +319,7 @@ def _rewrite(call: ProviderCall) -> dict[str, Any]:
         return out
     if call.stream:
         out["stream"] = True
-        if call.include_usage:
+        if call.include_usage or call.account_usage:
             opts = out.get("stream_options")
             out["stream_options"] = {**(opts if isinstance(opts, Mapping) else {})}
             out["stream_options"]["include_usage"] = True

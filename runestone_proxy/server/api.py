@@ -341,10 +341,17 @@ class Api:
                 self.ratelimiter.cancel(reservation, limits, trio.current_time())
 
     def _plan(
-        self, endpoint: Endpoint, body: dict[str, Any], raw: bytes, stream: bool, request_id: str
+        self,
+        endpoint: Endpoint,
+        body: dict[str, Any],
+        raw: bytes,
+        stream: bool,
+        request_id: str,
+        account_usage: bool = False,
     ) -> tuple[list[Target], Callable[[Target], ProviderCall], str]:
         """Resolve and order the candidates, and say how to call each. Pops Runestone's own
-        fields from ``body``; ``raw`` is forwarded untouched where nothing needs a rewrite."""
+        fields from ``body``; ``raw`` is forwarded untouched where nothing needs a rewrite.
+        ``account_usage``: ask a streaming provider for usage even if the client did not."""
         extras = RUNESTONE_FIELDS.intersection(body)
         provider_field = body.get("provider")
         if provider_field is not None and not isinstance(provider_field, str):
@@ -374,6 +381,7 @@ class Api:
                 model=target.upstream_model,
                 stream=stream,
                 include_usage=include_usage,
+                account_usage=account_usage,
                 raw=raw if forward else None,
                 request_id=request_id,
             )
@@ -405,7 +413,13 @@ class Api:
         tokens the answer reports (for the TPM reconcile)."""
         stream = endpoint != "embeddings" and (force_stream or body.get("stream") is True)
         if stream:
-            targets, call_for, policy = self._plan(endpoint, body, raw, True, request.request_id)
+            # A tokens-per-minute limit needs the real usage to reconcile its estimate: ask
+            # the provider for it (the client sees it only if it asked too).
+            principal = request.context["principal"]
+            tpm = isinstance(principal, Principal) and principal.limits.tpm is not None
+            targets, call_for, policy = self._plan(
+                endpoint, body, raw, True, request.request_id, account_usage=tpm
+            )
             await self._relay(request, responder, targets, call_for, policy, extra_headers, usage)
             return
         target, policy, answer = await self._complete(endpoint, body, raw, request.request_id)
@@ -442,12 +456,10 @@ class Api:
         ) -> None:
             started = time.perf_counter()
             chunks = 0
-            last = b""
             await responder.start(200, (*SSE_HEADERS, *_meta(target, policy), *extra_headers))
             try:
                 while payloads is not None:
                     chunks += len(payloads)
-                    last = payloads[-1]
                     if len(payloads) == 1:
                         await responder.send(encode_data(payloads[0]))
                     else:
@@ -464,7 +476,8 @@ class Api:
                 )
                 return
             await responder.send(DONE)
-            usage[0] = ratelimit.usage_tokens(last) if last else None
+            # What the translator recorded, whether or not the client was sent it.
+            usage[0] = _total_tokens(stream.usage)
             telemetry.emit(
                 "stream.complete",
                 provider=target.provider,
@@ -474,6 +487,11 @@ class Api:
             )
 
         await self.failover.stream(targets, call_for, self.providers, relay)
+
+
+def _total_tokens(usage: Mapping[str, Any] | None) -> int | None:
+    total = usage.get("total_tokens") if usage is not None else None
+    return total if isinstance(total, int) and not isinstance(total, bool) else None
 
 
 def _load_aliases(path: Path, config: Config) -> dict[str, str]:

@@ -19,6 +19,18 @@ scenario in the request, e.g. ``model="openai:err-429"``:
     hang               one chunk, then waits for the client to leave
     stall              no response head; waits for the client to leave
 
+    Stream endings and sizes (items 3-5 of issue 10):
+    no-done            whole stream, then a clean   claude-no-stop   whole stream, no
+                       end without [DONE]                            message_stop
+    finish-reset       finish chunk, then the       claude-cut       ends inside a text block
+                       connection dropped                            (no message_delta)
+    finish-partial     finish chunk, then half an   claude-max-tokens-tool  message_delta
+                       event and a clean end                         cuts an open tool block
+    big                one content delta of         claude-big       one text delta of
+                       BIG_TEXT (5 MiB)                              BIG_TEXT (5 MiB)
+    usage-always       the usage chunk even if
+                       include_usage was not asked
+
 A request with the wrong key gets the provider's 401, as the real services answer it.
 
 Every request is recorded (headers and parsed body) in ``requests``. ``in_flight`` counts the
@@ -51,6 +63,8 @@ USAGE = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
 #: A tool call's arguments, and how the stream splits them.
 ARGUMENT_PIECES = ('{"ci', 'ty": "Pa', 'ris"}')
 ARGUMENTS = "".join(ARGUMENT_PIECES)
+#: One legal SSE event of several MiB (past the parser's old 1 MiB cap).
+BIG_TEXT = "abcdefgh" * (5 * 1024 * 1024 // 8)
 
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -323,11 +337,13 @@ class FakeOpenAI(FakeProvider):
             deltas = [first] + [{"tool_calls": [p]} for p in _tool_call_pieces()[1:]]
             choices = [_delta(d) for d in deltas] + [_delta({}, "tool_calls")]
         elif chat:
+            pieces = (BIG_TEXT,) if model == "big" else TEXT_PIECES
             deltas = [{"role": "assistant", "content": "", "refusal": None}]
-            deltas += [{"content": piece} for piece in TEXT_PIECES]
+            deltas += [{"content": piece} for piece in pieces]
             choices = [_delta(d) for d in deltas] + [_delta({}, "stop")]
         else:
-            choices = [_text_choice(p) for p in TEXT_PIECES] + [_text_choice("", "stop")]
+            pieces = (BIG_TEXT,) if model == "big" else TEXT_PIECES
+            choices = [_text_choice(p) for p in pieces] + [_text_choice("", "stop")]
         if model in ("cut", "cut-hard", "hang"):
             choices = choices[: 1 if model == "hang" else 2]
         for choice in choices:
@@ -335,12 +351,17 @@ class FakeOpenAI(FakeProvider):
         if model == "hang":
             await ex.wait_gone()
             return
-        if model == "cut-hard":
+        if model in ("cut-hard", "finish-reset"):
             return  # the ASGI app returns mid-body: hypercorn drops the connection
-        if model != "cut":
-            if usage:
+        if model == "finish-partial":
+            await ex.send(
+                {"type": "http.response.body", "body": b'data: {"id":', "more_body": True}
+            )
+        elif model != "cut":
+            if usage or model == "usage-always":
                 await ex.event({**_openai_chunk(model, [], False, obj), "usage": USAGE})
-            await ex.event("[DONE]")
+            if model != "no-done":
+                await ex.event("[DONE]")
         await ex.end()
 
 
@@ -431,7 +452,7 @@ def _blocks(model: str) -> list[dict[str, Any]]:
     if model == "claude-thinking":
         thinking = {"type": "thinking", "thinking": THINKING, "signature": SIGNATURE}
         return [thinking, {"type": "text", "text": TEXT}]
-    return [{"type": "text", "text": TEXT}]
+    return [{"type": "text", "text": BIG_TEXT if model == "claude-big" else TEXT}]
 
 
 @attrs.define(eq=False)
@@ -456,6 +477,9 @@ class FakeAnthropic(FakeProvider):
         start = _message(model, [], None)
         start["usage"] = {"input_tokens": 12, "output_tokens": 1}
         await ex.event({"type": "message_start", "message": start}, "message_start")
+        if model in ("claude-cut", "claude-max-tokens-tool"):
+            await self._cut_block(ex, model)
+            return
         for index, block in enumerate(_blocks(model)):
             await self._block(ex, index, block)
             if model == "claude-overloaded-mid":
@@ -466,7 +490,34 @@ class FakeAnthropic(FakeProvider):
         delta = {"stop_reason": stop, "stop_sequence": None}
         usage = {"output_tokens": 5}
         await ex.event({"type": "message_delta", "delta": delta, "usage": usage}, "message_delta")
-        await ex.event({"type": "message_stop"}, "message_stop")
+        if model != "claude-no-stop":
+            await ex.event({"type": "message_stop"}, "message_stop")
+        await ex.end()
+
+    async def _cut_block(self, ex: Exchange, model: str) -> None:
+        """One block left open: the body simply ends (claude-cut), or max_tokens cuts a tool's
+        input and message_delta arrives with the block still open (claude-max-tokens-tool)."""
+        tool = model == "claude-max-tokens-tool"
+        opening = (
+            {"type": "tool_use", "id": "toolu_01cut", "name": "get_weather", "input": {}}
+            if tool
+            else {"type": "text", "text": ""}
+        )
+        start = {"type": "content_block_start", "index": 0, "content_block": opening}
+        await ex.event(start, "content_block_start")
+        piece = (
+            {"type": "input_json_delta", "partial_json": ARGUMENT_PIECES[0]}
+            if tool
+            else {"type": "text_delta", "text": TEXT_PIECES[0]}
+        )
+        delta_event = {"type": "content_block_delta", "index": 0, "delta": piece}
+        await ex.event(delta_event, "content_block_delta")
+        if tool:
+            delta = {"stop_reason": "max_tokens", "stop_sequence": None}
+            usage = {"output_tokens": 5}
+            message_delta = {"type": "message_delta", "delta": delta, "usage": usage}
+            await ex.event(message_delta, "message_delta")
+            await ex.event({"type": "message_stop"}, "message_stop")
         await ex.end()
 
     async def _block(self, ex: Exchange, index: int, block: dict[str, Any]) -> None:

@@ -544,7 +544,10 @@ async def test_tpm_limit_and_headers(start: Start, http: httpx.AsyncClient) -> N
         assert second.text.endswith("data: [DONE]\n\n")
         # The first answer's 102 reserved tokens were settled to its real usage of 14.
         assert second.headers["x-ratelimit-remaining-tokens"] == str(1000 - 14 - 102)
-        # The stream reported no usage (no include_usage): its estimate stays charged.
+        # The client did not ask for usage, but a tpm key makes Runestone ask the provider:
+        # the stream is settled to its real usage (14) too, the client never sees it.
+        lines = second.text.splitlines()
+        assert all(json.loads(x[6:])["choices"] for x in lines if x.startswith("data: {"))
 
         # An upstream error is an answer too: it carries the key's headers.
         failed = await http.post(
@@ -553,7 +556,7 @@ async def test_tpm_limit_and_headers(start: Start, http: httpx.AsyncClient) -> N
         assert failed.status_code == 500
         assert failed.headers["x-ratelimit-limit-requests"] == "50"
         assert failed.headers["x-ratelimit-remaining-requests"] == "47"
-        assert failed.headers["x-ratelimit-remaining-tokens"] == str(1000 - 14 - 102 - 12)
+        assert failed.headers["x-ratelimit-remaining-tokens"] == str(1000 - 14 - 14 - 12)
 
         too_large = await http.post(url, json=chat("acme", max_tokens=5000), headers=bearer("acme"))
         assert too_large.status_code == 429
@@ -569,7 +572,7 @@ async def test_tpm_limit_and_headers(start: Start, http: httpx.AsyncClient) -> N
         assert later.status_code == 429
         assert later.json()["error"]["type"] == "tokens"
         assert 1 <= int(later.headers["retry-after"]) <= 61
-        assert later.headers["x-ratelimit-remaining-tokens"] == str(1000 - 14 - 102 - 12)
+        assert later.headers["x-ratelimit-remaining-tokens"] == str(1000 - 14 - 14 - 12)
 
 
 async def test_tpm_streams_charge_real_usage(start: Start, fake: TenancyFake) -> None:
@@ -597,6 +600,32 @@ async def test_tpm_streams_charge_real_usage(start: Start, fake: TenancyFake) ->
         )
     assert raw.headers["x-ratelimit-remaining-tokens"] == str(1000 - 14 - 302)
     assert fake.completed == 2
+
+
+async def test_tpm_streams_charge_real_usage_the_client_did_not_ask_for(
+    start: Start, fake: TenancyFake
+) -> None:
+    """A key with a tpm limit: Runestone asks the provider for usage itself, reconciles with
+    it, and strips the usage chunk the client did not ask for."""
+    gw = await start(keys=[key("acme", tpm=1000)])
+    with trio.fail_after(15), sdk(gw, KEYS["acme"]) as client:
+
+        def stream_without_usage() -> list[Any]:
+            return list(
+                client.chat.completions.create(
+                    model="t-fast", messages=MESSAGES, user="acme", stream=True, max_tokens=300
+                )
+            )
+
+        chunks = await in_thread(stream_without_usage)
+        raw = await in_thread(
+            client.chat.completions.with_raw_response.create,
+            model="t-fast",
+            messages=MESSAGES,
+            max_tokens=300,
+        )
+    assert all(c.choices and c.usage is None for c in chunks)
+    assert raw.headers["x-ratelimit-remaining-tokens"] == str(1000 - 14 - 302)
 
 
 # --- reload -------------------------------------------------------------------------------------

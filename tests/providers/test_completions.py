@@ -168,6 +168,12 @@ def test_usage_chunk_is_kept() -> None:
 
 
 def test_cut_stream_still_fails() -> None:
-    wire = (DATA / "stream_text.sse").read_bytes().removesuffix(DONE)
+    whole = (DATA / "stream_text.sse").read_bytes().removesuffix(DONE)
+    wire = whole[: whole.rindex(b"data: ")]  # cut before the chunk with the finish_reason
     with pytest.raises(UpstreamProtocolError):
         run(text_stream(), wire)
+
+
+def test_finished_stream_without_done_ends() -> None:
+    wire = (DATA / "stream_text.sse").read_bytes()
+    assert run(text_stream(), wire.removesuffix(DONE)) == run(text_stream(), wire)

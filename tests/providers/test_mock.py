@@ -50,7 +50,8 @@ def relay(chunks: list[bytes]) -> list[bytes]:
     """Frame the chunks as an upstream would, and read them back as the gateway does."""
     wire = b"".join(encode_data(c) for c in chunks) + DONE
     parser = SSEParser()
-    stream = OpenAITranslator("mock", "generic").stream(make_call("chat", {}, stream=True))
+    call = make_call("chat", {}, stream=True, include_usage=True)
+    stream = OpenAITranslator("mock", "generic").stream(call)
     out = [p for event in parser.feed(wire) for p in stream.feed(event)]
     return out + stream.finish()
 

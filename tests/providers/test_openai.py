@@ -210,13 +210,22 @@ def test_stream_without_usage() -> None:
     assert st.usage is None
 
 
-@pytest.mark.parametrize("cut", [b"data: [DONE]\n\n", b"\n\ndata: [DONE]\n\n"])
-def test_stream_cut_before_done_fails(cut: bytes) -> None:
+def test_finished_stream_without_done_ends() -> None:
     stream = golden("stream_text.sse")
-    assert stream.endswith(cut)
+    whole = run_stream(OpenAITranslator("openai").stream(call({}, stream=True)), stream)
     st = OpenAITranslator("openai").stream(call({}, stream=True))
-    with pytest.raises(UpstreamProtocolError, match=r"before \[DONE\]"):
-        run_stream(st, stream[: -len(cut)])
+    assert run_stream(st, stream.removesuffix(b"data: [DONE]\n\n")) == whole
+
+
+@pytest.mark.parametrize("cut", [b"\n\ndata: [DONE]\n\n", b"data: [DONE]\n\n"])
+def test_stream_cut_before_the_finish_fails(cut: bytes) -> None:
+    # The first cut leaves the finishing event without its blank line: never dispatched.
+    stream = golden("stream_text.sse").removesuffix(cut)
+    if cut == b"data: [DONE]\n\n":
+        stream = stream[: stream.rindex(b"data: ")]
+    st = OpenAITranslator("openai").stream(call({}, stream=True))
+    with pytest.raises(UpstreamProtocolError, match=r"finish_reason, without \[DONE\]"):
+        run_stream(st, stream)
 
 
 def test_nothing_after_done_is_forwarded() -> None:
@@ -268,12 +277,13 @@ def test_non_json_event_is_a_protocol_error() -> None:
 
 
 def test_groq_usage_on_the_chunk_without_include_usage() -> None:
+    # Recorded for accounting; the client did not ask, so Groq's bytes pass untouched.
     st = OpenAITranslator("groq", "groq").stream(call({}, stream=True))
     out = [json.loads(p) for p in run_stream(st, golden("groq_stream.sse"))]
     assert len(out) == 5
     assert out[-1]["choices"][0]["finish_reason"] == "stop"
-    assert out[-1]["usage"]["total_tokens"] == 42
-    assert all("usage" not in chunk for chunk in out[:-1])
+    assert out[-1]["x_groq"]["usage"]["total_tokens"] == 42
+    assert all("usage" not in chunk for chunk in out)
     assert st.usage is not None
     assert st.usage["prompt_tokens"] == 38
 
