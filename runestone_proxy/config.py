@@ -72,7 +72,12 @@ class LimitsConfig:
     max_header_bytes: int = attrs.field(default=32768, validator=_positive)
     max_body_bytes: int = attrs.field(default=8 * 1024 * 1024, validator=_positive)
     header_timeout_s: float = attrs.field(default=10.0, validator=_positive)
-    body_timeout_s: float = attrs.field(default=60.0, validator=_positive)
+    #: Between two reads of a request body (nginx's client_body_timeout); and a whole body
+    #: must keep up body_min_rate_bytes_per_s once body_grace_s has passed (mod_reqtimeout's
+    #: body=20,MinRate=500): see protocol/slowclient.py. Either answers 408.
+    body_timeout_s: float = attrs.field(default=10.0, validator=_positive)
+    body_grace_s: float = attrs.field(default=20.0, validator=_positive)
+    body_min_rate_bytes_per_s: float = attrs.field(default=500.0, validator=_positive)
     keepalive_timeout_s: float = attrs.field(default=75.0, validator=_positive)
     send_timeout_s: float = attrs.field(default=60.0, validator=_positive)
     max_connections: int = attrs.field(default=10_000, validator=_positive)

@@ -55,6 +55,7 @@ from runestone_proxy import errors
 from runestone_proxy.config import LimitsConfig
 from runestone_proxy.server.gateway import Gateway, log_access, new_request_id, request_id_from
 from runestone_proxy.server.http import JSON_HEADERS, HeaderList, Request, ResponseAborted
+from runestone_proxy.server.slowbody import body_pace, body_timeout
 
 log = structlog.get_logger("runestone.h1")
 
@@ -257,6 +258,8 @@ class H1Connection:
     fd: int = -1
     #: h11's ``max_incomplete_event_size``: the largest request line plus header block.
     max_head: int = 0
+    #: A write is blocked, bounded by the scope's deadline (``send_timeout_s``).
+    send_blocked: bool = False
 
     @classmethod
     def new(cls, stream: trio.abc.Stream, gateway: Gateway, client: str | None) -> H1Connection:
@@ -291,9 +294,11 @@ class H1Connection:
             return
         scope = self.scope
         scope.deadline = trio.current_time() + self.limits.send_timeout_s
+        self.send_blocked = True  # _arm_watch must leave this deadline alone
         try:
             await self.stream.send_all(data)
         finally:
+            self.send_blocked = False
             scope.deadline = math.inf
 
     async def receive(self, *, waiting: bool = False) -> bytes:
@@ -583,7 +588,8 @@ class H1Connection:
         """Start the watcher for the running request (from the request itself, or from the
         sweeper once the request has run a while)."""
         assert self.nursery is not None
-        self.scope.deadline = math.inf  # the wait's deadline no longer applies
+        if not self.send_blocked:  # a blocked write's send_timeout_s still does
+            self.scope.deadline = math.inf  # the wait's deadline no longer applies
         self.watch_scope = trio.CancelScope()
         self.nursery.start_soon(self._watch, body, self.scope, received, self.watch_scope, delay)
 
@@ -639,6 +645,7 @@ class H1Connection:
         received: int,
     ) -> None:
         body_done = False
+        pace, started = body_pace(self.limits), trio.current_time()
         async with body:
             while not body_done:
                 try:
@@ -648,7 +655,8 @@ class H1Connection:
                     await body.send(self._protocol_error(exc))
                     return
                 if event is h11.NEED_DATA:
-                    with trio.move_on_after(self.limits.body_timeout_s):
+                    # Per read, and a minimum rate for the whole body (protocol/slowclient.py).
+                    with trio.move_on_at(pace.deadline(trio.current_time(), started, received)):
                         data = await self.receive()
                         self.proto.receive_data(data)
                         if not data:
@@ -657,7 +665,7 @@ class H1Connection:
                         continue
                     # Set before the send: the handler answers as soon as it receives this.
                     self.closing = True
-                    await body.send(errors.RequestTimeout("Timed out reading the request body."))
+                    await body.send(body_timeout(pace, started, received))
                     return
                 if isinstance(event, h11.Data):
                     received += len(event.data)

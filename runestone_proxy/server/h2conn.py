@@ -24,8 +24,9 @@ How this works::
   ``max streams x stream window`` up front: one stalled stream never starves the others at
   connection level, and buffered bodies stay bounded by that product.
 * Response bodies. ``send`` writes as much as the stream's window and the peer's frame size
-  allow and parks until a WINDOW_UPDATE (§6.9) wakes it; a window shut for longer than
-  ``send_timeout_s`` resets that stream with CANCEL. Other streams are unaffected.
+  allow and parks until a WINDOW_UPDATE (§6.9) wakes it; a write still waiting for window
+  ``send_timeout_s`` after it first stalled resets that stream with CANCEL, however the
+  client drips its window open. Other streams are unaffected.
 * Stream limit. h2 treats a stream beyond our SETTINGS_MAX_CONCURRENT_STREAMS as a
   connection error; §5.1.2 also allows a stream error, REFUSED_STREAM, which clients retry.
   So h2 is given a higher internal cap and this module refuses the excess itself.
@@ -38,7 +39,8 @@ How this works::
 * Closing. After a GOAWAY the connection half-closes and reads (and drops) what the client
   still sends for a moment, so a TCP reset cannot destroy the GOAWAY in flight.
 * Timeouts. ``header_timeout_s`` until the first request, ``keepalive_timeout_s`` while no
-  stream is open, ``body_timeout_s`` per wait for request body (408).
+  stream is open, ``body_timeout_s`` per wait for request body and a minimum rate for the
+  whole body (408; see :mod:`~runestone_proxy.protocol.slowclient`).
 """
 
 from __future__ import annotations

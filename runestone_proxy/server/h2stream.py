@@ -11,12 +11,17 @@ How this works:
   (padding included) and unparks :meth:`H2Stream.receive`. Credit goes back to the client
   (``acknowledge_received_data``, RFC 9113 §6.9) only when the handler takes a chunk, so
   the client's window for this stream stays shut while the handler is busy. Each wait for
-  more body is bounded by ``body_timeout_s`` (408).
+  more body is bounded by ``body_timeout_s``, and the body as a whole by a minimum rate
+  after a grace period (:mod:`~runestone_proxy.protocol.slowclient`): a client that
+  dribbles DATA gets 408 and the stream ends, freeing its slot on the connection.
 * Response. Headers are lower-cased, stripped of connection-specific fields (RFC 9113
   §8.2.2) and given ``x-request-id``; ``respond`` adds ``content-length``. Data goes out in
   frames no larger than the stream's send window and the peer's SETTINGS_MAX_FRAME_SIZE
-  (§6.5.2); at a shut window the stream parks until a WINDOW_UPDATE, at most
-  ``send_timeout_s``, then resets itself with CANCEL. HEAD responses carry no body.
+  (§6.5.2); at a shut window the stream parks until a WINDOW_UPDATE. One write (a whole
+  response body, or one streamed chunk) may spend at most ``send_timeout_s`` in all waiting
+  for window, as an HTTP/1.1 write must reach the socket within it: a client that opens
+  its window a byte at a time (the HTTP/2 slow reader) cannot stretch it. Past that the
+  stream resets itself with CANCEL. HEAD responses carry no body.
 * Going away. ``gone`` marks a stream that no longer exists on the wire (reset by either
   side, or the connection is closing); whoever sets it also cancels :attr:`H2Stream.scope`.
   After every wait the stream checks it, so no h2 call is made for a dead stream and the
@@ -26,15 +31,16 @@ How this works:
 from __future__ import annotations
 
 import collections
+import math
 from typing import TYPE_CHECKING
 
 import attrs
 import trio
 from h2.errors import ErrorCodes
 
-from runestone_proxy import errors
 from runestone_proxy.server.gateway import request_id_from
 from runestone_proxy.server.http import HeaderList, Request
+from runestone_proxy.server.slowbody import body_pace, body_timeout
 
 if TYPE_CHECKING:
     from runestone_proxy.server.h2conn import H2ServerConnection
@@ -93,6 +99,10 @@ class H2Stream:
     # Request body: (data, flow-controlled length) not yet read by the handler.
     chunks: collections.deque[tuple[bytes, int]] = attrs.Factory(collections.deque)
     unacked: int = 0
+    #: Request body bytes received, and when the handler first waited for more (the rate's
+    #: clock starts there: a body that arrived with its head never starts it).
+    received: int = 0
+    body_started: float | None = None
     body_ended: bool = False
     readable: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
     # Response.
@@ -130,6 +140,7 @@ class H2Stream:
     def on_data(self, data: bytes, flow: int) -> None:
         self.chunks.append((data, flow))
         self.unacked += flow
+        self.received += len(data)
         self.readable.unpark_all()
 
     def on_end(self) -> None:
@@ -148,10 +159,13 @@ class H2Stream:
             if self.body_ended:
                 await trio.lowlevel.checkpoint()
                 return b""
-            with trio.move_on_after(self.conn.limits.body_timeout_s) as waited:
+            now, pace = trio.current_time(), body_pace(self.conn.limits)
+            if self.body_started is None:
+                self.body_started = now
+            with trio.move_on_at(pace.deadline(now, self.body_started, self.received)) as waited:
                 await self.readable.park()
             if waited.cancelled_caught:
-                raise errors.RequestTimeout("Timed out waiting for the request body.")
+                raise body_timeout(pace, self.body_started, self.received)
             await self._alive()
         data, flow = self.chunks.popleft()
         self.unacked -= flow
@@ -221,11 +235,14 @@ class H2Stream:
     async def _send_data(self, data: bytes, *, end: bool) -> None:
         proto = self.conn.proto
         view = memoryview(data)
+        deadline = math.inf  # set at the first shut window: the whole write's bound
         while True:
             window = min(proto.local_flow_control_window(self.sid), proto.max_outbound_frame_size)
             if window <= 0:
+                if deadline == math.inf:
+                    deadline = trio.current_time() + self.conn.limits.send_timeout_s
                 await self.conn.flush()
-                await self._wait_window()
+                await self._wait_window(deadline)
                 continue
             size = min(window, len(view))
             last = size == len(view)
@@ -238,9 +255,9 @@ class H2Stream:
         await self.conn.flush()
         await self._alive()
 
-    async def _wait_window(self) -> None:
+    async def _wait_window(self, deadline: float) -> None:
         await self._alive()
-        with trio.move_on_after(self.conn.limits.send_timeout_s):
+        with trio.move_on_at(deadline):
             while self.conn.proto.local_flow_control_window(self.sid) <= 0:
                 await self.writable.park()
                 await self._alive()

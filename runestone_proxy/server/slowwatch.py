@@ -11,7 +11,8 @@ The upstream pool uses a second instance the same way for its timeouts: a wait f
 provider's response head or next body bytes registers its due time (``add(..., due=)``)
 instead of entering a cancel scope (about 6.5 us each, once per request and once per paced
 stream chunk), and the callback of a wait still pending when it is due wakes it with
-``trio.lowlevel.notify_closing``. Such a timeout fires up to ``interval_s`` late.
+``trio.lowlevel.notify_closing``. Such a timeout fires up to ``interval_s`` late. The same
+instance closes pooled connections that idled past ``idle_timeout_s`` (one entry per origin).
 """
 
 from __future__ import annotations

@@ -31,6 +31,13 @@ How this works
 5. *Release.* Leaving the ``async with`` cleanly with the response read to its end and both
    h11 sides DONE parks the connection for reuse. Any other exit (early, exception,
    cancellation) closes it in a shielded, bounded scope. The slot is always returned.
+6. *Idle expiry.* A parked connection is closed once it has idled ``idle_timeout_s``, not
+   only when a later checkout finds it stale: providers drop idle sockets on their side
+   (often after a minute or less), and a quiet gateway should not hold half-dead ones.
+   While ``watch`` runs, each origin with idle connections has one entry there, due when
+   its longest-idle connection expires (the LIFO list is ordered by idle time, so that is
+   its head); the sweep closes the expired prefix and re-registers for the next. Parking
+   a connection costs one flag check; the entry is added only when none is pending.
 
 Where ``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY`` cover an origin (and ``NO_PROXY`` does
 not exempt it), its requests go through httpx instead, behind the same interface; the
@@ -43,6 +50,7 @@ import os
 import ssl
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
+from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
@@ -105,6 +113,8 @@ class _OriginPool:
     origin: Origin
     slots: trio.Semaphore
     idle: list[H11Connection] = attrs.Factory(list)  # LIFO: the warmest connection is last
+    #: An idle-expiry entry for this origin is pending in the pool's ``watch``.
+    sweep_pending: bool = False
 
 
 @attrs.define(eq=False)
@@ -164,6 +174,8 @@ class _Exchange:
             if exc_type is None and not pool._closed and conn.recycle(trio.current_time()):
                 op.idle.append(conn)
                 pool._idle += 1
+                if not op.sweep_pending:
+                    pool._schedule_idle_sweep(op)
             else:
                 await pool._discard(conn)
         finally:
@@ -235,10 +247,36 @@ class UpstreamPool:
                 await self._discard(conn)
         return pruned
 
+    def _schedule_idle_sweep(self, op: _OriginPool) -> None:
+        """Have ``watch`` close ``op``'s longest-idle connection when it expires (see
+        "Idle expiry" in the module docstring). Without a running ``watch`` (a pool used on
+        its own), checkout and :meth:`prune_idle` still drop expired connections."""
+        if op.idle and self.watch.running:
+            op.sweep_pending = True
+            due = op.idle[0].idle_since + self.idle_timeout_s
+            self.watch.add(op, partial(self._sweep_idle, op), due)
+
+    def _sweep_idle(self, op: _OriginPool) -> None:
+        """The sweeper's callback: close ``op``'s expired idle connections at once. They
+        run no request, so their sockets are closed synchronously (a TLS connection skips
+        close_notify, as any abrupt close of an idle connection would, RFC 8446 §6.1)."""
+        op.sweep_pending = False
+        idle, now, expired = op.idle, trio.current_time(), 0
+        while expired < len(idle) and now - idle[expired].idle_since >= self.idle_timeout_s:
+            idle[expired].sock.close()
+            expired += 1
+        if expired:
+            del idle[:expired]
+            self._idle -= expired
+            self._open -= expired
+        self._schedule_idle_sweep(op)
+
     async def aclose(self) -> None:
         """Close idle connections now; busy ones close when their request ends."""
         self._closed = True
         for op in self._origins.values():
+            self.watch.discard(op)
+            op.sweep_pending = False
             while op.idle:
                 self._idle -= 1
                 await self._discard(op.idle.pop())

@@ -318,6 +318,101 @@ async def test_slow_body_gets_408_then_close(autojump_clock: trio.testing.MockCl
     assert error_code(response) == "request_timeout"
 
 
+#: A small rate bound for the slow-body tests: 100 bytes/s after a 5 s grace period.
+PACE = {"body_timeout_s": 10, "body_grace_s": 5, "body_min_rate_bytes_per_s": 100}
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_a_dribbled_body_gets_408_once_below_the_minimum_rate(
+    autojump_clock: trio.testing.MockClock, framing: str
+) -> None:
+    # A byte every half second: every read is far inside body_timeout_s, but 2 bytes/s is
+    # below the minimum rate, so the body runs out of credit just after the grace period
+    # (5 s + received / 100 bytes/s, about 5.1 s). Without the bound it would take 500 s.
+    config = make_config(**PACE)
+    headers = {"content-length": "1000"} if framing == "content-length" else {}
+    if framing == "chunked":
+        headers = {"transfer-encoding": "chunked"}
+    with trio.fail_after(60):
+        async with running_app(config, ECHO) as gw, await RawClient.connect(gw.port) as client:
+
+            async def dribble() -> None:
+                for _ in range(1000):
+                    await client.send(b"1\r\nx\r\n" if framing == "chunked" else b"x")
+                    await trio.sleep(0.5)
+
+            await client.send(request("POST", "/echo", headers))
+            started = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(dribble)
+                response = await client.read_response()
+                waited = trio.current_time() - started
+                await assert_closed(client)
+                nursery.cancel_scope.cancel()
+    assert response.status == 408
+    assert response.header("connection") == "close"
+    assert error_code(response) == "request_timeout"
+    assert "too slowly" in response.json()["error"]["message"]
+    assert 5 <= waited < 6
+
+
+async def test_a_body_that_keeps_the_minimum_rate_is_unaffected(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # 3,000 bytes in three bursts 4 s apart: past the 5 s grace period, but each burst buys
+    # 10 s of credit, so the body (and a second request on the connection) gets through.
+    config = make_config(**PACE)
+    part = b"y" * 1000
+    with trio.fail_after(60):
+        async with running_app(config, ECHO) as gw, await RawClient.connect(gw.port) as client:
+            await client.send(request("POST", "/echo", {"content-length": "3000"}))
+            for _ in range(3):
+                await trio.sleep(4)
+                await client.send(part)
+            response = await client.read_response()
+            assert response.status == 200
+            assert response.body == part * 3
+            assert (await client.exchange(request("POST", "/echo", body=b"fast"))).body == b"fast"
+
+
+async def test_a_client_that_stops_reading_is_dropped_after_send_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The handler streams far more than the socket buffers hold; the client reads a little
+    # now and then, never enough: each write must complete within send_timeout_s, however
+    # the client trickles, so the handler is cancelled and the connection closed.
+    config = make_config(send_timeout_s=30)
+    cancelled = trio.Event()
+    blocked_at: list[float] = []
+
+    async def flood(request: Request, responder: Responder) -> None:
+        try:
+            await responder.start(200, SSE_HEADERS)
+            while True:
+                blocked_at.append(trio.current_time())
+                await responder.send(b"z" * (1 << 20))
+        finally:
+            cancelled.set()
+
+    with trio.fail_after(600):
+        routes = {("GET", "/flood"): flood}
+        async with running_app(config, routes) as gw, await RawClient.connect(gw.port) as client:
+            await client.send(request("GET", "/flood"))
+
+            async def trickle() -> None:
+                while True:
+                    await trio.sleep(1)
+                    await client.stream.receive_some(100)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trickle)
+                await cancelled.wait()
+                nursery.cancel_scope.cancel()
+            ended = trio.current_time()
+            await client.read_eof()  # what the kernel still held, then EOF
+    assert 30 <= ended - blocked_at[-1] < 32
+
+
 @pytest.mark.parametrize(
     "data",
     [

@@ -278,6 +278,75 @@ async def test_window_shut_past_send_timeout_resets_the_stream(nursery: trio.Nur
             assert (await client.get("/echo")).status == 200
 
 
+async def test_a_window_opened_a_byte_at_a_time_cannot_stretch_a_write(
+    nursery: trio.Nursery,
+) -> None:
+    # The HTTP/2 slow reader: every WINDOW_UPDATE comes well within send_timeout_s, but one
+    # byte each; the write as a whole must finish within send_timeout_s of its first stall.
+    with trio.fail_after(10):
+        env = await start(nursery, send_timeout_s=0.3)
+        async with await env.client() as client:
+            sid = client.queue_request("GET", "/big", end=True)
+            client.stalled.add(sid)
+            await client.flush()
+            state = client.responses[sid]
+            await client.until(lambda: len(state.data) == 65535)  # the window, then a stall
+            stalled = trio.current_time()
+            while state.reset_code is None:
+                with trio.move_on_after(0.05):
+                    await client.until(lambda: state.reset_code is not None)
+                if state.reset_code is None:
+                    client.conn.increment_flow_control_window(1, stream_id=sid)
+                    await client.flush()
+            assert state.reset_code == ErrorCodes.CANCEL
+            assert trio.current_time() - stalled >= 0.3
+            assert len(state.data) > 65535  # the drips were sent: it was reading, slowly
+            await env.big_cancelled.wait()
+            assert (await client.get("/echo")).status == 200  # the connection is not pinned
+
+
+async def test_a_dribbled_request_body_gets_408_and_frees_the_stream(
+    nursery: trio.Nursery,
+) -> None:
+    # A byte of DATA every 0.15 s: each wait is far inside body_timeout_s, but about 7
+    # bytes/s is below the 10 bytes/s minimum, so the credit (0.2 s + received / 10) runs
+    # out at about 0.6 s. Without the bound the stream would be held as long as it drips.
+    with trio.fail_after(10):
+        env = await start(nursery, body_timeout_s=5, body_grace_s=0.2, body_min_rate_bytes_per_s=10)
+        async with await env.client() as client:
+            sid = client.queue_request("POST", "/echo", end=False)
+            await client.flush()
+            state = client.responses[sid]
+            started = trio.current_time()
+            while not state.ended and state.reset_code is None:
+                client.conn.send_data(sid, b"x")
+                await client.flush()
+                with trio.move_on_after(0.15):
+                    await client.until(lambda: state.ended or state.reset_code is not None)
+            assert state.status == 408
+            error = json.loads(state.data)["error"]
+            assert error["code"] == "request_timeout"
+            assert "too slowly" in error["message"]
+            assert trio.current_time() - started >= 0.5
+            assert (await client.get("/echo")).status == 200  # the connection is not pinned
+
+
+async def test_a_request_body_that_keeps_the_minimum_rate_is_unaffected(
+    nursery: trio.Nursery,
+) -> None:
+    # Two bursts 0.5 s apart: past the 0.1 s grace period, but the first burst bought 2 s.
+    with trio.fail_after(10):
+        env = await start(nursery, body_grace_s=0.1, body_min_rate_bytes_per_s=1000)
+        async with await env.client() as client:
+            sid = client.queue_request("POST", "/echo", end=False)
+            await client.send_body(sid, b"a" * 2000, end=False)
+            await trio.sleep(0.5)  # the client's own pause, the thing under test
+            await client.send_body(sid, b"b" * 2000)
+            response = await client.response(sid)
+            assert response.status == 200
+            assert response.data == b"a" * 2000 + b"b" * 2000
+
+
 async def test_slow_handler_keeps_the_request_window_shut(nursery: trio.Nursery) -> None:
     with trio.fail_after(10):
         env = await start(nursery)

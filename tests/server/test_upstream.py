@@ -51,7 +51,8 @@ async def open_pool(watched: bool, **kwargs: Any) -> AsyncIterator[UpstreamPool]
         if watched:
             await nursery.start(pool.watch.run)
         yield pool
-        assert not pool.watch.pending  # every wait took itself off the sweeper's list
+        # Every wait took itself off the sweeper's list (idle-expiry entries are per origin).
+        assert not [key for key in pool.watch.pending if isinstance(key, H11Connection)]
         nursery.cancel_scope.cancel()
 
 
@@ -502,6 +503,73 @@ async def test_connections_idle_past_the_limit_are_not_reused(serve: Start) -> N
             assert server.accepted == 2
             assert pool.open_connections == 1
             await server.wait_until(lambda: server.closed == 1)
+
+
+async def test_an_idle_connection_is_closed_on_schedule_without_a_request(
+    serve: Start,
+) -> None:
+    # The sweeper closes it once idle_timeout_s has passed: the server sees EOF with no
+    # checkout to notice the connection is stale. Then a request opens a fresh one.
+    idle_s = 0.2
+    server = await serve()
+    with trio.fail_after(LIMIT_S):
+        async with open_pool(True, idle_timeout_s=idle_s, timeouts=FAST) as pool:
+            for _ in range(2):
+                async with pool.request("GET", server.base, []) as resp:
+                    assert await resp.read() == b"echo:"
+                parked = trio.current_time()
+                assert pool.idle_connections == 1
+                with trio.fail_after(idle_s + 1):  # the limit, one sweep, a loaded machine
+                    await server.wait_until(lambda: server.open == 0)
+                assert trio.current_time() - parked >= idle_s
+                assert pool.idle_connections == pool.open_connections == 0
+            assert server.accepted == 2
+            assert not pool.watch.pending  # nothing left to sweep: the sweeper sleeps
+
+
+async def test_only_expired_idle_connections_are_swept(serve: Start) -> None:
+    idle_s = 0.3
+    both_in = trio.Event()
+    arrived = 0
+
+    async def wait_for_both(ex: Exchange) -> None:
+        nonlocal arrived
+        arrived += 1
+        if arrived == 2:
+            both_in.set()
+        await both_in.wait()
+        await ok_app(ex)
+
+    server = await serve(wait_for_both)
+    with trio.fail_after(LIMIT_S):
+        async with open_pool(True, idle_timeout_s=idle_s, timeouts=FAST) as pool:
+
+            async def one() -> None:
+                async with pool.request("GET", server.base, []) as resp:
+                    await resp.read()
+
+            async with trio.open_nursery() as nursery:  # two connections, parked together
+                nursery.start_soon(one)
+                nursery.start_soon(one)
+            assert pool.idle_connections == 2
+            # Keep the warmer one busy (checkout takes the most recent) past the other's
+            # expiry: only the cold one is closed, the busy one is untouched.
+            hold = trio.Event()
+
+            async def held(ex: Exchange) -> None:
+                await ok_app(ex)
+                await hold.wait()
+
+            server.app = held
+            async with pool.request("GET", server.base, []) as resp:
+                await server.wait_until(lambda: server.open == 1)
+                assert pool.idle_connections == 0
+                assert pool.open_connections == 1
+                assert await resp.read() == b"echo:"
+            hold.set()
+            assert pool.idle_connections == 1
+            await server.wait_until(lambda: server.open == 0)
+            assert pool.open_connections == 0
 
 
 @pytest.mark.parametrize(
