@@ -7,7 +7,10 @@ so an empty file (or none at all) runs the gateway on its embedded defaults.
 
 Order of precedence, lowest first: field defaults, the TOML file, environment overrides
 (``PORT``, ``HEALTH_PORT``, ...; see :data:`ENV_OVERRIDES`). Overrides are applied to the raw
-dict before validation, so a bad ``PORT=abc`` is reported like a bad ``server.port``.
+dict before validation, so a bad ``PORT=abc`` is reported like a bad ``server.port``. An
+override wins for the value it names wherever the file sets it (:data:`ENV_ALSO_PINS`).
+A provider's ``base_url`` is read in the form its own SDK documents for
+``<PROVIDER>_BASE_URL``, with or without the version segment (``providers/base_url.py``).
 Units live in names: ``_s`` seconds, ``_ms`` milliseconds, ``_bytes`` bytes.
 """
 
@@ -23,6 +26,8 @@ from typing import Any, Literal
 
 import attrs
 import cattrs
+
+from runestone_proxy.providers import base_url
 
 DEFAULT_CONFIG_PATHS = ("config.toml",)
 
@@ -161,16 +166,24 @@ class ProviderConfig:
         if self.kind != "mock":
             if not self.base_url:
                 raise FieldError("base_url", f"provider {self.name!r} needs a base_url")
-            if not self.base_url.startswith(("http://", "https://")):
-                raise FieldError(
-                    "base_url", f"must start with http:// or https://: {self.base_url}"
-                )
+            try:
+                self.api_root  # noqa: B018 (validates the URL; the value is recomputed on use)
+            except ValueError as exc:
+                raise FieldError("base_url", str(exc)) from None
 
     @property
     def resolved_flavor(self) -> str:
         if self.flavor != "auto":
             return self.flavor
         return self.name if self.name in ("openai", "groq", "openrouter") else "generic"
+
+    @property
+    def api_root(self) -> str:
+        """``base_url`` in the form this provider's own SDK reads it (with or without the
+        version segment), as the URL the translators' paths are appended to; see
+        ``providers/base_url.py``."""
+        dialect = "anthropic" if self.kind == "anthropic" else self.resolved_flavor
+        return base_url.api_root(self.base_url or "", dialect)
 
 
 @attrs.frozen
@@ -387,6 +400,16 @@ def _set(raw: dict[str, Any], dotted: str, value: object) -> None:
     node[leaf] = value
 
 
+def _replace(raw: dict[str, Any], dotted: str, value: object) -> None:
+    """Like :func:`_set`, but only where the file already sets the key."""
+    node: object = raw
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict) and leaf in node:
+        node[leaf] = value
+
+
 def _as_int(text: str) -> object:
     try:
         return int(text)
@@ -417,6 +440,15 @@ ENV_OVERRIDES["RUNESTONE_ROUTER_POLICY"] = ("routing.policy", str.lower)
 ENV_OVERRIDES["RUNESTONE_AUTH_ENABLED"] = ("auth.enabled", _as_bool)
 ENV_OVERRIDES["MAX_CONCURRENT_PER_TENANT"] = ("tenancy.default_max_concurrent", _as_int)
 
+#: Overrides that name a value the file may also pin in a second, more specific place: the
+#: variable wins there too. The shipped file restates ``[tenants.default] max_concurrent``,
+#: which would otherwise hide ``MAX_CONCURRENT_PER_TENANT`` for the only tenant most
+#: deployments have. Other tenants' explicit ``max_concurrent`` stays: an operator who wrote
+#: a number for one named tenant meant that tenant, and the variable names the default.
+ENV_ALSO_PINS: dict[str, tuple[str, ...]] = {
+    "MAX_CONCURRENT_PER_TENANT": ("tenants.default.max_concurrent",),
+}
+
 #: ``<NAME>_BASE_URL`` overrides the base_url of the provider with that name, as the
 #: official SDKs read ``OPENAI_BASE_URL`` / ``ANTHROPIC_BASE_URL``.
 BASE_URL_PROVIDERS = ("openai", "anthropic", "groq", "openrouter")
@@ -427,6 +459,8 @@ def apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
         text = env.get(name)
         if text is not None and text != "":
             _set(raw, dotted, parse(text))
+            for pinned in ENV_ALSO_PINS.get(name, ()):
+                _replace(raw, pinned, parse(text))
     providers = raw.get("providers")
     if isinstance(providers, list):
         for provider in providers:
