@@ -445,6 +445,7 @@ ENV_OVERRIDES["MAX_CONCURRENT_PER_TENANT"] = ("tenancy.default_max_concurrent", 
 #: which would otherwise hide ``MAX_CONCURRENT_PER_TENANT`` for the only tenant most
 #: deployments have. Other tenants' explicit ``max_concurrent`` stays: an operator who wrote
 #: a number for one named tenant meant that tenant, and the variable names the default.
+#: (A value that failed to parse is left to the first key's error, not repeated here.)
 ENV_ALSO_PINS: dict[str, tuple[str, ...]] = {
     "MAX_CONCURRENT_PER_TENANT": ("tenants.default.max_concurrent",),
 }
@@ -458,9 +459,11 @@ def apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
     for name, (dotted, parse) in ENV_OVERRIDES.items():
         text = env.get(name)
         if text is not None and text != "":
-            _set(raw, dotted, parse(text))
-            for pinned in ENV_ALSO_PINS.get(name, ()):
-                _replace(raw, pinned, parse(text))
+            value = parse(text)
+            _set(raw, dotted, value)
+            if not isinstance(value, str):  # a value that failed to parse is reported once
+                for pinned in ENV_ALSO_PINS.get(name, ()):
+                    _replace(raw, pinned, value)
     providers = raw.get("providers")
     if isinstance(providers, list):
         for provider in providers:

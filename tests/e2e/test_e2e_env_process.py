@@ -124,5 +124,5 @@ def test_runestone_log_format(child: Child) -> None:
     lines = [line for line in child.log().splitlines() if line.strip()]
     assert lines
     for line in lines:
-        with pytest.raises(ValueError):
+        with pytest.raises(json.JSONDecodeError):
             json.loads(line)
