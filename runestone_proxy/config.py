@@ -27,7 +27,7 @@ from typing import Any, Literal
 import attrs
 import cattrs
 
-from runestone_proxy.providers import base_url
+from runestone_proxy.providers.base_url import api_root as _api_root
 
 DEFAULT_CONFIG_PATHS = ("config.toml",)
 
@@ -167,7 +167,7 @@ class ProviderConfig:
             if not self.base_url:
                 raise FieldError("base_url", f"provider {self.name!r} needs a base_url")
             try:
-                self.api_root  # noqa: B018 (validates the URL; the value is recomputed on use)
+                _api_root(self.base_url, self._dialect)
             except ValueError as exc:
                 raise FieldError("base_url", str(exc)) from None
 
@@ -178,12 +178,15 @@ class ProviderConfig:
         return self.name if self.name in ("openai", "groq", "openrouter") else "generic"
 
     @property
+    def _dialect(self) -> str:
+        return "anthropic" if self.kind == "anthropic" else self.resolved_flavor
+
+    @property
     def api_root(self) -> str:
-        """``base_url`` in the form this provider's own SDK reads it (with or without the
+        """``base_url``, written as this provider's own SDK reads it (with or without the
         version segment), as the URL the translators' paths are appended to; see
-        ``providers/base_url.py``."""
-        dialect = "anthropic" if self.kind == "anthropic" else self.resolved_flavor
-        return base_url.api_root(self.base_url or "", dialect)
+        ``providers/base_url.py``. Computed when providers are built, not per request."""
+        return _api_root(self.base_url or "", self._dialect)
 
 
 @attrs.frozen
@@ -450,8 +453,9 @@ ENV_ALSO_PINS: dict[str, tuple[str, ...]] = {
     "MAX_CONCURRENT_PER_TENANT": ("tenants.default.max_concurrent",),
 }
 
-#: ``<NAME>_BASE_URL`` overrides the base_url of the provider with that name, as the
-#: official SDKs read ``OPENAI_BASE_URL`` / ``ANTHROPIC_BASE_URL``.
+#: ``<NAME>_BASE_URL`` overrides the base_url of the provider with that name, in the form
+#: that provider's official SDK reads it (``ANTHROPIC_BASE_URL`` without ``/v1``,
+#: ``GROQ_BASE_URL`` the bare origin); ``ProviderConfig.api_root`` normalises either form.
 BASE_URL_PROVIDERS = ("openai", "anthropic", "groq", "openrouter")
 
 
