@@ -7,7 +7,10 @@ so an empty file (or none at all) runs the gateway on its embedded defaults.
 
 Order of precedence, lowest first: field defaults, the TOML file, environment overrides
 (``PORT``, ``HEALTH_PORT``, ...; see :data:`ENV_OVERRIDES`). Overrides are applied to the raw
-dict before validation, so a bad ``PORT=abc`` is reported like a bad ``server.port``.
+dict before validation, so a bad ``PORT=abc`` is reported like a bad ``server.port``. An
+override wins for the value it names wherever the file sets it (:data:`ENV_ALSO_PINS`).
+A provider's ``base_url`` is read in the form its own SDK documents for
+``<PROVIDER>_BASE_URL``, with or without the version segment (``providers/base_url.py``).
 Units live in names: ``_s`` seconds, ``_ms`` milliseconds, ``_bytes`` bytes.
 """
 
@@ -23,6 +26,8 @@ from typing import Any, Literal
 
 import attrs
 import cattrs
+
+from runestone_proxy.providers.base_url import api_root as _api_root
 
 DEFAULT_CONFIG_PATHS = ("config.toml",)
 
@@ -167,16 +172,27 @@ class ProviderConfig:
         if self.kind != "mock":
             if not self.base_url:
                 raise FieldError("base_url", f"provider {self.name!r} needs a base_url")
-            if not self.base_url.startswith(("http://", "https://")):
-                raise FieldError(
-                    "base_url", f"must start with http:// or https://: {self.base_url}"
-                )
+            try:
+                _api_root(self.base_url, self._dialect)
+            except ValueError as exc:
+                raise FieldError("base_url", str(exc)) from None
 
     @property
     def resolved_flavor(self) -> str:
         if self.flavor != "auto":
             return self.flavor
         return self.name if self.name in ("openai", "groq", "openrouter") else "generic"
+
+    @property
+    def _dialect(self) -> str:
+        return "anthropic" if self.kind == "anthropic" else self.resolved_flavor
+
+    @property
+    def api_root(self) -> str:
+        """``base_url``, written as this provider's own SDK reads it (with or without the
+        version segment), as the URL the translators' paths are appended to; see
+        ``providers/base_url.py``. Computed when providers are built, not per request."""
+        return _api_root(self.base_url or "", self._dialect)
 
 
 @attrs.frozen
@@ -393,6 +409,16 @@ def _set(raw: dict[str, Any], dotted: str, value: object) -> None:
     node[leaf] = value
 
 
+def _replace(raw: dict[str, Any], dotted: str, value: object) -> None:
+    """Like :func:`_set`, but only where the file already sets the key."""
+    node: object = raw
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict) and leaf in node:
+        node[leaf] = value
+
+
 def _as_int(text: str) -> object:
     try:
         return int(text)
@@ -423,8 +449,19 @@ ENV_OVERRIDES["RUNESTONE_ROUTER_POLICY"] = ("routing.policy", str.lower)
 ENV_OVERRIDES["RUNESTONE_AUTH_ENABLED"] = ("auth.enabled", _as_bool)
 ENV_OVERRIDES["MAX_CONCURRENT_PER_TENANT"] = ("tenancy.default_max_concurrent", _as_int)
 
-#: ``<NAME>_BASE_URL`` overrides the base_url of the provider with that name, as the
-#: official SDKs read ``OPENAI_BASE_URL`` / ``ANTHROPIC_BASE_URL``.
+#: Overrides that name a value the file may also pin in a second, more specific place: the
+#: variable wins there too. The shipped file restates ``[tenants.default] max_concurrent``,
+#: which would otherwise hide ``MAX_CONCURRENT_PER_TENANT`` for the only tenant most
+#: deployments have. Other tenants' explicit ``max_concurrent`` stays: an operator who wrote
+#: a number for one named tenant meant that tenant, and the variable names the default.
+#: (A value that failed to parse is left to the first key's error, not repeated here.)
+ENV_ALSO_PINS: dict[str, tuple[str, ...]] = {
+    "MAX_CONCURRENT_PER_TENANT": ("tenants.default.max_concurrent",),
+}
+
+#: ``<NAME>_BASE_URL`` overrides the base_url of the provider with that name, in the form
+#: that provider's official SDK reads it (``ANTHROPIC_BASE_URL`` without ``/v1``,
+#: ``GROQ_BASE_URL`` the bare origin); ``ProviderConfig.api_root`` normalises either form.
 BASE_URL_PROVIDERS = ("openai", "anthropic", "groq", "openrouter")
 
 
@@ -432,7 +469,11 @@ def apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
     for name, (dotted, parse) in ENV_OVERRIDES.items():
         text = env.get(name)
         if text is not None and text != "":
-            _set(raw, dotted, parse(text))
+            value = parse(text)
+            _set(raw, dotted, value)
+            if not isinstance(value, str):  # a value that failed to parse is reported once
+                for pinned in ENV_ALSO_PINS.get(name, ()):
+                    _replace(raw, pinned, value)
     providers = raw.get("providers")
     if isinstance(providers, list):
         for provider in providers:

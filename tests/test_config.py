@@ -234,3 +234,77 @@ def test_defaults() -> None:
     assert (cfg.logging.level, cfg.logging.format, cfg.logging.access_log) == ("info", "auto", True)
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         cfg.server.port = 1  # type: ignore[misc]
+
+
+def test_max_concurrent_per_tenant_wins_over_the_default_tenant_only(tmp_path: Path) -> None:
+    """The variable sets the per-tenant default and the ``default`` tenant's pinned value;
+    another tenant's explicit ``max_concurrent`` is that tenant's own and stays."""
+    path = write(
+        tmp_path,
+        "[tenancy]\ndefault_max_concurrent = 10\n"
+        "[tenants.default]\nmax_concurrent = 10\n"
+        "[tenants.acme]\nmax_concurrent = 5\n"
+        "[tenants.globex]\non_limit = 'reject'\n",
+    )
+    loaded = config.load(path, {"MAX_CONCURRENT_PER_TENANT": "3"})
+    assert loaded.tenancy.default_max_concurrent == 3
+    assert loaded.tenants["default"].max_concurrent == 3
+    assert loaded.tenants["acme"].max_concurrent == 5
+    assert loaded.tenants["globex"].max_concurrent is None  # takes the default: 3
+    assert config.load(path, {}).tenants["default"].max_concurrent == 10
+    shipped = config.load(REPO / "config.toml", {"MAX_CONCURRENT_PER_TENANT": "2"})
+    assert shipped.tenants["default"].max_concurrent == 2
+
+
+def test_a_bad_max_concurrent_per_tenant_is_named_once(tmp_path: Path) -> None:
+    path = write(tmp_path, "[tenants.default]\nmax_concurrent = 10\n")
+    with pytest.raises(ConfigError) as caught:
+        config.load(path, {"MAX_CONCURRENT_PER_TENANT": "lots"})
+    assert caught.value.messages == [
+        "invalid value (expected an integer, got str 'lots') @ $.tenancy.default_max_concurrent"
+    ]
+
+
+def test_base_url_from_the_file_and_the_env_follow_one_rule(tmp_path: Path) -> None:
+    """The shipped file writes the API roots; the SDK forms of the variables reach the same
+    roots, and the file may use the SDK forms too."""
+    roots = {
+        "openai": "https://api.openai.com/v1",
+        "anthropic": "https://api.anthropic.com/v1",
+        "groq": "https://api.groq.com/openai/v1",
+        "openrouter": "https://openrouter.ai/api/v1",
+    }
+    sdk_forms = {
+        "OPENAI_BASE_URL": "https://api.openai.com/v1",
+        "ANTHROPIC_BASE_URL": "https://api.anthropic.com",
+        "GROQ_BASE_URL": "https://api.groq.com",
+        "OPENROUTER_BASE_URL": "https://openrouter.ai/api/v1/",
+    }
+    for env in ({}, sdk_forms):
+        shipped = config.load(REPO / "config.toml", env)
+        assert {p.name: p.api_root for p in shipped.providers if p.base_url} == roots
+    path = write(
+        tmp_path,
+        'models = []\n[[providers]]\nname = "anthropic"\nkind = "anthropic"\n'
+        'base_url = "http://127.0.0.1:8080/"\n'
+        '[[providers]]\nname = "vllm"\nkind = "openai"\nbase_url = "http://gpu:8000/v1/"\n',
+    )
+    loaded = config.load(path, {})
+    assert [p.api_root for p in loaded.providers] == [
+        "http://127.0.0.1:8080/v1",
+        "http://gpu:8000/v1",
+    ]
+
+
+def test_a_base_url_that_can_only_404_is_named(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        'models = []\n[[providers]]\nname = "anthropic"\nkind = "anthropic"\n'
+        'base_url = "https://api.anthropic.com"\n',
+    )
+    with pytest.raises(ConfigError) as caught:
+        config.load(path, {"ANTHROPIC_BASE_URL": "https://api.anthropic.com/v1/messages"})
+    assert caught.value.messages == [
+        "invalid value (is the API's base URL, not an endpoint: drop '/messages' from "
+        "https://api.anthropic.com/v1/messages) @ $.providers[0].base_url"
+    ]

@@ -86,7 +86,8 @@ class ProviderRuntime:
                 )
             )
         headers = tuple((k.lower().encode(), v.encode()) for k, v in config.headers.items())
-        return cls(config, key, translator, mock, (config.base_url or "").rstrip("/"), headers)
+        root = config.api_root if config.base_url else ""
+        return cls(config, key, translator, mock, root, headers)
 
     @property
     def chat_only(self) -> bool:
