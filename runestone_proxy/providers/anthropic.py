@@ -33,10 +33,10 @@ from runestone_proxy.providers.anthropic_response import (
     dumps,
     error_fields,
     error_from_body,
-    provider_error,
 )
 from runestone_proxy.providers.anthropic_stream import AnthropicStream
 from runestone_proxy.providers.base import HeaderPairs, ProviderCall, UpstreamRequest
+from runestone_proxy.providers.provider_errors import anthropic_error
 
 
 def _now() -> int:
@@ -78,7 +78,7 @@ class AnthropicTranslator:
         message = self._loads(body)
         error_type, error_message = error_fields(message)
         if message.get("type") == "error" and error_type is not None:
-            raise provider_error(error_type, error_message, http_status=200)
+            raise anthropic_error(error_type, error_message, http_status=200)
         if not isinstance(message.get("content"), list):
             raise UpstreamProtocolError(f"{self.name}: response has no content array.")
         return dumps(chat_completion(message, model=call.model, created=self.clock()))

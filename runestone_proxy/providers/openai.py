@@ -36,6 +36,7 @@ import attrs
 from runestone_proxy.errors import ProviderError, UpstreamProtocolError
 from runestone_proxy.protocol.sse import SSEEvent
 from runestone_proxy.providers.base import HeaderPairs, ProviderCall, UpstreamRequest
+from runestone_proxy.providers.provider_errors import default_type
 
 __all__ = [
     "RUNESTONE_EXTRAS",
@@ -310,13 +311,6 @@ def _retryable(status: int) -> bool:
     return status in (408, 409, 429) or status >= 500
 
 
-def _default_type(status: int) -> str:
-    # The types OpenAI itself (and errors.py) use when the body names none.
-    if status == 429:
-        return "requests"
-    return "server_error" if status >= 500 else "invalid_request_error"
-
-
 def error_from_response(
     status: int, headers: HeaderPairs, body: bytes, *, now: float | None = None
 ) -> ProviderError:
@@ -342,7 +336,7 @@ def error_from_response(
     return ProviderError(
         message[:_MAX_MESSAGE_CHARS],
         status=status,
-        error_type=_default_type(status),
+        error_type=default_type(status),
         retryable=_retryable(status),
         retry_after_s=retry_after_s(headers, now=now),
     )
@@ -373,7 +367,7 @@ def error_from_payload(
         message = dumps(message).decode() if message else f"upstream error (HTTP {status})"
     error_type = fields.get("type")
     if not isinstance(error_type, str) or not error_type:
-        error_type = _default_type(status)
+        error_type = default_type(status)
     param = fields.get("param")
     return ProviderError(
         message[:_MAX_MESSAGE_CHARS],
