@@ -36,7 +36,7 @@ import attrs
 from runestone_proxy.errors import ProviderError, UpstreamProtocolError
 from runestone_proxy.protocol.sse import SSEEvent
 from runestone_proxy.providers.base import HeaderPairs, ProviderCall, UpstreamRequest
-from runestone_proxy.providers.provider_errors import default_type
+from runestone_proxy.providers.provider_errors import default_type, in_band_status
 
 __all__ = [
     "RUNESTONE_EXTRAS",
@@ -349,7 +349,8 @@ def error_from_payload(
 
     ``status`` is the HTTP status it came with; None for an in-band error (an HTTP 200 body
     or a stream event), whose status is then an OpenRouter-style numeric ``error.code`` in
-    400..599 if there is one, else 502.
+    400..599 if there is one, else the status OpenAI gives its ``code`` or ``type``
+    (``provider_errors.in_band_status``), else 502.
     """
     err = payload.get("error")
     if isinstance(err, Mapping):
@@ -361,7 +362,10 @@ def error_from_payload(
     code = fields.get("code")
     if status is None:
         in_range = isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599
-        status = code if in_range and isinstance(code, int) else 502
+        if in_range and isinstance(code, int):
+            status = code
+        else:
+            status = in_band_status(code, fields.get("type"))
     message = fields.get("message")
     if not isinstance(message, str) or not message:
         message = dumps(message).decode() if message else f"upstream error (HTTP {status})"

@@ -25,7 +25,9 @@ How a provider's error is relayed
 
 OpenAI-compatible providers already answer in OpenAI's envelope: their status, ``type`` and
 ``code`` pass through unchanged (``providers/openai.py``); :func:`default_type` only fills a
-``type`` that a body does not name.
+``type`` that a body does not name, and :func:`in_band_status` gives an error that came in an
+HTTP 200 body or a stream event (no status of its own) the status its code or type has at
+OpenAI, so that one sent before any chunk still reaches the client as, say, a 429.
 
 Sources: https://docs.anthropic.com/en/api/errors (types and statuses; "We may also use this
 error type for other 4XX status codes" for ``invalid_request_error``; 529 ``overloaded_error``
@@ -41,7 +43,16 @@ import attrs
 
 from runestone_proxy.errors import ProviderError
 
-__all__ = ["ANTHROPIC_ERRORS", "ANTHROPIC_STATUS_TYPES", "ErrorKind", "anthropic_error"]
+__all__ = [
+    "ANTHROPIC_ERRORS",
+    "ANTHROPIC_STATUS_TYPES",
+    "OPENAI_CODE_STATUS",
+    "OPENAI_TYPE_STATUS",
+    "ErrorKind",
+    "anthropic_error",
+    "default_type",
+    "in_band_status",
+]
 
 
 @attrs.frozen
@@ -88,6 +99,24 @@ ANTHROPIC_STATUS_TYPES: Final[Mapping[int, str]] = {
     529: "overloaded_error",
 }
 
+#: An OpenAI-envelope error that arrives with no HTTP status of its own (an HTTP 200 body, a
+#: stream event) and no numeric ``code``: the status its ``code``, else its ``type``, has at
+#: OpenAI. Anything else is 502: the provider failed in the middle of an answer.
+OPENAI_CODE_STATUS: Final[Mapping[str, int]] = {
+    "invalid_api_key": 401,
+    "model_not_found": 404,
+    "context_length_exceeded": 400,
+    "rate_limit_exceeded": 429,
+    "insufficient_quota": 429,
+}
+OPENAI_TYPE_STATUS: Final[Mapping[str, int]] = {
+    "invalid_request_error": 400,
+    "request_forbidden": 403,
+    "requests": 429,
+    "tokens": 429,
+    "insufficient_quota": 429,
+}
+
 #: Statuses OpenAI clients do not know, and the one they get instead.
 _STATUS_FOR_CLIENTS: Final[Mapping[int, int]] = {529: 503}
 
@@ -97,6 +126,14 @@ def default_type(status: int) -> str:
     if status == 429:
         return "requests"
     return "server_error" if status >= 500 else "invalid_request_error"
+
+
+def in_band_status(code: object, error_type: object) -> int:
+    """The status for an OpenAI-envelope error that came without one (see above)."""
+    status = OPENAI_CODE_STATUS.get(code) if isinstance(code, str) else None
+    if status is None and isinstance(error_type, str):
+        status = OPENAI_TYPE_STATUS.get(error_type)
+    return 502 if status is None else status
 
 
 def anthropic_error(

@@ -18,6 +18,7 @@ scenario in the request, e.g. ``model="openai:err-429"``:
     cut                stream ends, no [DONE]   claude-overloaded-mid  error event mid-stream
     mid-<err>          chunks, then the error   claude-error-<type>[-first|-mid]  every
                        as an in-band event                         documented error type
+    first-<err>        the error as a 200 stream's first event
     cut-hard           connection dropped mid-body
     hang               one chunk, then waits for the client to leave
     stall              no response head; waits for the client to leave
@@ -363,6 +364,10 @@ class FakeOpenAI(FakeProvider):
         chat = path == "/v1/chat/completions"
         obj = "chat.completion.chunk" if chat else "text_completion"
         await ex.start_sse()
+        if model.startswith("first-"):  # a 200 stream whose first event is the error
+            await ex.event({"error": OPENAI_ERRORS[model.removeprefix("first-")][1]})
+            await ex.end()
+            return
         if chat and model == "tools":
             first = {"role": "assistant", "content": None, "tool_calls": _tool_call_pieces()[:1]}
             deltas = [first] + [{"tool_calls": [p]} for p in _tool_call_pieces()[1:]]

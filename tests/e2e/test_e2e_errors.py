@@ -61,17 +61,18 @@ ANTHROPIC_CASES: list[tuple[str, type[openai.APIStatusError], int, str, str]] = 
     ("overloaded_error", openai.InternalServerError, 503, "server_error", "overloaded_error"),
 ]
 
-#: The fake OpenAI's documented errors -> the SDK's exception class; type/code pass unchanged.
-OPENAI_CASES: list[tuple[str, type[openai.APIStatusError]]] = [
-    ("err-400", openai.BadRequestError),
-    ("err-401", openai.AuthenticationError),
-    ("err-403", openai.PermissionDeniedError),
-    ("err-404", openai.NotFoundError),
-    ("err-429", openai.RateLimitError),
-    ("err-429-tokens", openai.RateLimitError),
-    ("err-429-quota", openai.RateLimitError),
-    ("err-500", openai.InternalServerError),
-    ("err-503", openai.InternalServerError),
+#: The fake OpenAI's documented errors -> the SDK's exception class, and the status when the
+#: error is a 200 stream's first event (no status of its own); type/code pass unchanged.
+OPENAI_CASES: list[tuple[str, type[openai.APIStatusError], int]] = [
+    ("err-400", openai.BadRequestError, 400),
+    ("err-401", openai.AuthenticationError, 401),
+    ("err-403", openai.PermissionDeniedError, 403),
+    ("err-404", openai.NotFoundError, 404),
+    ("err-429", openai.RateLimitError, 429),
+    ("err-429-tokens", openai.RateLimitError, 429),
+    ("err-429-quota", openai.RateLimitError, 429),
+    ("err-500", openai.InternalServerError, 502),
+    ("err-503", openai.InternalServerError, 502),
 ]
 
 
@@ -144,17 +145,21 @@ async def test_anthropic_errors_reach_the_sdk(
         assert error.response.headers.get("retry-after") == dict(headers).get("retry-after")
 
 
-@pytest.mark.parametrize(("model", "cls"), OPENAI_CASES)
+@pytest.mark.parametrize(("model", "cls", "in_band"), OPENAI_CASES)
 async def test_openai_errors_reach_the_sdk_unchanged(
-    sdk: openai.OpenAI, model: str, cls: type[openai.APIStatusError]
+    sdk: openai.OpenAI, model: str, cls: type[openai.APIStatusError], in_band: int
 ) -> None:
     status, fields, headers = OPENAI_ERRORS[model]
     create = sdk.chat.completions.create
     with trio.fail_after(10):
+        first = await _raises(
+            cls, create, model=f"openai:first-{model}", messages=MESSAGES, stream=True
+        )
         mid = await _raises(openai.APIError, _drain, sdk, f"openai:mid-{model}")
         whole = await _raises(cls, create, model=f"openai:{model}", messages=MESSAGES)
     assert isinstance(whole, openai.APIStatusError)
-    assert whole.status_code == status
+    assert isinstance(first, openai.APIStatusError)
+    assert (whole.status_code, first.status_code) == (status, in_band)
     assert whole.response.headers.get("retry-after") == dict(headers).get("retry-after")
-    for error in (whole, mid):
+    for error in (whole, first, mid):
         assert _fields(error) == (fields["type"], fields["code"], fields["message"])

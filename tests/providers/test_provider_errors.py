@@ -143,24 +143,32 @@ def test_any_anthropic_error_gets_a_status_and_code_a_client_knows(
 
 # --- OpenAI-compatible providers: their envelope passes through unchanged --------------------
 
+#: (status, type, code, and the status it gets when it comes in-band: a 200 body or an event)
 OPENAI_ROWS = [
-    (401, "invalid_request_error", "invalid_api_key"),
-    (403, "request_forbidden", "unsupported_country_region_territory"),
-    (404, "invalid_request_error", "model_not_found"),
-    (429, "requests", "rate_limit_exceeded"),
-    (429, "tokens", "rate_limit_exceeded"),
-    (429, "insufficient_quota", "insufficient_quota"),
-    (500, "server_error", None),
-    (503, "server_error", None),
+    (400, "invalid_request_error", None, 400),
+    (400, "invalid_request_error", "context_length_exceeded", 400),
+    (401, "invalid_request_error", "invalid_api_key", 401),
+    (403, "request_forbidden", "unsupported_country_region_territory", 403),
+    (404, "invalid_request_error", "model_not_found", 404),
+    (429, "requests", "rate_limit_exceeded", 429),
+    (429, "tokens", "rate_limit_exceeded", 429),
+    (429, "insufficient_quota", "insufficient_quota", 429),
+    (500, "server_error", None, 502),
+    (503, "server_error", None, 502),
 ]
 
 
-@pytest.mark.parametrize(("status", "openai_type", "code"), OPENAI_ROWS)
-def test_openai_errors_pass_through(status: int, openai_type: str, code: str | None) -> None:
+@pytest.mark.parametrize(("status", "openai_type", "code", "in_band"), OPENAI_ROWS)
+def test_openai_errors_pass_through(
+    status: int, openai_type: str, code: str | None, in_band: int
+) -> None:
     fields = {"message": MESSAGE, "type": openai_type, "param": None, "code": code}
     body = json.dumps({"error": fields}).encode()
     error = error_from_response(status, [], body)
     assert error.http_status == status
     assert error.envelope() == {"error": fields}
-    # A stream's in-band error event keeps its type and code too.
-    assert error_from_payload({"error": fields}).envelope() == {"error": fields}
+    # In-band (a stream's error event, a 200 body): type and code unchanged, and the status
+    # OpenAI gives them, so that an error before the first chunk keeps its SDK class.
+    error = error_from_payload({"error": fields})
+    assert error.envelope() == {"error": fields}
+    assert (error.http_status, error.is_retryable) == (in_band, in_band == 429 or in_band >= 500)
