@@ -30,6 +30,7 @@ from runestone_proxy.errors import InvalidParam, ProviderError, UpstreamProtocol
 from runestone_proxy.providers.anthropic_request import build_body
 from runestone_proxy.providers.anthropic_response import (
     chat_completion,
+    detail_code,
     dumps,
     error_fields,
     error_from_body,
@@ -78,7 +79,9 @@ class AnthropicTranslator:
         message = self._loads(body)
         error_type, error_message = error_fields(message)
         if message.get("type") == "error" and error_type is not None:
-            raise anthropic_error(error_type, error_message, http_status=200)
+            raise anthropic_error(
+                error_type, error_message, http_status=200, detail_code=detail_code(message)
+            )
         if not isinstance(message.get("content"), list):
             raise UpstreamProtocolError(f"{self.name}: response has no content array.")
         return dumps(chat_completion(message, model=call.model, created=self.clock()))

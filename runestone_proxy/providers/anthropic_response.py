@@ -154,12 +154,27 @@ def error_from_body(
 ) -> ProviderError:
     """A non-2xx Anthropic answer (JSON or not) -> :class:`ProviderError`."""
     retry_after = _retry_after(headers, now)
-    error_type, message = error_fields(_loads(body))
+    obj = _loads(body)
+    error_type, message = error_fields(obj)
     if error_type is None:
         error_type = ANTHROPIC_STATUS_TYPES.get(status, "")
         text = body.decode("utf-8", "replace").strip()
         message = f"Anthropic answered HTTP {status}" + (f": {text[:200]}" if text else ".")
-    return anthropic_error(error_type, message, http_status=status, retry_after_s=retry_after)
+    return anthropic_error(
+        error_type,
+        message,
+        http_status=status,
+        retry_after_s=retry_after,
+        detail_code=detail_code(obj),
+    )
+
+
+def detail_code(obj: Any) -> str | None:
+    """``error.details.error_code`` (e.g. ``enforced_spend_limit_reached``), or None."""
+    error = obj.get("error") if isinstance(obj, Mapping) else None
+    details = error.get("details") if isinstance(error, Mapping) else None
+    code = details.get("error_code") if isinstance(details, Mapping) else None
+    return code if isinstance(code, str) else None
 
 
 def error_fields(obj: Any) -> tuple[str | None, str]:

@@ -44,6 +44,7 @@ import attrs
 from runestone_proxy.errors import ProviderError
 
 __all__ = [
+    "ANTHROPIC_DETAIL_TYPES",
     "ANTHROPIC_ERRORS",
     "ANTHROPIC_STATUS_TYPES",
     "OPENAI_CODE_STATUS",
@@ -81,6 +82,14 @@ ANTHROPIC_ERRORS: Final[Mapping[str, ErrorKind]] = {
     "api_error": ErrorKind(500, "server_error", "api_error", True),
     "timeout_error": ErrorKind(504, "server_error", "timeout_error", True),
     "overloaded_error": ErrorKind(503, "server_error", "overloaded_error", True),
+}
+
+#: Anthropic ``error.details.error_code`` -> OpenAI ``type``: a 429 ``rate_limit_error`` that
+#: is a spend cap, which waiting does not lift (no ``retry-after``), is OpenAI's
+#: ``insufficient_quota``; the detail code itself is the ``code``.
+ANTHROPIC_DETAIL_TYPES: Final[Mapping[str, str]] = {
+    "enforced_spend_limit_reached": "insufficient_quota",
+    "contract_spend_limit_reached": "insufficient_quota",
 }
 
 #: HTTP status -> Anthropic error type, for answers whose body is not Anthropic's JSON (a
@@ -137,12 +146,18 @@ def in_band_status(code: object, error_type: object) -> int:
 
 
 def anthropic_error(
-    error_type: str, message: str, *, http_status: int, retry_after_s: float | None = None
+    error_type: str,
+    message: str,
+    *,
+    http_status: int,
+    retry_after_s: float | None = None,
+    detail_code: str | None = None,
 ) -> ProviderError:
     """An Anthropic error ``type`` and ``message`` -> the error the client sees.
 
     ``http_status`` is the status it came with (200 for a stream ``error`` event or an
-    in-band error body, whose status then comes from the type alone)."""
+    in-band error body, whose status then comes from the type alone); ``detail_code`` is
+    ``error.details.error_code`` when the body has one."""
     kind = ANTHROPIC_ERRORS.get(error_type)
     if kind is None:
         # "type values will grow over time": fall back on the HTTP status class.
@@ -160,6 +175,8 @@ def anthropic_error(
         code = "model_not_found"
     elif error_type == "invalid_request_error" and "prompt is too long" in lowered:
         code = "context_length_exceeded"
+    elif error_type == "rate_limit_error" and detail_code in ANTHROPIC_DETAIL_TYPES:
+        openai_type, code = ANTHROPIC_DETAIL_TYPES.get(detail_code or "", openai_type), detail_code
     elif error_type == "rate_limit_error" and "token" in lowered:
         openai_type = "tokens"  # OpenAI's type for a tokens-per-minute limit
     return ProviderError(

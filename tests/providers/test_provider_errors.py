@@ -118,6 +118,24 @@ def test_messages_that_name_an_openai_meaning(
     assert (error.envelope()["error"]["type"], error.code) == (openai_type, code)  # type: ignore[index]
 
 
+@pytest.mark.parametrize("detail", ["enforced_spend_limit_reached", "contract_spend_limit_reached"])
+def test_a_spend_cap_429_is_insufficient_quota(detail: str) -> None:
+    """A 429 ``rate_limit_error`` whose ``error.details.error_code`` names a spend cap is
+    OpenAI's ``insufficient_quota``, not a rate limit that waiting lifts."""
+    error = {"type": "rate_limit_error", "message": MESSAGE, "details": {"error_code": detail}}
+    body = json.dumps({"type": "error", "error": error}).encode()
+    as_http = translator().parse_error(429, [], body)
+    with pytest.raises(ProviderError) as in_band:
+        translator().parse_response(call(False), body)
+    stream = translator().stream(call(True))
+    with pytest.raises(ProviderError) as in_stream:
+        stream.feed(SSEEvent(data=body, event="error"))
+    expected = {"message": MESSAGE, "type": "insufficient_quota", "param": None, "code": detail}
+    for got in (as_http, in_band.value, in_stream.value):
+        assert got.http_status == 429
+        assert got.envelope() == {"error": expected}
+
+
 def test_invalid_request_error_keeps_its_4xx() -> None:
     """ "We may also use this error type for other 4XX status codes not listed" (docs)."""
     error = anthropic_error("invalid_request_error", "m", http_status=422)
