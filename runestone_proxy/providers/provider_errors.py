@@ -10,7 +10,7 @@ How a provider's error is relayed
 * ``message`` is always the provider's own.
 * ``type`` is OpenAI's word for the class of failure, the one OpenAI clients switch on:
   ``invalid_request_error``, ``requests``/``tokens`` for rate limits, ``insufficient_quota``
-  for billing, ``server_error``.
+  for billing and spend caps, ``server_error``.
 * ``code`` carries the provider's meaning: OpenAI's own code where OpenAI has one that means
   exactly that (``invalid_api_key``, ``rate_limit_exceeded``, ``model_not_found``,
   ``context_length_exceeded``), otherwise the provider's own error name, verbatim
@@ -21,7 +21,8 @@ How a provider's error is relayed
   overloaded. The openai SDKs raise ``InternalServerError`` for it and retry it with backoff
   as they do any status >= 500 (the Anthropic SDKs retry 529 the same way), and the gateway's
   failover moves on to another candidate first.
-* ``retry-after`` from the provider is relayed with every retryable error (429, 5xx).
+* ``retry-after`` is relayed as the provider sent it (for Anthropic, with the retryable
+  errors: 429 and 5xx).
 
 OpenAI-compatible providers already answer in OpenAI's envelope: their status, ``type`` and
 ``code`` pass through unchanged (``providers/openai.py``); :func:`default_type` only fills a

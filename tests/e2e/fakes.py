@@ -9,19 +9,27 @@ What a fake answers is chosen by the ``model`` the gateway sends upstream (after
 ``provider:model`` resolution), so one fake serves every scenario and a test names its
 scenario in the request, e.g. ``model="openai:err-429"``:
 
-    FakeOpenAI                               FakeAnthropic
-    (any other model)  text                  (any other model)      text, with a ping
-    tools              a get_weather call    claude-tools           text, then tool_use
+    FakeOpenAI
+    (any other model)  text
+    tools              a get_weather call
     err-400 / 401 / 403 / 404 / 429 / 429-tokens / 429-quota / 500 / 503
-                       OpenAI error bodies   claude-thinking        thinking (signed), text
-                                             claude-err-401 / 429 / 529   error bodies
-    cut                stream ends, no [DONE]   claude-overloaded-mid  error event mid-stream
-    mid-<err>          chunks, then the error   claude-error-<type>[-first|-mid]  every
-                       as an in-band event                         documented error type
-    first-<err>        the error as a 200 stream's first event
+                       OpenAI's documented error bodies (``OPENAI_ERRORS``)
+    mid-<err>          chunks, then that error as an in-band stream event
+    first-<err>        that error as a 200 stream's first event
+    cut                stream ends, no [DONE]
     cut-hard           connection dropped mid-body
     hang               one chunk, then waits for the client to leave
     stall              no response head; waits for the client to leave
+
+    FakeAnthropic
+    (any other model)  text, with a ping
+    claude-tools       text, then tool_use
+    claude-thinking    thinking (signed), text
+    claude-err-401 / 429 / 529     error bodies
+    claude-overloaded-mid          an overloaded_error event mid-stream
+    claude-error-<type>            every documented error type (``ANTHROPIC_ERROR_TYPES``)
+                                   as an HTTP error; with ``-first`` as a 200 stream's first
+                                   event, with ``-mid`` as an ``event: error`` after text
 
 A request with the wrong key gets the provider's 401, as the real services answer it.
 
