@@ -31,13 +31,14 @@ from runestone_proxy.errors import InvalidParam, ProviderError, UpstreamProtocol
 from runestone_proxy.providers.anthropic_request import build_body
 from runestone_proxy.providers.anthropic_response import (
     chat_completion,
+    detail_code,
     dumps,
     error_fields,
     error_from_body,
-    provider_error,
 )
 from runestone_proxy.providers.anthropic_stream import AnthropicStream
 from runestone_proxy.providers.base import HeaderPairs, ProviderCall, UpstreamRequest
+from runestone_proxy.providers.provider_errors import anthropic_error
 
 
 def _now() -> int:
@@ -79,7 +80,9 @@ class AnthropicTranslator:
         message = self._loads(body)
         error_type, error_message = error_fields(message)
         if message.get("type") == "error" and error_type is not None:
-            raise provider_error(error_type, error_message, http_status=200)
+            raise anthropic_error(
+                error_type, error_message, http_status=200, detail_code=detail_code(message)
+            )
         if not isinstance(message.get("content"), list):
             raise UpstreamProtocolError(f"{self.name}: response has no content array.")
         return dumps(chat_completion(message, model=call.model, created=self.clock()))

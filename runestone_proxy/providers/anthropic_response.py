@@ -2,7 +2,8 @@
 
 Owns what the whole-response path and the stream path share: stop reason -> ``finish_reason``,
 Anthropic ``usage`` -> OpenAI ``usage``, one Message -> one ``chat.completion``, and Anthropic's
-error types -> :class:`~runestone_proxy.errors.ProviderError` in OpenAI's envelope.
+error bodies -> :class:`~runestone_proxy.errors.ProviderError` in OpenAI's envelope (the type
+-> status/type/code table is in ``provider_errors.py``).
 
 Sources: the Messages API response shape (https://docs.anthropic.com/en/api/messages) and the
 error list (https://docs.anthropic.com/en/api/errors): "Errors are always returned as JSON, with
@@ -20,9 +21,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-import attrs
-
 from runestone_proxy.errors import ProviderError
+from runestone_proxy.providers.provider_errors import ANTHROPIC_STATUS_TYPES, anthropic_error
 
 JSON = dict[str, Any]
 
@@ -149,95 +149,32 @@ def completion_id(message_id: Any) -> str:
 # --- errors ----------------------------------------------------------------------------------
 
 
-@attrs.frozen
-class ErrorKind:
-    """How one Anthropic error type answers an OpenAI client."""
-
-    status: int
-    openai_type: str
-    code: str | None
-    retryable: bool
-
-
-#: Anthropic error ``type`` -> the OpenAI answer (https://docs.anthropic.com/en/api/errors).
-#: Where OpenAI has no code of its own, Anthropic's type is the code (a ``ProviderError``
-#: cannot carry a null code: None falls back to ``bad_gateway``).
-#: 529 ``overloaded_error`` is not a registered HTTP status; it leaves as 503 so that
-#: OpenAI's SDKs raise ``InternalServerError`` and retry as they do for any status >= 500.
-ERROR_KINDS: Final[Mapping[str, ErrorKind]] = {
-    "invalid_request_error": ErrorKind(
-        400, "invalid_request_error", "invalid_request_error", False
-    ),
-    "authentication_error": ErrorKind(401, "invalid_request_error", "invalid_api_key", False),
-    "permission_error": ErrorKind(403, "invalid_request_error", "permission_denied", False),
-    "not_found_error": ErrorKind(404, "invalid_request_error", "not_found", False),
-    "request_too_large": ErrorKind(413, "invalid_request_error", "request_too_large", False),
-    "rate_limit_error": ErrorKind(429, "requests", "rate_limit_exceeded", True),
-    "api_error": ErrorKind(500, "server_error", "api_error", True),
-    "timeout_error": ErrorKind(504, "server_error", "upstream_timeout", True),
-    "overloaded_error": ErrorKind(503, "server_error", "service_unavailable", True),
-}
-
-#: HTTP status -> Anthropic error type, for bodies that are not Anthropic's JSON.
-_STATUS_TYPES: Final[Mapping[int, str]] = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    500: "api_error",
-    504: "timeout_error",
-    529: "overloaded_error",
-}
-
-
-def provider_error(
-    error_type: str, message: str, *, http_status: int, retry_after_s: float | None = None
-) -> ProviderError:
-    """An Anthropic error ``type`` and ``message`` -> the error the client sees."""
-    kind = ERROR_KINDS.get(error_type)
-    if kind is None:
-        # "type values will grow over time": fall back on the HTTP status class.
-        status = 503 if http_status == 529 else http_status
-        if not 400 <= status < 600:
-            status = 502
-        kind = ErrorKind(
-            status,
-            "invalid_request_error" if status < 500 else "server_error",
-            error_type or None,  # None: UpstreamError's "bad_gateway"
-            status == 429 or status >= 500,
-        )
-    status = kind.status
-    if error_type == "invalid_request_error" and 400 <= http_status < 500:
-        status = http_status  # "We may also use this error type for other 4XX status codes"
-    code = kind.code
-    lowered = message.lower()
-    if error_type == "not_found_error" and "model" in lowered:
-        code = "model_not_found"
-    elif error_type == "invalid_request_error" and "prompt is too long" in lowered:
-        code = "context_length_exceeded"
-    return ProviderError(
-        message,
-        status=status,
-        error_type=kind.openai_type,
-        retryable=kind.retryable,
-        code=code,
-        retry_after_s=retry_after_s if kind.retryable else None,
-    )
-
-
 def error_from_body(
     status: int, headers: Sequence[tuple[bytes, bytes]], body: bytes, *, now: int
 ) -> ProviderError:
     """A non-2xx Anthropic answer (JSON or not) -> :class:`ProviderError`."""
     retry_after = _retry_after(headers, now)
-    error_type, message = error_fields(_loads(body))
+    obj = _loads(body)
+    error_type, message = error_fields(obj)
     if error_type is None:
-        error_type = _STATUS_TYPES.get(status, "")
+        error_type = ANTHROPIC_STATUS_TYPES.get(status, "")
         text = body.decode("utf-8", "replace").strip()
         message = f"Anthropic answered HTTP {status}" + (f": {text[:200]}" if text else ".")
-    return provider_error(error_type, message, http_status=status, retry_after_s=retry_after)
+    return anthropic_error(
+        error_type,
+        message,
+        http_status=status,
+        retry_after_s=retry_after,
+        detail_code=detail_code(obj),
+    )
+
+
+def detail_code(obj: Any) -> str | None:
+    """``error.details.error_code`` (e.g. ``enforced_spend_limit_reached``), or None."""
+    error = obj.get("error") if isinstance(obj, Mapping) else None
+    details = error.get("details") if isinstance(error, Mapping) else None
+    code = details.get("error_code") if isinstance(details, Mapping) else None
+    return code if isinstance(code, str) else None
 
 
 def error_fields(obj: Any) -> tuple[str | None, str]:

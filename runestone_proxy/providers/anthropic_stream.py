@@ -53,14 +53,15 @@ from runestone_proxy.protocol.sse import SSEEvent
 from runestone_proxy.providers.anthropic_response import (
     JSON,
     completion_id,
+    detail_code,
     dumps,
     error_fields,
     finish_reason,
-    provider_error,
     tool_arguments,
     usage_to_openai,
 )
 from runestone_proxy.providers.base import Ending, Outcome
+from runestone_proxy.providers.provider_errors import anthropic_error
 
 
 class State(enum.Enum):
@@ -155,7 +156,12 @@ class AnthropicStream:
             error_type, message = error_fields(data)
             # A mid-stream error "would normally correspond to an HTTP 529 in a non-streaming
             # context" for overloaded_error; the status comes from the error type alone.
-            raise provider_error(error_type or "api_error", message or "error", http_status=200)
+            raise anthropic_error(
+                error_type or "api_error",
+                message or "error",
+                http_status=200,
+                detail_code=detail_code(data),
+            )
         if kind == "ping":
             return []
         following = _TRANSITIONS.get((self._state, kind))

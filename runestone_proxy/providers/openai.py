@@ -47,6 +47,7 @@ from runestone_proxy.providers.base import (
     ProviderCall,
     UpstreamRequest,
 )
+from runestone_proxy.providers.provider_errors import default_type, in_band_status
 
 __all__ = [
     "ENDINGS",
@@ -396,13 +397,6 @@ def _retryable(status: int) -> bool:
     return status in (408, 409, 429) or status >= 500
 
 
-def _default_type(status: int) -> str:
-    # The types OpenAI itself (and errors.py) use when the body names none.
-    if status == 429:
-        return "requests"
-    return "server_error" if status >= 500 else "invalid_request_error"
-
-
 def error_from_response(
     status: int, headers: HeaderPairs, body: bytes, *, now: float | None = None
 ) -> ProviderError:
@@ -428,7 +422,7 @@ def error_from_response(
     return ProviderError(
         message[:_MAX_MESSAGE_CHARS],
         status=status,
-        error_type=_default_type(status),
+        error_type=default_type(status),
         retryable=_retryable(status),
         retry_after_s=retry_after_s(headers, now=now),
     )
@@ -441,7 +435,8 @@ def error_from_payload(
 
     ``status`` is the HTTP status it came with; None for an in-band error (an HTTP 200 body
     or a stream event), whose status is then an OpenRouter-style numeric ``error.code`` in
-    400..599 if there is one, else 502.
+    400..599 if there is one, else the status OpenAI gives its ``code`` or ``type``
+    (``provider_errors.in_band_status``), else 502.
     """
     err = payload.get("error")
     if isinstance(err, Mapping):
@@ -453,13 +448,16 @@ def error_from_payload(
     code = fields.get("code")
     if status is None:
         in_range = isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599
-        status = code if in_range and isinstance(code, int) else 502
+        if in_range and isinstance(code, int):
+            status = code
+        else:
+            status = in_band_status(code, fields.get("type"))
     message = fields.get("message")
     if not isinstance(message, str) or not message:
         message = dumps(message).decode() if message else f"upstream error (HTTP {status})"
     error_type = fields.get("type")
     if not isinstance(error_type, str) or not error_type:
-        error_type = _default_type(status)
+        error_type = default_type(status)
     param = fields.get("param")
     return ProviderError(
         message[:_MAX_MESSAGE_CHARS],

@@ -9,27 +9,37 @@ What a fake answers is chosen by the ``model`` the gateway sends upstream (after
 ``provider:model`` resolution), so one fake serves every scenario and a test names its
 scenario in the request, e.g. ``model="openai:err-429"``:
 
-    FakeOpenAI                               FakeAnthropic
-    (any other model)  text                  (any other model)      text, with a ping
-    tools              a get_weather call    claude-tools           text, then tool_use
-    err-400 / 401 / 404 / 429 / 500          claude-thinking        thinking (signed), text
-                       OpenAI error bodies   claude-err-401 / 429 / 529   error bodies
-    cut                stream ends, no [DONE]   claude-overloaded-mid  error event mid-stream
+    FakeOpenAI
+    (any other model)  text
+    tools              a get_weather call
+    err-400 / 401 / 403 / 404 / 429 / 429-tokens / 429-quota / 500 / 503
+                       OpenAI's documented error bodies (``OPENAI_ERRORS``)
+    mid-<err>          chunks, then that error as an in-band stream event
+    first-<err>        that error as a 200 stream's first event
+    cut                stream ends, no [DONE]
     cut-hard           connection dropped mid-body
     hang               one chunk, then waits for the client to leave
     stall              no response head; waits for the client to leave
 
-    Stream endings and sizes (items 3-5 of issue 10):
-    no-done            whole stream, then a clean   claude-no-stop   whole stream, no
-                       end without [DONE]                            message_stop
-    finish-reset       finish chunk, then the       claude-cut       ends inside a text block
-                       connection dropped                            (no message_delta)
-    finish-partial     finish chunk, then half an   claude-max-tokens-tool  message_delta
-                       event and a clean end                         cuts an open tool block
-    big                one content delta of         claude-big       one text delta of
-                       BIG_TEXT (5 MiB)                              BIG_TEXT (5 MiB)
-    usage-always       the usage chunk even if
-                       include_usage was not asked
+    no-done            whole stream, then a clean end without [DONE]
+    finish-reset       finish chunk, then the connection dropped
+    finish-partial     finish chunk, then half an event and a clean end
+    big                one content delta of BIG_TEXT (5 MiB)
+    usage-always       the usage chunk even if include_usage was not asked
+
+    FakeAnthropic
+    (any other model)  text, with a ping
+    claude-tools       text, then tool_use
+    claude-thinking    thinking (signed), text
+    claude-err-401 / 429 / 529     error bodies
+    claude-overloaded-mid          an overloaded_error event mid-stream
+    claude-error-<type>            every documented error type (``ANTHROPIC_ERROR_TYPES``)
+                                   as an HTTP error; with ``-first`` as a 200 stream's first
+                                   event, with ``-mid`` as an ``event: error`` after text
+    claude-no-stop     whole stream, no message_stop
+    claude-cut         ends inside a text block (no message_delta)
+    claude-max-tokens-tool         message_delta cuts an open tool block
+    claude-big         one text delta of BIG_TEXT (5 MiB)
 
 A request with the wrong key gets the provider's 401, as the real services answer it.
 
@@ -254,6 +264,38 @@ OPENAI_ERRORS: dict[str, tuple[int, dict[str, Any], tuple[tuple[str, str], ...]]
         },
         (("retry-after", "7"), ("x-ratelimit-remaining-requests", "0")),
     ),
+    "err-403": (
+        403,
+        {
+            "message": "Country, region, or territory not supported",
+            "type": "request_forbidden",
+            "param": None,
+            "code": "unsupported_country_region_territory",
+        },
+        (),
+    ),
+    "err-429-tokens": (
+        429,
+        {
+            "message": "Rate limit reached for gpt-4o in organization org-fake on tokens per min "
+            "(TPM): Limit 30000, Used 29000, Requested 2000. Please try again in 2s.",
+            "type": "tokens",
+            "param": None,
+            "code": "rate_limit_exceeded",
+        },
+        (("retry-after", "2"),),
+    ),
+    "err-429-quota": (
+        429,
+        {
+            "message": "You exceeded your current quota, please check your plan and billing "
+            "details.",
+            "type": "insufficient_quota",
+            "param": None,
+            "code": "insufficient_quota",
+        },
+        (),
+    ),
     "err-500": (
         500,
         {
@@ -263,6 +305,16 @@ OPENAI_ERRORS: dict[str, tuple[int, dict[str, Any], tuple[tuple[str, str], ...]]
             "code": None,
         },
         (),
+    ),
+    "err-503": (
+        503,
+        {
+            "message": "The engine is currently overloaded, please try again later",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        },
+        (("retry-after", "1"),),
     ),
 }
 
@@ -332,6 +384,10 @@ class FakeOpenAI(FakeProvider):
         chat = path == "/v1/chat/completions"
         obj = "chat.completion.chunk" if chat else "text_completion"
         await ex.start_sse()
+        if model.startswith("first-"):  # a 200 stream whose first event is the error
+            await ex.event({"error": OPENAI_ERRORS[model.removeprefix("first-")][1]})
+            await ex.end()
+            return
         if chat and model == "tools":
             first = {"role": "assistant", "content": None, "tool_calls": _tool_call_pieces()[:1]}
             deltas = [first] + [{"tool_calls": [p]} for p in _tool_call_pieces()[1:]]
@@ -344,10 +400,14 @@ class FakeOpenAI(FakeProvider):
         else:
             pieces = (BIG_TEXT,) if model == "big" else TEXT_PIECES
             choices = [_text_choice(p) for p in pieces] + [_text_choice("", "stop")]
-        if model in ("cut", "cut-hard", "hang"):
+        if model in ("cut", "cut-hard", "hang") or model.startswith("mid-"):
             choices = choices[: 1 if model == "hang" else 2]
         for choice in choices:
             await ex.event(_openai_chunk(model, [choice], usage, obj))
+        if model.startswith("mid-"):  # a failure after the stream started: an error event
+            await ex.event({"error": OPENAI_ERRORS[model.removeprefix("mid-")][1]})
+            await ex.end()
+            return
         if model == "hang":
             await ex.wait_gone()
             return
@@ -429,6 +489,26 @@ ANTHROPIC_ERRORS: dict[str, tuple[int, str, str, tuple[tuple[str, str], ...]]] =
     ),
     "claude-err-529": (529, "overloaded_error", "Overloaded", ()),
 }
+#: Every error type on https://docs.anthropic.com/en/api/errors: (status, message, headers).
+#: ``claude-error-<type>`` answers it as an HTTP error, ``claude-error-<type>-first`` as the
+#: first event of a 200 stream, ``claude-error-<type>-mid`` as an ``event: error`` after text.
+ANTHROPIC_ERROR_TYPES: dict[str, tuple[int, str, tuple[tuple[str, str], ...]]] = {
+    "invalid_request_error": (400, "max_tokens: Field required", ()),
+    "authentication_error": (401, "invalid x-api-key", ()),
+    "billing_error": (402, "Your credit balance is too low to access the Anthropic API.", ()),
+    "permission_error": (403, "Your API key does not have permission to use this resource.", ()),
+    "not_found_error": (404, "Not found", ()),
+    "conflict_error": (409, "The request conflicts with the current state.", ()),
+    "request_too_large": (413, "Request exceeds the maximum allowed number of bytes.", ()),
+    "rate_limit_error": (
+        429,
+        "This request would exceed your organization's rate limit of 50 requests per minute.",
+        (("retry-after", "9"),),
+    ),
+    "api_error": (500, "Internal server error", ()),
+    "timeout_error": (504, "Request timeout", ()),
+    "overloaded_error": (529, "Overloaded", (("retry-after", "3"),)),
+}
 SIGNATURE = "EqQBCgIYAhIM1gbcDa9GJwZA2b3hGgxBdjrkzLoky3dl1pkiMOYds"
 THINKING = "The user wants the weather."
 
@@ -469,6 +549,19 @@ class FakeAnthropic(FakeProvider):
             status, kind, message, extra = ANTHROPIC_ERRORS[model]
             await ex.json(status, _anthropic_error(kind, message), extra)
             return
+        kind, when = "", ""
+        if model.startswith("claude-error-"):
+            kind, _, when = model.removeprefix("claude-error-").partition("-")
+        if kind and not (when and body.get("stream")):
+            status, message, extra = ANTHROPIC_ERROR_TYPES[kind]
+            await ex.json(status, _anthropic_error(kind, message), extra)
+            return
+        if when == "first":
+            await ex.start_sse()
+            error = _anthropic_error(kind, ANTHROPIC_ERROR_TYPES[kind][1])
+            await ex.event(error, "error")
+            await ex.end()
+            return
         stop = "tool_use" if model == "claude-tools" else "end_turn"
         if not body.get("stream"):
             await ex.json(200, _message(model, _blocks(model), stop))
@@ -482,8 +575,9 @@ class FakeAnthropic(FakeProvider):
             return
         for index, block in enumerate(_blocks(model)):
             await self._block(ex, index, block)
-            if model == "claude-overloaded-mid":
-                error = _anthropic_error("overloaded_error", "Overloaded")
+            if model == "claude-overloaded-mid" or when == "mid":
+                kind = kind if when == "mid" else "overloaded_error"
+                error = _anthropic_error(kind, ANTHROPIC_ERROR_TYPES[kind][1])
                 await ex.event(error, "error")
                 await ex.end()
                 return

@@ -182,7 +182,7 @@ async def test_sse_headers_and_framing(http: httpx.AsyncClient, model: str) -> N
     [
         ("openai:cut", "upstream_protocol_error"),
         ("openai:cut-hard", None),
-        ("anthropic:claude-overloaded-mid", "service_unavailable"),
+        ("anthropic:claude-overloaded-mid", "overloaded_error"),
     ],
 )
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
@@ -276,9 +276,9 @@ async def test_upstream_stall_is_504(
         ("openai:err-400", 400, "invalid_request_error", "decimal_above_max_value", "temperature"),
         ("openai:err-404", 404, "invalid_request_error", "model_not_found", None),
         ("openai:err-429", 429, "requests", "rate_limit_exceeded", None),
-        ("anthropic:claude-err-429", 429, "requests", "rate_limit_exceeded", None),
+        ("anthropic:claude-err-429", 429, "tokens", "rate_limit_exceeded", None),
         ("anthropic:claude-err-401", 401, "invalid_request_error", "invalid_api_key", None),
-        ("anthropic:claude-err-529", 503, "server_error", "service_unavailable", None),
+        ("anthropic:claude-err-529", 503, "server_error", "overloaded_error", None),
     ],
 )
 async def test_provider_errors_pass_through(

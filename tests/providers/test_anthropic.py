@@ -451,7 +451,7 @@ def test_mid_stream_overloaded_error_raises_retryable() -> None:
         "message": "Overloaded",
         "type": "server_error",
         "param": None,
-        "code": "service_unavailable",
+        "code": "overloaded_error",
     }
     assert not st.done
 
