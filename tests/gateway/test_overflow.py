@@ -23,6 +23,7 @@ from runestone_proxy.gateway.overflow import (
 )
 
 Q, R, S, F = JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED
+D = JobStatus.DEAD
 
 
 def test_the_table_allows_exactly_the_documented_moves() -> None:
@@ -33,6 +34,8 @@ def test_the_table_allows_exactly_the_documented_moves() -> None:
         (R, Action.FAIL): F,
         (R, Action.RELEASE): Q,
         (R, Action.EXPIRE): Q,
+        (Q, Action.BURY): D,
+        (R, Action.BURY): D,
     }
     for status in JobStatus:
         for action in Action:
@@ -44,7 +47,7 @@ def test_the_table_allows_exactly_the_documented_moves() -> None:
 
 
 def test_terminal_statuses_have_no_way_out() -> None:
-    assert overflow.TERMINAL == {S, F}
+    assert overflow.TERMINAL == {S, F, D}
     assert not [key for key in overflow.TRANSITIONS if key[0] in overflow.TERMINAL]
 
 
