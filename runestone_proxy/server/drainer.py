@@ -392,7 +392,11 @@ async def run_drainer(
     drainer = Drainer(store, runner, capacity, config, secret, clock=clock, rand=rand)
     if max_result_bytes is not None:
         drainer.max_result_bytes = max_result_bytes
-    recovered = await store.recover(clock())
+    try:
+        recovered = await store.recover(clock())
+    except GatewayError as exc:  # not fatal: a claim takes over an expired lease all the same
+        log.error("overflow.recover.failed", error=exc.message)
+        recovered = 0
     log.info("overflow.drainer.started", recovered=recovered)
     async with (
         httpx.AsyncClient(transport=transport, timeout=None, follow_redirects=False) as client,

@@ -42,6 +42,7 @@ import attrs
 import structlog
 import trio
 
+from runestone_proxy import telemetry
 from runestone_proxy.config import Config, OverflowConfig, TenantConfig
 from runestone_proxy.errors import GatewayError, RateLimited, ServiceUnavailable
 from runestone_proxy.gateway.overflow import Enqueued, Job, JobStatus, NewJob, WebhookStatus
@@ -309,7 +310,9 @@ class Store:
         job = await self._call(claim, write=True)
         for dead in buried:  # committed: the transaction did not raise
             self.stats.dead += 1
-            log.error("overflow.job.dead", job_id=dead.id, tenant=dead.tenant, claims=dead.claims)
+            fields = {"tenant": dead.tenant, "job_id": dead.id, "request_id": dead.request_id}
+            log.error("overflow.job.dead", **fields, claims=dead.claims)
+            telemetry.emit("overflow.job.dead", **fields, claims=dead.claims)
         return job
 
     async def complete(
