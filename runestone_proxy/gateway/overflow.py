@@ -26,8 +26,9 @@ claimed again, and fail the same way, for ever. Each claim counts in ``claims`` 
 an outcome is recorded, given back by a release); a due job found with ``claims >=
 max_claims`` is buried instead of claimed, with a fixed envelope that needs nothing of the
 job's own text to be stored. What a run produced is made storable first
-(:func:`storable_outcome`: a bounded size, an error envelope for every failure), and the
-drainer falls back to a fixed ``job_outcome_unstorable`` failure when even that write fails.
+(:mod:`runestone_proxy.gateway.job_results`: a bounded size, an error envelope for every
+failure), and the drainer falls back to a fixed ``job_outcome_unstorable`` failure when even
+that write fails.
 
 How fencing works: every claim writes a fresh random lease token. ``complete``, ``fail`` and
 ``release`` name the token they were given; they change the row only while it is ``running``
@@ -290,43 +291,6 @@ def outcome_from_error(exc: GatewayError) -> JobOutcome:
     )
 
 
-def storable_outcome(outcome: JobOutcome, max_bytes: int) -> JobOutcome:
-    """``outcome`` as it may be stored: a body over ``max_bytes`` becomes a 502
-    ``result_too_large`` failure, and a failure whose body is not an OpenAI error envelope
-    (a provider answering garbage) gets one. Any other bytes are stored as they are."""
-    if len(outcome.body) > max_bytes:
-        message = (
-            f"The job's result ({len(outcome.body)} bytes) is larger than the "
-            f"{max_bytes} bytes a job may store."
-        )
-        return JobOutcome(502, _dumps(error_envelope(message, "result_too_large")))
-    if outcome.ok:
-        return outcome
-    envelope = _json_or_none(outcome.body)
-    if isinstance(envelope, dict) and isinstance(envelope.get("error"), dict):
-        return outcome
-    message = f"The job failed with status {outcome.status}."
-    body = _dumps(error_envelope(message))
-    return attrs.evolve(outcome, body=body)
-
-
-DEAD_MESSAGE = (
-    "The job was given up: it was claimed {claims} times without an outcome being recorded "
-    "(its outcome could not be stored, or the gateway stopped while it ran)."
-)
-
-
-def unstorable_body() -> bytes:
-    """What replaces an outcome that could not be stored (fixed text: always storable)."""
-    message = "The job's outcome could not be stored."
-    return _dumps(error_envelope(message, "job_outcome_unstorable"))
-
-
-def dead_body(claims: int) -> bytes:
-    """A ``dead`` job's result: fixed text, so burying needs nothing of the job's own."""
-    return _dumps(error_envelope(DEAD_MESSAGE.format(claims=claims), "job_dead"))
-
-
 def fenced(status: JobStatus, stored_token: str | None, presented_token: str) -> bool:
     """May a run holding ``presented_token`` settle this job? Only while it is running under
     that very lease (constant-time compare: tokens are capabilities)."""
@@ -346,10 +310,6 @@ def round_robin(tenants: list[str], after: str | None) -> list[str]:
 
 
 # --- what clients and webhooks see ---------------------------------------------------------
-
-
-def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
 
 
 def _json_or_none(data: bytes | None) -> Any:

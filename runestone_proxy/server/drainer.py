@@ -60,6 +60,7 @@ import trio
 from runestone_proxy import telemetry
 from runestone_proxy.config import OverflowConfig
 from runestone_proxy.errors import GatewayError, UpstreamTimeout
+from runestone_proxy.gateway.job_results import storable_outcome, unstorable_body
 from runestone_proxy.gateway.overflow import (
     Complete,
     Fail,
@@ -71,8 +72,6 @@ from runestone_proxy.gateway.overflow import (
     outcome_from_error,
     settle,
     sign,
-    storable_outcome,
-    unstorable_body,
     webhook_body,
     webhook_settle,
 )

@@ -36,12 +36,12 @@ import sqlite3
 from collections.abc import Collection
 from typing import Any
 
+from runestone_proxy.gateway.job_results import dead_body
 from runestone_proxy.gateway.overflow import (
     Job,
     JobStatus,
     NewJob,
     WebhookStatus,
-    dead_body,
     digest,
     fenced,
     new_lease_token,

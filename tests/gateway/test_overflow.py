@@ -9,7 +9,7 @@ import random
 import pytest
 
 from runestone_proxy.errors import InvalidParam, RateLimited, UpstreamTimeout
-from runestone_proxy.gateway import overflow
+from runestone_proxy.gateway import job_results, overflow
 from runestone_proxy.gateway.overflow import (
     Action,
     Complete,
@@ -199,15 +199,15 @@ def test_digest_and_ids() -> None:
 
 def test_storable_outcomes_are_bounded_and_failures_always_envelopes() -> None:
     ok = JobOutcome(200, b'{"id":"x"}')
-    assert overflow.storable_outcome(ok, 10) is ok
-    big = overflow.storable_outcome(ok, 9)
+    assert job_results.storable_outcome(ok, 10) is ok
+    big = job_results.storable_outcome(ok, 9)
     assert (big.status, big.retryable) == (502, False)
     assert json.loads(big.body)["error"]["code"] == "result_too_large"
     envelope = JobOutcome(500, b'{"error":{"message":"m","type":"t"}}', retryable=True)
-    assert overflow.storable_outcome(envelope, 1000) is envelope
+    assert job_results.storable_outcome(envelope, 1000) is envelope
     for garbage in (b"\xff\xfe", b"[1]", b'{"error":"text"}', b"", b"[" * 100_000):
-        wrapped = overflow.storable_outcome(JobOutcome(503, garbage, retryable=True), 1_000_000)
+        wrapped = job_results.storable_outcome(JobOutcome(503, garbage, retryable=True), 1_000_000)
         assert (wrapped.status, wrapped.retryable) == (503, True)
         assert json.loads(wrapped.body)["error"]["message"] == "The job failed with status 503."
-    assert json.loads(overflow.dead_body(3))["error"]["code"] == "job_dead"
-    assert json.loads(overflow.unstorable_body())["error"]["code"] == "job_outcome_unstorable"
+    assert json.loads(job_results.dead_body(3))["error"]["code"] == "job_dead"
+    assert json.loads(job_results.unstorable_body())["error"]["code"] == "job_outcome_unstorable"
