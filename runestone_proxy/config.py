@@ -312,6 +312,9 @@ class OverflowConfig:
     #: Relative paths live under $RUNESTONE_STATE_DIR (systemd StateDirectory) when set.
     database: str = "runestone.sqlite3"
     max_attempts: int = attrs.field(default=5, validator=_positive)
+    #: Claims in a row with no outcome recorded (the outcome could not be stored, or the
+    #: process died mid-run) after which a job is ``dead`` instead of claimed again.
+    max_claims: int = attrs.field(default=3, validator=_positive)
     #: A claimed job's lease; an expired lease (crash) returns the job to the queue.
     lease_s: float = attrs.field(default=300.0, validator=_positive)
     backoff_base_s: float = attrs.field(default=1.0, validator=_positive)

@@ -14,8 +14,21 @@ The job state table (the only transitions there are)::
     running    fail, not retryable or attempts exhausted       failed
     running    release (shutdown; the attempt is not counted)  queued
     running    lease expired (crash): recover, or re-claim     queued / running (new lease)
+    queued     bury: due, but claimed max_claims times in a    dead
+    running      row with no outcome recorded (see below)      dead
     succeeded  -- terminal: body redacted to its digest, result kept for retention_s
     failed     -- terminal: likewise, with the last error envelope as its result
+    dead       -- terminal: likewise, with a fixed ``job_dead`` envelope as its result
+
+Why ``dead``: a job whose run ends but whose outcome cannot be stored (the write fails), or
+whose run takes the process down, is never settled; its lease expires and it would be
+claimed again, and fail the same way, for ever. Each claim counts in ``claims`` (reset when
+an outcome is recorded, given back by a release); a due job found with ``claims >=
+max_claims`` is buried instead of claimed, with a fixed envelope that needs nothing of the
+job's own text to be stored. What a run produced is made storable first
+(:mod:`runestone_proxy.gateway.job_results`: a bounded size, an error envelope for every
+failure), and the drainer falls back to a fixed ``job_outcome_unstorable`` failure when even
+that write fails.
 
 How fencing works: every claim writes a fresh random lease token. ``complete``, ``fail`` and
 ``release`` name the token they were given; they change the row only while it is ``running``
@@ -57,6 +70,7 @@ class JobStatus(enum.Enum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    DEAD = "dead"
 
 
 class Action(enum.Enum):
@@ -66,6 +80,7 @@ class Action(enum.Enum):
     FAIL = "fail"
     RELEASE = "release"
     EXPIRE = "expire"
+    BURY = "bury"
 
 
 #: (status, action) -> next status: the table above, as data.
@@ -76,9 +91,11 @@ TRANSITIONS: dict[tuple[JobStatus, Action], JobStatus] = {
     (JobStatus.RUNNING, Action.FAIL): JobStatus.FAILED,
     (JobStatus.RUNNING, Action.RELEASE): JobStatus.QUEUED,
     (JobStatus.RUNNING, Action.EXPIRE): JobStatus.QUEUED,
+    (JobStatus.QUEUED, Action.BURY): JobStatus.DEAD,
+    (JobStatus.RUNNING, Action.BURY): JobStatus.DEAD,
 }
 
-TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED})
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.DEAD})
 #: Statuses that count against a tenant's ``max_queued_jobs``.
 ACTIVE = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
 
@@ -166,6 +183,8 @@ class Job:
     webhook_status: WebhookStatus
     webhook_attempts: int
     webhook_next_at: float | None
+    #: Claims since an outcome was last recorded (``dead`` at ``max_claims``).
+    claims: int = 0
 
 
 @attrs.frozen
@@ -298,7 +317,7 @@ def _json_or_none(data: bytes | None) -> Any:
         return None
     try:
         return json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
         return None
 
 
@@ -318,7 +337,7 @@ def job_view(job: Job) -> dict[str, Any]:
     }
     if job.status is JobStatus.SUCCEEDED:
         view["result"] = _json_or_none(job.result)
-    elif job.status is JobStatus.FAILED:
+    elif job.status in (JobStatus.FAILED, JobStatus.DEAD):
         view["error"] = _json_or_none(job.result) or error_envelope(job.last_error or "failed")
     return view
 
@@ -331,7 +350,7 @@ def webhook_body(job: Job) -> bytes:
     """The webhook's JSON: the job view with ``result`` holding the OpenAI body or, for a
     failed job, the error envelope."""
     view = job_view(job)
-    if job.status is JobStatus.FAILED:
+    if job.status in (JobStatus.FAILED, JobStatus.DEAD):
         view["result"] = view["error"]
     return json.dumps(view, separators=(",", ":")).encode()
 

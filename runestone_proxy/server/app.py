@@ -46,7 +46,7 @@ from runestone_proxy.gateway import aliases
 from runestone_proxy.gateway.deployments import providers_view
 from runestone_proxy.server import systemd
 from runestone_proxy.server.api import Api
-from runestone_proxy.server.drainer import run_drainer
+from runestone_proxy.server.drainer import RESULT_OVERHEAD_BYTES, run_drainer
 from runestone_proxy.server.gateway import Gateway, Phase
 from runestone_proxy.server.health import (
     add_health_routes,
@@ -255,6 +255,7 @@ class App:
                 self.api.capacity,
                 self.config.overflow,
                 env=self.env,
+                max_result_bytes=self.config.upstream.max_response_bytes + RESULT_OVERHEAD_BYTES,
             )
             async with trio.open_nursery() as nursery:
                 await nursery.start(drain)

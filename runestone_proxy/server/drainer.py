@@ -23,6 +23,15 @@ counts as a retryable timeout, so leases are never renewed and expiry means the 
 died. Results are stored through the lease token (fencing, see gateway/overflow.py). The
 decision after a run is the pure :func:`~runestone_proxy.gateway.overflow.settle`.
 
+No job can take the process down, or crash-loop it. A job task catches what its run, its
+settling or its slot raise, logs it with the job id, and ends; the loops log and pause on
+any error, as on a store failure. What a run produced is made storable first (a size bound,
+``max_result_bytes``, tied to ``upstream.max_response_bytes``; an error envelope for every
+failure); if the store still refuses it, a fixed ``job_outcome_unstorable`` failure is
+stored in its place; and if even that write fails, the lease expires and the claim counts
+towards ``max_claims``, past which the store buries the job as ``dead`` (see
+gateway/overflow.py) instead of running it again.
+
 On shutdown (the drainer's scope cancelled) a running job is put back in the queue without
 counting the attempt, as long as the store is still open: run the drainer in a nursery
 inside the store's and cancel it first. Whatever could not be put back is recovered on the
@@ -51,6 +60,7 @@ import trio
 from runestone_proxy import telemetry
 from runestone_proxy.config import OverflowConfig
 from runestone_proxy.errors import GatewayError, UpstreamTimeout
+from runestone_proxy.gateway.job_results import storable_outcome, unstorable_body
 from runestone_proxy.gateway.overflow import (
     Complete,
     Fail,
@@ -72,6 +82,9 @@ log = structlog.get_logger("runestone.drainer")
 Runner = Callable[[Job], Awaitable[JobOutcome]]
 _WEBHOOK_BATCH = 32
 _RELEASE_GRACE_S = 5.0
+#: Room for what the gateway adds to a provider's answer (provider, routing_policy, ...)
+#: on top of ``upstream.max_response_bytes``, in a job's stored result.
+RESULT_OVERHEAD_BYTES = 64 * 1024
 
 
 class Capacity(Protocol):
@@ -94,6 +107,8 @@ class Drainer:
     #: Wall clock for stored times; tests on a MockClock pass ``trio.current_time``.
     clock: Callable[[], float] = time.time
     rand: Callable[[], float] = random.random
+    #: A stored result's bound; a larger one is stored as a ``result_too_large`` failure.
+    max_result_bytes: int = 32 * 1024 * 1024 + RESULT_OVERHEAD_BYTES
     webhooks_due: Wakeup = attrs.Factory(Wakeup)
     sweep_due: Wakeup = attrs.Factory(Wakeup)
     running: int = 0
@@ -111,10 +126,21 @@ class Drainer:
         with trio.move_on_after(delay):
             await bell.wait()
 
-    async def _pause_after(self, exc: GatewayError, loop: str) -> None:
-        """A store failure (disk full, locked): say so, wait a little, carry on."""
-        log.error("overflow.drainer.error", loop=loop, error=exc.message)
+    async def _pause_after(self, exc: Exception, loop: str) -> None:
+        """A store failure (disk full, locked): say so, wait a little, carry on. Anything
+        else is a bug: logged with its traceback, and the loop carries on all the same."""
+        if isinstance(exc, GatewayError):
+            log.error("overflow.drainer.error", loop=loop, error=exc.message)
+        else:
+            log.exception("overflow.drainer.crashed", loop=loop)
         await trio.sleep(self.config.backoff_base_s)
+
+    def _buried(self, dead_before: int) -> None:
+        """Jobs were buried as dead during a claim: their webhooks are due, their retention
+        runs."""
+        if self.store.stats.dead != dead_before:
+            self.webhooks_due.set()
+            self.sweep_due.set()
 
     # --- claiming and running ------------------------------------------------------------------
 
@@ -130,8 +156,10 @@ class Drainer:
                 candidates = [t for t in schedule.due if self.capacity.has_capacity(t)]
                 job = None
                 if candidates:
+                    dead_before = self.store.stats.dead
                     job = await self.store.claim(candidates, self.config.lease_s, now)
-            except GatewayError as exc:
+                    self._buried(dead_before)
+            except Exception as exc:
                 await self._pause_after(exc, "claim")
                 continue
             if job is None:
@@ -155,14 +183,23 @@ class Drainer:
     async def _run(
         self, job: Job, depth: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        started = False
         try:
             async with self.capacity.job_slot(job.tenant):
                 task_status.started()  # the claim loop goes on once the slot is held
+                started = True
                 self.running += 1
                 try:
                     await self._attempt(job, depth)
                 finally:
                     self.running -= 1
+        except Exception:
+            # A bug (the run's, settling's and the store's own errors are handled below):
+            # one job's, so it never reaches the drainer's nursery. Its lease expires and
+            # the claim counts towards max_claims.
+            log.exception("overflow.job.crashed", job_id=job.id)
+            if not started:
+                task_status.started()
         finally:
             self.notify()  # our slot is free again
 
@@ -180,6 +217,7 @@ class Drainer:
                 except GatewayError as exc:
                     log.warning("overflow.release.failed", job_id=job.id, error=exc.message)
             raise
+        outcome = storable_outcome(outcome, self.max_result_bytes)
         now = self.clock()
         decision = settle(
             outcome,
@@ -190,13 +228,9 @@ class Drainer:
             now=now,
             rand=self.rand,
         )
-        try:
-            with trio.CancelScope(shield=True):  # one quick write: keep what the run produced
-                stored = await self._settle(job, job.lease_token, decision, outcome, now)
-        except GatewayError as exc:  # not stored: the lease expires and the job runs again
-            log.error("overflow.settle.failed", job_id=job.id, error=exc.message)
-            stored = False
-        result = "stale" if not stored else _RESULT[type(decision)]
+        with trio.CancelScope(shield=True):  # quick writes: keep what the run produced
+            stored = await self._record(job, job.lease_token, decision, outcome, now)
+        result = "stale" if stored is None else _RESULT[type(stored)]
         telemetry.emit(
             "overflow.drain.stop",
             **fields,
@@ -209,6 +243,25 @@ class Drainer:
         if result in ("succeeded", "failed"):
             self.webhooks_due.set()
             self.sweep_due.set()
+
+    async def _record(
+        self, job: Job, token: str, decision: Settle, outcome: JobOutcome, now: float
+    ) -> Settle | None:
+        """Store ``decision``; if the store refuses it, a fixed ``job_outcome_unstorable``
+        failure instead. Returns what was stored, None if nothing was (a stale lease, or the
+        store failing: then the lease expires and the claim counts towards max_claims)."""
+        try:
+            return decision if await self._settle(job, token, decision, outcome, now) else None
+        except GatewayError as exc:
+            log.error("overflow.settle.failed", job_id=job.id, error=exc.message)
+        except Exception:
+            log.exception("overflow.settle.crashed", job_id=job.id)
+        try:
+            stored = await self.store.fail(job.id, token, unstorable_body(), 500, None, now)
+        except GatewayError as exc:
+            log.error("overflow.settle.failed", job_id=job.id, error=exc.message)
+            return None
+        return Fail() if stored else None
 
     async def _settle(
         self, job: Job, token: str, decision: Settle, outcome: JobOutcome, now: float
@@ -242,7 +295,7 @@ class Drainer:
         while True:
             try:
                 due, next_at = await self.store.due_webhooks(self.clock(), _WEBHOOK_BATCH)
-            except GatewayError as exc:
+            except Exception as exc:
                 await self._pause_after(exc, "webhook")
                 continue
             if not due:
@@ -299,7 +352,7 @@ class Drainer:
         while True:
             try:
                 deleted, next_at = await self.store.sweep(self.clock())
-            except GatewayError as exc:
+            except Exception as exc:
                 await self._pause_after(exc, "sweep")
                 continue
             if deleted:
@@ -324,16 +377,25 @@ async def run_drainer(
     env: Mapping[str, str] | None = None,
     clock: Callable[[], float] = time.time,
     rand: Callable[[], float] = random.random,
+    max_result_bytes: int | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
     task_status: trio.TaskStatus[Drainer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Recover expired leases, then drain until cancelled. Reports the :class:`Drainer`
-    (``notify()`` it when capacity may have freed, if ``capacity.wait_freed`` cannot tell)."""
+    (``notify()`` it when capacity may have freed, if ``capacity.wait_freed`` cannot tell).
+    ``max_result_bytes`` bounds a stored result (the app passes ``upstream.max_response_bytes
+    + RESULT_OVERHEAD_BYTES``)."""
     secret = _secret(config, os.environ if env is None else env)
     if secret is None:
         log.warning("overflow.webhook.unsigned", secret_env=config.webhook_secret_env)
     drainer = Drainer(store, runner, capacity, config, secret, clock=clock, rand=rand)
-    recovered = await store.recover(clock())
+    if max_result_bytes is not None:
+        drainer.max_result_bytes = max_result_bytes
+    try:
+        recovered = await store.recover(clock())
+    except GatewayError as exc:  # not fatal: a claim takes over an expired lease all the same
+        log.error("overflow.recover.failed", error=exc.message)
+        recovered = 0
     log.info("overflow.drainer.started", recovered=recovered)
     async with (
         httpx.AsyncClient(transport=transport, timeout=None, follow_redirects=False) as client,

@@ -4,7 +4,10 @@ It owns the database's lifecycle and the way in: every operation is a plain func
 :mod:`runestone_proxy.server.store_sql` run on the worker thread, the writing ones inside
 one ``BEGIN IMMEDIATE`` ... ``COMMIT``. Everything above this module speaks
 :mod:`runestone_proxy.errors`: SQLite's exceptions are mapped here, once (to 503
-``ServiceUnavailable``: "database is locked", disk full, I/O errors).
+``ServiceUnavailable``: "database is locked", disk full, I/O errors), and so are the ones
+binding a value raises (``ValueError`` such as ``UnicodeEncodeError``, ``OverflowError``:
+500, the value cannot be stored), so a write that fails never escapes as a foreign
+exception and takes a caller's task (the drainer's) down.
 
 How this works
 --------------
@@ -39,6 +42,7 @@ import attrs
 import structlog
 import trio
 
+from runestone_proxy import telemetry
 from runestone_proxy.config import Config, OverflowConfig, TenantConfig
 from runestone_proxy.errors import GatewayError, RateLimited, ServiceUnavailable
 from runestone_proxy.gateway.overflow import Enqueued, Job, JobStatus, NewJob, WebhookStatus
@@ -77,6 +81,8 @@ class StoreStats:
     #: Of which group commits of enqueues, and the jobs they created.
     enqueue_batches: int = 0
     enqueued: int = 0
+    #: Jobs buried as dead (claimed ``max_claims`` times with no outcome recorded).
+    dead: int = 0
 
 
 @attrs.frozen
@@ -153,6 +159,7 @@ class Store:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             conn.row_factory = sqlite3.Row
+            conn.text_factory = sql.decode_text
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode != "wal":
                 raise sqlite3.OperationalError(f"journal_mode is {mode}, not wal")
@@ -189,6 +196,9 @@ class Store:
             except sqlite3.Error as exc:
                 log.error("store.error", error=str(exc), kind=type(exc).__name__)
                 raise ServiceUnavailable(f"The job store is unavailable: {exc}") from exc
+            except (ValueError, OverflowError) as exc:  # a value sqlite3 cannot bind
+                log.exception("store.error", kind=type(exc).__name__)
+                raise GatewayError(f"The job store cannot store a value: {exc}") from exc
             finally:
                 if conn.in_transaction:  # failed mid-transaction: undo all of it
                     try:
@@ -283,15 +293,27 @@ class Store:
         self, tenant_candidates: Collection[str], lease_s: float, now: float
     ) -> Job | None:
         """Lease the oldest due job of the next tenant (round-robin over
-        ``tenant_candidates``) with a new token, counting the attempt; None if none is due."""
+        ``tenant_candidates``) with a new token, counting the attempt; None if none is due.
+        Due jobs claimed ``max_claims`` times with no outcome recorded are buried on the way
+        (-> dead; counted in ``stats.dead``)."""
+        buried: list[Job] = []
 
         def claim(conn: sqlite3.Connection) -> Job | None:
-            job = sql.claim(conn, tenant_candidates, self._last_tenant, lease_s, now)
+            max_claims = self.config.max_claims
+            job = sql.claim(
+                conn, tenant_candidates, self._last_tenant, lease_s, now, max_claims, buried
+            )
             if job is not None:
                 self._last_tenant = job.tenant
             return job
 
-        return await self._call(claim, write=True)
+        job = await self._call(claim, write=True)
+        for dead in buried:  # committed: the transaction did not raise
+            self.stats.dead += 1
+            fields = {"tenant": dead.tenant, "job_id": dead.id, "request_id": dead.request_id}
+            log.error("overflow.job.dead", **fields, claims=dead.claims)
+            telemetry.emit("overflow.job.dead", **fields, claims=dead.claims)
+        return job
 
     async def complete(
         self, job_id: str, lease_token: str, result: bytes, status: int, now: float

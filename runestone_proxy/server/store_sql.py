@@ -6,6 +6,11 @@ calls these on its one worker thread, wraps the writing ones in a transaction
 commits, sleeps or awaits. The rules applied (state table, fencing, redaction) are those of
 :mod:`runestone_proxy.gateway.overflow`.
 
+Text is made storable on the way in (:func:`storable`: a lone surrogate, which a JSON
+``\\ud800`` escape can carry, cannot be encoded as UTF-8) and read back leniently (the store
+sets a ``text_factory`` that decodes invalid UTF-8 with ``backslashreplace``), so no job's
+text can make a write or a read raise.
+
 ``schema_version`` holds the version a database was written with: a newer one than this
 code knows is refused rather than misread; older ones are migrated forward one step at a
 time in ``_MIGRATIONS`` (one transaction each).
@@ -16,8 +21,9 @@ One row per job::
     tenant, request_id, endpoint
     body BLOB               the request JSON; 'sha256:<hex>' once the job ends (redaction)
     webhook_url, idempotency_key     unique per tenant (partial index, keys only)
-    status                  queued | running | succeeded | failed (gateway/overflow.py)
+    status                  queued | running | succeeded | failed | dead (gateway/overflow.py)
     attempts, lease_token, lease_expires_at, next_attempt_at
+    claims                  claims since an outcome was last recorded (v2)
     created_at, updated_at, finished_at             unix seconds (REAL)
     result BLOB, result_status INT, last_error      the OpenAI body, or the error envelope
     webhook_status, webhook_attempts, webhook_next_at   none | pending | delivered | failed
@@ -30,6 +36,7 @@ import sqlite3
 from collections.abc import Collection
 from typing import Any
 
+from runestone_proxy.gateway.job_results import dead_body
 from runestone_proxy.gateway.overflow import (
     Job,
     JobStatus,
@@ -41,7 +48,7 @@ from runestone_proxy.gateway.overflow import (
     round_robin,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _V1 = (
     """CREATE TABLE jobs (
@@ -76,8 +83,10 @@ _V1 = (
     "CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL",
 )
 
+_V2 = ("ALTER TABLE jobs ADD COLUMN claims INTEGER NOT NULL DEFAULT 0",)
+
 #: version reached -> the statements that reach it from the version before.
-_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1}
+_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1, 2: _V2}
 
 
 def migrate(conn: sqlite3.Connection) -> int:
@@ -126,7 +135,22 @@ def job_from_row(row: sqlite3.Row) -> Job:
         webhook_status=WebhookStatus(row["webhook_status"]),
         webhook_attempts=row["webhook_attempts"],
         webhook_next_at=row["webhook_next_at"],
+        claims=row["claims"],
     )
+
+
+def storable(text: str | None) -> str | None:
+    """``text`` as SQLite can store it: UTF-8-encodable (a lone surrogate becomes the six
+    characters ``\\ud800``). ASCII, the usual case, is returned as it is."""
+    if text is None or text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def decode_text(data: bytes) -> str:
+    """The connection's ``text_factory``: a TEXT value that is not valid UTF-8 (written by
+    something else) is read with ``backslashreplace`` instead of failing the whole query."""
+    return data.decode("utf-8", "backslashreplace")
 
 
 # --- operations (the caller holds the transaction) --------------------------------------------
@@ -188,13 +212,13 @@ def insert(conn: sqlite3.Connection, job: NewJob, now: float) -> None:
         " idempotency_key, status, next_attempt_at, created_at, updated_at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
         (
-            job.id,
-            job.tenant,
-            job.request_id,
-            job.endpoint,
+            storable(job.id),
+            storable(job.tenant),
+            storable(job.request_id),
+            storable(job.endpoint),
             job.body,
-            job.webhook_url,
-            job.idempotency_key,
+            storable(job.webhook_url),
+            storable(job.idempotency_key),
             now,
             now,
             now,
@@ -233,23 +257,50 @@ def claim(
     after: str | None,
     lease_s: float,
     now: float,
+    max_claims: int,
+    buried: list[Job],
 ) -> Job | None:
     """Lease the oldest due job of the first tenant, in round-robin order from ``after``,
-    that has one: queued -> running (or an expired lease -> a new one), attempts + 1."""
+    that has one: queued -> running (or an expired lease -> a new one), attempts + 1,
+    claims + 1. A due job already claimed ``max_claims`` times with no outcome recorded is
+    buried instead (-> dead, appended to ``buried``) and the next one is looked at."""
     for tenant in round_robin(sorted(candidates), after):
-        row = conn.execute(
-            f"SELECT id FROM jobs WHERE tenant = :tenant AND {_DUE} ORDER BY created_at LIMIT 1",
-            {"tenant": tenant, "now": now},
-        ).fetchone()
-        if row is None:
-            continue
-        conn.execute(
-            "UPDATE jobs SET status = 'running', lease_token = ?, lease_expires_at = ?,"
-            " attempts = attempts + 1, updated_at = ? WHERE id = ?",
-            (new_lease_token(), now + lease_s, now, row["id"]),
-        )
-        return select(conn, row["id"])
+        while True:
+            row = conn.execute(
+                f"SELECT id, claims FROM jobs WHERE tenant = :tenant AND {_DUE}"
+                " ORDER BY created_at LIMIT 1",
+                {"tenant": tenant, "now": now},
+            ).fetchone()
+            if row is None:
+                break
+            if row["claims"] >= max_claims:
+                buried.append(bury(conn, row["id"], row["claims"], now))
+                continue
+            conn.execute(
+                "UPDATE jobs SET status = 'running', lease_token = ?, lease_expires_at = ?,"
+                " attempts = attempts + 1, claims = claims + 1, updated_at = ? WHERE id = ?",
+                (new_lease_token(), now + lease_s, now, row["id"]),
+            )
+            return select(conn, row["id"])
     return None
+
+
+def bury(conn: sqlite3.Connection, job_id: str, claims: int, now: float) -> Job:
+    """queued | running (lease expired) -> dead, with the fixed ``job_dead`` envelope as its
+    result: like :func:`finish`, but written from fixed text only, so it cannot fail on
+    anything the job carries."""
+    result = dead_body(claims)
+    (body,) = conn.execute("SELECT body FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    conn.execute(
+        "UPDATE jobs SET status = 'dead', result = ?, result_status = 500, last_error = ?,"
+        " body = ?, finished_at = ?, updated_at = ?, lease_token = NULL, lease_expires_at = NULL,"
+        " webhook_status = CASE WHEN webhook_url IS NULL THEN 'none' ELSE 'pending' END,"
+        " webhook_next_at = CASE WHEN webhook_url IS NULL THEN NULL ELSE ? END WHERE id = ?",
+        (result, error_message(result), digest(bytes(body)), now, now, now, job_id),
+    )
+    job = select(conn, job_id)
+    assert job is not None
+    return job
 
 
 def fenced_update(
@@ -288,6 +339,7 @@ def finish(
         lease_token,
         "status = ?, result = ?, result_status = ?, last_error = ?, body = ?,"
         " finished_at = ?, updated_at = ?, lease_token = NULL, lease_expires_at = NULL,"
+        " claims = 0,"
         " webhook_status = CASE WHEN webhook_url IS NULL THEN 'none' ELSE 'pending' END,"
         " webhook_next_at = CASE WHEN webhook_url IS NULL THEN NULL ELSE ? END",
         (to.value, result, status, error, digest(bytes(row["body"])), now, now, now),
@@ -302,7 +354,7 @@ def retry(
         conn,
         job_id,
         lease_token,
-        "status = 'queued', lease_token = NULL, lease_expires_at = NULL,"
+        "status = 'queued', lease_token = NULL, lease_expires_at = NULL, claims = 0,"
         " next_attempt_at = ?, last_error = ?, updated_at = ?",
         (at, error_message(error), now),
     )
@@ -315,7 +367,8 @@ def release(conn: sqlite3.Connection, job_id: str, lease_token: str, now: float)
         job_id,
         lease_token,
         "status = 'queued', lease_token = NULL, lease_expires_at = NULL,"
-        " attempts = MAX(attempts - 1, 0), next_attempt_at = ?, updated_at = ?",
+        " attempts = MAX(attempts - 1, 0), claims = MAX(claims - 1, 0),"
+        " next_attempt_at = ?, updated_at = ?",
         (now, now),
     )
 
@@ -381,9 +434,10 @@ def counts(conn: sqlite3.Connection) -> dict[str, int]:
 
 
 def error_message(envelope: bytes) -> str:
-    """The ``error.message`` of an envelope, bounded; never anything else of a body."""
+    """The ``error.message`` of an envelope, bounded and storable; never anything else of a
+    body."""
     try:
         message = json.loads(envelope)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return "the job failed"
-    return str(message)[:500]
+    return storable(str(message)[:500]) or ""

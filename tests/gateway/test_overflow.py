@@ -9,7 +9,7 @@ import random
 import pytest
 
 from runestone_proxy.errors import InvalidParam, RateLimited, UpstreamTimeout
-from runestone_proxy.gateway import overflow
+from runestone_proxy.gateway import job_results, overflow
 from runestone_proxy.gateway.overflow import (
     Action,
     Complete,
@@ -23,6 +23,7 @@ from runestone_proxy.gateway.overflow import (
 )
 
 Q, R, S, F = JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED
+D = JobStatus.DEAD
 
 
 def test_the_table_allows_exactly_the_documented_moves() -> None:
@@ -33,6 +34,8 @@ def test_the_table_allows_exactly_the_documented_moves() -> None:
         (R, Action.FAIL): F,
         (R, Action.RELEASE): Q,
         (R, Action.EXPIRE): Q,
+        (Q, Action.BURY): D,
+        (R, Action.BURY): D,
     }
     for status in JobStatus:
         for action in Action:
@@ -44,7 +47,7 @@ def test_the_table_allows_exactly_the_documented_moves() -> None:
 
 
 def test_terminal_statuses_have_no_way_out() -> None:
-    assert overflow.TERMINAL == {S, F}
+    assert overflow.TERMINAL == {S, F, D}
     assert not [key for key in overflow.TRANSITIONS if key[0] in overflow.TERMINAL]
 
 
@@ -192,3 +195,19 @@ def test_digest_and_ids() -> None:
     assert b"secret prompt".decode() not in repr(
         overflow.NewJob("t", "r", "chat", b"secret prompt")
     )
+
+
+def test_storable_outcomes_are_bounded_and_failures_always_envelopes() -> None:
+    ok = JobOutcome(200, b'{"id":"x"}')
+    assert job_results.storable_outcome(ok, 10) is ok
+    big = job_results.storable_outcome(ok, 9)
+    assert (big.status, big.retryable) == (502, False)
+    assert json.loads(big.body)["error"]["code"] == "result_too_large"
+    envelope = JobOutcome(500, b'{"error":{"message":"m","type":"t"}}', retryable=True)
+    assert job_results.storable_outcome(envelope, 1000) is envelope
+    for garbage in (b"\xff\xfe", b"[1]", b'{"error":"text"}', b"", b"[" * 100_000):
+        wrapped = job_results.storable_outcome(JobOutcome(503, garbage, retryable=True), 1_000_000)
+        assert (wrapped.status, wrapped.retryable) == (503, True)
+        assert json.loads(wrapped.body)["error"]["message"] == "The job failed with status 503."
+    assert json.loads(job_results.dead_body(3))["error"]["code"] == "job_dead"
+    assert json.loads(job_results.unstorable_body())["error"]["code"] == "job_outcome_unstorable"

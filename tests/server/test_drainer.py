@@ -29,7 +29,7 @@ import trio.testing
 
 from runestone_proxy import telemetry
 from runestone_proxy.config import OverflowConfig
-from runestone_proxy.errors import InvalidParam, RateLimited
+from runestone_proxy.errors import InvalidParam, RateLimited, ServiceUnavailable
 from runestone_proxy.gateway.overflow import Job, JobOutcome, JobStatus, NewJob, verify
 from runestone_proxy.server.drainer import Drainer, Runner, run_drainer
 from runestone_proxy.server.store import Store
@@ -82,7 +82,7 @@ class Harness:
     settled: trio.Event = attrs.Factory(trio.Event)
 
     def on_event(self, event: str, fields: dict[str, Any]) -> None:
-        if event == "overflow.drain.stop":
+        if event in ("overflow.drain.stop", "overflow.job.dead"):
             self.settled.set()
             self.settled = trio.Event()
 
@@ -414,3 +414,91 @@ async def test_finished_jobs_are_swept_after_retention(
         await trio.sleep(2)
         assert await h.store.get(job.id, "a") is None
         assert done.finished_at is not None
+
+
+# --- no job can take the drainer down, or crash-loop it ------------------------------------------
+
+
+async def test_what_a_run_produced_is_stored_bounded_and_as_an_envelope(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def runner(job: Job) -> JobOutcome:
+        if job.tenant == "huge":
+            return JobOutcome(200, b'{"x":"' + b"y" * 1000 + b'"}')
+        if job.tenant == "garbage":
+            return JobOutcome(500, b"\xff not an envelope")
+        raise InvalidParam("The model `gpt-\ud800` does not exist.", param="model")
+
+    async with harness(tmp_path, runner) as h:
+        h.drainer.max_result_bytes = 512
+        jobs = [await h.enqueue(tenant) for tenant in ("huge", "garbage", "surrogate")]
+        done = [await h.wait_for(j.id, j.tenant, JobStatus.FAILED) for j in jobs]
+    huge, garbage, surrogate = (json.loads(j.result or b"")["error"] for j in done)
+    assert (done[0].result_status, huge["code"]) == (502, "result_too_large")
+    assert "512 bytes" in huge["message"]
+    assert (done[1].result_status, garbage["code"]) == (500, "job_failed")
+    assert surrogate["message"] == "The model `gpt-\ud800` does not exist."
+    assert done[2].last_error == "The model `gpt-\\ud800` does not exist."  # stored escaped
+
+
+@attrs.define
+class RefusingStore:
+    """The store, except that the ``writes`` of an outcome of tenant ``a``'s jobs raise
+    ``error``: what a full disk, a broken row or a bug looks like to the drainer."""
+
+    store: Store
+    error: Exception
+    writes: tuple[str, ...] = ("complete", "fail")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    async def _check(self, write: str, job_id: str) -> None:
+        if write in self.writes and await self.store.get(job_id, "a") is not None:
+            raise self.error
+
+    async def complete(self, job_id: str, *args: Any) -> bool:
+        await self._check("complete", job_id)
+        return await self.store.complete(job_id, *args)
+
+    async def fail(self, job_id: str, *args: Any) -> bool:
+        await self._check("fail", job_id)
+        return await self.store.fail(job_id, *args)
+
+
+async def test_an_outcome_the_store_refuses_is_replaced_by_a_fixed_failure(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with harness(tmp_path, sleeper(1)) as h:
+        bug = RuntimeError("a bug while storing")
+        h.drainer.store = RefusingStore(h.store, bug, ("complete",))  # type: ignore[assignment]
+        refused, fine = await h.enqueue("a"), await h.enqueue("b")
+        failed = await h.wait_for(refused.id, "a", JobStatus.FAILED)
+        assert (await h.wait_for(fine.id, "b", JobStatus.SUCCEEDED)).attempts == 1
+    assert json.loads(failed.result or b"")["error"]["code"] == "job_outcome_unstorable"
+    assert failed.attempts == 1
+    assert failed.claims == 0
+
+
+async def test_a_job_whose_outcome_is_never_stored_is_dead_after_max_claims(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    runs: Counter[str] = Counter()
+
+    async def runner(job: Job) -> JobOutcome:
+        runs[job.tenant] += 1
+        return JobOutcome(200, OK)
+
+    async with harness(tmp_path, runner, lease_s=10.0, max_claims=3) as h:
+        disk = ServiceUnavailable("The job store is unavailable: disk I/O error")
+        h.drainer.store = RefusingStore(h.store, disk)  # type: ignore[assignment]
+        doomed, fine = await h.enqueue("a"), await h.enqueue("b")
+        assert (await h.wait_for(fine.id, "b", JobStatus.SUCCEEDED)).attempts == 1
+        dead = await h.wait_for(doomed.id, "a", JobStatus.DEAD)
+    assert runs == {"a": 3, "b": 1}
+    assert (dead.attempts, dead.claims, dead.result_status) == (3, 3, 500)
+    assert json.loads(dead.result or b"")["error"]["code"] == "job_dead"
+    assert h.store.stats.dead == 1
+    assert [e["job_id"] for e in h.events.named("overflow.job.dead")] == [doomed.id]
+    stops = [e["result"] for e in h.events.named("overflow.drain.stop") if e["job_id"] == doomed.id]
+    assert stops == ["stale"] * 3

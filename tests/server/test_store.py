@@ -18,8 +18,9 @@ import pytest
 import trio
 
 from runestone_proxy.config import Config, OverflowConfig, TenantConfig
-from runestone_proxy.errors import RateLimited, ServiceUnavailable
+from runestone_proxy.errors import GatewayError, RateLimited, ServiceUnavailable
 from runestone_proxy.gateway.overflow import JobStatus, NewJob, WebhookStatus, digest
+from runestone_proxy.server import store_sql
 from runestone_proxy.server.store import Store, resolve_path
 from runestone_proxy.server.store_sql import SCHEMA_VERSION
 
@@ -66,7 +67,7 @@ async def test_opens_in_wal_with_full_sync_and_a_schema_version(store: Store) ->
     version = await store._call(
         lambda c: c.execute("SELECT version FROM schema_version").fetchall()
     )
-    assert [tuple(v) for v in version] == [(SCHEMA_VERSION,)]
+    assert [tuple(v) for v in version] == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
 
 
 async def test_reopening_keeps_jobs_and_a_newer_schema_is_refused(tmp_path: Path) -> None:
@@ -391,3 +392,89 @@ async def test_inline_mode_runs_on_the_loop_thread(tmp_path: Path) -> None:
         job = (await store.enqueue(new(), now=T0)).job
         assert json.loads((await store.get(job.id, "a")).body)["model"] == "mock-1"  # type: ignore[union-attr]
         nursery.cancel_scope.cancel()
+
+
+# --- hostile text, claims without an outcome, dead jobs ------------------------------------------
+
+
+async def test_a_version_1_database_is_migrated_and_its_jobs_kept(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "jobs.sqlite3")
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    for statement in store_sql._MIGRATIONS[1]:
+        conn.execute(statement)
+    conn.execute("INSERT INTO schema_version VALUES (1)")
+    store_sql.insert(conn, new("a"), T0)
+    conn.commit()
+    conn.close()
+    store = make_store(tmp_path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        job = await store.claim(["a"], 60, T0)
+        nursery.cancel_scope.cancel()
+    assert job is not None
+    assert (job.attempts, job.claims) == (1, 1)
+
+
+async def test_claims_count_until_an_outcome_is_recorded_then_the_job_is_buried(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    store = make_store(tmp_path, max_claims=2)
+    await nursery.start(store.run)
+    hook = "http://127.0.0.1:9/hook"
+    retried = (await store.enqueue(new("a"), now=T0)).job
+    doomed = (await store.enqueue(new("b", webhook_url=hook), now=T0)).job
+    first = await store.claim(["a"], 10, T0)
+    assert first is not None
+    assert first.id == retried.id
+    assert first.lease_token is not None
+    assert await store.fail(first.id, first.lease_token, ERROR, 500, T0 + 1, T0)  # recorded
+    again = await store.claim(["a"], 10, T0 + 1)
+    assert again is not None
+    assert (again.attempts, again.claims) == (2, 1)  # the recorded retry reset the count
+    assert again.lease_token is not None
+    assert await store.release(again.id, again.lease_token, T0 + 2)  # given back
+    back = await store.get(again.id, "a")
+    assert back is not None
+    assert (back.attempts, back.claims) == (1, 0)
+    for at in (T0, T0 + 11):  # two claims, no outcome: the lease just expires
+        claimed = await store.claim(["b"], 10, at)
+        assert claimed is not None
+        assert claimed.id == doomed.id
+    assert await store.claim(["b"], 10, T0 + 22) is None  # buried, not claimed a third time
+    dead = await store.get(doomed.id, "b")
+    assert dead is not None
+    assert (dead.status, dead.claims, dead.attempts) == (JobStatus.DEAD, 2, 2)
+    assert (dead.result_status, dead.finished_at, dead.lease_token) == (500, T0 + 22, None)
+    assert json.loads(dead.result or b"")["error"]["code"] == "job_dead"
+    assert dead.body == digest(BODY)  # redacted like any finished job
+    assert (dead.webhook_status, dead.webhook_next_at) == (WebhookStatus.PENDING, T0 + 22)
+    assert store.stats.dead == 1
+    assert await store.counts() == {"queued": 1, "dead": 1}
+
+
+async def test_text_that_is_not_utf8_is_stored_and_read_back_escaped(store: Store) -> None:
+    job = (await store.enqueue(NewJob("a", "req-\ud800", "chat", BODY), now=T0)).job
+    assert job.request_id == "req-\\ud800"
+    claimed = await store.claim(["a"], 60, T0)
+    assert claimed is not None
+    assert claimed.lease_token is not None
+    envelope = b'{"error":{"message":"model `\\udfff` not found","type":"x"}}'
+    assert await store.fail(job.id, claimed.lease_token, envelope, 404, None, T0)
+    await store._call(
+        lambda c: c.execute("UPDATE jobs SET endpoint = CAST(x'ff63' AS TEXT)"), write=True
+    )
+    failed = await store.get(job.id, "a")
+    assert failed is not None
+    assert failed.last_error == "model `\\udfff` not found"
+    assert failed.endpoint == "\\xffc"
+
+
+async def test_a_value_sqlite_cannot_bind_is_a_gateway_error(store: Store) -> None:
+    await store.enqueue(new("a"), now=T0)
+    job = await store.claim(["a"], 60, T0)
+    assert job is not None
+    assert job.lease_token is not None
+    with pytest.raises(GatewayError, match="cannot store a value"):
+        await store.complete(job.id, job.lease_token, RESULT, 2**70, T0)
+    with pytest.raises(GatewayError, match="cannot store a value"):
+        await store.release("job-\ud800", job.lease_token, T0)
