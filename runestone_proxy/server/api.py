@@ -2,10 +2,11 @@
 ``/v1/embeddings``, ``/v1/models``, ``/v1/models/{model}`` and the legacy ``/v1/chat/stream``.
 
 Each generation request goes: authenticate -> parse the JSON body once -> validate -> resolve
-the model to provider targets -> call the provider (whole, or streamed through the SSE relay)
--> answer in OpenAI's shapes with Runestone's metadata (``x-runestone-provider``,
-``x-runestone-routing-policy``; top-level ``provider``, ``routing_policy``, ``request_id`` in
-non-stream bodies).
+the model to provider targets (both before a slot is taken or a 202 given, so the live and
+the queued path refuse the same bodies at once) -> call the provider (whole, or streamed
+through the SSE relay) -> answer in OpenAI's shapes with Runestone's metadata
+(``x-runestone-provider``, ``x-runestone-routing-policy``; top-level ``provider``,
+``routing_policy``, ``request_id`` in non-stream bodies).
 
 The relay starts the client's response only once the provider produced its first payloads,
 so an error before that is answered as an ordinary error envelope with its status; after
