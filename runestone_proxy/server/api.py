@@ -107,6 +107,8 @@ class Route:
     ordered: list[Target]
     reason: str
     policy: str
+    #: The table it was resolved in: a reload while the request waited for a slot re-routes.
+    table: RoutingTable
 
 
 def splice_metadata(body: bytes, fields: bytes) -> bytes:
@@ -347,7 +349,7 @@ class Api:
         policy = self.policy
         constraints = constraints_for(endpoint, body, self.default_output_tokens, raw_len)
         ordered, reason = filter_and_order(resolution.targets, constraints, policy)
-        return Route(resolution, ordered, reason, policy)
+        return Route(resolution, ordered, reason, policy, self.routing)
 
     def _plan(
         self,
@@ -414,6 +416,8 @@ class Api:
     ) -> None:
         """Route and call the provider with the tenant's slot held; ``usage[0]`` gets the
         tokens the answer reports (for the TPM reconcile)."""
+        if route.table is not self.routing:  # reloaded while it waited: its providers may be gone
+            route = self._route(endpoint, body, len(raw))
         stream = endpoint != "embeddings" and (force_stream or body.get("stream") is True)
         if stream:
             targets, call_for, policy = self._plan(

@@ -5,7 +5,8 @@ Each hostile body must earn a 4xx in OpenAI's envelope, never a 500 or a dropped
 connection; and a queued request (tenant ``default`` held at capacity, with ``on_limit =
 "queue"`` or ``Prefer: respond-async``) must be refused exactly as a live one is, at once,
 instead of being accepted with 202 to fail later. A lone surrogate in a value Runestone only
-carries passes through to the provider intact, re-encoded or not.
+carries passes through to the provider intact, re-encoded or not. Since the route is decided
+before the slot, a reload while a request waits for its slot must route it again.
 
 Test rules: 127.0.0.1 and port 0 only; the capacity is held in-process through the
 gateway's own ``Capacity`` (no sleeps); every test under ``trio.fail_after``.
@@ -24,6 +25,7 @@ import httpx
 import openai
 import pytest
 import trio
+import trio.testing
 from conftest import StartGateway
 from e2e_helpers import Gateway, gateway_config, in_thread
 from fakes import FakeAnthropic, FakeOpenAI
@@ -325,3 +327,45 @@ async def test_queued_sdk_requests_are_refused_before_any_202(queued: Queued) ->
                     assert caught.value.status_code == status, (path, name)
     finally:
         client.close()
+
+
+async def test_a_reload_while_a_request_waits_for_its_slot_re_routes_it(
+    start_gateway: StartGateway,
+    fake_openai: FakeOpenAI,
+    fake_anthropic: FakeAnthropic,
+) -> None:
+    """The route is decided before the slot (so a bad body is refused at once); a request
+    still waiting when a reload removes its provider is routed again in the new table."""
+    base = gateway_config(fake_openai.base_url, fake_anthropic.base_url)
+    config = attrs.evolve(
+        base, tenants={"default": TenantConfig(max_concurrent=1, on_limit="wait", max_wait_ms=1e4)}
+    )
+    gateway = await start_gateway(config)
+    capacity = gateway.app.api.capacity
+    answers: list[httpx.Response] = []
+    with trio.fail_after(TIMEOUT_S):
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as http:
+
+            async def waiting_request() -> None:
+                body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}]}
+                answers.append(await post(http, "/v1/chat/completions", dumps(body)))
+
+            async with trio.open_nursery() as nursery:
+                async with capacity.slot("default"):
+                    nursery.start_soon(waiting_request)
+                    while capacity.snapshot()["tenants"]["default"]["waiting"] == 0:
+                        await trio.testing.wait_all_tasks_blocked()
+                    # gpt-4o-mini moves to the mock; the openai provider is gone.
+                    mock_only = attrs.evolve(
+                        config,
+                        providers=tuple(p for p in config.providers if p.name != "openai"),
+                        models=(
+                            *config.models[3:],
+                            attrs.evolve(config.models[0], provider="mock"),
+                        ),
+                        aliases={},
+                    )
+                    gateway.app.gateway.apply_config(mock_only)
+    [answer] = answers
+    assert answer.status_code == 200, answer.text[:300]
+    assert answer.headers["x-runestone-provider"] == "mock"
