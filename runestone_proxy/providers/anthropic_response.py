@@ -74,7 +74,13 @@ _COMPACT: Final[Mapping[str, Any]] = {"separators": (",", ":"), "ensure_ascii": 
 
 
 def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, **_COMPACT).encode()
+    """Compact UTF-8 JSON; a lone surrogate (a client's escape) is written back as ``\\u``
+    escapes, as ``providers.openai.dumps`` does."""
+    text = json.dumps(obj, **_COMPACT)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(obj, separators=(",", ":")).encode("ascii")
 
 
 def chat_completion(message: Mapping[str, Any], *, model: str, created: int) -> JSON:

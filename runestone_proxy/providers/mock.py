@@ -226,7 +226,8 @@ class MockProvider:
 
 
 def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    # surrogatepass: a client's escaped lone surrogate is data here, not an error.
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def _words(text: str) -> int:
@@ -362,10 +363,10 @@ def _embedding_inputs(value: object, *, param: str = "input") -> list[tuple[byte
         return ",".join(str(t) for t in v).encode(), len(v)
 
     if isinstance(value, str):
-        return [(value.encode("utf-8"), _words(value))]
+        return [(value.encode("utf-8", "surrogatepass"), _words(value))]
     if isinstance(value, Sequence) and value:
         if all(isinstance(v, str) for v in value):
-            return [(v.encode("utf-8"), _words(v)) for v in value]
+            return [(v.encode("utf-8", "surrogatepass"), _words(v)) for v in value]
         if is_tokens(value):
             return [tokens(value)]
         if all(is_tokens(v) for v in value):

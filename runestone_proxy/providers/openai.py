@@ -75,8 +75,16 @@ _MAX_MESSAGE_CHARS = 1000
 
 
 def dumps(obj: object) -> bytes:
-    """Compact JSON, UTF-8 (what OpenAI itself sends)."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """Compact JSON, UTF-8 (what OpenAI itself sends).
+
+    A client's escaped lone surrogate (``"\\ud800"``, valid JSON, not valid Unicode) cannot
+    be written as UTF-8: only then is the object written again with ``\\u`` escapes, which
+    carry the value on exactly as the client sent it (no cost for any other body)."""
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, separators=(",", ":")).encode("ascii")
 
 
 def loads_object(data: bytes, what: str) -> dict[str, Any]:

@@ -2,10 +2,11 @@
 ``/v1/embeddings``, ``/v1/models``, ``/v1/models/{model}`` and the legacy ``/v1/chat/stream``.
 
 Each generation request goes: authenticate -> parse the JSON body once -> validate -> resolve
-the model to provider targets -> call the provider (whole, or streamed through the SSE relay)
--> answer in OpenAI's shapes with Runestone's metadata (``x-runestone-provider``,
-``x-runestone-routing-policy``; top-level ``provider``, ``routing_policy``, ``request_id`` in
-non-stream bodies).
+the model to provider targets (both before a slot is taken or a 202 given, so the live and
+the queued path refuse the same bodies at once) -> call the provider (whole, or streamed
+through the SSE relay) -> answer in OpenAI's shapes with Runestone's metadata
+(``x-runestone-provider``, ``x-runestone-routing-policy``; top-level ``provider``,
+``routing_policy``, ``request_id`` in non-stream bodies).
 
 The relay starts the client's response only once the provider produced its first payloads,
 so an error before that is answered as an ordinary error envelope with its status; after
@@ -30,7 +31,6 @@ from runestone_proxy.config import Config, ConfigError
 from runestone_proxy.errors import (
     AuthenticationFailed,
     GatewayError,
-    InvalidJSON,
     InvalidParam,
     ModelNotFound,
     RateLimited,
@@ -44,6 +44,7 @@ from runestone_proxy.gateway.overflow import Job, JobOutcome
 from runestone_proxy.gateway.pipeline import PayloadStream, Providers
 from runestone_proxy.gateway.ratelimit import RateLimiter
 from runestone_proxy.gateway.routing import (
+    Resolution,
     RoutingTable,
     Target,
     constraints_for,
@@ -53,7 +54,8 @@ from runestone_proxy.gateway.routing import (
 from runestone_proxy.protocol.sse import DONE, encode_data
 from runestone_proxy.providers.base import Endpoint, ProviderCall
 from runestone_proxy.server.http import JSON_HEADERS, SSE_HEADERS, Request, Responder
-from runestone_proxy.server.jobs_api import accept_async, replay_idempotent
+from runestone_proxy.server.jobs_api import accept_async, check_webhook_url, replay_idempotent
+from runestone_proxy.server.request_body import check_runestone_fields, parse_object
 from runestone_proxy.server.router import Router
 from runestone_proxy.server.store import Store
 from runestone_proxy.server.upstream import UpstreamPool
@@ -66,20 +68,6 @@ RUNESTONE_FIELDS = frozenset(
     {"provider", "model_family", "capabilities", "max_cost_per_token", "tenant_id", "webhook_url"}
 )
 _REQUIRED = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
-
-
-def parse_object(raw: bytes) -> dict[str, Any]:
-    """Parse a JSON request body; it must be an object."""
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidJSON(
-            "We could not parse the JSON body of your request. The OpenAI API expects a "
-            "JSON payload."
-        ) from None
-    if not isinstance(body, dict):
-        raise InvalidJSON("The request body must be a JSON object.")
-    return body
 
 
 def validate(endpoint: Endpoint, body: Mapping[str, Any]) -> None:
@@ -108,6 +96,19 @@ def validate(endpoint: Endpoint, body: Mapping[str, Any]) -> None:
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise InvalidParam("'stream_options' must be an object.", param="stream_options")
+
+
+@attrs.frozen
+class Route:
+    """A validated body's routing decision, before any live state: the resolution and its
+    capable candidates in policy order (``Api._route``; ``Api._plan`` carries it out)."""
+
+    resolution: Resolution
+    ordered: list[Target]
+    reason: str
+    policy: str
+    #: The table it was resolved in: a reload while the request waited for a slot re-routes.
+    table: RoutingTable
 
 
 def splice_metadata(body: bytes, fields: bytes) -> bytes:
@@ -278,16 +279,14 @@ class Api:
         # which the upstream pool would take for a streamed (async-iterable) body.
         raw = bytes(await request.body())
         body = parse_object(raw)
-        validate(endpoint, body)
+        # Validated and resolved before any answer, live or queued: a body the live path
+        # refuses is refused at once, never accepted with 202 to fail later.
+        route = self._route(endpoint, body, len(raw))
         if self.keys.open and isinstance(body.get("tenant_id"), str) and body["tenant_id"]:
             # With no keys configured, the legacy ``tenant_id`` field names the tenant.
             principal = attrs.evolve(principal, tenant=body["tenant_id"])
             request.context["principal"] = principal
-        webhook = body.get("webhook_url")
-        if webhook is not None and not (
-            isinstance(webhook, str) and webhook.startswith(("http://", "https://"))
-        ):
-            raise InvalidParam("'webhook_url' must be an http(s) URL.", param="webhook_url")
+        webhook = check_webhook_url(body.get("webhook_url"))
         prefer = (request.header(b"prefer") or b"").lower()
         wants_async = force_stream or b"respond-async" in prefer or webhook is not None
         limits = principal.limits
@@ -311,7 +310,7 @@ class Api:
             ):
                 admitted = True
                 await self._serve(
-                    request, responder, endpoint, body, raw, force_stream, rl_headers, usage
+                    request, responder, endpoint, route, body, raw, force_stream, rl_headers, usage
                 )
         except EnqueueInstead:
             if self.store is None:
@@ -340,27 +339,35 @@ class Api:
             else:  # refused, or the client left while it waited for a slot
                 self.ratelimiter.cancel(reservation, limits, trio.current_time())
 
+    def _route(self, endpoint: Endpoint, body: Mapping[str, Any], raw_len: int) -> Route:
+        """Validate what Runestone reads and resolve the model to the capable candidates:
+        every 400/404 a body can earn, with nothing changed. The live path calls it before
+        it takes a slot or answers 202, the drainer before it runs a job."""
+        validate(endpoint, body)
+        check_runestone_fields(body)
+        resolution = self.routing.resolve(body["model"], body.get("provider"))
+        policy = self.policy
+        constraints = constraints_for(endpoint, body, self.default_output_tokens, raw_len)
+        ordered, reason = filter_and_order(resolution.targets, constraints, policy)
+        return Route(resolution, ordered, reason, policy, self.routing)
+
     def _plan(
         self,
         endpoint: Endpoint,
+        route: Route,
         body: dict[str, Any],
         raw: bytes,
         stream: bool,
         request_id: str,
         account_usage: bool = False,
     ) -> tuple[list[Target], Callable[[Target], ProviderCall], str]:
-        """Resolve and order the candidates, and say how to call each. Pops Runestone's own
-        fields from ``body``; ``raw`` is forwarded untouched where nothing needs a rewrite.
-        ``account_usage``: ask a streaming provider for usage even if the client did not."""
+        """Order the routed candidates (deployment groups: live state, so only now) and say
+        how to call each. Pops Runestone's own fields from ``body``; ``raw`` is forwarded
+        untouched where nothing needs a rewrite. ``account_usage``: ask a streaming provider
+        for usage even if the client did not."""
         extras = RUNESTONE_FIELDS.intersection(body)
-        provider_field = body.get("provider")
-        if provider_field is not None and not isinstance(provider_field, str):
-            raise InvalidParam("'provider' must be a string.", param="provider")
-        resolution = self.routing.resolve(body["model"], provider_field)
-        policy = self.policy
-        constraints = constraints_for(endpoint, body, self.default_output_tokens, len(raw))
-        ordered, reason = filter_and_order(resolution.targets, constraints, policy)
-        targets = self.deployments.order_groups(ordered)
+        policy = route.policy
+        targets = self.deployments.order_groups(route.ordered)
         for name in extras:
             body.pop(name)
         stream_flag = body.get("stream") is True
@@ -386,14 +393,14 @@ class Api:
                 request_id=request_id,
             )
 
-        emit_decision(policy, resolution, targets, reason, request_id)
+        emit_decision(policy, route.resolution, targets, route.reason, request_id)
         return targets, call_for, policy
 
     async def _complete(
-        self, endpoint: Endpoint, body: dict[str, Any], raw: bytes, request_id: str
+        self, endpoint: Endpoint, route: Route, body: dict[str, Any], raw: bytes, request_id: str
     ) -> tuple[Target, str, bytes]:
         """A whole answer through failover, with Runestone's metadata spliced in."""
-        targets, call_for, policy = self._plan(endpoint, body, raw, False, request_id)
+        targets, call_for, policy = self._plan(endpoint, route, body, raw, False, request_id)
         target, answer = await self.failover.complete(targets, call_for, self.providers)
         fields = _meta_prefix(target.provider, policy) + json.dumps(request_id).encode()
         return target, policy, splice_metadata(answer, fields)
@@ -403,6 +410,7 @@ class Api:
         request: Request,
         responder: Responder,
         endpoint: Endpoint,
+        route: Route,
         body: dict[str, Any],
         raw: bytes,
         force_stream: bool,
@@ -411,6 +419,8 @@ class Api:
     ) -> None:
         """Route and call the provider with the tenant's slot held; ``usage[0]`` gets the
         tokens the answer reports (for the TPM reconcile)."""
+        if route.table is not self.routing:  # reloaded while it waited: its providers may be gone
+            route = self._route(endpoint, body, len(raw))
         stream = endpoint != "embeddings" and (force_stream or body.get("stream") is True)
         if stream:
             # A tokens-per-minute limit needs the real usage to reconcile its estimate: ask
@@ -418,11 +428,13 @@ class Api:
             principal = request.context["principal"]
             tpm = isinstance(principal, Principal) and principal.limits.tpm is not None
             targets, call_for, policy = self._plan(
-                endpoint, body, raw, True, request.request_id, account_usage=tpm
+                endpoint, route, body, raw, True, request.request_id, account_usage=tpm
             )
             await self._relay(request, responder, targets, call_for, policy, extra_headers, usage)
             return
-        target, policy, answer = await self._complete(endpoint, body, raw, request.request_id)
+        target, policy, answer = await self._complete(
+            endpoint, route, body, raw, request.request_id
+        )
         usage[0] = ratelimit.usage_tokens(answer)
         headers = (*JSON_HEADERS, *_meta(target, policy), *extra_headers)
         await responder.respond(200, headers, answer)
@@ -435,8 +447,8 @@ class Api:
             raise InvalidParam(f"Unknown job endpoint {job.endpoint!r}.")
         endpoint: Endpoint = job.endpoint  # type: ignore[assignment]  # checked above
         body = parse_object(job.body)
-        validate(endpoint, body)
-        _, _, answer = await self._complete(endpoint, body, job.body, job.request_id)
+        route = self._route(endpoint, body, len(job.body))
+        _, _, answer = await self._complete(endpoint, route, body, job.body, job.request_id)
         return JobOutcome(200, answer)
 
     async def _relay(

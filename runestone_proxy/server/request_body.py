@@ -1,0 +1,172 @@
+"""Request bodies at the API edge: parse once, strictly, and check the fields Runestone reads.
+
+What a generation body must be (the README's "Request bodies" says the same to users):
+
+* UTF-8 JSON text (RFC 8259 §8.1) whose top level is an object; the ``Content-Type`` header
+  is not consulted, so ``curl -d '{...}'`` without ``-H 'content-type: application/json'``
+  works. A BOM, UTF-16, invalid UTF-8, ``NaN``/``Infinity`` or trailing data is a 400.
+* No duplicate keys at the top level, where Runestone's own fields live: a body forwarded
+  byte for byte must not mean one ``model`` to the router and another to a provider that
+  keeps the first of two keys. Deeper objects are the provider's to judge.
+* At most :data:`MAX_DEPTH` levels of nesting, so that nothing after the parse (the token
+  estimate, a re-encode for a provider) can run out of recursion; a body too deep for
+  Python's own parser is the same 400, never a ``RecursionError``.
+* Escaped lone surrogates (``"\\ud800"``) are accepted where Runestone only carries the
+  value (a re-encode writes them back as ``\\u`` escapes, see ``providers/openai.dumps``),
+  and refused (400 naming the param) in the strings Runestone itself uses: ``model``,
+  ``provider``, ``model_family``, ``capabilities``, ``tenant_id``, ``webhook_url``.
+
+How it stays cheap (this runs on every request): the top-level object is read by the json
+module's own pure-Python object reader (``json.decoder.JSONObject``) with the C scanner for
+every value, so only the top level pays for keeping its pairs (about 1.5-2 us per request,
+independent of size) and duplicates anywhere below cost nothing. The depth walk runs only
+when the body holds more than :data:`MAX_DEPTH` opening brackets (two ``bytes.count``
+passes, ~0.3 ns per byte each; a body of ``2 * MAX_DEPTH`` bytes or less skips even those).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from json.decoder import JSONObject  # type: ignore[attr-defined]  # public, untyped
+from typing import Any
+
+from runestone_proxy.errors import InvalidJSON, InvalidParam
+
+#: The deepest nesting accepted (the body object itself is level 1). A chat body with image
+#: parts is 6 deep; a tool's JSON schema adds 2 per nested object.
+MAX_DEPTH = 128
+
+_UNPARSABLE = (
+    "We could not parse the JSON body of your request. The OpenAI API expects a JSON payload."
+)
+_TOO_DEEP = f"The JSON body of your request is nested more than {MAX_DEPTH} levels deep."
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _keep_pairs(pairs: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    return pairs
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_SCAN = _DECODER.scan_once  # type: ignore[attr-defined]  # the C scanner, set up by __init__
+
+
+def parse_object(raw: bytes) -> dict[str, Any]:
+    """Parse a request body (see the module docstring); 400 :class:`InvalidJSON` if it is not
+    a UTF-8 JSON object with unique top-level keys, nested at most :data:`MAX_DEPTH` deep."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidJSON(
+            f"The request body is not valid UTF-8 (at byte {exc.start}). {_UNPARSABLE}"
+        ) from None
+    try:
+        pairs = _top_level_pairs(text)
+    except RecursionError:
+        raise InvalidJSON(_TOO_DEEP) from None
+    except ValueError:  # JSONDecodeError, a rejected constant
+        raise InvalidJSON(_UNPARSABLE) from None
+    if pairs is None:
+        raise InvalidJSON("The request body must be a JSON object.")
+    body = dict(pairs)
+    if len(body) != len(pairs):
+        raise _duplicate(pairs)
+    if (
+        len(raw) > 2 * MAX_DEPTH
+        and raw.count(b"{") + raw.count(b"[") > MAX_DEPTH
+        and _deeper_than(body, MAX_DEPTH)
+    ):
+        raise InvalidJSON(_TOO_DEEP)
+    return body
+
+
+def _top_level_pairs(text: str) -> list[tuple[str, Any]] | None:
+    """The top-level object's (key, value) pairs in order; None for valid JSON that is not
+    an object. Raises ValueError (or RecursionError) for anything that is not JSON."""
+    start = _WHITESPACE.match(text).end()  # type: ignore[union-attr]  # matches ""
+    if text[start : start + 1] != "{":
+        _DECODER.decode(text)  # raises for invalid JSON; else it is an array, a string...
+        return None
+    pairs, end = JSONObject((text, start + 1), True, _SCAN, None, _keep_pairs, {})
+    if _WHITESPACE.match(text, end).end() != len(text):  # type: ignore[union-attr]
+        raise ValueError("extra data after the JSON object")
+    return pairs  # type: ignore[no-any-return]
+
+
+def _duplicate(pairs: list[tuple[str, Any]]) -> InvalidJSON:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            shown = key[:100]
+            return InvalidJSON(
+                f"The request body has the key {shown!r} more than once; each top-level "
+                "parameter may appear only once.",
+                param=shown,
+                code="duplicate_parameter",
+            )
+        seen.add(key)
+    raise AssertionError("no duplicate")  # pragma: no cover
+
+
+def _deeper_than(body: dict[str, Any], limit: int) -> bool:
+    """Whether ``body`` nests more than ``limit`` levels: one pass per level over the
+    containers only (never recursive, so a deep body cannot hurt the check itself)."""
+    level: list[Any] = [body]
+    for _ in range(limit):
+        below = []
+        for node in level:
+            for child in node.values() if type(node) is dict else node:
+                if type(child) is dict or type(child) is list:
+                    below.append(child)
+        if not below:
+            return False
+        level = below
+    return True
+
+
+# --- the fields Runestone itself reads -------------------------------------------------------
+
+_STRING_FIELDS = ("provider", "model_family", "tenant_id", "webhook_url")
+_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
+
+
+def check_runestone_fields(body: Mapping[str, Any]) -> None:
+    """400 for a bad value in a field Runestone reads beyond :func:`api.validate`'s: the
+    routing extras' types, the token limits (TPM reservation), and valid Unicode in every
+    string Runestone uses (``model`` included). Everything else is the provider's to judge."""
+    model = body["model"]  # validate() made it a non-empty string
+    if not model.isascii():
+        _check_unicode(model, "model")
+    for name in _STRING_FIELDS:
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise InvalidParam(f"'{name}' must be a string.", param=name)
+        if not value.isascii():
+            _check_unicode(value, name)
+    capabilities = body.get("capabilities")
+    if isinstance(capabilities, list):
+        for index, item in enumerate(capabilities):
+            if isinstance(item, str) and not item.isascii():
+                _check_unicode(item, f"capabilities[{index}]")
+    for name in _TOKEN_FIELDS:
+        value = body.get(name)
+        if value is not None and (type(value) is not int):
+            raise InvalidParam(f"'{name}' must be an integer.", param=name)
+
+
+def _check_unicode(value: str, param: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidParam(
+            f"'{param}' contains an unpaired UTF-16 surrogate escape; it must be valid Unicode.",
+            param=param,
+        ) from None
