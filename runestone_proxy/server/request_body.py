@@ -16,12 +16,17 @@ What a generation body must be (the README's "Request bodies" says the same to u
   and refused (400 naming the param) in the strings Runestone itself uses: ``model``,
   ``provider``, ``model_family``, ``capabilities``, ``tenant_id``, ``webhook_url``.
 
-How it stays cheap (this runs on every request): the top-level object is read by the json
-module's own pure-Python object reader (``json.decoder.JSONObject``) with the C scanner for
-every value, so only the top level pays for keeping its pairs (about 1.5-2 us per request,
-independent of size) and duplicates anywhere below cost nothing. The depth walk runs only
-when the body holds more than :data:`MAX_DEPTH` opening brackets (two ``bytes.count``
-passes, ~0.3 ns per byte each; a body of ``2 * MAX_DEPTH`` bytes or less skips even those).
+How it stays cheap (this runs on every request). A body of at most :data:`FAST_MAX_BYTES`
+with no ``\\u`` or ``\\/`` escape anywhere is parsed by the C decoder alone, and each
+top-level key is then looked for in the raw bytes: without those two escapes a key has one
+spelling, so a key found exactly once cannot be a duplicate (about 0.1 us a key). Anything
+else (a larger body, an escape, a key also spelled deeper down) takes the careful path: the
+top-level object is read by the json module's own pure-Python object reader
+(``json.decoder.JSONObject``) with the C scanner for every value, so only the top level pays
+for keeping its pairs (about 1.5-2 us per request, independent of size) and duplicates
+anywhere below cost nothing. The depth walk runs only when the body holds more than
+:data:`MAX_DEPTH` opening brackets (two ``bytes.count`` passes, ~0.3 ns per byte each; a body
+of ``2 * MAX_DEPTH`` bytes or less skips even those).
 """
 
 from __future__ import annotations
@@ -43,6 +48,12 @@ _UNPARSABLE = (
 )
 _TOO_DEEP = f"The JSON body of your request is nested more than {MAX_DEPTH} levels deep."
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+#: Bodies up to this size may take the fast path (past it, counting keys in the raw bytes
+#: costs more than reading the top level in Python; measured: 13 KB, 38 us against 18).
+FAST_MAX_BYTES = 4096
+#: A key whose JSON spelling is the key itself: printable ASCII, no quote, no backslash.
+_PLAIN_KEY = re.compile(r"[ !#-\[\]-~]*")
 
 
 def _reject_constant(name: str) -> Any:
@@ -66,6 +77,36 @@ def parse_object(raw: bytes) -> dict[str, Any]:
         raise InvalidJSON(
             f"The request body is not valid UTF-8 (at byte {exc.start}). {_UNPARSABLE}"
         ) from None
+    body = _fast_object(raw, text) if len(raw) <= FAST_MAX_BYTES else None
+    if body is None:
+        body = _careful_object(text)
+    if (
+        len(raw) > 2 * MAX_DEPTH
+        and raw.count(b"{") + raw.count(b"[") > MAX_DEPTH
+        and _deeper_than(body, MAX_DEPTH)
+    ):
+        raise InvalidJSON(_TOO_DEEP)
+    return body
+
+
+def _fast_object(raw: bytes, text: str) -> dict[str, Any] | None:
+    """The body, if the C decoder and a count of each top-level key in ``raw`` can vouch for
+    it (see the module docstring); None when only the careful path can tell."""
+    if b"\\u" in raw or b"\\/" in raw:
+        return None
+    try:
+        body = _DECODER.decode(text)
+    except (ValueError, RecursionError):
+        return None  # the careful path names the problem
+    if type(body) is not dict:
+        return None
+    for key in body:
+        if _PLAIN_KEY.fullmatch(key) is None or raw.count(b'"%b"' % key.encode()) != 1:
+            return None
+    return body
+
+
+def _careful_object(text: str) -> dict[str, Any]:
     try:
         pairs = _top_level_pairs(text)
     except RecursionError:
@@ -77,12 +118,6 @@ def parse_object(raw: bytes) -> dict[str, Any]:
     body = dict(pairs)
     if len(body) != len(pairs):
         raise _duplicate(pairs)
-    if (
-        len(raw) > 2 * MAX_DEPTH
-        and raw.count(b"{") + raw.count(b"[") > MAX_DEPTH
-        and _deeper_than(body, MAX_DEPTH)
-    ):
-        raise InvalidJSON(_TOO_DEEP)
     return body
 
 

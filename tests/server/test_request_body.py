@@ -22,7 +22,12 @@ from runestone_proxy.gateway.routing import RoutingTable
 from runestone_proxy.providers.base import Endpoint
 from runestone_proxy.providers.openai import dumps
 from runestone_proxy.server.api import Api, Route
-from runestone_proxy.server.request_body import MAX_DEPTH, parse_object
+from runestone_proxy.server.request_body import (
+    MAX_DEPTH,
+    _careful_object,
+    _fast_object,
+    parse_object,
+)
 
 CONFIG = Config(
     providers=(ProviderConfig("mock", "mock"),),
@@ -239,3 +244,57 @@ def test_a_lone_surrogate_elsewhere_is_carried_and_re_encoded_as_an_escape() -> 
 def test_nan_is_refused_even_inside() -> None:
     with pytest.raises(InvalidJSON):
         parse_object(b'{"model": "mock-1", "x": [1, {"y": -Infinity}]}')
+
+
+# --- the fast path (small bodies without \u or \/ escapes) --------------------------------
+
+
+@FUZZ
+@given(bodies, st.booleans(), st.data())
+def test_the_fast_path_vouches_only_for_what_the_careful_path_accepts(
+    body: dict[str, Any], ascii_only: bool, data: Any
+) -> None:
+    """Whatever the fast path returns, the careful path returns too; where the careful path
+    finds a duplicate, the fast path declines."""
+    raw = encode(body, ascii_only)
+    if body and data.draw(st.booleans()):  # repeat a key, spelled as json.dumps spells it
+        key = data.draw(st.sampled_from(sorted(body)))
+        raw = raw[:-1] + b", " + encode({key: 1}, ascii_only)[1:]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return
+    fast = _fast_object(raw, text)
+    try:
+        careful: dict[str, Any] | None = _careful_object(text)
+    except InvalidJSON:
+        careful = None
+    if fast is not None:
+        assert fast == careful
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model": "mock-1", "mod\\u0065l": "other"}',  # one key, two spellings
+        b'{"a\\/b": 1, "a/b": 2}',
+        '{"modèle": 1, "modèle": 2}'.encode(),
+        b'{"a\\"b": 1, "a\\"b": 2}',
+    ],
+)
+def test_duplicates_spelled_with_escapes_or_odd_characters_are_refused(raw: bytes) -> None:
+    with pytest.raises(InvalidJSON) as caught:
+        parse_object(raw)
+    assert caught.value.code == "duplicate_parameter"
+
+
+def test_a_key_also_found_deeper_or_as_a_value_is_not_a_duplicate() -> None:
+    raw = b'{"model": "mock-1", "messages": [{"role": "user", "content": "model"}], '
+    raw += b'"x": {"model": 1}}'
+    assert _fast_object(raw, raw.decode()) is None  # the fast path cannot tell; careful can
+    assert parse_object(raw)["x"] == {"model": 1}
+
+
+def test_a_plain_small_body_takes_the_fast_path() -> None:
+    raw = b'{"model": "mock-1", "messages": [{"role": "user", "content": "hi"}], "n": 1}'
+    assert _fast_object(raw, raw.decode()) == json.loads(raw)
