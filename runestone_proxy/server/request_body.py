@@ -54,6 +54,8 @@ _WHITESPACE = re.compile(r"[ \t\n\r]*")
 FAST_MAX_BYTES = 4096
 #: A key whose JSON spelling is the key itself: printable ASCII, no quote, no backslash.
 _PLAIN_KEY = re.compile(r"[ !#-\[\]-~]*")
+#: Plain keys seen before -> their quoted bytes (``_quoted``).
+_QUOTED: dict[str, bytes] = {}
 
 
 def _reject_constant(name: str) -> Any:
@@ -101,9 +103,22 @@ def _fast_object(raw: bytes, text: str) -> dict[str, Any] | None:
     if type(body) is not dict:
         return None
     for key in body:
-        if _PLAIN_KEY.fullmatch(key) is None or raw.count(b'"%b"' % key.encode()) != 1:
+        quoted = _QUOTED.get(key)
+        if quoted is None:
+            if _PLAIN_KEY.fullmatch(key) is None:
+                return None
+            quoted = _quoted(key)
+        if raw.count(quoted) != 1:
             return None
     return body
+
+
+def _quoted(key: str) -> bytes:
+    """``"key"`` as bytes, remembered for the next body (bounded: keys are client input)."""
+    if len(_QUOTED) >= 1024:
+        _QUOTED.clear()
+    quoted = _QUOTED[key] = b'"%b"' % key.encode()
+    return quoted
 
 
 def _careful_object(text: str) -> dict[str, Any]:
@@ -169,6 +184,7 @@ def _deeper_than(body: dict[str, Any], limit: int) -> bool:
 
 _STRING_FIELDS = ("provider", "model_family", "tenant_id", "webhook_url")
 _TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
+_EXTRAS = frozenset((*_STRING_FIELDS, "capabilities"))
 
 
 def check_runestone_fields(body: Mapping[str, Any]) -> None:
@@ -178,6 +194,15 @@ def check_runestone_fields(body: Mapping[str, Any]) -> None:
     model = body["model"]  # validate() made it a non-empty string
     if not model.isascii():
         _check_unicode(model, "model")
+    if not _EXTRAS.isdisjoint(body):  # most bodies carry none of Runestone's own fields
+        _check_extras(body)
+    for name in _TOKEN_FIELDS:
+        value = body.get(name)
+        if value is not None and (type(value) is not int):
+            raise InvalidParam(f"'{name}' must be an integer.", param=name)
+
+
+def _check_extras(body: Mapping[str, Any]) -> None:
     for name in _STRING_FIELDS:
         value = body.get(name)
         if value is None:
@@ -191,10 +216,6 @@ def check_runestone_fields(body: Mapping[str, Any]) -> None:
         for index, item in enumerate(capabilities):
             if isinstance(item, str) and not item.isascii():
                 _check_unicode(item, f"capabilities[{index}]")
-    for name in _TOKEN_FIELDS:
-        value = body.get(name)
-        if value is not None and (type(value) is not int):
-            raise InvalidParam(f"'{name}' must be an integer.", param=name)
 
 
 def _check_unicode(value: str, param: str) -> None:
