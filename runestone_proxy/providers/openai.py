@@ -178,7 +178,14 @@ ENDINGS: Final[Mapping[tuple[Phase, Ending], Outcome]] = {
     (Phase.DONE, "broken"): "end",
 }
 
-_FINISHED = (b'"finish_reason":"', b'"finish_reason": "')
+_FINISH_KEY = b'"finish_reason":'
+
+
+def _finishes(data: bytes) -> bool:
+    """Whether a chunk gives a non-null ``finish_reason`` (one scan; a key inside a content
+    string is escaped, ``\\"finish_reason\\":``, so it cannot match)."""
+    at = data.find(_FINISH_KEY)
+    return at >= 0 and data[at + 16 : at + 24].lstrip()[:1] != b"n"
 
 
 @attrs.define
@@ -186,8 +193,9 @@ class OpenAIStream:
     """Stream state for one OpenAI-format SSE stream: payloads pass through as bytes.
 
     Per chunk, only byte checks run unless one finds something to read: an error, a usage
-    object, a non-null ``finish_reason`` (once per choice). With ``n`` > 1 every chunk is
-    decoded, to know which choices appeared (rare; n = 1 has only choice 0).
+    object. With ``n`` = 1, one scan per chunk looks for a non-null ``finish_reason`` until
+    it is found (no decode: choice 0 is the only one). With ``n`` > 1 every chunk is
+    decoded, to know which choices appeared (rare).
     """
 
     name: str
@@ -202,11 +210,15 @@ class OpenAIStream:
     _usage_chunk_seen: bool = attrs.field(default=False, init=False, repr=False)
     _appeared: set[int] = attrs.field(factory=set, init=False, repr=False)
     _finished: set[int] = attrs.field(factory=set, init=False, repr=False)
+    #: n = 1 and choice 0 has its finish_reason.
+    _finished_one: bool = attrs.field(default=False, init=False, repr=False)
 
     @property
     def phase(self) -> Phase:
         if self.done:
             return Phase.DONE
+        if self.n == 1:
+            return Phase.FINISHED if self._finished_one else Phase.OPEN
         if self._finished and self._appeared <= self._finished:
             return Phase.FINISHED
         return Phase.OPEN
@@ -229,7 +241,10 @@ class OpenAIStream:
             obj = self._load(data)
             if _is_error(obj):  # OpenRouter / OpenAI / vLLM mid-stream error
                 raise error_from_payload(obj)
-        if self.n > 1 or _FINISHED[0] in data or _FINISHED[1] in data:
+        if self.n == 1:
+            if not self._finished_one:
+                self._finished_one = _finishes(data)
+        else:
             obj = obj if obj is not None else self._load(data)
             self._track_choices(obj)
         if b'"x_groq"' in data and b'"usage"' in data:

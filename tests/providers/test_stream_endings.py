@@ -73,10 +73,23 @@ def test_openai_every_choice_that_appeared_must_finish() -> None:
     assert st.finish("eof") == []
 
 
-def test_openai_spaced_json_finish_is_seen() -> None:
+@pytest.mark.parametrize(
+    ("chunk", "finished"),
+    [
+        (b'{"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}', True),
+        (b'{"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}', True),
+        (b'{"choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": null}]}', False),
+        (b'{"choices":[{"index":0,"delta":{"content":"x"},"finish_reason":null}]}', False),
+        (b'{"choices":[{"index":0,"delta":{"content":"x"},"finish_reason":  null}]}', False),
+        (b'{"choices":[{"index":0,"delta":{"content":"x"}}]}', False),
+        # The key quoted inside content is escaped, so it is not the chunk's own.
+        (b'{"choices":[{"delta":{"content":"\\"finish_reason\\":\\"stop"},"index":0}]}', False),
+    ],
+)
+def test_openai_finish_reason_is_read_from_the_bytes(chunk: bytes, finished: bool) -> None:
     st = OpenAIStream("up")
-    st.feed(SSEEvent(b'{"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}'))
-    assert st.phase is Phase.FINISHED
+    st.feed(SSEEvent(chunk))
+    assert st.phase is (Phase.FINISHED if finished else Phase.OPEN)
 
 
 def test_openai_groq_usage_comes_at_an_ending_without_done() -> None:
