@@ -181,13 +181,6 @@ ENDINGS: Final[Mapping[tuple[Phase, Ending], Outcome]] = {
 _FINISH_KEY = b'"finish_reason":'
 
 
-def _finishes(data: bytes) -> bool:
-    """Whether a chunk gives a non-null ``finish_reason`` (one scan; a key inside a content
-    string is escaped, ``\\"finish_reason\\":``, so it cannot match)."""
-    at = data.find(_FINISH_KEY)
-    return at >= 0 and data[at + 16 : at + 24].lstrip()[:1] != b"n"
-
-
 @attrs.define
 class OpenAIStream:
     """Stream state for one OpenAI-format SSE stream: payloads pass through as bytes.
@@ -243,7 +236,15 @@ class OpenAIStream:
                 raise error_from_payload(obj)
         if self.n == 1:
             if not self._finished_one:
-                self._finished_one = _finishes(data)
+                # Inline (this runs per chunk): a non-null finish_reason after the key. A key
+                # quoted inside a content string is escaped (\"finish_reason\":): no match.
+                at = data.find(_FINISH_KEY)
+                if at >= 0:
+                    after = data[at + 16 : at + 17]
+                    if after != b"n" and (
+                        after != b" " or data[at + 16 : at + 24].lstrip()[:1] != b"n"
+                    ):
+                        self._finished_one = True
         else:
             obj = obj if obj is not None else self._load(data)
             self._track_choices(obj)
