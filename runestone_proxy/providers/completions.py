@@ -22,7 +22,7 @@ import attrs
 from runestone_proxy.errors import InvalidParam, UpstreamProtocolError
 from runestone_proxy.protocol.sse import SSEEvent
 from runestone_proxy.providers.base import Ending, StreamTranslator
-from runestone_proxy.providers.openai import dumps, loads_object
+from runestone_proxy.providers.json_codec import dumps, loads_object
 
 __all__ = [
     "ChatToTextStream",

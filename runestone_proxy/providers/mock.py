@@ -28,7 +28,7 @@ import attrs
 
 from runestone_proxy.errors import InvalidParam
 from runestone_proxy.providers.base import ProviderCall
-from runestone_proxy.providers.openai import dumps
+from runestone_proxy.providers.json_codec import dumps
 
 __all__ = ["MockProvider", "MockSettings"]
 

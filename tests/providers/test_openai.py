@@ -14,12 +14,9 @@ import pytest
 from runestone_proxy.errors import ProviderError, UpstreamProtocolError
 from runestone_proxy.protocol.sse import SSEEvent, SSEParser
 from runestone_proxy.providers.base import Endpoint, ProviderCall, Translator
-from runestone_proxy.providers.openai import (
-    OpenAIStream,
-    OpenAITranslator,
-    error_from_response,
-    retry_after_s,
-)
+from runestone_proxy.providers.openai import OpenAITranslator
+from runestone_proxy.providers.openai_errors import error_from_response, retry_after_s
+from runestone_proxy.providers.openai_stream import OpenAIStream
 
 DATA = Path(__file__).parent.parent / "data" / "openai"
 

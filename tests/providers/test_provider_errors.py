@@ -18,7 +18,7 @@ from runestone_proxy.errors import ProviderError
 from runestone_proxy.protocol.sse import SSEEvent
 from runestone_proxy.providers.anthropic import AnthropicTranslator
 from runestone_proxy.providers.base import ProviderCall
-from runestone_proxy.providers.openai import error_from_payload, error_from_response
+from runestone_proxy.providers.openai_errors import error_from_payload, error_from_response
 from runestone_proxy.providers.provider_errors import ANTHROPIC_ERRORS, anthropic_error
 
 #: (Anthropic type, its documented status) -> (client status, type, code, retryable).

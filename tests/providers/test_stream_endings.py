@@ -16,10 +16,10 @@ import pytest
 
 from runestone_proxy.errors import UpstreamProtocolError
 from runestone_proxy.protocol.sse import SSEEvent
-from runestone_proxy.providers import anthropic_stream, openai
+from runestone_proxy.providers import anthropic_stream, openai_stream
 from runestone_proxy.providers.anthropic_stream import AnthropicStream, State
 from runestone_proxy.providers.base import ENDING_KINDS
-from runestone_proxy.providers.openai import OpenAIStream, Phase
+from runestone_proxy.providers.openai_stream import OpenAIStream, Phase
 
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
 
@@ -42,10 +42,10 @@ OPENAI_SETUP: dict[Phase, list[SSEEvent]] = {
 
 
 def test_openai_table_is_complete() -> None:
-    assert set(openai.ENDINGS) == set(itertools.product(Phase, ENDING_KINDS))
+    assert set(openai_stream.ENDINGS) == set(itertools.product(Phase, ENDING_KINDS))
 
 
-@pytest.mark.parametrize(("row", "outcome"), list(openai.ENDINGS.items()), ids=str)
+@pytest.mark.parametrize(("row", "outcome"), list(openai_stream.ENDINGS.items()), ids=str)
 def test_openai_ending_row(row: tuple[Phase, str], outcome: str) -> None:
     phase, ending = row
     st = OpenAIStream("up", include_usage=True)

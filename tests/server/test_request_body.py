@@ -20,7 +20,7 @@ from runestone_proxy.config import Config, ModelConfig, ProviderConfig
 from runestone_proxy.errors import GatewayError, InvalidJSON
 from runestone_proxy.gateway.routing import RoutingTable
 from runestone_proxy.providers.base import Endpoint
-from runestone_proxy.providers.openai import dumps
+from runestone_proxy.providers.json_codec import dumps
 from runestone_proxy.server.api import Api, Route
 from runestone_proxy.server.request_body import (
     MAX_DEPTH,
