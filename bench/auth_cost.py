@@ -33,7 +33,7 @@ from bench.routing_cost import gateway_us, micro_bench_args, pin_to_server_cpu
 from bench.scenarios import CHAT_BODY
 from bench.targets import LIMITED_KEY, PLAIN_KEY
 from runestone_proxy.config import AuthConfig, AuthKeyConfig, Config
-from runestone_proxy.gateway import ratelimit
+from runestone_proxy.gateway import token_estimate
 from runestone_proxy.gateway.auth import KeyStore
 from runestone_proxy.gateway.ratelimit import RateLimiter
 
@@ -78,7 +78,7 @@ async def measure(n: int, repeats: int) -> dict[str, float]:
                 reservation, _headers = limiter.admit(
                     principal, body, out_tokens, trio.current_time(), "req_bench"
                 )
-                used = ratelimit.usage_tokens(ANSWER)
+                used = token_estimate.usage_tokens(ANSWER)
                 limiter.reconcile(reservation, used, trio.current_time())
             return pc() - t0
 

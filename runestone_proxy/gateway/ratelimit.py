@@ -1,20 +1,8 @@
 """Per-key rate limits: requests per minute and per hour, tokens per minute. Pure: the
 caller passes the time (``trio.current_time()``); nothing here awaits or reads a clock.
 
-How this works
---------------
-Each limit is a sliding window of counts kept in ``k + 1`` buckets (``k = 60``: one-second
-buckets for the minute limits, one-minute buckets for the hour). A request at time ``t``
-falls in bucket ``b = floor(t / width)``; the window at ``b`` is buckets ``b - k .. b``,
-and a count leaves it when bucket ``b + k + 1`` begins. The window therefore spans between
-``T`` and ``T + width`` of real time, which makes it strict: **no interval of length T
-ever holds more than the limit** (any such interval touches at most ``k + 1`` buckets,
-all of which the last admission's check counted). The price is at most one bucket of
-lag before a count is forgotten (1 s of 60 s, 1 min of 60 min). We chose this over
-GCRA/token buckets, which allow a full burst plus the refill inside one window (up to
-about twice the limit per window), because operators read "rpm = 3" as "no fourth
-request within a minute". Memory is a ring of 61 ints per limit per key, O(1) per check
-in steady traffic.
+Each limit is a sliding window of counts (:mod:`.rate_window`, which says why it is strict:
+no interval of the limit's length ever holds more than the limit).
 
 Tokens are reserved at admission (``max_tokens`` or the default output budget, plus the
 prompt at ~4 characters per token, :func:`estimate_tokens`) and reconciled when the
@@ -24,12 +12,10 @@ bucket. A denied request is not counted (unlike OpenAI, which counts failed requ
 is one the gateway admitted past these limits but never served (refused for tenant capacity,
 or abandoned by its client while waiting for a slot: :func:`cancel` gives its reservation
 back), so a client that retries too early, as the SDK does on every 429, is not locked out
-for longer.
+for longer. Token counts: :mod:`.token_estimate`.
 
-Headers: OpenAI's ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}``. With both
-RPM and RPH set, the requests trio reports the more binding one (fewer remaining; RPM on a
-tie). ``reset`` is, as OpenAI defines it, the time until the limit is back to its initial
-state, in OpenAI's (Go) duration format: ``20ms``, ``1s``, ``8.64s``, ``6m0s``, ``1h0m0s``.
+Headers (:mod:`.rate_wire`): with both RPM and RPH set, the requests trio reports the more
+binding one (fewer remaining; RPM on a tie).
 
 :class:`RateLimiter` holds the per-key state (a dict, swept of keys idle longer than their
 longest window, so memory stays bounded), raises 429 :class:`RateLimited` with
@@ -47,17 +33,15 @@ import attrs
 
 from runestone_proxy import telemetry
 from runestone_proxy.config import AuthKeyConfig
-from runestone_proxy.errors import RateLimited
+from runestone_proxy.gateway.rate_window import BUCKETS, HOUR_S, MINUTE_S, Window
+from runestone_proxy.gateway.rate_wire import Headers, error_for, headers_for
+from runestone_proxy.gateway.token_estimate import estimate_tokens
+from runestone_proxy.gateway.token_estimate import usage_tokens as usage_tokens  # server/api.py
 
 if TYPE_CHECKING:
     from runestone_proxy.gateway.auth import Principal
 
-Headers = tuple[tuple[bytes, bytes], ...]
 Which = Literal["rpm", "rph", "tpm"]
-
-BUCKETS = 60
-MINUTE_S = 60.0
-HOUR_S = 3600.0
 
 
 @attrs.frozen
@@ -78,87 +62,6 @@ class KeyLimits:
 
 
 UNLIMITED = KeyLimits()
-
-
-# --- one sliding window -----------------------------------------------------------------------
-
-
-@attrs.define(slots=True, eq=False)
-class Window:
-    """Counts over the last ``len(ring)`` buckets of ``width_s`` (see the module docstring)."""
-
-    width_s: float
-    ring: list[int]
-    #: The bucket index the ring was last advanced to.
-    last: int
-    total: int = 0
-
-    @classmethod
-    def over(cls, span_s: float, now: float, buckets: int = BUCKETS) -> Window:
-        width = span_s / buckets
-        return cls(width, [0] * (buckets + 1), int(now // width))
-
-    def bucket(self, now: float) -> int:
-        return int(now // self.width_s)
-
-    def advance(self, b: int) -> None:
-        """Forget the buckets that left the window by bucket ``b``."""
-        gap = b - self.last
-        if gap <= 0:
-            return
-        ring, n = self.ring, len(self.ring)
-        if gap >= n:
-            for i in range(n):
-                ring[i] = 0
-            self.total = 0
-        else:
-            for j in range(self.last + 1, b + 1):
-                slot = j % n
-                self.total -= ring[slot]
-                ring[slot] = 0
-        self.last = b
-
-    def add(self, b: int, amount: int) -> None:
-        self.ring[b % len(self.ring)] += amount
-        self.total += amount
-
-    def refund(self, at: int, amount: int) -> None:
-        """Take back up to ``amount`` counted in bucket ``at``, if it is still in the window."""
-        if at <= self.last - len(self.ring) or at > self.last:
-            return
-        slot = at % len(self.ring)
-        taken = min(amount, self.ring[slot])
-        self.ring[slot] -= taken
-        self.total -= taken
-
-    def wait_s(self, limit: int, requested: int, now: float) -> float:
-        """How long until ``requested`` more fits under ``limit`` (0: now; inf: never)."""
-        excess = self.total + requested - limit
-        if excess <= 0:
-            return 0.0
-        if requested > limit:
-            return math.inf
-        n = len(self.ring)
-        for j in range(self.last - n + 1, self.last + 1):
-            excess -= self.ring[j % n]
-            if excess <= 0:
-                return max(0.0, (j + n) * self.width_s - now)
-        return math.inf  # unreachable: the whole window leaves eventually
-
-    def reset_s(self, now: float) -> float:
-        """How long until the window is empty again."""
-        if self.total <= 0:
-            return 0.0
-        n = len(self.ring)
-        for j in range(self.last, self.last - n, -1):
-            if self.ring[j % n]:
-                return max(0.0, (j + n) * self.width_s - now)
-        return 0.0
-
-    @property
-    def horizon_s(self) -> float:
-        """How long a count can stay in the window."""
-        return self.width_s * len(self.ring)
 
 
 # --- per key ----------------------------------------------------------------------------------
@@ -330,127 +233,6 @@ def cancel(reservation: Reservation, now: float) -> None:
     if state is not None and state.tpm is not None and reservation.tokens:
         state.tpm.advance(state.tpm.bucket(now))
         state.tpm.refund(reservation.bucket, reservation.tokens)
-
-
-# --- the wire ---------------------------------------------------------------------------------
-
-
-def duration(seconds: float) -> str:
-    """OpenAI's reset format (Go's ``time.Duration``), rounded up to the millisecond."""
-    ms = math.ceil(seconds * 1000 - 1e-6)
-    if ms < 1000:
-        return f"{ms}ms" if ms > 0 else "0s"
-    secs, frac = divmod(ms, 1000)
-    minutes, secs = divmod(secs, 60)
-    text = f"{secs}.{frac:03d}".rstrip("0") if frac else str(secs)
-    if minutes >= 60:
-        return f"{minutes // 60}h{minutes % 60}m{text}s"
-    if minutes:
-        return f"{minutes}m{text}s"
-    return f"{text}s"
-
-
-def headers_for(quota: Quota) -> Headers:
-    """OpenAI's ``x-ratelimit-*`` headers for a response (none for an unlimited key)."""
-    requests: Headers = ()
-    if quota.limit_requests is not None:
-        requests = (
-            (b"x-ratelimit-limit-requests", b"%d" % quota.limit_requests),
-            (b"x-ratelimit-remaining-requests", b"%d" % quota.remaining_requests),
-            (b"x-ratelimit-reset-requests", duration(quota.reset_requests_s).encode()),
-        )
-    if quota.limit_tokens is None:
-        return requests
-    return (
-        *requests,
-        (b"x-ratelimit-limit-tokens", b"%d" % quota.limit_tokens),
-        (b"x-ratelimit-remaining-tokens", b"%d" % quota.remaining_tokens),
-        (b"x-ratelimit-reset-tokens", duration(quota.reset_tokens_s).encode()),
-    )
-
-
-class TokensRateLimited(RateLimited):
-    """429 for a tokens-per-minute limit: OpenAI's envelope says ``"type": "tokens"``."""
-
-    error_type = "tokens"
-
-
-_NAMES: dict[Which, str] = {
-    "rpm": "requests per min (RPM)",
-    "rph": "requests per hour (RPH)",
-    "tpm": "tokens per min (TPM)",
-}
-
-
-def error_for(denied: Denied, key_mask: str = "-") -> RateLimited:
-    """The 429 OpenAI would send (the SDK retries it after ``retry-after``), carrying the
-    ``x-ratelimit-*`` headers too. A request larger than its TPM limit can never run: like
-    OpenAI's "Request too large", it gets no ``retry-after``."""
-    cls = TokensRateLimited if denied.which == "tpm" else RateLimited
-    who = f"key {key_mask} on " if key_mask != "-" else ""
-    headers = headers_for(denied.quota)
-    if math.isinf(denied.retry_after_s):
-        return cls(
-            f"Request too large for {who}{_NAMES[denied.which]}: Limit {denied.limit}, "
-            f"Requested {denied.requested}. The input or output tokens must be reduced in "
-            "order to run successfully.",
-            headers=headers,
-        )
-    return cls(
-        f"Rate limit reached for {who}{_NAMES[denied.which]}: Limit {denied.limit}, "
-        f"Used {denied.used}, Requested {denied.requested}. "
-        f"Please try again in {duration(denied.retry_after_s)}.",
-        retry_after_s=denied.retry_after_s,
-        headers=headers,
-    )
-
-
-# --- estimates --------------------------------------------------------------------------------
-
-
-def _chars(value: object) -> int:
-    """Characters of text in a prompt, messages or input (a token id counts as 4)."""
-    if type(value) is str:
-        return len(value)
-    total = 0
-    if type(value) is list:
-        for item in value:
-            total += len(item) if type(item) is str else _chars(item)
-    elif type(value) is dict:
-        for item in value.values():
-            total += len(item) if type(item) is str else _chars(item)
-    elif type(value) is int:
-        total = 4
-    return total
-
-
-def estimate_tokens(body: Mapping[str, Any], default_output_tokens: int) -> int:
-    """Tokens to reserve for a request: the prompt at ~4 characters per token, plus
-    ``max_completion_tokens`` / ``max_tokens`` or ``default_output_tokens`` (pass 0 for
-    embeddings, which produce none)."""
-    chars = _chars(body.get("messages")) + _chars(body.get("prompt")) + _chars(body.get("input"))
-    output = body.get("max_completion_tokens") or body.get("max_tokens")
-    if not isinstance(output, int) or isinstance(output, bool) or output <= 0:
-        output = default_output_tokens
-    return -(-chars // 4) + output
-
-
-def usage_tokens(payload: bytes) -> int | None:
-    """``usage.total_tokens`` from a response body or a stream's last chunk, found without
-    parsing the JSON; None when it is absent."""
-    at = payload.rfind(b'"total_tokens"')
-    if at < 0:
-        return None
-    i = payload.find(b":", at + 14)
-    if i < 0:
-        return None
-    i += 1
-    while i < len(payload) and payload[i] in b" \t\r\n":
-        i += 1
-    j = i
-    while j < len(payload) and 0x30 <= payload[j] <= 0x39:
-        j += 1
-    return int(payload[i:j]) if j > i else None
 
 
 # --- the stateful wrapper ---------------------------------------------------------------------

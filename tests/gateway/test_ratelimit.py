@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from runestone_proxy import telemetry
 from runestone_proxy.config import AuthKeyConfig
 from runestone_proxy.errors import RateLimited
+from runestone_proxy.gateway.rate_wire import TokensRateLimited, duration, headers_for
 from runestone_proxy.gateway.ratelimit import (
     NO_RESERVATION,
     Denied,
@@ -22,14 +23,10 @@ from runestone_proxy.gateway.ratelimit import (
     Quota,
     RateLimiter,
     Reservation,
-    TokensRateLimited,
-    duration,
-    estimate_tokens,
-    headers_for,
     reconcile,
     reserve,
-    usage_tokens,
 )
+from runestone_proxy.gateway.token_estimate import estimate_tokens, usage_tokens
 
 T0 = 999_960.0  # a monotonic clock is far from zero; start on a minute boundary
 

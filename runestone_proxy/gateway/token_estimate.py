@@ -1,0 +1,57 @@
+"""The two token counts a tokens-per-minute limit settles: the estimate reserved at admission
+(:func:`estimate_tokens`) and the usage an answer reports (:func:`usage_tokens`), which
+:func:`~runestone_proxy.gateway.ratelimit.reconcile` charges or refunds the difference of.
+Pure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["estimate_tokens", "usage_tokens"]
+
+
+def _chars(value: object) -> int:
+    """Characters of text in a prompt, messages or input (a token id counts as 4)."""
+    if type(value) is str:
+        return len(value)
+    total = 0
+    if type(value) is list:
+        for item in value:
+            total += len(item) if type(item) is str else _chars(item)
+    elif type(value) is dict:
+        for item in value.values():
+            total += len(item) if type(item) is str else _chars(item)
+    elif type(value) is int:
+        total = 4
+    return total
+
+
+def estimate_tokens(body: Mapping[str, Any], default_output_tokens: int) -> int:
+    """Tokens to reserve for a request: the prompt at ~4 characters per token, plus
+    ``max_completion_tokens`` / ``max_tokens`` or ``default_output_tokens`` (pass 0 for
+    embeddings, which produce none)."""
+    chars = _chars(body.get("messages")) + _chars(body.get("prompt")) + _chars(body.get("input"))
+    output = body.get("max_completion_tokens") or body.get("max_tokens")
+    if not isinstance(output, int) or isinstance(output, bool) or output <= 0:
+        output = default_output_tokens
+    return -(-chars // 4) + output
+
+
+def usage_tokens(payload: bytes) -> int | None:
+    """``usage.total_tokens`` from a response body or a stream's last chunk, found without
+    parsing the JSON; None when it is absent."""
+    at = payload.rfind(b'"total_tokens"')
+    if at < 0:
+        return None
+    i = payload.find(b":", at + 14)
+    if i < 0:
+        return None
+    i += 1
+    while i < len(payload) and payload[i] in b" \t\r\n":
+        i += 1
+    j = i
+    while j < len(payload) and 0x30 <= payload[j] <= 0x39:
+        j += 1
+    return int(payload[i:j]) if j > i else None
