@@ -4,8 +4,10 @@ Owns :class:`AnthropicTranslator`, the :class:`~runestone_proxy.providers.base.T
 ``kind = "anthropic"`` providers: the upstream request line and headers, and the wiring of the
 three halves that live next to it:
 
-    anthropic_request.py   OpenAI request body -> Messages API body (system, turns, tools,
-                           images, sampling, extended thinking)
+    anthropic_request.py   OpenAI request body -> Messages API body (system, tools,
+                           sampling, extended thinking)
+    anthropic_messages.py  OpenAI messages -> Messages API turns and content blocks (text,
+                           images, thinking, tool use and results)
     anthropic_response.py  Message -> chat.completion; stop reasons, usage; error bodies
     anthropic_stream.py    the streaming state machine (Anthropic events -> chunks)
 

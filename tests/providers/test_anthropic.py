@@ -125,7 +125,14 @@ def test_satisfies_the_translator_protocols() -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["anthropic", "anthropic_request", "anthropic_response", "anthropic_stream"]
+    "module",
+    [
+        "anthropic",
+        "anthropic_messages",
+        "anthropic_request",
+        "anthropic_response",
+        "anthropic_stream",
+    ],
 )
 def test_provider_modules_do_no_io(module: str) -> None:
     source = Path(__file__).parents[2] / "runestone_proxy" / "providers" / f"{module}.py"
