@@ -46,6 +46,7 @@ from runestone_proxy import telemetry
 from runestone_proxy.config import Config, OverflowConfig, TenantConfig
 from runestone_proxy.errors import GatewayError, RateLimited, ServiceUnavailable
 from runestone_proxy.gateway.overflow import Enqueued, Job, JobStatus, NewJob, WebhookStatus
+from runestone_proxy.server import store_schema as schema
 from runestone_proxy.server import store_sql as sql
 
 log = structlog.get_logger("runestone.store")
@@ -159,13 +160,13 @@ class Store:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             conn.row_factory = sqlite3.Row
-            conn.text_factory = sql.decode_text
+            conn.text_factory = schema.decode_text
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode != "wal":
                 raise sqlite3.OperationalError(f"journal_mode is {mode}, not wal")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA busy_timeout=5000")
-            sql.migrate(conn)
+            schema.migrate(conn)
         except (OSError, sqlite3.Error) as exc:
             raise ServiceUnavailable(f"The job store {self.path} cannot be opened: {exc}") from exc
         return conn

@@ -32,7 +32,7 @@ from jobs_helpers import Answer, _serve
 from runestone_proxy import config as config_mod
 from runestone_proxy import telemetry
 from runestone_proxy.gateway.overflow import NewJob
-from runestone_proxy.server import store_sql
+from runestone_proxy.server import store_schema, store_sql
 from runestone_proxy.server.app import App
 
 KEY = "sk-acme-0123456789abcdef"
@@ -303,7 +303,7 @@ async def test_jobs_an_older_version_left_behind_end_failed(
     path = write_config(tmp_path, upstream)
     database = tmp_path / "jobs.sqlite3"
     conn = sqlite3.connect(database)
-    store_sql.migrate(conn)
+    store_schema.migrate(conn)
     ids = {}
     for name, endpoint, body in (
         ("surrogate-model", "chat", SURROGATE_MODEL),
@@ -376,7 +376,7 @@ async def test_after_a_restart_an_unstorable_running_job_is_not_claimed_forever(
     database = tmp_path / "jobs.sqlite3"
     conn = sqlite3.connect(database)
     conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-    for statement in store_sql._MIGRATIONS[1]:
+    for statement in store_schema._MIGRATIONS[1]:
         conn.execute(statement)
     conn.execute("INSERT INTO schema_version VALUES (1)")
     job = NewJob("acme", "req-loop", "chat", SURROGATE_MODEL.replace(b"gpt-\\ud800", b"ok-1"))

@@ -20,9 +20,9 @@ import trio
 from runestone_proxy.config import Config, OverflowConfig, TenantConfig
 from runestone_proxy.errors import GatewayError, RateLimited, ServiceUnavailable
 from runestone_proxy.gateway.overflow import JobStatus, NewJob, WebhookStatus, digest
-from runestone_proxy.server import store_sql
+from runestone_proxy.server import store_schema, store_sql
 from runestone_proxy.server.store import Store, resolve_path
-from runestone_proxy.server.store_sql import SCHEMA_VERSION
+from runestone_proxy.server.store_schema import SCHEMA_VERSION
 
 BODY = b'{"model":"mock-1","messages":[{"role":"user","content":"a secret prompt"}]}'
 RESULT = b'{"id":"chatcmpl-1","choices":[{"message":{"content":"a secret answer"}}]}'
@@ -400,7 +400,7 @@ async def test_inline_mode_runs_on_the_loop_thread(tmp_path: Path) -> None:
 async def test_a_version_1_database_is_migrated_and_its_jobs_kept(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "jobs.sqlite3")
     conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-    for statement in store_sql._MIGRATIONS[1]:
+    for statement in store_schema._MIGRATIONS[1]:
         conn.execute(statement)
     conn.execute("INSERT INTO schema_version VALUES (1)")
     store_sql.insert(conn, new("a"), T0)

@@ -1,0 +1,138 @@
+"""The overflow store's schema: the ``jobs`` table, its migrations, and how a row is written
+and read back. Synchronous ``sqlite3`` on a connection the caller owns (:mod:`.store`); the
+queries are in :mod:`.store_sql`.
+
+Text is made storable on the way in (:func:`storable`: a lone surrogate, which a JSON
+``\\ud800`` escape can carry, cannot be encoded as UTF-8) and read back leniently (the store
+sets a ``text_factory`` that decodes invalid UTF-8 with ``backslashreplace``), so no job's
+text can make a write or a read raise.
+
+``schema_version`` holds the version a database was written with: a newer one than this
+code knows is refused rather than misread; older ones are migrated forward one step at a
+time in ``_MIGRATIONS`` (one transaction each).
+
+One row per job::
+
+    id TEXT PK              job_<hex>
+    tenant, request_id, endpoint
+    body BLOB               the request JSON; 'sha256:<hex>' once the job ends (redaction)
+    webhook_url, idempotency_key     unique per tenant (partial index, keys only)
+    status                  queued | running | succeeded | failed | dead (gateway/overflow.py)
+    attempts, lease_token, lease_expires_at, next_attempt_at
+    claims                  claims since an outcome was last recorded (v2)
+    created_at, updated_at, finished_at             unix seconds (REAL)
+    result BLOB, result_status INT, last_error      the OpenAI body, or the error envelope
+    webhook_status, webhook_attempts, webhook_next_at   none | pending | delivered | failed
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from runestone_proxy.gateway.overflow import Job, JobStatus, WebhookStatus
+
+__all__ = ["SCHEMA_VERSION", "decode_text", "job_from_row", "migrate", "storable"]
+
+SCHEMA_VERSION = 2
+
+_V1 = (
+    """CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        body BLOB NOT NULL,
+        webhook_url TEXT,
+        idempotency_key TEXT,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        lease_token TEXT,
+        lease_expires_at REAL,
+        next_attempt_at REAL NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        finished_at REAL,
+        result BLOB,
+        result_status INTEGER,
+        last_error TEXT,
+        webhook_status TEXT NOT NULL DEFAULT 'none',
+        webhook_attempts INTEGER NOT NULL DEFAULT 0,
+        webhook_next_at REAL
+    )""",
+    "CREATE UNIQUE INDEX jobs_idempotency ON jobs (tenant, idempotency_key)"
+    " WHERE idempotency_key IS NOT NULL",
+    "CREATE INDEX jobs_tenant ON jobs (tenant, status, created_at)",
+    "CREATE INDEX jobs_due ON jobs (status, next_attempt_at)",
+    "CREATE INDEX jobs_lease ON jobs (status, lease_expires_at)",
+    "CREATE INDEX jobs_webhook ON jobs (webhook_status, webhook_next_at)",
+    "CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL",
+)
+
+_V2 = ("ALTER TABLE jobs ADD COLUMN claims INTEGER NOT NULL DEFAULT 0",)
+
+#: version reached -> the statements that reach it from the version before.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1, 2: _V2}
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema up to :data:`SCHEMA_VERSION`; returns the version found on disk.
+
+    Raises ``sqlite3.DatabaseError`` for a database written by a newer Runestone."""
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    found: int = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
+    if found > SCHEMA_VERSION:
+        raise sqlite3.DatabaseError(
+            f"schema version {found} is newer than this Runestone knows ({SCHEMA_VERSION})"
+        )
+    for version in range(found + 1, SCHEMA_VERSION + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _MIGRATIONS[version]:
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return found
+
+
+def job_from_row(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"],
+        tenant=row["tenant"],
+        request_id=row["request_id"],
+        endpoint=row["endpoint"],
+        body=bytes(row["body"]),
+        webhook_url=row["webhook_url"],
+        idempotency_key=row["idempotency_key"],
+        status=JobStatus(row["status"]),
+        attempts=row["attempts"],
+        lease_token=row["lease_token"],
+        lease_expires_at=row["lease_expires_at"],
+        next_attempt_at=row["next_attempt_at"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        finished_at=row["finished_at"],
+        result=None if row["result"] is None else bytes(row["result"]),
+        result_status=row["result_status"],
+        last_error=row["last_error"],
+        webhook_status=WebhookStatus(row["webhook_status"]),
+        webhook_attempts=row["webhook_attempts"],
+        webhook_next_at=row["webhook_next_at"],
+        claims=row["claims"],
+    )
+
+
+def storable(text: str | None) -> str | None:
+    """``text`` as SQLite can store it: UTF-8-encodable (a lone surrogate becomes the six
+    characters ``\\ud800``). ASCII, the usual case, is returned as it is."""
+    if text is None or text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def decode_text(data: bytes) -> str:
+    """The connection's ``text_factory``: a TEXT value that is not valid UTF-8 (written by
+    something else) is read with ``backslashreplace`` instead of failing the whole query."""
+    return data.decode("utf-8", "backslashreplace")
