@@ -35,7 +35,7 @@ from runestone_proxy.errors import (
     ModelNotFound,
     RateLimited,
 )
-from runestone_proxy.gateway import aliases, ratelimit
+from runestone_proxy.gateway import ratelimit
 from runestone_proxy.gateway.auth import KeyRejected, KeyStore, Principal
 from runestone_proxy.gateway.capacity import Capacity, EnqueueInstead
 from runestone_proxy.gateway.deployments import Deployments
@@ -54,6 +54,7 @@ from runestone_proxy.gateway.routing import (
 )
 from runestone_proxy.protocol.sse import DONE, encode_data
 from runestone_proxy.providers.base import Endpoint, ProviderCall
+from runestone_proxy.server import aliases
 from runestone_proxy.server.http import JSON_HEADERS, SSE_HEADERS, Request, Responder
 from runestone_proxy.server.jobs_api import accept_async, check_webhook_url, replay_idempotent
 from runestone_proxy.server.request_body import check_runestone_fields, parse_object
