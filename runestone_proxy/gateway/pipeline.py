@@ -1,7 +1,8 @@
 """The provider call: translator + upstream pool (or the in-process mock), whole or streamed.
 
 ``Providers`` holds one :class:`ProviderRuntime` per configured provider (its translator, key,
-base URL) and the shared upstream pool. Two entry points carry a call out:
+base URL) and the shared upstream transport (the interface in :mod:`.transport`, which the
+server's pool implements). Two entry points carry a call out:
 
 * ``complete(target, call, deadline) -> bytes``: the whole OpenAI-shaped answer, or
   :class:`~runestone_proxy.errors.UpstreamTimeout` once ``deadline`` passes (the upstream
@@ -38,13 +39,13 @@ from runestone_proxy.errors import (
     UpstreamTimeout,
 )
 from runestone_proxy.gateway.routing import Target
+from runestone_proxy.gateway.transport import Response, Transport, UpstreamTimeouts
 from runestone_proxy.protocol.sse import SSEError, SSEParser
 from runestone_proxy.providers.anthropic import AnthropicTranslator
 from runestone_proxy.providers.base import Ending, ProviderCall, StreamTranslator, Translator
 from runestone_proxy.providers.completions import ChatToTextStream, chat_to_text_completion
 from runestone_proxy.providers.mock import MockProvider, MockSettings
 from runestone_proxy.providers.openai import OpenAITranslator
-from runestone_proxy.server.upstream import UpstreamPool, UpstreamResponse, UpstreamTimeouts
 
 
 class PayloadStream(Protocol):
@@ -120,7 +121,7 @@ class _UpstreamStream:
     error after the provider said how it finished ends the stream normally; before that, the
     transport error itself is what the client gets."""
 
-    response: UpstreamResponse
+    response: Response
     translator: StreamTranslator
     parser: SSEParser
     ended: bool = False
@@ -202,17 +203,18 @@ class _MockStream:
 
 @attrs.define(eq=False)
 class Providers:
-    """The provider runtimes and the upstream pool they share; rebuilt on config reload."""
+    """The provider runtimes and the upstream transport they share (the server's pool);
+    rebuilt on config reload."""
 
     runtimes: dict[str, ProviderRuntime]
-    pool: UpstreamPool
+    pool: Transport
     timeouts: UpstreamTimeouts
     #: The cap on a buffered non-stream answer, and on one SSE event of a stream (the
     #: parser holds at most one event, so a stream's memory stays bounded by it).
     max_response_bytes: int
 
     @classmethod
-    def build(cls, config: Config, env: Mapping[str, str], pool: UpstreamPool) -> Providers:
+    def build(cls, config: Config, env: Mapping[str, str], pool: Transport) -> Providers:
         up = config.upstream
         timeouts = UpstreamTimeouts(
             connect_s=up.connect_timeout_s,

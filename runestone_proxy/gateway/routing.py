@@ -23,8 +23,8 @@ import attrs
 
 from runestone_proxy import telemetry
 from runestone_proxy.config import Config, ModelConfig
+from runestone_proxy.config.aliases import MAX_CHAIN as _MAX_ALIAS_DEPTH
 from runestone_proxy.errors import InvalidParam, ModelNotFound, NoCandidate
-from runestone_proxy.gateway.aliases import MAX_CHAIN as _MAX_ALIAS_DEPTH
 
 
 @attrs.frozen

@@ -1,1 +1,10 @@
-"""Runestone: an OpenAI-compatible LLM API gateway on Trio."""
+"""Layer 1, sans-IO protocol pieces: bytes in, events and bytes out.
+
+What lives here: the incremental SSE parser and encoder (``sse``), HTTP/2 flood accounting
+(``h2limits``), the request-body rate rule (``slowclient``); the HTTP/1.1 pieces both sides
+share belong here too. No module here reads a clock, a socket or a file.
+
+May import: the standard library, h11/h2, and the leaves (``config``, ``errors``, ``logs``,
+``telemetry``, ``metrics``); never trio, httpx or structlog, and no other layer of the
+package. ``tests/test_layers.py`` holds both rules.
+"""

@@ -17,7 +17,7 @@ gateway, and are translated like chat; Anthropic has no embeddings endpoint.
 API reference: https://docs.anthropic.com/en/api/messages ("x-api-key", "anthropic-version"
 and "content-type: application/json" are required headers; the provider's API root ends in
 ``/v1`` whether its ``base_url`` was written with it or, as ``ANTHROPIC_BASE_URL`` is, without
-(providers/base_url.py), so the path is ``/messages``).
+(config/base_url.py), so the path is ``/messages``).
 """
 
 from __future__ import annotations

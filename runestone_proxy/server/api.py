@@ -35,13 +35,14 @@ from runestone_proxy.errors import (
     ModelNotFound,
     RateLimited,
 )
-from runestone_proxy.gateway import aliases, ratelimit
+from runestone_proxy.gateway import ratelimit
 from runestone_proxy.gateway.auth import KeyRejected, KeyStore, Principal
 from runestone_proxy.gateway.capacity import Capacity, EnqueueInstead
 from runestone_proxy.gateway.deployments import Deployments
 from runestone_proxy.gateway.failover import Failover
 from runestone_proxy.gateway.overflow import Job, JobOutcome
 from runestone_proxy.gateway.pipeline import PayloadStream, Providers
+from runestone_proxy.gateway.queue import JobQueue
 from runestone_proxy.gateway.ratelimit import RateLimiter
 from runestone_proxy.gateway.routing import (
     Resolution,
@@ -53,11 +54,11 @@ from runestone_proxy.gateway.routing import (
 )
 from runestone_proxy.protocol.sse import DONE, encode_data
 from runestone_proxy.providers.base import Endpoint, ProviderCall
+from runestone_proxy.server import aliases
 from runestone_proxy.server.http import JSON_HEADERS, SSE_HEADERS, Request, Responder
 from runestone_proxy.server.jobs_api import accept_async, check_webhook_url, replay_idempotent
 from runestone_proxy.server.request_body import check_runestone_fields, parse_object
 from runestone_proxy.server.router import Router
-from runestone_proxy.server.store import Store
 from runestone_proxy.server.upstream import UpstreamPool
 
 log = structlog.get_logger("runestone.api")
@@ -142,7 +143,7 @@ class Api:
     capacity: Capacity = attrs.field(kw_only=True)
     ratelimiter: RateLimiter = attrs.field(kw_only=True, factory=RateLimiter)
     #: Parks requests durably (202) when their tenant is full and they asked for async.
-    store: Store | None = attrs.field(kw_only=True, default=None)
+    store: JobQueue | None = attrs.field(kw_only=True, default=None)
 
     @classmethod
     def build(cls, config: Config, env: Mapping[str, str], pool: UpstreamPool) -> Api:

@@ -5,7 +5,8 @@ The tree (every task has an owner; nothing runs in the background unparented)::
     serve(config)                         root nursery (inside the upstream pool's lifetime)
     ├── signals                           SIGTERM/SIGINT -> drain; SIGHUP -> reload config
     ├── slow-request sweeper              arms h1 disconnect watching for slow requests
-    ├── aliases watcher                   RUNESTONE_ALIASES_PATH mtime (when set)
+    ├── upstream timeout sweeper          pool.watch: overdue upstream waits, idle expiry
+    ├── aliases watcher                   RUNESTONE_ALIASES_PATH mtime (when set): .aliases
     ├── watchdog                          WATCHDOG=1 to systemd (when WatchdogSec is set)
     ├── health accept loop                health_port (optional): /health*, /metrics, no key
     │                                     needed (the operator's port), kept until the end
@@ -42,9 +43,8 @@ import trio
 from runestone_proxy import config as config_mod
 from runestone_proxy import logs, metrics, telemetry
 from runestone_proxy.config import Config, ConfigError
-from runestone_proxy.gateway import aliases
 from runestone_proxy.gateway.deployments import providers_view
-from runestone_proxy.server import systemd
+from runestone_proxy.server import aliases, systemd
 from runestone_proxy.server.api import Api
 from runestone_proxy.server.drainer import RESULT_OVERHEAD_BYTES, run_drainer
 from runestone_proxy.server.gateway import Gateway, Phase

@@ -24,9 +24,9 @@ from runestone_proxy import telemetry
 from runestone_proxy.errors import InvalidParam, NotFound
 from runestone_proxy.gateway.auth import Principal
 from runestone_proxy.gateway.overflow import Job, NewJob, job_view
+from runestone_proxy.gateway.queue import JobQueue
 from runestone_proxy.server.http import JSON_HEADERS, Request, Responder
 from runestone_proxy.server.router import Router
-from runestone_proxy.server.store import Store
 
 Authenticate = Callable[[Request], Principal]
 
@@ -38,7 +38,7 @@ def _dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
 
-def add_job_routes(router: Router, store: Store, authenticate: Authenticate) -> None:
+def add_job_routes(router: Router, store: JobQueue, authenticate: Authenticate) -> None:
     """Register ``GET /v1/jobs/{job_id}``. ``authenticate`` is ``Api.authenticate`` (the
     current key table across reloads; it emits ``auth.failure``)."""
 
@@ -80,7 +80,7 @@ def check_webhook_url(value: object) -> str | None:
 
 
 async def accept_async(
-    store: Store,
+    store: JobQueue,
     request: Request,
     responder: Responder,
     principal: Principal,
@@ -110,7 +110,7 @@ async def accept_async(
 
 
 async def replay_idempotent(
-    store: Store, request: Request, responder: Responder, principal: Principal
+    store: JobQueue, request: Request, responder: Responder, principal: Principal
 ) -> bool:
     """Answer a request whose ``Idempotency-Key`` already made a job (same tenant, within the
     window) with that job, as :func:`accept_async` would, whether or not the tenant has room

@@ -59,16 +59,14 @@ import attrs
 import trio
 
 from runestone_proxy.errors import UpstreamConnectError
+from runestone_proxy.gateway.transport import Body, Headers, UpstreamTimeouts
 from runestone_proxy.server.slowwatch import SlowWatch
 from runestone_proxy.server.upstream_h11 import (
-    Body,
     EarlyClose,
     H11Connection,
     H11Response,
-    Headers,
     Origin,
     UpstreamResponse,
-    UpstreamTimeouts,
     timed_out,
 )
 
@@ -385,3 +383,14 @@ class UpstreamPool:
     async def _discard(self, conn: H11Connection) -> None:
         self._open -= 1
         await conn.aclose()
+
+
+if TYPE_CHECKING:
+    from runestone_proxy.gateway.transport import Response, Transport
+    from runestone_proxy.server.upstream_httpx import HttpxResponse
+
+    def _fits(
+        pool: UpstreamPool, direct: H11Response, proxied: HttpxResponse
+    ) -> tuple[Transport, Response, Response]:
+        """mypy's proof that both transports fit the gateway's interface (never run)."""
+        return pool, direct, proxied

@@ -4,8 +4,9 @@ The connection layer under :class:`~runestone_proxy.server.upstream.UpstreamPool
 stream (TCP, or TLS with SNI and hostname checks), the h11 state machine that frames it, and
 the mapping of socket, TLS, h11 and timeout failures to :mod:`runestone_proxy.errors`. The
 pool decides which connection to use, and when to retry, reuse or close; this module does
-the I/O of one exchange. It also defines the values shared by both transports
-(:class:`UpstreamTimeouts`, :class:`UpstreamResponse`); import them from ``upstream``.
+the I/O of one exchange. It also defines the response base both transports share
+(:class:`UpstreamResponse`, which fits :class:`runestone_proxy.gateway.transport.Response`);
+import it from ``upstream``.
 
 Every wait is bounded by the earlier of the step's own limit (``connect_s``,
 ``first_byte_s``, ``between_chunks_s``) and the request's total deadline. The two waits on
@@ -21,7 +22,7 @@ import abc
 import os
 import select
 import ssl
-from collections.abc import AsyncIterable, Sequence
+from collections.abc import AsyncIterable
 from contextlib import suppress
 from types import TracebackType
 from typing import Final, cast
@@ -36,10 +37,8 @@ from runestone_proxy.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
+from runestone_proxy.gateway.transport import Body, Headers, UpstreamTimeouts
 from runestone_proxy.server.slowwatch import SlowWatch
-
-Headers = Sequence[tuple[bytes, bytes]]
-Body = bytes | AsyncIterable[bytes]
 
 RECEIVE_BYTES: Final = 65536
 MAX_HEAD_BYTES: Final = 64 * 1024  # h11 max_incomplete_event_size: the largest response head
@@ -85,16 +84,6 @@ def _sync_request(method: str) -> h11.Request:
             method=method, target=b"/", headers=[(b"host", b"sync"), (b"content-length", b"0")]
         )
     return event
-
-
-@attrs.frozen
-class UpstreamTimeouts:
-    """Limits for one upstream request, in seconds. ``total_s`` bounds the whole exchange."""
-
-    connect_s: float = 10
-    first_byte_s: float = 60
-    between_chunks_s: float = 60
-    total_s: float = 600
 
 
 @attrs.define(eq=False)

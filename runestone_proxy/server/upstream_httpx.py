@@ -37,15 +37,13 @@ from runestone_proxy.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
+from runestone_proxy.gateway.transport import Body, Headers, UpstreamTimeouts
 from runestone_proxy.server.upstream_h11 import (
     CLOSE_TIMEOUT_S,
     FRAMING_HEADERS,
     WITH_CONTENT,
-    Body,
-    Headers,
     Origin,
     UpstreamResponse,
-    UpstreamTimeouts,
     timed_out,
 )
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runestone_proxy.providers.base_url import ROOT_SUFFIX, api_root
+from runestone_proxy.config.base_url import ROOT_SUFFIX, api_root
 
 CASES = [
     # openai: the value is the root (OpenAI SDK); a bare origin gets /v1.
