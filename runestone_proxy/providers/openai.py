@@ -41,6 +41,7 @@ import attrs
 from runestone_proxy.errors import ProviderError, UpstreamProtocolError
 from runestone_proxy.protocol.sse import SSEEvent
 from runestone_proxy.providers.base import (
+    RUNESTONE_FIELDS,
     Ending,
     HeaderPairs,
     Outcome,
@@ -51,7 +52,6 @@ from runestone_proxy.providers.provider_errors import default_type, in_band_stat
 
 __all__ = [
     "ENDINGS",
-    "RUNESTONE_EXTRAS",
     "Flavor",
     "OpenAIStream",
     "OpenAITranslator",
@@ -64,11 +64,6 @@ __all__ = [
 ]
 
 Flavor = Literal["openai", "groq", "openrouter", "generic"]
-
-#: Request fields that are Runestone's, not OpenAI's: never sent upstream.
-RUNESTONE_EXTRAS = frozenset(
-    {"provider", "model_family", "capabilities", "max_cost_per_token", "tenant_id", "webhook_url"}
-)
 
 _PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
 _MAX_MESSAGE_CHARS = 1000
@@ -322,7 +317,7 @@ class OpenAIStream:
 
 def _needs_rewrite(call: ProviderCall) -> bool:
     body = call.body
-    if body.get("model") != call.model or not RUNESTONE_EXTRAS.isdisjoint(body):
+    if body.get("model") != call.model or not RUNESTONE_FIELDS.isdisjoint(body):
         return True
     if call.endpoint == "embeddings":
         return False
@@ -338,7 +333,7 @@ def _asks_usage(body: Mapping[str, Any]) -> bool:
 
 
 def _rewrite(call: ProviderCall) -> dict[str, Any]:
-    out = {k: v for k, v in call.body.items() if k not in RUNESTONE_EXTRAS}
+    out = {k: v for k, v in call.body.items() if k not in RUNESTONE_FIELDS}
     out["model"] = call.model
     if call.endpoint == "embeddings":
         return out

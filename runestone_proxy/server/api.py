@@ -52,7 +52,7 @@ from runestone_proxy.gateway.routing import (
     filter_and_order,
 )
 from runestone_proxy.protocol.sse import DONE, encode_data
-from runestone_proxy.providers.base import Endpoint, ProviderCall
+from runestone_proxy.providers.base import RUNESTONE_FIELDS, Endpoint, ProviderCall
 from runestone_proxy.server.http import JSON_HEADERS, SSE_HEADERS, Request, Responder
 from runestone_proxy.server.jobs_api import accept_async, check_webhook_url, replay_idempotent
 from runestone_proxy.server.request_body import check_runestone_fields, parse_object
@@ -63,10 +63,6 @@ from runestone_proxy.server.upstream import UpstreamPool
 log = structlog.get_logger("runestone.api")
 
 
-#: Request fields that are Runestone's own: used for routing, never sent to a provider.
-RUNESTONE_FIELDS = frozenset(
-    {"provider", "model_family", "capabilities", "max_cost_per_token", "tenant_id", "webhook_url"}
-)
 _REQUIRED = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
 
 
