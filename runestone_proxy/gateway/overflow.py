@@ -45,9 +45,8 @@ The webhook state table, kept in the same row so delivery survives restarts::
     pending    failure, attempts < webhook_max_attempts        pending  (due later, backoff)
     pending    failure, attempts exhausted                     failed
 
-Retries back off exponentially with full jitter (AWS Architecture Blog, "Exponential Backoff
-And Jitter"): ``uniform(0, min(max_s, base_s * 2 ** (attempt - 1)))``, never sooner than a
-``retry_after_s`` the provider asked for.
+Retries back off exponentially with full jitter (``gateway/backoff.py``, the policy failover
+uses too), never sooner than a ``retry_after_s`` the provider asked for.
 """
 
 from __future__ import annotations
@@ -63,6 +62,7 @@ from typing import Any
 import attrs
 
 from runestone_proxy.errors import GatewayError
+from runestone_proxy.gateway.backoff import backoff_s
 
 
 class JobStatus(enum.Enum):
@@ -212,14 +212,6 @@ class JobOutcome:
 
 
 # --- decisions ---------------------------------------------------------------------------------
-
-
-def backoff_s(attempt: int, base_s: float, max_s: float, rand: Callable[[], float]) -> float:
-    """Full jitter: uniform over ``[0, min(max_s, base_s * 2 ** (attempt - 1))]``.
-
-    ``attempt`` counts from 1 (the attempt that just failed); ``rand`` returns [0, 1)."""
-    ceiling = min(max_s, base_s * 2.0 ** min(max(attempt - 1, 0), 62))
-    return rand() * ceiling
 
 
 @attrs.frozen

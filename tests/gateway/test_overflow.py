@@ -4,7 +4,6 @@ run, fencing, round-robin order, job views and webhook signatures. No event loop
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 
@@ -49,23 +48,6 @@ def test_the_table_allows_exactly_the_documented_moves() -> None:
 def test_terminal_statuses_have_no_way_out() -> None:
     assert overflow.TERMINAL == {S, F, D}
     assert not [key for key in overflow.TRANSITIONS if key[0] in overflow.TERMINAL]
-
-
-def test_backoff_is_full_jitter_under_an_exponential_ceiling() -> None:
-    rng = random.Random(1234)
-    for attempt in range(1, 12):
-        ceiling = min(60.0, 1.0 * 2 ** (attempt - 1))
-        delays = [overflow.backoff_s(attempt, 1.0, 60.0, rng.random) for _ in range(200)]
-        assert all(0.0 <= d <= ceiling for d in delays)
-        assert max(delays) > 0.8 * ceiling  # the whole range is used: full jitter
-    assert overflow.backoff_s(3, 1.0, 60.0, lambda: 1.0) == 4.0
-    assert overflow.backoff_s(10_000, 1.0, 60.0, lambda: 1.0) == 60.0  # no overflow
-
-
-def test_backoff_is_reproducible_with_a_seed() -> None:
-    first = [overflow.backoff_s(a, 0.5, 30.0, random.Random(7).random) for a in range(1, 6)]
-    again = [overflow.backoff_s(a, 0.5, 30.0, random.Random(7).random) for a in range(1, 6)]
-    assert first == again
 
 
 def _settle(outcome: JobOutcome, attempts: int, rand: float = 0.5) -> overflow.Settle:
