@@ -40,7 +40,7 @@ from runestone_proxy.gateway.auth import KeyRejected, KeyStore, Principal
 from runestone_proxy.gateway.capacity import Capacity, EnqueueInstead
 from runestone_proxy.gateway.deployments import Deployments
 from runestone_proxy.gateway.failover import Failover
-from runestone_proxy.gateway.overflow import Job, JobOutcome
+from runestone_proxy.gateway.overflow import Job, JobOutcome, check_webhook_url
 from runestone_proxy.gateway.pipeline import PayloadStream, Providers
 from runestone_proxy.gateway.ratelimit import RateLimiter
 from runestone_proxy.gateway.routing import (
@@ -54,7 +54,7 @@ from runestone_proxy.gateway.routing import (
 from runestone_proxy.protocol.sse import DONE, encode_data
 from runestone_proxy.providers.base import RUNESTONE_FIELDS, Endpoint, ProviderCall
 from runestone_proxy.server.http import JSON_HEADERS, SSE_HEADERS, Request, Responder
-from runestone_proxy.server.jobs_api import accept_async, check_webhook_url, replay_idempotent
+from runestone_proxy.server.jobs_api import accept_async, replay_idempotent
 from runestone_proxy.server.request_body import check_runestone_fields, parse_object
 from runestone_proxy.server.router import Router
 from runestone_proxy.server.store import Store
@@ -317,9 +317,7 @@ class Api:
                     headers=self.ratelimiter.cancel(reservation, limits, trio.current_time()),
                 ) from None
             admitted = True  # a durable job is served later: it counts now
-            await accept_async(
-                self.store, request, responder, principal, endpoint, body, raw, webhook
-            )
+            await accept_async(self.store, request, responder, principal, endpoint, raw, webhook)
         except GatewayError as exc:
             # Every answer carries the key's x-ratelimit-* headers. A request refused for
             # capacity was never served: its quota is given back, and its 429 says so.

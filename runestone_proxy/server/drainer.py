@@ -74,6 +74,7 @@ from runestone_proxy.gateway.overflow import (
     sign,
     webhook_body,
     webhook_settle,
+    webhook_url_ok,
 )
 from runestone_proxy.server.store import Store, Wakeup
 
@@ -306,31 +307,20 @@ class Drainer:
                     nursery.start_soon(self._deliver, client, job)
 
     async def _deliver(self, client: httpx.AsyncClient, job: Job) -> None:
-        assert job.webhook_url is not None
-        body = webhook_body(job)
-        headers = {"content-type": "application/json", "x-runestone-job-id": job.id}
-        if self.secret is not None:
-            headers["x-runestone-signature"] = sign(self.secret, int(time.time()), body)
-        answer: int | str
-        try:
-            with trio.fail_after(self.config.webhook_timeout_s):
-                response = await client.post(job.webhook_url, content=body, headers=headers)
-            answer = response.status_code
-        except (httpx.HTTPError, httpx.InvalidURL, trio.TooSlowError) as exc:
-            answer = type(exc).__name__
-        except Exception as exc:  # a cold path: never let one receiver stop the loop
-            log.exception("overflow.webhook.crashed", job_id=job.id)
-            answer = type(exc).__name__
+        url = job.webhook_url
+        assert url is not None
+        valid = webhook_url_ok(url)  # the rule the job was accepted under, applied again
+        answer = await self._post(client, job, url) if valid else "invalid_url"
         delivered = isinstance(answer, int) and 200 <= answer < 300
-        now = self.clock()
         to, next_at = webhook_settle(
             delivered,
             job.webhook_attempts + 1,
             max_attempts=self.config.webhook_max_attempts,
             base_s=self.config.backoff_base_s,
             max_s=self.config.backoff_max_s,
-            now=now,
+            now=self.clock(),
             rand=self.rand,
+            retryable=valid,
         )
         try:
             await self.store.webhook_attempted(job.id, to, next_at)
@@ -343,10 +333,26 @@ class Drainer:
             tenant=job.tenant,
             attempt=job.webhook_attempts + 1,
             answer=answer,
-            host=urlsplit(job.webhook_url).hostname,  # never the query: it may hold a token
+            host=urlsplit(url).hostname if valid else None,  # never the query: it may hold a token
         )
         if to is not WebhookStatus.PENDING:
             self.sweep_due.set()
+
+    async def _post(self, client: httpx.AsyncClient, job: Job, url: str) -> int | str:
+        """POST the signed result: the receiver's status, or the name of what went wrong."""
+        body = webhook_body(job)
+        headers = {"content-type": "application/json", "x-runestone-job-id": job.id}
+        if self.secret is not None:
+            headers["x-runestone-signature"] = sign(self.secret, int(time.time()), body)
+        try:
+            with trio.fail_after(self.config.webhook_timeout_s):
+                response = await client.post(url, content=body, headers=headers)
+        except (httpx.HTTPError, httpx.InvalidURL, trio.TooSlowError) as exc:
+            return type(exc).__name__
+        except Exception as exc:  # a cold path: never let one receiver stop the loop
+            log.exception("overflow.webhook.crashed", job_id=job.id)
+            return type(exc).__name__
+        return response.status_code
 
     async def sweep_loop(self) -> None:
         while True:
