@@ -37,9 +37,10 @@ from runestone_proxy.errors import (
 )
 from runestone_proxy.gateway import aliases, ratelimit
 from runestone_proxy.gateway.auth import KeyRejected, KeyStore, Principal
-from runestone_proxy.gateway.capacity import Capacity, EnqueueInstead
+from runestone_proxy.gateway.capacity import Capacity
 from runestone_proxy.gateway.deployments import Deployments
 from runestone_proxy.gateway.failover import Failover
+from runestone_proxy.gateway.limits import Enqueue
 from runestone_proxy.gateway.overflow import Job, JobOutcome, check_webhook_url
 from runestone_proxy.gateway.pipeline import PayloadStream, Providers
 from runestone_proxy.gateway.ratelimit import RateLimiter
@@ -270,18 +271,8 @@ class Api:
     async def _generate(
         self, request: Request, responder: Responder, endpoint: Endpoint, force_stream: bool = False
     ) -> None:
-        principal = self.authenticate(request)
-        # bytes() is free for bytes; a body that arrived as one h11 chunk is a bytearray,
-        # which the upstream pool would take for a streamed (async-iterable) body.
-        raw = bytes(await request.body())
-        body = parse_object(raw)
-        # Validated and resolved before any answer, live or queued: a body the live path
-        # refuses is refused at once, never accepted with 202 to fail later.
-        route = self._route(endpoint, body, len(raw))
-        if self.keys.open and isinstance(body.get("tenant_id"), str) and body["tenant_id"]:
-            # With no keys configured, the legacy ``tenant_id`` field names the tenant.
-            principal = attrs.evolve(principal, tenant=body["tenant_id"])
-            request.context["principal"] = principal
+        """Admit (rate limits, idempotency, capacity), then serve live or park as a job."""
+        principal, body, raw, route = await self._accept(request, endpoint)
         webhook = check_webhook_url(body.get("webhook_url"))
         prefer = (request.header(b"prefer") or b"").lower()
         wants_async = force_stream or b"respond-async" in prefer or webhook is not None
@@ -303,21 +294,31 @@ class Api:
                 wants_async=wants_async,
                 key_mask=principal.key_mask,
                 request_id=request.request_id,
-            ):
-                admitted = True
-                await self._serve(
-                    request, responder, endpoint, route, body, raw, force_stream, rl_headers, usage
-                )
-        except EnqueueInstead:
-            if self.store is None:
-                raise RateLimited(
-                    f"Tenant {principal.tenant!r} is at capacity and no overflow queue is "
-                    "available.",
-                    retry_after_s=1,
-                    headers=self.ratelimiter.cancel(reservation, limits, trio.current_time()),
-                ) from None
-            admitted = True  # a durable job is served later: it counts now
-            await accept_async(self.store, request, responder, principal, endpoint, raw, webhook)
+            ) as decision:
+                if type(decision) is not Enqueue:  # Admit, or Wait that got a slot
+                    admitted = True
+                    await self._serve(
+                        request,
+                        responder,
+                        endpoint,
+                        route,
+                        body,
+                        raw,
+                        force_stream,
+                        rl_headers,
+                        usage,
+                    )
+                elif self.store is None:
+                    raise RateLimited(
+                        f"Tenant {principal.tenant!r} is at capacity and no overflow queue is "
+                        "available.",
+                        retry_after_s=1,
+                    )
+                else:  # no slot is held: the drainer runs the job when one frees
+                    admitted = True  # a durable job is served later: it counts now
+                    await accept_async(
+                        self.store, request, responder, principal, endpoint, raw, webhook
+                    )
         except GatewayError as exc:
             # Every answer carries the key's x-ratelimit-* headers. A request refused for
             # capacity was never served: its quota is given back, and its 429 says so.
@@ -332,6 +333,24 @@ class Api:
                 self.ratelimiter.reconcile(reservation, usage[0], trio.current_time())
             else:  # refused, or the client left while it waited for a slot
                 self.ratelimiter.cancel(reservation, limits, trio.current_time())
+
+    async def _accept(
+        self, request: Request, endpoint: Endpoint
+    ) -> tuple[Principal, dict[str, Any], bytes, Route]:
+        """Authenticate, read and parse the body once, validate and route it: every 400/401/404
+        before any answer, live or queued (a body the live path refuses is refused at once,
+        never accepted with 202 to fail later)."""
+        principal = self.authenticate(request)
+        # bytes() is free for bytes; a body that arrived as one h11 chunk is a bytearray,
+        # which the upstream pool would take for a streamed (async-iterable) body.
+        raw = bytes(await request.body())
+        body = parse_object(raw)
+        route = self._route(endpoint, body, len(raw))
+        if self.keys.open and isinstance(body.get("tenant_id"), str) and body["tenant_id"]:
+            # With no keys configured, the legacy ``tenant_id`` field names the tenant.
+            principal = attrs.evolve(principal, tenant=body["tenant_id"])
+            request.context["principal"] = principal
+        return principal, body, raw, route
 
     def _route(self, endpoint: Endpoint, body: Mapping[str, Any], raw_len: int) -> Route:
         """Validate what Runestone reads and resolve the model to the capable candidates:
