@@ -4,10 +4,7 @@ This module carries out the decisions of :mod:`runestone_proxy.gateway.limits` o
 answers with the decision it carried out::
 
     async with capacity.slot(principal.tenant, wants_async=...) as decision:
-        if type(decision) is Enqueue:
-            ...  # no slot is held: park the request as a durable job (202)
-        else:
-            ...  # Admit or Wait: the request or stream runs while the slot is held
+        ...  # Admit, Wait: runs holding the slot. Enqueue: holds none; park it as a job (202)
 
 How this works
 --------------
@@ -23,8 +20,8 @@ returns a small async context manager; entering it asks :func:`limits.admit` and
 - Reject: 429 at once (the error tree's answer; the block never runs).
 
 Leaving the block (completion, error, timeout, client disconnect, cancellation: any exit,
-because it is ``__aexit__``) releases the slot it holds. A released slot is handed directly to a
-waiter: the releaser picks the next waiter with :func:`limits.pick` (weighted fairness
+because it is ``__aexit__``) releases the slot it holds. A released slot is handed directly
+to a waiter: the releaser picks the next waiter with :func:`limits.pick` (weighted fairness
 across tenants, FIFO within one), counts the slot as the waiter's, and reschedules it. The
 slot never becomes "free" in between, so newcomers cannot barge past waiters, and no count
 is ever adjusted by anything but enter/exit, so nothing can drift.
@@ -58,8 +55,9 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -72,6 +70,16 @@ from runestone_proxy.gateway.limits import Admit, Decision, Enqueue, TenantLimit
 
 #: Idle, unlisted tenants' state is dropped once more than this many tenants are tracked.
 _MAX_TENANTS = 4096
+
+
+class JobCapacity(Protocol):
+    """What the overflow drainer needs of the limiter (:class:`Capacity` has it)."""
+
+    def has_capacity(self, tenant: str) -> bool: ...
+
+    def job_slot(self, tenant: str) -> AbstractAsyncContextManager[object]: ...
+
+    async def wait_freed(self) -> None: ...
 
 
 @attrs.define(eq=False, slots=True)

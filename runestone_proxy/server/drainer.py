@@ -47,9 +47,7 @@ import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager
 from functools import partial
-from typing import Protocol
 from urllib.parse import urlsplit
 
 import attrs
@@ -60,6 +58,7 @@ import trio
 from runestone_proxy import telemetry
 from runestone_proxy.config import OverflowConfig
 from runestone_proxy.errors import GatewayError, UpstreamTimeout
+from runestone_proxy.gateway.capacity import JobCapacity
 from runestone_proxy.gateway.job_results import storable_outcome, unstorable_body
 from runestone_proxy.gateway.overflow import (
     Complete,
@@ -88,21 +87,11 @@ _RELEASE_GRACE_S = 5.0
 RESULT_OVERHEAD_BYTES = 64 * 1024
 
 
-class Capacity(Protocol):
-    """The tenant limiter's face towards the drainer (gateway/capacity.py)."""
-
-    def has_capacity(self, tenant: str) -> bool: ...
-
-    def job_slot(self, tenant: str) -> AbstractAsyncContextManager[object]: ...
-
-    async def wait_freed(self) -> None: ...
-
-
 @attrs.define(eq=False)
 class Drainer:
     store: Store
     runner: Runner
-    capacity: Capacity
+    capacity: JobCapacity
     config: OverflowConfig
     secret: bytes | None = attrs.field(repr=False)
     #: Wall clock for stored times; tests on a MockClock pass ``trio.current_time``.
@@ -369,15 +358,10 @@ class Drainer:
 _RESULT: dict[type[Settle], str] = {Complete: "succeeded", Retry: "retry", Fail: "failed"}
 
 
-def _secret(config: OverflowConfig, env: Mapping[str, str]) -> bytes | None:
-    value = env.get(config.webhook_secret_env)
-    return value.encode() if value else None
-
-
 async def run_drainer(
     store: Store,
     runner: Runner,
-    capacity: Capacity,
+    capacity: JobCapacity,
     config: OverflowConfig,
     *,
     env: Mapping[str, str] | None = None,
@@ -391,10 +375,10 @@ async def run_drainer(
     (``notify()`` it when capacity may have freed, if ``capacity.wait_freed`` cannot tell).
     ``max_result_bytes`` bounds a stored result (the app passes ``upstream.max_response_bytes
     + RESULT_OVERHEAD_BYTES``)."""
-    secret = _secret(config, os.environ if env is None else env)
-    if secret is None:
+    secret = (os.environ if env is None else env).get(config.webhook_secret_env, "").encode()
+    if not secret:
         log.warning("overflow.webhook.unsigned", secret_env=config.webhook_secret_env)
-    drainer = Drainer(store, runner, capacity, config, secret, clock=clock, rand=rand)
+    drainer = Drainer(store, runner, capacity, config, secret or None, clock=clock, rand=rand)
     if max_result_bytes is not None:
         drainer.max_result_bytes = max_result_bytes
     try:
