@@ -274,8 +274,7 @@ class Api:
         """Admit (rate limits, idempotency, capacity), then serve live or park as a job."""
         principal, body, raw, route = await self._accept(request, endpoint)
         webhook = check_webhook_url(body.get("webhook_url"))
-        prefer = (request.header(b"prefer") or b"").lower()
-        wants_async = force_stream or b"respond-async" in prefer or webhook is not None
+        wants_async = force_stream or webhook is not None or _prefers_async(request)
         limits = principal.limits
         output_tokens = 0 if endpoint == "embeddings" else self.default_output_tokens
         reservation, rl_headers = self.ratelimiter.admit(
@@ -295,38 +294,24 @@ class Api:
                 key_mask=principal.key_mask,
                 request_id=request.request_id,
             ) as decision:
-                if type(decision) is not Enqueue:  # Admit, or Wait that got a slot
-                    admitted = True
-                    await self._serve(
-                        request,
-                        responder,
-                        endpoint,
-                        route,
-                        body,
-                        raw,
-                        force_stream,
-                        rl_headers,
-                        usage,
-                    )
-                elif self.store is None:
-                    raise RateLimited(
-                        f"Tenant {principal.tenant!r} is at capacity and no overflow queue is "
-                        "available.",
-                        retry_after_s=1,
-                    )
-                else:  # no slot is held: the drainer runs the job when one frees
+                if type(decision) is Enqueue:  # no slot held: a job runs when one frees
+                    if self.store is None:
+                        raise _no_queue(principal.tenant)
                     admitted = True  # a durable job is served later: it counts now
                     await accept_async(
                         self.store, request, responder, principal, endpoint, raw, webhook
                     )
+                    return
+                admitted = True  # Admit, or a Wait that got its slot
+                await self._serve(
+                    request, responder, endpoint, route, body, raw, force_stream, rl_headers, usage
+                )
         except GatewayError as exc:
             # Every answer carries the key's x-ratelimit-* headers. A request refused for
             # capacity was never served: its quota is given back, and its 429 says so.
-            if admitted:
-                exc.headers = (*exc.headers, *rl_headers)
-            else:
-                now = trio.current_time()
-                exc.headers = (*exc.headers, *self.ratelimiter.cancel(reservation, limits, now))
+            if not admitted:
+                rl_headers = self.ratelimiter.cancel(reservation, limits, trio.current_time())
+            exc.headers = (*exc.headers, *rl_headers)
             raise
         finally:
             if admitted:
@@ -512,6 +497,17 @@ class Api:
             )
 
         await self.failover.stream(targets, call_for, self.providers, relay)
+
+
+def _prefers_async(request: Request) -> bool:
+    """``Prefer: respond-async`` (RFC 7240 §4.1): park the request if it cannot start now."""
+    return b"respond-async" in (request.header(b"prefer") or b"").lower()
+
+
+def _no_queue(tenant: str) -> RateLimited:
+    return RateLimited(
+        f"Tenant {tenant!r} is at capacity and no overflow queue is available.", retry_after_s=1
+    )
 
 
 def _total_tokens(usage: Mapping[str, Any] | None) -> int | None:
