@@ -383,25 +383,30 @@ class Failover:
             with trio.move_on_after(delay):
                 await commit.first_or_done.wait()
             if commit.winner is None and not errors:
-                rest = [
-                    t for t in targets if t.provider not in tried and t.provider != primary.provider
-                ]
-                # A hedge never waits for a candidate.
-                picked = self._take_now(rest, set(), trio.current_time())
+                picked = self._hedge_now(primary, targets, tried, delay)
                 if picked is not None:
-                    second, second_slot = picked
                     commit.extra = 1
-                    telemetry.emit(
-                        "router.hedge",
-                        primary=primary.provider,
-                        secondary=second.provider,
-                        delay_ms=round(delay * 1000, 1),
-                    )
-                    nursery.start_soon(run, second, second_slot, 1)
+                    nursery.start_soon(run, *picked, 1)
         if after_commit:
             raise after_commit[0]
         if commit.winner is None:
             raise errors[0] if errors else UpstreamTimeout("No hedged attempt produced a chunk.")
+
+    def _hedge_now(
+        self, primary: Target, targets: list[Target], tried: set[str], delay: float
+    ) -> tuple[Target, Slot] | None:
+        """A second candidate, with its slot, if one can take the request right now: a hedge
+        never waits for a candidate."""
+        rest = [t for t in targets if t.provider not in tried and t.provider != primary.provider]
+        picked = self._take_now(rest, set(), trio.current_time())
+        if picked is not None:
+            telemetry.emit(
+                "router.hedge",
+                primary=primary.provider,
+                secondary=picked[0].provider,
+                delay_ms=round(delay * 1000, 1),
+            )
+        return picked
 
 
 @attrs.define(eq=False)
