@@ -46,12 +46,13 @@ def _with_retry_after(
 
 
 class GatewayError(Exception):
-    """Base of the tree. Subclasses set the class attributes; instances carry the message."""
+    """Base of the tree. Subclasses set the class attributes; instances carry the message
+    (and :class:`ProviderError` instances their own ``status``/``error_type``/``retryable``)."""
 
-    status: ClassVar[int] = 500
-    error_type: ClassVar[str] = "server_error"
+    status: int = 500
+    error_type: str = "server_error"
     default_code: ClassVar[str | None] = None
-    retryable: ClassVar[bool] = False
+    retryable: bool = False
 
     def __init__(
         self,
@@ -232,25 +233,7 @@ class ProviderError(UpstreamError):
         super().__init__(
             message, param=param, code=code, headers=_with_retry_after(headers, retry_after_s)
         )
-        self._status = status
-        self._type = error_type
-        self._retryable = retryable
+        self.status = status
+        self.error_type = error_type
+        self.retryable = retryable
         self.retry_after_s = retry_after_s
-
-    @property
-    def http_status(self) -> int:
-        return self._status
-
-    @property
-    def is_retryable(self) -> bool:
-        return self._retryable
-
-    def envelope(self) -> dict[str, object]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self._type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }

@@ -1,9 +1,10 @@
 """Per-tenant capacity: concurrency slots held from admission until a request ends.
 
-This module carries out the decisions of :mod:`runestone_proxy.gateway.limits` on trio::
+This module carries out the decisions of :mod:`runestone_proxy.gateway.limits` on trio, and
+answers with the decision it carried out::
 
     async with capacity.slot(principal.tenant, wants_async=...) as decision:
-        ...  # the request or stream runs while the slot is held
+        ...  # Admit, Wait: runs holding the slot. Enqueue: holds none; park it as a job (202)
 
 How this works
 --------------
@@ -15,12 +16,12 @@ returns a small async context manager; entering it asks :func:`limits.admit` and
 - Wait: appends a waiter to the tenant's FIFO and parks the task
   (``trio.lowlevel.wait_task_rescheduled``) under ``trio.move_on_after(max_wait_s)``.
   If the deadline passes first, 429 :class:`~runestone_proxy.errors.RateLimited`.
-- Enqueue: raises :class:`EnqueueInstead`; the API parks the request in the durable queue.
-- Reject: 429 at once.
+- Enqueue: returns it, holding nothing; the API parks the request in the durable queue.
+- Reject: 429 at once (the error tree's answer; the block never runs).
 
 Leaving the block (completion, error, timeout, client disconnect, cancellation: any exit,
-because it is ``__aexit__``) releases the slot. A released slot is handed directly to a
-waiter: the releaser picks the next waiter with :func:`limits.pick` (weighted fairness
+because it is ``__aexit__``) releases the slot it holds. A released slot is handed directly
+to a waiter: the releaser picks the next waiter with :func:`limits.pick` (weighted fairness
 across tenants, FIFO within one), counts the slot as the waiter's, and reschedules it. The
 slot never becomes "free" in between, so newcomers cannot barge past waiters, and no count
 is ever adjusted by anything but enter/exit, so nothing can drift.
@@ -54,8 +55,9 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -64,21 +66,20 @@ from runestone_proxy import telemetry
 from runestone_proxy.config import Config, TenancyConfig
 from runestone_proxy.errors import RateLimited
 from runestone_proxy.gateway import limits
-from runestone_proxy.gateway.limits import Admit, Decision, TenantLimits, Wait
+from runestone_proxy.gateway.limits import Admit, Decision, Enqueue, TenantLimits, Wait
 
 #: Idle, unlisted tenants' state is dropped once more than this many tenants are tracked.
 _MAX_TENANTS = 4096
 
 
-class EnqueueInstead(Exception):
-    """The tenant is at capacity and this request should become a durable job (202).
+class JobCapacity(Protocol):
+    """What the overflow drainer needs of the limiter (:class:`Capacity` has it)."""
 
-    Raised by ``slot().__aenter__``; the API catches it and hands the request to the overflow
-    queue. No slot is held when it is raised."""
+    def has_capacity(self, tenant: str) -> bool: ...
 
-    def __init__(self, tenant: str) -> None:
-        super().__init__(f"tenant {tenant!r} is at capacity; enqueue the request")
-        self.tenant = tenant
+    def job_slot(self, tenant: str) -> AbstractAsyncContextManager[object]: ...
+
+    async def wait_freed(self) -> None: ...
 
 
 @attrs.define(eq=False, slots=True)
@@ -164,8 +165,9 @@ class Capacity:
     ) -> Slot:
         """An async context manager holding one of ``tenant``'s slots for its block.
 
-        ``__aenter__`` returns the decision carried out (:class:`~limits.Admit` or
-        :class:`~limits.Wait`) or raises :class:`EnqueueInstead` / ``RateLimited`` (429).
+        ``__aenter__`` returns the decision carried out: :class:`~limits.Admit` or
+        :class:`~limits.Wait` (a slot is held until the block ends) or :class:`~limits.Enqueue`
+        (nothing is held); a reject, or a wait that timed out, raises ``RateLimited`` (429).
         ``key_mask`` and ``request_id`` only label the ``ratelimit.block`` event."""
         return Slot(self, tenant, wants_async, False, key_mask, request_id)
 
@@ -193,7 +195,6 @@ class Capacity:
 
     async def _enter(self, slot: Slot) -> Decision:
         tenant = self._tenant(slot.tenant_name)
-        slot.tenant = tenant
         if slot.for_job:
             decision: Decision = (
                 limits.ADMIT if limits.has_room(tenant, tenant.limits, self) else Wait(math.inf)
@@ -203,6 +204,7 @@ class Capacity:
         if type(decision) is Admit:
             tenant.in_flight += 1
             self.in_flight += 1
+            slot.held = tenant  # no checkpoint since the count: __aexit__ will release it
             return decision
         if type(decision) is Wait:
             if not await self._wait(tenant, decision.max_wait_s):
@@ -212,9 +214,10 @@ class Capacity:
                     f"{decision.max_wait_s * 1000:g}ms. Please try again in 1s.",
                     retry_after_s=limits.RETRY_AFTER_S,
                 )
+            slot.held = tenant
             return decision
-        if type(decision) is limits.Enqueue:
-            raise EnqueueInstead(tenant.name)
+        if type(decision) is Enqueue:
+            return decision
         self._block(tenant, slot, "concurrency")
         raise RateLimited(
             f"{self._who(tenant)}. Please try again in 1s.", retry_after_s=limits.RETRY_AFTER_S
@@ -352,19 +355,18 @@ class Capacity:
 
 
 class Slot:
-    """``async with capacity.slot(tenant) as decision:``; one use only."""
+    """``async with capacity.slot(tenant) as decision:``; one use only. ``held`` is the
+    tenant whose slot the block holds (None for an Enqueue: nothing to release)."""
 
     __slots__ = (
         "capacity",
         "for_job",
+        "held",
         "key_mask",
         "request_id",
-        "tenant",
         "tenant_name",
         "wants_async",
     )
-
-    tenant: _Tenant
 
     def __init__(
         self,
@@ -381,6 +383,7 @@ class Slot:
         self.for_job = for_job
         self.key_mask = key_mask
         self.request_id = request_id
+        self.held: _Tenant | None = None
 
     async def __aenter__(self) -> Decision:
         return await self.capacity._enter(self)
@@ -391,4 +394,5 @@ class Slot:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.capacity._release(self.tenant)
+        if self.held is not None:
+            self.capacity._release(self.held)

@@ -36,6 +36,7 @@ import trio
 
 from runestone_proxy import telemetry
 from runestone_proxy.errors import GatewayError, ServiceUnavailable, UpstreamTimeout
+from runestone_proxy.gateway.backoff import backoff_s
 from runestone_proxy.gateway.breaker import HALF_OPEN
 from runestone_proxy.gateway.deployments import (
     Deployment,
@@ -49,11 +50,6 @@ from runestone_proxy.providers.base import ProviderCall
 
 CallFor = Callable[[Target], ProviderCall]
 Relay = Callable[[Target, PayloadStream, list[bytes] | None], Awaitable[None]]
-
-
-def backoff_s(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
-    """Full jitter (AWS architecture blog): uniform in [0, min(max, base * 2**attempt)]."""
-    return rng.uniform(0.0, min(max_s, base_s * (2**attempt)))
 
 
 def _counts_against_health(exc: GatewayError) -> bool:
@@ -85,7 +81,8 @@ class _Commit:
 @attrs.define(eq=False)
 class Failover:
     deployments: Deployments
-    rng: random.Random = attrs.Factory(lambda: random.Random())
+    #: The backoff's jitter source, [0, 1): a constant or a seeded generator in tests.
+    rand: Callable[[], float] = random.random
 
     # --- picking -------------------------------------------------------------------------------
 
@@ -148,10 +145,11 @@ class Failover:
         return not d.at_cap() and d.ready_at(now) <= now
 
     async def _backoff(
-        self, attempt: int, targets: list[Target], tried: set[str], deadline: float
+        self, failed: int, targets: list[Target], tried: set[str], deadline: float
     ) -> None:
-        """Back off only when the next pick can only be a deployment already tried (moving
-        on to a fresh one that can take the request now is immediate)."""
+        """After ``failed`` attempts, back off only when the next pick can only be a
+        deployment already tried (moving on to a fresh one that can take the request now is
+        immediate)."""
         now = trio.current_time()
         by_name = self.deployments.by_name
         if any(
@@ -160,7 +158,7 @@ class Failover:
             return
         routing = self.deployments.routing
         delay = backoff_s(
-            attempt, routing.retry_base_ms / 1000, routing.retry_max_ms / 1000, self.rng
+            failed, routing.retry_base_ms / 1000, routing.retry_max_ms / 1000, self.rand
         )
         if delay and now + delay < deadline:
             await trio.sleep(delay)
@@ -185,7 +183,7 @@ class Failover:
         last: GatewayError | None = None
         for attempt in range(routing.max_attempts):
             if attempt:
-                await self._backoff(attempt - 1, targets, tried, deadline)
+                await self._backoff(attempt, targets, tried, deadline)
                 started = trio.current_time()
             picked = self._take_now(targets, tried, started) if started < deadline else None
             if picked is None:
@@ -239,7 +237,7 @@ class Failover:
         attempt = 0
         while attempt < routing.max_attempts:
             if attempt:
-                await self._backoff(attempt - 1, targets, tried, deadline)
+                await self._backoff(attempt, targets, tried, deadline)
             now = trio.current_time()
             picked = self._take_now(targets, tried, now) if now < deadline else None
             if picked is None:
@@ -385,25 +383,30 @@ class Failover:
             with trio.move_on_after(delay):
                 await commit.first_or_done.wait()
             if commit.winner is None and not errors:
-                rest = [
-                    t for t in targets if t.provider not in tried and t.provider != primary.provider
-                ]
-                # A hedge never waits for a candidate.
-                picked = self._take_now(rest, set(), trio.current_time())
+                picked = self._hedge_now(primary, targets, tried, delay)
                 if picked is not None:
-                    second, second_slot = picked
                     commit.extra = 1
-                    telemetry.emit(
-                        "router.hedge",
-                        primary=primary.provider,
-                        secondary=second.provider,
-                        delay_ms=round(delay * 1000, 1),
-                    )
-                    nursery.start_soon(run, second, second_slot, 1)
+                    nursery.start_soon(run, *picked, 1)
         if after_commit:
             raise after_commit[0]
         if commit.winner is None:
             raise errors[0] if errors else UpstreamTimeout("No hedged attempt produced a chunk.")
+
+    def _hedge_now(
+        self, primary: Target, targets: list[Target], tried: set[str], delay: float
+    ) -> tuple[Target, Slot] | None:
+        """A second candidate, with its slot, if one can take the request right now: a hedge
+        never waits for a candidate."""
+        rest = [t for t in targets if t.provider not in tried and t.provider != primary.provider]
+        picked = self._take_now(rest, set(), trio.current_time())
+        if picked is not None:
+            telemetry.emit(
+                "router.hedge",
+                primary=primary.provider,
+                secondary=picked[0].provider,
+                delay_ms=round(delay * 1000, 1),
+            )
+        return picked
 
 
 @attrs.define(eq=False)

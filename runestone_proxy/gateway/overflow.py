@@ -45,9 +45,8 @@ The webhook state table, kept in the same row so delivery survives restarts::
     pending    failure, attempts < webhook_max_attempts        pending  (due later, backoff)
     pending    failure, attempts exhausted                     failed
 
-Retries back off exponentially with full jitter (AWS Architecture Blog, "Exponential Backoff
-And Jitter"): ``uniform(0, min(max_s, base_s * 2 ** (attempt - 1)))``, never sooner than a
-``retry_after_s`` the provider asked for.
+Retries back off exponentially with full jitter (``gateway/backoff.py``, the policy failover
+uses too), never sooner than a ``retry_after_s`` the provider asked for.
 """
 
 from __future__ import annotations
@@ -59,10 +58,12 @@ import json
 import secrets
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 
-from runestone_proxy.errors import GatewayError
+from runestone_proxy.errors import GatewayError, InvalidParam
+from runestone_proxy.gateway.backoff import backoff_s
 
 
 class JobStatus(enum.Enum):
@@ -214,14 +215,6 @@ class JobOutcome:
 # --- decisions ---------------------------------------------------------------------------------
 
 
-def backoff_s(attempt: int, base_s: float, max_s: float, rand: Callable[[], float]) -> float:
-    """Full jitter: uniform over ``[0, min(max_s, base_s * 2 ** (attempt - 1))]``.
-
-    ``attempt`` counts from 1 (the attempt that just failed); ``rand`` returns [0, 1)."""
-    ceiling = min(max_s, base_s * 2.0 ** min(max(attempt - 1, 0), 62))
-    return rand() * ceiling
-
-
 @attrs.frozen
 class Complete:
     pass
@@ -270,11 +263,13 @@ def webhook_settle(
     max_s: float,
     now: float,
     rand: Callable[[], float],
+    retryable: bool = True,
 ) -> tuple[WebhookStatus, float | None]:
-    """After delivery attempt number ``attempts``: the webhook's next state and due time."""
+    """After delivery attempt number ``attempts``: the webhook's next state and due time.
+    ``retryable=False``: no retry can succeed (a URL :func:`webhook_url_ok` refuses)."""
     if delivered:
         return WebhookStatus.DELIVERED, None
-    if attempts >= max_attempts:
+    if attempts >= max_attempts or not retryable:
         return WebhookStatus.FAILED, None
     return WebhookStatus.PENDING, now + backoff_s(attempts, base_s, max_s, rand)
 
@@ -344,6 +339,33 @@ def job_view(job: Job) -> dict[str, Any]:
 
 def error_envelope(message: str, code: str = "job_failed") -> dict[str, Any]:
     return {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+
+
+MAX_WEBHOOK_URL = 2048
+
+
+def webhook_url_ok(url: str) -> bool:
+    """The one rule for a URL the gateway POSTs a result to, checked when a job is accepted
+    and again before each delivery: absolute ``http``/``https`` with a host and a valid port,
+    at most :data:`MAX_WEBHOOK_URL` characters, no whitespace or control character (RFC 3986
+    §2 allows neither, and ``urlsplit`` drops tabs and newlines: it would judge another URL
+    than the one posted)."""
+    if not 0 < len(url) <= MAX_WEBHOOK_URL or not url.isprintable() or " " in url:
+        return False
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError: not a number, or past 65535
+    except ValueError:  # also a broken IPv6 literal
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and port != 0
+
+
+def check_webhook_url(value: object) -> str | None:
+    """A request's ``webhook_url``: None (no webhook) or a URL :func:`webhook_url_ok` takes,
+    else 400 ``invalid_value``."""
+    if value is None or (isinstance(value, str) and webhook_url_ok(value)):
+        return value
+    raise InvalidParam("'webhook_url' must be an absolute http or https URL.", param="webhook_url")
 
 
 def webhook_body(job: Job) -> bytes:

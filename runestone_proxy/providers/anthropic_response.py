@@ -84,7 +84,28 @@ def dumps(obj: Any) -> bytes:
 
 
 def chat_completion(message: Mapping[str, Any], *, model: str, created: int) -> JSON:
-    """One Anthropic Message -> one OpenAI ``chat.completion`` object.
+    """One Anthropic Message -> one OpenAI ``chat.completion`` object (the assistant message
+    as :func:`assistant_message` builds it, the stop reason and usage translated)."""
+    stop = message.get("stop_reason")
+    return {
+        "id": completion_id(message.get("id")),
+        "object": "chat.completion",
+        "created": created,
+        "model": message.get("model") or model,
+        "choices": [
+            {
+                "index": 0,
+                "message": assistant_message(message.get("content") or ()),
+                "finish_reason": finish_reason(stop) if isinstance(stop, str) else "stop",
+                "logprobs": None,
+            }
+        ],
+        "usage": usage_to_openai(message.get("usage") or {}),
+    }
+
+
+def assistant_message(blocks: Sequence[Any]) -> JSON:
+    """A Message's content blocks -> OpenAI's assistant ``message``.
 
     Text blocks are joined into ``content`` (null when the turn is only tool use); thinking is
     surfaced as ``reasoning_content`` plus the signed ``thinking_blocks`` a client must send
@@ -95,7 +116,7 @@ def chat_completion(message: Mapping[str, Any], *, model: str, created: int) -> 
     reasoning: list[str] = []
     thinking: list[JSON] = []
     calls: list[JSON] = []
-    for block in message.get("content") or ():
+    for block in blocks:
         kind = block.get("type") if isinstance(block, Mapping) else None
         if kind == "text":
             texts.append(str(block.get("text", "")))
@@ -130,22 +151,7 @@ def chat_completion(message: Mapping[str, Any], *, model: str, created: int) -> 
     if thinking:
         out["reasoning_content"] = "".join(reasoning)
         out["thinking_blocks"] = thinking
-    stop = message.get("stop_reason")
-    return {
-        "id": completion_id(message.get("id")),
-        "object": "chat.completion",
-        "created": created,
-        "model": message.get("model") or model,
-        "choices": [
-            {
-                "index": 0,
-                "message": out,
-                "finish_reason": finish_reason(stop) if isinstance(stop, str) else "stop",
-                "logprobs": None,
-            }
-        ],
-        "usage": usage_to_openai(message.get("usage") or {}),
-    }
+    return out
 
 
 def completion_id(message_id: Any) -> str:

@@ -57,6 +57,14 @@ ENDING_KINDS: tuple[Ending, ...] = ("eof", "partial", "broken")
 Outcome = Literal["end", "error"]
 
 
+#: Request fields that are Runestone's own, not the client dialect's: read by the gateway
+#: (routing, tenancy, overflow), never sent to a provider. The one list; the API layer pops
+#: them before a call, and a translator that rewrites a body leaves them out.
+RUNESTONE_FIELDS = frozenset(
+    {"provider", "model_family", "capabilities", "max_cost_per_token", "tenant_id", "webhook_url"}
+)
+
+
 @attrs.frozen
 class ProviderCall:
     """One call to one provider, as the router resolved it."""

@@ -30,6 +30,7 @@ import attrs
 
 from runestone_proxy.errors import ProviderError, UpstreamProtocolError
 from runestone_proxy.providers.base import (
+    RUNESTONE_FIELDS,
     HeaderPairs,
     ProviderCall,
     UpstreamRequest,
@@ -43,17 +44,11 @@ from runestone_proxy.providers.openai_errors import (
 from runestone_proxy.providers.openai_stream import OpenAIStream, groq_usage
 
 __all__ = [
-    "RUNESTONE_EXTRAS",
     "Flavor",
     "OpenAITranslator",
 ]
 
 Flavor = Literal["openai", "groq", "openrouter", "generic"]
-
-#: Request fields that are Runestone's, not OpenAI's: never sent upstream.
-RUNESTONE_EXTRAS = frozenset(
-    {"provider", "model_family", "capabilities", "max_cost_per_token", "tenant_id", "webhook_url"}
-)
 
 _PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
 
@@ -116,7 +111,7 @@ class OpenAITranslator:
 
 def _needs_rewrite(call: ProviderCall) -> bool:
     body = call.body
-    if body.get("model") != call.model or not RUNESTONE_EXTRAS.isdisjoint(body):
+    if body.get("model") != call.model or not RUNESTONE_FIELDS.isdisjoint(body):
         return True
     if call.endpoint == "embeddings":
         return False
@@ -132,7 +127,7 @@ def _asks_usage(body: Mapping[str, Any]) -> bool:
 
 
 def _rewrite(call: ProviderCall) -> dict[str, Any]:
-    out = {k: v for k, v in call.body.items() if k not in RUNESTONE_EXTRAS}
+    out = {k: v for k, v in call.body.items() if k not in RUNESTONE_FIELDS}
     out["model"] = call.model
     if call.endpoint == "embeddings":
         return out

@@ -37,10 +37,11 @@ from runestone_proxy.errors import (
 )
 from runestone_proxy.gateway import ratelimit
 from runestone_proxy.gateway.auth import KeyRejected, KeyStore, Principal
-from runestone_proxy.gateway.capacity import Capacity, EnqueueInstead
+from runestone_proxy.gateway.capacity import Capacity
 from runestone_proxy.gateway.deployments import Deployments
 from runestone_proxy.gateway.failover import Failover
-from runestone_proxy.gateway.overflow import Job, JobOutcome
+from runestone_proxy.gateway.limits import Enqueue
+from runestone_proxy.gateway.overflow import Job, JobOutcome, check_webhook_url
 from runestone_proxy.gateway.pipeline import PayloadStream, Providers
 from runestone_proxy.gateway.queue import JobQueue
 from runestone_proxy.gateway.ratelimit import RateLimiter
@@ -53,10 +54,10 @@ from runestone_proxy.gateway.routing import (
     filter_and_order,
 )
 from runestone_proxy.protocol.sse import DONE, encode_data
-from runestone_proxy.providers.base import Endpoint, ProviderCall
+from runestone_proxy.providers.base import RUNESTONE_FIELDS, Endpoint, ProviderCall
 from runestone_proxy.server import aliases
 from runestone_proxy.server.http import JSON_HEADERS, SSE_HEADERS, Request, Responder
-from runestone_proxy.server.jobs_api import accept_async, check_webhook_url, replay_idempotent
+from runestone_proxy.server.jobs_api import accept_async, replay_idempotent
 from runestone_proxy.server.request_body import check_runestone_fields, parse_object
 from runestone_proxy.server.router import Router
 from runestone_proxy.server.upstream import UpstreamPool
@@ -64,10 +65,6 @@ from runestone_proxy.server.upstream import UpstreamPool
 log = structlog.get_logger("runestone.api")
 
 
-#: Request fields that are Runestone's own: used for routing, never sent to a provider.
-RUNESTONE_FIELDS = frozenset(
-    {"provider", "model_family", "capabilities", "max_cost_per_token", "tenant_id", "webhook_url"}
-)
 _REQUIRED = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
 
 
@@ -275,21 +272,10 @@ class Api:
     async def _generate(
         self, request: Request, responder: Responder, endpoint: Endpoint, force_stream: bool = False
     ) -> None:
-        principal = self.authenticate(request)
-        # bytes() is free for bytes; a body that arrived as one h11 chunk is a bytearray,
-        # which the upstream pool would take for a streamed (async-iterable) body.
-        raw = bytes(await request.body())
-        body = parse_object(raw)
-        # Validated and resolved before any answer, live or queued: a body the live path
-        # refuses is refused at once, never accepted with 202 to fail later.
-        route = self._route(endpoint, body, len(raw))
-        if self.keys.open and isinstance(body.get("tenant_id"), str) and body["tenant_id"]:
-            # With no keys configured, the legacy ``tenant_id`` field names the tenant.
-            principal = attrs.evolve(principal, tenant=body["tenant_id"])
-            request.context["principal"] = principal
+        """Admit (rate limits, idempotency, capacity), then serve live or park as a job."""
+        principal, body, raw, route = await self._accept(request, endpoint)
         webhook = check_webhook_url(body.get("webhook_url"))
-        prefer = (request.header(b"prefer") or b"").lower()
-        wants_async = force_stream or b"respond-async" in prefer or webhook is not None
+        wants_async = force_stream or webhook is not None or _prefers_async(request)
         limits = principal.limits
         output_tokens = 0 if endpoint == "embeddings" else self.default_output_tokens
         reservation, rl_headers = self.ratelimiter.admit(
@@ -308,37 +294,49 @@ class Api:
                 wants_async=wants_async,
                 key_mask=principal.key_mask,
                 request_id=request.request_id,
-            ):
-                admitted = True
+            ) as decision:
+                if type(decision) is Enqueue:  # no slot held: a job runs when one frees
+                    if self.store is None:
+                        raise _no_queue(principal.tenant)
+                    admitted = True  # a durable job is served later: it counts now
+                    await accept_async(
+                        self.store, request, responder, principal, endpoint, raw, webhook
+                    )
+                    return
+                admitted = True  # Admit, or a Wait that got its slot
                 await self._serve(
                     request, responder, endpoint, route, body, raw, force_stream, rl_headers, usage
                 )
-        except EnqueueInstead:
-            if self.store is None:
-                raise RateLimited(
-                    f"Tenant {principal.tenant!r} is at capacity and no overflow queue is "
-                    "available.",
-                    retry_after_s=1,
-                    headers=self.ratelimiter.cancel(reservation, limits, trio.current_time()),
-                ) from None
-            admitted = True  # a durable job is served later: it counts now
-            await accept_async(
-                self.store, request, responder, principal, endpoint, body, raw, webhook
-            )
         except GatewayError as exc:
             # Every answer carries the key's x-ratelimit-* headers. A request refused for
             # capacity was never served: its quota is given back, and its 429 says so.
-            if admitted:
-                exc.headers = (*exc.headers, *rl_headers)
-            else:
-                now = trio.current_time()
-                exc.headers = (*exc.headers, *self.ratelimiter.cancel(reservation, limits, now))
+            if not admitted:
+                rl_headers = self.ratelimiter.cancel(reservation, limits, trio.current_time())
+            exc.headers = (*exc.headers, *rl_headers)
             raise
         finally:
             if admitted:
                 self.ratelimiter.reconcile(reservation, usage[0], trio.current_time())
             else:  # refused, or the client left while it waited for a slot
                 self.ratelimiter.cancel(reservation, limits, trio.current_time())
+
+    async def _accept(
+        self, request: Request, endpoint: Endpoint
+    ) -> tuple[Principal, dict[str, Any], bytes, Route]:
+        """Authenticate, read and parse the body once, validate and route it: every 400/401/404
+        before any answer, live or queued (a body the live path refuses is refused at once,
+        never accepted with 202 to fail later)."""
+        principal = self.authenticate(request)
+        # bytes() is free for bytes; a body that arrived as one h11 chunk is a bytearray,
+        # which the upstream pool would take for a streamed (async-iterable) body.
+        raw = bytes(await request.body())
+        body = parse_object(raw)
+        route = self._route(endpoint, body, len(raw))
+        if self.keys.open and isinstance(body.get("tenant_id"), str) and body["tenant_id"]:
+            # With no keys configured, the legacy ``tenant_id`` field names the tenant.
+            principal = attrs.evolve(principal, tenant=body["tenant_id"])
+            request.context["principal"] = principal
+        return principal, body, raw, route
 
     def _route(self, endpoint: Endpoint, body: Mapping[str, Any], raw_len: int) -> Route:
         """Validate what Runestone reads and resolve the model to the capable candidates:
@@ -500,6 +498,17 @@ class Api:
             )
 
         await self.failover.stream(targets, call_for, self.providers, relay)
+
+
+def _prefers_async(request: Request) -> bool:
+    """``Prefer: respond-async`` (RFC 7240 §4.1): park the request if it cannot start now."""
+    return b"respond-async" in (request.header(b"prefer") or b"").lower()
+
+
+def _no_queue(tenant: str) -> RateLimited:
+    return RateLimited(
+        f"Tenant {tenant!r} is at capacity and no overflow queue is available.", retry_after_s=1
+    )
 
 
 def _total_tokens(usage: Mapping[str, Any] | None) -> int | None:

@@ -47,9 +47,7 @@ import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager
 from functools import partial
-from typing import Protocol
 from urllib.parse import urlsplit
 
 import attrs
@@ -60,6 +58,7 @@ import trio
 from runestone_proxy import telemetry
 from runestone_proxy.config import OverflowConfig
 from runestone_proxy.errors import GatewayError, UpstreamTimeout
+from runestone_proxy.gateway.capacity import JobCapacity
 from runestone_proxy.gateway.job_results import storable_outcome, unstorable_body
 from runestone_proxy.gateway.overflow import (
     Complete,
@@ -74,6 +73,7 @@ from runestone_proxy.gateway.overflow import (
     sign,
     webhook_body,
     webhook_settle,
+    webhook_url_ok,
 )
 from runestone_proxy.server.store import Store, Wakeup
 
@@ -87,21 +87,11 @@ _RELEASE_GRACE_S = 5.0
 RESULT_OVERHEAD_BYTES = 64 * 1024
 
 
-class Capacity(Protocol):
-    """The tenant limiter's face towards the drainer (gateway/capacity.py)."""
-
-    def has_capacity(self, tenant: str) -> bool: ...
-
-    def job_slot(self, tenant: str) -> AbstractAsyncContextManager[object]: ...
-
-    async def wait_freed(self) -> None: ...
-
-
 @attrs.define(eq=False)
 class Drainer:
     store: Store
     runner: Runner
-    capacity: Capacity
+    capacity: JobCapacity
     config: OverflowConfig
     secret: bytes | None = attrs.field(repr=False)
     #: Wall clock for stored times; tests on a MockClock pass ``trio.current_time``.
@@ -306,31 +296,20 @@ class Drainer:
                     nursery.start_soon(self._deliver, client, job)
 
     async def _deliver(self, client: httpx.AsyncClient, job: Job) -> None:
-        assert job.webhook_url is not None
-        body = webhook_body(job)
-        headers = {"content-type": "application/json", "x-runestone-job-id": job.id}
-        if self.secret is not None:
-            headers["x-runestone-signature"] = sign(self.secret, int(time.time()), body)
-        answer: int | str
-        try:
-            with trio.fail_after(self.config.webhook_timeout_s):
-                response = await client.post(job.webhook_url, content=body, headers=headers)
-            answer = response.status_code
-        except (httpx.HTTPError, httpx.InvalidURL, trio.TooSlowError) as exc:
-            answer = type(exc).__name__
-        except Exception as exc:  # a cold path: never let one receiver stop the loop
-            log.exception("overflow.webhook.crashed", job_id=job.id)
-            answer = type(exc).__name__
+        url = job.webhook_url
+        assert url is not None
+        valid = webhook_url_ok(url)  # the rule the job was accepted under, applied again
+        answer = await self._post(client, job, url) if valid else "invalid_url"
         delivered = isinstance(answer, int) and 200 <= answer < 300
-        now = self.clock()
         to, next_at = webhook_settle(
             delivered,
             job.webhook_attempts + 1,
             max_attempts=self.config.webhook_max_attempts,
             base_s=self.config.backoff_base_s,
             max_s=self.config.backoff_max_s,
-            now=now,
+            now=self.clock(),
             rand=self.rand,
+            retryable=valid,
         )
         try:
             await self.store.webhook_attempted(job.id, to, next_at)
@@ -343,10 +322,26 @@ class Drainer:
             tenant=job.tenant,
             attempt=job.webhook_attempts + 1,
             answer=answer,
-            host=urlsplit(job.webhook_url).hostname,  # never the query: it may hold a token
+            host=urlsplit(url).hostname if valid else None,  # never the query: it may hold a token
         )
         if to is not WebhookStatus.PENDING:
             self.sweep_due.set()
+
+    async def _post(self, client: httpx.AsyncClient, job: Job, url: str) -> int | str:
+        """POST the signed result: the receiver's status, or the name of what went wrong."""
+        body = webhook_body(job)
+        headers = {"content-type": "application/json", "x-runestone-job-id": job.id}
+        if self.secret is not None:
+            headers["x-runestone-signature"] = sign(self.secret, int(time.time()), body)
+        try:
+            with trio.fail_after(self.config.webhook_timeout_s):
+                response = await client.post(url, content=body, headers=headers)
+        except (httpx.HTTPError, httpx.InvalidURL, trio.TooSlowError) as exc:
+            return type(exc).__name__
+        except Exception as exc:  # a cold path: never let one receiver stop the loop
+            log.exception("overflow.webhook.crashed", job_id=job.id)
+            return type(exc).__name__
+        return response.status_code
 
     async def sweep_loop(self) -> None:
         while True:
@@ -363,15 +358,10 @@ class Drainer:
 _RESULT: dict[type[Settle], str] = {Complete: "succeeded", Retry: "retry", Fail: "failed"}
 
 
-def _secret(config: OverflowConfig, env: Mapping[str, str]) -> bytes | None:
-    value = env.get(config.webhook_secret_env)
-    return value.encode() if value else None
-
-
 async def run_drainer(
     store: Store,
     runner: Runner,
-    capacity: Capacity,
+    capacity: JobCapacity,
     config: OverflowConfig,
     *,
     env: Mapping[str, str] | None = None,
@@ -385,10 +375,10 @@ async def run_drainer(
     (``notify()`` it when capacity may have freed, if ``capacity.wait_freed`` cannot tell).
     ``max_result_bytes`` bounds a stored result (the app passes ``upstream.max_response_bytes
     + RESULT_OVERHEAD_BYTES``)."""
-    secret = _secret(config, os.environ if env is None else env)
-    if secret is None:
+    secret = (os.environ if env is None else env).get(config.webhook_secret_env, "").encode()
+    if not secret:
         log.warning("overflow.webhook.unsigned", secret_env=config.webhook_secret_env)
-    drainer = Drainer(store, runner, capacity, config, secret, clock=clock, rand=rand)
+    drainer = Drainer(store, runner, capacity, config, secret or None, clock=clock, rand=rand)
     if max_result_bytes is not None:
         drainer.max_result_bytes = max_result_bytes
     try:

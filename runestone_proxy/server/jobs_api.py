@@ -16,9 +16,8 @@ that never existed, so job ids leak nothing.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 from runestone_proxy import telemetry
 from runestone_proxy.errors import InvalidParam, NotFound
@@ -31,7 +30,6 @@ from runestone_proxy.server.router import Router
 Authenticate = Callable[[Request], Principal]
 
 _MAX_IDEMPOTENCY_KEY = 255
-_MAX_WEBHOOK_URL = 2048
 
 
 def _dumps(value: Any) -> bytes:
@@ -68,39 +66,26 @@ def idempotency_key(request: Request) -> str | None:
     return value.decode("ascii")
 
 
-def check_webhook_url(value: object) -> str | None:
-    """A ``webhook_url`` must be an absolute http(s) URL; 400 ``invalid_value`` if not."""
-    if value is None:
-        return None
-    if isinstance(value, str) and len(value) <= _MAX_WEBHOOK_URL:
-        parts = urlsplit(value)
-        if parts.scheme in ("http", "https") and parts.hostname:
-            return value
-    raise InvalidParam("'webhook_url' must be an absolute http or https URL.", param="webhook_url")
-
-
 async def accept_async(
     store: JobQueue,
     request: Request,
     responder: Responder,
     principal: Principal,
     endpoint: str,
-    body: Mapping[str, Any],
     raw: bytes,
     webhook_url: str | None,
 ) -> None:
     """Commit the request as a job, then answer ``202`` with its id and ``Location``.
 
-    ``raw`` is stored as it came (the runner parses it again); ``webhook_url`` defaults to the
-    body's. Raises 429 ``RateLimited`` past the tenant's ``max_queued_jobs``, 503 if the
-    store fails, 400 for a bad ``Idempotency-Key`` or ``webhook_url``."""
-    url = check_webhook_url(webhook_url if webhook_url is not None else body.get("webhook_url"))
+    ``raw`` is stored as it came (the runner parses it again); ``webhook_url`` is the body's,
+    already checked (``overflow.check_webhook_url``). Raises 429 ``RateLimited`` past the
+    tenant's ``max_queued_jobs``, 503 if the store fails, 400 for a bad ``Idempotency-Key``."""
     job = NewJob(
         tenant=principal.tenant,
         request_id=request.request_id,
         endpoint=endpoint,
         body=raw,
-        webhook_url=url,
+        webhook_url=webhook_url,
         idempotency_key=idempotency_key(request),
     )
     enqueued = await store.enqueue(job)

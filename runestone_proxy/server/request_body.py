@@ -38,6 +38,7 @@ from json.decoder import JSONObject  # type: ignore[attr-defined]  # public, unt
 from typing import Any
 
 from runestone_proxy.errors import InvalidJSON, InvalidParam
+from runestone_proxy.providers.base import RUNESTONE_FIELDS
 
 #: The deepest nesting accepted (the body object itself is level 1). A chat body with image
 #: parts is 6 deep; a tool's JSON schema adds 2 per nested object.
@@ -182,9 +183,9 @@ def _deeper_than(body: dict[str, Any], limit: int) -> bool:
 
 # --- the fields Runestone itself reads -------------------------------------------------------
 
+#: The string-valued ones among :data:`~runestone_proxy.providers.base.RUNESTONE_FIELDS`.
 _STRING_FIELDS = ("provider", "model_family", "tenant_id", "webhook_url")
 _TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
-_EXTRAS = frozenset((*_STRING_FIELDS, "capabilities"))
 
 
 def check_runestone_fields(body: Mapping[str, Any]) -> None:
@@ -194,7 +195,7 @@ def check_runestone_fields(body: Mapping[str, Any]) -> None:
     model = body["model"]  # validate() made it a non-empty string
     if not model.isascii():
         _check_unicode(model, "model")
-    if not _EXTRAS.isdisjoint(body):  # most bodies carry none of Runestone's own fields
+    if not RUNESTONE_FIELDS.isdisjoint(body):  # most bodies carry none of Runestone's own
         _check_extras(body)
     for name in _TOKEN_FIELDS:
         value = body.get(name)

@@ -17,8 +17,8 @@ import trio.testing
 from runestone_proxy import telemetry
 from runestone_proxy.config import Config, TenancyConfig, TenantConfig
 from runestone_proxy.errors import RateLimited
-from runestone_proxy.gateway.capacity import Capacity, EnqueueInstead
-from runestone_proxy.gateway.limits import Admit, Wait
+from runestone_proxy.gateway.capacity import Capacity
+from runestone_proxy.gateway.limits import Admit, Enqueue, Wait
 
 LONG_MS = 10_000_000.0  # patience that outlasts every test
 
@@ -399,17 +399,38 @@ async def test_reject_answers_429_at_once(
 @pytest.mark.parametrize(
     ("on_limit", "wants_async"), [("queue", False), ("wait", True), ("reject", True)]
 )
-async def test_enqueue_raises_enqueue_instead(
+async def test_enqueue_is_answered_as_a_value_holding_no_slot(
     autojump_clock: trio.testing.MockClock, on_limit: str, wants_async: bool
 ) -> None:
     cap = capacity(a={"max_concurrent": 1, "on_limit": on_limit})
     async with cap.slot("a", wants_async=wants_async) as decision:
         assert decision == Admit()  # async handling is only for a full tenant
-        with pytest.raises(EnqueueInstead) as info:
-            async with cap.slot("a", wants_async=wants_async):
-                pytest.fail("admitted past the limit")
-        assert info.value.tenant == "a"
+        async with cap.slot("a", wants_async=wants_async) as second:
+            assert second == Enqueue()  # not admitted past the limit
+            assert cap.in_flight_of("a") == 1
+            assert cap.in_flight == 1
+        assert cap.in_flight_of("a") == 1  # leaving it released nothing it did not hold
+        assert cap.in_flight == 1
+    assert cap.in_flight == 0
+
+
+async def test_an_enqueue_block_that_raises_releases_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    cap = capacity(a={"max_concurrent": 1, "on_limit": "queue"})
+    decisions = []
+
+    async def enqueue_then_fail() -> None:
+        async with cap.slot("a") as decision:
+            decisions.append(decision)
+            _ = 1 / 0  # the block fails: still nothing to give back
+
+    async with cap.slot("a"):
+        with pytest.raises(ZeroDivisionError):
+            await enqueue_then_fail()
+        assert decisions == [Enqueue()]
         assert cap.in_flight_of("a") == 1
+    assert cap.in_flight_of("a") == 0
     assert cap.in_flight == 0
 
 

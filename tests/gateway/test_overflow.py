@@ -4,7 +4,6 @@ run, fencing, round-robin order, job views and webhook signatures. No event loop
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 
@@ -49,23 +48,6 @@ def test_the_table_allows_exactly_the_documented_moves() -> None:
 def test_terminal_statuses_have_no_way_out() -> None:
     assert overflow.TERMINAL == {S, F, D}
     assert not [key for key in overflow.TRANSITIONS if key[0] in overflow.TERMINAL]
-
-
-def test_backoff_is_full_jitter_under_an_exponential_ceiling() -> None:
-    rng = random.Random(1234)
-    for attempt in range(1, 12):
-        ceiling = min(60.0, 1.0 * 2 ** (attempt - 1))
-        delays = [overflow.backoff_s(attempt, 1.0, 60.0, rng.random) for _ in range(200)]
-        assert all(0.0 <= d <= ceiling for d in delays)
-        assert max(delays) > 0.8 * ceiling  # the whole range is used: full jitter
-    assert overflow.backoff_s(3, 1.0, 60.0, lambda: 1.0) == 4.0
-    assert overflow.backoff_s(10_000, 1.0, 60.0, lambda: 1.0) == 60.0  # no overflow
-
-
-def test_backoff_is_reproducible_with_a_seed() -> None:
-    first = [overflow.backoff_s(a, 0.5, 30.0, random.Random(7).random) for a in range(1, 6)]
-    again = [overflow.backoff_s(a, 0.5, 30.0, random.Random(7).random) for a in range(1, 6)]
-    assert first == again
 
 
 def _settle(outcome: JobOutcome, attempts: int, rand: float = 0.5) -> overflow.Settle:
@@ -211,3 +193,68 @@ def test_storable_outcomes_are_bounded_and_failures_always_envelopes() -> None:
         assert json.loads(wrapped.body)["error"]["message"] == "The job failed with status 503."
     assert json.loads(job_results.dead_body(3))["error"]["code"] == "job_dead"
     assert json.loads(job_results.unstorable_body())["error"]["code"] == "job_outcome_unstorable"
+
+
+# --- the webhook URL rule ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://hooks.example/cb?token=abc",
+        "http://127.0.0.1:9/",
+        "HTTPS://Hooks.Example:8443/a#frag",  # scheme and host are case-insensitive
+        "http://[::1]:8080/hook",
+        "https://user:pw@hooks.example/",  # httpx sends userinfo as basic auth
+        "https://bücher.example/rückruf",  # IDNA host, percent-encoded path on the wire
+        "https://h.example/" + "a" * (overflow.MAX_WEBHOOK_URL - 18),  # at the bound
+    ],
+)
+def test_webhook_url_rule_takes_absolute_http_urls(url: str) -> None:
+    assert overflow.webhook_url_ok(url)
+    assert overflow.check_webhook_url(url) == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "",
+        "ftp://example.com/",
+        "file:///etc/passwd",
+        "mailto:ops@example.com",
+        "//hooks.example/cb",  # not absolute
+        "/v1/cb",
+        "https://",  # no host
+        "http://:80/",
+        "http://hooks.example:0/",  # no port 0
+        "http://hooks.example:65536/",  # past the last port
+        "http://hooks.example:80a/",
+        "http://[::1/",  # a broken IPv6 literal (urlsplit raises)
+        "http://hooks.exa\nmple/",  # urlsplit would drop the newline and judge another URL
+        "http://hooks.example/\tcb",
+        "http://hooks.example/a b",
+        "http://hooks.example/\x7f",
+        "http://hooks.example/\u2028",
+        "http://hooks.example/\ud800",
+        "https://h.example/" + "a" * (overflow.MAX_WEBHOOK_URL - 17),  # one past the bound
+    ],
+)
+def test_webhook_url_rule_refuses_what_cannot_be_posted_to(url: str) -> None:
+    assert not overflow.webhook_url_ok(url)
+    with pytest.raises(InvalidParam) as info:
+        overflow.check_webhook_url(url)
+    assert (info.value.param, info.value.code) == ("webhook_url", "invalid_value")
+
+
+def test_no_webhook_url_is_no_webhook_and_anything_but_a_string_is_refused() -> None:
+    assert overflow.check_webhook_url(None) is None
+    for value in [1, ["https://h.example/"], {"url": "x"}, b"https://h.example/"]:
+        with pytest.raises(InvalidParam):
+            overflow.check_webhook_url(value)
+
+
+def test_a_webhook_no_retry_can_fix_fails_at_once() -> None:
+    decided = overflow.webhook_settle(
+        False, 1, max_attempts=8, base_s=1.0, max_s=60.0, now=0.0, rand=lambda: 1, retryable=False
+    )
+    assert decided == (WebhookStatus.FAILED, None)

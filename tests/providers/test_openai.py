@@ -13,7 +13,7 @@ import pytest
 
 from runestone_proxy.errors import ProviderError, UpstreamProtocolError
 from runestone_proxy.protocol.sse import SSEEvent, SSEParser
-from runestone_proxy.providers.base import Endpoint, ProviderCall, Translator
+from runestone_proxy.providers.base import RUNESTONE_FIELDS, Endpoint, ProviderCall, Translator
 from runestone_proxy.providers.openai import OpenAITranslator
 from runestone_proxy.providers.openai_errors import error_from_response, retry_after_s
 from runestone_proxy.providers.openai_stream import OpenAIStream
@@ -135,6 +135,16 @@ def test_rewrites(body: dict[str, Any], kwargs: dict[str, Any], sent: dict[str, 
     raw = json.dumps(body).encode()
     up = OpenAITranslator("openai").build_request(call(body, raw=raw, **kwargs), "k")
     assert json.loads(up.body) == sent
+
+
+def test_every_runestone_field_is_left_out_of_a_rewritten_body() -> None:
+    """The one list (providers/base.py) that the API layer and request checks also use."""
+    assert {"provider", "model_family", "capabilities", "tenant_id", "webhook_url"} < (
+        RUNESTONE_FIELDS
+    )
+    body = {"model": "m", **dict.fromkeys(RUNESTONE_FIELDS, "x"), "x_new": 1}
+    up = OpenAITranslator("openai").build_request(call(body, raw=json.dumps(body).encode()), "k")
+    assert json.loads(up.body) == {"model": "m", "x_new": 1}
 
 
 def test_embeddings_body_is_not_given_stream_fields() -> None:

@@ -403,6 +403,26 @@ async def test_webhooks_give_up_after_max_attempts(
     assert stored.webhook_attempts == 3
 
 
+async def test_a_stored_webhook_url_the_rule_refuses_is_never_posted_to(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Delivery applies the accept-time rule again (a job stored before the rule, or by
+    hand): such a URL fails at once, without a request and without retries."""
+    posted: list[httpx.Request] = []
+
+    def receiver(request: httpx.Request) -> httpx.Response:
+        posted.append(request)
+        return httpx.Response(204)
+
+    transport = httpx.MockTransport(receiver)
+    async with harness(tmp_path, sleeper(0), transport=transport, webhook_max_attempts=5) as h:
+        job = await h.enqueue(webhook_url="http://hooks.exa\nmple/cb")
+        stored = await h.wait_for_webhook(job.id, "a", "delivered", "failed")
+    assert stored.webhook_status.value == "failed"
+    assert stored.webhook_attempts == 1
+    assert posted == []
+
+
 async def test_finished_jobs_are_swept_after_retention(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
