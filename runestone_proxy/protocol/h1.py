@@ -107,6 +107,22 @@ def request_head(
     return head + b"\r\n"
 
 
+#: Per method, the request head h11's state machine is told we sent when we write the head
+#: ourselves (its bytes are dropped): with ``Content-Length: 0`` and ``EndOfMessage`` our
+#: side is DONE, and h11 still knows the method (a HEAD's response has no body, §6.3).
+_SENT_REQUESTS: dict[str, h11.Request] = {}
+
+
+def sent_request(method: str) -> h11.Request:
+    """The stand-in ``h11.Request`` for a head :func:`request_head` wrote (cached)."""
+    event = _SENT_REQUESTS.get(method)
+    if event is None:
+        event = _SENT_REQUESTS[method] = h11.Request(
+            method=method, target=b"/", headers=[(b"host", b"sync"), (b"content-length", b"0")]
+        )
+    return event
+
+
 # --- head checks ------------------------------------------------------------------------------
 
 

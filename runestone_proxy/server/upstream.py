@@ -60,13 +60,13 @@ import trio
 
 from runestone_proxy.errors import UpstreamConnectError
 from runestone_proxy.server.slowwatch import SlowWatch
+from runestone_proxy.server.upstream_dial import Origin
 from runestone_proxy.server.upstream_h11 import (
     Body,
     EarlyClose,
     H11Connection,
     H11Response,
     Headers,
-    Origin,
     UpstreamResponse,
     UpstreamTimeouts,
     timed_out,

@@ -37,13 +37,11 @@ from runestone_proxy.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
+from runestone_proxy.protocol.h1 import FRAMING_HEADERS, WITH_CONTENT
+from runestone_proxy.server.upstream_dial import CLOSE_TIMEOUT_S, Origin
 from runestone_proxy.server.upstream_h11 import (
-    CLOSE_TIMEOUT_S,
-    FRAMING_HEADERS,
-    WITH_CONTENT,
     Body,
     Headers,
-    Origin,
     UpstreamResponse,
     UpstreamTimeouts,
     timed_out,
