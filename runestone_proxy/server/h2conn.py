@@ -66,7 +66,7 @@ from runestone_proxy.config import LimitsConfig
 from runestone_proxy.protocol.h2limits import FrameGuard, Violation
 from runestone_proxy.server.gateway import Gateway, log_access, send_error
 from runestone_proxy.server.h2stream import H2Stream
-from runestone_proxy.server.h2writer import SerialWriter
+from runestone_proxy.server.h2writer import SerialWriter, discard_input
 from runestone_proxy.server.http import ResponseAborted
 
 __all__ = ["serve_h2"]
@@ -75,7 +75,6 @@ log = structlog.get_logger("runestone.h2")
 
 _READ_BYTES = 65536
 _LINGER_S = 2.0
-_LINGER_BYTES = 1 << 20
 _CLOSE_S = 2.0
 _DEFAULT_WINDOW = 65535  # RFC 9113 §6.9.2: every window starts here
 _MAX_WINDOW = _MAX_STREAM_ID = 2**31 - 1  # RFC 9113 §6.9.1, §5.1.1
@@ -170,7 +169,7 @@ class H2ServerConnection:
                 with trio.move_on_after(_LINGER_S):
                     self._take_output()
                     await self.writer.send_rest()
-                    await self._discard_input()
+                    await discard_input(self.stream)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_S):
                 await self.stream.aclose()
@@ -397,16 +396,3 @@ class H2ServerConnection:
             frame = GoAwayFrame(0, last_stream_id=self._last_stream_id, error_code=0)
             self._take_output()  # keep h2's frames ahead of it
             self.writer.queue(frame.serialize())
-
-    async def _discard_input(self) -> None:
-        try:
-            if isinstance(self.stream, trio.abc.HalfCloseableStream):
-                await self.stream.send_eof()
-            received = 0
-            while received < _LINGER_BYTES:
-                data = await self.stream.receive_some(_READ_BYTES)
-                if not data:
-                    return
-                received += len(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass

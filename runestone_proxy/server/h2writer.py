@@ -10,6 +10,10 @@ corrupt every other stream on the connection (RFC 9113 §4.1). Only the send's o
 ends it early: ``send_timeout_s`` when the peer stops reading, or a short grace set by
 :meth:`SerialWriter.cut_short` when the connection closes. A send that ends early, or fails,
 leaves the writer ``broken``: nothing more may be written, and ``on_broken`` is called.
+
+After a graceful GOAWAY the connection closes by :func:`discard_input`: a half-close, then
+the client's last bytes read and dropped, so that a TCP reset cannot destroy what is still
+in flight.
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ from collections.abc import Callable
 import attrs
 import trio
 
-__all__ = ["SerialWriter"]
+__all__ = ["SerialWriter", "discard_input"]
+
+_READ_BYTES = 65536
+_LINGER_BYTES = 1 << 20
 
 
 @attrs.define(eq=False)
@@ -87,3 +94,19 @@ class SerialWriter:
                 await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self.broken = True
+
+
+async def discard_input(stream: trio.abc.Stream) -> None:
+    """Half-close ``stream``, then read and drop what the peer still sends (at most
+    ``_LINGER_BYTES``) until it closes; the caller bounds the time."""
+    try:
+        if isinstance(stream, trio.abc.HalfCloseableStream):
+            await stream.send_eof()
+        received = 0
+        while received < _LINGER_BYTES:
+            data = await stream.receive_some(_READ_BYTES)
+            if not data:
+                return
+            received += len(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass

@@ -61,11 +61,11 @@ import trio
 from runestone_proxy.errors import UpstreamConnectError
 from runestone_proxy.gateway.transport import Body, Headers, UpstreamTimeouts
 from runestone_proxy.server.slowwatch import SlowWatch
+from runestone_proxy.server.upstream_dial import Origin
 from runestone_proxy.server.upstream_h11 import (
     EarlyClose,
     H11Connection,
     H11Response,
-    Origin,
     UpstreamResponse,
     timed_out,
 )

@@ -38,11 +38,9 @@ from runestone_proxy.errors import (
     UpstreamTimeout,
 )
 from runestone_proxy.gateway.transport import Body, Headers, UpstreamTimeouts
+from runestone_proxy.protocol.h1 import FRAMING_HEADERS, WITH_CONTENT
+from runestone_proxy.server.upstream_dial import CLOSE_TIMEOUT_S, Origin
 from runestone_proxy.server.upstream_h11 import (
-    CLOSE_TIMEOUT_S,
-    FRAMING_HEADERS,
-    WITH_CONTENT,
-    Origin,
     UpstreamResponse,
     timed_out,
 )

@@ -28,6 +28,8 @@ from helpers import (
     running_app,
 )
 
+from runestone_proxy.protocol.h1 import Phase, allowed
+from runestone_proxy.server.h1conn import H1Connection
 from runestone_proxy.server.http import SSE_HEADERS, Request, Responder
 
 TIMEOUT_S = 5
@@ -746,3 +748,57 @@ async def test_head_of_a_streamed_resource_has_no_body() -> None:
     assert head.status == 200
     assert head.header("content-type") == "text/event-stream; charset=utf-8"
     assert after.status == 200
+
+
+# --- the phase table (protocol/h1.TRANSITIONS) holds the connection ----------------------------
+
+
+@pytest.fixture
+def phase_log(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Phase | None, Phase]]:
+    """Every phase the connections assign, with the one before (None: the initial one)."""
+    slot = H1Connection.__dict__["phase"]
+    seen: list[tuple[Phase | None, Phase]] = []
+
+    def get(conn: H1Connection) -> Phase:
+        phase: Phase = slot.__get__(conn, H1Connection)
+        return phase
+
+    def assign(conn: H1Connection, value: Phase) -> None:
+        try:
+            before: Phase | None = slot.__get__(conn, H1Connection)
+        except AttributeError:
+            before = None
+        seen.append((before, value))
+        slot.__set__(conn, value)
+
+    monkeypatch.setattr(H1Connection, "phase", property(get, assign))
+    return seen
+
+
+async def test_a_connection_makes_only_the_transitions_in_the_phase_table(
+    autojump_clock: trio.testing.MockClock, phase_log: list[tuple[Phase | None, Phase]]
+) -> None:
+    config = make_config(header_timeout_s=10)
+    head = request("GET", "/health/live")
+    with trio.fail_after(60):
+        async with running_app(config) as gw:
+            async with await RawClient.connect(gw.port) as client:
+                assert (await client.exchange(LIVE)).status == 200  # idle -> busy
+                await client.send(LIVE + LIVE)  # pipelined: busy -> busy
+                assert [(await client.read_response()).status for _ in range(2)] == [200, 200]
+                await client.send(head[:5])  # a head in two reads: idle -> head -> busy
+                await trio.sleep(1)
+                await client.send(head[5:])
+                assert (await client.read_response()).status == 200
+                await client.send(head[:5])  # a slow head: answered 408
+                assert (await client.read_response()).status == 408
+    assert phase_log[0] == (None, Phase.IDLE)
+    made = phase_log[1:]
+    assert [(b, a) for b, a in made if b is None or not allowed(b, a)] == []
+    assert {
+        (Phase.IDLE, Phase.BUSY),
+        (Phase.BUSY, Phase.BUSY),
+        (Phase.BUSY, Phase.IDLE),
+        (Phase.IDLE, Phase.HEAD),
+        (Phase.HEAD, Phase.BUSY),
+    } <= set(made)

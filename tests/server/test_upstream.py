@@ -33,8 +33,9 @@ from runestone_proxy.errors import (
 )
 from runestone_proxy.server.slowwatch import SlowWatch
 from runestone_proxy.server.upstream import UpstreamPool, UpstreamTimeouts
-from runestone_proxy.server.upstream_h11 import H11Connection, _Wait
+from runestone_proxy.server.upstream_h11 import H11Connection
 from runestone_proxy.server.upstream_httpx import proxy_for
+from runestone_proxy.server.upstream_wait import Wait
 
 FAST = UpstreamTimeouts(connect_s=2, first_byte_s=2, between_chunks_s=2, total_s=5)
 SHORT = UpstreamTimeouts(connect_s=2, first_byte_s=0.2, between_chunks_s=0.2, total_s=5)
@@ -1043,7 +1044,7 @@ async def test_a_callers_deadline_tightens_the_exchange(serve: Start, watched: b
 
 @attrs.define(eq=False)
 class _StubConn:
-    """What ``_Wait`` uses of a connection: its sweeper, the expiry flag and callback."""
+    """What ``Wait`` uses of a connection: its sweeper, the expiry flag and callback."""
 
     watch: SlowWatch
     expired: bool = False
@@ -1061,21 +1062,21 @@ def test_a_sweeper_bound_wait_reports_only_the_expiry_that_ended_it() -> None:
     watch.running = True  # as if its task ran; nothing here needs the event loop
     stub = _StubConn(watch)
     conn = cast(H11Connection, stub)
-    with _Wait(conn, due=10.0) as wait:
+    with Wait(conn, due=10.0) as wait:
         assert watch.pending[stub][0] == 10.0
         stub.expire()  # the sweeper ran just after the bytes had arrived: no timeout
     assert not wait.timed_out
     assert not watch.pending
-    with _Wait(conn, due=10.0) as wait:
+    with Wait(conn, due=10.0) as wait:
         stub.expire()
         raise trio.ClosedResourceError  # how notify_closing ends the wait
     assert wait.timed_out
-    with pytest.raises(trio.BrokenResourceError), _Wait(conn, due=10.0) as wait:
+    with pytest.raises(trio.BrokenResourceError), Wait(conn, due=10.0) as wait:
         raise trio.BrokenResourceError  # not expired: a real failure goes on up
     assert not wait.timed_out
 
     def cancelled_while_expired() -> None:
-        with _Wait(conn, due=10.0):
+        with Wait(conn, due=10.0):
             stub.expire()
             raise _OuterCancel  # an outer cancellation is never turned into a timeout
 

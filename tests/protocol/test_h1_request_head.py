@@ -1,11 +1,11 @@
-"""The upstream request head written without h11's serialiser (plain data, no I/O)."""
+"""The upstream request head written without h11's serialiser (protocol/h1.request_head)."""
 
 from __future__ import annotations
 
 import h11
 import pytest
 
-from runestone_proxy.server.upstream_h11 import direct_head
+from runestone_proxy.protocol.h1 import request_head
 
 HOST = b"api.example.test"
 
@@ -21,7 +21,7 @@ def parsed(head: bytes) -> h11.Request:
 
 def test_a_post_head_carries_host_length_and_the_callers_fields_in_order() -> None:
     headers = [(b"authorization", b"Bearer sk-test"), (b"content-type", b"application/json")]
-    head = direct_head("POST", b"/v1/chat/completions", HOST, headers, 42)
+    head = request_head("POST", b"/v1/chat/completions", HOST, headers, 42)
     assert head is not None
     event = parsed(head)
     assert (event.method, event.target) == (b"POST", b"/v1/chat/completions")
@@ -41,7 +41,7 @@ def test_the_callers_framing_fields_are_dropped() -> None:
         (b"connection", b"close"),
         (b"accept", b"*/*"),
     ]
-    head = direct_head("POST", b"/v1/x", HOST, headers, 3)
+    head = request_head("POST", b"/v1/x", HOST, headers, 3)
     assert head is not None
     assert list(parsed(head).headers) == [
         (b"host", HOST),
@@ -51,7 +51,7 @@ def test_the_callers_framing_fields_are_dropped() -> None:
 
 
 def test_a_get_without_content_has_no_content_length() -> None:
-    head = direct_head("GET", b"/v1/models", HOST, [], 0)
+    head = request_head("GET", b"/v1/models", HOST, [], 0)
     assert head == b"GET /v1/models HTTP/1.1\r\nhost: api.example.test\r\n\r\n"
 
 
@@ -69,4 +69,4 @@ def test_a_get_without_content_has_no_content_length() -> None:
 def test_anything_that_could_split_the_head_falls_back_to_h11(
     target: bytes, headers: list[tuple[bytes, bytes]]
 ) -> None:
-    assert direct_head("POST", target, HOST, headers, 0) is None
+    assert request_head("POST", target, HOST, headers, 0) is None

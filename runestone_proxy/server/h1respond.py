@@ -1,0 +1,173 @@
+"""One HTTP/1.1 exchange's two ends for a handler: the response writer and the request body.
+
+:class:`H1Responder` implements :class:`~runestone_proxy.server.http.Responder` for
+:mod:`~runestone_proxy.server.h1conn`. It writes most heads itself
+(:func:`~runestone_proxy.protocol.h1.response_head`, see "What a request costs" in
+``h1conn``) and frames streamed bodies as chunks (RFC 9112 §7.1); 1xx, 204, 304 and an
+HTTP/1.0 client's stream go through h11 whole. The body sources are what
+``Request.body_source`` reads: :class:`BufferedBody` when the whole body came with the head,
+:class:`StreamingBody` when the connection's watcher feeds it through a bounded channel.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import attrs
+import h11
+import trio
+
+from runestone_proxy import errors
+from runestone_proxy.protocol.h1 import CLOSE, LAST_CHUNK, REASONS, response_head
+from runestone_proxy.server.http import JSON_HEADERS, HeaderList
+
+if TYPE_CHECKING:
+    from runestone_proxy.server.h1conn import H1Connection
+
+_BODY_END = b""
+_END = h11.EndOfMessage()
+
+
+@attrs.define(eq=False)
+class StreamingBody:
+    """A request body that arrives after the head: fed by the watcher, read by the handler."""
+
+    conn: H1Connection
+    receiver: trio.MemoryReceiveChannel[bytes | errors.GatewayError]
+    finished: bool = False
+
+    async def receive(self) -> bytes:
+        if self.finished:
+            return b""
+        if self.conn.proto.they_are_waiting_for_100_continue:
+            # RFC 9110 §10.1.1: the client waits for our go-ahead before sending the body.
+            await self.conn.send_all(
+                self.conn.proto.send(h11.InformationalResponse(status_code=100, headers=[]))
+            )
+        try:
+            item = await self.receiver.receive()
+        except trio.EndOfChannel:
+            item = _BODY_END
+        if isinstance(item, errors.GatewayError):
+            self.finished = True
+            raise item
+        if not item:
+            self.finished = True
+        return item
+
+
+@attrs.define(eq=False)
+class BufferedBody:
+    """A request body that was complete in the buffer with its head."""
+
+    data: bytes
+    done: bool = False
+
+    async def receive(self) -> bytes:
+        if self.done:
+            return b""
+        self.done = True
+        return self.data
+
+
+@attrs.define(eq=False)
+class H1Responder:
+    """Implements :class:`~runestone_proxy.server.http.Responder` over one h11 exchange."""
+
+    conn: H1Connection
+    request_id: str
+    head_only: bool
+    status: int = 0
+    sent_bytes: int = 0
+    #: The streamed body goes out chunked (an HTTP/1.1 client): frame chunks ourselves.
+    chunked: bool = False
+    #: The response was written without h11 (see h1conn's docstring): the connection
+    #: takes a fresh h11.Connection for the next request.
+    direct: bool = False
+
+    @property
+    def started(self) -> bool:
+        return self.status != 0
+
+    def _closes(self) -> bool:
+        """Whether the connection ends after this response. Besides a drain, the client may
+        not send another request (MUST_CLOSE: ``Connection: close``, HTTP/1.0), or we answer
+        before its body was read (e.g. 401): then say so (RFC 9112 §9.6) rather than leave a
+        keep-alive client to find a reset."""
+        conn = self.conn
+        if conn.proto.their_state is not h11.DONE:
+            conn.closing = True
+        return conn.closing
+
+    def _head(self, status: int, headers: HeaderList, length: int | None) -> h11.Response:
+        out = [*headers, (b"x-request-id", self.request_id.encode())]
+        if length is not None:
+            out.append((b"content-length", str(length).encode()))
+        if self._closes():
+            out.append(CLOSE)
+        head = h11.Response(status_code=status, headers=out, reason=REASONS.get(status, b""))
+        self.status = status  # only once h11 accepted the headers: else a 500 can follow
+        return head
+
+    async def respond(self, status: int, headers: HeaderList, body: bytes) -> None:
+        if self.started:
+            raise RuntimeError("response already started")
+        conn = self.conn
+        proto = conn.proto
+        head = response_head(
+            status, headers, self.request_id, b"content-length: %d\r\n" % len(body), self._closes()
+        )
+        if head is not None:
+            self.direct = True
+            self.status = status
+            if body and not self.head_only:
+                self.sent_bytes = len(body)
+                head += body
+            await conn.send_all(head)
+            return
+        data = proto.send(self._head(status, headers, len(body)))
+        if body and not self.head_only:
+            data += proto.send(h11.Data(data=body))
+            self.sent_bytes = len(body)
+        data += proto.send(_END)
+        await conn.send_all(data)
+
+    async def start(self, status: int, headers: HeaderList) -> None:
+        if self.started:
+            raise RuntimeError("response already started")
+        conn = self.conn
+        proto = conn.proto
+        if proto.their_http_version == b"1.1" and not self.head_only:
+            framing = b"transfer-encoding: chunked\r\n"
+            head = response_head(status, headers, self.request_id, framing, self._closes())
+            if head is not None:
+                self.direct = self.chunked = True
+                self.status = status
+                await conn.send_all(head)
+                return
+        head = proto.send(self._head(status, headers, None))
+        # h11 picked chunked framing iff it announced it (HTTP/1.1 client, no length).
+        self.chunked = b"\r\ntransfer-encoding: chunked\r\n" in (head or b"").lower()
+        await conn.send_all(head)
+
+    async def send(self, data: bytes) -> None:
+        if not data or self.head_only:
+            return
+        self.sent_bytes += len(data)
+        if self.chunked:
+            # RFC 9112 §7.1 chunk framing, done here rather than through an h11 Data event
+            # per SSE chunk (and inline rather than in protocol/h1: it runs per chunk): h11
+            # keeps no count in chunked mode, and still writes the last chunk
+            # (EndOfMessage) itself.
+            await self.conn.send_all(b"%x\r\n%b\r\n" % (len(data), data))
+            return
+        await self.conn.send_all(self.conn.proto.send(h11.Data(data=data)))
+
+    async def finish(self) -> None:
+        if not self.started:
+            await self.respond(500, JSON_HEADERS, errors.GatewayError("No response.").body())
+        elif self.direct:
+            if self.chunked:
+                await self.conn.send_all(LAST_CHUNK)
+        elif self.conn.proto.our_state is h11.SEND_BODY:
+            await self.conn.send_all(self.conn.proto.send(h11.EndOfMessage()))
