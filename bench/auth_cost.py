@@ -2,8 +2,8 @@
 gateway's CPU per request: the precise companion of ``auth_h1`` / ``auth_limits_h1``.
 
 Two gateway processes compared under load on a shared machine differ by more noise than a
-few percent; this times exactly the per-request calls ``Api._generate`` makes for auth and
-limits, on the gateway's own objects:
+few percent; this times exactly the per-request calls the service (``Service.authenticate``
+and its admission) makes for auth and limits, on the gateway's own objects:
 
 * ``open``     auth disabled: ``KeyStore.authenticate`` returns the anonymous principal;
   ``RateLimiter.check`` / ``reconcile`` with no limits (what ``chat_h1`` pays);

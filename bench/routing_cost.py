@@ -1,8 +1,8 @@
 """What routing and breaker bookkeeping cost per request, in-process, against the gateway's
 CPU per request.
 
-For each request the API (``Api._serve``) resolves the model, derives the request's
-constraints, filters and orders the candidates, orders groups of deployments, emits
+For each request the service (``Service.route``, ``_plan``) resolves the model, derives the
+request's constraints, filters and orders the candidates, orders groups of deployments, emits
 ``router.decide`` and runs the call through the failover executor, which picks a deployment
 (breaker, pause and cap checks), holds its slot, hands the call its attempt deadline (the
 upstream pool's own scopes enforce it: no cancel scope per attempt) and records the

@@ -17,7 +17,8 @@ attempt starts after the deadline, and none backs off after the last attempt.
 Non-retryable errors (400, 401, 404, content policy) go straight back to the client.
 
 Streams fail over the same way until their first payload is in hand; only then is the
-client's response started (the *commit*), after which failures end the stream in-band.
+stream handed to its reader (the *commit*: :meth:`Failover.open_stream`, in
+:mod:`.failover_stream`), after which failures end the stream in-band.
 With hedging on for the model, a second candidate is started when the first has produced
 nothing after the hedge delay, if one can take a request right then (a hedge never waits);
 the first to produce a payload commits and the other is cancelled at once (its upstream
@@ -28,14 +29,15 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 
 import attrs
 import trio
 
 from runestone_proxy import telemetry
 from runestone_proxy.errors import GatewayError, ServiceUnavailable, UpstreamTimeout
+from runestone_proxy.gateway import failover_stream
 from runestone_proxy.gateway.backoff import backoff_s
 from runestone_proxy.gateway.breaker import HALF_OPEN
 from runestone_proxy.gateway.deployments import (
@@ -44,38 +46,14 @@ from runestone_proxy.gateway.deployments import (
     Slot,
     emit_transition,
 )
-from runestone_proxy.gateway.pipeline import PayloadStream, Providers
+from runestone_proxy.gateway.failover_stream import (
+    CallFor,
+    CommittedStream,
+    counts_against_health,
+    emit_retry,
+)
+from runestone_proxy.gateway.pipeline import Providers
 from runestone_proxy.gateway.routing import Target
-from runestone_proxy.providers.base import ProviderCall
-
-CallFor = Callable[[Target], ProviderCall]
-Relay = Callable[[Target, PayloadStream, list[bytes] | None], Awaitable[None]]
-
-
-def _counts_against_health(exc: GatewayError) -> bool:
-    """Provider-side trouble trips breakers; a client's own 4xx or a 429 does not."""
-    return exc.is_retryable and exc.http_status != 429
-
-
-@attrs.define(eq=False)
-class _Commit:
-    winner: Target | None = None
-    winner_key: int | None = None
-    scopes: dict[int, trio.CancelScope] = attrs.Factory(dict)
-    first_or_done: trio.Event = attrs.Factory(trio.Event)
-    #: Attempts spent beyond the first (a hedge).
-    extra: int = 0
-
-    def claim(self, target: Target, key: int) -> bool:
-        if self.winner is not None:
-            return False
-        self.winner = target
-        self.winner_key = key
-        for other, scope in self.scopes.items():
-            if other != key:
-                scope.cancel()
-        self.first_or_done.set()
-        return True
 
 
 @attrs.define(eq=False)
@@ -169,7 +147,7 @@ class Failover:
         retry_after = getattr(exc, "retry_after_s", None)
         if exc.http_status == 429 and retry_after:
             d.paused_until = max(d.paused_until, now + float(retry_after))
-        self.deployments.record(d, not _counts_against_health(exc), (now - started) * 1000, now)
+        self.deployments.record(d, not counts_against_health(exc), (now - started) * 1000, now)
 
     # --- whole answers -------------------------------------------------------------------------
 
@@ -221,60 +199,18 @@ class Failover:
             last = exc
             tried.add(target.provider)
             if attempt + 1 < routing.max_attempts:
-                _emit_retry(target, exc, attempt)
+                emit_retry(target, exc, attempt)
         assert last is not None
         raise last
 
     # --- streams -------------------------------------------------------------------------------
 
-    async def stream(
-        self, targets: list[Target], call_for: CallFor, providers: Providers, relay: Relay
-    ) -> None:
-        routing = self.deployments.routing
-        deadline = trio.current_time() + routing.deadline_s
-        tried: set[str] = set()
-        last: GatewayError | None = None
-        attempt = 0
-        while attempt < routing.max_attempts:
-            if attempt:
-                await self._backoff(attempt, targets, tried, deadline)
-            now = trio.current_time()
-            picked = self._take_now(targets, tried, now) if now < deadline else None
-            if picked is None:
-                picked = await self._wait_for_candidate(targets, tried, deadline, last)
-            target, slot = picked
-            attempt += 1
-            commit = _Commit()
-            hedge = self._hedge_delay(target)
-            try:
-                if hedge is not None and attempt < routing.max_attempts and len(targets) > 1:
-                    await self._hedged(
-                        target,
-                        slot,
-                        targets,
-                        tried,
-                        hedge,
-                        deadline,
-                        call_for,
-                        providers,
-                        relay,
-                        commit,
-                    )
-                else:
-                    await self._attempt(
-                        target, slot, 0, deadline, call_for, providers, relay, commit
-                    )
-                return
-            except GatewayError as exc:
-                if commit.winner is not None or not exc.is_retryable:
-                    raise
-                last = exc
-                attempt += commit.extra
-                tried.add(target.provider)
-                if attempt < routing.max_attempts:
-                    _emit_retry(target, exc, attempt - 1)
-        assert last is not None
-        raise last
+    def open_stream(
+        self, targets: list[Target], call_for: CallFor, providers: Providers
+    ) -> AbstractAsyncContextManager[CommittedStream]:
+        """``async with failover.open_stream(...) as stream:`` the first attempt to produce
+        payloads, with them in ``stream.first`` (see :mod:`.failover_stream`)."""
+        return failover_stream.open_stream(self, targets, call_for, providers)
 
     def _hedge_delay(self, target: Target) -> float | None:
         entry = target.entry
@@ -285,112 +221,6 @@ class Failover:
             if observed is not None:
                 return observed
         return None if entry.hedge_delay_ms is None else entry.hedge_delay_ms / 1000
-
-    async def _attempt(
-        self,
-        target: Target,
-        slot: Slot,
-        key: int,
-        deadline: float,
-        call_for: CallFor,
-        providers: Providers,
-        relay: Relay,
-        commit: _Commit,
-    ) -> None:
-        """One upstream stream: connect, wait for the first payloads, then commit and relay."""
-        d = slot.deployment
-        started = trio.current_time()
-        committed = False
-        limit = min(deadline, started + self.deployments.routing.attempt_timeout_s)
-        try:
-            # Until the commit, the whole attempt (connect, head, first chunk) is bounded.
-            with slot, trio.CancelScope(deadline=limit) as bounded:
-                async with providers.open_stream(target, call_for(target)) as stream:
-                    first = await stream.next()
-                    bounded.deadline = math.inf
-                    ttft_ms = (trio.current_time() - started) * 1000
-                    if not commit.claim(target, key):
-                        slot.release_probe()
-                        return  # another hedged attempt won
-                    committed = True
-                    d.ttft_ms.append(ttft_ms)
-                    self.deployments.record(d, True, ttft_ms)
-                    await relay(target, _Recorded(stream, self, d), first)
-            if bounded.cancelled_caught and not committed:
-                raise UpstreamTimeout(
-                    f"{target.provider} produced no first chunk within "
-                    f"{'the routing deadline' if limit == deadline else 'the attempt timeout'}."
-                )
-        except GatewayError as exc:
-            if committed:
-                raise
-            self._failed(d, exc, started)
-            raise
-        except BaseException:
-            if not committed:
-                slot.release_probe()
-                telemetry.emit(
-                    "provider.request.cancelled",
-                    provider=target.provider,
-                    reason="hedge lost" if commit.winner else "cancelled",
-                )
-            raise
-
-    async def _hedged(
-        self,
-        primary: Target,
-        slot: Slot,
-        targets: list[Target],
-        tried: set[str],
-        delay: float,
-        deadline: float,
-        call_for: CallFor,
-        providers: Providers,
-        relay: Relay,
-        commit: _Commit,
-    ) -> None:
-        """Race ``primary`` against a second candidate started after ``delay``.
-
-        Raises the primary's error when no attempt committed (the caller then fails over as
-        usual), or the winner's error after it committed. ``commit.extra`` counts the hedge;
-        every other deployment that failed here is added to ``tried``."""
-        errors: list[GatewayError] = []
-        after_commit: list[GatewayError] = []
-
-        async def run(target: Target, slot: Slot, key: int) -> None:
-            with trio.CancelScope() as scope:
-                commit.scopes[key] = scope
-                if commit.winner is not None:
-                    scope.cancel()  # the other attempt won before this one started
-                try:
-                    await self._attempt(
-                        target, slot, key, deadline, call_for, providers, relay, commit
-                    )
-                except GatewayError as exc:
-                    if commit.winner_key == key:
-                        after_commit.append(exc)  # raised below, outside the nursery
-                        return
-                    errors.append(exc)
-                    if target is not primary:
-                        tried.add(target.provider)
-                finally:
-                    if key == 0:
-                        commit.first_or_done.set()
-
-        # The slots are taken: each task enters its slot before its first checkpoint.
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(run, primary, slot, 0)
-            with trio.move_on_after(delay):
-                await commit.first_or_done.wait()
-            if commit.winner is None and not errors:
-                picked = self._hedge_now(primary, targets, tried, delay)
-                if picked is not None:
-                    commit.extra = 1
-                    nursery.start_soon(run, *picked, 1)
-        if after_commit:
-            raise after_commit[0]
-        if commit.winner is None:
-            raise errors[0] if errors else UpstreamTimeout("No hedged attempt produced a chunk.")
 
     def _hedge_now(
         self, primary: Target, targets: list[Target], tried: set[str], delay: float
@@ -407,35 +237,3 @@ class Failover:
                 delay_ms=round(delay * 1000, 1),
             )
         return picked
-
-
-@attrs.define(eq=False)
-class _Recorded:
-    """The committed stream, as the relay sees it: a death after the first byte still counts
-    against the deployment's breaker, though it can no longer fail over."""
-
-    stream: PayloadStream
-    failover: Failover
-    deployment: Deployment
-
-    @property
-    def usage(self) -> Mapping[str, Any] | None:
-        return self.stream.usage
-
-    async def next(self) -> list[bytes] | None:
-        try:
-            return await self.stream.next()
-        except GatewayError as exc:
-            self.failover.deployments.record(self.deployment, not _counts_against_health(exc), None)
-            raise
-
-
-def _emit_retry(target: Target, exc: GatewayError, attempt: int) -> None:
-    telemetry.emit(
-        "router.retry",
-        provider=target.provider,
-        model=target.model,
-        attempt=attempt,
-        status=exc.http_status,
-        code=exc.code,
-    )

@@ -44,6 +44,7 @@ from runestone_proxy import config as config_mod
 from runestone_proxy import logs, metrics, telemetry
 from runestone_proxy.config import Config, ConfigError
 from runestone_proxy.gateway.deployments import providers_view
+from runestone_proxy.gateway.service import Service
 from runestone_proxy.server import aliases, systemd
 from runestone_proxy.server.api import Api
 from runestone_proxy.server.drainer import RESULT_OVERHEAD_BYTES, run_drainer
@@ -85,7 +86,10 @@ class App:
     notifier: systemd.Notifier
     shutdown: trio.Event = attrs.Factory(trio.Event)
     pool: UpstreamPool = attrs.field(kw_only=True)
+    service: Service = attrs.field(kw_only=True)
     api: Api = attrs.field(kw_only=True)
+    #: The aliases file (RUNESTONE_ALIASES_PATH) as the service sees it.
+    aliases: aliases.ServiceAliases = attrs.field(kw_only=True)
     store: Store = attrs.field(kw_only=True)
 
     @classmethod
@@ -100,9 +104,11 @@ class App:
             idle_timeout_s=up.idle_timeout_s,
             proxy_env=env,
         )
-        api = Api.build(config, env, pool)
+        aliases_path, file_aliases = aliases.ServiceAliases.at_start(config, env)
+        service = Service.build(config, env, pool, file_aliases)
+        api = Api(service)
         store = Store.from_config(config, env)
-        api.store = store
+        service.store = store
         api.add_routes(gateway.router)
         # The main port's detailed health views need a key once keys exist (a tenant's key
         # sees its own tenant); the health port is the operator's and shows everything.
@@ -110,11 +116,12 @@ class App:
         add_health_routes(gateway.router, gateway, main_scope)
         add_job_routes(gateway.router, store, api.authenticate)
         gateway.reload_hooks.append(store.apply_config)
-        gateway.components["capacity"] = api.capacity.snapshot
-        gateway.reload_hooks.append(api.reload)
+        gateway.components["capacity"] = service.capacity.snapshot
+        service_aliases = aliases.ServiceAliases(service, aliases_path)
+        gateway.reload_hooks.append(service_aliases.reload)
 
         def providers_health() -> dict[str, Any]:
-            return providers_view(api.deployments, api.routing.unavailable)
+            return providers_view(service.deployments, service.routing.unavailable)
 
         for router, scope in (
             (gateway.router, main_scope),
@@ -122,7 +129,7 @@ class App:
         ):
             add_providers_route(router, providers_health, scope)
             add_metrics_route(router, scope)
-        _register_gauges(gateway, pool, api)
+        _register_gauges(gateway, pool, service)
         gateway.components["upstream"] = lambda: {
             "status": "ok",
             "open_connections": pool.open_connections,
@@ -137,12 +144,14 @@ class App:
             health_gateway,
             notifier,
             pool=pool,
+            service=service,
             api=api,
+            aliases=service_aliases,
             store=store,
         )
 
     def _warn_if_open(self) -> None:
-        if not self.api.keys.open:
+        if not self.service.keys.open:
             return
         host = self.config.server.host
         loopback = host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
@@ -205,8 +214,8 @@ class App:
             await root.start(self._signals)
             await root.start(self.gateway.slow_watch.run)
             await root.start(self.pool.watch.run)
-            if self.api.aliases_path is not None:
-                await root.start(aliases.watch, self.api.aliases_path, self.api.reload_aliases)
+            if self.aliases.path is not None:
+                await root.start(aliases.watch, self.aliases.path, self.aliases.reload_aliases)
             interval = systemd.watchdog_interval(self.env)
             if interval is not None:
                 await root.start(systemd.watchdog_loop, self.notifier, interval)
@@ -251,8 +260,8 @@ class App:
             drain = partial(
                 run_drainer,
                 self.store,
-                self.api.run_job,
-                self.api.capacity,
+                self.service.run_job,
+                self.service.capacity,
                 self.config.overflow,
                 env=self.env,
                 max_result_bytes=self.config.upstream.max_response_bytes + RESULT_OVERHEAD_BYTES,
@@ -317,7 +326,7 @@ class App:
 _BREAKER_VALUE = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
 
 
-def _register_gauges(gateway: Gateway, pool: UpstreamPool, api: Api) -> None:
+def _register_gauges(gateway: Gateway, pool: UpstreamPool, service: Service) -> None:
     metrics.REGISTRY.gauge(
         "runestone_open_connections",
         "Client connections open on the main port.",
@@ -335,7 +344,7 @@ def _register_gauges(gateway: Gateway, pool: UpstreamPool, api: Api) -> None:
         "runestone_provider_in_flight",
         "Requests in flight per provider deployment.",
         lambda: [
-            ((("provider", n),), float(d.in_flight)) for n, d in api.deployments.by_name.items()
+            ((("provider", n),), float(d.in_flight)) for n, d in service.deployments.by_name.items()
         ],
     )
     metrics.REGISTRY.gauge(
@@ -343,7 +352,7 @@ def _register_gauges(gateway: Gateway, pool: UpstreamPool, api: Api) -> None:
         "Breaker state per deployment: 0 closed, 1 half-open, 2 open.",
         lambda: [
             ((("provider", n),), _BREAKER_VALUE[d.breaker.state.value])
-            for n, d in api.deployments.by_name.items()
+            for n, d in service.deployments.by_name.items()
         ],
     )
 

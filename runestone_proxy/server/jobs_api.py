@@ -1,13 +1,13 @@
-"""The jobs API: ``GET /v1/jobs/{job_id}``, and :func:`accept_async`, which turns a request
-into a durable job and answers ``202 Accepted``.
+"""The jobs API: ``GET /v1/jobs/{job_id}``, and :func:`answer_parked`, the ``202 Accepted``
+for a request the service parked as a durable job.
 
-``accept_async`` commits first and answers after: by the time the client reads the 202 the
-job is in the WAL on disk (group commit, see server/store.py), so a crash cannot lose it.
-An ``Idempotency-Key`` header that the same tenant already used within
-``idempotency_window_s`` answers with the job it created then (status as it is now),
-marked ``idempotent-replayed: true``, and runs nothing twice: the API asks
-:func:`replay_idempotent` before it serves a request live, so this holds even when the
-retry finds the tenant with room.
+The service (``gateway/admission.py``) commits the job first and the handler answers after:
+by the time the client reads the 202 the job is in the WAL on disk (group commit, see
+server/store.py), so a crash cannot lose it. An ``Idempotency-Key`` header that the same
+tenant already used within ``idempotency_window_s`` answers with the job it created then
+(status as it is now), marked ``idempotent-replayed: true``, and runs nothing twice: the
+service looks for it before it serves a request live, so this holds even when the retry
+finds the tenant with room.
 
 Jobs belong to tenants: a key of another tenant gets 404 ``not_found``, exactly as for an id
 that never existed, so job ids leak nothing.
@@ -19,17 +19,15 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from runestone_proxy import telemetry
-from runestone_proxy.errors import InvalidParam, NotFound
+from runestone_proxy.errors import NotFound
+from runestone_proxy.gateway.admission import Parked
 from runestone_proxy.gateway.auth import Principal
-from runestone_proxy.gateway.overflow import Job, NewJob, job_view
+from runestone_proxy.gateway.overflow import Job, job_view
 from runestone_proxy.gateway.queue import JobQueue
 from runestone_proxy.server.http import JSON_HEADERS, Request, Responder
 from runestone_proxy.server.router import Router
 
 Authenticate = Callable[[Request], Principal]
-
-_MAX_IDEMPOTENCY_KEY = 255
 
 
 def _dumps(value: Any) -> bytes:
@@ -51,81 +49,10 @@ def add_job_routes(router: Router, store: JobQueue, authenticate: Authenticate) 
     router.add("GET", "/v1/jobs/{job_id}", get_job)
 
 
-def idempotency_key(request: Request) -> str | None:
-    """The ``Idempotency-Key`` header: 1-255 printable ASCII characters, else 400."""
-    value = request.header(b"idempotency-key")
-    if value is None:
-        return None
-    if not 0 < len(value) <= _MAX_IDEMPOTENCY_KEY or not all(0x20 <= b <= 0x7E for b in value):
-        raise InvalidParam(
-            f"The Idempotency-Key header must be 1 to {_MAX_IDEMPOTENCY_KEY} printable "
-            "ASCII characters.",
-            param="Idempotency-Key",
-            code="invalid_idempotency_key",
-        )
-    return value.decode("ascii")
-
-
-async def accept_async(
-    store: JobQueue,
-    request: Request,
-    responder: Responder,
-    principal: Principal,
-    endpoint: str,
-    raw: bytes,
-    webhook_url: str | None,
-) -> None:
-    """Commit the request as a job, then answer ``202`` with its id and ``Location``.
-
-    ``raw`` is stored as it came (the runner parses it again); ``webhook_url`` is the body's,
-    already checked (``overflow.check_webhook_url``). Raises 429 ``RateLimited`` past the
-    tenant's ``max_queued_jobs``, 503 if the store fails, 400 for a bad ``Idempotency-Key``."""
-    job = NewJob(
-        tenant=principal.tenant,
-        request_id=request.request_id,
-        endpoint=endpoint,
-        body=raw,
-        webhook_url=webhook_url,
-        idempotency_key=idempotency_key(request),
-    )
-    enqueued = await store.enqueue(job)
-    replayed = not enqueued.created
-    _emit_enqueue(request, principal, enqueued.job, enqueued.queue_depth, replayed)
-    await _accepted(responder, enqueued.job, replayed=replayed)
-
-
-async def replay_idempotent(
-    store: JobQueue, request: Request, responder: Responder, principal: Principal
-) -> bool:
-    """Answer a request whose ``Idempotency-Key`` already made a job (same tenant, within the
-    window) with that job, as :func:`accept_async` would, whether or not the tenant has room
-    now: a retry never runs the request a second time, live or queued. False (nothing sent)
-    if there is no such job, no key, or no open store; 400 for a malformed key."""
-    key = idempotency_key(request)
-    if key is None or not store.is_open:
-        return False
-    twin = await store.find_idempotent(principal.tenant, key)
-    if twin is None:
-        return False
-    _emit_enqueue(request, principal, twin, None, replayed=True)
-    await _accepted(responder, twin, replayed=True)
-    return True
-
-
-def _emit_enqueue(
-    request: Request, principal: Principal, job: Job, queue_depth: int | None, replayed: bool
-) -> None:
-    """``overflow.enqueue``: a job accepted, or an earlier one answered again (``replayed``)."""
-    telemetry.emit(
-        "overflow.enqueue",
-        tenant=principal.tenant,
-        key_mask=principal.key_mask,
-        request_id=request.request_id,
-        job_id=job.id,
-        endpoint=job.endpoint,
-        queue_depth=queue_depth,
-        replayed=replayed,
-    )
+async def answer_parked(responder: Responder, parked: Parked) -> None:
+    """``202`` with the parked job's id, status and ``Location`` (``idempotent-replayed``
+    for a job an earlier request with the same ``Idempotency-Key`` made)."""
+    await _accepted(responder, parked.job, replayed=parked.replayed)
 
 
 async def _accepted(responder: Responder, job: Job, *, replayed: bool) -> None:

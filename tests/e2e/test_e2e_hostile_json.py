@@ -281,7 +281,7 @@ async def queued(
     )
     gateway = await start_gateway(config)
     headers = {} if policy == "queue" else {"prefer": "respond-async"}
-    async with gateway.app.api.capacity.slot("default"):
+    async with gateway.app.service.capacity.slot("default"):
         yield Queued(gateway, headers)
 
 
@@ -341,7 +341,7 @@ async def test_a_reload_while_a_request_waits_for_its_slot_re_routes_it(
         base, tenants={"default": TenantConfig(max_concurrent=1, on_limit="wait", max_wait_ms=1e4)}
     )
     gateway = await start_gateway(config)
-    capacity = gateway.app.api.capacity
+    capacity = gateway.app.service.capacity
     answers: list[httpx.Response] = []
     with trio.fail_after(TIMEOUT_S):
         async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as http:

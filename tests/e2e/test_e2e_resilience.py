@@ -396,16 +396,16 @@ async def test_alias_hot_reload_while_streams_are_in_flight(
             await alpha.first_sent.wait()  # the stream is in flight, resolved to alpha
 
             path.write_text('fast = "beta:m"\n')
-            assert app.api.reload_aliases()
+            assert app.aliases.reload_aliases()
             assert await ask_fast(client) == "beta"
             listed = (await client.get("/v1/models")).json()["data"]
             assert {"id": "fast", "alias_for": "beta:m"}.items() <= _by_id(listed, "fast").items()
 
             path.write_text('fast = "gpt-nope"\n')  # invalid: the old table stays
-            assert not app.api.reload_aliases()
+            assert not app.aliases.reload_aliases()
             assert await ask_fast(client) == "beta"
             path.write_text('fast = "beta:m"\nloop = "loop"\n')
-            assert not app.api.reload_aliases()
+            assert not app.aliases.reload_aliases()
             assert await ask_fast(client) == "beta"
 
             alpha.release.set()  # the in-flight stream finishes from its old target

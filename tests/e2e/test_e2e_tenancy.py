@@ -121,7 +121,7 @@ class Gateway:
 
     @property
     def capacity(self) -> Any:
-        return self.app.api.capacity
+        return self.app.service.capacity
 
 
 Start = Callable[..., Awaitable[Gateway]]

@@ -210,6 +210,14 @@ class Relay:
             payloads = await stream.next()
 
 
+async def relay_stream(
+    failover: Failover, targets: list[Target], call_for: Any, providers: Any, relay: Relay
+) -> None:
+    """The handler's side of ``Failover.open_stream``: read the committed stream to its end."""
+    async with failover.open_stream(targets, call_for, providers) as stream:
+        await relay(stream.target, stream, stream.first)
+
+
 @pytest.fixture
 def events() -> Iterator[telemetry.Recorder]:
     recorder = telemetry.Recorder()
@@ -487,7 +495,7 @@ async def test_max_concurrent_is_never_exceeded_under_a_burst(
     async def one() -> None:
         if streamed:
             relay = Relay()
-            await failover.stream(targets, call_for, stub, relay)  # type: ignore[arg-type]
+            await relay_stream(failover, targets, call_for, stub, relay)  # type: ignore[arg-type]
             done.append(relay.targets[0])
         else:
             target, _ = await failover.complete(targets, call_for, stub)  # type: ignore[arg-type]
@@ -535,7 +543,7 @@ async def test_no_attempt_starts_after_the_deadline(
     failover, targets = make("ab", deadline_s=5.0)
     stub = StubProviders({"a": [STALL], "b": [OK]})
     run = (
-        failover.stream(targets, call_for, stub, Relay())  # type: ignore[arg-type]
+        relay_stream(failover, targets, call_for, stub, Relay())  # type: ignore[arg-type]
         if streamed
         else failover.complete(targets, call_for, stub)  # type: ignore[arg-type]
     )
@@ -557,7 +565,7 @@ async def test_a_stream_fails_over_before_its_first_chunk(
     stub = StubProviders({"a": [fail(refused)], "b": [fail(server_error, delay_s=0.5)], "c": [OK]})
     relay = Relay()
     with trio.fail_after(LIMIT_S):
-        await failover.stream(targets, call_for, stub, relay)  # type: ignore[arg-type]
+        await relay_stream(failover, targets, call_for, stub, relay)  # type: ignore[arg-type]
     assert relay.targets == ["c"]  # the client saw one stream, from c only
     assert relay.payloads == [b"c:1", b"c:2", b"c:3"]
     assert stub.called() == ["a", "b", "c"]
@@ -570,7 +578,7 @@ async def test_a_stream_that_dies_after_its_first_chunk_is_not_retried(
     stub = StubProviders({"a": [Step(die_after=2)], "b": [OK]})
     relay = Relay()
     with trio.fail_after(LIMIT_S), pytest.raises(UpstreamProtocolError):
-        await failover.stream(targets, call_for, stub, relay)  # type: ignore[arg-type]
+        await relay_stream(failover, targets, call_for, stub, relay)  # type: ignore[arg-type]
     assert relay.targets == ["a"]
     assert relay.payloads == [b"a:1", b"a:2"]
     assert stub.called() == ["a"]
@@ -582,7 +590,7 @@ async def test_a_stream_non_retryable_error_is_returned_at_once(
     failover, targets = make("ab")
     stub = StubProviders({"a": [fail(bad_request)], "b": [OK]})
     with trio.fail_after(LIMIT_S), pytest.raises(ProviderError):
-        await failover.stream(targets, call_for, stub, Relay())  # type: ignore[arg-type]
+        await relay_stream(failover, targets, call_for, stub, Relay())  # type: ignore[arg-type]
     assert stub.called() == ["a"]
 
 
@@ -596,7 +604,7 @@ async def test_hedge_starts_a_second_candidate_and_cancels_the_stalled_primary(
     stub = StubProviders({"a": [STALL], "b": [Step(delay_s=0.2)]})
     relay = Relay()
     with trio.fail_after(LIMIT_S):
-        await failover.stream(targets, call_for, stub, relay)  # type: ignore[arg-type]
+        await relay_stream(failover, targets, call_for, stub, relay)  # type: ignore[arg-type]
     assert relay.targets == ["b"]
     assert relay.payloads == [b"b:1", b"b:2", b"b:3"]
     assert stub.calls == [("a", 0.0), ("b", 0.5)]
@@ -618,7 +626,7 @@ async def test_a_hedge_winner_that_dies_mid_stream_raises_its_own_error(
     stub = StubProviders({"a": [STALL], "b": [Step(die_after=1)]})
     relay = Relay()
     with trio.fail_after(LIMIT_S), pytest.raises(UpstreamProtocolError):
-        await failover.stream(targets, call_for, stub, relay)  # type: ignore[arg-type]
+        await relay_stream(failover, targets, call_for, stub, relay)  # type: ignore[arg-type]
     assert relay.payloads == [b"b:1"]
     assert stub.cancelled == ["a"]
     assert stub.called() == ["a", "b"]  # committed: no failover after the first chunk
@@ -631,7 +639,7 @@ async def test_no_hedge_when_the_primary_answers_in_time(
     stub = StubProviders({"a": [Step(delay_s=0.4)], "b": [OK]})
     relay = Relay()
     with trio.fail_after(LIMIT_S):
-        await failover.stream(targets, call_for, stub, relay)  # type: ignore[arg-type]
+        await relay_stream(failover, targets, call_for, stub, relay)  # type: ignore[arg-type]
     assert relay.targets == ["a"]
     assert stub.called() == ["a"]
 
@@ -643,7 +651,7 @@ async def test_hedge_primary_wins_when_it_answers_first_after_the_delay(
     stub = StubProviders({"a": [Step(delay_s=0.7)], "b": [Step(delay_s=1.0)]})
     relay = Relay()
     with trio.fail_after(LIMIT_S):
-        await failover.stream(targets, call_for, stub, relay)  # type: ignore[arg-type]
+        await relay_stream(failover, targets, call_for, stub, relay)  # type: ignore[arg-type]
     assert relay.targets == ["a"]
     assert relay.payloads == [b"a:1", b"a:2", b"a:3"]
     assert stub.cancelled == ["b"]
@@ -661,7 +669,7 @@ async def test_hedge_is_skipped_when_no_second_candidate_is_available_now(
     stub = StubProviders({"a": [Step(delay_s=2.0)], "b": [OK]})
     relay = Relay()
     with trio.fail_after(LIMIT_S):
-        await failover.stream(targets, call_for, stub, relay)  # type: ignore[arg-type]
+        await relay_stream(failover, targets, call_for, stub, relay)  # type: ignore[arg-type]
     assert relay.targets == ["a"]
     assert stub.called() == ["a"]
     assert trio.current_time() == 2.0
@@ -680,7 +688,7 @@ async def test_hedge_skipped_when_the_second_candidate_is_past_the_deadline(
     stub = StubProviders({"a": [Step(delay_s=2.0)], "b": [OK]})
     relay = Relay()
     with trio.fail_after(LIMIT_S):
-        await failover.stream(targets, call_for, stub, relay)  # type: ignore[arg-type]
+        await relay_stream(failover, targets, call_for, stub, relay)  # type: ignore[arg-type]
     assert relay.targets == ["a"]
 
 
@@ -691,7 +699,7 @@ async def test_hedged_primary_failure_fails_over_without_waiting_for_the_delay(
     stub = StubProviders({"a": [fail(server_error, delay_s=0.1)], "b": [OK], "c": [OK]})
     relay = Relay()
     with trio.fail_after(LIMIT_S):
-        await failover.stream(targets, call_for, stub, relay)  # type: ignore[arg-type]
+        await relay_stream(failover, targets, call_for, stub, relay)  # type: ignore[arg-type]
     assert relay.targets == ["b"]
     assert stub.calls == [("a", 0.0), ("b", 0.1)]
 
@@ -702,7 +710,7 @@ async def test_hedged_attempts_count_against_max_attempts(
     failover, targets = make("abcd", hedge_delay_ms=500.0, max_attempts=3)
     stub = StubProviders({n: [fail(server_error, delay_s=1.0)] for n in "abcd"})
     with trio.fail_after(LIMIT_S), pytest.raises(ProviderError):
-        await failover.stream(targets, call_for, stub, Relay())  # type: ignore[arg-type]
+        await relay_stream(failover, targets, call_for, stub, Relay())  # type: ignore[arg-type]
     # a, hedged by b after 0.5 s (two attempts), both fail; one attempt left: c.
     assert stub.called() == ["a", "b", "c"]
 

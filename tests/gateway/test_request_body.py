@@ -1,7 +1,7 @@
 """The request validator as a pure function over bytes (issue 10, item 7): a body is either
 a parsed, validated, routed request or a :class:`GatewayError` with a 4xx status whose body
-is OpenAI's envelope, whatever the bytes. ``validator`` is what ``Api._generate`` runs
-before it answers (live or 202): ``parse_object`` then ``Api._route``.
+is OpenAI's envelope, whatever the bytes. ``validator`` is what ``Service.accept`` runs
+before any answer (live or 202): ``parse_object`` then ``Service.route``.
 
 Hypothesis runs derandomized (fixed seed) so the suite is reproducible.
 """
@@ -18,16 +18,16 @@ from hypothesis import strategies as st
 
 from runestone_proxy.config import Config, ModelConfig, ProviderConfig
 from runestone_proxy.errors import GatewayError, InvalidJSON
-from runestone_proxy.gateway.routing import RoutingTable
-from runestone_proxy.providers.base import Endpoint
-from runestone_proxy.providers.json_codec import dumps
-from runestone_proxy.server.api import Api, Route
-from runestone_proxy.server.request_body import (
+from runestone_proxy.gateway.request_body import (
     MAX_DEPTH,
     _careful_object,
     _fast_object,
     parse_object,
 )
+from runestone_proxy.gateway.routing import RoutingTable
+from runestone_proxy.gateway.service import Route, Service
+from runestone_proxy.providers.base import Endpoint
+from runestone_proxy.providers.json_codec import dumps
 
 CONFIG = Config(
     providers=(ProviderConfig("mock", "mock"),),
@@ -45,7 +45,7 @@ FUZZ = settings(derandomize=True, max_examples=200, deadline=None)
 
 def validator(endpoint: Endpoint, raw: bytes) -> tuple[dict[str, Any], Route]:
     body = parse_object(raw)
-    return body, Api._route(API, endpoint, body, len(raw))  # type: ignore[arg-type]
+    return body, Service.route(API, endpoint, body, len(raw))  # type: ignore[arg-type]
 
 
 def check(endpoint: Endpoint, raw: bytes) -> dict[str, Any] | None:

@@ -1,4 +1,9 @@
-"""Request bodies at the API edge: parse once, strictly, and check the fields Runestone reads.
+"""Request bodies, pure: parse once, strictly, and check the fields Runestone reads.
+
+The request service (:mod:`.service`) runs these for a live request and for a queued job
+alike (:func:`parse_object`, :func:`validate`, :func:`check_runestone_fields`), so both
+refuse the same bodies; no I/O here. :func:`check_idempotency_key` is the one header rule
+the service applies itself.
 
 What a generation body must be (the README's "Request bodies" says the same to users):
 
@@ -38,7 +43,7 @@ from json.decoder import JSONObject  # type: ignore[attr-defined]  # public, unt
 from typing import Any
 
 from runestone_proxy.errors import InvalidJSON, InvalidParam
-from runestone_proxy.providers.base import RUNESTONE_FIELDS
+from runestone_proxy.providers.base import RUNESTONE_FIELDS, Endpoint
 
 #: The deepest nesting accepted (the body object itself is level 1). A chat body with image
 #: parts is 6 deep; a tool's JSON schema adds 2 per nested object.
@@ -183,13 +188,46 @@ def _deeper_than(body: dict[str, Any], limit: int) -> bool:
 
 # --- the fields Runestone itself reads -------------------------------------------------------
 
+_REQUIRED = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
+
+
+def validate(endpoint: Endpoint, body: Mapping[str, Any]) -> None:
+    """400 for a body that lacks what ``endpoint`` needs (``model``, the messages, the prompt
+    or the input) or whose ``stream``/``stream_options`` have the wrong type."""
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise InvalidParam("you must provide a model parameter", param="model")
+    field = _REQUIRED[endpoint]
+    value = body.get(field)
+    if value is None:
+        raise InvalidParam(
+            f"Missing required parameter: '{field}'.",
+            param=field,
+            code="missing_required_parameter",
+        )
+    if endpoint == "chat":
+        if not isinstance(value, list) or not value:
+            raise InvalidParam("'messages' must be a non-empty array.", param="messages")
+        for index, message in enumerate(value):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise InvalidParam(
+                    f"Invalid message at index {index}: each message needs a 'role'.",
+                    param=f"messages[{index}]",
+                )
+    for flag in ("stream",):
+        if flag in body and not isinstance(body[flag], bool):
+            raise InvalidParam(f"'{flag}' must be a boolean.", param=flag)
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise InvalidParam("'stream_options' must be an object.", param="stream_options")
+
+
 #: The string-valued ones among :data:`~runestone_proxy.providers.base.RUNESTONE_FIELDS`.
 _STRING_FIELDS = ("provider", "model_family", "tenant_id", "webhook_url")
 _TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
 
 
 def check_runestone_fields(body: Mapping[str, Any]) -> None:
-    """400 for a bad value in a field Runestone reads beyond :func:`api.validate`'s: the
+    """400 for a bad value in a field Runestone reads beyond :func:`validate`'s: the
     routing extras' types, the token limits (TPM reservation), and valid Unicode in every
     string Runestone uses (``model`` included). Everything else is the provider's to judge."""
     model = body["model"]  # validate() made it a non-empty string
@@ -227,3 +265,20 @@ def _check_unicode(value: str, param: str) -> None:
             f"'{param}' contains an unpaired UTF-16 surrogate escape; it must be valid Unicode.",
             param=param,
         ) from None
+
+
+_MAX_IDEMPOTENCY_KEY = 255
+
+
+def check_idempotency_key(value: bytes | None) -> str | None:
+    """The ``Idempotency-Key`` header's value: 1-255 printable ASCII characters, else 400."""
+    if value is None:
+        return None
+    if not 0 < len(value) <= _MAX_IDEMPOTENCY_KEY or not all(0x20 <= b <= 0x7E for b in value):
+        raise InvalidParam(
+            f"The Idempotency-Key header must be 1 to {_MAX_IDEMPOTENCY_KEY} printable "
+            "ASCII characters.",
+            param="Idempotency-Key",
+            code="invalid_idempotency_key",
+        )
+    return value.decode("ascii")

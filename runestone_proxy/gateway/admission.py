@@ -1,0 +1,158 @@
+"""Admission and settlement of one generation request: the part of the request flow around
+the provider call.
+
+``async with Admission(service, generation) as parked:`` admits the request, or raises:
+
+1. the key's rate limits reserve the request (RPM/RPH, the TPM estimate);
+2. an ``Idempotency-Key`` the tenant already used answers with the job it made then
+   (``parked`` is that job, marked replayed): a retry never runs twice, live or queued;
+3. the tenant's capacity decides (:meth:`Capacity.slot`): ``Admit``/``Wait`` hold a slot for
+   the block (``parked`` is None: serve it now); ``Enqueue`` parks it as a durable job
+   (``parked`` is the new job, to answer ``202`` with); a reject raises 429.
+
+Leaving the block settles: a request that was served, replayed or parked counts, and its
+TPM estimate is reconciled with ``usage`` (the tokens the answer reported, set by the
+caller; None keeps the estimate); one refused for capacity, or whose client left while it
+waited, gives its reservation back. Every ``GatewayError`` leaving the block carries the
+key's ``x-ratelimit-*`` headers. A class rather than a generator context manager: it wraps
+every request, and a generator costs a few microseconds more per use.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import TYPE_CHECKING, final
+
+import attrs
+import trio
+
+from runestone_proxy import telemetry
+from runestone_proxy.errors import GatewayError, RateLimited
+from runestone_proxy.gateway.capacity import Slot
+from runestone_proxy.gateway.limits import Enqueue
+from runestone_proxy.gateway.overflow import Enqueued, Job, NewJob
+from runestone_proxy.gateway.rate_wire import Headers
+from runestone_proxy.gateway.ratelimit import Reservation
+from runestone_proxy.gateway.request_body import check_idempotency_key
+
+if TYPE_CHECKING:
+    from runestone_proxy.gateway.service import Generation, Service
+
+
+@final
+@attrs.frozen
+class Parked:
+    """A request answered with a durable job (``202 Accepted``): a new one, or the job an
+    earlier request with the same ``Idempotency-Key`` made (``replayed``)."""
+
+    job: Job
+    replayed: bool
+
+
+class Admission:
+    __slots__ = ("admitted", "gen", "reservation", "rl_headers", "service", "slot", "usage")
+
+    def __init__(self, service: Service, gen: Generation) -> None:
+        self.service = service
+        self.gen = gen
+        self.admitted = False
+        self.slot: Slot | None = None
+        #: The tokens the answer reported, for the TPM reconcile (None: keep the estimate).
+        self.usage: int | None = None
+        self.reservation: Reservation
+        #: The key's ``x-ratelimit-*`` headers, for every answer.
+        self.rl_headers: Headers
+
+    async def __aenter__(self) -> Parked | None:
+        gen = self.gen
+        self.reservation, self.rl_headers = self.service.ratelimiter.admit(
+            gen.principal, gen.body, gen.output_tokens, trio.current_time(), gen.request_id
+        )
+        try:
+            return await self._enter()
+        except BaseException as exc:
+            self._settle(exc)
+            raise
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.slot is not None:
+            await self.slot.__aexit__(exc_type, exc, tb)
+        self._settle(exc)
+
+    async def _enter(self) -> Parked | None:
+        service, gen = self.service, self.gen
+        store = service.store
+        if store is not None:
+            key = check_idempotency_key(gen.idempotency_key)
+            if key is not None and store.is_open:
+                twin = await store.find_idempotent(gen.principal.tenant, key)
+                if twin is not None:
+                    self.admitted = True  # answered from the stored job: it counts
+                    _emit_enqueue(gen, twin, None, replayed=True)
+                    return Parked(twin, True)
+        slot = service.capacity.slot(
+            gen.principal.tenant,
+            wants_async=gen.wants_async,
+            key_mask=gen.principal.key_mask,
+            request_id=gen.request_id,
+        )
+        decision = await slot.__aenter__()
+        if type(decision) is Enqueue:  # no slot held: a job runs when one frees
+            if store is None:
+                raise RateLimited(
+                    f"Tenant {gen.principal.tenant!r} is at capacity and no overflow queue "
+                    "is available.",
+                    retry_after_s=1,
+                )
+            self.admitted = True  # a durable job is served later: it counts now
+            enqueued = await store.enqueue(_new_job(gen))
+            replayed = not enqueued.created
+            _emit_enqueue(gen, enqueued.job, enqueued, replayed)
+            return Parked(enqueued.job, replayed)
+        self.slot = slot
+        self.admitted = True  # Admit, or a Wait that got its slot
+        return None
+
+    def _settle(self, exc: BaseException | None) -> None:
+        now = trio.current_time()
+        if self.admitted:
+            self.service.ratelimiter.reconcile(self.reservation, self.usage, now)
+        else:  # refused, or the client left while it waited for a slot
+            limits = self.gen.principal.limits
+            headers = self.service.ratelimiter.cancel(self.reservation, limits, now)
+            if isinstance(exc, GatewayError):
+                self.rl_headers = headers  # the quota as it stands after the refund
+        if isinstance(exc, GatewayError):
+            exc.headers = (*exc.headers, *self.rl_headers)
+
+
+def _new_job(gen: Generation) -> NewJob:
+    """The job a parked request becomes: its raw body as it came (the runner parses it
+    again), its checked ``webhook_url``."""
+    return NewJob(
+        tenant=gen.principal.tenant,
+        request_id=gen.request_id,
+        endpoint=gen.endpoint,
+        body=gen.raw,
+        webhook_url=gen.webhook_url,
+        idempotency_key=check_idempotency_key(gen.idempotency_key),
+    )
+
+
+def _emit_enqueue(gen: Generation, job: Job, enqueued: Enqueued | None, replayed: bool) -> None:
+    """``overflow.enqueue``: a job accepted, or an earlier one answered again (``replayed``)."""
+    telemetry.emit(
+        "overflow.enqueue",
+        tenant=gen.principal.tenant,
+        key_mask=gen.principal.key_mask,
+        request_id=gen.request_id,
+        job_id=job.id,
+        endpoint=job.endpoint,
+        queue_depth=None if enqueued is None else enqueued.queue_depth,
+        replayed=replayed,
+    )

@@ -1,0 +1,331 @@
+"""The request service: the one flow every generation request and every queued job takes.
+
+    accept   authenticate (the handler's call), parse the body once, validate, route:
+             every 400/401/404 a body can earn, before any answer, live or queued
+    admit    rate limits, idempotent replay, capacity (:mod:`.admission`): serve now,
+             or park as a durable job (a :class:`~.admission.Parked` to answer 202 with)
+    plan     deployment order (live state, so only now), and the forward-or-rewrite
+             decision, made once per request (:meth:`Service._plan`)
+    complete a whole answer through failover, metadata spliced in -> :class:`Answer`
+      | stream  ``async with service.open_stream(gen) as stream:`` a :class:`Stream` whose
+             first payloads are already in hand (failover and hedging before the first
+             byte, :mod:`.failover_stream`); the handler relays it
+    settle   TPM reconcile with the usage the answer reported, or the reservation given
+             back; ``stream.complete`` / ``stream.error``
+
+It knows nothing of HTTP: the API handler passes plain values (a :class:`Generation`) and
+gets values back. It depends on gateway interfaces only (the upstream :class:`Transport`
+behind :class:`~.pipeline.Providers`, the :class:`~.queue.JobQueue`), so a second transport
+or another queue plugs in without touching it. ``run_job`` is the drainer's runner (the
+same plan and failover, answered whole); ``reload`` swaps a validated config in.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+
+from runestone_proxy import telemetry
+from runestone_proxy.errors import AuthenticationFailed, InvalidParam
+from runestone_proxy.gateway.admission import Admission, Parked
+from runestone_proxy.gateway.auth import KeyRejected, Principal
+from runestone_proxy.gateway.failover_stream import CommittedStream
+from runestone_proxy.gateway.metadata import splice_metadata
+from runestone_proxy.gateway.overflow import Job, JobOutcome, check_webhook_url
+from runestone_proxy.gateway.rate_wire import Headers
+from runestone_proxy.gateway.request_body import check_runestone_fields, parse_object, validate
+from runestone_proxy.gateway.routing import (
+    Resolution,
+    RoutingTable,
+    Target,
+    constraints_for,
+    emit_decision,
+    filter_and_order,
+)
+from runestone_proxy.gateway.service_state import ServiceState
+from runestone_proxy.gateway.token_estimate import usage_tokens
+from runestone_proxy.providers.base import RUNESTONE_FIELDS, Endpoint, ProviderCall
+
+__all__ = ["Answer", "Generation", "Parked", "Route", "Service", "Stream"]
+
+
+@attrs.frozen
+class Route:
+    """A validated body's routing decision, before any live state: the resolution and its
+    capable candidates in policy order (``Service.route``; ``Service._plan`` carries it out)."""
+
+    resolution: Resolution
+    ordered: list[Target]
+    reason: str
+    policy: str
+    #: The table it was resolved in: a reload while the request waited for a slot re-routes.
+    table: RoutingTable
+
+
+@attrs.define(eq=False, slots=True)
+class Generation:
+    """One accepted generation request, as plain values (``Service.accept`` builds it)."""
+
+    principal: Principal
+    endpoint: Endpoint
+    body: dict[str, Any]
+    raw: bytes
+    route: Route
+    request_id: str
+    #: Answered as a stream (SSE), else whole.
+    stream: bool
+    #: Park it as a job (202) rather than wait or refuse, if its tenant is full.
+    wants_async: bool
+    webhook_url: str | None
+    #: The ``Idempotency-Key`` header as it came (checked at admission, where it is used).
+    idempotency_key: bytes | None
+    #: The completion tokens a TPM estimate assumes.
+    output_tokens: int
+
+
+@attrs.define(eq=False, slots=True)
+class Answer:
+    """A whole answer: its body (Runestone's metadata spliced in), who gave it under which
+    policy, and the key's ``x-ratelimit-*`` headers."""
+
+    target: Target
+    policy: str
+    body: bytes
+    headers: Headers
+
+
+@attrs.define(eq=False, slots=True)
+class Stream:
+    """An open stream (``Service.open_stream``): ``first`` payloads already received,
+    ``await next()`` for the following ones (None at the end; a ``GatewayError`` after the
+    commit ends it in-band), ``usage`` as reported, and what the handler needs for headers."""
+
+    target: Target
+    policy: str
+    #: The key's ``x-ratelimit-*`` headers.
+    headers: Headers
+    first: list[bytes] | None
+    next: Callable[[], Awaitable[list[bytes] | None]]
+    committed: CommittedStream
+
+    @property
+    def usage(self) -> Mapping[str, Any] | None:
+        return self.committed.usage
+
+
+@attrs.define(eq=False)
+class Service(ServiceState):
+    """The flow; its state (the current view of the config, swapped whole on reload) is
+    :class:`~.service_state.ServiceState`'s."""
+
+    def authenticate(
+        self,
+        authorization: bytes | None,
+        x_api_key: bytes | None,
+        *,
+        request_id: str,
+        path: str,
+        client: str | None,
+    ) -> Principal:
+        """The caller's principal, or 401 (``auth.failure`` names the key's mask)."""
+        try:
+            return self.keys.authenticate(authorization, x_api_key)
+        except AuthenticationFailed as exc:
+            rejected = exc if isinstance(exc, KeyRejected) else None
+            telemetry.emit(
+                "auth.failure",
+                request_id=request_id,
+                path=path,
+                client=client,
+                reason=exc.message,
+                key_mask=rejected.key_mask if rejected else "-",
+                tenant=rejected.tenant if rejected else None,
+            )
+            raise
+
+    def accept(
+        self,
+        principal: Principal,
+        endpoint: Endpoint,
+        raw: bytes,
+        request_id: str,
+        *,
+        force_stream: bool = False,
+        prefers_async: bool = False,
+        idempotency_key: bytes | None = None,
+    ) -> Generation:
+        """Parse the body once, validate and route it: every 400/404 before any answer, live
+        or queued (a body the live path refuses is refused at once, never parked to fail
+        later). ``force_stream``: the legacy ``/v1/chat/stream``, always SSE and async."""
+        body = parse_object(raw)
+        route = self.route(endpoint, body, len(raw))
+        if self.keys.open and isinstance(body.get("tenant_id"), str) and body["tenant_id"]:
+            # With no keys configured, the legacy ``tenant_id`` field names the tenant.
+            principal = attrs.evolve(principal, tenant=body["tenant_id"])
+        webhook = check_webhook_url(body.get("webhook_url"))
+        embeddings = endpoint == "embeddings"
+        return Generation(
+            principal,
+            endpoint,
+            body,
+            raw,
+            route,
+            request_id,
+            not embeddings and (force_stream or body.get("stream") is True),
+            force_stream or webhook is not None or prefers_async,
+            webhook,
+            idempotency_key,
+            0 if embeddings else self.default_output_tokens,
+        )
+
+    def route(self, endpoint: Endpoint, body: Mapping[str, Any], raw_len: int) -> Route:
+        """Validate what Runestone reads and resolve the model to the capable candidates:
+        every 400/404 a body can earn, with nothing changed. The live path calls it before
+        it takes a slot or answers 202, the drainer before it runs a job."""
+        validate(endpoint, body)
+        check_runestone_fields(body)
+        resolution = self.routing.resolve(body["model"], body.get("provider"))
+        policy = self.policy
+        constraints = constraints_for(endpoint, body, self.default_output_tokens, raw_len)
+        ordered, reason = filter_and_order(resolution.targets, constraints, policy)
+        return Route(resolution, ordered, reason, policy, self.routing)
+
+    # --- serving -----------------------------------------------------------------------------
+
+    async def complete(self, gen: Generation) -> Answer | Parked:
+        """Admit, then answer whole (or park: a :class:`Parked` job)."""
+        admission = Admission(self, gen)
+        async with admission as parked:
+            if parked is not None:
+                return parked
+            target, policy, answer = await self._complete(
+                gen.endpoint, self._route(gen), gen.body, gen.raw, gen.request_id
+            )
+            admission.usage = usage_tokens(answer)
+            return Answer(target, policy, answer, admission.rl_headers)
+
+    @asynccontextmanager
+    async def open_stream(self, gen: Generation) -> AsyncIterator[Stream | Parked]:
+        """Admit, then open the stream through failover (or yield the :class:`Parked` job).
+        The block relays it; the stream's end (clean or an in-band error) is settled here."""
+        admission = Admission(self, gen)
+        async with admission as parked:
+            if parked is not None:
+                yield parked
+                return
+            # A tokens-per-minute limit needs the real usage to reconcile its estimate: ask
+            # the provider for it (the client sees it only if it asked too).
+            tpm = gen.principal.limits.tpm is not None
+            targets, call_for, policy = self._plan(
+                gen.endpoint, self._route(gen), gen.body, gen.raw, gen.request_id, True, tpm
+            )
+            async with self.failover.open_stream(targets, call_for, self.providers) as up:
+                started = time.perf_counter()
+                yield Stream(up.target, policy, admission.rl_headers, up.first, up.next, up)
+                _stream_ended(gen, up, started)
+                if up.ended:  # what the translator recorded, whether the client saw it or not
+                    admission.usage = _total_tokens(up.usage)
+
+    async def run_job(self, job: Job) -> JobOutcome:
+        """The overflow drainer's runner: the same flow as a live request, answered whole (a
+        queued stream's result is stored as the non-stream completion). The drainer already
+        holds the tenant's slot; failures raise and the drainer decides on retries."""
+        if job.endpoint not in ("chat", "completions", "embeddings"):
+            raise InvalidParam(f"Unknown job endpoint {job.endpoint!r}.")
+        endpoint: Endpoint = job.endpoint  # type: ignore[assignment]  # checked above
+        body = parse_object(job.body)
+        route = self.route(endpoint, body, len(job.body))
+        _, _, answer = await self._complete(endpoint, route, body, job.body, job.request_id)
+        return JobOutcome(200, answer)
+
+    # --- the plan ------------------------------------------------------------------------------
+
+    def _route(self, gen: Generation) -> Route:
+        """The request's route, again if a reload swapped the table while it waited for a
+        slot (its providers may be gone)."""
+        route = gen.route
+        if route.table is not self.routing:
+            route = self.route(gen.endpoint, gen.body, len(gen.raw))
+        return route
+
+    def _plan(
+        self,
+        endpoint: Endpoint,
+        route: Route,
+        body: dict[str, Any],
+        raw: bytes,
+        request_id: str,
+        stream: bool,
+        account_usage: bool = False,
+    ) -> tuple[list[Target], Callable[[Target], ProviderCall], str]:
+        """Order the routed candidates (deployment groups: live state, so only now) and say
+        how to call each: the forward-or-rewrite decision, made once. Pops Runestone's own
+        fields from ``body``; ``raw`` is forwarded untouched where nothing needs a rewrite.
+        ``account_usage``: ask a streaming provider for usage even if the client did not."""
+        extras = RUNESTONE_FIELDS.intersection(body)
+        policy = route.policy
+        targets = self.deployments.order_groups(route.ordered)
+        for name in extras:
+            body.pop(name)
+        stream_flag = body.get("stream") is True
+        if stream and not stream_flag:
+            body["stream"] = True
+        elif not stream and "stream" in body:
+            body.pop("stream")
+            body.pop("stream_options", None)
+        options = body.get("stream_options")
+        include_usage = bool(stream and isinstance(options, dict) and options.get("include_usage"))
+        may_forward = not extras and stream == stream_flag
+
+        def call_for(target: Target) -> ProviderCall:
+            forward = may_forward and target.upstream_model == body["model"]
+            return ProviderCall(
+                endpoint=endpoint,
+                body=body,
+                model=target.upstream_model,
+                stream=stream,
+                include_usage=include_usage,
+                account_usage=account_usage,
+                raw=raw if forward else None,
+                request_id=request_id,
+            )
+
+        emit_decision(policy, route.resolution, targets, route.reason, request_id)
+        return targets, call_for, policy
+
+    async def _complete(
+        self, endpoint: Endpoint, route: Route, body: dict[str, Any], raw: bytes, request_id: str
+    ) -> tuple[Target, str, bytes]:
+        """A whole answer through failover, with Runestone's metadata spliced in."""
+        targets, call_for, policy = self._plan(endpoint, route, body, raw, request_id, False)
+        target, answer = await self.failover.complete(targets, call_for, self.providers)
+        return target, policy, splice_metadata(answer, target.provider, policy, request_id)
+
+
+def _stream_ended(gen: Generation, up: CommittedStream, started: float) -> None:
+    """``stream.error`` or ``stream.complete``, once the handler is done with the stream."""
+    if up.error is not None:
+        telemetry.emit(
+            "stream.error",
+            provider=up.target.provider,
+            request_id=gen.request_id,
+            code=up.error.code,
+            chunks=up.chunks,
+        )
+    elif up.ended:
+        telemetry.emit(
+            "stream.complete",
+            provider=up.target.provider,
+            request_id=gen.request_id,
+            chunks=up.chunks,
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+
+
+def _total_tokens(usage: Mapping[str, Any] | None) -> int | None:
+    total = usage.get("total_tokens") if usage is not None else None
+    return total if isinstance(total, int) and not isinstance(total, bool) else None
