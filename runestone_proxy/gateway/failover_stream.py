@@ -109,7 +109,7 @@ class _Commit:
     first_or_done: trio.Event = attrs.Factory(trio.Event)
     #: Attempts spent beyond the first (a hedge).
     extra: int = 0
-    #: Hedged: the winner's stream, handed to the outer frame; the attempts still running.
+    #: The winner's stream, handed to the outer frame; the attempts still running.
     stream: CommittedStream | None = None
     running: int = 0
     decided: trio.Event = attrs.Factory(trio.Event)
@@ -146,25 +146,32 @@ async def open_stream(
             picked = await failover._wait_for_candidate(targets, tried, deadline, last)
         target, slot = picked
         attempt += 1
-        commit = _Commit()
         hedge = failover._hedge_delay(target)
+        # A plain attempt needs no commit record: it is the only contender.
+        commit = None
+        handed = False
         try:
             if hedge is not None and attempt < routing.max_attempts and len(targets) > 1:
+                commit = _Commit()
                 race = _Race(failover, target, tried, deadline, call_for, providers)
                 async with _hedged(race, slot, targets, hedge, commit) as stream:
                     yield stream
             else:
                 async with _attempt(
-                    failover, target, slot, 0, deadline, call_for, providers, commit
+                    failover, target, slot, 0, deadline, call_for, providers, None
                 ) as only:
-                    assert only is not None  # the only attempt always wins its commit
+                    assert only is not None  # the only contender always commits
+                    handed = True
                     yield only
             return
         except GatewayError as exc:
-            if commit.winner is not None or not exc.is_retryable:
+            if handed or (commit is not None and commit.winner is not None):
+                raise  # after the commit: the stream ends in-band, never fails over
+            if not exc.is_retryable:
                 raise
             last = exc
-            attempt += commit.extra
+            if commit is not None:
+                attempt += commit.extra
             tried.add(target.provider)
             if attempt < routing.max_attempts:
                 emit_retry(target, exc, attempt - 1)
@@ -181,10 +188,11 @@ async def _attempt(
     deadline: float,
     call_for: CallFor,
     providers: Providers,
-    commit: _Commit,
+    commit: _Commit | None,
 ) -> AsyncIterator[CommittedStream | None]:
     """One upstream stream: connect, wait for the first payloads, then commit and yield it
-    (None to a hedged attempt that lost the commit by a hair)."""
+    (None to a hedged attempt that lost the commit by a hair; ``commit`` is None for the
+    only contender)."""
     d = slot.deployment
     started = trio.current_time()
     committed = False
@@ -196,7 +204,7 @@ async def _attempt(
                 first = await stream.next()
                 bounded.deadline = math.inf
                 ttft_ms = (trio.current_time() - started) * 1000
-                if not commit.claim(target, key):
+                if commit is not None and not commit.claim(target, key):
                     slot.release_probe()
                     yield None  # another hedged attempt won
                     return
@@ -221,7 +229,7 @@ async def _attempt(
             telemetry.emit(
                 "provider.request.cancelled",
                 provider=target.provider,
-                reason="hedge lost" if commit.winner else "cancelled",
+                reason="hedge lost" if commit is not None and commit.winner else "cancelled",
             )
         raise
 

@@ -729,3 +729,39 @@ async def test_hedge_delay_from_observed_p95(autojump_clock: trio.testing.MockCl
     failover.deployments.by_name["a"].ttft_ms.extend([100.0] * 19 + [300.0] * 5)
     assert failover._hedge_delay(targets[0]) == 0.3
     assert failover._hedge_delay(targets[1]) is None
+
+
+# --- streams as values (issue 11) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hedged", [False, True], ids=["plain", "hedged"])
+async def test_an_error_raised_in_the_readers_block_is_re_raised_never_failed_over(
+    autojump_clock: trio.testing.MockClock, hedged: bool
+) -> None:
+    """After the commit the block belongs to the reader: a ``GatewayError`` it raises comes
+    out as itself (no ExceptionGroup, even from the hedge's nursery) and starts no attempt."""
+    failover, targets = make("ab", hedge_delay_ms=500.0 if hedged else None)
+    stub = StubProviders({"a": [OK], "b": [OK]})
+
+    async def read() -> None:
+        async with failover.open_stream(targets, call_for, stub) as stream:  # type: ignore[arg-type]
+            assert stream.first == [b"a:1"]
+            raise UpstreamProtocolError("the reader's own")
+
+    with trio.fail_after(LIMIT_S), pytest.raises(UpstreamProtocolError, match="reader"):
+        await read()
+    assert stub.called() == ["a"]
+
+
+@pytest.mark.parametrize("hedged", [False, True], ids=["plain", "hedged"])
+async def test_the_committed_stream_reports_how_it_ended(
+    autojump_clock: trio.testing.MockClock, hedged: bool
+) -> None:
+    failover, targets = make("ab", hedge_delay_ms=500.0 if hedged else None)
+    stub = StubProviders({"a": [Step(delay_s=1.0)], "b": [Step(delay_s=2.0, die_after=2)]})
+    with trio.fail_after(LIMIT_S):
+        async with failover.open_stream(targets, call_for, stub) as stream:  # type: ignore[arg-type]
+            while await stream.next() is not None:
+                pass
+    assert stream.target.provider == "a"
+    assert (stream.ended, stream.error, stream.chunks) == (True, None, 3)
