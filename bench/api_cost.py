@@ -42,9 +42,9 @@ from bench.scenarios import CHAT_BODY, STREAM_BODY, STREAM_CHUNKS
 from bench.targets import GATEWAY_ENV, PROXY_CONFIG
 from runestone_proxy import config as config_mod
 from runestone_proxy import logs, metrics, telemetry
+from runestone_proxy.api.dispatch import Phase
+from runestone_proxy.api.http import BytesBody, HeaderList, Request
 from runestone_proxy.server.app import App
-from runestone_proxy.server.gateway import Phase
-from runestone_proxy.server.http import BytesBody, HeaderList, Request
 
 HEADERS: HeaderList = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")]
 

@@ -32,9 +32,9 @@ import attrs
 import trio
 import trustme
 
+from runestone_proxy.api.http import Handler
 from runestone_proxy.config import Config
 from runestone_proxy.server.app import App, Bound
-from runestone_proxy.server.http import Handler
 
 HOST = "127.0.0.1"
 

@@ -36,7 +36,6 @@ from runestone_proxy.config import AuthKeyConfig
 from runestone_proxy.gateway.rate_window import BUCKETS, HOUR_S, MINUTE_S, Window
 from runestone_proxy.gateway.rate_wire import Headers, error_for, headers_for
 from runestone_proxy.gateway.token_estimate import estimate_tokens
-from runestone_proxy.gateway.token_estimate import usage_tokens as usage_tokens  # server/api.py
 
 if TYPE_CHECKING:
     from runestone_proxy.gateway.auth import Principal

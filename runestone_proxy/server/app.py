@@ -13,10 +13,18 @@ The tree (every task has an owner; nothing runs in the background unparented)::
     │   └── health connections
     ├── SQLite store                      one writer task, group commit
     ├── services                          overflow drainer (claims, webhooks, sweeps);
-    │   └── job tasks                     cancelled before the store so jobs are released
+    │   └── job tasks                     Service.run_job; cancelled before the store so
+    │                                     jobs are released
     └── connections nursery               one task per connection (h1 or h2)
-        │   └── request / stream tasks    owned by their connection
+        │   └── request / stream tasks    owned by their connection: Frontend.dispatch ->
+        │                                 api handler -> gateway.service (a hedged stream
+        │                                 alone opens a nursery here, for its two attempts)
         └── accept loops                  main port(s); cancelled first when draining
+
+What ``App.build`` wires: the upstream pool and the SQLite store (``server/``) into the
+request service (``gateway.service.Service``, over their ``transport`` and ``queue``
+interfaces); the API handlers (``api/``) over the service, on the frontends' route tables;
+the aliases file (``aliases.ServiceAliases``) and the store as reload hooks.
 
 Lifecycle: STARTING (readiness 503) -> READY (READY=1 to systemd) -> DRAINING on SIGTERM or
 SIGINT: readiness turns 503, STOPPING=1, the accept loops stop (listening sockets close),
@@ -42,23 +50,24 @@ import trio
 
 from runestone_proxy import config as config_mod
 from runestone_proxy import logs, metrics, telemetry
-from runestone_proxy.config import Config, ConfigError
-from runestone_proxy.gateway.deployments import providers_view
-from runestone_proxy.gateway.service import Service
-from runestone_proxy.server import aliases, systemd
-from runestone_proxy.server.api import Api
-from runestone_proxy.server.drainer import RESULT_OVERHEAD_BYTES, run_drainer
-from runestone_proxy.server.gateway import Gateway, Phase
-from runestone_proxy.server.health import (
+from runestone_proxy.api.dispatch import Phase
+from runestone_proxy.api.health import (
     add_health_routes,
     add_metrics_route,
     add_providers_route,
     key_scope,
     operator_scope,
 )
-from runestone_proxy.server.jobs_api import add_job_routes
+from runestone_proxy.api.jobs import add_job_routes
+from runestone_proxy.api.openai import Api
+from runestone_proxy.api.router import Router
+from runestone_proxy.config import Config, ConfigError
+from runestone_proxy.gateway.deployments import providers_view
+from runestone_proxy.gateway.service import Service
+from runestone_proxy.server import aliases, systemd
+from runestone_proxy.server.drainer import RESULT_OVERHEAD_BYTES, run_drainer
+from runestone_proxy.server.frontend import Frontend
 from runestone_proxy.server.listener import accept_loop, make_ssl_context
-from runestone_proxy.server.router import Router
 from runestone_proxy.server.store import Store
 from runestone_proxy.server.upstream import UpstreamPool
 
@@ -81,8 +90,8 @@ class App:
     config: Config
     config_path: Path | None
     env: Mapping[str, str]
-    gateway: Gateway
-    health_gateway: Gateway
+    gateway: Frontend
+    health_gateway: Frontend
     notifier: systemd.Notifier
     shutdown: trio.Event = attrs.Factory(trio.Event)
     pool: UpstreamPool = attrs.field(kw_only=True)
@@ -94,9 +103,9 @@ class App:
 
     @classmethod
     def build(cls, config: Config, config_path: Path | None, env: Mapping[str, str]) -> App:
-        gateway = Gateway(config)
+        gateway = Frontend(config)
         # The health port serves health only, but reports the main gateway's phase.
-        health_gateway = Gateway(config, router=Router())
+        health_gateway = Frontend(config, router=Router())
         add_health_routes(health_gateway.router, gateway)
         up = config.upstream
         pool = UpstreamPool(
@@ -326,7 +335,7 @@ class App:
 _BREAKER_VALUE = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
 
 
-def _register_gauges(gateway: Gateway, pool: UpstreamPool, service: Service) -> None:
+def _register_gauges(gateway: Frontend, pool: UpstreamPool, service: Service) -> None:
     metrics.REGISTRY.gauge(
         "runestone_open_connections",
         "Client connections open on the main port.",

@@ -58,6 +58,8 @@ import structlog
 import trio
 
 from runestone_proxy import errors
+from runestone_proxy.api.dispatch import log_access, new_request_id, request_id_from
+from runestone_proxy.api.http import JSON_HEADERS, HeaderList, Request, ResponseAborted
 from runestone_proxy.config import LimitsConfig
 from runestone_proxy.protocol.h1 import (
     CLOSE,
@@ -69,10 +71,9 @@ from runestone_proxy.protocol.h1 import (
     too_large,
 )
 from runestone_proxy.server.fdstream import FdStream
-from runestone_proxy.server.gateway import Gateway, log_access, new_request_id, request_id_from
+from runestone_proxy.server.frontend import Frontend
 from runestone_proxy.server.h1respond import BufferedBody, H1Responder, StreamingBody
 from runestone_proxy.server.h1watch import watch
-from runestone_proxy.server.http import JSON_HEADERS, HeaderList, Request, ResponseAborted
 
 log = structlog.get_logger("runestone.h1")
 
@@ -91,7 +92,7 @@ class H1Connection(FdStream):
     """One server connection: the request loop, its one cancel scope, the watcher."""
 
     stream: trio.abc.Stream
-    gateway: Gateway
+    gateway: Frontend
     limits: LimitsConfig
     client: str | None
     proto: h11.Connection
@@ -113,7 +114,7 @@ class H1Connection(FdStream):
     send_blocked: bool = False
 
     @classmethod
-    def new(cls, stream: trio.abc.Stream, gateway: Gateway, client: str | None) -> H1Connection:
+    def new(cls, stream: trio.abc.Stream, gateway: Frontend, client: str | None) -> H1Connection:
         limits = gateway.config.limits
         max_head = limits.max_request_line_bytes + limits.max_header_bytes
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
@@ -350,7 +351,7 @@ class H1Connection(FdStream):
 
 
 async def serve_h1(
-    stream: trio.abc.Stream, gateway: Gateway, *, initial: bytes = b"", client: str | None = None
+    stream: trio.abc.Stream, gateway: Frontend, *, initial: bytes = b"", client: str | None = None
 ) -> None:
     """Serve one HTTP/1.1 connection until it closes. Catches, logs and closes (never raises)."""
     conn = H1Connection.new(stream, gateway, client)

@@ -1,6 +1,6 @@
 """One HTTP/1.1 exchange's two ends for a handler: the response writer and the request body.
 
-:class:`H1Responder` implements :class:`~runestone_proxy.server.http.Responder` for
+:class:`H1Responder` implements :class:`~runestone_proxy.api.http.Responder` for
 :mod:`~runestone_proxy.server.h1conn`. It writes most heads itself
 (:func:`~runestone_proxy.protocol.h1.response_head`, see "What a request costs" in
 ``h1conn``) and frames streamed bodies as chunks (RFC 9112 §7.1); 1xx, 204, 304 and an
@@ -18,8 +18,8 @@ import h11
 import trio
 
 from runestone_proxy import errors
+from runestone_proxy.api.http import JSON_HEADERS, HeaderList
 from runestone_proxy.protocol.h1 import CLOSE, LAST_CHUNK, REASONS, response_head
-from runestone_proxy.server.http import JSON_HEADERS, HeaderList
 
 if TYPE_CHECKING:
     from runestone_proxy.server.h1conn import H1Connection
@@ -72,7 +72,7 @@ class BufferedBody:
 
 @attrs.define(eq=False)
 class H1Responder:
-    """Implements :class:`~runestone_proxy.server.http.Responder` over one h11 exchange."""
+    """Implements :class:`~runestone_proxy.api.http.Responder` over one h11 exchange."""
 
     conn: H1Connection
     request_id: str

@@ -2,7 +2,7 @@
 
 The listener calls :func:`serve_h2` once it knows a connection speaks HTTP/2 (the cleartext
 preface was sniffed, or TLS ALPN chose ``h2``). Every stream becomes one
-:class:`~runestone_proxy.server.http.Request` handed to ``Gateway.dispatch``; the stream
+:class:`~runestone_proxy.api.http.Request` handed to ``Frontend.dispatch``; the stream
 object itself is that request's body source and the handler's responder.
 
 How this works::
@@ -62,12 +62,13 @@ from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
 from runestone_proxy import errors
+from runestone_proxy.api.dispatch import log_access, send_error
+from runestone_proxy.api.http import ResponseAborted
 from runestone_proxy.config import LimitsConfig
 from runestone_proxy.protocol.h2limits import FrameGuard, Violation
-from runestone_proxy.server.gateway import Gateway, log_access, send_error
+from runestone_proxy.server.frontend import Frontend
 from runestone_proxy.server.h2stream import H2Stream
 from runestone_proxy.server.h2writer import SerialWriter, discard_input
-from runestone_proxy.server.http import ResponseAborted
 
 __all__ = ["serve_h2"]
 
@@ -82,7 +83,7 @@ _NO_RESPONSE = 499  # access-log status when no response went out (nginx's "clie
 
 
 async def serve_h2(
-    stream: trio.abc.Stream, gateway: Gateway, *, initial: bytes = b"", client: str | None = None
+    stream: trio.abc.Stream, gateway: Frontend, *, initial: bytes = b"", client: str | None = None
 ) -> None:
     """Serve one HTTP/2 connection until it ends. ``initial``: bytes already read (preface)."""
     conn = H2ServerConnection(stream, gateway, client)
@@ -100,7 +101,7 @@ class H2ServerConnection:
     """One HTTP/2 connection: the h2 state machine, its stream table and its socket."""
 
     stream: trio.abc.Stream
-    gateway: Gateway
+    gateway: Frontend
     client: str | None
     limits: LimitsConfig = attrs.field(init=False)
     proto: h2.connection.H2Connection = attrs.field(init=False)

@@ -1,7 +1,7 @@
 """One HTTP/2 stream as a handler sees it: the request's body source and its responder.
 
 :mod:`~runestone_proxy.server.h2conn` makes one :class:`H2Stream` per request and passes it
-to ``Gateway.dispatch`` twice over: as the :class:`Request`'s ``body_source`` and as the
+to ``Frontend.dispatch`` twice over: as the :class:`Request`'s ``body_source`` and as the
 ``Responder``. Everything here runs in that stream's own task; the connection's reader only
 appends to it and wakes it.
 
@@ -38,8 +38,8 @@ import attrs
 import trio
 from h2.errors import ErrorCodes
 
-from runestone_proxy.server.gateway import request_id_from
-from runestone_proxy.server.http import HeaderList, Request
+from runestone_proxy.api.dispatch import request_id_from
+from runestone_proxy.api.http import HeaderList, Request
 from runestone_proxy.server.slowbody import body_pace, body_timeout
 
 if TYPE_CHECKING:

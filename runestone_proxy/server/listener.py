@@ -23,7 +23,7 @@ import trio
 
 from runestone_proxy.config import ServerConfig
 from runestone_proxy.errors import ServiceUnavailable
-from runestone_proxy.server.gateway import Gateway
+from runestone_proxy.server.frontend import Frontend
 from runestone_proxy.server.h1conn import serve_h1
 from runestone_proxy.server.h2conn import serve_h2
 
@@ -76,7 +76,7 @@ async def _refuse(stream: trio.abc.Stream) -> None:
 
 
 async def handle_connection(
-    stream: trio.abc.Stream, gateway: Gateway, ssl_context: ssl.SSLContext | None
+    stream: trio.abc.Stream, gateway: Frontend, ssl_context: ssl.SSLContext | None
 ) -> None:
     """Pick the protocol and serve the connection. Never raises (convention 7)."""
     client = _peer(stream)
@@ -114,7 +114,7 @@ async def handle_connection(
 
 async def accept_loop(
     listener: trio.SocketListener,
-    gateway: Gateway,
+    gateway: Frontend,
     connections: trio.Nursery,
     *,
     ssl_context: ssl.SSLContext | None = None,
@@ -176,7 +176,7 @@ def waiting_connections(
 
 
 async def _tracked(
-    stream: trio.abc.Stream, gateway: Gateway, ssl_context: ssl.SSLContext | None, capped: bool
+    stream: trio.abc.Stream, gateway: Frontend, ssl_context: ssl.SSLContext | None, capped: bool
 ) -> None:
     """Serve one connection that ``accept_loop`` counted (when ``capped``); uncount it."""
     try:

@@ -24,7 +24,7 @@ import h2.events
 import trio
 from h2.errors import ErrorCodes
 
-from runestone_proxy.server.gateway import Gateway
+from runestone_proxy.server.frontend import Frontend
 from runestone_proxy.server.h2conn import serve_h2
 
 H2_HOST = "127.0.0.1"
@@ -40,7 +40,7 @@ class H2Server:
 
 
 async def h2_serve(
-    nursery: trio.Nursery, gateway: Gateway, *, ssl_context: ssl.SSLContext | None = None
+    nursery: trio.Nursery, gateway: Frontend, *, ssl_context: ssl.SSLContext | None = None
 ) -> H2Server:
     server = H2Server(port=0)
 

@@ -28,9 +28,9 @@ from helpers import (
     running_app,
 )
 
+from runestone_proxy.api.http import SSE_HEADERS, Request, Responder
 from runestone_proxy.protocol.h1 import Phase, allowed
 from runestone_proxy.server.h1conn import H1Connection
-from runestone_proxy.server.http import SSE_HEADERS, Request, Responder
 
 TIMEOUT_S = 5
 LIVE = request("GET", "/health/live")

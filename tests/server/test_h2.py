@@ -21,9 +21,9 @@ from h2.settings import SettingCodes
 from h2_helpers import H2_PREFACE, H2Client, H2Server, h2_serve
 from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame, SettingsFrame
 
+from runestone_proxy.api.http import SSE_HEADERS, Request, Responder
 from runestone_proxy.config import Config, LimitsConfig
-from runestone_proxy.server.gateway import Gateway
-from runestone_proxy.server.http import SSE_HEADERS, Request, Responder
+from runestone_proxy.server.frontend import Frontend
 
 BIG = 200_000
 
@@ -32,7 +32,7 @@ BIG = 200_000
 class Env:
     """A gateway with test routes, served by serve_h2; the routes' hooks are trio Events."""
 
-    gateway: Gateway
+    gateway: Frontend
     server: H2Server = attrs.field(init=False)
     stream_go: trio.Event = attrs.Factory(trio.Event)
     slow_started: trio.Event = attrs.Factory(trio.Event)
@@ -102,7 +102,7 @@ class Env:
 async def start(
     nursery: trio.Nursery, ssl_context: ssl.SSLContext | None = None, **limits: Any
 ) -> Env:
-    env = Env(Gateway(config=attrs.evolve(Config(), limits=LimitsConfig(**limits))))
+    env = Env(Frontend(config=attrs.evolve(Config(), limits=LimitsConfig(**limits))))
     router = env.gateway.router
     for method in ("GET", "POST"):
         router.add(method, "/echo", env.echo)

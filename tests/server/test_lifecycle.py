@@ -29,10 +29,10 @@ from helpers import (
     request,
 )
 
+from runestone_proxy.api.dispatch import Phase
+from runestone_proxy.api.http import SSE_HEADERS, Request, Responder
 from runestone_proxy.config import Config
 from runestone_proxy.server.app import App
-from runestone_proxy.server.gateway import Phase
-from runestone_proxy.server.http import SSE_HEADERS, Request, Responder
 
 TIMEOUT_S = 10
 #: A hang guard, not a speed check: a child interpreter starts slowly on a loaded machine.

@@ -20,6 +20,9 @@ from typing import Any
 
 import attrs
 
+from runestone_proxy.api.http import JSON_HEADERS, SSE_HEADERS, Request, Responder
+from runestone_proxy.api.jobs import answer_parked
+from runestone_proxy.api.router import Router
 from runestone_proxy.errors import GatewayError, ModelNotFound
 from runestone_proxy.gateway.admission import Parked
 from runestone_proxy.gateway.auth import Principal
@@ -27,9 +30,6 @@ from runestone_proxy.gateway.routing import Target
 from runestone_proxy.gateway.service import Service, Stream
 from runestone_proxy.protocol.sse import DONE, encode_data
 from runestone_proxy.providers.base import Endpoint
-from runestone_proxy.server.http import JSON_HEADERS, SSE_HEADERS, Request, Responder
-from runestone_proxy.server.jobs_api import answer_parked
-from runestone_proxy.server.router import Router
 
 
 @attrs.define(eq=False)

@@ -1,10 +1,12 @@
-"""The Gateway: what every connection hands its requests to.
+"""Dispatch: the one entry point both protocols hand their requests to.
 
-It owns the route table, the current config (swapped whole on SIGHUP), the lifecycle phase
-that readiness reports, and the component registry ``/health`` lists. ``dispatch`` is the
-one entry point for both protocols: resolve the route, run the handler, turn errors from
-:mod:`runestone_proxy.errors` into OpenAI's envelope, and never let an unexpected exception
-escape into the connection task.
+:class:`Dispatcher` owns the route table, the current config (swapped whole on SIGHUP), the
+lifecycle phase that readiness reports, and the component registry ``/health`` lists.
+``dispatch`` resolves the route, runs the handler, turns errors from
+:mod:`runestone_proxy.errors` into OpenAI's envelope, and never lets an unexpected exception
+escape into the connection task. The request id helpers and the access line live here too.
+The connections' own bookkeeping (open count, draining, the slow-request watch) is the
+server's: ``server/frontend.py`` extends this class with it.
 """
 
 from __future__ import annotations
@@ -20,16 +22,15 @@ import structlog
 import trio
 
 from runestone_proxy import errors, logs, metrics
-from runestone_proxy.config import Config
-from runestone_proxy.server.http import (
+from runestone_proxy.api.http import (
     JSON_HEADERS,
     HeaderList,
     Request,
     Responder,
     ResponseAborted,
 )
-from runestone_proxy.server.router import Router
-from runestone_proxy.server.slowwatch import SlowWatch
+from runestone_proxy.api.router import Router
+from runestone_proxy.config import Config
 
 _random_bits = random.Random().getrandbits
 log = structlog.get_logger("runestone.gateway")
@@ -55,24 +56,24 @@ def valid_request_id(value: bytes) -> str | None:
     return None
 
 
+def request_id_from(headers: HeaderList) -> str:
+    """The client's ``x-request-id`` when it is safe to echo, else a fresh one."""
+    for name, value in headers:
+        if name == b"x-request-id":
+            return valid_request_id(value) or new_request_id()
+    return new_request_id()
+
+
 @attrs.define(eq=False)
-class Gateway:
+class Dispatcher:
     config: Config
     router: Router = attrs.Factory(Router)
     phase: Phase = Phase.STARTING
     started_at: float = attrs.Factory(time.monotonic)
     #: name -> zero-arg callable returning {"status": "ok" | "degraded" | "down", ...}.
     components: dict[str, Callable[[], dict[str, Any]]] = attrs.Factory(dict)
-    open_connections: int = 0
     #: Called with the new Config after a validated SIGHUP swap (subsystems re-read theirs).
     reload_hooks: list[Callable[[Config], None]] = attrs.Factory(list)
-    #: Set when draining starts: connections stop taking new requests (h1 answers with
-    #: ``Connection: close``, idle keep-alives close, h2 sends GOAWAY) and let work finish.
-    draining: trio.Event = attrs.Factory(trio.Event)
-    #: Arms HTTP/1.1 disconnect watching for requests still running after a few ms.
-    slow_watch: SlowWatch = attrs.Factory(SlowWatch)
-    #: Set whenever ``open_connections`` drops to zero (the drain waits on a fresh one).
-    connections_idle: trio.Event = attrs.Factory(trio.Event)
 
     @property
     def ready(self) -> bool:
@@ -100,20 +101,12 @@ class Gateway:
             await send_error(responder, errors.GatewayError("The server had an error."))
 
 
-def request_id_from(headers: HeaderList) -> str:
-    """The client's ``x-request-id`` when it is safe to echo, else a fresh one."""
-    for name, value in headers:
-        if name == b"x-request-id":
-            return valid_request_id(value) or new_request_id()
-    return new_request_id()
-
-
 def log_access(
-    gateway: Gateway, request: Request, status: int, sent_bytes: int, started: float
+    dispatcher: Dispatcher, request: Request, status: int, sent_bytes: int, started: float
 ) -> None:
     """The one access line per request (no bodies, no query strings with secrets)."""
     metrics.count_request(status)
-    if gateway.config.logging.access_log and logs.enabled("info"):
+    if dispatcher.config.logging.access_log and logs.enabled("info"):
         access_log.info(
             "http.access",
             request_id=request.request_id,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from runestone_proxy.server.health import tenant_view
+from runestone_proxy.api.health import tenant_view
 
 ROW = {"in_flight": 1, "waiting": 0, "max_concurrent": 3, "on_limit": "wait"}
 COMPONENTS: dict[str, dict[str, Any]] = {

@@ -24,14 +24,24 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from runestone_proxy import __version__
+from runestone_proxy.api.dispatch import Phase
+from runestone_proxy.api.http import JSON_HEADERS, Request, Responder
+from runestone_proxy.api.router import Router
 from runestone_proxy.gateway.auth import ANONYMOUS, Principal
 from runestone_proxy.metrics import REGISTRY
-from runestone_proxy.server.gateway import Gateway, Phase
-from runestone_proxy.server.http import JSON_HEADERS, Request, Responder
-from runestone_proxy.server.router import Router
+
+
+class Served(Protocol):
+    """What health reports about the front end serving it (``server.frontend.Frontend``)."""
+
+    phase: Phase
+    started_at: float
+    components: dict[str, Callable[[], dict[str, Any]]]
+    open_connections: int
+
 
 _NO_STORE = (*JSON_HEADERS, (b"cache-control", b"no-store"))
 _LIVE_BODY = b'{"status":"ok"}'
@@ -79,7 +89,7 @@ def _json(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-def add_health_routes(router: Router, gateway: Gateway, scope: Scope = operator_scope) -> None:
+def add_health_routes(router: Router, gateway: Served, scope: Scope = operator_scope) -> None:
     """Register the health handlers for ``gateway`` on ``router`` (main or health port);
     ``scope`` guards ``/health`` (liveness and readiness answer anyone)."""
 

@@ -19,13 +19,13 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from runestone_proxy.api.http import JSON_HEADERS, Request, Responder
+from runestone_proxy.api.router import Router
 from runestone_proxy.errors import NotFound
 from runestone_proxy.gateway.admission import Parked
 from runestone_proxy.gateway.auth import Principal
 from runestone_proxy.gateway.overflow import Job, job_view
 from runestone_proxy.gateway.queue import JobQueue
-from runestone_proxy.server.http import JSON_HEADERS, Request, Responder
-from runestone_proxy.server.router import Router
 
 Authenticate = Callable[[Request], Principal]
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import attrs
 
+from runestone_proxy.api.http import Handler
 from runestone_proxy.errors import MethodNotAllowed, NotFound
-from runestone_proxy.server.http import Handler
 
 
 @attrs.frozen
