@@ -127,6 +127,46 @@ class _Commit:
         return True
 
 
+@attrs.define(eq=False)
+class _Attempts:
+    """One stream's attempts so far: the picking before each, the accounting after a failure
+    (what :meth:`Failover.complete` does inline, shared here by the plain and hedged ways)."""
+
+    failover: Failover
+    targets: list[Target]
+    deadline: float
+    max_attempts: int
+    tried: set[str] = attrs.Factory(set)
+    last: GatewayError | None = None
+    made: int = 0
+
+    async def pick(self) -> tuple[Target, Slot]:
+        """The next candidate with its slot (after a backoff when coming back to a tried
+        one); raises the last error once the attempts are spent."""
+        failover, targets, tried = self.failover, self.targets, self.tried
+        if self.made >= self.max_attempts:
+            assert self.last is not None
+            raise self.last
+        if self.made:
+            await failover._backoff(self.made, targets, tried, self.deadline)
+        now = trio.current_time()
+        picked = failover._take_now(targets, tried, now) if now < self.deadline else None
+        if picked is None:
+            picked = await failover._wait_for_candidate(targets, tried, self.deadline, self.last)
+        self.made += 1
+        return picked
+
+    def failed(self, target: Target, exc: GatewayError, extra: int) -> None:
+        """Before any commit: fail over (return) or raise ``exc`` for the client."""
+        if not exc.is_retryable:
+            raise exc
+        self.last = exc
+        self.made += extra
+        self.tried.add(target.provider)
+        if self.made < self.max_attempts:
+            emit_retry(target, exc, self.made - 1)
+
+
 @asynccontextmanager
 async def open_stream(
     failover: Failover, targets: list[Target], call_for: CallFor, providers: Providers
@@ -134,53 +174,83 @@ async def open_stream(
     """See the module docstring; :meth:`Failover.open_stream` is the way in."""
     routing = failover.deployments.routing
     deadline = trio.current_time() + routing.deadline_s
-    tried: set[str] = set()
-    last: GatewayError | None = None
-    attempt = 0
-    while attempt < routing.max_attempts:
-        if attempt:
-            await failover._backoff(attempt, targets, tried, deadline)
-        now = trio.current_time()
-        picked = failover._take_now(targets, tried, now) if now < deadline else None
-        if picked is None:
-            picked = await failover._wait_for_candidate(targets, tried, deadline, last)
-        target, slot = picked
-        attempt += 1
+    attempts = _Attempts(failover, targets, deadline, routing.max_attempts)
+    while True:
+        target, slot = await attempts.pick()
         hedge = failover._hedge_delay(target)
-        # A plain attempt needs no commit record: it is the only contender.
-        commit = None
-        handed = False
-        try:
-            if hedge is not None and attempt < routing.max_attempts and len(targets) > 1:
-                commit = _Commit()
-                race = _Race(failover, target, tried, deadline, call_for, providers)
+        if hedge is not None and attempts.made < attempts.max_attempts and len(targets) > 1:
+            commit = _Commit()
+            race = _Race(failover, target, attempts.tried, deadline, call_for, providers)
+            try:
                 async with _hedged(race, slot, targets, hedge, commit) as stream:
                     yield stream
-            else:
-                async with _attempt(
-                    failover, target, slot, 0, deadline, call_for, providers, None
-                ) as only:
-                    assert only is not None  # the only contender always commits
+                return
+            except GatewayError as exc:
+                if commit.winner is not None:
+                    raise  # after the commit: the stream ends in-band, never fails over
+                attempts.failed(target, exc, commit.extra)
+            continue
+        # The only contender, inline: its slot, its bound until the first chunk and its
+        # upstream context are held across the yield, in the caller's task.
+        d = slot.deployment
+        started = trio.current_time()
+        limit = min(deadline, started + routing.attempt_timeout_s)
+        handed = False
+        try:
+            with slot, trio.CancelScope(deadline=limit) as bounded:
+                async with providers.open_stream(target, call_for(target)) as upstream:
+                    first = await upstream.next()
+                    bounded.deadline = math.inf
                     handed = True
-                    yield only
-            return
+                    yield _commit(failover, target, d, started, first, upstream)
+                    return
+            raise _no_first_chunk(target, limit, deadline)  # the bound was hit
         except GatewayError as exc:
-            if handed or (commit is not None and commit.winner is not None):
+            if handed:
                 raise  # after the commit: the stream ends in-band, never fails over
-            if not exc.is_retryable:
-                raise
-            last = exc
-            if commit is not None:
-                attempt += commit.extra
-            tried.add(target.provider)
-            if attempt < routing.max_attempts:
-                emit_retry(target, exc, attempt - 1)
-    assert last is not None
-    raise last
+            failover._failed(d, exc, started)
+            attempts.failed(target, exc, 0)
+        except BaseException:
+            if not handed:
+                _abandoned(slot, target, None)
+            raise
+
+
+def _commit(
+    failover: Failover,
+    target: Target,
+    d: Deployment,
+    started: float,
+    first: list[bytes] | None,
+    upstream: PayloadStream,
+) -> CommittedStream:
+    """The commit: the time to first token counts, and the stream goes to its reader."""
+    ttft_ms = (trio.current_time() - started) * 1000
+    d.ttft_ms.append(ttft_ms)
+    failover.deployments.record(d, True, ttft_ms)
+    chunks = 0 if first is None else len(first)
+    return CommittedStream(target, first, upstream, failover, d, chunks)
+
+
+def _no_first_chunk(target: Target, limit: float, deadline: float) -> UpstreamTimeout:
+    return UpstreamTimeout(
+        f"{target.provider} produced no first chunk within "
+        f"{'the routing deadline' if limit == deadline else 'the attempt timeout'}."
+    )
+
+
+def _abandoned(slot: Slot, target: Target, commit: _Commit | None) -> None:
+    """An attempt left before its commit (cancelled, or a hedge that lost): free its probe."""
+    slot.release_probe()
+    telemetry.emit(
+        "provider.request.cancelled",
+        provider=target.provider,
+        reason="hedge lost" if commit is not None and commit.winner else "cancelled",
+    )
 
 
 @asynccontextmanager
-async def _attempt(
+async def _contender(
     failover: Failover,
     target: Target,
     slot: Slot,
@@ -188,11 +258,10 @@ async def _attempt(
     deadline: float,
     call_for: CallFor,
     providers: Providers,
-    commit: _Commit | None,
+    commit: _Commit,
 ) -> AsyncIterator[CommittedStream | None]:
-    """One upstream stream: connect, wait for the first payloads, then commit and yield it
-    (None to a hedged attempt that lost the commit by a hair; ``commit`` is None for the
-    only contender)."""
+    """One hedged attempt: connect, wait for the first payloads, then claim the commit and
+    yield the stream (None if the other attempt won by a hair)."""
     d = slot.deployment
     started = trio.current_time()
     committed = False
@@ -200,24 +269,17 @@ async def _attempt(
     try:
         # Until the commit, the whole attempt (connect, head, first chunk) is bounded.
         with slot, trio.CancelScope(deadline=limit) as bounded:
-            async with providers.open_stream(target, call_for(target)) as stream:
-                first = await stream.next()
+            async with providers.open_stream(target, call_for(target)) as upstream:
+                first = await upstream.next()
                 bounded.deadline = math.inf
-                ttft_ms = (trio.current_time() - started) * 1000
-                if commit is not None and not commit.claim(target, key):
+                if not commit.claim(target, key):
                     slot.release_probe()
                     yield None  # another hedged attempt won
                     return
                 committed = True
-                d.ttft_ms.append(ttft_ms)
-                failover.deployments.record(d, True, ttft_ms)
-                chunks = 0 if first is None else len(first)
-                yield CommittedStream(target, first, stream, failover, d, chunks)
-        if bounded.cancelled_caught and not committed:
-            raise UpstreamTimeout(
-                f"{target.provider} produced no first chunk within "
-                f"{'the routing deadline' if limit == deadline else 'the attempt timeout'}."
-            )
+                yield _commit(failover, target, d, started, first, upstream)
+                return
+        raise _no_first_chunk(target, limit, deadline)  # the bound was hit
     except GatewayError as exc:
         if committed:
             raise
@@ -225,12 +287,7 @@ async def _attempt(
         raise
     except BaseException:
         if not committed:
-            slot.release_probe()
-            telemetry.emit(
-                "provider.request.cancelled",
-                provider=target.provider,
-                reason="hedge lost" if commit is not None and commit.winner else "cancelled",
-            )
+            _abandoned(slot, target, commit)
         raise
 
 
@@ -255,7 +312,7 @@ class _Race:
             if commit.winner is not None:
                 scope.cancel()  # the other attempt won before this one started
             try:
-                async with _attempt(
+                async with _contender(
                     self.failover,
                     target,
                     slot,
