@@ -31,6 +31,7 @@ from runestone_proxy.errors import GatewayError, RateLimited
 from runestone_proxy.gateway.capacity import Slot
 from runestone_proxy.gateway.limits import Enqueue
 from runestone_proxy.gateway.overflow import Enqueued, Job, NewJob
+from runestone_proxy.gateway.queue import JobQueue
 from runestone_proxy.gateway.rate_wire import Headers
 from runestone_proxy.gateway.ratelimit import Reservation
 from runestone_proxy.gateway.request_body import check_idempotency_key
@@ -64,12 +65,29 @@ class Admission:
         self.rl_headers: Headers
 
     async def __aenter__(self) -> Parked | None:
-        gen = self.gen
-        self.reservation, self.rl_headers = self.service.ratelimiter.admit(
-            gen.principal, gen.body, gen.output_tokens, trio.current_time(), gen.request_id
+        service, gen = self.service, self.gen
+        principal = gen.principal
+        self.reservation, self.rl_headers = service.ratelimiter.admit(
+            principal, gen.body, gen.output_tokens, trio.current_time(), gen.request_id
         )
         try:
-            return await self._enter()
+            store = service.store
+            if store is not None and gen.idempotency_key is not None:
+                twin = await self._replay(store)
+                if twin is not None:
+                    return twin
+            slot = service.capacity.slot(
+                principal.tenant,
+                wants_async=gen.wants_async,
+                key_mask=principal.key_mask,
+                request_id=gen.request_id,
+            )
+            decision = await slot.__aenter__()
+            if type(decision) is Enqueue:  # no slot held: a job runs when one frees
+                return await self._park(store)
+            self.slot = slot
+            self.admitted = True  # Admit, or a Wait that got its slot
+            return None
         except BaseException as exc:
             self._settle(exc)
             raise
@@ -84,39 +102,34 @@ class Admission:
             await self.slot.__aexit__(exc_type, exc, tb)
         self._settle(exc)
 
-    async def _enter(self) -> Parked | None:
-        service, gen = self.service, self.gen
-        store = service.store
-        if store is not None:
-            key = check_idempotency_key(gen.idempotency_key)
-            if key is not None and store.is_open:
-                twin = await store.find_idempotent(gen.principal.tenant, key)
-                if twin is not None:
-                    self.admitted = True  # answered from the stored job: it counts
-                    _emit_enqueue(gen, twin, None, replayed=True)
-                    return Parked(twin, True)
-        slot = service.capacity.slot(
-            gen.principal.tenant,
-            wants_async=gen.wants_async,
-            key_mask=gen.principal.key_mask,
-            request_id=gen.request_id,
-        )
-        decision = await slot.__aenter__()
-        if type(decision) is Enqueue:  # no slot held: a job runs when one frees
-            if store is None:
-                raise RateLimited(
-                    f"Tenant {gen.principal.tenant!r} is at capacity and no overflow queue "
-                    "is available.",
-                    retry_after_s=1,
-                )
-            self.admitted = True  # a durable job is served later: it counts now
-            enqueued = await store.enqueue(_new_job(gen))
-            replayed = not enqueued.created
-            _emit_enqueue(gen, enqueued.job, enqueued, replayed)
-            return Parked(enqueued.job, replayed)
-        self.slot = slot
-        self.admitted = True  # Admit, or a Wait that got its slot
-        return None
+    async def _replay(self, store: JobQueue) -> Parked | None:
+        """The job an earlier request with the same ``Idempotency-Key`` made, if any (400
+        for a malformed key)."""
+        gen = self.gen
+        key = check_idempotency_key(gen.idempotency_key)
+        if key is None or not store.is_open:
+            return None
+        twin = await store.find_idempotent(gen.principal.tenant, key)
+        if twin is None:
+            return None
+        self.admitted = True  # answered from the stored job: it counts
+        _emit_enqueue(gen, twin, None, replayed=True)
+        return Parked(twin, True)
+
+    async def _park(self, store: JobQueue | None) -> Parked:
+        """Commit the request as a durable job (429 when there is no queue)."""
+        gen = self.gen
+        if store is None:
+            raise RateLimited(
+                f"Tenant {gen.principal.tenant!r} is at capacity and no overflow queue "
+                "is available.",
+                retry_after_s=1,
+            )
+        self.admitted = True  # a durable job is served later: it counts now
+        enqueued = await store.enqueue(_new_job(gen))
+        replayed = not enqueued.created
+        _emit_enqueue(gen, enqueued.job, enqueued, replayed)
+        return Parked(enqueued.job, replayed)
 
     def _settle(self, exc: BaseException | None) -> None:
         now = trio.current_time()

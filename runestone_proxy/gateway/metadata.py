@@ -11,8 +11,12 @@ _META_PREFIXES: dict[tuple[str, str], bytes] = {}
 
 def splice_metadata(body: bytes, provider: str, policy: str, request_id: str) -> bytes:
     """``{...}`` -> ``{...,"provider":...,"routing_policy":...,"request_id":...}``."""
-    fields = _meta_prefix(provider, policy) + json.dumps(request_id).encode()
-    return splice(body, fields)
+    end = body.rstrip()
+    if not end.endswith(b"}"):
+        return body
+    inner = end[:-1].rstrip()
+    sep = b"" if inner.endswith(b"{") else b","
+    return inner + sep + _meta_prefix(provider, policy) + json.dumps(request_id).encode() + b"}"
 
 
 def splice(body: bytes, fields: bytes) -> bytes:
