@@ -14,8 +14,8 @@ are all held across the ``yield``, so the caller's block runs inside them, in th
 task, with no task or nursery of its own. A ``GatewayError`` thrown in at the ``yield``
 (after the commit) is re-raised, never failed over.
 
-A hedged attempt races in a nursery opened here: each contender runs :func:`_attempt` in its
-own task; the winner hands its stream to this frame and keeps its upstream context open
+A hedged attempt races in a nursery opened here: each contender runs :func:`_contender` in
+its own task; the winner hands its stream to this frame and keeps its upstream context open
 until the caller's block is done with it (``_Commit.released``), so the caller reads the
 winner's stream from its own task. The loser is cancelled at the commit, exactly as before
 (its upstream connection is closed, not returned to the pool). A client that goes away
