@@ -203,10 +203,14 @@ class Service(ServiceState):
         async with admission as parked:
             if parked is not None:
                 return parked
-            target, policy, answer = await self._complete(
-                gen.endpoint, self._route(gen), gen.body, gen.raw, gen.request_id
+            # _complete inline: one coroutine less per request (run_job shares _complete).
+            request_id = gen.request_id
+            targets, call_for, policy = self._plan(
+                gen.endpoint, self._route(gen), gen.body, gen.raw, request_id, False
             )
+            target, answer = await self.failover.complete(targets, call_for, self.providers)
             admission.usage = usage_tokens(answer)
+            answer = splice_metadata(answer, target.provider, policy, request_id)
             return Answer(target, policy, answer, admission.rl_headers)
 
     def open_stream(self, gen: Generation) -> OpenStream:
