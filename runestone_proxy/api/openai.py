@@ -106,7 +106,8 @@ class Api:
             raw,
             request.request_id,
             force_stream=force_stream,
-            prefers_async=_prefers_async(request),
+            # Prefer: respond-async (RFC 7240 §4.1): park the request if it cannot start now.
+            prefers_async=b"respond-async" in (request.header(b"prefer") or b"").lower(),
             idempotency_key=request.header(b"idempotency-key"),
         )
         if gen.principal is not principal:  # the legacy ``tenant_id`` named the tenant
@@ -144,11 +145,6 @@ async def relay(responder: Responder, stream: Stream) -> None:
         await responder.send(encode_data(exc.body()) + DONE)
         return
     await responder.send(DONE)
-
-
-def _prefers_async(request: Request) -> bool:
-    """``Prefer: respond-async`` (RFC 7240 §4.1): park the request if it cannot start now."""
-    return b"respond-async" in (request.header(b"prefer") or b"").lower()
 
 
 def _meta(target: Target, policy: str) -> tuple[tuple[bytes, bytes], ...]:

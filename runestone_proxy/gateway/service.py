@@ -54,10 +54,12 @@ from runestone_proxy.providers.base import RUNESTONE_FIELDS, Endpoint, ProviderC
 __all__ = ["Answer", "Generation", "OpenStream", "Parked", "Route", "Service", "Stream"]
 
 
-@attrs.frozen
+@attrs.define(eq=False, slots=True)
 class Route:
     """A validated body's routing decision, before any live state: the resolution and its
-    capable candidates in policy order (``Service.route``; ``Service._plan`` carries it out)."""
+    capable candidates in policy order (``Service.route``; ``Service._plan`` carries it out).
+    Not frozen, like the other per-request values here: a frozen attrs class pays an
+    ``object.__setattr__`` per field on every request. Nothing changes it after ``route``."""
 
     resolution: Resolution
     ordered: list[Target]
@@ -205,8 +207,11 @@ class Service(ServiceState):
                 return parked
             # _complete inline: one coroutine less per request (run_job shares _complete).
             request_id = gen.request_id
+            route = gen.route
+            if route.table is not self.routing:  # reloaded while it waited: see _route
+                route = self._route(gen)
             targets, call_for, policy = self._plan(
-                gen.endpoint, self._route(gen), gen.body, gen.raw, request_id, False
+                gen.endpoint, route, gen.body, gen.raw, request_id, False
             )
             target, answer = await self.failover.complete(targets, call_for, self.providers)
             admission.usage = usage_tokens(answer)
