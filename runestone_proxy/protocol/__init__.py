@@ -1,8 +1,9 @@
 """Layer 1, sans-IO protocol pieces: bytes in, events and bytes out.
 
 What lives here: the incremental SSE parser and encoder (``sse``), HTTP/2 flood accounting
-(``h2limits``), the request-body rate rule (``slowclient``); the HTTP/1.1 pieces both sides
-share belong here too. No module here reads a clock, a socket or a file.
+(``h2limits``), the request-body rate rule (``slowclient``), and the HTTP/1.1 pieces the
+listener and the upstream pool share (``h1``: head writers, head checks, the connection phase
+table). No module here reads a clock, a socket or a file.
 
 May import: the standard library, h11/h2, and the leaves (``config``, ``errors``, ``logs``,
 ``telemetry``, ``metrics``); never trio, httpx or structlog, and no other layer of the
