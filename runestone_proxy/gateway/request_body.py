@@ -17,7 +17,7 @@ What a generation body must be (the README's "Request bodies" says the same to u
   estimate, a re-encode for a provider) can run out of recursion; a body too deep for
   Python's own parser is the same 400, never a ``RecursionError``.
 * Escaped lone surrogates (``"\\ud800"``) are accepted where Runestone only carries the
-  value (a re-encode writes them back as ``\\u`` escapes, see ``providers/openai.dumps``),
+  value (a re-encode writes them back as ``\\u`` escapes, see ``providers/json_codec.dumps``),
   and refused (400 naming the param) in the strings Runestone itself uses: ``model``,
   ``provider``, ``model_family``, ``capabilities``, ``tenant_id``, ``webhook_url``.
 

@@ -75,7 +75,7 @@ _COMPACT: Final[Mapping[str, Any]] = {"separators": (",", ":"), "ensure_ascii": 
 
 def dumps(obj: Any) -> bytes:
     """Compact UTF-8 JSON; a lone surrogate (a client's escape) is written back as ``\\u``
-    escapes, as ``providers.openai.dumps`` does."""
+    escapes, as ``providers.json_codec.dumps`` does."""
     text = json.dumps(obj, **_COMPACT)
     try:
         return text.encode()

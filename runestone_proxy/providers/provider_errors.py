@@ -25,7 +25,7 @@ How a provider's error is relayed
   errors: 429 and 5xx).
 
 OpenAI-compatible providers already answer in OpenAI's envelope: their status, ``type`` and
-``code`` pass through unchanged (``providers/openai.py``); :func:`default_type` only fills a
+``code`` pass through unchanged (``providers/openai_errors.py``); :func:`default_type` only fills a
 ``type`` that a body does not name, and :func:`in_band_status` gives an error that came in an
 HTTP 200 body or a stream event (no status of its own) the status its code or type has at
 OpenAI, so that one sent before any chunk still reaches the client as, say, a 429.
