@@ -130,7 +130,7 @@ class Flaky:
             return
         model = body.get("model", "")
         if not body.get("stream"):
-            answer = _completion(model, text(self.name))
+            answer = completion(model, text(self.name))
             headers = [(b"content-type", b"application/json")]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": json.dumps(answer).encode()})
@@ -172,7 +172,7 @@ def _chunk(model: str, delta: dict[str, Any], finish: str | None) -> dict[str, A
     }
 
 
-def _completion(model: str, content: str) -> dict[str, Any]:
+def completion(model: str, content: str) -> dict[str, Any]:
     return {
         "id": "chatcmpl-flaky",
         "object": "chat.completion",

@@ -27,6 +27,7 @@ import h11
 import httpx
 import pytest
 import trio
+from flaky_fakes import completion
 from jobs_helpers import Answer, _serve
 
 from runestone_proxy import config as config_mod
@@ -96,22 +97,7 @@ def _error(message: str, code: str) -> bytes:
 
 
 def _completion(model: str, content: str) -> bytes:
-    return json.dumps(
-        {
-            "id": "chatcmpl-hostile",
-            "object": "chat.completion",
-            "created": 1_700_000_000,
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": content},
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-        }
-    ).encode()
+    return json.dumps(completion(model, content)).encode()  # ensure_ascii: surrogates escaped
 
 
 @attrs.define(eq=False)
