@@ -116,6 +116,9 @@ class UpstreamConfig:
     #: Largest non-stream provider answer we buffer, and the largest single SSE event of a
     #: stream (streams are never buffered whole: the relay holds one event at a time).
     max_response_bytes: int = attrs.field(default=32 * 1024 * 1024, validator=_positive)
+    #: A translated Anthropic Messages stream sends an ``event: ping`` after this long
+    #: without an event (Anthropic's own streams carry pings; native ones pass them on).
+    ping_interval_s: float = attrs.field(default=10.0, validator=_positive)
 
 
 ProviderKind = Literal["openai", "anthropic", "mock"]

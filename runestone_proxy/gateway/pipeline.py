@@ -44,6 +44,10 @@ from runestone_proxy.protocol.sse import SSEError, SSEParser
 from runestone_proxy.providers.anthropic import AnthropicTranslator
 from runestone_proxy.providers.base import Ending, ProviderCall, StreamTranslator, Translator
 from runestone_proxy.providers.completions import ChatToTextStream, chat_to_text_completion
+from runestone_proxy.providers.json_codec import dumps
+from runestone_proxy.providers.messages_request import estimate_input_tokens, messages_to_chat
+from runestone_proxy.providers.messages_response import chat_to_message
+from runestone_proxy.providers.messages_stream import MessagesEncoder
 from runestone_proxy.providers.mock import MockProvider, MockSettings
 from runestone_proxy.providers.openai import OpenAITranslator
 
@@ -94,8 +98,25 @@ class ProviderRuntime:
     def chat_only(self) -> bool:
         return self.config.kind == "anthropic"
 
+    @property
+    def speaks_messages(self) -> bool:
+        """The Messages dialect is native here (bytes passed through), not translated."""
+        return self.config.kind == "anthropic"
+
     def prepare(self, call: ProviderCall) -> ProviderCall:
-        """Adapt a legacy completions call for chat-only providers (prompt -> messages)."""
+        """Adapt a call to what this provider speaks: a legacy completions call for
+        chat-only providers (prompt -> messages), an Anthropic Messages call for one that
+        does not speak it (-> chat, with usage asked for: the Messages dialect reports it
+        in ``message_delta``)."""
+        if call.endpoint == "messages" and not self.speaks_messages:
+            return attrs.evolve(
+                call,
+                endpoint="chat",
+                body=messages_to_chat(call.body),
+                raw=None,
+                include_usage=call.stream,
+                headers=(),
+            )
         if call.endpoint == "completions" and self.chat_only:
             from runestone_proxy.providers.completions import prompt_to_chat_body
 
@@ -202,6 +223,36 @@ class _MockStream:
 
 
 @attrs.define(eq=False)
+class _Encoded:
+    """A translated Messages stream: the provider's OpenAI chunks, re-encoded as Anthropic
+    events by a :class:`~runestone_proxy.providers.messages_stream.MessagesEncoder`. The
+    inner stream decided how the upstream ended; a clean end closes the message
+    (``message_delta`` with the stop reason and usage, ``message_stop``)."""
+
+    inner: PayloadStream
+    encoder: MessagesEncoder
+    finished: bool = False
+
+    @property
+    def usage(self) -> Mapping[str, Any] | None:
+        return self.inner.usage or self.encoder.usage
+
+    async def next(self) -> list[bytes] | None:
+        encoder = self.encoder
+        while not self.finished:
+            payloads = await self.inner.next()
+            if payloads is None:
+                self.finished = True
+                return encoder.finish() or None
+            out: list[bytes] = []
+            for payload in payloads:
+                out.extend(encoder.feed(payload))
+            if out:
+                return out
+        return None
+
+
+@attrs.define(eq=False)
 class Providers:
     """The provider runtimes and the upstream transport they share (the server's pool);
     rebuilt on config reload."""
@@ -231,6 +282,10 @@ class Providers:
     async def complete(self, target: Target, call: ProviderCall, deadline: float) -> bytes:
         runtime = self.runtime(target)
         legacy = call.endpoint == "completions" and runtime.chat_only
+        translated = call.endpoint == "messages" and not runtime.speaks_messages
+        if call.endpoint == "count_tokens" and not runtime.speaks_messages:
+            # No provider call: the documented estimate (``providers.messages_request``).
+            return dumps({"input_tokens": estimate_input_tokens(call.body)})
         call = runtime.prepare(call)
         with _Accounted(target, call, stream=False):
             if runtime.mock is not None:
@@ -242,6 +297,8 @@ class Providers:
                 body = runtime.mock.respond(call)
             else:
                 body = await self._http_complete(runtime, call, deadline)
+            if translated:
+                return chat_to_message(body, model=call.model)
             return chat_to_text_completion(body) if legacy else body
 
     def _upstream(
@@ -268,23 +325,26 @@ class Providers:
     async def open_stream(self, target: Target, call: ProviderCall) -> AsyncIterator[PayloadStream]:
         runtime = self.runtime(target)
         legacy = call.endpoint == "completions" and runtime.chat_only
+        translated = call.endpoint == "messages" and not runtime.speaks_messages
         call = runtime.prepare(call)
         with _Accounted(target, call, stream=True):
             if runtime.mock is not None:
                 await _mock_latency(runtime)
                 interval = runtime.config.chunk_interval_ms / 1000
-                yield _MockStream(*runtime.mock.stream(call), interval)
+                mocked = _MockStream(*runtime.mock.stream(call), interval)
+                yield _Encoded(mocked, MessagesEncoder(call.model)) if translated else mocked
                 return
             translator, method, url, headers, body = self._upstream(runtime, call)
             async with self.pool.request(method, url, headers, body, self.timeouts) as resp:
                 if resp.status >= 300:
                     answer = await resp.read(self.max_response_bytes)
                     raise translator.parse_error(resp.status, resp.headers, answer)
-                translated: StreamTranslator = translator.stream(call)
+                chunks: StreamTranslator = translator.stream(call)
                 if legacy:
-                    translated = ChatToTextStream(translated)
+                    chunks = ChatToTextStream(chunks)
                 # One event may be as large as a whole non-stream answer (the same key).
-                yield _UpstreamStream(resp, translated, SSEParser(self.max_response_bytes))
+                upstream = _UpstreamStream(resp, chunks, SSEParser(self.max_response_bytes))
+                yield _Encoded(upstream, MessagesEncoder(call.model)) if translated else upstream
 
 
 class _Accounted:

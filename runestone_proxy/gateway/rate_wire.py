@@ -11,6 +11,8 @@ tokens-per-minute limit.
 from __future__ import annotations
 
 import math
+import re
+import time
 from typing import TYPE_CHECKING
 
 from runestone_proxy.errors import RateLimited
@@ -18,7 +20,15 @@ from runestone_proxy.errors import RateLimited
 if TYPE_CHECKING:
     from runestone_proxy.gateway.ratelimit import Denied, Quota, Which
 
-__all__ = ["Headers", "TokensRateLimited", "duration", "error_for", "headers_for"]
+__all__ = [
+    "Headers",
+    "TokensRateLimited",
+    "anthropic_headers",
+    "duration",
+    "error_for",
+    "headers_for",
+    "parse_duration",
+]
 
 Headers = tuple[tuple[bytes, bytes], ...]
 
@@ -55,6 +65,48 @@ def headers_for(quota: Quota) -> Headers:
         (b"x-ratelimit-remaining-tokens", b"%d" % quota.remaining_tokens),
         (b"x-ratelimit-reset-tokens", duration(quota.reset_tokens_s).encode()),
     )
+
+
+_DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m(?!s))?(?:([\d.]+)s)?(?:(\d+)ms)?")
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds in a :func:`duration` string (``20ms``, ``8.64s``, ``6m0s``, ``1h0m0s``)."""
+    match = _DURATION.fullmatch(text)
+    if match is None or not text:
+        return None
+    hours, minutes, secs, ms = match.groups()
+    return int(hours or 0) * 3600 + int(minutes or 0) * 60 + float(secs or 0) + int(ms or 0) / 1000
+
+
+#: OpenAI's header -> Anthropic's (https://docs.anthropic.com/en/api/rate-limits, "Response
+#: headers"): the same numbers; Anthropic's ``reset`` is an RFC 3339 time, not a duration.
+_ANTHROPIC_NAMES = {
+    b"x-ratelimit-limit-requests": b"anthropic-ratelimit-requests-limit",
+    b"x-ratelimit-remaining-requests": b"anthropic-ratelimit-requests-remaining",
+    b"x-ratelimit-reset-requests": b"anthropic-ratelimit-requests-reset",
+    b"x-ratelimit-limit-tokens": b"anthropic-ratelimit-tokens-limit",
+    b"x-ratelimit-remaining-tokens": b"anthropic-ratelimit-tokens-remaining",
+    b"x-ratelimit-reset-tokens": b"anthropic-ratelimit-tokens-reset",
+}
+
+
+def anthropic_headers(headers: Headers, now: float) -> Headers:
+    """The key's ``x-ratelimit-*`` headers in Anthropic's names (``anthropic-ratelimit-*``),
+    resets as RFC 3339 UTC times from ``now`` (epoch seconds); other headers unchanged."""
+    out: list[tuple[bytes, bytes]] = []
+    for name, value in headers:
+        renamed = _ANTHROPIC_NAMES.get(name)
+        if renamed is None:
+            out.append((name, value))
+        elif renamed.endswith(b"-reset"):
+            seconds = parse_duration(value.decode("ascii", "replace"))
+            if seconds is not None:
+                at = time.gmtime(math.ceil(now + seconds))
+                out.append((renamed, time.strftime("%Y-%m-%dT%H:%M:%SZ", at).encode()))
+        else:
+            out.append((renamed, value))
+    return tuple(out)
 
 
 class TokensRateLimited(RateLimited):

@@ -188,7 +188,13 @@ def _deeper_than(body: dict[str, Any], limit: int) -> bool:
 
 # --- the fields Runestone itself reads -------------------------------------------------------
 
-_REQUIRED = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
+_REQUIRED = {
+    "chat": "messages",
+    "completions": "prompt",
+    "embeddings": "input",
+    "messages": "messages",
+    "count_tokens": "messages",
+}
 
 
 def validate(endpoint: Endpoint, body: Mapping[str, Any]) -> None:
@@ -204,7 +210,15 @@ def validate(endpoint: Endpoint, body: Mapping[str, Any]) -> None:
             param=field,
             code="missing_required_parameter",
         )
-    if endpoint == "chat":
+    if endpoint == "messages":
+        # Anthropic requires max_tokens ("max_tokens: Field required"); a translated path
+        # needs it as much as the native one.
+        max_tokens = body.get("max_tokens")
+        if type(max_tokens) is not int or max_tokens < 1:
+            raise InvalidParam(
+                "max_tokens: Field required (a positive integer).", param="max_tokens"
+            )
+    if endpoint != "completions" and endpoint != "embeddings":
         if not isinstance(value, list) or not value:
             raise InvalidParam("'messages' must be a non-empty array.", param="messages")
         for index, message in enumerate(value):

@@ -50,6 +50,8 @@ from runestone_proxy.gateway.routing import (
 from runestone_proxy.gateway.service_state import ServiceState
 from runestone_proxy.gateway.token_estimate import usage_tokens
 from runestone_proxy.providers.base import RUNESTONE_FIELDS, Endpoint, ProviderCall
+from runestone_proxy.providers.json_codec import dumps
+from runestone_proxy.providers.messages_request import estimate_input_tokens
 
 __all__ = ["Answer", "Generation", "OpenStream", "Parked", "Route", "Service", "Stream"]
 
@@ -88,6 +90,8 @@ class Generation:
     idempotency_key: bytes | None
     #: The completion tokens a TPM estimate assumes.
     output_tokens: int
+    #: Client headers a native provider receives as sent (``ProviderCall.headers``).
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 @attrs.define(eq=False, slots=True)
@@ -160,6 +164,7 @@ class Service(ServiceState):
         force_stream: bool = False,
         prefers_async: bool = False,
         idempotency_key: bytes | None = None,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
     ) -> Generation:
         """Parse the body once, validate and route it: every 400/404 before any answer, live
         or queued (a body the live path refuses is refused at once, never parked to fail
@@ -183,6 +188,7 @@ class Service(ServiceState):
             webhook,
             idempotency_key,
             0 if embeddings else self.default_output_tokens,
+            headers,
         )
 
     def route(self, endpoint: Endpoint, body: Mapping[str, Any], raw_len: int) -> Route:
@@ -211,7 +217,7 @@ class Service(ServiceState):
             if route.table is not self.routing:  # reloaded while it waited: see _route
                 route = self._route(gen)
             targets, call_for, policy = self._plan(
-                gen.endpoint, route, gen.body, gen.raw, request_id, False
+                gen.endpoint, route, gen.body, gen.raw, request_id, False, headers=gen.headers
             )
             target, answer = await self.failover.complete(targets, call_for, self.providers)
             admission.usage = usage_tokens(answer)
@@ -224,11 +230,33 @@ class Service(ServiceState):
         block relays it; the stream's end (clean or an in-band error) is settled on exit."""
         return OpenStream(self, gen)
 
+    async def count_tokens(
+        self, raw: bytes, request_id: str, headers: tuple[tuple[bytes, bytes], ...] = ()
+    ) -> tuple[Target, bytes, bool]:
+        """``POST /v1/messages/count_tokens``: ``(target, body, estimated)``. Native on the
+        routed candidates that speak the Messages dialect (Anthropic counts, through the
+        same failover); where none does, Runestone's documented estimate
+        (:func:`~runestone_proxy.providers.messages_request.estimate_input_tokens`), with no
+        provider call. Not a generation: no capacity slot, no rate-limit charge."""
+        body = parse_object(raw)
+        route = self.route("count_tokens", body, len(raw))
+        native = [t for t in route.ordered if self.providers.runtime(t).speaks_messages]
+        if not native:
+            estimate = estimate_input_tokens(body)
+            return route.ordered[0], dumps({"input_tokens": estimate}), True
+        if len(native) != len(route.ordered):
+            route = attrs.evolve(route, ordered=native)
+        targets, call_for, _ = self._plan(
+            "count_tokens", route, body, raw, request_id, False, headers=headers
+        )
+        target, answer = await self.failover.complete(targets, call_for, self.providers)
+        return target, answer, False
+
     async def run_job(self, job: Job) -> JobOutcome:
         """The overflow drainer's runner: the same flow as a live request, answered whole (a
         queued stream's result is stored as the non-stream completion). The drainer already
         holds the tenant's slot; failures raise and the drainer decides on retries."""
-        if job.endpoint not in ("chat", "completions", "embeddings"):
+        if job.endpoint not in ("chat", "completions", "embeddings", "messages"):
             raise InvalidParam(f"Unknown job endpoint {job.endpoint!r}.")
         endpoint: Endpoint = job.endpoint  # type: ignore[assignment]  # checked above
         body = parse_object(job.body)
@@ -255,6 +283,8 @@ class Service(ServiceState):
         request_id: str,
         stream: bool,
         account_usage: bool = False,
+        *,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
     ) -> tuple[list[Target], Callable[[Target], ProviderCall], str]:
         """Order the routed candidates (deployment groups: live state, so only now) and say
         how to call each: the forward-or-rewrite decision, made once. Pops Runestone's own
@@ -286,6 +316,7 @@ class Service(ServiceState):
                 account_usage=account_usage,
                 raw=raw if forward else None,
                 request_id=request_id,
+                headers=headers,
             )
 
         emit_decision(policy, route.resolution, targets, route.reason, request_id)
@@ -325,7 +356,14 @@ class OpenStream:
             # the provider for it (the client sees it only if it asked too).
             tpm = gen.principal.limits.tpm is not None
             targets, call_for, policy = service._plan(
-                gen.endpoint, service._route(gen), gen.body, gen.raw, gen.request_id, True, tpm
+                gen.endpoint,
+                service._route(gen),
+                gen.body,
+                gen.raw,
+                gen.request_id,
+                True,
+                tpm,
+                headers=gen.headers,
             )
             upstream = service.failover.open_stream(targets, call_for, service.providers)
             up = await upstream.__aenter__()

@@ -40,12 +40,32 @@ def estimate_tokens(body: Mapping[str, Any], default_output_tokens: int) -> int:
 
 
 def usage_tokens(payload: bytes) -> int | None:
-    """``usage.total_tokens`` from a response body or a stream's last chunk, found without
-    parsing the JSON; None when it is absent."""
-    at = payload.rfind(b'"total_tokens"')
+    """The tokens an answer reports, found without parsing the JSON; None when absent:
+    ``usage.total_tokens`` (OpenAI's shapes), else the sum of an Anthropic Message's
+    ``input_tokens``, ``output_tokens`` and cache counts (the Messages dialect)."""
+    total = _int_after(payload, b'"total_tokens"')
+    if total is not None or b'"output_tokens"' not in payload:
+        return total
+    counts = [_int_after(payload, key) for key in _ANTHROPIC_USAGE]
+    known = [c for c in counts if c is not None]
+    return sum(known) if known else None
+
+
+#: The counts an Anthropic Message's ``usage`` adds up to (input excludes the cached part).
+_ANTHROPIC_USAGE = (
+    b'"input_tokens"',
+    b'"output_tokens"',
+    b'"cache_read_input_tokens"',
+    b'"cache_creation_input_tokens"',
+)
+
+
+def _int_after(payload: bytes, key: bytes) -> int | None:
+    """The integer after the last ``key:`` in ``payload``, or None."""
+    at = payload.rfind(key)
     if at < 0:
         return None
-    i = payload.find(b":", at + 14)
+    i = payload.find(b":", at + len(key))
     if i < 0:
         return None
     i += 1

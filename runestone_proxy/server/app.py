@@ -50,6 +50,7 @@ import trio
 
 from runestone_proxy import config as config_mod
 from runestone_proxy import logs, metrics, telemetry
+from runestone_proxy.api.anthropic import AnthropicApi
 from runestone_proxy.api.dispatch import Phase
 from runestone_proxy.api.health import (
     add_health_routes,
@@ -119,6 +120,7 @@ class App:
         store = Store.from_config(config, env)
         service.store = store
         api.add_routes(gateway.router)
+        AnthropicApi(service).add_routes(gateway.router)
         # The main port's detailed health views need a key once keys exist (a tenant's key
         # sees its own tenant); the health port is the operator's and shows everything.
         main_scope = key_scope(api.authenticate)
