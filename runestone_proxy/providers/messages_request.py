@@ -127,6 +127,8 @@ EFFORTS: Final[Mapping[str, str]] = {
 }
 TOOL_CHOICES: Final[Mapping[str, str]] = {"auto": "auto", "any": "required", "none": "none"}
 MAX_USER_CHARS: Final = 256
+#: The tool message of a result that held only images or PDFs (they follow in a user message).
+ATTACHMENTS_ONLY: Final = "(no text; the attachments follow in the next message)"
 _SKIPPED: Final = frozenset({"thinking", "redacted_thinking"})
 _EMPTY: Final[tuple[object, ...]] = (None, [], {})
 
@@ -474,7 +476,7 @@ def _tool_result(block: Mapping[str, Any], at: str) -> tuple[str, list[Json]]:
                     texts.append(part["text"])
                 else:
                     media.append(part)
-    text = "\n\n".join(texts)
+    text = "\n\n".join(texts) or (ATTACHMENTS_ONLY if media else "")
     is_error = block.get("is_error")
     if is_error is not None and not isinstance(is_error, bool):
         raise InvalidParam(f"'{at}.is_error' must be a boolean.", param=f"{at}.is_error")
