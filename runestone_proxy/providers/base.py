@@ -42,7 +42,7 @@ import attrs
 from runestone_proxy.errors import ProviderError
 from runestone_proxy.protocol.sse import SSEEvent
 
-Endpoint = Literal["chat", "completions", "embeddings"]
+Endpoint = Literal["chat", "completions", "embeddings", "messages", "count_tokens"]
 HeaderPairs = Sequence[tuple[bytes, bytes]]
 
 #: How an upstream stream ended when its terminator had not arrived:
@@ -83,6 +83,9 @@ class ProviderCall:
     #: The client's original bytes, when they may be forwarded untouched (no rewrite needed).
     raw: bytes | None = None
     request_id: str = ""
+    #: Client request headers a native provider receives as sent (the API layer filtered
+    #: them: ``anthropic-*``, ``x-app``, ``x-claude-code-session-id``; never auth).
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 @attrs.frozen
