@@ -2,7 +2,7 @@
 
 Owns :class:`AnthropicTranslator`, the :class:`~runestone_proxy.providers.base.Translator` for
 ``kind = "anthropic"`` providers: the upstream request line and headers, and the wiring of the
-three halves that live next to it:
+modules that live next to it:
 
     anthropic_request.py   OpenAI request body -> Messages API body (system, tools,
                            sampling, extended thinking)
