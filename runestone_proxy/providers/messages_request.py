@@ -73,7 +73,9 @@ FIELD_FATES: Final[Mapping[str, str]] = {
     " none -> none; dropped when no tools are sent",
     "tool_choice.disable_parallel_tool_use": "mapped: true -> parallel_tool_calls false",
     "thinking": "mapped: enabled -> reasoning_effort by budget_tokens (< 4096 low,"
-    " < 16384 medium, else high); adaptive uses output_config.effort; disabled -> none",
+    " < 16384 medium, else high); adaptive uses output_config.effort; disabled -> none."
+    " The gateway sends it only to models whose entry lists the 'reasoning' capability"
+    " (dropped elsewhere)",
     "output_config": "mapped: effort and format (below); other keys dropped",
     "output_config.effort": "mapped: to reasoning_effort (xhigh, max -> high) unless thinking"
     " is disabled",
