@@ -38,8 +38,10 @@ the finish_reason. Nothing is lost whatever the interleaving; the price is that 
 parallel call is not streamed live. A piece for a call whose block is already closed (after
 text came in between) cannot be delivered: :class:`UpstreamProtocolError`.
 
-Per chunk the cost is one ``json.loads`` and, for text, thinking and tool arguments, one
-string encode joined to a prefix made when the block opened.
+Per chunk the cost is one JSON decode (:func:`_loads`) and, for text, thinking and tool
+arguments, one string encode joined to a prefix made when the block opened; row (TEXT, text),
+the common chunk, is carried out inline in :meth:`MessagesEncoder.feed` (about 5 us per text
+chunk on the 2-core VM, of which the decode is 3).
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ _START, _IDLE, _THINKING, _TEXT, _TOOL, _DONE = State
 #:   tool            open the call's tool_use block, or hold it, or stream its arguments
 #:   note_stop       remember finish_reason (and vLLM's matched stop string)
 #:   end             message_delta (stop_reason, usage) and message_stop
+#: Row (TEXT, text) is also written inline in ``feed`` (the per-chunk hot path); keep both.
 TRANSITIONS: Final[Mapping[tuple[State, Input], tuple[tuple[str, ...], State]]] = {
     (_START, "empty"): (("message_start",), _IDLE),
     (_START, "reasoning"): (("message_start", "open_thinking", "thinking"), _THINKING),
@@ -180,10 +183,7 @@ class MessagesEncoder:
 
     def feed(self, payload: bytes) -> list[bytes]:
         """One chunk's JSON text -> zero or more frames. An error object raises it."""
-        try:
-            obj = json.loads(payload)
-        except (ValueError, UnicodeDecodeError):
-            raise UpstreamProtocolError("stream chunk is not valid JSON") from None
+        obj = _loads(payload)
         if not isinstance(obj, dict):
             raise UpstreamProtocolError("stream chunk is not a JSON object")
         if "error" in obj or obj.get("object") == "error":
@@ -206,7 +206,10 @@ class MessagesEncoder:
                 self._step("reasoning", reasoning, out)
             content = delta.get("content")
             if content and isinstance(content, str):
-                self._step("text", content, out)
+                if self._state is State.TEXT:  # row (TEXT, text), inline: the common chunk
+                    out.append(self._prefix + _json_string(content) + _END)
+                else:
+                    self._step("text", content, out)
             refusal = delta.get("refusal")
             if refusal and isinstance(refusal, str):
                 self._refused = True
@@ -376,6 +379,26 @@ _COMPILED: Final[Mapping[tuple[State, Input], tuple[tuple[_Action, ...], State]]
     key: (tuple(_ACTIONS[name] for name in names), following)
     for key, (names, following) in TRANSITIONS.items()
 }
+
+
+_raw_decode = json.JSONDecoder().raw_decode
+
+
+def _loads(payload: bytes) -> Any:
+    """``json.loads`` for one chunk, at half its cost: ``raw_decode`` on the decoded text
+    skips the encoding sniffing and wrapper layers (anything it does not take, such as
+    leading whitespace, goes to ``json.loads``, which decides)."""
+    try:
+        try:
+            text = payload.decode()
+            obj, end = _raw_decode(text)
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
+            return json.loads(payload)
+        if end != len(text) and text[end:].strip():
+            raise ValueError("extra data")
+    except (ValueError, UnicodeDecodeError):
+        raise UpstreamProtocolError("stream chunk is not valid JSON") from None
+    return obj
 
 
 def _choice_zero(choices: Any) -> dict[str, Any] | None:

@@ -252,7 +252,9 @@ def test_text_that_mentions_error_is_text() -> None:
     assert accumulate(parse(frames))["content"][0]["text"] == '"error"'
 
 
-@pytest.mark.parametrize("payload", [b"not json", b"[1]", b'"x"'])
+@pytest.mark.parametrize(
+    "payload", [b"not json", b"[1]", b'"x"', b"", b"\xff", b'{"id":"c"}x', b'{"a":1}{"b":2}']
+)
 def test_not_a_chunk(payload: bytes) -> None:
     with pytest.raises(UpstreamProtocolError):
         MessagesEncoder(MODEL).feed(payload)
@@ -287,6 +289,11 @@ def test_tool_calls_without_index_or_id() -> None:
         ("toolu_c_1", "h", {}),  # the legacy function_call, held while call_a was open
     ]
     assert message["stop_reason"] == "tool_use"
+
+
+def test_whitespace_around_a_chunk() -> None:
+    frames = MessagesEncoder(MODEL).feed(b' {"id":"c","choices":[]} \n')
+    assert [e["type"] for e in parse(frames)] == ["message_start"]
 
 
 def test_lone_surrogate_in_a_delta() -> None:
