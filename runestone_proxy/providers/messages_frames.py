@@ -1,0 +1,33 @@
+"""Anthropic Messages SSE frames. No I/O.
+
+Owns the one shape every stream payload in the Messages dialect has: a whole SSE frame,
+``event: <type>\\ndata: <json>\\n\\n``, where ``<type>`` is the JSON's ``"type"``
+(https://docs.anthropic.com/en/docs/build-with-claude/streaming: "Each server-sent event
+includes a named event type and associated JSON data"). The relay writes these bytes as they
+are. Compact JSON never holds a raw newline (one inside a string is escaped), so one
+``data:`` line always carries the whole object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final
+
+from runestone_proxy.providers.json_codec import dumps
+
+__all__ = ["PING", "frame", "frame_obj"]
+
+
+def frame(event_type: str, data: bytes) -> bytes:
+    """``event: <event_type>\\ndata: <data>\\n\\n``; ``data`` is one line of JSON."""
+    return b"event: " + event_type.encode("ascii") + b"\ndata: " + data + b"\n\n"
+
+
+def frame_obj(obj: Mapping[str, Any]) -> bytes:
+    """``obj`` as compact JSON in a frame named by its ``"type"``."""
+    return frame(obj["type"], dumps(obj))
+
+
+#: The keep-alive event Anthropic interleaves ("Event streams may also include any number of
+#: ping events").
+PING: Final = frame_obj({"type": "ping"})
