@@ -22,6 +22,7 @@ import structlog
 import trio
 
 from runestone_proxy import errors, logs, metrics
+from runestone_proxy.api.anthropic import send_error as send_anthropic_error
 from runestone_proxy.api.http import (
     JSON_HEADERS,
     HeaderList,
@@ -29,7 +30,6 @@ from runestone_proxy.api.http import (
     Responder,
     ResponseAborted,
 )
-from runestone_proxy.api.anthropic import send_error as send_anthropic_error
 from runestone_proxy.api.router import Router
 from runestone_proxy.config import Config
 

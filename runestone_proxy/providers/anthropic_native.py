@@ -60,6 +60,7 @@ from runestone_proxy.providers.base import (
     UpstreamRequest,
 )
 from runestone_proxy.providers.json_codec import dumps, loads_object
+from runestone_proxy.providers.messages_frames import frame
 from runestone_proxy.providers.provider_errors import anthropic_error
 
 __all__ = ["ENDINGS", "AnthropicPassthrough", "Phase", "native_request", "native_response"]
@@ -172,30 +173,7 @@ ENDINGS: Final[Mapping[tuple[Phase, Ending], Outcome]] = {
 
 #: Events whose JSON is read; every other event passes without being parsed.
 _READ: Final = frozenset({"message_start", "message_delta", "error"})
-#: ``event: <name>\ndata: `` for the event names Anthropic documents, encoded once.
-_PREFIXES: dict[str, bytes] = {
-    name: b"event: " + name.encode() + b"\ndata: "
-    for name in (
-        "message_start",
-        "content_block_start",
-        "content_block_delta",
-        "content_block_stop",
-        "message_delta",
-        "message_stop",
-        "ping",
-        "error",
-    )
-}
 _MESSAGE_STOP: Final = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
-
-
-def _frame(event_type: str, data: bytes) -> bytes:
-    """One whole SSE frame (``providers/messages_frames.frame`` does the same; the lead
-    dedupes at merge)."""
-    prefix = _PREFIXES.get(event_type) or b"event: " + event_type.encode() + b"\ndata: "
-    if b"\n" in data:  # a multi-line data field stays one field per line
-        data = data.replace(b"\n", b"\ndata: ")
-    return prefix + data + b"\n\n"
 
 
 @attrs.define
@@ -227,7 +205,7 @@ class AnthropicPassthrough:
             self._read(name, data)
         elif name == "message_stop":
             self._phase = Phase.DONE
-        return [_frame(name, data)]
+        return [frame(name, data)]
 
     def finish(self, ending: Ending = "eof") -> list[bytes]:
         phase = self._phase

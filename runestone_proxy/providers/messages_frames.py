@@ -18,9 +18,29 @@ from runestone_proxy.providers.json_codec import dumps
 __all__ = ["PING", "frame", "frame_obj"]
 
 
+#: ``event: <name>\\ndata: `` for the event names Anthropic documents, encoded once.
+_PREFIXES: Final[dict[str, bytes]] = {
+    name: b"event: " + name.encode() + b"\ndata: "
+    for name in (
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+        "ping",
+        "error",
+    )
+}
+
+
 def frame(event_type: str, data: bytes) -> bytes:
-    """``event: <event_type>\\ndata: <data>\\n\\n``; ``data`` is one line of JSON."""
-    return b"event: " + event_type.encode("ascii") + b"\ndata: " + data + b"\n\n"
+    """``event: <event_type>\\ndata: <data>\\n\\n``. ``data`` is normally one line of JSON;
+    a multi-line one (an upstream event passed on) keeps one ``data:`` field per line."""
+    prefix = _PREFIXES.get(event_type) or b"event: " + event_type.encode() + b"\ndata: "
+    if b"\n" in data:
+        data = data.replace(b"\n", b"\ndata: ")
+    return prefix + data + b"\n\n"
 
 
 def frame_obj(obj: Mapping[str, Any]) -> bytes:

@@ -199,7 +199,11 @@ async def test_anthropic_list_shape_on_the_wire(gateway: Gateway) -> None:
         "created_at": "1970-01-01T00:00:00Z",
         "lifecycle": "active",
     }
-    assert json.loads(bad)["error"]["param"] == "limit"
+    # An Anthropic client's error comes in Anthropic's envelope (it sent anthropic-version).
+    error = json.loads(bad)
+    assert error["type"] == "error"
+    assert error["error"]["type"] == "invalid_request_error"
+    assert "limit" in error["error"]["message"]
 
 
 # --- the origin probe ---------------------------------------------------------------------------
