@@ -48,7 +48,7 @@ Json = dict[str, Any]
 #: with its fate: ``mapped``, ``copied``, ``dropped`` or ``refused``.
 FIELD_FATES: Final[Mapping[str, str]] = {
     "model": "copied: as given (the gateway replaces it with the routed model)",
-    "max_tokens": "copied: to max_tokens, same value",
+    "max_tokens": "copied: same value (as max_completion_tokens to OpenAI itself)",
     "messages": "mapped: each turn to one or more chat messages, order kept",
     "system": "mapped: text (blocks joined with a blank line) -> the first system message",
     "stop_sequences": "mapped: to stop (OpenAI itself accepts at most 4)",

@@ -671,3 +671,10 @@ def test_text_conversations_translate_in_order(turns: list[Any], system: Any) ->
         expected.insert(0, ("system", flat))
     assert [(m["role"], m["content"]) for m in out["messages"]] == expected
     assert estimate_input_tokens(b) >= MESSAGE_OVERHEAD_TOKENS * len(expected)
+
+
+def test_readme_lists_every_fate() -> None:
+    """The README's "Use with Claude Code" table is the fates table, row for row."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for field, fate in FIELD_FATES.items():
+        assert f"| `{field}` | {fate} |" in readme, field
