@@ -253,13 +253,15 @@ class Constraints:
 
 
 def _content_has_image(messages: object) -> bool:
+    """An image part in a message: OpenAI's ``image_url``, or an Anthropic Messages
+    ``image`` block (the Messages dialect routes on the same capabilities)."""
     if not isinstance(messages, list):
         return False
     for message in messages:
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, list):
             for part in content:
-                if isinstance(part, dict) and part.get("type") == "image_url":
+                if isinstance(part, dict) and part.get("type") in _IMAGE_PARTS:
                     return True
     return False
 
@@ -275,6 +277,7 @@ _STREAMING = frozenset({"streaming"})
 _TOOLS = frozenset({"tools"})
 _JSON_MODE = frozenset({"json_mode"})
 _VISION = frozenset({"vision"})
+_IMAGE_PARTS = frozenset({"image_url", "image"})
 
 
 #: Body fields that add constraints but few requests carry: a body with none of them

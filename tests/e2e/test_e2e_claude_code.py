@@ -187,7 +187,9 @@ async def test_claude_code_in_front_of_an_openai_compatible_model(
     OpenAI-compatible model; the tool round trip works through the translation."""
     upstream = BashOpenAI()
     port = await nursery.start(serve, upstream)
-    config = _gateway(f"http://{HOST}:1", f"http://{HOST}:{port}/v1", {"claude-*": "openai:gpt-4o-mini"})
+    config = _gateway(
+        f"http://{HOST}:1", f"http://{HOST}:{port}/v1", {"claude-*": "openai:gpt-4o-mini"}
+    )
     config = attrs.evolve(
         config,
         providers=tuple(
