@@ -27,7 +27,7 @@ scenario in the request, e.g. ``model="openai:err-429"``:
     big                one content delta of BIG_TEXT (5 MiB)
     usage-always       the usage chunk even if include_usage was not asked
     reasoner           ``reasoning_content`` (DeepSeek/vLLM style: REASONING), then text
-    tool-turns         a get_weather call; text once the last message is a tool result
+    tool-turns         a get_weather call; text once the messages hold a tool result
     paced              the first text chunk, then waits for ``paced_gate`` (an event the
                        test sets), then the rest
 
@@ -371,8 +371,8 @@ class FakeOpenAI(FakeProvider):
             return
         model = body.get("model", "") if isinstance(body, dict) else ""
         if model == "tool-turns":  # text once the tool answered, else the tool call
-            messages = body.get("messages") or [{}]
-            model = "text" if messages[-1].get("role") == "tool" else "tools"
+            answered = any(m.get("role") == "tool" for m in body.get("messages") or ())
+            model = "text" if answered else "tools"
         if model in OPENAI_ERRORS:
             status, error, extra = OPENAI_ERRORS[model]
             await ex.json(status, {"error": error}, extra)

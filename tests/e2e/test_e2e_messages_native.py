@@ -379,3 +379,4 @@ async def test_claude_code_request(gateway: Gateway, fake_anthropic: FakeAnthrop
     for name in ("anthropic-beta", "anthropic-version", "x-app", "x-claude-code-session-id"):
         assert seen.headers[name] == headers[name], name
     assert seen.headers["x-api-key"] == ANTHROPIC_KEY
+    assert not [name for name in seen.headers if name.startswith("x-stainless")]  # SDK's own
