@@ -17,7 +17,7 @@ import pytest
 import trio
 from conftest import StartGateway
 from e2e_helpers import GATEWAY_KEY, Gateway, gateway_config, in_thread
-from fakes import FakeAnthropic, FakeOpenAI
+from fakes import TEXT, FakeAnthropic, FakeOpenAI
 from test_e2e_messages_native import MESSAGES, sdk_client
 
 from runestone_proxy.config import AuthConfig, AuthKeyConfig
@@ -125,6 +125,36 @@ async def test_mid_stream_error(gateway: Gateway, model: str, kind: str) -> None
     error = caught.value
     assert error.response.status_code == 200  # raised from inside the stream
     assert envelope(error) == kind
+
+
+@pytest.mark.parametrize(
+    ("model", "kind"),
+    [
+        ("anthropic:claude-no-stop", None),  # ended after message_delta: message_stop added
+        ("openai:no-done", None),  # finish_reason came, no [DONE]: a clean end
+        ("anthropic:claude-cut", "api_error"),  # ended inside a block
+        ("openai:cut", "api_error"),
+        ("openai:cut-hard", "api_error"),  # connection dropped mid-body
+    ],
+)
+async def test_stream_endings(gateway: Gateway, model: str, kind: str | None) -> None:
+    """How an upstream stream that ends early reaches the SDK: a whole message where
+    nothing was lost, else an error event (never a silently truncated message)."""
+
+    def run(claude: anthropic.Anthropic) -> Any:
+        with claude.messages.stream(model=model, max_tokens=64, messages=MESSAGES) as stream:
+            return stream.get_final_message()
+
+    with trio.fail_after(10), sdk_client(gateway) as claude:
+        if kind is None:
+            message = await in_thread(run, claude)
+            assert message.content[0].text == TEXT
+            assert message.stop_reason == "end_turn"
+            return
+        with pytest.raises(anthropic.APIStatusError) as caught:
+            await in_thread(run, claude)
+    assert caught.value.response.status_code == 200
+    assert envelope(caught.value) == kind
 
 
 async def test_gateway_key(start_gateway: StartGateway) -> None:
