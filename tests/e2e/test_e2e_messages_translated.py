@@ -67,7 +67,8 @@ async def test_create_whole_openai(gateway: Gateway, fake_openai: FakeOpenAI) ->
     seen = fake_openai.last()
     assert seen.path == "/v1/chat/completions"
     assert seen.body["model"] == "gpt-4o-mini"
-    assert seen.body["max_tokens"] == 256
+    # OpenAI's own API takes max_completion_tokens; other compatible servers max_tokens.
+    assert seen.body.get("max_completion_tokens", seen.body.get("max_tokens")) == 256
     assert [m["role"] for m in seen.body["messages"]] == ["system", "user"]
     assert seen.headers["authorization"] == f"Bearer {OPENAI_KEY}"
     assert "anthropic-beta" not in seen.headers  # Anthropic's headers mean nothing there
