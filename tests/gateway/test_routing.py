@@ -17,6 +17,7 @@ from runestone_proxy import config as config_mod
 from runestone_proxy.config import Config, ModelConfig, ProviderConfig, RoutingConfig
 from runestone_proxy.errors import InvalidParam, ModelNotFound, NoCandidate
 from runestone_proxy.gateway import routing as routing_mod
+from runestone_proxy.gateway import routing_policy
 from runestone_proxy.gateway.deployments import Deployments
 from runestone_proxy.gateway.routing import (
     AUTO_MODEL,
@@ -423,8 +424,8 @@ def test_the_fast_filter_agrees_with_the_worded_exclusion(
     c = needs(*caps, family=family, max_cost_per_token=max_cost)
     for candidate in CANDIDATES:
         assert candidate.entry is not None
-        assert routing_mod._fits(candidate, c) == (
-            routing_mod._exclusion(candidate.entry, c) is None
+        assert routing_policy._fits(candidate, c) == (
+            routing_policy._exclusion(candidate.entry, c) is None
         )
 
 

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 
 from runestone_proxy.errors import InvalidParam
 from runestone_proxy.providers.base import RUNESTONE_FIELDS
+from runestone_proxy.providers.messages_blocks import ATTACHMENTS_ONLY
 from runestone_proxy.providers.messages_request import (
-    ATTACHMENTS_ONLY,
     ESTIMATE_METHOD,
     FIELD_FATES,
     IMAGE_TOKENS,
