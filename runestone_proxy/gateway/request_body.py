@@ -49,9 +49,7 @@ from runestone_proxy.providers.base import RUNESTONE_FIELDS, Endpoint
 #: parts is 6 deep; a tool's JSON schema adds 2 per nested object.
 MAX_DEPTH = 128
 
-_UNPARSABLE = (
-    "We could not parse the JSON body of your request: it must be one JSON object."
-)
+_UNPARSABLE = "We could not parse the JSON body of your request: it must be one JSON object."
 _TOO_DEEP = f"The JSON body of your request is nested more than {MAX_DEPTH} levels deep."
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 
