@@ -26,6 +26,10 @@ scenario in the request, e.g. ``model="openai:err-429"``:
     finish-partial     finish chunk, then half an event and a clean end
     big                one content delta of BIG_TEXT (5 MiB)
     usage-always       the usage chunk even if include_usage was not asked
+    reasoner           ``reasoning_content`` (DeepSeek/vLLM style: REASONING), then text
+    tool-turns         a get_weather call; text once the messages hold a tool result
+    paced              the first text chunk, then waits for ``paced_gate`` (an event the
+                       test sets), then the rest
 
     FakeAnthropic
     (any other model)  text, with a ping
@@ -40,6 +44,7 @@ scenario in the request, e.g. ``model="openai:err-429"``:
     claude-cut         ends inside a text block (no message_delta)
     claude-max-tokens-tool         message_delta cuts an open tool block
     claude-big         one text delta of BIG_TEXT (5 MiB)
+    /v1/messages/count_tokens      ``{"input_tokens": fake_token_count(body)}``
 
 A request with the wrong key gets the provider's 401, as the real services answer it.
 
@@ -73,6 +78,9 @@ USAGE = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
 #: A tool call's arguments, and how the stream splits them.
 ARGUMENT_PIECES = ('{"ci', 'ty": "Pa', 'ris"}')
 ARGUMENTS = "".join(ARGUMENT_PIECES)
+#: What the ``reasoner`` model thinks before it answers, and how the stream splits it.
+REASONING_PIECES = ("Paris is", " in France.")
+REASONING = "".join(REASONING_PIECES)
 #: One legal SSE event of several MiB (past the parser's old 1 MiB cap).
 BIG_TEXT = "abcdefgh" * (5 * 1024 * 1024 // 8)
 
@@ -354,11 +362,17 @@ def _tool_call_pieces() -> list[dict[str, Any]]:
 
 @attrs.define(eq=False)
 class FakeOpenAI(FakeProvider):
+    #: The ``paced`` model's stream waits for this between its first and second chunk.
+    paced_gate: trio.Event = attrs.Factory(trio.Event)
+
     async def handle(self, path: str, headers: Mapping[str, str], body: Any, ex: Exchange) -> None:
         if headers.get("authorization") != f"Bearer {self.key}":
             await ex.json(401, {"error": OPENAI_ERRORS["err-401"][1]})
             return
         model = body.get("model", "") if isinstance(body, dict) else ""
+        if model == "tool-turns":  # text once the tool answered, else the tool call
+            answered = any(m.get("role") == "tool" for m in body.get("messages") or ())
+            model = "text" if answered else "tools"
         if model in OPENAI_ERRORS:
             status, error, extra = OPENAI_ERRORS[model]
             await ex.json(status, {"error": error}, extra)
@@ -395,6 +409,8 @@ class FakeOpenAI(FakeProvider):
         elif chat:
             pieces = (BIG_TEXT,) if model == "big" else TEXT_PIECES
             deltas = [{"role": "assistant", "content": "", "refusal": None}]
+            if model == "reasoner":
+                deltas += [{"reasoning_content": piece} for piece in REASONING_PIECES]
             deltas += [{"content": piece} for piece in pieces]
             choices = [_delta(d) for d in deltas] + [_delta({}, "stop")]
         else:
@@ -402,7 +418,9 @@ class FakeOpenAI(FakeProvider):
             choices = [_text_choice(p) for p in pieces] + [_text_choice("", "stop")]
         if model in ("cut", "cut-hard", "hang") or model.startswith("mid-"):
             choices = choices[: 1 if model == "hang" else 2]
-        for choice in choices:
+        for index, choice in enumerate(choices):
+            if model == "paced" and index == 2:  # after the role chunk and one text piece
+                await self.paced_gate.wait()
             await ex.event(_openai_chunk(model, [choice], usage, obj))
         if model.startswith("mid-"):  # a failure after the stream started: an error event
             await ex.event({"error": OPENAI_ERRORS[model.removeprefix("mid-")][1]})
@@ -436,6 +454,8 @@ def _chat_completion(model: str) -> dict[str, Any]:
         }
         message = {"role": "assistant", "content": None, "tool_calls": [call], "refusal": None}
         finish = "tool_calls"
+    elif model == "reasoner":
+        message["reasoning_content"] = REASONING
     return {
         "id": "chatcmpl-fake",
         "object": "chat.completion",
@@ -513,6 +533,22 @@ SIGNATURE = "EqQBCgIYAhIM1gbcDa9GJwZA2b3hGgxBdjrkzLoky3dl1pkiMOYds"
 THINKING = "The user wants the weather."
 
 
+def fake_token_count(body: Any) -> int:
+    """FakeAnthropic's count_tokens answer: the words of every string value in ``system``
+    and ``messages`` (texts, roles, block types, tool inputs and results), plus 7."""
+
+    def words(value: Any) -> int:
+        if isinstance(value, str):
+            return len(value.split())
+        if isinstance(value, dict):
+            return sum(words(v) for v in value.values())
+        if isinstance(value, list):
+            return sum(words(v) for v in value)
+        return 0
+
+    return 7 + words(body.get("system")) + words(body.get("messages"))
+
+
 def _anthropic_error(kind: str, message: str) -> dict[str, Any]:
     return {"type": "error", "error": {"type": kind, "message": message}}
 
@@ -540,6 +576,9 @@ class FakeAnthropic(FakeProvider):
     async def handle(self, path: str, headers: Mapping[str, str], body: Any, ex: Exchange) -> None:
         if headers.get("x-api-key") != self.key:
             await ex.json(401, _anthropic_error("authentication_error", "invalid x-api-key"))
+            return
+        if path == "/v1/messages/count_tokens" and headers.get("anthropic-version"):
+            await ex.json(200, {"input_tokens": fake_token_count(body)})
             return
         if path != "/v1/messages" or not headers.get("anthropic-version"):
             await ex.json(404, _anthropic_error("not_found_error", f"Not found: {path}"))
