@@ -58,6 +58,7 @@ ENDPOINTS = {
     ("post", "/v1/chat/stream"),
     ("post", "/v1/messages"),
     ("post", "/v1/messages/count_tokens"),
+    ("get", "/"),
     ("get", "/health"),
     ("get", "/health/live"),
     ("get", "/health/ready"),
@@ -260,11 +261,40 @@ async def test_models_and_health_answers(http: httpx.AsyncClient) -> None:
         "/health/ready",
         "/health/providers",
         "/metrics",
+        "/",
     ]
     with trio.fail_after(10):
         for path in paths:
             check(await http.get(path))
             check(await http.get(path, headers={"x-request-id": "my-id"}))
+        head = await http.head("/")  # Claude Code's origin probe
+        assert head.status_code == 200
+        assert head.headers["x-request-id"]
+
+
+async def test_models_in_anthropic_shape(http: httpx.AsyncClient) -> None:
+    """With ``anthropic-version`` the models endpoints answer Anthropic's shapes, and their
+    errors (a bad page, an unknown model, a 405) Anthropic's envelope."""
+    with trio.fail_after(10):
+        listed = await http.get("/v1/models", headers=VERSION)
+        check(listed)
+        assert listed.json()["data"][0]["type"] == "model"
+        page = await http.get("/v1/models", params={"limit": 1}, headers=VERSION)
+        check(page)
+        assert len(page.json()["data"]) == 1
+        assert page.json()["has_more"] is True
+        one = await http.get("/v1/models/claude-sonnet", headers=VERSION)
+        check(one)
+        assert one.json()["id"] == "claude-sonnet"
+        for response, status in [
+            (await http.get("/v1/models", params={"limit": 0}, headers=VERSION), 400),
+            (await http.get("/v1/models/unknown", headers=VERSION), 404),
+            (await http.put("/v1/models", headers=VERSION), 405),
+            (await http.get("/v1/messages", headers=VERSION), 405),
+        ]:
+            assert response.status_code == status, response.text
+            check(response)
+            assert response.json()["type"] == "error"
 
 
 async def test_error_answers(
@@ -466,7 +496,7 @@ async def test_messages_error_answers(
     refusing_port: int,
 ) -> None:
     """Every error status a Messages client can cause or meet, in Anthropic's envelope (but
-    for what the route table and the connection answer before any handler: OpenAI's)."""
+    for what the connection answers before any route is chosen: OpenAI's)."""
     dead = ProviderConfig(
         "dead",
         "openai",
@@ -487,9 +517,8 @@ async def test_messages_error_answers(
     no_max = {k: v for k, v in message_body("fast").items() if k != "max_tokens"}
     msgs, count = "/v1/messages", "/v1/messages/count_tokens"
     stream = {"stream": True}
-    # Answered before any handler runs (the route table, the connection): OpenAI's envelope.
+    # Answered by the connection before any route is chosen: OpenAI's envelope.
     early: list[tuple[str, str, object, dict[str, str], int]] = [
-        ("GET", msgs, None, auth, 405),
         ("POST", msgs, message_body("fast", pad="x" * 5000), auth, 413),
     ]
     cases: list[tuple[str, str, object, dict[str, str], int]] = [
@@ -508,6 +537,7 @@ async def test_messages_error_answers(
         ("POST", msgs, message_body("no-such-model"), auth, 404),
         ("POST", count, {**no_max, "model": "no-such-model"}, auth, 404),
         ("POST", msgs, message_body("openai:err-404"), auth, 404),
+        ("GET", msgs, None, auth, 405),
         ("POST", msgs, message_body("anthropic:claude-error-conflict_error"), auth, 409),
         ("POST", msgs, message_body("anthropic:claude-error-request_too_large"), auth, 413),
         ("POST", msgs, message_body("anthropic:claude-error-api_error"), auth, 500),
