@@ -7,6 +7,12 @@ schema of its media type (for an event stream, every event's JSON payload agains
 schema named by ``x-runestone-stream-event``), and every required header must be present and
 valid. Request bodies are validated against the documented request schemas too.
 
+Both client dialects are checked: OpenAI's (``data:`` events ended by ``data: [DONE]``, the
+``{"error": ...}`` envelope) and Anthropic's Messages (``event: <type>`` frames whose payload's
+``type`` is the event's name and no ``[DONE]``; ``{"type": "error", "error": ...}``), over a
+native provider (the fake Anthropic), translated ones (the fake OpenAI, the mock), and a
+gateway that fails or rate-limits.
+
 Schemas are JSON Schema 2020-12 (OpenAPI 3.1); ``$ref``s are resolved with a ``referencing``
 registry holding the whole document.
 """
@@ -26,12 +32,19 @@ import pytest
 import trio
 import yaml
 from conftest import StartGateway
-from e2e_helpers import GATEWAY_KEY, Gateway, chat_body, gateway_config, sse_data
+from e2e_helpers import ANTHROPIC_KEY, GATEWAY_KEY, Gateway, chat_body, gateway_config, sse_data
 from fakes import FakeAnthropic, FakeOpenAI
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from runestone_proxy.config import LimitsConfig, ProviderConfig, UpstreamConfig
+from runestone_proxy.config import (
+    AuthConfig,
+    AuthKeyConfig,
+    BreakerConfig,
+    LimitsConfig,
+    ProviderConfig,
+    UpstreamConfig,
+)
 from runestone_proxy.errors import GatewayError
 
 SPEC_PATH = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
@@ -43,6 +56,9 @@ ENDPOINTS = {
     ("get", "/v1/models"),
     ("get", "/v1/models/{model}"),
     ("post", "/v1/chat/stream"),
+    ("post", "/v1/messages"),
+    ("post", "/v1/messages/count_tokens"),
+    ("get", "/"),
     ("get", "/health"),
     ("get", "/health/live"),
     ("get", "/health/ready"),
@@ -72,9 +88,20 @@ def deref(node: dict[str, Any]) -> dict[str, Any]:
 
 
 def validate(instance: object, schema: dict[str, Any]) -> None:
-    if "$ref" in schema:
-        schema = {"$ref": URN + schema["$ref"]}
-    jsonschema.Draft202012Validator(schema, registry=registry()).validate(instance)
+    jsonschema.Draft202012Validator(anchored(schema), registry=registry()).validate(instance)
+
+
+def anchored(node: Any) -> Any:
+    """An inline schema of the document with its local ``$ref``s made absolute (they point
+    into the document held by the registry, not into the inline schema)."""
+    if isinstance(node, dict):
+        return {
+            key: URN + value if key == "$ref" and value.startswith("#") else anchored(value)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [anchored(value) for value in node]
+    return node
 
 
 def template_of(path: str) -> str:
@@ -108,6 +135,10 @@ def check(response: httpx.Response, sent: object = None) -> None:
     assert content is not None, f"{request.method} {path}: {media} undocumented"
     if media == "application/json":
         validate(response.json(), content["schema"])
+    elif media == "text/event-stream" and content["schema"] == ANTHROPIC_STREAM:
+        for name, payload in anthropic_events(response.text):
+            validate(payload, content["x-runestone-stream-event"])
+            assert payload["type"] == name, (name, payload)
     elif media == "text/event-stream":
         payloads = sse_data(response.text)
         assert payloads[-1] == "[DONE]"
@@ -115,6 +146,26 @@ def check(response: httpx.Response, sent: object = None) -> None:
             validate(json.loads(payload), content["x-runestone-stream-event"])
     else:
         validate(response.text, content["schema"])
+
+
+ANTHROPIC_STREAM = {"$ref": "#/components/schemas/AnthropicEventStream"}
+
+
+def anthropic_events(text: str) -> list[tuple[str, Any]]:
+    """``(event name, JSON payload)`` of each frame of an Anthropic Messages stream. Checks
+    framing: every frame is one ``event:`` line then ``data:`` lines, ended by a blank line;
+    no ``[DONE]`` (Anthropic's streams end with ``message_stop``, or ``error``)."""
+    assert text.endswith("\n\n"), text[-200:]
+    events = []
+    for block in text[:-2].split("\n\n"):
+        head, *lines = block.split("\n")
+        assert head.startswith("event: "), block
+        assert lines, block
+        assert all(line.startswith("data: ") for line in lines), block
+        data = "\n".join(line[len("data: ") :] for line in lines)
+        assert data != "[DONE]", block
+        events.append((head[len("event: ") :], json.loads(data)))
+    return events
 
 
 # --- the document itself ----------------------------------------------------------------------
@@ -210,11 +261,40 @@ async def test_models_and_health_answers(http: httpx.AsyncClient) -> None:
         "/health/ready",
         "/health/providers",
         "/metrics",
+        "/",
     ]
     with trio.fail_after(10):
         for path in paths:
             check(await http.get(path))
             check(await http.get(path, headers={"x-request-id": "my-id"}))
+        head = await http.head("/")  # Claude Code's origin probe
+        assert head.status_code == 200
+        assert head.headers["x-request-id"]
+
+
+async def test_models_in_anthropic_shape(http: httpx.AsyncClient) -> None:
+    """With ``anthropic-version`` the models endpoints answer Anthropic's shapes, and their
+    errors (a bad page, an unknown model, a 405) Anthropic's envelope."""
+    with trio.fail_after(10):
+        listed = await http.get("/v1/models", headers=VERSION)
+        check(listed)
+        assert listed.json()["data"][0]["type"] == "model"
+        page = await http.get("/v1/models", params={"limit": 1}, headers=VERSION)
+        check(page)
+        assert len(page.json()["data"]) == 1
+        assert page.json()["has_more"] is True
+        one = await http.get("/v1/models/claude-sonnet", headers=VERSION)
+        check(one)
+        assert one.json()["id"] == "claude-sonnet"
+        for response, status in [
+            (await http.get("/v1/models", params={"limit": 0}, headers=VERSION), 400),
+            (await http.get("/v1/models/unknown", headers=VERSION), 404),
+            (await http.put("/v1/models", headers=VERSION), 405),
+            (await http.get("/v1/messages", headers=VERSION), 405),
+        ]:
+            assert response.status_code == status, response.text
+            check(response)
+            assert response.json()["type"] == "error"
 
 
 async def test_error_answers(
@@ -302,3 +382,276 @@ def test_request_schemas_accept_real_requests(body: dict[str, Any]) -> None:
         validate(
             {**body, "model": ""}, operation["requestBody"]["content"]["application/json"]["schema"]
         )
+
+
+# --- the Anthropic Messages dialect ---------------------------------------------------------
+
+ANTHROPIC_TOOLS = [
+    {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+    }
+]
+VERSION = {"anthropic-version": "2023-06-01"}
+
+
+def message_body(model: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "model": model,
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": "Hi there"}],
+        **fields,
+    }
+
+
+#: (body, native): native answers come from the fake Anthropic as it wrote them; the others
+#: are translated from the fake OpenAI's or the mock's chat answers.
+MESSAGES = [
+    (message_body("anthropic:claude-tools", tools=ANTHROPIC_TOOLS), True),
+    (message_body("anthropic:claude-thinking"), True),
+    (message_body("claude-sonnet", system="Be brief."), True),
+    (message_body("fast"), False),
+    (message_body("openai:tools", tools=ANTHROPIC_TOOLS), False),
+    (message_body("mock-1"), False),
+    (message_body("mock-1", tools=ANTHROPIC_TOOLS), False),
+]
+
+
+async def test_messages_answers(http: httpx.AsyncClient) -> None:
+    """Whole and streamed Messages, native and translated, as documented; the stream's
+    frames in order, each named by its payload's type."""
+    with trio.fail_after(20):
+        for body, native in MESSAGES:
+            for stream in (False, True):
+                sent = {**body, "stream": True} if stream else body
+                response = await http.post("/v1/messages", json=sent, headers=VERSION)
+                assert response.status_code == 200, (sent, response.text)
+                check(response, sent)
+                if not stream:
+                    assert response.json()["type"] == "message"
+                    continue
+                names = [name for name, _ in anthropic_events(response.text)]
+                assert names[0] == "message_start", names
+                assert names[-2:] == ["message_delta", "message_stop"], names
+                # The fake Anthropic pings once; a translated stream this quick has no silence.
+                assert ("ping" in names) is native, names
+
+
+async def test_messages_stream_ends_with_an_error_event(http: httpx.AsyncClient) -> None:
+    """A failure after the stream started: one documented ``event: error`` frame ends it."""
+    with trio.fail_after(20):
+        for model in ("anthropic:claude-overloaded-mid", "openai:mid-500"):
+            sent = message_body(model, stream=True)
+            response = await http.post("/v1/messages", json=sent, headers=VERSION)
+            assert response.status_code == 200, (model, response.text)
+            check(response, sent)
+            events = anthropic_events(response.text)
+            assert events[0][0] == "message_start", events
+            assert events[-1][0] == "error", events
+            assert [name for name, _ in events].count("error") == 1, events
+
+
+async def test_count_tokens_answers(http: httpx.AsyncClient, fake_anthropic: FakeAnthropic) -> None:
+    """count_tokens on each kind of provider: the translated ones are the gateway's estimate
+    (and say so); an Anthropic provider counts itself, once the fake serves the path."""
+    body = message_body("fast", system="Be brief.", tools=ANTHROPIC_TOOLS)
+    del body["max_tokens"]  # count_tokens takes no max_tokens
+    with trio.fail_after(20):
+        for model in ("fast", "mock-1"):
+            sent = {**body, "model": model}
+            response = await http.post("/v1/messages/count_tokens", json=sent, headers=VERSION)
+            assert response.status_code == 200, (model, response.text)
+            check(response, sent)
+            assert response.headers["x-runestone-token-count"] == "estimate; method=chars/4"
+            assert response.json()["input_tokens"] > 0
+        async with httpx.AsyncClient(timeout=10) as direct:
+            probe = await direct.post(
+                f"{fake_anthropic.base_url}/messages/count_tokens",
+                json={**body, "model": "claude-sonnet"},
+                headers={**VERSION, "x-api-key": ANTHROPIC_KEY},
+            )
+        sent = {**body, "model": "claude-sonnet"}
+        response = await http.post("/v1/messages/count_tokens", json=sent, headers=VERSION)
+        check(response, sent)  # documented whatever it is (404 while the fake lacks the path)
+        if probe.status_code == 200:
+            assert response.status_code == 200, response.text
+            assert "x-runestone-token-count" not in response.headers
+            assert response.json() == probe.json()
+
+
+#: The provider's ``retry-after`` reaches the client (the fakes' values).
+RETRY_AFTER = {
+    "anthropic:claude-error-overloaded_error": "3",
+    "openai:err-503": "1",
+    "openai:err-429": "7",
+    "anthropic:claude-err-429": "9",
+}
+
+
+async def test_messages_error_answers(
+    start_gateway: StartGateway,
+    fake_openai: FakeOpenAI,
+    fake_anthropic: FakeAnthropic,
+    refusing_port: int,
+) -> None:
+    """Every error status a Messages client can cause or meet, in Anthropic's envelope (but
+    for what the connection answers before any route is chosen: OpenAI's)."""
+    dead = ProviderConfig(
+        "dead",
+        "openai",
+        base_url=f"http://127.0.0.1:{refusing_port}/v1",
+        api_key_env="FAKE_OPENAI_KEY",
+    )
+    config = gateway_config(
+        fake_openai.base_url,
+        fake_anthropic.base_url,
+        extra_providers=[dead],
+        upstream=UpstreamConfig(first_byte_timeout_s=0.2),
+    )
+    # Many provider failures in a row: keep the breakers closed, or the last cases would wait.
+    routing = attrs.evolve(config.routing, breaker=BreakerConfig(failure_threshold=100))
+    config = attrs.evolve(config, limits=LimitsConfig(max_body_bytes=4096), routing=routing)
+    auth = {"x-api-key": GATEWAY_KEY, **VERSION}
+    bearer = {"authorization": f"Bearer {GATEWAY_KEY}", **VERSION}
+    no_max = {k: v for k, v in message_body("fast").items() if k != "max_tokens"}
+    msgs, count = "/v1/messages", "/v1/messages/count_tokens"
+    stream = {"stream": True}
+    # Answered by the connection before any route is chosen: OpenAI's envelope.
+    early: list[tuple[str, str, object, dict[str, str], int]] = [
+        ("POST", msgs, message_body("fast", pad="x" * 5000), auth, 413),
+    ]
+    cases: list[tuple[str, str, object, dict[str, str], int]] = [
+        ("POST", msgs, message_body("fast"), VERSION, 401),
+        ("POST", msgs, message_body("fast"), {"x-api-key": "sk-wrong", **VERSION}, 401),
+        ("POST", count, no_max, VERSION, 401),
+        ("POST", msgs, b"{oops", auth, 400),
+        ("POST", msgs, no_max, auth, 400),
+        ("POST", msgs, message_body("fast", messages=[]), bearer, 400),
+        ("POST", count, {"model": "fast"}, auth, 400),
+        ("POST", msgs, message_body("anthropic:claude-error-invalid_request_error"), auth, 400),
+        ("POST", msgs, message_body("openai:err-400"), auth, 400),
+        ("POST", msgs, message_body("anthropic:claude-error-billing_error"), auth, 402),
+        ("POST", msgs, message_body("anthropic:claude-error-permission_error"), auth, 403),
+        ("POST", msgs, message_body("openai:err-403"), auth, 403),
+        ("POST", msgs, message_body("no-such-model"), auth, 404),
+        ("POST", count, {**no_max, "model": "no-such-model"}, auth, 404),
+        ("POST", msgs, message_body("openai:err-404"), auth, 404),
+        ("GET", msgs, None, auth, 405),
+        ("POST", msgs, message_body("anthropic:claude-error-conflict_error"), auth, 409),
+        ("POST", msgs, message_body("anthropic:claude-error-request_too_large"), auth, 413),
+        ("POST", msgs, message_body("anthropic:claude-error-api_error"), auth, 500),
+        ("POST", msgs, message_body("openai:err-500"), auth, 500),
+        ("POST", msgs, message_body("dead:x"), auth, 500),
+        ("POST", msgs, message_body("anthropic:claude-error-timeout_error"), auth, 504),
+        ("POST", msgs, message_body("openai:stall", **stream), auth, 504),
+        ("POST", msgs, message_body("anthropic:claude-error-overloaded_error"), auth, 529),
+        ("POST", msgs, message_body("anthropic:claude-err-529"), auth, 529),
+        (
+            "POST",
+            msgs,
+            message_body("anthropic:claude-error-overloaded_error-first", **stream),
+            auth,
+            529,
+        ),
+        ("POST", msgs, message_body("openai:err-503"), auth, 529),
+        # Last: a 429 with retry-after pauses its provider, so later requests would wait.
+        ("POST", msgs, message_body("openai:err-429"), auth, 429),
+        ("POST", msgs, message_body("anthropic:claude-err-429", **stream), auth, 429),
+    ]
+    with trio.fail_after(20):
+        gateway: Gateway = await start_gateway(config, env={"RUNESTONE_API_KEYS": GATEWAY_KEY})
+        async with httpx.AsyncClient(
+            base_url=gateway.url, timeout=10, headers={"connection": "close"}
+        ) as client:
+            for method, path, body, headers, status in [*early, *cases]:
+                if isinstance(body, bytes):
+                    response = await client.request(method, path, content=body, headers=headers)
+                else:
+                    response = await client.request(method, path, json=body, headers=headers)
+                assert response.status_code == status, (method, path, body, response.text)
+                check(response)
+                answer = response.json()
+                assert answer["error"]["message"]
+                if (method, path, body, headers, status) in cases:
+                    assert answer["type"] == "error", (body, answer)
+                if isinstance(body, dict) and body["model"] in RETRY_AFTER:
+                    assert response.headers["retry-after"] == RETRY_AFTER[body["model"]], body
+
+
+async def test_messages_rate_limit_headers(
+    start_gateway: StartGateway, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic
+) -> None:
+    """A rate-limited key sees its limits in both names, resets in Anthropic's as RFC 3339
+    times, on answers (whole and streamed) and on the gateway's own 429; count_tokens is not
+    charged."""
+    base = gateway_config(fake_openai.base_url, fake_anthropic.base_url)
+    key = AuthKeyConfig(key_env="LIMITED_KEY", rpm=2)
+    config = attrs.evolve(base, auth=AuthConfig(keys=(key,)))
+    auth = {"x-api-key": GATEWAY_KEY, **VERSION}
+    names = ("limit", "remaining", "reset")
+    with trio.fail_after(20):
+        gateway: Gateway = await start_gateway(config, env={"LIMITED_KEY": GATEWAY_KEY})
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as client:
+            counted = await client.post(
+                "/v1/messages/count_tokens", json={**message_body("mock-1")}, headers=auth
+            )
+            assert counted.status_code == 200, counted.text
+            check(counted)
+            for status, stream in ((200, False), (200, True), (429, False)):
+                sent = message_body("mock-1", stream=stream)
+                response = await client.post("/v1/messages", json=sent, headers=auth)
+                assert response.status_code == status, response.text
+                check(response, sent)
+                for name in names:
+                    assert f"anthropic-ratelimit-requests-{name}" in response.headers, name
+                    assert f"x-ratelimit-{name}-requests" in response.headers, name
+            assert response.json()["error"]["type"] == "rate_limit_error"
+            assert response.headers["retry-after"].isdigit()
+            assert response.headers["anthropic-ratelimit-requests-remaining"] == "0"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        message_body(
+            "claude-sonnet",
+            system=[{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+            tools=ANTHROPIC_TOOLS,
+            thinking={"type": "enabled", "budget_tokens": 1024},
+            metadata={"user_id": "u-1"},
+            some_future_field=1,
+            tenant_id="t",
+        ),
+        message_body(
+            "fast",
+            messages=[
+                {"role": "user", "content": [{"type": "text", "text": "Weather?"}]},
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "tool_use", "id": "toolu_1", "name": "w", "input": {}},
+                    ],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "tool_result", "tool_use_id": "toolu_1", "content": "Sunny"}
+                    ],
+                },
+            ],
+            stream=True,
+        ),
+    ],
+)
+def test_message_schemas_accept_real_requests(body: dict[str, Any]) -> None:
+    def schema(path: str) -> dict[str, Any]:
+        content = spec()["paths"][path]["post"]["requestBody"]["content"]
+        return content["application/json"]["schema"]  # type: ignore[no-any-return]
+
+    validate(body, schema("/v1/messages"))
+    counted = {k: v for k, v in body.items() if k not in ("max_tokens", "stream")}
+    validate(counted, schema("/v1/messages/count_tokens"))
+    for broken in (counted, {**body, "model": ""}, {**body, "messages": []}):
+        with pytest.raises(jsonschema.ValidationError):
+            validate(broken, schema("/v1/messages"))
