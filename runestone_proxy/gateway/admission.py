@@ -146,7 +146,9 @@ class Admission:
 
 def _new_job(gen: Generation) -> NewJob:
     """The job a parked request becomes: its raw body as it came (the runner parses it
-    again), its checked ``webhook_url``."""
+    again), its checked ``webhook_url``, the client headers a native provider receives
+    (``anthropic-version``, ``anthropic-beta``, ...: the run forwards them as a live call
+    would)."""
     return NewJob(
         tenant=gen.principal.tenant,
         request_id=gen.request_id,
@@ -154,6 +156,7 @@ def _new_job(gen: Generation) -> NewJob:
         body=gen.raw,
         webhook_url=gen.webhook_url,
         idempotency_key=check_idempotency_key(gen.idempotency_key),
+        headers=gen.headers,
     )
 
 

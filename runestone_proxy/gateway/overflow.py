@@ -156,6 +156,9 @@ class NewJob:
     body: bytes = attrs.field(repr=False)  # the request JSON: never logged
     webhook_url: str | None = None
     idempotency_key: str | None = None
+    #: Client headers a native provider receives as sent (``ProviderCall.headers``:
+    #: ``anthropic-version``, ``anthropic-beta``, ...), kept with the job to run it.
+    headers: tuple[tuple[bytes, bytes], ...] = attrs.field(default=(), repr=False)
     id: str = attrs.Factory(new_job_id)
 
 
@@ -186,6 +189,8 @@ class Job:
     webhook_next_at: float | None
     #: Claims since an outcome was last recorded (``dead`` at ``max_claims``).
     claims: int = 0
+    #: The forwarded client headers (:attr:`NewJob.headers`); cleared once the job ends.
+    headers: tuple[tuple[bytes, bytes], ...] = attrs.field(default=(), repr=False)
 
 
 @attrs.frozen

@@ -9,9 +9,12 @@ PostgreSQL queue would sit beside it in ``server/`` and fit the same four member
 drainer's side (claim, settle, webhooks, sweeps) is the store's own and not part of this.
 
 The values it exchanges (:class:`NewJob`, :class:`Job`, :class:`Enqueued`) and the job's
-state table live in :mod:`.overflow`. Failures are :mod:`runestone_proxy.errors`: 503
-``ServiceUnavailable`` when the queue cannot be reached, 429 ``RateLimited`` past the
-tenant's ``max_queued_jobs``.
+state table live in :mod:`.overflow`. A job keeps everything its later run needs and the
+request carried: the raw body, and the client headers a native provider receives
+(``NewJob.headers``: ``anthropic-version``, ``anthropic-beta``, ... of a Messages request),
+so a queued request reaches its provider as the live one would have. Failures are
+:mod:`runestone_proxy.errors`: 503 ``ServiceUnavailable`` when the queue cannot be reached,
+429 ``RateLimited`` past the tenant's ``max_queued_jobs``.
 """
 
 from __future__ import annotations

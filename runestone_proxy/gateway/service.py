@@ -254,14 +254,18 @@ class Service(ServiceState):
 
     async def run_job(self, job: Job) -> JobOutcome:
         """The overflow drainer's runner: the same flow as a live request, answered whole (a
-        queued stream's result is stored as the non-stream completion). The drainer already
-        holds the tenant's slot; failures raise and the drainer decides on retries."""
+        queued stream's result is stored as the non-stream completion; a Messages job's as
+        the whole Anthropic Message, native or translated). The client headers kept with the
+        job reach a native provider as a live call's would. The drainer already holds the
+        tenant's slot; failures raise and the drainer decides on retries."""
         if job.endpoint not in ("chat", "completions", "embeddings", "messages"):
             raise InvalidParam(f"Unknown job endpoint {job.endpoint!r}.")
         endpoint: Endpoint = job.endpoint  # type: ignore[assignment]  # checked above
         body = parse_object(job.body)
         route = self.route(endpoint, body, len(job.body))
-        _, _, answer = await self._complete(endpoint, route, body, job.body, job.request_id)
+        _, _, answer = await self._complete(
+            endpoint, route, body, job.body, job.request_id, headers=job.headers
+        )
         return JobOutcome(200, answer)
 
     # --- the plan ------------------------------------------------------------------------------
@@ -323,10 +327,19 @@ class Service(ServiceState):
         return targets, call_for, policy
 
     async def _complete(
-        self, endpoint: Endpoint, route: Route, body: dict[str, Any], raw: bytes, request_id: str
+        self,
+        endpoint: Endpoint,
+        route: Route,
+        body: dict[str, Any],
+        raw: bytes,
+        request_id: str,
+        *,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
     ) -> tuple[Target, str, bytes]:
         """A whole answer through failover, with Runestone's metadata spliced in."""
-        targets, call_for, policy = self._plan(endpoint, route, body, raw, request_id, False)
+        targets, call_for, policy = self._plan(
+            endpoint, route, body, raw, request_id, False, headers=headers
+        )
         target, answer = await self.failover.complete(targets, call_for, self.providers)
         return target, policy, splice_metadata(answer, target.provider, policy, request_id)
 

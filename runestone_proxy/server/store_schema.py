@@ -20,6 +20,8 @@ One row per job::
     status                  queued | running | succeeded | failed | dead (gateway/overflow.py)
     attempts, lease_token, lease_expires_at, next_attempt_at
     claims                  claims since an outcome was last recorded (v2)
+    headers TEXT            forwarded client headers, JSON [[name, value], ...] of latin-1
+                            strings, or NULL (none, or the job has ended) (v3)
     created_at, updated_at, finished_at             unix seconds (REAL)
     result BLOB, result_status INT, last_error      the OpenAI body, or the error envelope
     webhook_status, webhook_attempts, webhook_next_at   none | pending | delivered | failed
@@ -27,13 +29,24 @@ One row per job::
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 from runestone_proxy.gateway.overflow import Job, JobStatus, WebhookStatus
 
-__all__ = ["SCHEMA_VERSION", "decode_text", "job_from_row", "migrate", "storable"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "decode_headers",
+    "decode_text",
+    "encode_headers",
+    "job_from_row",
+    "migrate",
+    "storable",
+]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
+Headers = tuple[tuple[bytes, bytes], ...]
 
 _V1 = (
     """CREATE TABLE jobs (
@@ -70,8 +83,11 @@ _V1 = (
 
 _V2 = ("ALTER TABLE jobs ADD COLUMN claims INTEGER NOT NULL DEFAULT 0",)
 
+#: Jobs queued before v3 have NULL: they run without forwarded headers, as they did.
+_V3 = ("ALTER TABLE jobs ADD COLUMN headers TEXT",)
+
 #: version reached -> the statements that reach it from the version before.
-_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1, 2: _V2}
+_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1, 2: _V2, 3: _V3}
 
 
 def migrate(conn: sqlite3.Connection) -> int:
@@ -121,7 +137,36 @@ def job_from_row(row: sqlite3.Row) -> Job:
         webhook_attempts=row["webhook_attempts"],
         webhook_next_at=row["webhook_next_at"],
         claims=row["claims"],
+        headers=decode_headers(row["headers"]),
     )
+
+
+def encode_headers(headers: Headers) -> str | None:
+    """The ``headers`` column: ``[[name, value], ...]`` with each byte string as latin-1
+    text (every byte maps to one code point, so it round-trips), JSON with ASCII escapes
+    (always storable); NULL for none."""
+    if not headers:
+        return None
+    pairs = [[name.decode("latin-1"), value.decode("latin-1")] for name, value in headers]
+    return json.dumps(pairs, separators=(",", ":"))
+
+
+def decode_headers(text: str | None) -> Headers:
+    """:func:`encode_headers` read back. Lenient like the rest of the row: a value this code
+    did not write (not JSON, not pairs of strings, a code point past latin-1) reads as no
+    headers rather than making the row, and every claim that reads it, fail."""
+    if text is None:
+        return ()
+    try:
+        pairs = json.loads(text)
+        if not isinstance(pairs, list) or not all(
+            isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)
+            for pair in pairs
+        ):
+            return ()
+        return tuple((name.encode("latin-1"), value.encode("latin-1")) for name, value in pairs)
+    except (ValueError, RecursionError):  # not JSON; past latin-1 (UnicodeEncodeError)
+        return ()
 
 
 def storable(text: str | None) -> str | None:

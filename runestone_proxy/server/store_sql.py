@@ -28,7 +28,7 @@ from runestone_proxy.gateway.overflow import (
     new_lease_token,
     round_robin,
 )
-from runestone_proxy.server.store_schema import job_from_row, storable
+from runestone_proxy.server.store_schema import encode_headers, job_from_row, storable
 
 # --- operations (the caller holds the transaction) --------------------------------------------
 
@@ -86,8 +86,8 @@ def select_idempotent(conn: sqlite3.Connection, tenant: str, key: str, since: fl
 def insert(conn: sqlite3.Connection, job: NewJob, now: float) -> None:
     conn.execute(
         "INSERT INTO jobs (id, tenant, request_id, endpoint, body, webhook_url,"
-        " idempotency_key, status, next_attempt_at, created_at, updated_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+        " idempotency_key, headers, status, next_attempt_at, created_at, updated_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
         (
             storable(job.id),
             storable(job.tenant),
@@ -96,6 +96,7 @@ def insert(conn: sqlite3.Connection, job: NewJob, now: float) -> None:
             job.body,
             storable(job.webhook_url),
             storable(job.idempotency_key),
+            encode_headers(job.headers),
             now,
             now,
             now,
@@ -170,7 +171,8 @@ def bury(conn: sqlite3.Connection, job_id: str, claims: int, now: float) -> Job:
     (body,) = conn.execute("SELECT body FROM jobs WHERE id = ?", (job_id,)).fetchone()
     conn.execute(
         "UPDATE jobs SET status = 'dead', result = ?, result_status = 500, last_error = ?,"
-        " body = ?, finished_at = ?, updated_at = ?, lease_token = NULL, lease_expires_at = NULL,"
+        " body = ?, headers = NULL, finished_at = ?, updated_at = ?, lease_token = NULL,"
+        " lease_expires_at = NULL,"
         " webhook_status = CASE WHEN webhook_url IS NULL THEN 'none' ELSE 'pending' END,"
         " webhook_next_at = CASE WHEN webhook_url IS NULL THEN NULL ELSE ? END WHERE id = ?",
         (result, error_message(result), digest(bytes(body)), now, now, now, job_id),
@@ -204,8 +206,8 @@ def finish(
     status: int,
     now: float,
 ) -> bool:
-    """running -> succeeded | failed: store the one result, redact the body to its digest,
-    and make the webhook (if any) due now."""
+    """running -> succeeded | failed: store the one result, redact the body to its digest
+    (and drop the forwarded headers), and make the webhook (if any) due now."""
     row = conn.execute("SELECT body FROM jobs WHERE id = ?", (job_id,)).fetchone()
     if row is None:
         return False
@@ -214,7 +216,7 @@ def finish(
         conn,
         job_id,
         lease_token,
-        "status = ?, result = ?, result_status = ?, last_error = ?, body = ?,"
+        "status = ?, result = ?, result_status = ?, last_error = ?, body = ?, headers = NULL,"
         " finished_at = ?, updated_at = ?, lease_token = NULL, lease_expires_at = NULL,"
         " claims = 0,"
         " webhook_status = CASE WHEN webhook_url IS NULL THEN 'none' ELSE 'pending' END,"

@@ -366,7 +366,11 @@ async def test_after_a_restart_an_unstorable_running_job_is_not_claimed_forever(
         conn.execute(statement)
     conn.execute("INSERT INTO schema_version VALUES (1)")
     job = NewJob("acme", "req-loop", "chat", SURROGATE_MODEL.replace(b"gpt-\\ud800", b"ok-1"))
-    store_sql.insert(conn, job, 1.0)
+    conn.execute(  # as version 1 wrote it (the current insert names later columns)
+        "INSERT INTO jobs (id, tenant, request_id, endpoint, body, status, next_attempt_at,"
+        " created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'queued', 1.0, 1.0, 1.0)",
+        (job.id, job.tenant, job.request_id, job.endpoint, job.body),
+    )
     conn.execute(
         "UPDATE jobs SET status = 'running', attempts = 4, lease_token = 'stale',"
         " lease_expires_at = 2.0 WHERE id = ?",

@@ -20,7 +20,7 @@ import trio
 from runestone_proxy.config import Config, OverflowConfig, TenantConfig
 from runestone_proxy.errors import GatewayError, RateLimited, ServiceUnavailable
 from runestone_proxy.gateway.overflow import JobStatus, NewJob, WebhookStatus, digest
-from runestone_proxy.server import store_schema, store_sql
+from runestone_proxy.server import store_schema
 from runestone_proxy.server.store import Store, resolve_path
 from runestone_proxy.server.store_schema import SCHEMA_VERSION
 
@@ -403,7 +403,11 @@ async def test_a_version_1_database_is_migrated_and_its_jobs_kept(tmp_path: Path
     for statement in store_schema._MIGRATIONS[1]:
         conn.execute(statement)
     conn.execute("INSERT INTO schema_version VALUES (1)")
-    store_sql.insert(conn, new("a"), T0)
+    conn.execute(  # as version 1 wrote a job (the current insert names later columns)
+        "INSERT INTO jobs (id, tenant, request_id, endpoint, body, status, next_attempt_at,"
+        " created_at, updated_at) VALUES ('job_v1', 'a', 'req_a', 'chat', ?, 'queued', ?, ?, ?)",
+        (BODY, T0, T0, T0),
+    )
     conn.commit()
     conn.close()
     store = make_store(tmp_path)
