@@ -29,7 +29,13 @@ from collections.abc import Awaitable, Callable
 import attrs
 import trio
 
-from runestone_proxy.api.http import JSON_HEADERS, SSE_HEADERS, Request, Responder
+from runestone_proxy.api.http import (
+    JSON_HEADERS,
+    SSE_HEADERS,
+    Request,
+    Responder,
+    provider_headers,
+)
 from runestone_proxy.api.jobs import answer_parked
 from runestone_proxy.api.router import Router
 from runestone_proxy.errors import GatewayError
@@ -122,7 +128,7 @@ class AnthropicApi:
             return
         headers = (
             *JSON_HEADERS,
-            *_meta(answer.target.provider, answer.policy),
+            *provider_headers(answer.target.provider, answer.policy),
             *_rate_headers(answer.headers),
         )
         await responder.respond(200, headers, answer.body)
@@ -150,7 +156,7 @@ async def relay(responder: Responder, stream: Stream, ping_interval_s: float | N
         200,
         (
             *SSE_HEADERS,
-            *_meta(stream.target.provider, stream.policy),
+            *provider_headers(stream.target.provider, stream.policy),
             *_rate_headers(stream.headers),
         ),
     )
@@ -213,10 +219,3 @@ def _rate_headers(headers: Headers) -> Headers:
         return headers
     renamed = anthropic_headers(headers, time.time())
     return (*headers, *(h for h in renamed if h[0].startswith(b"anthropic-")))
-
-
-def _meta(provider: str, policy: str) -> tuple[tuple[bytes, bytes], ...]:
-    return (
-        (b"x-runestone-provider", provider.encode()),
-        (b"x-runestone-routing-policy", policy.encode()),
-    )

@@ -132,3 +132,11 @@ SSE_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 )
+
+
+def provider_headers(provider: str, policy: str) -> tuple[tuple[bytes, bytes], ...]:
+    """``x-runestone-provider`` and ``x-runestone-routing-policy`` for an answer."""
+    return (
+        (b"x-runestone-provider", provider.encode()),
+        (b"x-runestone-routing-policy", policy.encode()),
+    )

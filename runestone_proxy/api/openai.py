@@ -21,7 +21,13 @@ from typing import Any
 import attrs
 
 from runestone_proxy.api import models
-from runestone_proxy.api.http import JSON_HEADERS, SSE_HEADERS, Request, Responder
+from runestone_proxy.api.http import (
+    JSON_HEADERS,
+    SSE_HEADERS,
+    Request,
+    Responder,
+    provider_headers,
+)
 from runestone_proxy.api.jobs import answer_parked
 from runestone_proxy.api.router import Router
 from runestone_proxy.config.aliases import is_pattern
@@ -148,7 +154,11 @@ class Api:
         if type(answer) is Parked:
             await answer_parked(responder, answer)
             return
-        headers = (*JSON_HEADERS, *_meta(answer.target, answer.policy), *answer.headers)
+        headers = (
+            *JSON_HEADERS,
+            *provider_headers(answer.target.provider, answer.policy),
+            *answer.headers,
+        )
         await responder.respond(200, headers, answer.body)
 
 
@@ -156,7 +166,8 @@ async def relay(responder: Responder, stream: Stream) -> None:
     """Write an open stream as SSE: the response starts with its first payloads in hand;
     an error after that ends it in-band (an error event, then ``[DONE]``)."""
     await responder.start(
-        200, (*SSE_HEADERS, *_meta(stream.target, stream.policy), *stream.headers)
+        200,
+        (*SSE_HEADERS, *provider_headers(stream.target.provider, stream.policy), *stream.headers),
     )
     payloads = stream.first
     try:
@@ -170,13 +181,6 @@ async def relay(responder: Responder, stream: Stream) -> None:
         await responder.send(encode_data(exc.body()) + DONE)
         return
     await responder.send(DONE)
-
-
-def _meta(target: Target, policy: str) -> tuple[tuple[bytes, bytes], ...]:
-    return (
-        (b"x-runestone-provider", target.provider.encode()),
-        (b"x-runestone-routing-policy", policy.encode()),
-    )
 
 
 def _model_object(model_id: str, owner: str, alias_for: str | None) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from runestone_proxy.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
+from runestone_proxy.gateway.dialects import Encoded, encoder_for, from_chat, to_chat, translated
 from runestone_proxy.gateway.routing import Target
 from runestone_proxy.gateway.transport import Response, Transport, UpstreamTimeouts
 from runestone_proxy.protocol.sse import SSEError, SSEParser
@@ -45,9 +46,7 @@ from runestone_proxy.providers.anthropic import AnthropicTranslator
 from runestone_proxy.providers.base import Ending, ProviderCall, StreamTranslator, Translator
 from runestone_proxy.providers.completions import ChatToTextStream, chat_to_text_completion
 from runestone_proxy.providers.json_codec import dumps
-from runestone_proxy.providers.messages_request import estimate_input_tokens, messages_to_chat
-from runestone_proxy.providers.messages_response import chat_to_message
-from runestone_proxy.providers.messages_stream import MessagesEncoder
+from runestone_proxy.providers.messages_request import estimate_input_tokens
 from runestone_proxy.providers.mock import MockProvider, MockSettings
 from runestone_proxy.providers.openai import OpenAITranslator
 
@@ -59,6 +58,11 @@ class PayloadStream(Protocol):
     @property
     def usage(self) -> Mapping[str, Any] | None:
         """The usage the stream reported (OpenAI's shape), whether the client saw it or not."""
+
+    @property
+    def final(self) -> bytes | None:
+        """The whole answer object as the stream ended, where the dialect has one (a
+        Responses stream's last ``response``: kept as conversation state); else None."""
 
 
 @attrs.define(eq=False)
@@ -104,19 +108,11 @@ class ProviderRuntime:
         return self.config.kind == "anthropic"
 
     def prepare(self, call: ProviderCall, target: Target) -> ProviderCall:
-        """Adapt a call to what this provider speaks: a legacy completions call for
-        chat-only providers (prompt -> messages), an Anthropic Messages call for one that
-        does not speak it (-> chat, with usage asked for: the Messages dialect reports it
-        in ``message_delta``)."""
-        if call.endpoint == "messages" and not self.speaks_messages:
-            return attrs.evolve(
-                call,
-                endpoint="chat",
-                body=self._fit_chat(messages_to_chat(call.body), target),
-                raw=None,
-                include_usage=call.stream,
-                headers=(),
-            )
+        """Adapt a call to what this provider speaks: a Messages or Responses call for one
+        that does not speak that dialect becomes chat (:mod:`.dialects`); a legacy
+        completions call for a chat-only provider too (prompt -> messages)."""
+        if translated(call, self):
+            return to_chat(call, self, target)
         if call.endpoint == "completions" and self.chat_only:
             from runestone_proxy.providers.completions import prompt_to_chat_body
 
@@ -128,20 +124,6 @@ class ProviderRuntime:
                 f"Provider `{self.config.name}` does not serve embeddings.", param="model"
             )
         return call
-
-    def _fit_chat(self, body: dict[str, Any], target: Target) -> dict[str, Any]:
-        """A translated Messages body, fitted to this deployment: ``reasoning_effort`` (from
-        ``thinking`` / ``output_config.effort``) only for a model whose table entry lists
-        the ``reasoning`` capability (OpenAI and most compatible servers refuse it on other
-        models, and Claude Code asks for thinking on nearly every turn); OpenAI's own API
-        takes ``max_completion_tokens`` (its reasoning models refuse ``max_tokens``)."""
-        if "reasoning_effort" in body:
-            entry = target.entry
-            if entry is None or "reasoning" not in entry.capabilities:
-                del body["reasoning_effort"]
-        if self.config.resolved_flavor == "openai" and "max_tokens" in body:
-            body["max_completion_tokens"] = body.pop("max_tokens")
-        return body
 
 
 #: How long the end of an upstream body may lag its terminal event (``[DONE]``,
@@ -166,6 +148,11 @@ class _UpstreamStream:
     @property
     def usage(self) -> Mapping[str, Any] | None:
         return self.translator.usage
+
+    @property
+    def final(self) -> bytes | None:
+        final: bytes | None = getattr(self.translator, "final", None)
+        return final
 
     async def next(self) -> list[bytes] | None:
         while not self.ended:
@@ -224,6 +211,7 @@ class _MockStream:
     usage: Mapping[str, Any] | None
     interval_s: float
     index: int = 0
+    final: bytes | None = None
 
     async def next(self) -> list[bytes] | None:
         if self.index >= len(self.payloads):
@@ -234,36 +222,6 @@ class _MockStream:
             await trio.lowlevel.checkpoint()  # an unpaced mock stream still yields per chunk
         self.index += 1
         return [self.payloads[self.index - 1]]
-
-
-@attrs.define(eq=False)
-class _Encoded:
-    """A translated Messages stream: the provider's OpenAI chunks, re-encoded as Anthropic
-    events by a :class:`~runestone_proxy.providers.messages_stream.MessagesEncoder`. The
-    inner stream decided how the upstream ended; a clean end closes the message
-    (``message_delta`` with the stop reason and usage, ``message_stop``)."""
-
-    inner: PayloadStream
-    encoder: MessagesEncoder
-    finished: bool = False
-
-    @property
-    def usage(self) -> Mapping[str, Any] | None:
-        return self.inner.usage or self.encoder.usage
-
-    async def next(self) -> list[bytes] | None:
-        encoder = self.encoder
-        while not self.finished:
-            payloads = await self.inner.next()
-            if payloads is None:
-                self.finished = True
-                return encoder.finish() or None
-            out: list[bytes] = []
-            for payload in payloads:
-                out.extend(encoder.feed(payload))
-            if out:
-                return out
-        return None
 
 
 @attrs.define(eq=False)
@@ -296,7 +254,7 @@ class Providers:
     async def complete(self, target: Target, call: ProviderCall, deadline: float) -> bytes:
         runtime = self.runtime(target)
         legacy = call.endpoint == "completions" and runtime.chat_only
-        translated = call.endpoint == "messages" and not runtime.speaks_messages
+        dialect = call if translated(call, runtime) else None
         if call.endpoint == "count_tokens" and not runtime.speaks_messages:
             # No provider call: the documented estimate (``providers.messages_request``).
             return dumps({"input_tokens": estimate_input_tokens(call.body)})
@@ -311,8 +269,8 @@ class Providers:
                 body = runtime.mock.respond(call)
             else:
                 body = await self._http_complete(runtime, call, deadline)
-            if translated:
-                return chat_to_message(body, model=call.model)
+            if dialect is not None:
+                return from_chat(dialect, body)
             return chat_to_text_completion(body) if legacy else body
 
     def _upstream(
@@ -339,14 +297,14 @@ class Providers:
     async def open_stream(self, target: Target, call: ProviderCall) -> AsyncIterator[PayloadStream]:
         runtime = self.runtime(target)
         legacy = call.endpoint == "completions" and runtime.chat_only
-        translated = call.endpoint == "messages" and not runtime.speaks_messages
+        dialect = call if translated(call, runtime) else None
         call = runtime.prepare(call, target)
         with _Accounted(target, call, stream=True):
             if runtime.mock is not None:
                 await _mock_latency(runtime)
                 interval = runtime.config.chunk_interval_ms / 1000
                 mocked = _MockStream(*runtime.mock.stream(call), interval)
-                yield _Encoded(mocked, MessagesEncoder(call.model)) if translated else mocked
+                yield mocked if dialect is None else Encoded(mocked, encoder_for(dialect))
                 return
             translator, method, url, headers, body = self._upstream(runtime, call)
             async with self.pool.request(method, url, headers, body, self.timeouts) as resp:
@@ -358,7 +316,7 @@ class Providers:
                     chunks = ChatToTextStream(chunks)
                 # One event may be as large as a whole non-stream answer (the same key).
                 upstream = _UpstreamStream(resp, chunks, SSEParser(self.max_response_bytes))
-                yield _Encoded(upstream, MessagesEncoder(call.model)) if translated else upstream
+                yield upstream if dialect is None else Encoded(upstream, encoder_for(dialect))
 
 
 class _Accounted:

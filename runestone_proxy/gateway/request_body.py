@@ -192,7 +192,10 @@ _REQUIRED = {
     "embeddings": "input",
     "messages": "messages",
     "count_tokens": "messages",
+    "responses": "input",
 }
+#: The endpoints whose required field is a list of role-tagged messages.
+_MESSAGE_LISTS = frozenset({"chat", "messages", "count_tokens"})
 
 
 def validate(endpoint: Endpoint, body: Mapping[str, Any]) -> None:
@@ -216,7 +219,9 @@ def validate(endpoint: Endpoint, body: Mapping[str, Any]) -> None:
             raise InvalidParam(
                 "max_tokens: Field required (a positive integer).", param="max_tokens"
             )
-    if endpoint != "completions" and endpoint != "embeddings":
+    if endpoint == "responses" and not isinstance(value, str | list):
+        raise InvalidParam("'input' must be a string or an array of items.", param="input")
+    if endpoint in _MESSAGE_LISTS:
         if not isinstance(value, list) or not value:
             raise InvalidParam("'messages' must be a non-empty array.", param="messages")
         for index, message in enumerate(value):

@@ -123,6 +123,12 @@ class Stream:
     def usage(self) -> Mapping[str, Any] | None:
         return self.committed.usage
 
+    @property
+    def final(self) -> bytes | None:
+        """The whole answer object the stream ended with (a Responses stream's last
+        ``response``), else None."""
+        return self.committed.stream.final
+
 
 @attrs.define(eq=False)
 class Service(ServiceState):
@@ -258,7 +264,7 @@ class Service(ServiceState):
         the whole Anthropic Message, native or translated). The client headers kept with the
         job reach a native provider as a live call's would. The drainer already holds the
         tenant's slot; failures raise and the drainer decides on retries."""
-        if job.endpoint not in ("chat", "completions", "embeddings", "messages"):
+        if job.endpoint not in ("chat", "completions", "embeddings", "messages", "responses"):
             raise InvalidParam(f"Unknown job endpoint {job.endpoint!r}.")
         endpoint: Endpoint = job.endpoint  # type: ignore[assignment]  # checked above
         body = parse_object(job.body)

@@ -23,6 +23,7 @@ from runestone_proxy.gateway.failover import Failover
 from runestone_proxy.gateway.pipeline import Providers
 from runestone_proxy.gateway.queue import JobQueue
 from runestone_proxy.gateway.ratelimit import RateLimiter
+from runestone_proxy.gateway.responses_store import ResponseStore
 from runestone_proxy.gateway.routing import RoutingTable
 from runestone_proxy.gateway.transport import Transport
 
@@ -44,6 +45,8 @@ class ServiceState:
     ratelimiter: RateLimiter = attrs.field(kw_only=True, factory=RateLimiter)
     #: Parks requests durably (202) when their tenant is full and they asked for async.
     store: JobQueue | None = attrs.field(kw_only=True, default=None)
+    #: The Responses dialect's stored turns (``previous_response_id``, ``store``).
+    responses: ResponseStore | None = attrs.field(kw_only=True, default=None)
 
     @classmethod
     def build(

@@ -60,6 +60,8 @@ from runestone_proxy.api.health import (
     operator_scope,
 )
 from runestone_proxy.api.jobs import add_job_routes
+from runestone_proxy.api.responses import ResponsesApi
+from runestone_proxy.api.responses_state import add_routes as add_response_state_routes
 from runestone_proxy.api.openai import Api
 from runestone_proxy.api.router import Router
 from runestone_proxy.config import Config, ConfigError
@@ -121,11 +123,14 @@ class App:
         service.store = store
         api.add_routes(gateway.router)
         AnthropicApi(service).add_routes(gateway.router)
+        ResponsesApi(service).add_routes(gateway.router)
         # The main port's detailed health views need a key once keys exist (a tenant's key
         # sees its own tenant); the health port is the operator's and shows everything.
         main_scope = key_scope(api.authenticate)
         add_health_routes(gateway.router, gateway, main_scope)
         add_job_routes(gateway.router, store, api.authenticate)
+        service.responses = store
+        add_response_state_routes(gateway.router, store, api.authenticate)
         gateway.reload_hooks.append(store.apply_config)
         gateway.components["capacity"] = service.capacity.snapshot
         service_aliases = aliases.ServiceAliases(service, aliases_path)

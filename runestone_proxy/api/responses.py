@@ -1,0 +1,106 @@
+"""OpenAI's Responses API: ``POST /v1/responses`` (the stored turns' ``GET``/``DELETE`` and
+``input_items`` live in :mod:`.responses_state`).
+
+A thin handler over the same request service as chat completions and the Messages dialect:
+routing, tenancy, rate limits, failover, hedging and the overflow queue apply unchanged.
+What is particular to the dialect:
+
+* conversation state (:mod:`runestone_proxy.gateway.conversation`): ``previous_response_id``
+  expands the input from the durable store before the request is served; the answer is
+  saved afterwards unless ``"store": false``, whatever provider gave it;
+* the answer: a Response object, or the Responses event stream (each payload one whole
+  ``event:``/``data:`` frame carrying ``sequence_number``): native from a provider that
+  speaks the Responses API (``responses_api``), translated from chat for any other;
+* a failure after the stream started ends it with the Responses ``error`` event (its
+  ``sequence_number`` the next in the stream); before that, OpenAI's error envelope.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from runestone_proxy.api.http import (
+    JSON_HEADERS,
+    SSE_HEADERS,
+    Request,
+    Responder,
+    provider_headers,
+)
+from runestone_proxy.api.jobs import answer_parked
+from runestone_proxy.api.router import Router
+from runestone_proxy.errors import GatewayError
+from runestone_proxy.gateway import conversation
+from runestone_proxy.gateway.admission import Parked
+from runestone_proxy.gateway.service import Service, Stream
+from runestone_proxy.providers.responses_stream import error_frame
+
+
+@attrs.define(eq=False)
+class ResponsesApi:
+    """``POST /v1/responses``, over the request service."""
+
+    service: Service
+
+    def add_routes(self, router: Router) -> None:
+        router.add("POST", "/v1/responses", self.create)
+
+    async def create(self, request: Request, responder: Responder) -> None:
+        service = self.service
+        principal = service.authenticate(
+            request.header(b"authorization"),
+            request.header(b"x-api-key"),
+            request_id=request.request_id,
+            path=request.path,
+            client=request.client,
+        )
+        request.context["principal"] = principal
+        raw = bytes(await request.body())
+        gen = service.accept(
+            principal,
+            "responses",
+            raw,
+            request.request_id,
+            prefers_async=b"respond-async" in (request.header(b"prefer") or b"").lower(),
+            idempotency_key=request.header(b"idempotency-key"),
+        )
+        items = await conversation.expand(service.responses, gen)
+        if gen.stream:
+            async with service.open_stream(gen) as stream:
+                if type(stream) is Parked:
+                    await answer_parked(responder, stream)
+                    return
+                final = await relay(responder, stream)
+            await conversation.keep(service.responses, gen, items, final)
+            return
+        answer = await service.complete(gen)
+        if type(answer) is Parked:
+            await answer_parked(responder, answer)
+            return
+        headers = (
+            *JSON_HEADERS,
+            *provider_headers(answer.target.provider, answer.policy),
+            *answer.headers,
+        )
+        await responder.respond(200, headers, answer.body)
+        await conversation.keep(service.responses, gen, items, answer.body)
+
+
+async def relay(responder: Responder, stream: Stream) -> bytes | None:
+    """Write an open Responses stream (its payloads are whole frames, one event each); an
+    error after the start ends it with an ``error`` event. Returns the final Response
+    object, if the stream reached one."""
+    await responder.start(
+        200,
+        (*SSE_HEADERS, *provider_headers(stream.target.provider, stream.policy), *stream.headers),
+    )
+    payloads = stream.first
+    sent = 0
+    try:
+        while payloads is not None:
+            sent += len(payloads)
+            await responder.send(payloads[0] if len(payloads) == 1 else b"".join(payloads))
+            payloads = await stream.next()
+    except GatewayError as exc:
+        await responder.send(error_frame(exc, sent))
+        return None
+    return stream.final

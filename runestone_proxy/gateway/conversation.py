@@ -1,0 +1,90 @@
+"""Conversation state for the Responses dialect: ``previous_response_id`` and ``store``.
+
+Runestone keeps the state itself, per tenant, in the durable store
+(:class:`~.responses_store.ResponseStore`), so a conversation continues on any provider:
+
+    expand(store, gen)   before routing: a request naming ``previous_response_id`` gets
+                         its ``input`` expanded to the stored turn's whole input, that
+                         turn's output, then the new input; the id is removed (a native
+                         provider is sent the whole history too). An unknown id, or
+                         another tenant's, is 404 ``previous_response_not_found``.
+                         Returns the input items this turn answers.
+    keep(store, gen, items, response)
+                         after the answer: unless the request said ``"store": false``, the
+                         Response (as the client got it) and its input items are saved,
+                         for the next turn and ``GET /v1/responses/{id}``.
+
+``instructions`` are not carried over (OpenAI: "the instructions from a previous response
+will not be carried over to the next response").
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from runestone_proxy import telemetry
+from runestone_proxy.errors import InvalidParam, NotFound
+from runestone_proxy.gateway.responses_store import ResponseStore, StoredResponse
+from runestone_proxy.providers.json_codec import dumps
+from runestone_proxy.providers.responses_request import input_items, output_to_input
+
+if TYPE_CHECKING:
+    from runestone_proxy.gateway.service import Generation
+
+__all__ = ["expand", "keep"]
+
+
+async def expand(store: ResponseStore | None, gen: Generation) -> list[dict[str, Any]]:
+    """The whole input of this turn (see the module docstring); ``gen`` is updated."""
+    body = gen.body
+    items = input_items(body)
+    previous = body.pop("previous_response_id", None)
+    if previous is None:
+        return items
+    if not isinstance(previous, str) or not previous:
+        raise InvalidParam(
+            "'previous_response_id' must be a non-empty string.", param="previous_response_id"
+        )
+    record = None if store is None else await store.get_response(gen.principal.tenant, previous)
+    if record is None:
+        raise NotFound(
+            f"Previous response with id '{previous}' not found.",
+            param="previous_response_id",
+            code="previous_response_not_found",
+        )
+    prior = json.loads(record.input_items)
+    answered = json.loads(record.response)
+    output = answered.get("output") if isinstance(answered, dict) else None
+    items = [*prior, *output_to_input(output if isinstance(output, list) else []), *items]
+    body["input"] = items
+    gen.raw = dumps(body)  # what a native provider is sent: the expanded history
+    return items
+
+
+async def keep(
+    store: ResponseStore | None,
+    gen: Generation,
+    items: list[dict[str, Any]],
+    response: bytes | None,
+) -> None:
+    """Save the answered turn, unless ``store`` is false or there is nothing to save."""
+    if store is None or response is None or gen.body.get("store") is False:
+        return
+    try:
+        answer = json.loads(response)
+    except ValueError:
+        answer = None
+    response_id = answer.get("id") if isinstance(answer, dict) else None
+    if not isinstance(response_id, str) or not response_id:
+        telemetry.emit("responses.not_stored", request_id=gen.request_id, reason="no id")
+        return
+    record = StoredResponse(
+        id=response_id,
+        tenant=gen.principal.tenant,
+        created_at=time.time(),
+        input_items=dumps(items),
+        response=response,
+    )
+    await store.save_response(record)
