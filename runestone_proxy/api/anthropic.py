@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 import attrs
 import trio
 
+from runestone_proxy.api.accept import accept, authenticate
 from runestone_proxy.api.http import (
     JSON_HEADERS,
     SSE_HEADERS,
@@ -40,7 +41,6 @@ from runestone_proxy.api.jobs import answer_parked
 from runestone_proxy.api.router import Router
 from runestone_proxy.errors import GatewayError
 from runestone_proxy.gateway.admission import Parked
-from runestone_proxy.gateway.auth import Principal
 from runestone_proxy.gateway.rate_wire import Headers, anthropic_headers
 from runestone_proxy.gateway.service import Service, Stream
 from runestone_proxy.providers.messages_errors import (
@@ -88,31 +88,8 @@ class AnthropicApi:
 
     # --- the work ------------------------------------------------------------------------------
 
-    def _authenticate(self, request: Request) -> Principal:
-        principal = self.service.authenticate(
-            request.header(b"authorization"),
-            request.header(b"x-api-key"),
-            request_id=request.request_id,
-            path=request.path,
-            client=request.client,
-        )
-        request.context["principal"] = principal
-        return principal
-
     async def _messages(self, request: Request, responder: Responder) -> None:
-        principal = self._authenticate(request)
-        raw = bytes(await request.body())
-        gen = self.service.accept(
-            principal,
-            "messages",
-            raw,
-            request.request_id,
-            prefers_async=b"respond-async" in (request.header(b"prefer") or b"").lower(),
-            idempotency_key=request.header(b"idempotency-key"),
-            headers=forwarded_headers(request),
-        )
-        if gen.principal is not principal:
-            request.context["principal"] = gen.principal
+        gen = await accept(self.service, request, "messages", headers=forwarded_headers(request))
         if gen.stream:
             async with self.service.open_stream(gen) as stream:
                 if type(stream) is Parked:
@@ -134,7 +111,7 @@ class AnthropicApi:
         await responder.respond(200, headers, answer.body)
 
     async def _count_tokens(self, request: Request, responder: Responder) -> None:
-        self._authenticate(request)
+        authenticate(self.service, request)
         raw = bytes(await request.body())
         target, body, estimated = await self.service.count_tokens(
             raw, request.request_id, forwarded_headers(request)

@@ -21,6 +21,7 @@ from typing import Any
 import attrs
 
 from runestone_proxy.api import models
+from runestone_proxy.api.accept import accept, authenticate
 from runestone_proxy.api.http import (
     JSON_HEADERS,
     SSE_HEADERS,
@@ -34,7 +35,6 @@ from runestone_proxy.config.aliases import is_pattern
 from runestone_proxy.errors import GatewayError, InvalidParam, ModelNotFound
 from runestone_proxy.gateway.admission import Parked
 from runestone_proxy.gateway.auth import Principal
-from runestone_proxy.gateway.routing import Target
 from runestone_proxy.gateway.service import Service, Stream
 from runestone_proxy.protocol.sse import DONE, encode_data
 from runestone_proxy.providers.base import Endpoint
@@ -69,15 +69,7 @@ class Api:
         await self._generate(request, responder, "chat", force_stream=True)
 
     def authenticate(self, request: Request) -> Principal:
-        principal = self.service.authenticate(
-            request.header(b"authorization"),
-            request.header(b"x-api-key"),
-            request_id=request.request_id,
-            path=request.path,
-            client=request.client,
-        )
-        request.context["principal"] = principal
-        return principal
+        return authenticate(self.service, request)
 
     async def list_models(self, request: Request, responder: Responder) -> None:
         """Routable models, then exact aliases; in Anthropic's shape for a request that
@@ -127,22 +119,7 @@ class Api:
         self, request: Request, responder: Responder, endpoint: Endpoint, force_stream: bool = False
     ) -> None:
         """Authenticate, read the body, and let the service accept, admit and serve it."""
-        principal = self.authenticate(request)
-        # bytes() is free for bytes; a body that arrived as one h11 chunk is a bytearray,
-        # which the upstream pool would take for a streamed (async-iterable) body.
-        raw = bytes(await request.body())
-        gen = self.service.accept(
-            principal,
-            endpoint,
-            raw,
-            request.request_id,
-            force_stream=force_stream,
-            # Prefer: respond-async (RFC 7240 §4.1): park the request if it cannot start now.
-            prefers_async=b"respond-async" in (request.header(b"prefer") or b"").lower(),
-            idempotency_key=request.header(b"idempotency-key"),
-        )
-        if gen.principal is not principal:  # the legacy ``tenant_id`` named the tenant
-            request.context["principal"] = gen.principal
+        gen = await accept(self.service, request, endpoint, force_stream=force_stream)
         if gen.stream:
             async with self.service.open_stream(gen) as stream:
                 if type(stream) is Parked:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import attrs
 
+from runestone_proxy.api.accept import accept
 from runestone_proxy.api.http import (
     JSON_HEADERS,
     SSE_HEADERS,
@@ -46,23 +47,7 @@ class ResponsesApi:
 
     async def create(self, request: Request, responder: Responder) -> None:
         service = self.service
-        principal = service.authenticate(
-            request.header(b"authorization"),
-            request.header(b"x-api-key"),
-            request_id=request.request_id,
-            path=request.path,
-            client=request.client,
-        )
-        request.context["principal"] = principal
-        raw = bytes(await request.body())
-        gen = service.accept(
-            principal,
-            "responses",
-            raw,
-            request.request_id,
-            prefers_async=b"respond-async" in (request.header(b"prefer") or b"").lower(),
-            idempotency_key=request.header(b"idempotency-key"),
-        )
+        gen = await accept(service, request, "responses")
         items = await conversation.expand(service.responses, gen)
         if gen.stream:
             async with service.open_stream(gen) as stream:

@@ -60,9 +60,9 @@ from runestone_proxy.api.health import (
     operator_scope,
 )
 from runestone_proxy.api.jobs import add_job_routes
+from runestone_proxy.api.openai import Api
 from runestone_proxy.api.responses import ResponsesApi
 from runestone_proxy.api.responses_state import add_routes as add_response_state_routes
-from runestone_proxy.api.openai import Api
 from runestone_proxy.api.router import Router
 from runestone_proxy.config import Config, ConfigError
 from runestone_proxy.gateway.deployments import providers_view
