@@ -14,8 +14,9 @@ Routes (anything else is 404 in OpenAI's error envelope):
   ``message_stop``. It is flushed as the OpenAI stream is, ``chunks + 1`` writes: the three
   opening events ride with the first delta, the three closing ones are the last write (in
   place of ``[DONE]``). ``chunks`` and ``pacing_ms`` as for chat. A request without
-  ``x-api-key`` (or ``authorization``, which newer Anthropic SDKs send) is a 401, without ``anthropic-version`` a 400, in Anthropic's error
-  envelope. ``POST /v1/messages/count_tokens`` answers ``{"input_tokens": 9}``.
+  ``x-api-key`` (or ``authorization``, which newer Anthropic SDKs send) is a 401, without
+  ``anthropic-version`` a 400, in Anthropic's error envelope.
+  ``POST /v1/messages/count_tokens`` answers ``{"input_tokens": 9}``.
 * ``POST /v1/embeddings``: one small fixed vector per input.
 * ``GET /v1/models``: a fixed model list.
 
