@@ -6,7 +6,10 @@ Routes (anything else is 404 in OpenAI's error envelope):
   in the body, an SSE stream of ``chunks`` ``chat.completion.chunk`` data events (the first
   carries the role, the last ``finish_reason: "stop"``) and then ``data: [DONE]``, with
   ``pacing_ms`` between events. Both default to the CLI flags and can be set per request
-  in the query string: ``/v1/chat/completions?chunks=50&pacing_ms=5``.
+  in the query string: ``/v1/chat/completions?chunks=50&pacing_ms=5``. With
+  ``"stream_options": {"include_usage": true}``, OpenAI's final usage chunk (empty
+  ``choices``) precedes ``[DONE]`` (what the gateway asks for on a translated Messages
+  stream).
 * ``POST /v1/messages`` (Anthropic's Messages API): a fixed ``message`` JSON with ``usage``;
   with ``"stream": true``, Anthropic's SSE sequence (``event:`` and ``data:`` lines):
   ``message_start``, ``content_block_start``, ``ping``, ``chunks`` ``content_block_delta``
@@ -100,8 +103,10 @@ def completion_body(model: str) -> bytes:
 
 
 @functools.lru_cache(maxsize=256)
-def stream_events(model: str, chunks: int) -> tuple[bytes, ...]:
-    """``chunks`` framed ``data:`` events (role first, ``stop`` last) plus ``[DONE]``."""
+def stream_events(model: str, chunks: int, usage: bool = False) -> tuple[bytes, ...]:
+    """``chunks`` framed ``data:`` events (role first, ``stop`` last) plus ``[DONE]``; with
+    ``usage`` (the request's ``stream_options.include_usage``), OpenAI's usage chunk (no
+    choices) rides with ``[DONE]``, so that the number of writes stays ``chunks + 1``."""
     events = []
     for i in range(chunks):
         delta: dict[str, Any] = {"content": f"tok{i} "}
@@ -123,7 +128,18 @@ def stream_events(model: str, chunks: int) -> tuple[bytes, ...]:
             ],
         }
         events.append(b"data: " + _dumps(chunk) + b"\n\n")
-    events.append(b"data: [DONE]\n\n")
+    done = b"data: [DONE]\n\n"
+    if usage:
+        tail = {
+            "id": "chatcmpl-bench",
+            "object": "chat.completion.chunk",
+            "created": CREATED,
+            "model": model,
+            "choices": [],
+            "usage": {"prompt_tokens": 9, "completion_tokens": chunks, "total_tokens": 9 + chunks},
+        }
+        done = b"data: " + _dumps(tail) + b"\n\n" + done
+    events.append(done)
     return tuple(events)
 
 
@@ -283,7 +299,10 @@ def decide(
         params = dict(parse_qsl(query))
         chunks = int(params.get("chunks", defaults.chunks))
         pacing_ms = float(params.get("pacing_ms", defaults.pacing_ms))
-        return Reply(200, events=stream_events(model, max(chunks, 1)), pacing_s=pacing_ms / 1000)
+        opts = payload.get("stream_options")
+        usage = type(opts) is dict and opts.get("include_usage") is True
+        events = stream_events(model, max(chunks, 1), usage)
+        return Reply(200, events=events, pacing_s=pacing_ms / 1000)
     return Reply(200, completion_body(model))
 
 
