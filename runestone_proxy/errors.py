@@ -214,7 +214,9 @@ class UpstreamProtocolError(UpstreamError):
 class ProviderError(UpstreamError):
     """A provider answered with an error: keep its status, meaning and retryability.
 
-    ``code`` stays null when the provider sent none, as OpenAI itself does."""
+    ``code`` stays null when the provider sent none, as OpenAI itself does.
+    ``provider_type`` is the provider's own name for the error (Anthropic's
+    ``overloaded_error``), so that an answer in the provider's own dialect can say it exactly."""
 
     default_code: ClassVar[str | None] = None
 
@@ -229,6 +231,7 @@ class ProviderError(UpstreamError):
         code: str | None = None,
         retry_after_s: float | None = None,
         headers: tuple[tuple[bytes, bytes], ...] = (),
+        provider_type: str | None = None,
     ) -> None:
         super().__init__(
             message, param=param, code=code, headers=_with_retry_after(headers, retry_after_s)
@@ -237,3 +240,4 @@ class ProviderError(UpstreamError):
         self.error_type = error_type
         self.retryable = retryable
         self.retry_after_s = retry_after_s
+        self.provider_type = provider_type

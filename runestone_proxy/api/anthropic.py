@@ -72,13 +72,13 @@ class AnthropicApi:
         try:
             await self._messages(request, responder)
         except GatewayError as exc:
-            await send_error(responder, exc)
+            await send_error(responder, exc, request.request_id)
 
     async def count_tokens(self, request: Request, responder: Responder) -> None:
         try:
             await self._count_tokens(request, responder)
         except GatewayError as exc:
-            await send_error(responder, exc)
+            await send_error(responder, exc, request.request_id)
 
     # --- the work ------------------------------------------------------------------------------
 
@@ -197,11 +197,12 @@ class _Pinger:
         self.last = trio.current_time()
 
 
-async def send_error(responder: Responder, exc: GatewayError) -> None:
-    """Answer ``exc`` in Anthropic's envelope, unless a response already started."""
+async def send_error(responder: Responder, exc: GatewayError, request_id: str) -> None:
+    """Answer ``exc`` in Anthropic's envelope (with Anthropic's status for its type and
+    ``request_id`` as Anthropic sends it), unless a response already started."""
     if responder.started:
         return
-    status, headers, body = anthropic_error_response(exc)
+    status, headers, body = anthropic_error_response(exc, request_id)
     await responder.respond(status, (*JSON_HEADERS, *_rate_headers(headers)), body)
 
 

@@ -22,6 +22,7 @@ import structlog
 import trio
 
 from runestone_proxy import errors, logs, metrics
+from runestone_proxy.api.anthropic import send_error as send_anthropic_error
 from runestone_proxy.api.http import (
     JSON_HEADERS,
     HeaderList,
@@ -91,14 +92,24 @@ class Dispatcher:
             request.path_params = params
             await handler(request, responder)
         except errors.GatewayError as exc:
-            await send_error(responder, exc)
+            await _answer_error(request, responder, exc)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise  # the client went away mid-write: the connection layer closes, no crash
         except Exception:
             log.exception("request.crashed", request_id=request.request_id, path=request.path)
             if responder.started:
                 raise ResponseAborted from None
-            await send_error(responder, errors.GatewayError("The server had an error."))
+            await _answer_error(request, responder, errors.GatewayError("The server had an error."))
+
+
+async def _answer_error(request: Request, responder: Responder, exc: errors.GatewayError) -> None:
+    """The error in the client's dialect: Anthropic's envelope for a client that sent
+    ``anthropic-version`` (its SDKs always do), whatever the path (the models endpoints, an
+    unknown URL, a 405); OpenAI's otherwise."""
+    if request.header(b"anthropic-version") is not None:
+        await send_anthropic_error(responder, exc, request.request_id)
+    else:
+        await send_error(responder, exc)
 
 
 def log_access(

@@ -1,15 +1,16 @@
-"""Health endpoints: ``/health``, ``/health/live``, ``/health/ready``, ``/health/providers``,
-and ``/metrics``.
+"""Health endpoints: ``/``, ``/health``, ``/health/live``, ``/health/ready``,
+``/health/providers``, and ``/metrics``.
 
-Liveness answers as long as the event loop runs; readiness is 503 while starting and while
-draining, so a load balancer stops sending before we stop serving. ``/health`` lists the
-components later subsystems register on the gateway (upstream pool, SQLite store, drainer),
-each reporting its own status.
+``GET /`` and ``HEAD /`` answer 200 with a tiny JSON (an origin probe: Claude Code sends
+``HEAD /`` before it starts). Liveness answers as long as the event loop runs; readiness is
+503 while starting and while draining, so a load balancer stops sending before we stop
+serving. ``/health`` lists the components later subsystems register on the gateway
+(upstream pool, SQLite store, drainer), each reporting its own status.
 
-Who sees what. ``/health/live`` and ``/health/ready`` answer anyone, on every port: probes
-carry no key and the answers say nothing about tenants. The detailed views (``/health``,
-``/health/providers``, ``/metrics``) name tenants, their in-flight counts and limits, so a
-:data:`Scope` decides per request what the caller may see:
+Who sees what. ``/``, ``/health/live`` and ``/health/ready`` answer anyone, on every port:
+probes carry no key and the answers say nothing about tenants. The detailed views
+(``/health``, ``/health/providers``, ``/metrics``) name tenants, their in-flight counts and
+limits, so a :data:`Scope` decides per request what the caller may see:
 
 * on ``health_port`` (the operator's listener, kept on loopback or a private network) and on
   a gateway running open (no key configured), everything, without a key, as before;
@@ -45,6 +46,7 @@ class Served(Protocol):
 
 _NO_STORE = (*JSON_HEADERS, (b"cache-control", b"no-store"))
 _LIVE_BODY = b'{"status":"ok"}'
+_ROOT_BODY = b'{"name":"runestone","status":"ok"}'
 _METRICS_HEADERS = (
     (b"content-type", b"text/plain; version=0.0.4; charset=utf-8"),
     (b"cache-control", b"no-store"),
@@ -93,6 +95,11 @@ def add_health_routes(router: Router, gateway: Served, scope: Scope = operator_s
     """Register the health handlers for ``gateway`` on ``router`` (main or health port);
     ``scope`` guards ``/health`` (liveness and readiness answer anyone)."""
 
+    async def root(_request: Request, responder: Responder) -> None:
+        # Claude Code probes its origin with ``HEAD /`` before it starts; the router answers
+        # HEAD with this GET handler and the connection layer drops the body (RFC 9110 §9.3.2).
+        await responder.respond(200, _NO_STORE, _ROOT_BODY)
+
     async def live(_request: Request, responder: Responder) -> None:
         await responder.respond(200, _NO_STORE, _LIVE_BODY)
 
@@ -125,6 +132,7 @@ def add_health_routes(router: Router, gateway: Served, scope: Scope = operator_s
         }
         await responder.respond(200 if status != "down" else 503, _NO_STORE, _json(body))
 
+    router.add("GET", "/", root)
     router.add("GET", "/health", health)
     router.add("GET", "/health/live", live)
     router.add("GET", "/health/ready", ready)

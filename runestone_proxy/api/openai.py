@@ -20,10 +20,12 @@ from typing import Any
 
 import attrs
 
+from runestone_proxy.api import models
 from runestone_proxy.api.http import JSON_HEADERS, SSE_HEADERS, Request, Responder
 from runestone_proxy.api.jobs import answer_parked
 from runestone_proxy.api.router import Router
-from runestone_proxy.errors import GatewayError, ModelNotFound
+from runestone_proxy.config.aliases import is_pattern
+from runestone_proxy.errors import GatewayError, InvalidParam, ModelNotFound
 from runestone_proxy.gateway.admission import Parked
 from runestone_proxy.gateway.auth import Principal
 from runestone_proxy.gateway.routing import Target
@@ -72,22 +74,45 @@ class Api:
         return principal
 
     async def list_models(self, request: Request, responder: Responder) -> None:
+        """Routable models, then exact aliases; in Anthropic's shape for a request that
+        carries ``anthropic-version`` (:mod:`.models`). Patterns name no model: unlisted."""
         self.authenticate(request)
-        data = [
-            _model_object(mid, owner, alias)
-            for mid, owner, alias in self.service.routing.listed_models()
-        ]
-        body = json.dumps({"object": "list", "data": data}, separators=(",", ":")).encode()
+        rows = self.service.routing.listed_models()
+        if request.header(models.ANTHROPIC_VERSION) is not None:
+            body = models.page_body(rows, request.query)
+        else:
+            data = [_model_object(mid, owner, alias) for mid, owner, alias in rows]
+            body = json.dumps({"object": "list", "data": data}, separators=(",", ":")).encode()
         await responder.respond(200, JSON_HEADERS, body)
 
     async def get_model(self, request: Request, responder: Responder) -> None:
+        """A listed model or alias; or a name a pattern routes (an alias pattern's, or a
+        provider's ``model_patterns``), so a client may check a dated id before using it."""
         self.authenticate(request)
         wanted = request.path_params["model"]
-        for mid, owner, alias in self.service.routing.listed_models():
-            if mid == wanted:
-                body = json.dumps(_model_object(mid, owner, alias), separators=(",", ":"))
-                await responder.respond(200, JSON_HEADERS, body.encode())
-                return
+        row = self._model_row(wanted)
+        if request.header(models.ANTHROPIC_VERSION) is not None:
+            body = models.info_body(row)
+        else:
+            body = json.dumps(_model_object(*row), separators=(",", ":")).encode()
+        await responder.respond(200, JSON_HEADERS, body)
+
+    def _model_row(self, wanted: str) -> tuple[str, str, str | None]:
+        routing = self.service.routing
+        for row in routing.listed_models():
+            if row[0] == wanted:
+                return row
+        try:
+            # ModelNotFound from here says why (e.g. its claimant's key is unset).
+            resolution = routing.resolve(wanted)
+        except InvalidParam:
+            resolution = None
+        if resolution is not None:
+            target = resolution.targets[0]
+            if resolution.via == "pattern":
+                return wanted, target.provider, None
+            if resolution.alias is not None and is_pattern(resolution.alias):
+                return wanted, "runestone", target.label
         raise ModelNotFound(
             f"The model `{wanted}` does not exist or you do not have access to it.", param="model"
         )

@@ -61,6 +61,21 @@ _strict(float, int, float)
 _strict(str, str)
 
 
+_strings = _converter.get_structure_hook(tuple[str, ...])
+
+
+def _string_list(value: object, type_: Any) -> tuple[str, ...]:
+    """A TOML array of strings. cattrs would take a bare string for a sequence of its
+    characters: ``model_patterns = "claude-*"`` would claim ``c``, ``l``, ... ."""
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"expected an array of strings, got {type(value).__name__} {value!r}")
+    strings: tuple[str, ...] = _strings(value, type_)
+    return strings
+
+
+_converter.register_structure_hook_func(lambda t: t == tuple[str, ...], _string_list)
+
+
 def _set(raw: dict[str, Any], dotted: str, value: object) -> None:
     node = raw
     *parents, leaf = dotted.split(".")

@@ -4,7 +4,8 @@ Every field has a default, so an empty file (or none at all) runs the gateway on
 embedded defaults. Validators raise :class:`FieldError` naming the field; the loader
 (:mod:`.load`) turns it into a message with the key's whole path (``$.server.port``).
 Cross-field rules live in ``__attrs_post_init__``: provider names are unique, every model
-names a configured provider, and the aliases resolve (:mod:`.aliases`). A provider's
+names a configured provider, and the aliases resolve (:mod:`.aliases`, which also owns the
+``*``/``?`` model-name patterns of alias keys and ``model_patterns``). A provider's
 ``base_url`` is read in the form its own SDK documents for ``<PROVIDER>_BASE_URL``, with or
 without the version segment (:mod:`.base_url`). Units live in names: ``_s`` seconds, ``_ms``
 milliseconds, ``_bytes`` bytes.
@@ -42,6 +43,12 @@ def _positive(_inst: object, attribute: attrs.Attribute[Any], value: float) -> N
 def _non_negative(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if value < 0:
         raise FieldError(attribute.name, f"must be >= 0, got {value}")
+
+
+def _patterns(_inst: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    for index, pattern in enumerate(value):
+        if not pattern or pattern.isspace():
+            raise FieldError(attribute.name, f"entry {index} must be a non-empty pattern")
 
 
 def _existing_file(_inst: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
@@ -139,6 +146,10 @@ class ProviderConfig:
     #: Static extra headers sent upstream (e.g. OpenRouter's HTTP-Referer / X-Title).
     headers: dict[str, str] = attrs.Factory(dict)
     enabled: bool = True
+    #: Model names this provider claims when nothing exact names them (Claude Code's dated
+    #: ids, say): ``*`` any run, ``?`` one character, case-sensitive (config/aliases.py).
+    #: The first available provider whose pattern matches serves the name as given.
+    model_patterns: tuple[str, ...] = attrs.field(default=(), validator=_patterns)
     #: Most in-flight requests Runestone sends this deployment (protects provider limits).
     max_concurrent: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(_positive)
@@ -339,7 +350,8 @@ class Config:
     routing: RoutingConfig = attrs.Factory(RoutingConfig)
     providers: tuple[ProviderConfig, ...] = attrs.Factory(_default_providers)
     models: tuple[ModelConfig, ...] = attrs.Factory(_default_models)
-    #: alias -> "provider:model" or a model id.
+    #: alias -> "provider:model", a model id or another alias; a key holding ``*`` or ``?``
+    #: is a pattern, tried in file order after every exact name.
     aliases: dict[str, str] = attrs.Factory(dict)
 
     def __attrs_post_init__(self) -> None:

@@ -103,7 +103,7 @@ class ProviderRuntime:
         """The Messages dialect is native here (bytes passed through), not translated."""
         return self.config.kind == "anthropic"
 
-    def prepare(self, call: ProviderCall) -> ProviderCall:
+    def prepare(self, call: ProviderCall, target: Target) -> ProviderCall:
         """Adapt a call to what this provider speaks: a legacy completions call for
         chat-only providers (prompt -> messages), an Anthropic Messages call for one that
         does not speak it (-> chat, with usage asked for: the Messages dialect reports it
@@ -112,7 +112,7 @@ class ProviderRuntime:
             return attrs.evolve(
                 call,
                 endpoint="chat",
-                body=messages_to_chat(call.body),
+                body=self._fit_chat(messages_to_chat(call.body), target),
                 raw=None,
                 include_usage=call.stream,
                 headers=(),
@@ -128,6 +128,20 @@ class ProviderRuntime:
                 f"Provider `{self.config.name}` does not serve embeddings.", param="model"
             )
         return call
+
+    def _fit_chat(self, body: dict[str, Any], target: Target) -> dict[str, Any]:
+        """A translated Messages body, fitted to this deployment: ``reasoning_effort`` (from
+        ``thinking`` / ``output_config.effort``) only for a model whose table entry lists
+        the ``reasoning`` capability (OpenAI and most compatible servers refuse it on other
+        models, and Claude Code asks for thinking on nearly every turn); OpenAI's own API
+        takes ``max_completion_tokens`` (its reasoning models refuse ``max_tokens``)."""
+        if "reasoning_effort" in body:
+            entry = target.entry
+            if entry is None or "reasoning" not in entry.capabilities:
+                del body["reasoning_effort"]
+        if self.config.resolved_flavor == "openai" and "max_tokens" in body:
+            body["max_completion_tokens"] = body.pop("max_tokens")
+        return body
 
 
 #: How long the end of an upstream body may lag its terminal event (``[DONE]``,
@@ -286,7 +300,7 @@ class Providers:
         if call.endpoint == "count_tokens" and not runtime.speaks_messages:
             # No provider call: the documented estimate (``providers.messages_request``).
             return dumps({"input_tokens": estimate_input_tokens(call.body)})
-        call = runtime.prepare(call)
+        call = runtime.prepare(call, target)
         with _Accounted(target, call, stream=False):
             if runtime.mock is not None:
                 if runtime.config.latency_ms:
@@ -326,7 +340,7 @@ class Providers:
         runtime = self.runtime(target)
         legacy = call.endpoint == "completions" and runtime.chat_only
         translated = call.endpoint == "messages" and not runtime.speaks_messages
-        call = runtime.prepare(call)
+        call = runtime.prepare(call, target)
         with _Accounted(target, call, stream=True):
             if runtime.mock is not None:
                 await _mock_latency(runtime)

@@ -5,13 +5,17 @@ A request names a model (and may name a ``provider``). Resolution tries, in this
 1. the ``provider`` field of the body: that provider, the model as given (or its table entry);
 2. ``provider:model`` syntax, when the prefix is a configured provider name (model ids
    such as OpenRouter's ``meta-llama/llama-3-8b:free`` keep their colons otherwise);
-3. an alias from ``[aliases]``, whose target is resolved by these same rules;
+3. an exact alias from ``[aliases]``, whose target is resolved by these same rules;
 4. the ``[[models]]`` table: every deployment serving that id, in config order (a group);
-5. otherwise 404 ``model_not_found``, in OpenAI's words.
+5. an alias pattern (a key with ``*``/``?``; the aliases file's first, then config.toml's,
+   each in file order): the first that matches, its target resolved as in 2-4;
+6. a provider's ``model_patterns``: the first available provider (config order) claiming
+   the name serves it as given (Claude Code's dated ids: ``claude-*``);
+7. otherwise 404 ``model_not_found``, in OpenAI's words.
 
-Providers that are disabled, or whose ``api_key_env`` is unset, are not routable; a model
-that only they serve is reported as not found with the reason, so an operator can tell
-"unknown" from "not configured".
+Exact names always beat patterns. Providers that are disabled, or whose ``api_key_env`` is
+unset, are not routable; a model that only they serve (or claim) is reported as not found
+with the reason, so an operator can tell "unknown" from "not configured".
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import attrs
 from runestone_proxy import telemetry
 from runestone_proxy.config import Config, ModelConfig
 from runestone_proxy.config.aliases import MAX_CHAIN as _MAX_ALIAS_DEPTH
+from runestone_proxy.config.aliases import is_pattern, matches
 from runestone_proxy.errors import InvalidParam, ModelNotFound, NoCandidate
 
 
@@ -57,7 +62,7 @@ class Target:
 class Resolution:
     requested: str
     targets: tuple[Target, ...]
-    #: How it was resolved: provider | prefix | alias | model.
+    #: How it was resolved: provider | prefix | alias | model | pattern | auto.
     via: str
     alias: str | None = None
 
@@ -73,8 +78,12 @@ class RoutingTable:
     available: frozenset[str]
     unavailable: Mapping[str, str]  # provider -> why it is not routable
     models: Mapping[str, tuple[ModelConfig, ...]]
+    #: Exact aliases; the pattern keys are in ``alias_patterns``, in the order tried.
     aliases: Mapping[str, str]
     providers: frozenset[str]
+    alias_patterns: tuple[tuple[str, str], ...] = ()
+    #: (provider, its model_patterns) in config order, unavailable providers included.
+    provider_patterns: tuple[tuple[str, tuple[str, ...]], ...] = ()
     #: Successful resolutions by requested model (``provider`` field unset). Resolution
     #: depends only on this table, which is immutable and replaced whole on reload, so the
     #: cache lives and dies with it and a reload can never serve a stale answer. Bounded,
@@ -85,7 +94,8 @@ class RoutingTable:
     def build(
         cls, config: Config, env: Mapping[str, str], extra_aliases: Mapping[str, str] | None = None
     ) -> RoutingTable:
-        """``extra_aliases`` (from the aliases file) win over ``[aliases]``."""
+        """``extra_aliases`` (from the aliases file) win over ``[aliases]``; its patterns are
+        tried before config.toml's."""
         available: set[str] = set()
         unavailable: dict[str, str] = {}
         for provider in config.providers:
@@ -98,12 +108,20 @@ class RoutingTable:
         models: dict[str, list[ModelConfig]] = {}
         for model in config.models:
             models.setdefault(model.id, []).append(model)
+        extra = extra_aliases or {}
+        merged = {**config.aliases, **extra}
         return cls(
             available=frozenset(available),
             unavailable=unavailable,
             models={k: tuple(v) for k, v in models.items()},
-            aliases={**config.aliases, **(extra_aliases or {})},
+            aliases={k: v for k, v in merged.items() if not is_pattern(k)},
             providers=frozenset(p.name for p in config.providers),
+            alias_patterns=tuple(
+                (k, merged[k]) for k in dict.fromkeys([*extra, *config.aliases]) if is_pattern(k)
+            ),
+            provider_patterns=tuple(
+                (p.name, p.model_patterns) for p in config.providers if p.model_patterns
+            ),
         )
 
     def resolve(self, model: str, provider: str | None = None) -> Resolution:
@@ -154,8 +172,35 @@ class RoutingTable:
                 f"available ({reasons}).",
                 param="model",
             )
+        if alias is None:  # patterns match what the client sent, never an alias's target
+            found = self._by_pattern(requested, depth)
+            if found is not None:
+                return found
         raise ModelNotFound(
             f"The model `{requested}` does not exist or you do not have access to it.",
+            param="model",
+        )
+
+    def _by_pattern(self, name: str, depth: int) -> Resolution | None:
+        """Steps 5 and 6: the first matching alias pattern, else the first available
+        provider claiming ``name``; None when no pattern matches at all."""
+        for pattern, target in self.alias_patterns:
+            if matches(pattern, name):
+                return self._resolve(name, target, depth + 1, pattern)
+        claimants = [
+            provider
+            for provider, patterns in self.provider_patterns
+            if any(matches(pattern, name) for pattern in patterns)
+        ]
+        for provider in claimants:
+            if provider in self.available:
+                return Resolution(name, (Target(provider, name, name),), "pattern")
+        if not claimants:
+            return None
+        reasons = "; ".join(f"{p}: {self.unavailable.get(p, 'unavailable')}" for p in claimants)
+        raise ModelNotFound(
+            f"The model `{name}` matches the model_patterns of a provider, but no provider "
+            f"claiming it is available ({reasons}).",
             param="model",
         )
 
@@ -175,7 +220,8 @@ class RoutingTable:
         return Target(provider, model, model)
 
     def listed_models(self) -> list[tuple[str, str, str | None]]:
-        """(id, owner, alias target) for /v1/models: routable models, then aliases."""
+        """(id, owner, alias target) for /v1/models: routable models, then exact aliases.
+        Patterns name no model, so they are not listed."""
         out: list[tuple[str, str, str | None]] = []
         for model_id, entries in self.models.items():
             owners = [e.provider for e in entries if e.provider in self.available]

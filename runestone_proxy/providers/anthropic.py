@@ -2,7 +2,7 @@
 
 Owns :class:`AnthropicTranslator`, the :class:`~runestone_proxy.providers.base.Translator` for
 ``kind = "anthropic"`` providers: the upstream request line and headers, and the wiring of the
-three halves that live next to it:
+modules that live next to it:
 
     anthropic_request.py   OpenAI request body -> Messages API body (system, tools,
                            sampling, extended thinking)
@@ -10,9 +10,14 @@ three halves that live next to it:
                            images, thinking, tool use and results)
     anthropic_response.py  Message -> chat.completion; stop reasons, usage; error bodies
     anthropic_stream.py    the streaming state machine (Anthropic events -> chunks)
+    anthropic_native.py    the Messages dialect passed through (``messages``,
+                           ``count_tokens``): request, whole answer, stream frames
 
-Only chat is native. ``completions`` calls arrive already converted to chat messages by the
-gateway, and are translated like chat; Anthropic has no embeddings endpoint.
+``chat`` is translated. ``completions`` calls arrive already converted to chat messages by the
+gateway, and are translated like chat; Anthropic has no embeddings endpoint. A client that
+speaks Anthropic's own dialect (``endpoint`` ``messages`` or ``count_tokens``) is served
+natively: its bytes go upstream untouched where no rewrite is needed, and Anthropic's answer
+comes back as Anthropic sent it.
 
 API reference: https://docs.anthropic.com/en/api/messages ("x-api-key", "anthropic-version"
 and "content-type: application/json" are required headers; the provider's API root ends in
@@ -30,6 +35,11 @@ from typing import Any
 import attrs
 
 from runestone_proxy.errors import InvalidParam, ProviderError, UpstreamProtocolError
+from runestone_proxy.providers.anthropic_native import (
+    AnthropicPassthrough,
+    native_request,
+    native_response,
+)
 from runestone_proxy.providers.anthropic_request import build_body
 from runestone_proxy.providers.anthropic_response import (
     chat_completion,
@@ -41,6 +51,9 @@ from runestone_proxy.providers.anthropic_response import (
 from runestone_proxy.providers.anthropic_stream import AnthropicStream
 from runestone_proxy.providers.base import HeaderPairs, ProviderCall, UpstreamRequest
 from runestone_proxy.providers.provider_errors import anthropic_error
+
+#: The endpoints Anthropic's own clients call: passed through, not translated.
+_NATIVE = frozenset({"messages", "count_tokens"})
 
 
 def _now() -> int:
@@ -59,6 +72,8 @@ class AnthropicTranslator:
     clock: Callable[[], int] = attrs.field(default=_now, kw_only=True, repr=False)
 
     def build_request(self, call: ProviderCall, api_key: str | None) -> UpstreamRequest:
+        if call.endpoint in _NATIVE:
+            return native_request(call, api_key, self.api_version)
         self._check_endpoint(call)
         body = build_body(
             call.body,
@@ -79,6 +94,8 @@ class AnthropicTranslator:
         )
 
     def parse_response(self, call: ProviderCall, body: bytes) -> bytes:
+        if call.endpoint in _NATIVE:
+            return native_response(self.name, body)
         message = self._loads(body)
         error_type, error_message = error_fields(message)
         if message.get("type") == "error" and error_type is not None:
@@ -89,7 +106,9 @@ class AnthropicTranslator:
             raise UpstreamProtocolError(f"{self.name}: response has no content array.")
         return dumps(chat_completion(message, model=call.model, created=self.clock()))
 
-    def stream(self, call: ProviderCall) -> AnthropicStream:
+    def stream(self, call: ProviderCall) -> AnthropicStream | AnthropicPassthrough:
+        if call.endpoint == "messages":
+            return AnthropicPassthrough(self.name)
         self._check_endpoint(call)
         return AnthropicStream(
             provider=self.name,
@@ -102,6 +121,8 @@ class AnthropicTranslator:
         return error_from_body(status, headers, body, now=self.clock())
 
     def _check_endpoint(self, call: ProviderCall) -> None:
+        if call.endpoint == "count_tokens":
+            raise InvalidParam("count_tokens answers whole; it cannot stream.", param="stream")
         if call.endpoint == "embeddings":
             raise InvalidParam(
                 f"Anthropic has no embeddings endpoint; model {call.model!r} on provider "

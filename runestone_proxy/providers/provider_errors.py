@@ -158,7 +158,9 @@ def anthropic_error(
 
     ``http_status`` is the status it came with (200 for a stream ``error`` event or an
     in-band error body, whose status then comes from the type alone); ``detail_code`` is
-    ``error.details.error_code`` when the body has one."""
+    ``error.details.error_code`` when the body has one. The Anthropic type itself stays on
+    the error as ``provider_type``, for an answer in Anthropic's own envelope
+    (``providers/messages_errors.py``)."""
     kind = ANTHROPIC_ERRORS.get(error_type)
     if kind is None:
         # "type values will grow over time": fall back on the HTTP status class.
@@ -187,4 +189,5 @@ def anthropic_error(
         retryable=kind.retryable,
         code=code,
         retry_after_s=retry_after_s if kind.retryable else None,
+        provider_type=error_type or None,
     )
