@@ -7,6 +7,15 @@ CPU, builds the gateway's ``App`` in this process from the ``gateway_upstream`` 
 config, and has ``--tasks`` tasks call ``gateway.dispatch`` for ``POST /v1/chat/completions``
 with a responder that only records the status.
 
+``--path`` picks the request, or several, comma-separated, measured interleaved in one
+process (each repeat runs one batch of each, so that drift spoils all of them alike):
+
+- ``chat``: ``POST /v1/chat/completions``, model ``bench-model`` (openai kind): passthrough;
+- ``messages``: ``POST /v1/messages``, model ``claude-bench`` on the anthropic-kind
+  provider: native, the body forwarded as sent;
+- ``messages-translated``: ``POST /v1/messages``, model ``bench-model``: Messages -> chat
+  -> Message (or, streamed, chat chunks -> Anthropic events).
+
 So it times, per request:
 - authentication, the JSON body, validation, rate limits, the tenant's capacity slot;
 - routing, failover and the provider translation;
@@ -16,9 +25,10 @@ It does not time parsing the client's request or writing the answer back. The li
 share of ``chat_h1`` is its CPU per request minus this one. The result is the median of
 ``--repeats`` batches of ``--iterations`` requests, measured as this thread's CPU time.
 ``--profile FILE`` writes a cProfile of one more batch (read it with ``pstats`` or
-snakeviz).
+snakeviz); with several paths, one file per path (``FILE.<path>``).
 
     /work/venv/bin/python -m bench.api_cost [--tasks 64] [--profile /tmp/api.prof]
+    /work/venv/bin/python -m bench.api_cost --path chat,messages,messages-translated [--stream]
 """
 
 from __future__ import annotations
@@ -34,12 +44,19 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import attrs
 import trio
 
 from bench.procs import HOST, bench_cpus, spawn
 from bench.routing_cost import pin_to_server_cpu
-from bench.scenarios import CHAT_BODY, STREAM_BODY, STREAM_CHUNKS
-from bench.targets import GATEWAY_ENV, PROXY_CONFIG
+from bench.scenarios import (
+    CHAT_BODY,
+    MESSAGES_HEADERS,
+    STREAM_BODY,
+    STREAM_CHUNKS,
+    messages_body,
+)
+from bench.targets import BENCH_MODEL, CLAUDE_MODEL, GATEWAY_ENV, PROXY_CONFIG
 from runestone_proxy import config as config_mod
 from runestone_proxy import logs, metrics, telemetry
 from runestone_proxy.api.dispatch import Phase
@@ -47,16 +64,55 @@ from runestone_proxy.api.http import BytesBody, HeaderList, Request
 from runestone_proxy.server.app import App
 
 HEADERS: HeaderList = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")]
+#: How a stream's last write ends, per dialect.
+DONE = b"data: [DONE]\n\n"
+MESSAGE_STOP = b'data: {"type":"message_stop"}\n\n'
+
+
+@attrs.frozen
+class ApiPath:
+    """One request ``--path`` names: the URL path, its headers and bodies, and the bytes
+    that end its stream."""
+
+    url: str
+    headers: tuple[tuple[bytes, bytes], ...]
+    body: bytes
+    stream_body: bytes
+    end: bytes
+
+
+#: The Anthropic client's headers besides content-type (HEADERS has it).
+_MESSAGES_HEADERS = tuple(
+    (k.encode(), v.encode()) for k, v in MESSAGES_HEADERS if k != "content-type"
+)
+PATHS = {
+    "chat": ApiPath("/v1/chat/completions", (), CHAT_BODY, STREAM_BODY, DONE),
+    "messages": ApiPath(
+        "/v1/messages",
+        _MESSAGES_HEADERS,
+        messages_body(CLAUDE_MODEL),
+        messages_body(CLAUDE_MODEL, stream=True),
+        MESSAGE_STOP,
+    ),
+    "messages-translated": ApiPath(
+        "/v1/messages",
+        _MESSAGES_HEADERS,
+        messages_body(BENCH_MODEL),
+        messages_body(BENCH_MODEL, stream=True),
+        MESSAGE_STOP,
+    ),
+}
 
 
 class StatusOnly:
     """A responder that writes nothing: it keeps the status, and whether a stream ended with
-    ``data: [DONE]``."""
+    ``end`` (``data: [DONE]``, or Anthropic's ``message_stop`` event)."""
 
-    def __init__(self) -> None:
+    def __init__(self, end: bytes = DONE) -> None:
         self.started = False
         self.status = 0
         self.done = False
+        self.end = end
 
     async def respond(self, status: int, headers: HeaderList, body: bytes) -> None:
         self.started, self.status = True, status
@@ -65,7 +121,7 @@ class StatusOnly:
         self.started, self.status = True, status
 
     async def send(self, data: bytes) -> None:
-        self.done = data.endswith(b"data: [DONE]\n\n")
+        self.done = data.endswith(self.end)
 
 
 async def measure(
@@ -75,49 +131,60 @@ async def measure(
     repeats: int,
     profile: Path | None,
     watched: bool,
-    body: bytes,
-) -> tuple[list[float], Counter[str]]:
-    """CPU microseconds per request for each repeat, and every outcome seen (the status, and
-    for a stream whether it ended with ``[DONE]``)."""
+    paths: list[str],
+    stream: bool,
+) -> tuple[dict[str, list[float]], dict[str, Counter[str]]]:
+    """CPU microseconds per request for each path and repeat (the paths interleaved within
+    each repeat), and every outcome seen per path (the status, and for a stream whether it
+    ended as its dialect ends one)."""
     gateway = app.gateway
     gateway.phase = Phase.READY
-    statuses: Counter[str] = Counter()
-    headers = [*HEADERS[:2], (b"content-length", str(len(body)).encode())]
+    statuses: dict[str, Counter[str]] = {name: Counter() for name in paths}
 
-    async def worker(count: int) -> None:
+    async def worker(name: str, count: int) -> None:
+        spec = PATHS[name]
+        body = spec.stream_body if stream else spec.body
+        headers = [*HEADERS[:2], *spec.headers, (b"content-length", str(len(body)).encode())]
+        seen = statuses[name]
         for i in range(count):
             request = Request(
                 method="POST",
-                path="/v1/chat/completions",
+                path=spec.url,
                 query="",
                 headers=headers,
                 http_version="1.1",
                 body_source=BytesBody(body),
                 request_id=f"req_bench_{i}",
             )
-            responder = StatusOnly()
+            responder = StatusOnly(spec.end)
             await gateway.dispatch(request, responder)
-            statuses[f"{responder.status}{' [DONE]' if responder.done else ''}"] += 1
+            seen[f"{responder.status}{' [end]' if responder.done else ''}"] += 1
 
-    async def batch(total: int) -> float:
+    async def batch(name: str, total: int) -> float:
         per_task = max(1, total // tasks)
         t0 = time.thread_time_ns()
         async with trio.open_nursery() as nursery:
             for _ in range(tasks):
-                nursery.start_soon(worker, per_task)
+                nursery.start_soon(worker, name, per_task)
         return (time.thread_time_ns() - t0) / 1000 / (per_task * tasks)
 
+    results: dict[str, list[float]] = {name: [] for name in paths}
     async with trio.open_nursery() as system:
         if watched:
             await system.start(app.pool.watch.run)  # as App.run does: the pool's timeouts
-        await batch(min(iterations, 2000))  # open the pool's connections, warm the caches
-        results = [await batch(iterations) for _ in range(repeats)]
+        for name in paths:  # open the pool's connections, warm the caches
+            await batch(name, min(iterations, 2000))
+        for _ in range(repeats):
+            for name in paths:
+                results[name].append(await batch(name, iterations))
         if profile is not None:
-            profiler = cProfile.Profile()
-            profiler.enable()
-            await batch(iterations)
-            profiler.disable()
-            profiler.dump_stats(profile)
+            for name in paths:
+                profiler = cProfile.Profile()
+                profiler.enable()
+                await batch(name, iterations)
+                profiler.disable()
+                out = profile if len(paths) == 1 else profile.with_name(f"{profile.name}.{name}")
+                profiler.dump_stats(out)
         system.cancel_scope.cancel()
     await app.pool.aclose()
     return results, statuses
@@ -132,6 +199,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--profile", type=Path, help="write a cProfile of one more batch")
     parser.add_argument(
+        "--path",
+        default="chat",
+        help=f"the request(s), comma-separated, measured interleaved: {', '.join(PATHS)}",
+    )
+    parser.add_argument(
         "--stream", action="store_true", help="streamed requests (the relay): also us/chunk"
     )
     parser.add_argument("--chunks", type=int, default=STREAM_CHUNKS, help="chunks per stream")
@@ -142,6 +214,9 @@ def main() -> None:
         help="without the pool's sweeper: a cancel scope per upstream wait",
     )
     args = parser.parse_args()
+    paths = list(dict.fromkeys(p.strip() for p in args.path.split(",") if p.strip()))
+    if not paths or any(p not in PATHS for p in paths):
+        parser.error(f"--path {args.path!r}: name one or more of {', '.join(PATHS)}")
     _, load_cpu = bench_cpus()
     removers: list[Callable[[], None]] = []
     with tempfile.TemporaryDirectory(prefix="api_cost-") as tmp:
@@ -170,19 +245,40 @@ def main() -> None:
                 args.repeats,
                 args.profile,
                 not args.scopes,
-                STREAM_BODY if args.stream else CHAT_BODY,
+                paths,
+                args.stream,
             )
         finally:
             for remove in removers:
                 remove()
             upstream.stop()
-    median = statistics.median(runs)
-    print(f"{'tasks':>5} {'us/request (median)':>20}  runs")
-    print(f"{args.tasks:5d} {median:20.1f}  {', '.join(f'{r:.1f}' for r in runs)}")
+    medians = {name: statistics.median(r) for name, r in runs.items()}
+    first = medians[paths[0]]
+    print(f"{'path':<20} {'tasks':>5} {'us/request (median)':>20} {'vs ' + paths[0]:>12}  runs")
+    for name in paths:
+        median = medians[name]
+        ratio = f"{median / first:.3f}x"
+        line = f"{name:<20} {args.tasks:5d} {median:20.1f} {ratio:>12}  "
+        print(line + ", ".join(f"{r:.1f}" for r in runs[name]))
     if args.stream:
-        print(f"us/chunk: {median / args.chunks:.1f} ({args.chunks} chunks per stream)")
-    print(f"statuses: {dict(statuses)}")
-    print(json.dumps({"us_per_request": median, "runs": runs, "statuses": dict(statuses)}))
+        for name in paths:
+            per_chunk = medians[name] / args.chunks
+            print(f"{name}: us/chunk {per_chunk:.1f} ({args.chunks} chunks per stream)")
+    for name in paths:
+        print(f"{name}: statuses {dict(statuses[name])}")
+    report = {
+        "stream": args.stream,
+        "paths": {
+            name: {
+                "us_per_request": medians[name],
+                "ratio": medians[name] / first,
+                "runs": runs[name],
+                "statuses": dict(statuses[name]),
+            }
+            for name in paths
+        },
+    }
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

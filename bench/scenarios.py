@@ -25,7 +25,7 @@ from collections.abc import Iterable
 import attrs
 
 from bench.load import Protocol, Request, Tool
-from bench.targets import LIMITED_KEY, PACED_CHUNKS, PLAIN_KEY, TARGETS
+from bench.targets import BENCH_MODEL, CLAUDE_MODEL, LIMITED_KEY, PACED_CHUNKS, PLAIN_KEY, TARGETS
 
 DEFAULT_CONCURRENCY = (1, 16, 64)
 
@@ -139,7 +139,7 @@ register(
         target="upstream",
         protocol="h1",
         request=CHAT,
-        groups=("chat",),
+        groups=("chat", "messages"),
     )
 )
 register(
@@ -161,7 +161,7 @@ register(
         target="gateway_upstream",
         protocol="h1",
         request=CHAT,
-        groups=("chat",),
+        groups=("chat", "messages"),
         baseline="direct_h1",
     )
 )
@@ -172,7 +172,7 @@ register(
         target="upstream",
         protocol="h1",
         request=STREAM,
-        groups=("stream",),
+        groups=("stream", "messages"),
         chunks=STREAM_CHUNKS,
     )
 )
@@ -183,10 +183,118 @@ register(
         target="gateway_upstream",
         protocol="h1",
         request=STREAM,
-        groups=("stream",),
+        groups=("stream", "messages"),
         baseline="direct_stream_h1",
         chunks=STREAM_CHUNKS,
         net_of="chat_h1",
+    )
+)
+
+# --- the Anthropic Messages dialect: native (anthropic-kind provider) and translated -----------
+
+#: What an Anthropic client sends: the key (ignored with auth off; never forwarded) and the
+#: API version, which the gateway forwards to a native provider.
+MESSAGES_HEADERS = (
+    *JSON,
+    ("x-api-key", "sk-ant-client-bench"),
+    ("anthropic-version", "2023-06-01"),
+)
+
+
+def messages_body(model: str, stream: bool = False) -> bytes:
+    """The Messages twin of ``CHAT_BODY`` (``max_tokens`` is required there)."""
+    tail = b',"stream":true}' if stream else b"}"
+    return (
+        b'{"model":"' + model.encode() + b'","max_tokens":256,'
+        b'"messages":[{"role":"user","content":"Say hello to the bench."}]' + tail
+    )
+
+
+def _messages(model: str, stream: bool = False) -> Request:
+    return Request("POST", "/v1/messages", MESSAGES_HEADERS, messages_body(model, stream))
+
+
+#: Native: model ``claude-bench`` on the anthropic-kind provider (bytes forwarded as sent).
+MESSAGES_NATIVE = _messages(CLAUDE_MODEL)
+MESSAGES_NATIVE_STREAM = _messages(CLAUDE_MODEL, stream=True)
+#: Translated: model ``bench-model`` on the openai-kind provider (Messages <-> chat).
+MESSAGES_TRANSLATED = _messages(BENCH_MODEL)
+MESSAGES_TRANSLATED_STREAM = _messages(BENCH_MODEL, stream=True)
+
+register(
+    Scenario(
+        name="direct_messages_h1",
+        description="POST /v1/messages (non-stream) straight to the fake upstream",
+        target="upstream",
+        protocol="h1",
+        request=MESSAGES_NATIVE,
+        groups=("messages",),
+        baseline="direct_h1",
+    )
+)
+register(
+    Scenario(
+        name="messages_native_h1",
+        description="POST /v1/messages (non-stream) through the gateway to an anthropic-kind "
+        "provider (the upstream's /v1/messages): the native path, vs chat_h1",
+        target="gateway_upstream",
+        protocol="h1",
+        request=MESSAGES_NATIVE,
+        groups=("messages",),
+        baseline="chat_h1",
+    )
+)
+register(
+    Scenario(
+        name="messages_translated_h1",
+        description="POST /v1/messages (non-stream) through the gateway to an openai-kind "
+        "provider (Messages -> chat -> Message): the translated path, vs chat_h1",
+        target="gateway_upstream",
+        protocol="h1",
+        request=MESSAGES_TRANSLATED,
+        groups=("messages",),
+        baseline="chat_h1",
+    )
+)
+register(
+    Scenario(
+        name="direct_messages_stream_h1",
+        description=f"streamed Messages ({STREAM_CHUNKS} unpaced text deltas) straight to the "
+        "upstream",
+        target="upstream",
+        protocol="h1",
+        request=MESSAGES_NATIVE_STREAM,
+        groups=("messages",),
+        baseline="direct_stream_h1",
+        chunks=STREAM_CHUNKS,
+    )
+)
+register(
+    Scenario(
+        name="messages_native_stream_h1",
+        description=f"streamed Messages ({STREAM_CHUNKS} unpaced text deltas) through the "
+        "gateway to the anthropic-kind provider, events re-framed one by one; vs stream_h1",
+        target="gateway_upstream",
+        protocol="h1",
+        request=MESSAGES_NATIVE_STREAM,
+        groups=("messages",),
+        baseline="stream_h1",
+        chunks=STREAM_CHUNKS,
+        net_of="messages_native_h1",
+    )
+)
+register(
+    Scenario(
+        name="messages_translated_stream_h1",
+        description=f"streamed Messages through the gateway to the openai-kind provider: "
+        f"{STREAM_CHUNKS} chat chunks re-encoded as Anthropic events; vs stream_h1",
+        target="gateway_upstream",
+        protocol="h1",
+        request=MESSAGES_TRANSLATED_STREAM,
+        groups=("messages",),
+        baseline="stream_h1",
+        chunks=STREAM_CHUNKS,
+        net_of="messages_translated_h1",
     )
 )
 

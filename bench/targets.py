@@ -10,7 +10,8 @@ OpenAI provider: 20 unpaced chunks per stream), ``upstream_paced`` (the same, 50
 20 ms apart), ``bare_proxy`` (bench/bare_proxy.py in front of ``upstream``: the proxy
 path's ceiling, on the server CPU like a gateway), and the gateways
 (``python -m runestone_proxy``): ``gateway`` (default config, no upstream),
-``gateway_upstream`` (model ``bench-model`` -> ``upstream``, auth off),
+``gateway_upstream`` (model ``bench-model`` -> ``upstream`` as an openai-kind provider,
+``claude-bench`` -> the same ``upstream`` as an anthropic-kind one; auth off),
 ``gateway_upstream_b`` (an identical second process: the A/A control),
 ``gateway_auth`` (the same with auth on: a rate-limited ``[[auth.keys]]`` key and a plain
 ``RUNESTONE_API_KEYS`` key) and ``gateway_paced`` (``bench-model`` -> ``upstream_paced``, sized
@@ -123,14 +124,20 @@ host = "127.0.0.1"
 GATEWAY_ENV = {
     "RUNESTONE_LOG_LEVEL": "warning",
     "RUNESTONE_AUTH_ENABLED": "false",
+    # The anthropic provider's key (PROXY_CONFIG): the fake upstream wants an x-api-key.
+    "RUNESTONE_BENCH_ANTHROPIC_KEY": "sk-ant-bench-0123456789abcdef",
 }
 
 #: The model the proxy scenarios ask for, and the provider behind it.
 BENCH_MODEL = "bench-model"
+#: The model on the anthropic-kind provider (the native Messages scenarios).
+CLAUDE_MODEL = "claude-bench"
 
-#: The gateway's config for the proxy scenarios (``{upstream}``: the fake upstream's port).
-#: Tenancy is opened wide so that its concurrency cap (10 per tenant by default) never
-#: queues a benchmark request, and the upstream pool may hold a connection per stream.
+#: The gateway's config for the proxy scenarios (``{upstream}``: the fake upstream's port):
+#: ``bench-model`` on an openai-kind provider, ``claude-bench`` on an anthropic-kind one,
+#: both the fake upstream. Tenancy is opened wide so that its concurrency cap (10 per tenant
+#: by default) never queues a benchmark request, and the upstream pool may hold a connection
+#: per stream.
 PROXY_CONFIG = """\
 # Written by bench/targets.py for one bench run.
 [server]
@@ -152,6 +159,18 @@ base_url = "http://127.0.0.1:{upstream}/v1"
 [[models]]
 id = "bench-model"
 provider = "bench-upstream"
+
+# The Messages dialect: native to an anthropic-kind provider on the same fake upstream
+# (its /v1/messages). The id is the upstream's model too, so the body is forwarded as sent.
+[[providers]]
+name = "bench-anthropic"
+kind = "anthropic"
+base_url = "http://127.0.0.1:{upstream}/v1"
+api_key_env = "RUNESTONE_BENCH_ANTHROPIC_KEY"
+
+[[models]]
+id = "claude-bench"
+provider = "bench-anthropic"
 """
 
 #: Auth on: one ``[[auth.keys]]`` key with per-key limits far out of reach (so every
@@ -257,7 +276,7 @@ register_target(
 register_target(
     Target(
         "gateway_upstream",
-        "runestone_proxy -> upstream (openai kind), auth off, tenancy wide open",
+        "runestone_proxy -> upstream (openai and anthropic kinds), auth off, tenancy wide open",
         _proxy_starter("gateway_upstream", "upstream"),
         needs=("upstream",),
         unavailable=gateway_unavailable,

@@ -6,12 +6,26 @@ Routes (anything else is 404 in OpenAI's error envelope):
   in the body, an SSE stream of ``chunks`` ``chat.completion.chunk`` data events (the first
   carries the role, the last ``finish_reason: "stop"``) and then ``data: [DONE]``, with
   ``pacing_ms`` between events. Both default to the CLI flags and can be set per request
-  in the query string: ``/v1/chat/completions?chunks=50&pacing_ms=5``.
+  in the query string: ``/v1/chat/completions?chunks=50&pacing_ms=5``. With
+  ``"stream_options": {"include_usage": true}``, OpenAI's final usage chunk (empty
+  ``choices``) precedes ``[DONE]`` (what the gateway asks for on a translated Messages
+  stream).
+* ``POST /v1/messages`` (Anthropic's Messages API): a fixed ``message`` JSON with ``usage``;
+  with ``"stream": true``, Anthropic's SSE sequence (``event:`` and ``data:`` lines):
+  ``message_start``, ``content_block_start``, ``ping``, ``chunks`` ``content_block_delta``
+  text deltas, ``content_block_stop``, ``message_delta`` (stop reason, usage),
+  ``message_stop``. It is flushed as the OpenAI stream is, ``chunks + 1`` writes: the three
+  opening events ride with the first delta, the three closing ones are the last write (in
+  place of ``[DONE]``). ``chunks`` and ``pacing_ms`` as for chat. A request without
+  ``x-api-key`` (or ``authorization``, which newer Anthropic SDKs send) is a 401, without
+  ``anthropic-version`` a 400, in Anthropic's error envelope.
+  ``POST /v1/messages/count_tokens`` answers ``{"input_tokens": 9}``.
 * ``POST /v1/embeddings``: one small fixed vector per input.
 * ``GET /v1/models``: a fixed model list.
 
-It is a benchmark fixture, not a test double: it checks nothing, answers as fast as it can,
-and echoes the request's ``model``. Precomputed bodies keep its per-request cost low so that
+It is a benchmark fixture, not a test double: it checks nothing but the presence of the
+Messages API's two required headers, answers as fast as it can, and echoes the request's
+``model``. Precomputed bodies keep its per-request cost low so that
 it is never the bottleneck of a proxy benchmark.
 
     python -m bench.upstream --port 0 --chunks 20 --pacing-ms 0
@@ -21,7 +35,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -39,6 +53,7 @@ SSE_HEADERS = [
     ("cache-control", "no-cache"),
 ]
 MODELS = [DEFAULT_MODEL, "gpt-4o-mini", "gpt-4o"]
+MESSAGES_PATHS = ("/v1/messages", "/v1/messages/count_tokens")
 
 
 @attrs.frozen
@@ -88,8 +103,10 @@ def completion_body(model: str) -> bytes:
 
 
 @functools.lru_cache(maxsize=256)
-def stream_events(model: str, chunks: int) -> tuple[bytes, ...]:
-    """``chunks`` framed ``data:`` events (role first, ``stop`` last) plus ``[DONE]``."""
+def stream_events(model: str, chunks: int, usage: bool = False) -> tuple[bytes, ...]:
+    """``chunks`` framed ``data:`` events (role first, ``stop`` last) plus ``[DONE]``; with
+    ``usage`` (the request's ``stream_options.include_usage``), OpenAI's usage chunk (no
+    choices) rides with ``[DONE]``, so that the number of writes stays ``chunks + 1``."""
     events = []
     for i in range(chunks):
         delta: dict[str, Any] = {"content": f"tok{i} "}
@@ -111,8 +128,126 @@ def stream_events(model: str, chunks: int) -> tuple[bytes, ...]:
             ],
         }
         events.append(b"data: " + _dumps(chunk) + b"\n\n")
-    events.append(b"data: [DONE]\n\n")
+    done = b"data: [DONE]\n\n"
+    if usage:
+        tail = {
+            "id": "chatcmpl-bench",
+            "object": "chat.completion.chunk",
+            "created": CREATED,
+            "model": model,
+            "choices": [],
+            "usage": {"prompt_tokens": 9, "completion_tokens": chunks, "total_tokens": 9 + chunks},
+        }
+        done = b"data: " + _dumps(tail) + b"\n\n" + done
+    events.append(done)
     return tuple(events)
+
+
+# --- Anthropic's Messages API (https://docs.anthropic.com/en/api/messages,
+# .../en/docs/build-with-claude/streaming: the event flow and each event's shape) ------------
+
+TEXT = "Hello from the bench upstream."
+
+
+def _anthropic_error(status: int, type_: str, message: str) -> Reply:
+    return Reply(status, _dumps({"type": "error", "error": {"type": type_, "message": message}}))
+
+
+@functools.lru_cache(maxsize=64)
+def message_body(model: str) -> bytes:
+    return _dumps(
+        {
+            "id": "msg_bench",
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [{"type": "text", "text": TEXT}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": {"input_tokens": 9, "output_tokens": 6},
+        }
+    )
+
+
+def _event(obj: dict[str, Any]) -> bytes:
+    return b"event: " + str(obj["type"]).encode() + b"\ndata: " + _dumps(obj) + b"\n\n"
+
+
+@functools.lru_cache(maxsize=256)
+def message_events(model: str, chunks: int) -> tuple[bytes, ...]:
+    """``chunks + 1`` writes, as :func:`stream_events`: the opening events with the first
+    text delta, one delta per write, then the closing events."""
+    start = {
+        "type": "message_start",
+        "message": {
+            "id": "msg_bench",
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": 9, "output_tokens": 1},
+        },
+    }
+    opening = (
+        _event(start)
+        + _event(
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            }
+        )
+        + _event({"type": "ping"})
+    )
+    deltas = [
+        _event(
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "text_delta", "text": f"tok{i} "},
+            }
+        )
+        for i in range(chunks)
+    ]
+    closing = (
+        _event({"type": "content_block_stop", "index": 0})
+        + _event(
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": chunks},
+            }
+        )
+        + _event({"type": "message_stop"})
+    )
+    return (opening + deltas[0], *deltas[1:], closing)
+
+
+def _messages(
+    path: str, query: str, headers: Sequence[tuple[bytes, bytes]], body: bytes, defaults: Defaults
+) -> Reply:
+    names = {name for name, _ in headers}
+    if b"x-api-key" not in names and b"authorization" not in names:  # newer SDKs: Bearer
+        return _anthropic_error(401, "authentication_error", "x-api-key header is required")
+    if b"anthropic-version" not in names:
+        return _anthropic_error(400, "invalid_request_error", "anthropic-version is required")
+    try:
+        payload = json.loads(body) if body else {}
+    except ValueError:
+        return _anthropic_error(400, "invalid_request_error", "Body is not JSON")
+    if not isinstance(payload, dict):
+        return _anthropic_error(400, "invalid_request_error", "Body is not a JSON object")
+    if path == "/v1/messages/count_tokens":
+        return Reply(200, b'{"input_tokens":9}')
+    model = str(payload.get("model", DEFAULT_MODEL))
+    if payload.get("stream") is True:
+        params = dict(parse_qsl(query))
+        chunks = int(params.get("chunks", defaults.chunks))
+        pacing_ms = float(params.get("pacing_ms", defaults.pacing_ms))
+        return Reply(200, events=message_events(model, max(chunks, 1)), pacing_s=pacing_ms / 1000)
+    return Reply(200, message_body(model))
 
 
 def _embeddings(payload: dict[str, Any]) -> bytes:
@@ -133,12 +268,21 @@ def models_body() -> bytes:
     return _dumps({"object": "list", "data": data})
 
 
-def decide(method: str, target: str, body: bytes, defaults: Defaults) -> Reply:
-    """Pure routing: (method, target, body) -> what to answer."""
+def decide(
+    method: str,
+    target: str,
+    body: bytes,
+    defaults: Defaults,
+    headers: Sequence[tuple[bytes, bytes]] | None = None,
+) -> Reply:
+    """Pure routing: (method, target, body, headers) -> what to answer."""
     path, _, query = target.partition("?")
     if path == "/v1/models" and method == "GET":
         return Reply(200, models_body())
     if path not in ("/v1/chat/completions", "/v1/embeddings"):
+        # Checked here, so that the OpenAI paths pay nothing for it.
+        if path in MESSAGES_PATHS and method == "POST":
+            return _messages(path, query, headers or (), body, defaults)
         return _error(404, f"Unknown path {path}", "invalid_request_error", "not_found")
     if method != "POST":
         return _error(405, "Method not allowed", "invalid_request_error", "method_not_allowed")
@@ -155,7 +299,10 @@ def decide(method: str, target: str, body: bytes, defaults: Defaults) -> Reply:
         params = dict(parse_qsl(query))
         chunks = int(params.get("chunks", defaults.chunks))
         pacing_ms = float(params.get("pacing_ms", defaults.pacing_ms))
-        return Reply(200, events=stream_events(model, max(chunks, 1)), pacing_s=pacing_ms / 1000)
+        opts = payload.get("stream_options")
+        usage = type(opts) is dict and opts.get("include_usage") is True
+        events = stream_events(model, max(chunks, 1), usage)
+        return Reply(200, events=events, pacing_s=pacing_ms / 1000)
     return Reply(200, completion_body(model))
 
 
@@ -185,7 +332,7 @@ def make_handler(defaults: Defaults) -> StreamHandler:
             while (got := await next_request(stream, conn)) is not None:
                 request, body = got
                 method, target = request.method.decode(), request.target.decode()
-                reply = decide(method, target, body, defaults)
+                reply = decide(method, target, body, defaults, request.headers)
                 for i, out in enumerate(_frames(conn, reply)):
                     if i and reply.pacing_s:
                         await trio.sleep(reply.pacing_s)
