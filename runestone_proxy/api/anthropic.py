@@ -144,8 +144,8 @@ async def relay(responder: Responder, stream: Stream, ping_interval_s: float | N
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pinger.run)
         await _relay(pinger.send, stream)
-        async with pinger.lock:  # never cancel a ping halfway through its write
-            nursery.cancel_scope.cancel()
+        await pinger.quiet()
+        nursery.cancel_scope.cancel()
 
 
 async def _relay(send: Callable[[bytes], Awaitable[None]], stream: Stream) -> None:
@@ -161,23 +161,49 @@ async def _relay(send: Callable[[bytes], Awaitable[None]], stream: Stream) -> No
 @attrs.define(eq=False)
 class _Pinger:
     """``event: ping`` on silences. The relay's writes and the pings share the connection,
-    so both go through one lock (a socket takes one writer at a time)."""
+    and a socket takes one writer at a time: a ping is written only while the relay is not
+    writing, and the relay waits out a ping in flight (rare: once per silent interval). So
+    the common write costs a flag, not a lock (``trio.Lock`` yields to the scheduler on
+    every acquire, a cost per chunk)."""
 
     responder: Responder
     interval_s: float
-    lock: trio.Lock = attrs.Factory(trio.Lock)
+    #: A write (the relay's or a ping) is in progress.
+    writing: bool = False
+    #: Set once the ping in flight is written (None: no ping in flight).
+    pinged: trio.Event | None = None
     last: float = attrs.Factory(trio.current_time)
 
     async def run(self) -> None:
         while True:
             await trio.sleep_until(self.last + self.interval_s)
-            if trio.current_time() - self.last >= self.interval_s:
-                await self.send(PING)
+            if self.writing:  # the relay is mid-write (a slow reader): not a silence
+                self.last = trio.current_time()
+            elif trio.current_time() - self.last >= self.interval_s:
+                self.writing = True
+                pinged = self.pinged = trio.Event()
+                try:
+                    await self.responder.send(PING)
+                finally:
+                    self.writing = False
+                    self.pinged = None
+                    pinged.set()
+                self.last = trio.current_time()
 
     async def send(self, data: bytes) -> None:
-        async with self.lock:
+        if self.pinged is not None:
+            await self.pinged.wait()
+        self.writing = True
+        try:
             await self.responder.send(data)
+        finally:
+            self.writing = False
         self.last = trio.current_time()
+
+    async def quiet(self) -> None:
+        """Wait out a ping in flight (never cancel one halfway through its write)."""
+        if self.pinged is not None:
+            await self.pinged.wait()
 
 
 async def send_error(responder: Responder, exc: GatewayError, request_id: str) -> None:

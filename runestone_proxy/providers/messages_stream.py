@@ -66,6 +66,12 @@ from runestone_proxy.providers.openai_errors import error_from_payload, is_error
 
 __all__ = ["TRANSITIONS", "Input", "MessagesEncoder", "State"]
 
+#: The two fixed frames, as bytes (what ``frame_obj`` would encode, without a dumps each).
+_BLOCK_STOP: Final = (
+    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n'
+)
+_MESSAGE_STOP: Final = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+
 
 class State(enum.Enum):
     START = "start"  # no payload yet: message_start not sent
@@ -333,7 +339,7 @@ class MessagesEncoder:
             self._current = None
 
     def _stop_frame(self) -> bytes:
-        return frame_obj({"type": "content_block_stop", "index": self._index})
+        return _BLOCK_STOP % self._index
 
     def _note_stop(self, choice: Mapping[str, Any], _: list[bytes]) -> None:
         if self._finish is None:
@@ -350,7 +356,7 @@ class MessagesEncoder:
         )
         delta = {"stop_reason": stop, "stop_sequence": sequence}
         out.append(frame_obj({"type": "message_delta", "delta": delta, "usage": usage}))
-        out.append(frame_obj({"type": "message_stop"}))
+        out.append(_MESSAGE_STOP)
 
     def _tool_key(self, piece: Mapping[str, Any]) -> object:
         """OpenAI's ``index``; a server that sends none: a new ``id`` is a new call, else
