@@ -623,7 +623,7 @@ def test_input_items_validates(raw: Any, param: str) -> None:
 
 
 def test_output_to_input_round_trip() -> None:
-    stored_output = [
+    stored_output: list[dict[str, Any]] = [
         {"type": "reasoning", "id": "rs_1", "summary": []},
         {
             "type": "message",
