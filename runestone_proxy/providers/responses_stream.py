@@ -150,32 +150,24 @@ TRANSITIONS: Final[Mapping[tuple[State, Input], tuple[tuple[str, ...], State]]] 
 }
 
 
-#: Each part kind: (its ``.delta`` event, its ``.done`` event, the text field of ``.done``,
-#: the index field naming the part).
-_PARTS: Final[Mapping[str, tuple[str, str, str, str]]] = {
+#: Each part kind -> its events (added, delta, done, part done), the field its text is in,
+#: and the field that numbers it within its item.
+_PARTS: Final[Mapping[str, tuple[str, str, str, str, str, str]]] = {
     "summary_text": (
-        "response.reasoning_summary_text.delta",
-        "response.reasoning_summary_text.done",
-        "text",
-        "summary_index",
+        *("response.reasoning_summary_part.added", "response.reasoning_summary_text.delta"),
+        *("response.reasoning_summary_text.done", "response.reasoning_summary_part.done"),
+        *("text", "summary_index"),
     ),
     "output_text": (
-        "response.output_text.delta",
-        "response.output_text.done",
-        "text",
-        "content_index",
+        *("response.content_part.added", "response.output_text.delta"),
+        *("response.output_text.done", "response.content_part.done"),
+        *("text", "content_index"),
     ),
-    "refusal": ("response.refusal.delta", "response.refusal.done", "refusal", "content_index"),
-}
-_PART_DONE: Final = {
-    "summary_text": "response.reasoning_summary_part.done",
-    "output_text": "response.content_part.done",
-    "refusal": "response.content_part.done",
-}
-_PART_ADDED: Final = {
-    "summary_text": "response.reasoning_summary_part.added",
-    "output_text": "response.content_part.added",
-    "refusal": "response.content_part.added",
+    "refusal": (
+        *("response.content_part.added", "response.refusal.delta"),
+        *("response.refusal.done", "response.content_part.done"),
+        *("refusal", "content_index"),
+    ),
 }
 _ARGS = "response.function_call_arguments.delta"
 _TAIL = b"}\n\n"
@@ -401,10 +393,10 @@ class ResponsesEncoder:
         """Open ``part`` as the next of ``parts`` (the item's summary or content)."""
         assert self._item is not None
         kind = part["type"]
-        delta, _, _, index_name = _PARTS[kind]
+        added, delta, _, _, _, index_name = _PARTS[kind]
         self._where = {"item_id": self._item["id"], "output_index": self._index}
         self._where[index_name] = len(parts)
-        out.append(self._event(_PART_ADDED[kind], {**self._where, "part": part}))
+        out.append(self._event(added, {**self._where, "part": part}))
         self._part = part
         parts.append(part)
         self._pieces = []
@@ -422,7 +414,7 @@ class ResponsesEncoder:
         part = self._part
         assert part is not None
         kind = part["type"]
-        _, done, field, _ = _PARTS[kind]
+        _, _, done, part_done, field, _ = _PARTS[kind]
         text = "".join(self._pieces)
         self._pieces = []
         part[field] = text
@@ -430,7 +422,7 @@ class ResponsesEncoder:
         if kind == "output_text":
             fields["logprobs"] = []
         out.append(self._event(done, fields))
-        out.append(self._event(_PART_DONE[kind], {**self._where, "part": part}))
+        out.append(self._event(part_done, {**self._where, "part": part}))
         self._part = None
 
     def _close(self, _: Any, out: list[bytes]) -> None:
