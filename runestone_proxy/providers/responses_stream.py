@@ -355,9 +355,16 @@ class ResponsesEncoder:
     # --- actions, one per name in TRANSITIONS ----------------------------------------------
 
     def _start(self, _: Any, out: list[bytes]) -> None:
-        response = self._response("in_progress", [])
-        out.append(self._event("response.created", {"response": response}))
-        out.append(self._event("response.in_progress", {"response": response}))
+        response = dumps(self._response("in_progress", []))  # one encode for both events
+        out.append(self._lifecycle("response.created", response))
+        out.append(self._lifecycle("response.in_progress", response))
+
+    def _lifecycle(self, event_type: str, response: bytes) -> bytes:
+        """An event carrying the whole Response, already encoded."""
+        seq = self._seq
+        self._seq = seq + 1
+        data = b'{"type":"%b","sequence_number":%d,"response":%b}'
+        return frame(event_type, data % (event_type.encode(), seq, response))
 
     def _add(self, added: JSON, final: JSON, out: list[bytes]) -> int:
         """output_item.added with the item as it starts; ``final`` is filled in as it goes."""
@@ -496,15 +503,7 @@ class ResponsesEncoder:
             response["status"] = "incomplete"
         final = dumps(response)
         self._final = final
-        event_type = f"response.{response['status']}"
-        seq = self._seq
-        self._seq = seq + 1
-        data = b'{"type":"%b","sequence_number":%d,"response":%b}' % (
-            event_type.encode(),
-            seq,
-            final,
-        )
-        out.append(frame(event_type, data))
+        out.append(self._lifecycle(f"response.{response['status']}", final))
 
     def _tool_key(self, piece: Mapping[str, Any]) -> object:
         """OpenAI's ``index``; a server that sends none: a new ``id`` is a new call, else
