@@ -1,0 +1,564 @@
+"""OpenAI ``chat.completion.chunk`` payloads -> OpenAI Responses API SSE frames. No I/O.
+
+Owns :class:`ResponsesEncoder`, the per-stream state machine that answers a Responses client
+whose request was translated to a chat target, and :func:`error_frame`, the ``error`` event
+that ends a stream which failed after it started. In: each chunk's JSON text
+(https://platform.openai.com/docs/api-reference/chat/streaming), the final usage chunk
+(``"choices": []``) included. Out: whole SSE frames (``event: <type>\\ndata: <json>\\n\\n``)
+in the order https://platform.openai.com/docs/api-reference/responses-streaming gives, each
+with ``sequence_number`` 0, 1, 2, ...:
+
+    response.created, response.in_progress     on the first payload; status in_progress,
+                                               output []
+    per output item, output_index 0, 1, ...:
+      reasoning   output_item.added, reasoning_summary_part.added,
+                  reasoning_summary_text.delta*, reasoning_summary_text.done,
+                  reasoning_summary_part.done, output_item.done
+      message     output_item.added, then per part (content_index 0, 1): content_part.added,
+                  output_text.delta* / refusal.delta*, output_text.done / refusal.done,
+                  content_part.done; then output_item.done
+      call        output_item.added (arguments ""), function_call_arguments.delta*,
+                  function_call_arguments.done, output_item.done
+    response.completed (or response.incomplete)  the whole Response, as ``final``
+
+How this works: each chunk's choice 0 is read in a fixed order (reasoning, content, refusal,
+each tool call piece, finish_reason) and every piece found is one *input* to
+:data:`TRANSITIONS`, the whole machine: (state, input) -> (actions, next state). The state
+is what is open; an input of another kind closes it first. Parallel tool calls interleave
+by chat ``index`` and Responses items may interleave by ``output_index``, so every call
+gets its own item when it first appears and streams its arguments as they come; the open
+calls close together, at the next input of another kind or the finish_reason. A piece for
+a call already closed (text came in between) cannot be delivered: UpstreamProtocolError.
+``finish_reason`` is noted before it closes what is open, so that the item cut short by
+``length`` / ``content_filter`` is done with status ``incomplete``; response.completed waits
+for :meth:`ResponsesEncoder.finish` (the usage chunk comes after the finish_reason).
+
+The Response in response.completed is the one ``responses_response.chat_to_response`` makes
+of the same answer whole: same item ids, statuses, echoed settings and usage.
+
+Per chunk the cost is one JSON decode (:func:`_loads`), one string encode joined to a
+prefix made when the part opened, and one list append (the text is kept for the ``.done``
+events and the final Response); row (TEXT, text), the common chunk, is carried out inline
+in :meth:`ResponsesEncoder.feed`.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Callable, Mapping
+from json.encoder import encode_basestring, encode_basestring_ascii
+from typing import Any, Final, Literal
+
+import attrs
+
+from runestone_proxy.errors import GatewayError, UpstreamProtocolError
+from runestone_proxy.providers.json_codec import dumps
+from runestone_proxy.providers.messages_frames import frame
+from runestone_proxy.providers.openai_errors import error_from_payload, is_error
+from runestone_proxy.providers.responses_response import (
+    function_call_item,
+    incomplete_reason,
+    item_id,
+    response_object,
+    usage_to_responses,
+)
+
+__all__ = ["TRANSITIONS", "Input", "ResponsesEncoder", "State", "error_frame"]
+
+JSON = dict[str, Any]
+
+
+class State(enum.Enum):
+    START = "start"  # no payload yet: response.created not sent
+    IDLE = "idle"  # response started, no item open
+    REASONING = "reasoning"  # a reasoning item is open (its summary part 0)
+    TEXT = "text"  # a message item is open, an output_text part in it
+    REFUSAL = "refusal"  # a message item is open, a refusal part in it
+    CALLS = "calls"  # one or more function_call items are open
+    DONE = "done"  # finish() ran: response.completed / .incomplete sent
+
+
+#: The inputs: a piece of choice 0's delta, its finish_reason, ``empty`` (a payload with
+#: none of these: the role-only first chunk, the usage chunk) and ``end`` (:meth:`finish`).
+Input = Literal["empty", "reasoning", "text", "refusal", "tool", "stop", "end"]
+
+_START, _IDLE, _REASONING, _TEXT, _REFUSAL, _CALLS, _DONE = State
+_S: Final = ("start",)
+#: (state, input) -> (actions, next state): the whole machine. Actions, run in order:
+#:   start           response.created and response.in_progress
+#:   close           close what is open: the part, then its item; or every open call
+#:   close_part      close the open part of the message (its .done, content_part.done)
+#:   open_reasoning  output_item.added reasoning, reasoning_summary_part.added
+#:   open_message    output_item.added message
+#:   open_text       content_part.added output_text;   open_refusal  ... refusal
+#:   delta           the open part's delta (summary text, output text, refusal)
+#:   tool            open the call's function_call item and / or stream its arguments
+#:   note_stop       remember finish_reason (the first one)
+#:   end             response.completed or response.incomplete, with the whole Response
+#: Row (TEXT, text) is also written inline in ``feed`` (the per-chunk hot path); keep both.
+TRANSITIONS: Final[Mapping[tuple[State, Input], tuple[tuple[str, ...], State]]] = {
+    (_START, "empty"): (_S, _IDLE),
+    (_START, "reasoning"): ((*_S, "open_reasoning", "delta"), _REASONING),
+    (_START, "text"): ((*_S, "open_message", "open_text", "delta"), _TEXT),
+    (_START, "refusal"): ((*_S, "open_message", "open_refusal", "delta"), _REFUSAL),
+    (_START, "tool"): ((*_S, "tool"), _CALLS),
+    (_START, "stop"): ((*_S, "note_stop"), _IDLE),
+    (_START, "end"): ((*_S, "end"), _DONE),
+    (_IDLE, "empty"): ((), _IDLE),
+    (_IDLE, "reasoning"): (("open_reasoning", "delta"), _REASONING),
+    (_IDLE, "text"): (("open_message", "open_text", "delta"), _TEXT),
+    (_IDLE, "refusal"): (("open_message", "open_refusal", "delta"), _REFUSAL),
+    (_IDLE, "tool"): (("tool",), _CALLS),
+    (_IDLE, "stop"): (("note_stop",), _IDLE),
+    (_IDLE, "end"): (("end",), _DONE),
+    (_REASONING, "empty"): ((), _REASONING),
+    (_REASONING, "reasoning"): (("delta",), _REASONING),
+    (_REASONING, "text"): (("close", "open_message", "open_text", "delta"), _TEXT),
+    (_REASONING, "refusal"): (("close", "open_message", "open_refusal", "delta"), _REFUSAL),
+    (_REASONING, "tool"): (("close", "tool"), _CALLS),
+    (_REASONING, "stop"): (("note_stop", "close"), _IDLE),
+    (_REASONING, "end"): (("close", "end"), _DONE),
+    (_TEXT, "empty"): ((), _TEXT),
+    (_TEXT, "reasoning"): (("close", "open_reasoning", "delta"), _REASONING),
+    (_TEXT, "text"): (("delta",), _TEXT),
+    (_TEXT, "refusal"): (("close_part", "open_refusal", "delta"), _REFUSAL),  # same message
+    (_TEXT, "tool"): (("close", "tool"), _CALLS),
+    (_TEXT, "stop"): (("note_stop", "close"), _IDLE),
+    (_TEXT, "end"): (("close", "end"), _DONE),
+    (_REFUSAL, "empty"): ((), _REFUSAL),
+    (_REFUSAL, "reasoning"): (("close", "open_reasoning", "delta"), _REASONING),
+    (_REFUSAL, "text"): (("close_part", "open_text", "delta"), _TEXT),  # same message
+    (_REFUSAL, "refusal"): (("delta",), _REFUSAL),
+    (_REFUSAL, "tool"): (("close", "tool"), _CALLS),
+    (_REFUSAL, "stop"): (("note_stop", "close"), _IDLE),
+    (_REFUSAL, "end"): (("close", "end"), _DONE),
+    (_CALLS, "empty"): ((), _CALLS),
+    (_CALLS, "reasoning"): (("close", "open_reasoning", "delta"), _REASONING),
+    (_CALLS, "text"): (("close", "open_message", "open_text", "delta"), _TEXT),
+    (_CALLS, "refusal"): (("close", "open_message", "open_refusal", "delta"), _REFUSAL),
+    (_CALLS, "tool"): (("tool",), _CALLS),
+    (_CALLS, "stop"): (("note_stop", "close"), _IDLE),
+    (_CALLS, "end"): (("close", "end"), _DONE),
+    (_DONE, "empty"): ((), _DONE),  # nothing is defined after the end: ignored
+    (_DONE, "reasoning"): ((), _DONE),
+    (_DONE, "text"): ((), _DONE),
+    (_DONE, "refusal"): ((), _DONE),
+    (_DONE, "tool"): ((), _DONE),
+    (_DONE, "stop"): ((), _DONE),
+    (_DONE, "end"): ((), _DONE),  # finish() is idempotent
+}
+
+
+#: Each part kind -> its events (added, delta, done, part done), the field its text is in,
+#: and the field that numbers it within its item.
+_PARTS: Final[Mapping[str, tuple[str, str, str, str, str, str]]] = {
+    "summary_text": (
+        *("response.reasoning_summary_part.added", "response.reasoning_summary_text.delta"),
+        *("response.reasoning_summary_text.done", "response.reasoning_summary_part.done"),
+        *("text", "summary_index"),
+    ),
+    "output_text": (
+        *("response.content_part.added", "response.output_text.delta"),
+        *("response.output_text.done", "response.content_part.done"),
+        *("text", "content_index"),
+    ),
+    "refusal": (
+        *("response.content_part.added", "response.refusal.delta"),
+        *("response.refusal.done", "response.content_part.done"),
+        *("refusal", "content_index"),
+    ),
+}
+_ARGS = "response.function_call_arguments.delta"
+_TAIL = b"}\n\n"
+_TEXT_TAIL = b',"logprobs":[]}\n\n'  # output_text deltas carry logprobs: []
+
+
+def _head(event_type: str) -> bytes:
+    """A delta frame up to its ``sequence_number`` value."""
+    name = event_type.encode()
+    return b'event: %b\ndata: {"type":"%b","sequence_number":' % (name, name)
+
+
+_TEXT_HEAD: Final = _head("response.output_text.delta")
+_ARGS_HEAD: Final = _head(_ARGS)
+
+
+def error_frame(exc: GatewayError, sequence_number: int) -> bytes:
+    """The Responses ``error`` event that ends a stream which failed after it started:
+    ``{"type": "error", "code", "message", "param", "sequence_number"}``; ``code`` is the
+    error's code, else its type (``server_error``, ``invalid_request_error``, ...)."""
+    data = {
+        "type": "error",
+        "sequence_number": sequence_number,
+        "code": exc.code if exc.code is not None else exc.error_type,
+        "message": exc.message,
+        "param": exc.param,
+    }
+    return frame("error", dumps(data))
+
+
+def _json_string(text: str) -> bytes:
+    """``text`` as a JSON string literal, UTF-8; ``\\u`` escapes only for a lone surrogate
+    (as ``json_codec.dumps``)."""
+    try:
+        return encode_basestring(text).encode()
+    except UnicodeEncodeError:
+        return encode_basestring_ascii(text).encode()
+
+
+def _prefix(fields: Mapping[str, Any]) -> bytes:
+    """``,"<field>":<value>...,"delta":`` for a delta frame after its sequence number."""
+    return b"," + dumps(fields)[1:-1] + b',"delta":'
+
+
+@attrs.define
+class _Call:
+    """One chat tool call (by its ``index``): its function_call item, open or done."""
+
+    index: int  # output_index
+    item: JSON
+    prefix: bytes  # its arguments delta frame after the sequence number
+    pieces: list[str] = attrs.Factory(list)
+    open: bool = True
+
+
+@attrs.define
+class ResponsesEncoder:
+    """One chat chunk stream -> Responses frames: :meth:`feed` each payload, then
+    :meth:`finish` when the upstream ended cleanly."""
+
+    request: Mapping[str, Any] = attrs.field(repr=False)
+    response_id: str
+    created: int
+    _state: State = attrs.field(default=State.START, init=False)
+    _seq: int = attrs.field(default=0, init=False)
+    _model: object = attrs.field(default=None, init=False)
+    _output: list[JSON] = attrs.field(factory=list, init=False, repr=False)  # the final items
+    # The open reasoning or message item, its open part and that part's text so far:
+    _item: JSON | None = attrs.field(default=None, init=False, repr=False)
+    _index: int = attrs.field(default=-1, init=False)  # its output_index
+    _part: JSON | None = attrs.field(default=None, init=False, repr=False)
+    _where: JSON = attrs.field(factory=dict, init=False, repr=False)  # item_id, indexes
+    _pieces: list[str] = attrs.field(factory=list, init=False, repr=False)
+    _head: bytes = attrs.field(default=b"", init=False, repr=False)  # its delta frame: head,
+    _prefix: bytes = attrs.field(default=b"", init=False, repr=False)  # seq, prefix, delta,
+    _tail: bytes = attrs.field(default=b"", init=False, repr=False)  # tail
+    _calls: dict[object, _Call] = attrs.field(factory=dict, init=False, repr=False)
+    _open_calls: list[_Call] = attrs.field(factory=list, init=False, repr=False)
+    _last_tool: object = attrs.field(default=None, init=False, repr=False)
+    _finish: str | None = attrs.field(default=None, init=False)
+    _usage: Mapping[str, Any] | None = attrs.field(default=None, init=False, repr=False)
+    _final: bytes | None = attrs.field(default=None, init=False, repr=False)
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def sequence(self) -> int:
+        """The next event's ``sequence_number`` (for :func:`error_frame`)."""
+        return self._seq
+
+    @property
+    def usage(self) -> Mapping[str, Any] | None:
+        """The usage the stream reported, in OpenAI's chat shape, or None (yet)."""
+        return self._usage
+
+    @property
+    def final(self) -> bytes | None:
+        """The whole Response as the stream ended (JSON); None until :meth:`finish`."""
+        return self._final
+
+    def feed(self, payload: bytes) -> list[bytes]:
+        """One chunk's JSON text -> zero or more frames. An error object raises it."""
+        obj = _loads(payload)
+        if not isinstance(obj, dict):
+            raise UpstreamProtocolError("stream chunk is not a JSON object")
+        if ("error" in obj or obj.get("object") == "error") and is_error(obj):
+            raise error_from_payload(obj)
+        out: list[bytes] = []
+        if self._model is None:
+            self._model = obj.get("model")
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            self._usage = usage
+        choice = _choice_zero(obj.get("choices"))
+        if choice is None:
+            self._step("empty", None, out)
+            return out
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if reasoning and isinstance(reasoning, str):
+                self._step("reasoning", reasoning, out)
+            content = delta.get("content")
+            if content and isinstance(content, str):
+                if self._state is State.TEXT:  # row (TEXT, text), inline: the common chunk
+                    self._pieces.append(content)
+                    seq = self._seq
+                    self._seq = seq + 1
+                    text = _json_string(content)
+                    out.append(b"%b%d%b%b%b" % (_TEXT_HEAD, seq, self._prefix, text, _TEXT_TAIL))
+                else:
+                    self._step("text", content, out)
+            refusal = delta.get("refusal")
+            if refusal and isinstance(refusal, str):
+                self._step("refusal", refusal, out)
+            calls = delta.get("tool_calls")
+            if calls and isinstance(calls, list):
+                for piece in calls:
+                    if isinstance(piece, dict):
+                        self._step("tool", piece, out)
+            legacy = delta.get("function_call")
+            if legacy and isinstance(legacy, dict):
+                self._step("tool", {"index": "function_call", "function": legacy}, out)
+        finish = choice.get("finish_reason")
+        if finish is not None:
+            self._step("stop", finish, out)
+        elif self._state is State.START:
+            self._step("empty", None, out)
+        return out
+
+    def finish(self) -> list[bytes]:
+        """The upstream ended cleanly: close what is open, then response.completed (or
+        response.incomplete). Idempotent."""
+        out: list[bytes] = []
+        self._step("end", None, out)
+        return out
+
+    def _step(self, kind: Input, value: Any, out: list[bytes]) -> None:
+        actions, following = _COMPILED[self._state, kind]
+        for action in actions:
+            action(self, value, out)
+        self._state = following
+
+    def _event(self, event_type: str, fields: JSON) -> bytes:
+        seq = self._seq
+        self._seq = seq + 1
+        return frame(event_type, dumps({"type": event_type, "sequence_number": seq, **fields}))
+
+    def _response(self, status: str, output: list[JSON]) -> JSON:
+        model = self._model if isinstance(self._model, str) else self.request.get("model")
+        in_progress = status == "in_progress"
+        return response_object(
+            self.request,
+            response_id=self.response_id,
+            created=self.created,
+            model=model,
+            status=status,
+            reason=None if in_progress else incomplete_reason(self._finish),
+            output=output,
+            usage=None if in_progress else usage_to_responses(self._usage),
+        )
+
+    # --- actions, one per name in TRANSITIONS ----------------------------------------------
+
+    def _start(self, _: Any, out: list[bytes]) -> None:
+        response = dumps(self._response("in_progress", []))  # one encode for both events
+        out.append(self._lifecycle("response.created", response))
+        out.append(self._lifecycle("response.in_progress", response))
+
+    def _lifecycle(self, event_type: str, response: bytes) -> bytes:
+        """An event carrying the whole Response, already encoded."""
+        seq = self._seq
+        self._seq = seq + 1
+        data = b'{"type":"%b","sequence_number":%d,"response":%b}'
+        return frame(event_type, data % (event_type.encode(), seq, response))
+
+    def _add(self, added: JSON, final: JSON, out: list[bytes]) -> int:
+        """output_item.added with the item as it starts; ``final`` is filled in as it goes."""
+        index = len(self._output)
+        self._output.append(final)
+        out.append(
+            self._event("response.output_item.added", {"output_index": index, "item": added})
+        )
+        return index
+
+    def _open_reasoning(self, _: Any, out: list[bytes]) -> None:
+        rid = item_id("rs", self.response_id, len(self._output))
+        self._item = {"id": rid, "type": "reasoning", "summary": []}
+        self._index = self._add({"id": rid, "type": "reasoning", "summary": []}, self._item, out)
+        self._open_part({"type": "summary_text", "text": ""}, self._item["summary"], out)
+
+    def _open_message(self, _: Any, out: list[bytes]) -> None:
+        mid = item_id("msg", self.response_id, len(self._output))
+        head = {"id": mid, "type": "message", "status": "in_progress", "role": "assistant"}
+        self._item = {**head, "content": []}
+        self._index = self._add({**head, "content": []}, self._item, out)
+
+    def _open_text(self, _: Any, out: list[bytes]) -> None:
+        assert self._item is not None
+        part = {"type": "output_text", "text": "", "annotations": []}
+        self._open_part(part, self._item["content"], out)
+
+    def _open_refusal(self, _: Any, out: list[bytes]) -> None:
+        assert self._item is not None
+        self._open_part({"type": "refusal", "refusal": ""}, self._item["content"], out)
+
+    def _open_part(self, part: JSON, parts: list[JSON], out: list[bytes]) -> None:
+        """Open ``part`` as the next of ``parts`` (the item's summary or content)."""
+        assert self._item is not None
+        kind = part["type"]
+        added, delta, _, _, _, index_name = _PARTS[kind]
+        self._where = {"item_id": self._item["id"], "output_index": self._index}
+        self._where[index_name] = len(parts)
+        out.append(self._event(added, {**self._where, "part": part}))
+        self._part = part
+        parts.append(part)
+        self._pieces = []
+        self._head = _head(delta)
+        self._prefix = _prefix(self._where)
+        self._tail = _TEXT_TAIL if kind == "output_text" else _TAIL
+
+    def _delta(self, piece: str, out: list[bytes]) -> None:
+        self._pieces.append(piece)
+        seq = self._seq
+        self._seq = seq + 1
+        out.append(b"%b%d%b%b%b" % (self._head, seq, self._prefix, _json_string(piece), self._tail))
+
+    def _close_part(self, _: Any, out: list[bytes]) -> None:
+        part = self._part
+        assert part is not None
+        kind = part["type"]
+        _, _, done, part_done, field, _ = _PARTS[kind]
+        text = "".join(self._pieces)
+        self._pieces = []
+        part[field] = text
+        fields: JSON = {**self._where, field: text}
+        if kind == "output_text":
+            fields["logprobs"] = []
+        out.append(self._event(done, fields))
+        out.append(self._event(part_done, {**self._where, "part": part}))
+        self._part = None
+
+    def _close(self, _: Any, out: list[bytes]) -> None:
+        """Close what is open: the reasoning or message item (its part first), or every
+        open call. The last item closed after a ``length`` / ``content_filter`` finish is
+        ``incomplete``."""
+        status = "completed" if incomplete_reason(self._finish) is None else "incomplete"
+        if self._open_calls:
+            last = self._open_calls[-1]
+            for call in self._open_calls:
+                call.open = False
+                item = call.item
+                item["arguments"] = "".join(call.pieces)
+                item["status"] = status if call is last else "completed"
+                where = {"item_id": item["id"], "output_index": call.index}
+                arguments = {**where, "arguments": item["arguments"]}
+                out.append(self._event("response.function_call_arguments.done", arguments))
+                done = {"output_index": call.index, "item": item}
+                out.append(self._event("response.output_item.done", done))
+            self._open_calls.clear()
+            return
+        opened = self._item
+        assert opened is not None
+        if self._part is not None:
+            self._close_part(None, out)
+        if opened["type"] == "message":
+            opened["status"] = status
+        out.append(
+            self._event("response.output_item.done", {"output_index": self._index, "item": opened})
+        )
+        self._item = None
+
+    def _tool(self, piece: Mapping[str, Any], out: list[bytes]) -> None:
+        key = self._tool_key(piece)
+        call = self._calls.get(key)
+        function = piece.get("function")
+        function = function if isinstance(function, Mapping) else {}
+        if call is None:
+            index = len(self._output)
+            item = function_call_item(
+                index,
+                self.response_id,
+                given_id=piece.get("id"),
+                name=function.get("name"),
+                arguments="",
+                status="in_progress",
+            )
+            self._add(dict(item), item, out)
+            call = _Call(index, item, _prefix({"item_id": item["id"], "output_index": index}))
+            self._calls[key] = call
+            self._open_calls.append(call)
+        elif not call.open:
+            raise UpstreamProtocolError(
+                f"stream chunk continues tool call {key!r} after its item was done"
+            )
+        arguments = function.get("arguments")
+        if arguments and isinstance(arguments, str):
+            call.pieces.append(arguments)
+            seq = self._seq
+            self._seq = seq + 1
+            text = _json_string(arguments)
+            out.append(b"%b%d%b%b%b" % (_ARGS_HEAD, seq, call.prefix, text, _TAIL))
+
+    def _note_stop(self, finish: Any, _: list[bytes]) -> None:
+        if self._finish is None:
+            self._finish = finish if isinstance(finish, str) else "stop"
+
+    def _end(self, _: Any, out: list[bytes]) -> None:
+        response = self._response("completed", self._output)
+        if response["incomplete_details"] is not None:
+            response["status"] = "incomplete"
+        final = dumps(response)
+        self._final = final
+        out.append(self._lifecycle(f"response.{response['status']}", final))
+
+    def _tool_key(self, piece: Mapping[str, Any]) -> object:
+        """OpenAI's ``index``; a server that sends none: a new ``id`` is a new call, else
+        the latest call continues."""
+        key: object = piece.get("index")
+        if not isinstance(key, (int, str)):
+            given = piece.get("id")
+            key = given if isinstance(given, str) and given else self._last_tool
+        self._last_tool = key
+        return key
+
+
+_Action = Callable[[ResponsesEncoder, Any, list[bytes]], None]
+_ACTIONS: Final[Mapping[str, _Action]] = {
+    "start": ResponsesEncoder._start,
+    "close": ResponsesEncoder._close,
+    "close_part": ResponsesEncoder._close_part,
+    "open_reasoning": ResponsesEncoder._open_reasoning,
+    "open_message": ResponsesEncoder._open_message,
+    "open_text": ResponsesEncoder._open_text,
+    "open_refusal": ResponsesEncoder._open_refusal,
+    "delta": ResponsesEncoder._delta,
+    "tool": ResponsesEncoder._tool,
+    "note_stop": ResponsesEncoder._note_stop,
+    "end": ResponsesEncoder._end,
+}
+_COMPILED: Final[Mapping[tuple[State, Input], tuple[tuple[_Action, ...], State]]] = {
+    key: (tuple(_ACTIONS[name] for name in names), following)
+    for key, (names, following) in TRANSITIONS.items()
+}
+
+
+_raw_decode = json.JSONDecoder().raw_decode
+
+
+def _loads(payload: bytes) -> Any:
+    """``json.loads`` for one chunk, at about half its cost: ``raw_decode`` on the decoded
+    text skips the encoding sniffing and wrapper layers (anything it does not take, such as
+    leading whitespace, goes to ``json.loads``, which decides)."""
+    try:
+        try:
+            text = payload.decode()
+            obj, end = _raw_decode(text)
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
+            return json.loads(payload)
+        if end != len(text) and text[end:].strip():
+            raise ValueError("extra data")
+    except (ValueError, UnicodeDecodeError):
+        raise UpstreamProtocolError("stream chunk is not valid JSON") from None
+    return obj
+
+
+def _choice_zero(choices: Any) -> dict[str, Any] | None:
+    if isinstance(choices, list):
+        for choice in choices:
+            if isinstance(choice, dict) and choice.get("index", 0) == 0:
+                return choice
+    return None
