@@ -42,7 +42,7 @@ import attrs
 from runestone_proxy.errors import ProviderError
 from runestone_proxy.protocol.sse import SSEEvent
 
-Endpoint = Literal["chat", "completions", "embeddings", "messages", "count_tokens"]
+Endpoint = Literal["chat", "completions", "embeddings", "messages", "count_tokens", "responses"]
 HeaderPairs = Sequence[tuple[bytes, bytes]]
 
 #: How an upstream stream ended when its terminator had not arrived:
