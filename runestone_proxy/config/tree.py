@@ -143,6 +143,10 @@ class ProviderConfig:
     api_key_env: str | None = None
     #: Quirk handling for the openai kind; auto: from the name (groq, openrouter, openai).
     flavor: Flavor = "auto"
+    #: The openai kind: the upstream serves OpenAI's Responses API (``POST /responses``), so
+    #: ``/v1/responses`` calls pass through natively; unset: true for flavor openai only.
+    #: False (or another kind): the gateway translates them to chat completions.
+    responses_api: bool | None = None
     #: Static extra headers sent upstream (e.g. OpenRouter's HTTP-Referer / X-Title).
     headers: dict[str, str] = attrs.Factory(dict)
     enabled: bool = True
@@ -163,6 +167,11 @@ class ProviderConfig:
     embedding_dim: int = attrs.field(default=16, validator=_positive)
 
     def __attrs_post_init__(self) -> None:
+        if self.responses_api and self.kind != "openai":
+            raise FieldError(
+                "responses_api",
+                f'provider {self.name!r}: only kind "openai" speaks the Responses API',
+            )
         if self.kind != "mock":
             if not self.base_url:
                 raise FieldError("base_url", f"provider {self.name!r} needs a base_url")
@@ -176,6 +185,15 @@ class ProviderConfig:
         if self.flavor != "auto":
             return self.flavor
         return self.name if self.name in ("openai", "groq", "openrouter") else "generic"
+
+    @property
+    def speaks_responses(self) -> bool:
+        """``/v1/responses`` calls go to this provider natively (else translated to chat)."""
+        if self.kind != "openai":
+            return False
+        if self.responses_api is not None:
+            return self.responses_api
+        return self.resolved_flavor == "openai"
 
     @property
     def _dialect(self) -> str:

@@ -17,6 +17,12 @@ check finds one of the known quirks:
   ``choices: []`` usage chunk, as OpenAI sends it
   (https://platform.openai.com/docs/api-reference/chat/streaming).
 
+The ``responses`` endpoint (a ``/v1/responses`` call on a provider that serves OpenAI's
+Responses API, https://platform.openai.com/docs/api-reference/responses/create) goes to
+``POST /responses`` the same way: the client's bytes unless the model, a Runestone field or
+the ``stream`` flag needs a rewrite; a whole answer comes back as it is (an error envelope in
+a 200 aside), a stream through :class:`.responses_native.ResponsesPassthrough`.
+
 Usage chunks and stream endings: :mod:`.openai_stream`. Error shapes (OpenAI's envelope and
 what compatible servers send instead): :mod:`.openai_errors`.
 """
@@ -42,6 +48,7 @@ from runestone_proxy.providers.openai_errors import (
     is_error,
 )
 from runestone_proxy.providers.openai_stream import OpenAIStream, groq_usage
+from runestone_proxy.providers.responses_native import ResponsesPassthrough
 
 __all__ = [
     "Flavor",
@@ -50,7 +57,12 @@ __all__ = [
 
 Flavor = Literal["openai", "groq", "openrouter", "generic"]
 
-_PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
+_PATHS = {
+    "chat": "/chat/completions",
+    "completions": "/completions",
+    "embeddings": "/embeddings",
+    "responses": "/responses",
+}
 
 
 @attrs.frozen
@@ -85,13 +97,22 @@ class OpenAITranslator:
     def parse_response(self, call: ProviderCall, body: bytes) -> bytes:
         if not body.lstrip()[:1] == b"{":
             raise UpstreamProtocolError(f"{self.name}: 2xx response body is not a JSON object")
+        if call.endpoint == "responses" and (
+            b'"object":"response"' in body or b'"object": "response"' in body
+        ):
+            # A Response object (its own ``error`` member is null, or a failed Response's
+            # {"code", "message"}: the answer, not an envelope). Inside a string the quotes
+            # would be escaped, so the check cannot be fooled by content.
+            return body
         obj: dict[str, Any] | None = None
         if b'"error"' in body:
             obj = loads_object(body, f"{self.name} response")
             # OpenRouter: "the returned HTTP response status will be 200 and any error ...
             # will be emitted in the response body".
-            if is_error(obj) and "choices" not in obj and "data" not in obj:
+            if is_error(obj) and not _is_answer(obj):
                 raise error_from_payload(obj)
+        if call.endpoint == "responses":
+            return body
         if b'"x_groq"' in body:
             obj = obj if obj is not None else loads_object(body, f"{self.name} response")
             usage = groq_usage(obj)
@@ -100,13 +121,19 @@ class OpenAITranslator:
                 return dumps(obj)
         return body
 
-    def stream(self, call: ProviderCall) -> OpenAIStream:
+    def stream(self, call: ProviderCall) -> OpenAIStream | ResponsesPassthrough:
+        if call.endpoint == "responses":
+            return ResponsesPassthrough(self.name)
         n = call.body.get("n", 1)
         n = n if isinstance(n, int) and not isinstance(n, bool) else 1
         return OpenAIStream(name=self.name, include_usage=call.include_usage, n=n)
 
     def parse_error(self, status: int, headers: HeaderPairs, body: bytes) -> ProviderError:
         return error_from_response(status, headers, body)
+
+
+def _is_answer(obj: Mapping[str, Any]) -> bool:
+    return "choices" in obj or "data" in obj or obj.get("object") == "response"
 
 
 def _needs_rewrite(call: ProviderCall) -> bool:
@@ -117,6 +144,8 @@ def _needs_rewrite(call: ProviderCall) -> bool:
         return False
     if bool(body.get("stream", False)) != call.stream:
         return True
+    if call.endpoint == "responses":
+        return False  # usage is always in response.completed: nothing to ask for
     wants_usage = call.include_usage or call.account_usage
     return call.stream and wants_usage and not _asks_usage(body)
 
@@ -130,6 +159,14 @@ def _rewrite(call: ProviderCall) -> dict[str, Any]:
     out = {k: v for k, v in call.body.items() if k not in RUNESTONE_FIELDS}
     out["model"] = call.model
     if call.endpoint == "embeddings":
+        return out
+    if call.endpoint == "responses":
+        out.pop("stream", None)
+        if call.stream:
+            out["stream"] = True
+        else:
+            # "stream_options: ... Only set this when you set stream: true."
+            out.pop("stream_options", None)
         return out
     if call.stream:
         out["stream"] = True

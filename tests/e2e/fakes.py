@@ -31,6 +31,14 @@ scenario in the request, e.g. ``model="openai:err-429"``:
     paced              the first text chunk, then waits for ``paced_gate`` (an event the
                        test sets), then the rest
 
+    FakeOpenAI /v1/responses (the Responses API: a whole Response object, or its stream of
+    ``event:``-named events with ``sequence_number``, ending with response.completed)
+    (any other model)  a text message (TEXT_PIECES)
+    tools              a get_weather function call (ARGUMENT_PIECES)
+    reasoner           a reasoning item with a summary (REASONING_PIECES), then text
+    resp-error         400 in OpenAI's envelope
+    resp-fail-mid      stream: one text delta, then response.failed (server_error)
+
     FakeAnthropic
     (any other model)  text, with a ping
     claude-tools       text, then tool_use
@@ -60,6 +68,7 @@ https://docs.anthropic.com/en/api/messages-streaming and https://docs.anthropic.
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import struct
 from collections.abc import Awaitable, Callable, Mapping
@@ -380,7 +389,9 @@ class FakeOpenAI(FakeProvider):
         if model == "stall":
             await ex.wait_gone()
             return
-        if path == "/v1/embeddings":
+        if path == "/v1/responses":
+            await self._responses(model, body, ex)
+        elif path == "/v1/embeddings":
             await ex.json(200, _embeddings(body))
         elif path not in ("/v1/chat/completions", "/v1/completions"):
             not_found = {"message": f"Invalid URL (POST {path})", "type": "invalid_request_error"}
@@ -441,6 +452,158 @@ class FakeOpenAI(FakeProvider):
             if model != "no-done":
                 await ex.event("[DONE]")
         await ex.end()
+
+    async def _responses(self, model: str, body: dict[str, Any], ex: Exchange) -> None:
+        if model == "resp-error":
+            await ex.json(400, {"error": RESPONSES_ERROR})
+            return
+        items = _response_items(model)
+        if not body.get("stream"):
+            await ex.json(200, _response(body, "completed", [item for item, _ in items]))
+            return
+        await ex.start_sse()
+        seq = itertools.count()
+
+        async def send(event_type: str, **fields: Any) -> None:
+            event = {"type": event_type, "sequence_number": next(seq), **fields}
+            await ex.event(event, event_type)
+
+        await send("response.created", response=_response(body, "in_progress", []))
+        await send("response.in_progress", response=_response(body, "in_progress", []))
+        for index, (item, pieces) in enumerate(items):
+            if model == "resp-fail-mid":
+                await _stream_item(send, index, item, pieces[:1], done=False)
+                failed = _response(body, "failed", [])
+                failed["error"] = {"code": "server_error", "message": RESPONSES_FAILED}
+                failed["usage"] = None
+                await send("response.failed", response=failed)
+                await ex.end()
+                return
+            await _stream_item(send, index, item, pieces, done=True)
+        await send(
+            "response.completed", response=_response(body, "completed", [i for i, _ in items])
+        )
+        await ex.end()
+
+
+#: The ``resp-error`` model's answer, as OpenAI words an unknown Responses parameter.
+RESPONSES_ERROR = {
+    "message": "Unsupported parameter: 'temperature' is not supported with this model.",
+    "type": "invalid_request_error",
+    "param": "temperature",
+    "code": "unsupported_parameter",
+}
+RESPONSES_FAILED = "The server had an error while processing your request. Sorry about that!"
+RESPONSE_ID = "resp_fake0123456789abcdef01234567"
+RESPONSE_USAGE = {
+    "input_tokens": 9,
+    "input_tokens_details": {"cached_tokens": 0},
+    "output_tokens": 4,
+    "output_tokens_details": {"reasoning_tokens": 0},
+    "total_tokens": 13,
+}
+
+
+def _response(body: dict[str, Any], status: str, output: list[Any]) -> dict[str, Any]:
+    """A Response object (https://platform.openai.com/docs/api-reference/responses/object)."""
+    return {
+        "id": RESPONSE_ID,
+        "object": "response",
+        "created_at": CREATED,
+        "status": status,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"),
+        "model": body.get("model"),
+        "output": output,
+        "parallel_tool_calls": True,
+        "previous_response_id": body.get("previous_response_id"),
+        "reasoning": {"effort": None, "summary": None},
+        "store": body.get("store", True),
+        "temperature": 1.0,
+        "text": {"format": {"type": "text"}},
+        "tool_choice": body.get("tool_choice", "auto"),
+        "tools": body.get("tools", []),
+        "top_p": 1.0,
+        "truncation": "disabled",
+        "usage": RESPONSE_USAGE if status == "completed" else None,
+        "user": None,
+        "metadata": body.get("metadata") or {},
+    }
+
+
+def _response_items(model: str) -> list[tuple[dict[str, Any], tuple[str, ...]]]:
+    """The finished output items a model answers, each with the pieces its stream sends."""
+    message = {
+        "id": "msg_fake0",
+        "type": "message",
+        "status": "completed",
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": TEXT, "annotations": [], "logprobs": []}],
+    }
+    if model == "tools":
+        call = {
+            "id": "fc_fake0",
+            "type": "function_call",
+            "status": "completed",
+            "call_id": "call_fake_weather",
+            "name": "get_weather",
+            "arguments": ARGUMENTS,
+        }
+        return [(call, ARGUMENT_PIECES)]
+    if model == "reasoner":
+        summary = [{"type": "summary_text", "text": REASONING}]
+        reasoning = {"id": "rs_fake0", "type": "reasoning", "summary": summary}
+        message["id"] = "msg_fake1"
+        return [(reasoning, REASONING_PIECES), (message, TEXT_PIECES)]
+    return [(message, TEXT_PIECES)]
+
+
+async def _stream_item(
+    send: Callable[..., Awaitable[None]],
+    index: int,
+    item: dict[str, Any],
+    pieces: tuple[str, ...],
+    *,
+    done: bool,
+) -> None:
+    """One output item's events: added, its part / deltas / done events, item done."""
+    kind, item_id = item["type"], item["id"]
+    at = {"item_id": item_id, "output_index": index}
+    if kind == "function_call":
+        await send(
+            "response.output_item.added",
+            output_index=index,
+            item={**item, "status": "in_progress", "arguments": ""},
+        )
+        for piece in pieces:
+            await send("response.function_call_arguments.delta", **at, delta=piece)
+        if done:
+            await send("response.function_call_arguments.done", **at, arguments=item["arguments"])
+    elif kind == "reasoning":
+        at["summary_index"] = 0
+        part = item["summary"][0]
+        await send("response.output_item.added", output_index=index, item={**item, "summary": []})
+        await send("response.reasoning_summary_part.added", **at, part={**part, "text": ""})
+        for piece in pieces:
+            await send("response.reasoning_summary_text.delta", **at, delta=piece)
+        if done:
+            await send("response.reasoning_summary_text.done", **at, text=part["text"])
+            await send("response.reasoning_summary_part.done", **at, part=part)
+    else:
+        at["content_index"] = 0
+        part = item["content"][0]
+        added = {**item, "status": "in_progress", "content": []}
+        await send("response.output_item.added", output_index=index, item=added)
+        await send("response.content_part.added", **at, part={**part, "text": ""})
+        for piece in pieces:
+            await send("response.output_text.delta", **at, delta=piece, logprobs=[])
+        if done:
+            await send("response.output_text.done", **at, text=part["text"], logprobs=[])
+            await send("response.content_part.done", **at, part=part)
+    if done:
+        await send("response.output_item.done", output_index=index, item=item)
 
 
 def _chat_completion(model: str) -> dict[str, Any]:
