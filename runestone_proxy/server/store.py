@@ -1,4 +1,5 @@
-"""The overflow queue's durable store: one SQLite database, one connection, one thread.
+"""The durable store: one SQLite database, one connection, one thread. It holds the overflow
+queue's jobs and the stored Responses (conversation state, gateway/responses_store.py).
 
 It owns the database's lifecycle and the way in: every operation is a plain function of
 :mod:`runestone_proxy.server.store_sql` run on the worker thread, the writing ones inside
@@ -23,7 +24,13 @@ How this works
   ``group_commit_max_batch``), commits it in ONE transaction (one fsync), then wakes each
   caller with its own answer (the job, its idempotent twin, or 429 past the tenant's cap).
   One caller alone is committed at once, with no artificial delay; under load, the jobs
-  that arrive while a commit is in flight form the next group.
+  that arrive while a commit is in flight form the next group. Saving and deleting a
+  stored Response take the same way (one writer, shared commits, no fsync of their own).
+* **Stored Responses.** Bounded per record (``max_record_bytes``: the cap of a job's
+  result; a larger one is not stored and says so with ``responses.not_stored``) and kept
+  ``retention_s`` like finished jobs: reads hide an expired one at once (``clock``), the
+  sweep deletes it. A save that is due for sweeping before anything the last sweep
+  reported rings ``sweep_due`` (the drainer's sweep loop should wait on that bell).
 * **Fair claims.** ``claim`` goes round-robin over the tenants the drainer says have
   capacity, starting after the tenant served last, and leases that tenant's oldest due job.
 * **Path.** A relative ``overflow.database`` lives under ``$RUNESTONE_STATE_DIR`` (systemd
@@ -46,64 +53,25 @@ from runestone_proxy import telemetry
 from runestone_proxy.config import Config, OverflowConfig, TenantConfig
 from runestone_proxy.errors import GatewayError, RateLimited, ServiceUnavailable
 from runestone_proxy.gateway.overflow import Enqueued, Job, JobStatus, NewJob, WebhookStatus
+from runestone_proxy.gateway.responses_store import StoredResponse, fits, report_not_stored
 from runestone_proxy.server import store_schema as schema
 from runestone_proxy.server import store_sql as sql
+from runestone_proxy.server.store_values import (
+    RECORD_OVERHEAD_BYTES,
+    Answer,
+    Delete,
+    Pending,
+    Schedule,
+    StoreStats,
+    Wakeup,
+    Write,
+    resolve_path,
+)
+
+__all__ = ["RECORD_OVERHEAD_BYTES", "Schedule", "Store", "StoreStats", "Wakeup", "resolve_path"]
 
 log = structlog.get_logger("runestone.store")
 T = TypeVar("T")
-
-
-def resolve_path(database: str, env: Mapping[str, str]) -> Path:
-    path = Path(database)
-    if path.is_absolute():
-        return path
-    state_dir = env.get("RUNESTONE_STATE_DIR")
-    return (Path(state_dir) if state_dir else Path.cwd()) / path
-
-
-@attrs.define
-class Wakeup:
-    """A level-triggered doorbell for one waiter: a ``set`` before ``wait`` is not lost."""
-
-    _event: trio.Event = attrs.Factory(trio.Event)
-
-    def set(self) -> None:
-        self._event.set()
-
-    async def wait(self) -> None:
-        await self._event.wait()
-        self._event = trio.Event()
-
-
-@attrs.define
-class StoreStats:
-    #: Committed write transactions (every kind).
-    transactions: int = 0
-    #: Of which group commits of enqueues, and the jobs they created.
-    enqueue_batches: int = 0
-    enqueued: int = 0
-    #: Jobs buried as dead (claimed ``max_claims`` times with no outcome recorded).
-    dead: int = 0
-
-
-@attrs.frozen
-class Schedule:
-    """What is claimable now (per tenant) and when the next thing becomes claimable."""
-
-    due: Mapping[str, int]
-    next_at: float | None
-
-    @property
-    def depth(self) -> int:
-        return sum(self.due.values())
-
-
-@attrs.define(eq=False)
-class _Pending:
-    job: NewJob = attrs.field(repr=False)
-    now: float
-    done: trio.Event = attrs.Factory(trio.Event)
-    answer: Enqueued | GatewayError | None = None
 
 
 @attrs.define(eq=False)
@@ -112,18 +80,27 @@ class Store:
     config: OverflowConfig
     tenants: Mapping[str, TenantConfig] = attrs.Factory(dict)
     inline: bool = False
+    #: A stored Response's bound (``upstream.max_response_bytes`` + the overhead).
+    max_record_bytes: int = 32 * 1024 * 1024 + RECORD_OVERHEAD_BYTES
+    #: Wall clock for retention on reads; tests pass their own.
+    clock: Callable[[], float] = time.time
     #: Rung whenever an enqueue created a job; the drainer waits on it.
     wakeup: Wakeup = attrs.Factory(Wakeup)
+    #: Rung when a saved Response falls due for sweeping before ``_sweep_at``.
+    sweep_due: Wakeup = attrs.Factory(Wakeup)
     stats: StoreStats = attrs.Factory(StoreStats)
     _conn: sqlite3.Connection | None = attrs.field(default=None, repr=False)
     _limiter: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(1))
-    _send: trio.MemorySendChannel[_Pending] | None = attrs.field(default=None, repr=False)
+    _send: trio.MemorySendChannel[Pending] | None = attrs.field(default=None, repr=False)
     _last_tenant: str | None = None
+    #: When the last sweep said the next one is due (None: nothing to sweep).
+    _sweep_at: float | None = None
 
     @classmethod
     def from_config(cls, config: Config, env: Mapping[str, str], *, inline: bool = False) -> Store:
         path = resolve_path(config.overflow.database, env)
-        return cls(path, config.overflow, dict(config.tenants), inline=inline)
+        cap = config.upstream.max_response_bytes + RECORD_OVERHEAD_BYTES
+        return cls(path, config.overflow, dict(config.tenants), inline=inline, max_record_bytes=cap)
 
     def apply_config(self, config: Config) -> None:
         """Reload hook: new caps and timings (a new database path needs a restart)."""
@@ -144,7 +121,7 @@ class Store:
         then close. Opening fails with ``ServiceUnavailable`` (naming the path)."""
         conn = await self._call_raw(self._open)
         self._conn = conn
-        send, receive = trio.open_memory_channel[_Pending](self.config.group_commit_max_batch)
+        send, receive = trio.open_memory_channel[Pending](self.config.group_commit_max_batch)
         self._send = send
         try:
             log.info("store.open", path=str(self.path))
@@ -216,9 +193,15 @@ class Store:
         past the tenant's ``max_queued_jobs``, ``ServiceUnavailable`` if the store fails.
 
         A caller cancelled after handing its job over may still see it committed."""
+        answer = await self._submit(job, self.clock() if now is None else now)
+        assert isinstance(answer, Enqueued)
+        return answer
+
+    async def _submit(self, item: Write, now: float) -> Answer:
+        """Hand ``item`` to the writer and wait for its group's commit."""
         if self._send is None:
             raise ServiceUnavailable("The job store is not open.")
-        pending = _Pending(job, time.time() if now is None else now)
+        pending = Pending(item, now)
         await self._send.send(pending)
         await pending.done.wait()
         assert pending.answer is not None
@@ -226,7 +209,7 @@ class Store:
             raise pending.answer
         return pending.answer
 
-    async def _writer(self, receive: trio.MemoryReceiveChannel[_Pending]) -> None:
+    async def _writer(self, receive: trio.MemoryReceiveChannel[Pending]) -> None:
         limit = self.config.group_commit_max_batch
         async for first in receive:
             batch = [first]
@@ -235,7 +218,7 @@ class Store:
                     batch.append(receive.receive_nowait())
                 except trio.WouldBlock:
                     break
-            answers: list[Enqueued | GatewayError]
+            answers: list[Answer | GatewayError]
             try:
                 answers = await self._call(self._batch_writer(batch), write=True)
             except GatewayError as exc:
@@ -249,15 +232,27 @@ class Store:
                 self.wakeup.set()
 
     def _batch_writer(
-        self, batch: list[_Pending]
-    ) -> Callable[[sqlite3.Connection], list[Enqueued | GatewayError]]:
-        def write(conn: sqlite3.Connection) -> list[Enqueued | GatewayError]:
+        self, batch: list[Pending]
+    ) -> Callable[[sqlite3.Connection], list[Answer | GatewayError]]:
+        def write(conn: sqlite3.Connection) -> list[Answer | GatewayError]:
             active: dict[str, int] = {}  # tenant -> queued + running, kept current in the batch
-            answers = [self._enqueue_one(conn, p.job, p.now, active) for p in batch]
+            answers = [self._write_one(conn, p, active) for p in batch]
             self.stats.enqueued += sum(isinstance(a, Enqueued) and a.created for a in answers)
             return answers
 
         return write
+
+    def _write_one(
+        self, conn: sqlite3.Connection, pending: Pending, active: dict[str, int]
+    ) -> Answer | GatewayError:
+        item = pending.item
+        if isinstance(item, NewJob):
+            return self._enqueue_one(conn, item, pending.now, active)
+        if isinstance(item, StoredResponse):
+            sql.save_response(conn, item)
+            return True
+        since = pending.now - self.config.retention_s
+        return sql.delete_response(conn, item.tenant, item.id, since)
 
     def _enqueue_one(
         self, conn: sqlite3.Connection, job: NewJob, now: float, active: dict[str, int]
@@ -365,6 +360,41 @@ class Store:
         since = (time.time() if now is None else now) - self.config.idempotency_window_s
         return await self._call(lambda c: sql.select_idempotent(c, tenant, key, since))
 
+    # --- stored Responses (gateway.responses_store.ResponseStore) -----------------------------
+
+    async def save_response(self, record: StoredResponse) -> None:
+        """Commit ``record`` (group commit), or, over ``max_record_bytes``, store nothing and
+        emit ``responses.not_stored``."""
+        if not fits(record, self.max_record_bytes):
+            self.stats.responses_not_stored += 1
+            log.warning(
+                "responses.not_stored",
+                tenant=record.tenant,
+                response_id=record.id,
+                size_bytes=record.size,
+                max_bytes=self.max_record_bytes,
+            )
+            report_not_stored(record, self.max_record_bytes)
+            return
+        await self._submit(record, self.clock())
+        self.stats.responses_saved += 1
+        due = record.created_at + self.config.retention_s
+        if self._sweep_at is None or due < self._sweep_at:
+            self._sweep_at = due
+            self.sweep_due.set()
+
+    async def get_response(self, tenant: str, response_id: str) -> StoredResponse | None:
+        """The tenant's record, unless it is past ``retention_s`` (swept or not yet)."""
+        since = self.clock() - self.config.retention_s
+        return await self._call(lambda c: sql.select_response(c, tenant, response_id, since))
+
+    async def delete_response(self, tenant: str, response_id: str) -> bool:
+        """Delete the tenant's record (through the writer); False if none was within
+        retention."""
+        answer = await self._submit(Delete(tenant, response_id), self.clock())
+        assert isinstance(answer, bool)
+        return answer
+
     async def counts(self) -> dict[str, int]:
         """Jobs per status (for /health and tests)."""
         return await self._call(sql.counts)
@@ -385,12 +415,15 @@ class Store:
 
     async def sweep(self, now: float) -> tuple[int, float | None]:
         """Delete jobs finished more than ``retention_s`` ago (not while their webhook is
-        pending). Returns how many, and when the next one falls due for sweeping."""
+        pending) and Responses stored more than ``retention_s`` ago. Returns how many, and
+        when the next one falls due for sweeping."""
         retention = self.config.retention_s
 
         def sweep(conn: sqlite3.Connection) -> tuple[int, float | None]:
-            deleted = sql.sweep(conn, now - retention)
-            oldest = sql.oldest_finished(conn)
-            return deleted, None if oldest is None else oldest + retention
+            deleted = sql.sweep(conn, now - retention) + sql.sweep_responses(conn, now - retention)
+            found = (sql.oldest_finished(conn), sql.oldest_response(conn))
+            oldest = [t for t in found if t is not None]
+            return deleted, min(oldest) + retention if oldest else None
 
-        return await self._call(sweep, write=True)
+        deleted, self._sweep_at = await self._call(sweep, write=True)
+        return deleted, self._sweep_at

@@ -1,6 +1,6 @@
-"""The overflow store's schema: the ``jobs`` table, its migrations, and how a row is written
-and read back. Synchronous ``sqlite3`` on a connection the caller owns (:mod:`.store`); the
-queries are in :mod:`.store_sql`.
+"""The store's schema: the ``jobs`` and ``responses`` tables, their migrations, and how a row
+is written and read back. Synchronous ``sqlite3`` on a connection the caller owns
+(:mod:`.store`); the queries are in :mod:`.store_sql`.
 
 Text is made storable on the way in (:func:`storable`: a lone surrogate, which a JSON
 ``\\ud800`` escape can carry, cannot be encoded as UTF-8) and read back leniently (the store
@@ -25,6 +25,13 @@ One row per job::
     created_at, updated_at, finished_at             unix seconds (REAL)
     result BLOB, result_status INT, last_error      the OpenAI body, or the error envelope
     webhook_status, webhook_attempts, webhook_next_at   none | pending | delivered | failed
+
+One row per stored Response (v4; gateway/responses_store.py), keyed by tenant and id::
+
+    tenant TEXT, id TEXT    PRIMARY KEY (tenant, id): another tenant's id is not found
+    created_at REAL         unix seconds; the retention sweep reads it (index)
+    input_items BLOB        JSON array: the whole input the response answered
+    response BLOB           JSON object: the Response as the client got it
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import json
 import sqlite3
 
 from runestone_proxy.gateway.overflow import Job, JobStatus, WebhookStatus
+from runestone_proxy.gateway.responses_store import StoredResponse
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -41,10 +49,11 @@ __all__ = [
     "encode_headers",
     "job_from_row",
     "migrate",
+    "response_from_row",
     "storable",
 ]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 Headers = tuple[tuple[bytes, bytes], ...]
 
@@ -86,8 +95,21 @@ _V2 = ("ALTER TABLE jobs ADD COLUMN claims INTEGER NOT NULL DEFAULT 0",)
 #: Jobs queued before v3 have NULL: they run without forwarded headers, as they did.
 _V3 = ("ALTER TABLE jobs ADD COLUMN headers TEXT",)
 
+#: Stored Responses (conversation state), beside the jobs.
+_V4 = (
+    """CREATE TABLE responses (
+        tenant TEXT NOT NULL,
+        id TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        input_items BLOB NOT NULL,
+        response BLOB NOT NULL,
+        PRIMARY KEY (tenant, id)
+    )""",
+    "CREATE INDEX responses_created ON responses (created_at)",
+)
+
 #: version reached -> the statements that reach it from the version before.
-_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1, 2: _V2, 3: _V3}
+_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1, 2: _V2, 3: _V3, 4: _V4}
 
 
 def migrate(conn: sqlite3.Connection) -> int:
@@ -138,6 +160,16 @@ def job_from_row(row: sqlite3.Row) -> Job:
         webhook_next_at=row["webhook_next_at"],
         claims=row["claims"],
         headers=decode_headers(row["headers"]),
+    )
+
+
+def response_from_row(row: sqlite3.Row) -> StoredResponse:
+    return StoredResponse(
+        id=row["id"],
+        tenant=row["tenant"],
+        created_at=row["created_at"],
+        input_items=bytes(row["input_items"]),
+        response=bytes(row["response"]),
     )
 
 

@@ -28,7 +28,13 @@ from runestone_proxy.gateway.overflow import (
     new_lease_token,
     round_robin,
 )
-from runestone_proxy.server.store_schema import encode_headers, job_from_row, storable
+from runestone_proxy.gateway.responses_store import StoredResponse
+from runestone_proxy.server.store_schema import (
+    encode_headers,
+    job_from_row,
+    response_from_row,
+    storable,
+)
 
 # --- operations (the caller holds the transaction) --------------------------------------------
 
@@ -299,12 +305,60 @@ def sweep(conn: sqlite3.Connection, before: float) -> int:
     ).rowcount
 
 
+def sweep_responses(conn: sqlite3.Connection, before: float) -> int:
+    """Delete stored Responses created at or before ``before``."""
+    return conn.execute("DELETE FROM responses WHERE created_at <= ?", (before,)).rowcount
+
+
+def oldest_response(conn: sqlite3.Connection) -> float | None:
+    at: float | None = conn.execute("SELECT MIN(created_at) FROM responses").fetchone()[0]
+    return at
+
+
 def oldest_finished(conn: sqlite3.Connection) -> float | None:
     at: float | None = conn.execute(
         "SELECT MIN(finished_at) FROM jobs WHERE finished_at IS NOT NULL"
         " AND webhook_status != 'pending'"
     ).fetchone()[0]
     return at
+
+
+# --- stored Responses (conversation state) ------------------------------------------------------
+
+
+def save_response(conn: sqlite3.Connection, record: StoredResponse) -> None:
+    """Insert ``record``, replacing the tenant's record with the same id (a retried save)."""
+    conn.execute(
+        "INSERT OR REPLACE INTO responses (tenant, id, created_at, input_items, response)"
+        " VALUES (?, ?, ?, ?, ?)",
+        (
+            storable(record.tenant),
+            storable(record.id),
+            record.created_at,
+            record.input_items,
+            record.response,
+        ),
+    )
+
+
+def select_response(
+    conn: sqlite3.Connection, tenant: str, response_id: str, since: float
+) -> StoredResponse | None:
+    """The tenant's record created after ``since`` (older ones are past retention)."""
+    row = conn.execute(
+        "SELECT * FROM responses WHERE tenant = ? AND id = ? AND created_at > ?",
+        (storable(tenant), storable(response_id), since),
+    ).fetchone()
+    return None if row is None else response_from_row(row)
+
+
+def delete_response(conn: sqlite3.Connection, tenant: str, response_id: str, since: float) -> bool:
+    """Delete the tenant's record created after ``since``; whether there was one."""
+    deleted: int = conn.execute(
+        "DELETE FROM responses WHERE tenant = ? AND id = ? AND created_at > ?",
+        (storable(tenant), storable(response_id), since),
+    ).rowcount
+    return deleted > 0
 
 
 def counts(conn: sqlite3.Connection) -> dict[str, int]:

@@ -185,7 +185,7 @@ async def test_a_version_2_database_is_migrated_and_its_jobs_run_without_headers
         old = await store.claim(["a"], 60, T0)
         fresh = (await store.enqueue(new("a", headers=HEADERS), now=T0)).job
         nursery.cancel_scope.cancel()
-    assert versions == [1, 2, 3] == list(range(1, SCHEMA_VERSION + 1))
+    assert versions == list(range(1, SCHEMA_VERSION + 1))  # from 3 on: each migration
     assert old is not None
     assert (old.id, old.body, old.headers, old.attempts) == ("job_v2", BODY, (), 1)
     assert fresh.headers == HEADERS
