@@ -17,6 +17,8 @@ What is particular to the dialect:
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import attrs
 
 from runestone_proxy.api.accept import accept
@@ -49,43 +51,53 @@ class ResponsesApi:
         service = self.service
         gen = await accept(service, request, "responses")
         items = await conversation.expand(service.responses, gen)
+
+        async def keep(response: bytes | None) -> None:
+            # Saved before the client can see the end of the answer, so that a next turn
+            # sent the moment it arrives finds this one (read-your-writes).
+            await conversation.keep(service.responses, gen, items, response)
+
         if gen.stream:
             async with service.open_stream(gen) as stream:
                 if type(stream) is Parked:
                     await answer_parked(responder, stream)
                     return
-                final = await relay(responder, stream)
-            await conversation.keep(service.responses, gen, items, final)
+                await relay(responder, stream, keep)
             return
         answer = await service.complete(gen)
         if type(answer) is Parked:
             await answer_parked(responder, answer)
             return
+        await keep(answer.body)
         headers = (
             *JSON_HEADERS,
             *provider_headers(answer.target.provider, answer.policy),
             *answer.headers,
         )
         await responder.respond(200, headers, answer.body)
-        await conversation.keep(service.responses, gen, items, answer.body)
 
 
-async def relay(responder: Responder, stream: Stream) -> bytes | None:
+async def relay(
+    responder: Responder, stream: Stream, keep: Callable[[bytes | None], Awaitable[None]]
+) -> None:
     """Write an open Responses stream (its payloads are whole frames, one event each); an
-    error after the start ends it with an ``error`` event. Returns the final Response
-    object, if the stream reached one."""
+    error after the start ends it with an ``error`` event. The batch that carries the
+    terminal event (``response.completed`` / ``.incomplete``) goes out only after ``keep``
+    saved the final Response."""
     await responder.start(
         200,
         (*SSE_HEADERS, *provider_headers(stream.target.provider, stream.policy), *stream.headers),
     )
     payloads = stream.first
     sent = 0
+    kept = False
     try:
         while payloads is not None:
+            if not kept and stream.final is not None:
+                kept = True
+                await keep(stream.final)
             sent += len(payloads)
             await responder.send(payloads[0] if len(payloads) == 1 else b"".join(payloads))
             payloads = await stream.next()
     except GatewayError as exc:
         await responder.send(error_frame(exc, sent))
-        return None
-    return stream.final

@@ -25,7 +25,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from runestone_proxy import telemetry
-from runestone_proxy.errors import InvalidParam, NotFound
+from runestone_proxy.errors import GatewayError, InvalidParam, NotFound
 from runestone_proxy.gateway.responses_store import ResponseStore, StoredResponse
 from runestone_proxy.providers.json_codec import dumps
 from runestone_proxy.providers.responses_request import input_items, output_to_input
@@ -87,4 +87,9 @@ async def keep(
         input_items=dumps(items),
         response=response,
     )
-    await store.save_response(record)
+    try:
+        await store.save_response(record)
+    except GatewayError as exc:
+        # The answer stands (the model gave it; the client is owed it): only the next turn's
+        # ``previous_response_id`` will not find this one.
+        telemetry.emit("responses.not_stored", request_id=gen.request_id, reason=exc.message)

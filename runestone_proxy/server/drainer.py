@@ -378,7 +378,17 @@ async def run_drainer(
     secret = (os.environ if env is None else env).get(config.webhook_secret_env, "").encode()
     if not secret:
         log.warning("overflow.webhook.unsigned", secret_env=config.webhook_secret_env)
-    drainer = Drainer(store, runner, capacity, config, secret or None, clock=clock, rand=rand)
+    drainer = Drainer(
+        store,
+        runner,
+        capacity,
+        config,
+        secret or None,
+        clock=clock,
+        rand=rand,
+        # One bell: the store rings it when a saved Response becomes the earliest expiry.
+        sweep_due=store.sweep_due,
+    )
     if max_result_bytes is not None:
         drainer.max_result_bytes = max_result_bytes
     try:
