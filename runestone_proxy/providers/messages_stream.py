@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from collections.abc import Callable, Mapping
 from json.encoder import encode_basestring, encode_basestring_ascii
 from typing import Any, Final, Literal
@@ -189,6 +190,10 @@ class MessagesEncoder:
 
     def feed(self, payload: bytes) -> list[bytes]:
         """One chunk's JSON text -> zero or more frames. An error object raises it."""
+        if self._state is State.TEXT:
+            text = _plain_text(payload)
+            if text is not None:  # row (TEXT, text) on the bytes: most chunks of a stream
+                return [self._prefix + text + _END]
         obj = _loads(payload)
         if not isinstance(obj, dict):
             raise UpstreamProtocolError("stream chunk is not a JSON object")
@@ -388,6 +393,29 @@ _COMPILED: Final[Mapping[tuple[State, Input], tuple[tuple[_Action, ...], State]]
 
 
 _raw_decode = json.JSONDecoder().raw_decode
+
+#: A chunk whose only delta is text: ``"delta":{"content":"..."}`` (``"role"`` first
+#: allowed), the string a well-formed JSON literal (no raw control characters, only JSON's
+#: escapes), so its bytes can be forwarded without a decode and an encode.
+_TEXT_DELTA = re.compile(
+    rb'"delta":\{(?:"role":"assistant",)?"content":'
+    rb'("(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*")\}'
+)
+
+
+def _plain_text(payload: bytes) -> bytes | None:
+    """The text delta's JSON string literal, if ``payload`` is a plain text chunk of one
+    choice (no tool call, no finish reason, no usage, no error); else None (the full
+    parse decides)."""
+    if (
+        payload.count(b'"index"') != 1
+        or b'"usage":{' in payload
+        or b'"error"' in payload
+        or (b'"finish_reason"' in payload and b'"finish_reason":null' not in payload)
+    ):
+        return None
+    match = _TEXT_DELTA.search(payload)
+    return None if match is None else match.group(1)
 
 
 def _loads(payload: bytes) -> Any:

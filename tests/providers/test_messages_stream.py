@@ -418,3 +418,51 @@ def test_any_delta_sequence_is_well_formed(stream: tuple[list[dict[str, Any]], l
     assert calls == [value for kind, value in said if kind == "tool"]
     if calls:
         assert message["stop_reason"] in ("tool_use", "max_tokens")
+
+
+# --- the plain-text fast path ---------------------------------------------------------------
+
+
+def _text_chunk(text: str, ascii_only: bool, **delta_extra: object) -> bytes:
+    chunk = {
+        "id": "chatcmpl-fast",
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {"content": text, **delta_extra}, "finish_reason": None}],
+    }
+    return json.dumps(chunk, ensure_ascii=ascii_only, separators=(",", ":")).encode()
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(text=st.text(min_size=1), ascii_only=st.booleans())
+def test_plain_text_chunks_forward_the_literal_and_mean_the_same(
+    text: str, ascii_only: bool
+) -> None:
+    """A plain text chunk in an open text block leaves as a text_delta whose text is
+    exactly the chunk's, whether its literal is forwarded as bytes or re-encoded."""
+    encoder = MessagesEncoder("m")
+    encoder.feed(_text_chunk("a", ascii_only=True))  # opens the text block
+    (frame,) = encoder.feed(_text_chunk(text, ascii_only))
+    event, data = frame.decode("utf-8", "surrogatepass").split("\n")[:2]
+    assert event == "event: content_block_delta"
+    delta = json.loads(data.removeprefix("data: "))
+    assert delta == {
+        "type": "content_block_delta",
+        "index": 0,
+        "delta": {"type": "text_delta", "text": text},
+    }
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"choices":[{"index":0,"delta":{"content":"x"},"finish_reason":"stop"}]}',
+        b'{"choices":[{"index":0,"delta":{"content":"x","reasoning_content":null}}]}',
+        b'{"choices":[{"index":0,"delta":{"content":"x"}},{"index":1,"delta":{"content":"y"}}]}',
+        b'{"choices":[{"index":0,"delta":{"content":"x"}}],"usage":{"prompt_tokens":1}}',
+        b'{"choices":[{"index":0,"delta":{"content":"bad \\q escape"}}]}',
+    ],
+)
+def test_plain_text_fast_path_leaves_anything_else_to_the_parse(payload: bytes) -> None:
+    from runestone_proxy.providers.messages_stream import _plain_text
+
+    assert _plain_text(payload) is None
