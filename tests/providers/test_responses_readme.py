@@ -32,9 +32,7 @@ def test_readme_lists_every_fate() -> None:
 def test_readme_lists_no_stale_fate() -> None:
     """The section's fates table has no row the translator does not have."""
     rows = [
-        line
-        for line in section().splitlines()
-        if line.startswith("| `") and line.count(" | ") == 1
+        line for line in section().splitlines() if line.startswith("| `") and line.count(" | ") == 1
     ]
     expected = {f"| `{field}` | {fate} |" for field, fate in FIELD_FATES.items()}
     assert set(rows) == expected
