@@ -7,11 +7,15 @@ schema of its media type (for an event stream, every event's JSON payload agains
 schema named by ``x-runestone-stream-event``), and every required header must be present and
 valid. Request bodies are validated against the documented request schemas too.
 
-Both client dialects are checked: OpenAI's (``data:`` events ended by ``data: [DONE]``, the
-``{"error": ...}`` envelope) and Anthropic's Messages (``event: <type>`` frames whose payload's
-``type`` is the event's name and no ``[DONE]``; ``{"type": "error", "error": ...}``), over a
-native provider (the fake Anthropic), translated ones (the fake OpenAI, the mock), and a
-gateway that fails or rate-limits.
+All three client dialects are checked: OpenAI's (``data:`` events ended by ``data:
+[DONE]``, the ``{"error": ...}`` envelope), Anthropic's Messages (``event: <type>`` frames
+whose payload's ``type`` is the event's name and no ``[DONE]``; ``{"type": "error", "error":
+...}``) and OpenAI's Responses (named frames as Messages, each payload's ``sequence_number``
+counting from 0, ending with the whole Response or an ``error`` event; OpenAI's envelope),
+over native providers (the fake Anthropic for Messages, the fake OpenAI for Responses),
+translated ones (the fake OpenAI's chat, the fake Anthropic, the mock), and a gateway that
+fails or rate-limits. The Responses dialect's stored turns (``previous_response_id``,
+``GET`` / ``DELETE /v1/responses/{id}``, ``input_items``) are checked too.
 
 Schemas are JSON Schema 2020-12 (OpenAPI 3.1); ``$ref``s are resolved with a ``referencing``
 registry holding the whole document.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +38,7 @@ import trio
 import yaml
 from conftest import StartGateway
 from e2e_helpers import ANTHROPIC_KEY, GATEWAY_KEY, Gateway, chat_body, gateway_config, sse_data
-from fakes import FakeAnthropic, FakeOpenAI
+from fakes import RESPONSE_ID, FakeAnthropic, FakeOpenAI
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
@@ -42,6 +47,7 @@ from runestone_proxy.config import (
     AuthKeyConfig,
     BreakerConfig,
     LimitsConfig,
+    ModelConfig,
     ProviderConfig,
     UpstreamConfig,
 )
@@ -58,6 +64,10 @@ ENDPOINTS = {
     ("post", "/v1/chat/stream"),
     ("post", "/v1/messages"),
     ("post", "/v1/messages/count_tokens"),
+    ("post", "/v1/responses"),
+    ("get", "/v1/responses/{response_id}"),
+    ("delete", "/v1/responses/{response_id}"),
+    ("get", "/v1/responses/{response_id}/input_items"),
     ("get", "/"),
     ("get", "/health"),
     ("get", "/health/live"),
@@ -107,6 +117,10 @@ def anchored(node: Any) -> Any:
 def template_of(path: str) -> str:
     if path.startswith("/v1/models/"):
         return "/v1/models/{model}"
+    if path.startswith("/v1/responses/"):
+        if path.endswith("/input_items"):
+            return "/v1/responses/{response_id}/input_items"
+        return "/v1/responses/{response_id}"
     return path
 
 
@@ -135,10 +149,15 @@ def check(response: httpx.Response, sent: object = None) -> None:
     assert content is not None, f"{request.method} {path}: {media} undocumented"
     if media == "application/json":
         validate(response.json(), content["schema"])
-    elif media == "text/event-stream" and content["schema"] == ANTHROPIC_STREAM:
-        for name, payload in anthropic_events(response.text):
+    elif media == "text/event-stream" and content["schema"] in (ANTHROPIC_STREAM, RESPONSES_STREAM):
+        events = named_events(response.text)
+        for name, payload in events:
             validate(payload, content["x-runestone-stream-event"])
             assert payload["type"] == name, (name, payload)
+        if content["schema"] == RESPONSES_STREAM:
+            numbers = [payload["sequence_number"] for _, payload in events]
+            assert numbers == list(range(len(events))), numbers
+            assert events[-1][0] in RESPONSES_ENDINGS, events[-1]
     elif media == "text/event-stream":
         payloads = sse_data(response.text)
         assert payloads[-1] == "[DONE]"
@@ -149,12 +168,17 @@ def check(response: httpx.Response, sent: object = None) -> None:
 
 
 ANTHROPIC_STREAM = {"$ref": "#/components/schemas/AnthropicEventStream"}
+RESPONSES_STREAM = {"$ref": "#/components/schemas/ResponsesEventStream"}
+#: The events that may end a Responses stream (a native provider's ``response.failed`` is
+#: answered as ``error``).
+RESPONSES_ENDINGS = {"response.completed", "response.incomplete", "error"}
 
 
-def anthropic_events(text: str) -> list[tuple[str, Any]]:
-    """``(event name, JSON payload)`` of each frame of an Anthropic Messages stream. Checks
-    framing: every frame is one ``event:`` line then ``data:`` lines, ended by a blank line;
-    no ``[DONE]`` (Anthropic's streams end with ``message_stop``, or ``error``)."""
+def named_events(text: str) -> list[tuple[str, Any]]:
+    """``(event name, JSON payload)`` of each frame of an Anthropic Messages or OpenAI
+    Responses stream. Checks framing: every frame is one ``event:`` line then ``data:`` lines,
+    ended by a blank line; no ``[DONE]`` (these streams end with ``message_stop`` or
+    ``response.completed`` and the like, or ``error``)."""
     assert text.endswith("\n\n"), text[-200:]
     events = []
     for block in text[:-2].split("\n\n"):
@@ -431,7 +455,7 @@ async def test_messages_answers(http: httpx.AsyncClient) -> None:
                 if not stream:
                     assert response.json()["type"] == "message"
                     continue
-                names = [name for name, _ in anthropic_events(response.text)]
+                names = [name for name, _ in named_events(response.text)]
                 assert names[0] == "message_start", names
                 assert names[-2:] == ["message_delta", "message_stop"], names
                 # The fake Anthropic pings once; a translated stream this quick has no silence.
@@ -446,7 +470,7 @@ async def test_messages_stream_ends_with_an_error_event(http: httpx.AsyncClient)
             response = await http.post("/v1/messages", json=sent, headers=VERSION)
             assert response.status_code == 200, (model, response.text)
             check(response, sent)
-            events = anthropic_events(response.text)
+            events = named_events(response.text)
             assert events[0][0] == "message_start", events
             assert events[-1][0] == "error", events
             assert [name for name, _ in events].count("error") == 1, events
@@ -655,3 +679,323 @@ def test_message_schemas_accept_real_requests(body: dict[str, Any]) -> None:
     for broken in (counted, {**body, "model": ""}, {**body, "messages": []}):
         with pytest.raises(jsonschema.ValidationError):
             validate(broken, schema("/v1/messages"))
+
+
+# --- the OpenAI Responses dialect -----------------------------------------------------------
+
+RESPONSES_TOOLS = [
+    {
+        "type": "function",
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    }
+]
+HOSTED_TOOLS = [{"type": "web_search"}]
+#: A translated id: ``resp_`` and 24 hex digits, made by the gateway (the fake OpenAI's own
+#: Responses answers all carry ``fakes.RESPONSE_ID``).
+TRANSLATED_ID = re.compile(r"^resp_[0-9a-f]{24}$")
+
+
+def response_body(model: str, **fields: Any) -> dict[str, Any]:
+    return {"model": model, "input": "Hi there", **fields}
+
+
+def chat_only(fake_openai: FakeOpenAI) -> ProviderConfig:
+    """The fake OpenAI as an OpenAI-compatible server without the Responses API."""
+    return ProviderConfig(
+        "chatonly",
+        "openai",
+        base_url=fake_openai.base_url,
+        api_key_env="FAKE_OPENAI_KEY",
+        responses_api=False,
+    )
+
+
+@pytest.fixture
+async def responses_http(
+    start_gateway: StartGateway, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of a gateway that also has ``chatonly`` (with a model, ``chat-model``)."""
+    base = gateway_config(
+        fake_openai.base_url, fake_anthropic.base_url, extra_providers=[chat_only(fake_openai)]
+    )
+    config = attrs.evolve(base, models=(*base.models, ModelConfig("chat-model", "chatonly")))
+    gateway = await start_gateway(config)
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as client:
+        yield client
+
+
+#: (body, the provider that answers, native): native answers are the fake OpenAI's own
+#: Responses; the others are translated from chat (the fake OpenAI's chat API behind
+#: ``chatonly``, the fake Anthropic through its chat translator, the mock).
+RESPONSES = [
+    (response_body("fast"), "openai", True),
+    (response_body("openai:tools", tools=RESPONSES_TOOLS), "openai", True),
+    (response_body("openai:reasoner", reasoning={"effort": "low"}), "openai", True),
+    (response_body("openai:gpt-4o-mini", tools=HOSTED_TOOLS), "openai", True),
+    (response_body("claude-sonnet", instructions="Be brief."), "anthropic", False),
+    (response_body("anthropic:claude-tools", tools=RESPONSES_TOOLS), "anthropic", False),
+    (response_body("anthropic:claude-thinking"), "anthropic", False),
+    (response_body("mock-1"), "mock", False),
+    (response_body("mock-1", tools=RESPONSES_TOOLS, tool_choice="required"), "mock", False),
+    (response_body("chat-model", max_output_tokens=32), "chatonly", False),
+    (response_body("chatonly:tools", tools=RESPONSES_TOOLS), "chatonly", False),
+    (response_body("chatonly:reasoner"), "chatonly", False),
+]
+
+
+async def test_responses_answers(responses_http: httpx.AsyncClient) -> None:
+    """Whole and streamed Responses, native and translated, as documented: the stream's
+    frames named by their payload's type, numbered from 0, opened by response.created and
+    response.in_progress and closed by response.completed carrying the whole Response."""
+    with trio.fail_after(30):
+        for body, provider, native in RESPONSES:
+            for stream in (False, True):
+                sent = {**body, "stream": True} if stream else body
+                response = await responses_http.post("/v1/responses", json=sent)
+                assert response.status_code == 200, (sent, response.text)
+                check(response, sent)
+                assert response.headers["x-runestone-provider"] == provider, sent
+                if stream:
+                    events = named_events(response.text)
+                    names = [name for name, _ in events]
+                    assert names[:2] == ["response.created", "response.in_progress"], names
+                    assert names[-1] == "response.completed", names
+                    answer = events[-1][1]["response"]
+                else:
+                    answer = response.json()
+                assert answer["status"] == "completed", answer
+                assert (answer["id"] == RESPONSE_ID) is native, answer["id"]
+                assert native or TRANSLATED_ID.match(answer["id"]), answer["id"]
+                kinds = [item["type"] for item in answer["output"]]
+                if "tools" in body["model"]:
+                    assert kinds[-1] == "function_call", kinds
+                if "reasoner" in body["model"] or "thinking" in body["model"]:
+                    assert kinds[0] == "reasoning", kinds
+
+
+async def test_responses_state_answers(
+    responses_http: httpx.AsyncClient, fake_openai: FakeOpenAI
+) -> None:
+    """A conversation across providers through ``previous_response_id``, then its stored
+    turns read, paged and deleted, each answer as documented."""
+    client = responses_http
+    with trio.fail_after(30):
+        sent = response_body("mock-1", input="My name is Ada.", instructions="Be brief.")
+        first = await client.post("/v1/responses", json=sent)
+        check(first, sent)
+        first_id = first.json()["id"]
+
+        # Translated (chat-only) follow-up: the whole history reaches the chat server, the
+        # first turn's instructions do not.
+        sent = response_body("chat-model", input="My name?", previous_response_id=first_id)
+        second = await client.post("/v1/responses", json=sent)
+        assert second.status_code == 200, second.text
+        check(second, sent)
+        second_id = second.json()["id"]
+        chat = fake_openai.last()
+        assert chat.path == "/v1/chat/completions"
+        roles = [m["role"] for m in chat.body["messages"]]
+        assert roles == ["user", "assistant", "user"], chat.body["messages"]
+
+        # Native streamed follow-up: the fake OpenAI is sent the expanded input, no id.
+        sent = response_body(
+            "fast", input="And again?", previous_response_id=second_id, stream=True
+        )
+        third = await client.post("/v1/responses", json=sent)
+        assert third.status_code == 200, third.text
+        check(third, sent)
+        native = fake_openai.last()
+        assert native.path == "/v1/responses"
+        assert "previous_response_id" not in native.body
+        assert len(native.body["input"]) == 5, native.body["input"]
+
+        got = await client.get(f"/v1/responses/{second_id}")
+        assert got.status_code == 200, got.text
+        check(got)
+        assert got.json()["output"] == second.json()["output"]
+
+        listed = await client.get(f"/v1/responses/{second_id}/input_items")
+        check(listed)
+        newest_first = listed.json()["data"]
+        assert [item["role"] for item in newest_first] == ["user", "assistant", "user"]
+        assert newest_first[0]["content"][0]["text"] == "My name?"
+        page = await client.get(
+            f"/v1/responses/{second_id}/input_items", params={"order": "asc", "limit": 2}
+        )
+        check(page)
+        assert page.json()["has_more"] is True
+        rest = await client.get(
+            f"/v1/responses/{second_id}/input_items",
+            params={"order": "asc", "after": page.json()["last_id"]},
+        )
+        check(rest)
+        assert [item["id"] for item in rest.json()["data"]] == [newest_first[0]["id"]]
+
+        deleted = await client.delete(f"/v1/responses/{first_id}")
+        assert deleted.status_code == 200, deleted.text
+        check(deleted)
+        assert deleted.json() == {"id": first_id, "object": "response.deleted", "deleted": True}
+        for response in (
+            await client.get(f"/v1/responses/{first_id}"),
+            await client.delete(f"/v1/responses/{first_id}"),
+            await client.get(f"/v1/responses/{first_id}/input_items"),
+        ):
+            assert response.status_code == 404, response.text
+            check(response)
+
+        sent = response_body("mock-1", store=False)
+        unstored = await client.post("/v1/responses", json=sent)
+        check(unstored, sent)
+        gone = await client.get(f"/v1/responses/{unstored.json()['id']}")
+        assert gone.status_code == 404, gone.text
+        check(gone)
+
+
+async def test_responses_stream_ends_with_an_error_event(
+    responses_http: httpx.AsyncClient,
+) -> None:
+    """A failure after the stream started, native (the fake's response.failed) or
+    translated (a chat error event): one documented ``error`` event ends it, numbered next."""
+    with trio.fail_after(20):
+        for model, code in (("openai:resp-fail-mid", "server_error"), ("chatonly:mid-500", None)):
+            sent = response_body(model, stream=True)
+            response = await responses_http.post("/v1/responses", json=sent)
+            assert response.status_code == 200, (model, response.text)
+            check(response, sent)
+            events = named_events(response.text)
+            assert events[0][0] == "response.created", events
+            assert events[-1][0] == "error", events
+            assert [name for name, _ in events].count("error") == 1, events
+            assert code is None or events[-1][1]["code"] == code, events[-1]
+
+
+async def test_responses_error_answers(
+    start_gateway: StartGateway, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic
+) -> None:
+    """Every error a Responses client can cause or meet, in OpenAI's envelope: the gateway's
+    own (auth, bad bodies, an unknown model or previous response, a hosted tool where it
+    cannot run, paging), a provider's (relayed with its status, param and code) and 405."""
+    config = gateway_config(
+        fake_openai.base_url, fake_anthropic.base_url, extra_providers=[chat_only(fake_openai)]
+    )
+    routing = attrs.evolve(config.routing, breaker=BreakerConfig(failure_threshold=100))
+    config = attrs.evolve(config, routing=routing)
+    auth = {"authorization": f"Bearer {GATEWAY_KEY}"}
+    path, one, items = "/v1/responses", "/v1/responses/resp_unknown", "/v1/responses/{}/input_items"
+    hosted_choice = {"tool_choice": {"type": "web_search"}, "tools": RESPONSES_TOOLS}
+    # (method, path, body, headers, status, the error's param, its code)
+    cases: list[tuple[str, str, object, dict[str, str], int, str | None, str | None]] = [
+        ("POST", path, response_body("mock-1"), {}, 401, None, "invalid_api_key"),
+        ("GET", one, None, {}, 401, None, "invalid_api_key"),
+        ("DELETE", one, None, {}, 401, None, "invalid_api_key"),
+        ("GET", items.format("resp_unknown"), None, {}, 401, None, "invalid_api_key"),
+        ("POST", path, b"{oops", auth, 400, None, "invalid_json"),
+        ("POST", path, {"model": "mock-1"}, auth, 400, "input", "missing_required_parameter"),
+        ("POST", path, response_body("mock-1", input=3), auth, 400, "input", None),
+        ("POST", path, response_body("mock-1", tools=HOSTED_TOOLS), auth, 400, "tools[0]", None),
+        (
+            "POST",
+            path,
+            response_body("claude-sonnet", **hosted_choice),
+            auth,
+            400,
+            "tool_choice",
+            None,
+        ),
+        ("POST", path, response_body("chat-x", tools=HOSTED_TOOLS), auth, 404, "model", None),
+        ("POST", path, response_body("openai:resp-error"), auth, 400, "temperature", None),
+        (
+            "POST",
+            path,
+            response_body("openai:resp-error", stream=True),
+            auth,
+            400,
+            "temperature",
+            "unsupported_parameter",
+        ),
+        (
+            "POST",
+            path,
+            response_body("mock-1", previous_response_id="resp_unknown"),
+            auth,
+            404,
+            "previous_response_id",
+            "previous_response_not_found",
+        ),
+        ("GET", one, None, auth, 404, None, None),
+        ("DELETE", one, None, auth, 404, None, None),
+        ("GET", items.format("resp_unknown"), None, auth, 404, None, None),
+        ("PUT", path, None, auth, 405, None, "method_not_allowed"),
+        ("POST", one, None, auth, 405, None, "method_not_allowed"),
+        ("POST", path, response_body("openai:err-500"), auth, 500, None, None),
+        ("POST", path, response_body("chatonly:err-503"), auth, 503, None, None),
+        ("POST", path, response_body("openai:err-429"), auth, 429, None, None),
+    ]
+    with trio.fail_after(20):
+        gateway: Gateway = await start_gateway(config, env={"RUNESTONE_API_KEYS": GATEWAY_KEY})
+        async with httpx.AsyncClient(
+            base_url=gateway.url, timeout=10, headers={"connection": "close"}
+        ) as client:
+            stored = await client.post("/v1/responses", json=response_body("mock-1"), headers=auth)
+            assert stored.status_code == 200, stored.text
+            paging = items.format(stored.json()["id"])
+            cases[-3:-3] = [
+                ("GET", f"{paging}?limit=0", None, auth, 400, "limit", None),
+                ("GET", f"{paging}?order=sideways", None, auth, 400, "order", None),
+                ("GET", f"{paging}?after=msg_nope", None, auth, 400, "after", None),
+            ]
+            for method, target, body, headers, status, param, code in cases:
+                if body is None or isinstance(body, bytes):
+                    response = await client.request(method, target, content=body, headers=headers)
+                else:
+                    response = await client.request(method, target, json=body, headers=headers)
+                assert response.status_code == status, (method, target, body, response.text)
+                check(response)
+                error = response.json()["error"]
+                assert error["message"], error
+                assert error["param"] == param, (target, body, error)
+                assert code is None or error["code"] == code, (target, body, error)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        response_body(
+            "fast",
+            instructions="Be brief.",
+            tools=RESPONSES_TOOLS,
+            tool_choice={"type": "function", "name": "get_weather"},
+            reasoning={"effort": "high", "summary": "auto"},
+            text={"format": {"type": "json_object"}},
+            store=False,
+            metadata={"k": "v"},
+            some_future_field=1,
+            tenant_id="t",
+        ),
+        response_body(
+            "mock-1",
+            input=[
+                {"role": "user", "content": "Weather?"},
+                {
+                    "type": "function_call",
+                    "call_id": "call_1",
+                    "name": "get_weather",
+                    "arguments": "{}",
+                },
+                {"type": "function_call_output", "call_id": "call_1", "output": "Sunny"},
+            ],
+            previous_response_id="resp_0123456789abcdef01234567",
+            stream=True,
+        ),
+    ],
+)
+def test_response_schemas_accept_real_requests(body: dict[str, Any]) -> None:
+    schema = spec()["paths"]["/v1/responses"]["post"]["requestBody"]["content"]
+    schema = schema["application/json"]["schema"]
+    validate(body, schema)
+    without_input = {k: v for k, v in body.items() if k != "input"}
+    for broken in (without_input, {**body, "model": ""}, {**body, "input": 3}):
+        with pytest.raises(jsonschema.ValidationError):
+            validate(broken, schema)
