@@ -279,6 +279,7 @@ async def test_stream_accumulates_to_the_whole_answer(gateway: Gateway, path: st
     with trio.fail_after(TIMEOUT_S), sdk_client(gateway) as client:
         whole = await in_thread(client.responses.create, model=model, input=PROMPT)
         events, final = await in_thread(stream_events, client, model=model, input=PROMPT)
+        stored = await in_thread(client.responses.retrieve, final.id)
     check_grammar(events)
     assert events[-1].type == "response.completed"
     completed = events[-1].response
@@ -286,6 +287,9 @@ async def test_stream_accumulates_to_the_whole_answer(gateway: Gateway, path: st
     assert final.status == "completed"
     assert final.output_text == whole.output_text
     assert content_of(final) == content_of(whole) == content_of(completed)
+    # kept as the stream ended: the same item ids as the stream's events
+    assert [plain(i) for i in stored.output] == [plain(i) for i in completed.output]
+    assert {e.item_id for e in events if hasattr(e, "item_id")} <= {i.id for i in stored.output}
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert deltas == whole.output_text
     (done,) = [e for e in events if e.type == "response.output_text.done"]
