@@ -38,14 +38,6 @@ from fakes import ARGUMENTS, RESPONSE_USAGE, TEXT, USAGE, FakeAnthropic, FakeOpe
 from runestone_proxy.config import Config, ProviderConfig
 
 TIMEOUT_S = 15
-#: An OpenAI-compatible chat server (the same FakeOpenAI) that does not serve /responses.
-COMPAT = ProviderConfig(
-    "compat",
-    "openai",
-    base_url="http://placeholder.invalid/v1",
-    api_key_env="FAKE_OPENAI_KEY",
-    responses_api=False,
-)
 #: path -> (the model the client names, the text the answer holds).
 TEXT_MODELS = {
     "native": "gpt-4o-mini",
@@ -86,12 +78,13 @@ TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 def responses_config(
     fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic, *extra: ProviderConfig
 ) -> Config:
-    """The e2e gateway (``gateway_config``) plus the ``compat`` chat-only provider."""
+    """The e2e gateway (``gateway_config``) plus ``compat``: an OpenAI-compatible chat
+    server (the same FakeOpenAI) that does not serve ``/responses``."""
     compat = ProviderConfig(
-        COMPAT.name,
-        COMPAT.kind,
+        "compat",
+        "openai",
         base_url=fake_openai.base_url,
-        api_key_env=COMPAT.api_key_env,
+        api_key_env="FAKE_OPENAI_KEY",
         responses_api=False,
     )
     return gateway_config(
