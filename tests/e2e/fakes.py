@@ -28,6 +28,7 @@ scenario in the request, e.g. ``model="openai:err-429"``:
     usage-always       the usage chunk even if include_usage was not asked
     reasoner           ``reasoning_content`` (DeepSeek/vLLM style: REASONING), then text
     tool-turns         a get_weather call; text once the messages hold a tool result
+                       (on /v1/responses: once ``input`` holds a function_call_output)
     paced              the first text chunk, then waits for ``paced_gate`` (an event the
                        test sets), then the rest
 
@@ -43,6 +44,8 @@ scenario in the request, e.g. ``model="openai:err-429"``:
     (any other model)  text, with a ping
     claude-tools       text, then tool_use
     claude-thinking    thinking (signed), text
+    claude-tool-turns  as claude-tools; the plain text once the last message holds a
+                       tool_result
     claude-err-401 / 429 / 529     error bodies
     claude-overloaded-mid          an overloaded_error event mid-stream
     claude-error-<type>            every documented error type (``ANTHROPIC_ERROR_TYPES``)
@@ -381,6 +384,7 @@ class FakeOpenAI(FakeProvider):
         model = body.get("model", "") if isinstance(body, dict) else ""
         if model == "tool-turns":  # text once the tool answered, else the tool call
             answered = any(m.get("role") == "tool" for m in body.get("messages") or ())
+            answered = answered or _function_output_in(body.get("input"))
             model = "text" if answered else "tools"
         if model in OPENAI_ERRORS:
             status, error, extra = OPENAI_ERRORS[model]
@@ -484,6 +488,13 @@ class FakeOpenAI(FakeProvider):
             "response.completed", response=_response(body, "completed", [i for i, _ in items])
         )
         await ex.end()
+
+
+def _function_output_in(items: object) -> bool:
+    """A Responses ``input`` holds a tool's result (a ``function_call_output`` item)."""
+    if not isinstance(items, list):
+        return False
+    return any(isinstance(i, dict) and i.get("type") == "function_call_output" for i in items)
 
 
 #: The ``resp-error`` model's answer, as OpenAI words an unknown Responses parameter.
@@ -747,6 +758,8 @@ class FakeAnthropic(FakeProvider):
             await ex.json(404, _anthropic_error("not_found_error", f"Not found: {path}"))
             return
         model = body.get("model", "")
+        if model == "claude-tool-turns":  # text once the tool answered, else claude-tools
+            model = "claude-sonnet" if _tool_result_in(body) else "claude-tools"
         if model in ANTHROPIC_ERRORS:
             status, kind, message, extra = ANTHROPIC_ERRORS[model]
             await ex.json(status, _anthropic_error(kind, message), extra)
@@ -841,6 +854,14 @@ class FakeAnthropic(FakeProvider):
             event = {"type": "content_block_delta", "index": index, "delta": piece}
             await ex.event(event, "content_block_delta")
         await ex.event({"type": "content_block_stop", "index": index}, "content_block_stop")
+
+
+def _tool_result_in(body: dict[str, Any]) -> bool:
+    """The last message is the user's with a ``tool_result`` block (the tool answered)."""
+    messages = body.get("messages") or [{}]
+    content = messages[-1].get("content")
+    blocks = content if isinstance(content, list) else ()
+    return any(isinstance(b, dict) and b.get("type") == "tool_result" for b in blocks)
 
 
 def _message(model: str, content: list[dict[str, Any]], stop: str | None) -> dict[str, Any]:
