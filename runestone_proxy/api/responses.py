@@ -50,35 +50,39 @@ class ResponsesApi:
     async def create(self, request: Request, responder: Responder) -> None:
         service = self.service
         gen = await accept(service, request, "responses")
-        items = await conversation.expand(service.responses, gen)
+        turn = await conversation.expand(service.responses, gen)
 
         async def keep(response: bytes | None) -> None:
             # Saved before the client can see the end of the answer, so that a next turn
             # sent the moment it arrives finds this one (read-your-writes).
-            await conversation.keep(service.responses, gen, items, response)
+            await conversation.keep(service.responses, gen, turn, response)
 
         if gen.stream:
             async with service.open_stream(gen) as stream:
                 if type(stream) is Parked:
                     await answer_parked(responder, stream)
                     return
-                await relay(responder, stream, keep)
+                await relay(responder, stream, keep, turn)
             return
         answer = await service.complete(gen)
         if type(answer) is Parked:
             await answer_parked(responder, answer)
             return
-        await keep(answer.body)
+        body = turn.echo(answer.body)
+        await keep(body)
         headers = (
             *JSON_HEADERS,
             *provider_headers(answer.target.provider, answer.policy),
             *answer.headers,
         )
-        await responder.respond(200, headers, answer.body)
+        await responder.respond(200, headers, body)
 
 
 async def relay(
-    responder: Responder, stream: Stream, keep: Callable[[bytes | None], Awaitable[None]]
+    responder: Responder,
+    stream: Stream,
+    keep: Callable[[bytes | None], Awaitable[None]],
+    turn: conversation.Turn,
 ) -> None:
     """Write an open Responses stream (its payloads are whole frames, one event each); an
     error after the start ends it with an ``error`` event. The batch that carries the
@@ -97,7 +101,8 @@ async def relay(
                 kept = True
                 await keep(stream.final)
             sent += len(payloads)
-            await responder.send(payloads[0] if len(payloads) == 1 else b"".join(payloads))
+            data = payloads[0] if len(payloads) == 1 else b"".join(payloads)
+            await responder.send(turn.echo(data) if turn.previous is not None else data)
             payloads = await stream.next()
     except GatewayError as exc:
         await responder.send(error_frame(exc, sent))

@@ -24,6 +24,8 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 from runestone_proxy import telemetry
 from runestone_proxy.errors import GatewayError, InvalidParam, NotFound
 from runestone_proxy.gateway.responses_store import ResponseStore, StoredResponse
@@ -33,16 +35,37 @@ from runestone_proxy.providers.responses_request import input_items, output_to_i
 if TYPE_CHECKING:
     from runestone_proxy.gateway.service import Generation
 
-__all__ = ["expand", "keep"]
+__all__ = ["Turn", "expand", "keep"]
 
 
-async def expand(store: ResponseStore | None, gen: Generation) -> list[dict[str, Any]]:
+@attrs.frozen
+class Turn:
+    """What :func:`expand` found: the input items this turn answers, and the
+    ``previous_response_id`` it continues (None for a first turn)."""
+
+    items: list[dict[str, Any]]
+    previous: str | None = None
+
+    def echo(self, data: bytes) -> bytes:
+        """``data`` (an answer, or stream frames carrying the Response) naming the previous
+        response as OpenAI's answers do: the id was taken out of the request before it was
+        served (the history went instead), so the provider or translator answered null."""
+        if self.previous is None or _NULL_PREVIOUS not in data:
+            return data
+        named = b'"previous_response_id":' + dumps(self.previous)
+        return data.replace(_NULL_PREVIOUS, named)
+
+
+_NULL_PREVIOUS = b'"previous_response_id":null'
+
+
+async def expand(store: ResponseStore | None, gen: Generation) -> Turn:
     """The whole input of this turn (see the module docstring); ``gen`` is updated."""
     body = gen.body
     items = input_items(body)
     previous = body.pop("previous_response_id", None)
     if previous is None:
-        return items
+        return Turn(items)
     if not isinstance(previous, str) or not previous:
         raise InvalidParam(
             "'previous_response_id' must be a non-empty string.", param="previous_response_id"
@@ -60,13 +83,13 @@ async def expand(store: ResponseStore | None, gen: Generation) -> list[dict[str,
     items = [*prior, *output_to_input(output if isinstance(output, list) else []), *items]
     body["input"] = items
     gen.raw = dumps(body)  # what a native provider is sent: the expanded history
-    return items
+    return Turn(items, previous)
 
 
 async def keep(
     store: ResponseStore | None,
     gen: Generation,
-    items: list[dict[str, Any]],
+    turn: Turn,
     response: bytes | None,
 ) -> None:
     """Save the answered turn, unless ``store`` is false or there is nothing to save."""
@@ -84,8 +107,8 @@ async def keep(
         id=response_id,
         tenant=gen.principal.tenant,
         created_at=time.time(),
-        input_items=dumps(items),
-        response=response,
+        input_items=dumps(turn.items),
+        response=turn.echo(response),
     )
     try:
         await store.save_response(record)

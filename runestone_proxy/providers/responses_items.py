@@ -90,7 +90,21 @@ def input_items(body: Mapping[str, Any]) -> list[Json]:
         raise InvalidParam("'input' must be a string or an array of items.", param="input")
     for i, item in enumerate(raw):
         _kind(item, f"input[{i}]")
-    return [dict(item) for item in raw]
+    return [_as_item(item) for item in raw]
+
+
+def _as_item(item: Mapping[str, Any]) -> Json:
+    """One input item as ``input_items`` lists it, copied one level deep: the short form
+    ``{"role", "content": "..."}`` becomes the message item OpenAI lists for it (``type``
+    ``message``, the text as one ``input_text`` part, ``output_text`` for the assistant's)."""
+    copied = dict(item)
+    if "type" not in copied and "role" in copied:
+        copied = {"type": "message", **copied}
+        content = copied.get("content")
+        if isinstance(content, str):
+            kind = "output_text" if copied["role"] == "assistant" else "input_text"
+            copied["content"] = [{"type": kind, "text": content}]
+    return copied
 
 
 def output_to_input(output: Sequence[Mapping[str, Any]]) -> list[Json]:

@@ -200,11 +200,6 @@ async def test_a_chain_of_three_turns_on_a_chat_provider(
     assert len({i.id for i in items.data}) == 5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="input_items lists a short-form input message ({role, content: str}) as the "
-    "client sent it; OpenAI lists it as a message item (type, input_text parts)",
-)
 async def test_input_items_list_a_short_form_message_as_a_message_item(
     gateway: Gateway,
 ) -> None:
@@ -222,11 +217,6 @@ async def test_input_items_list_a_short_form_message_as_a_message_item(
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a continued turn's Response has previous_response_id null (the gateway pops it "
-    "before translating); OpenAI echoes the id",
-)
 async def test_a_continued_response_names_its_previous(gateway: Gateway) -> None:
     with trio.fail_after(TIMEOUT_S), sdk_client(gateway) as client:
         first = await in_thread(client.responses.create, model="mock-1", input="one")

@@ -602,11 +602,21 @@ def test_input_items_of_a_string() -> None:
 
 
 def test_input_items_of_a_list_are_copies() -> None:
-    items = [{"role": "user", "content": "q"}, call("c1")]
+    items = [{"type": "message", "role": "user", "content": "q"}, call("c1")]
     out = input_items({"input": items})
     assert out == items
     out[0]["content"] = "changed"
     assert items[0]["content"] == "q"
+
+
+@pytest.mark.parametrize(
+    ("role", "part"),
+    [("user", "input_text"), ("system", "input_text"), ("assistant", "output_text")],
+)
+def test_input_items_list_a_short_form_message_as_a_message_item(role: str, part: str) -> None:
+    """As OpenAI lists it: ``type`` message, the text as one part of the role's kind."""
+    out = input_items({"input": [{"role": role, "content": "q"}]})
+    assert out == [{"type": "message", "role": role, "content": [{"type": part, "text": "q"}]}]
 
 
 def test_input_items_absent_is_empty() -> None:
