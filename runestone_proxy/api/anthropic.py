@@ -18,7 +18,8 @@ and the overflow queue apply unchanged. What differs is the dialect on the wire:
 
 A translated stream (whose provider sends no pings of its own) gets an ``event: ping``
 after ``upstream.ping_interval_s`` without an event, as Anthropic's streams do, so that a
-client's read timeout does not fire while a slow model thinks.
+client's read timeout does not fire while a slow model thinks (one task for every such
+stream: :mod:`.pings`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import time
 from collections.abc import Awaitable, Callable
 
 import attrs
-import trio
 
 from runestone_proxy.api.accept import accept, authenticate
 from runestone_proxy.api.http import (
@@ -38,6 +38,7 @@ from runestone_proxy.api.http import (
     provider_headers,
 )
 from runestone_proxy.api.jobs import answer_parked
+from runestone_proxy.api.pings import Pings
 from runestone_proxy.api.router import Router
 from runestone_proxy.errors import GatewayError
 from runestone_proxy.gateway.admission import Parked
@@ -69,6 +70,8 @@ class AnthropicApi:
     """The Messages endpoints, over the request service."""
 
     service: Service
+    #: The app's ping task (:mod:`.pings`); None: translated streams get no pings.
+    pings: Pings | None = None
 
     def add_routes(self, router: Router) -> None:
         router.add("POST", "/v1/messages", self.messages)
@@ -97,7 +100,7 @@ class AnthropicApi:
                     return
                 native = self.service.providers.runtime(stream.target).speaks_messages
                 interval = None if native else self.service.config.upstream.ping_interval_s
-                await relay(responder, stream, interval)
+                await relay(responder, stream, interval, self.pings)
             return
         answer = await self.service.complete(gen)
         if type(answer) is Parked:
@@ -125,10 +128,16 @@ class AnthropicApi:
         await responder.respond(200, headers, body)
 
 
-async def relay(responder: Responder, stream: Stream, ping_interval_s: float | None) -> None:
+async def relay(
+    responder: Responder,
+    stream: Stream,
+    ping_interval_s: float | None,
+    pings: Pings | None = None,
+) -> None:
     """Write an open Messages stream: its payloads are whole SSE frames, written as they
     come; an error after the start ends the stream with an ``event: error`` frame. With
-    ``ping_interval_s``, a ``ping`` frame goes out after that long without one."""
+    ``ping_interval_s`` (and the app's :class:`~.pings.Pings`), a ``ping`` frame goes out
+    into each silence that long."""
     await responder.start(
         200,
         (
@@ -137,15 +146,15 @@ async def relay(responder: Responder, stream: Stream, ping_interval_s: float | N
             *_rate_headers(stream.headers),
         ),
     )
-    if ping_interval_s is None:
+    if pings is None or ping_interval_s is None:
         await _relay(responder.send, stream)
         return
-    pinger = _Pinger(responder, ping_interval_s)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(pinger.run)
-        await _relay(pinger.send, stream)
-        await pinger.quiet()
-        nursery.cancel_scope.cancel()
+    quiet = pings.watch(responder, ping_interval_s, PING)
+    try:
+        await _relay(quiet.send, stream)
+        await quiet.settled()
+    finally:
+        pings.unwatch(quiet)
 
 
 async def _relay(send: Callable[[bytes], Awaitable[None]], stream: Stream) -> None:
@@ -156,54 +165,6 @@ async def _relay(send: Callable[[bytes], Awaitable[None]], stream: Stream) -> No
             payloads = await stream.next()
     except GatewayError as exc:
         await send(anthropic_error_frame(exc))
-
-
-@attrs.define(eq=False)
-class _Pinger:
-    """``event: ping`` on silences. The relay's writes and the pings share the connection,
-    and a socket takes one writer at a time: a ping is written only while the relay is not
-    writing, and the relay waits out a ping in flight (rare: once per silent interval). So
-    the common write costs a flag, not a lock (``trio.Lock`` yields to the scheduler on
-    every acquire, a cost per chunk)."""
-
-    responder: Responder
-    interval_s: float
-    #: A write (the relay's or a ping) is in progress.
-    writing: bool = False
-    #: Set once the ping in flight is written (None: no ping in flight).
-    pinged: trio.Event | None = None
-    last: float = attrs.Factory(trio.current_time)
-
-    async def run(self) -> None:
-        while True:
-            await trio.sleep_until(self.last + self.interval_s)
-            if self.writing:  # the relay is mid-write (a slow reader): not a silence
-                self.last = trio.current_time()
-            elif trio.current_time() - self.last >= self.interval_s:
-                self.writing = True
-                pinged = self.pinged = trio.Event()
-                try:
-                    await self.responder.send(PING)
-                finally:
-                    self.writing = False
-                    self.pinged = None
-                    pinged.set()
-                self.last = trio.current_time()
-
-    async def send(self, data: bytes) -> None:
-        if self.pinged is not None:
-            await self.pinged.wait()
-        self.writing = True
-        try:
-            await self.responder.send(data)
-        finally:
-            self.writing = False
-        self.last = trio.current_time()
-
-    async def quiet(self) -> None:
-        """Wait out a ping in flight (never cancel one halfway through its write)."""
-        if self.pinged is not None:
-            await self.pinged.wait()
 
 
 async def send_error(responder: Responder, exc: GatewayError, request_id: str) -> None:

@@ -12,6 +12,7 @@ The tree (every task has an owner; nothing runs in the background unparented)::
     │                                     needed (the operator's port), kept until the end
     │   └── health connections
     ├── SQLite store                      one writer task, group commit
+    ├── pings                             event: ping into quiet translated Messages streams
     ├── services                          overflow drainer (claims, webhooks, sweeps);
     │   └── job tasks                     Service.run_job; cancelled before the store so
     │                                     jobs are released
@@ -61,6 +62,7 @@ from runestone_proxy.api.health import (
 )
 from runestone_proxy.api.jobs import add_job_routes
 from runestone_proxy.api.openai import Api
+from runestone_proxy.api.pings import Pings
 from runestone_proxy.api.responses import ResponsesApi
 from runestone_proxy.api.responses_state import add_routes as add_response_state_routes
 from runestone_proxy.api.router import Router
@@ -103,6 +105,8 @@ class App:
     #: The aliases file (RUNESTONE_ALIASES_PATH) as the service sees it.
     aliases: aliases.ServiceAliases = attrs.field(kw_only=True)
     store: Store = attrs.field(kw_only=True)
+    #: The one task that pings quiet translated Messages streams.
+    pings: Pings = attrs.field(kw_only=True, factory=Pings)
 
     @classmethod
     def build(cls, config: Config, config_path: Path | None, env: Mapping[str, str]) -> App:
@@ -122,7 +126,8 @@ class App:
         store = Store.from_config(config, env)
         service.store = store
         api.add_routes(gateway.router)
-        AnthropicApi(service).add_routes(gateway.router)
+        pings = Pings()
+        AnthropicApi(service, pings).add_routes(gateway.router)
         ResponsesApi(service).add_routes(gateway.router)
         # The main port's detailed health views need a key once keys exist (a tenant's key
         # sees its own tenant); the health port is the operator's and shows everything.
@@ -164,6 +169,7 @@ class App:
             api=api,
             aliases=service_aliases,
             store=store,
+            pings=pings,
         )
 
     def _warn_if_open(self) -> None:
@@ -240,6 +246,7 @@ class App:
                     partial(accept_loop, listener, self.health_gateway, root, capped=False)
                 )
             await root.start(self.store.run)
+            await root.start(self.pings.run)
             services = await root.start(self._services)
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as accepting:
