@@ -14,7 +14,12 @@ process (each repeat runs one batch of each, so that drift spoils all of them al
 - ``messages``: ``POST /v1/messages``, model ``claude-bench`` on the anthropic-kind
   provider: native, the body forwarded as sent;
 - ``messages-translated``: ``POST /v1/messages``, model ``bench-model``: Messages -> chat
-  -> Message (or, streamed, chat chunks -> Anthropic events).
+  -> Message (or, streamed, chat chunks -> Anthropic events);
+- ``responses``: ``POST /v1/responses``, model ``resp-bench`` on the openai-kind provider
+  with ``responses_api = true``: native, the body forwarded as sent;
+- ``responses-translated``: ``POST /v1/responses``, model ``bench-model`` (chat only):
+  Responses -> chat -> Response (or, streamed, chat chunks -> Responses events).
+  Both send ``"store": false`` (see ``bench/scenarios_responses.py``).
 
 So it times, per request:
 - authentication, the JSON body, validation, rate limits, the tenant's capacity slot;
@@ -29,6 +34,7 @@ snakeviz); with several paths, one file per path (``FILE.<path>``).
 
     /work/venv/bin/python -m bench.api_cost [--tasks 64] [--profile /tmp/api.prof]
     /work/venv/bin/python -m bench.api_cost --path chat,messages,messages-translated [--stream]
+    /work/venv/bin/python -m bench.api_cost --path chat,responses,responses-translated [--stream]
 """
 
 from __future__ import annotations
@@ -56,7 +62,8 @@ from bench.scenarios import (
     STREAM_CHUNKS,
     messages_body,
 )
-from bench.targets import BENCH_MODEL, CLAUDE_MODEL, GATEWAY_ENV, PROXY_CONFIG
+from bench.scenarios_responses import responses_body
+from bench.targets import BENCH_MODEL, CLAUDE_MODEL, GATEWAY_ENV, PROXY_CONFIG, RESPONSES_MODEL
 from runestone_proxy import config as config_mod
 from runestone_proxy import logs, metrics, telemetry
 from runestone_proxy.api.dispatch import Phase
@@ -67,18 +74,21 @@ HEADERS: HeaderList = [(b"host", b"127.0.0.1"), (b"content-type", b"application/
 #: How a stream's last write ends, per dialect.
 DONE = b"data: [DONE]\n\n"
 MESSAGE_STOP = b'data: {"type":"message_stop"}\n\n'
+#: A Responses stream has no fixed last bytes: its last write holds this event's frame.
+RESPONSE_COMPLETED = b"event: response.completed\n"
 
 
 @attrs.frozen
 class ApiPath:
     """One request ``--path`` names: the URL path, its headers and bodies, and the bytes
-    that end its stream."""
+    that end its stream (``end_inside``: that its last write contains)."""
 
     url: str
     headers: tuple[tuple[bytes, bytes], ...]
     body: bytes
     stream_body: bytes
     end: bytes
+    end_inside: bool = False
 
 
 #: The Anthropic client's headers besides content-type (HEADERS has it).
@@ -101,18 +111,36 @@ PATHS = {
         messages_body(BENCH_MODEL, stream=True),
         MESSAGE_STOP,
     ),
+    "responses": ApiPath(
+        "/v1/responses",
+        (),
+        responses_body(RESPONSES_MODEL),
+        responses_body(RESPONSES_MODEL, stream=True),
+        RESPONSE_COMPLETED,
+        end_inside=True,
+    ),
+    "responses-translated": ApiPath(
+        "/v1/responses",
+        (),
+        responses_body(BENCH_MODEL),
+        responses_body(BENCH_MODEL, stream=True),
+        RESPONSE_COMPLETED,
+        end_inside=True,
+    ),
 }
 
 
 class StatusOnly:
     """A responder that writes nothing: it keeps the status, and whether a stream ended with
-    ``end`` (``data: [DONE]``, or Anthropic's ``message_stop`` event)."""
+    ``end`` (``data: [DONE]``, or Anthropic's ``message_stop`` event), or, ``inside``, whether
+    its last write held ``end`` (the Responses ``response.completed`` event)."""
 
-    def __init__(self, end: bytes = DONE) -> None:
+    def __init__(self, end: bytes = DONE, inside: bool = False) -> None:
         self.started = False
         self.status = 0
         self.done = False
         self.end = end
+        self.inside = inside
 
     async def respond(self, status: int, headers: HeaderList, body: bytes) -> None:
         self.started, self.status = True, status
@@ -121,7 +149,7 @@ class StatusOnly:
         self.started, self.status = True, status
 
     async def send(self, data: bytes) -> None:
-        self.done = data.endswith(self.end)
+        self.done = self.end in data if self.inside else data.endswith(self.end)
 
 
 async def measure(
@@ -156,7 +184,7 @@ async def measure(
                 body_source=BytesBody(body),
                 request_id=f"req_bench_{i}",
             )
-            responder = StatusOnly(spec.end)
+            responder = StatusOnly(spec.end, spec.end_inside)
             await gateway.dispatch(request, responder)
             seen[f"{responder.status}{' [end]' if responder.done else ''}"] += 1
 

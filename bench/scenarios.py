@@ -139,7 +139,7 @@ register(
         target="upstream",
         protocol="h1",
         request=CHAT,
-        groups=("chat", "messages"),
+        groups=("chat", "messages", "responses"),
     )
 )
 register(
@@ -161,7 +161,7 @@ register(
         target="gateway_upstream",
         protocol="h1",
         request=CHAT,
-        groups=("chat", "messages"),
+        groups=("chat", "messages", "responses"),
         baseline="direct_h1",
     )
 )
@@ -172,7 +172,7 @@ register(
         target="upstream",
         protocol="h1",
         request=STREAM,
-        groups=("stream", "messages"),
+        groups=("stream", "messages", "responses"),
         chunks=STREAM_CHUNKS,
     )
 )
@@ -183,7 +183,7 @@ register(
         target="gateway_upstream",
         protocol="h1",
         request=STREAM,
-        groups=("stream", "messages"),
+        groups=("stream", "messages", "responses"),
         baseline="direct_stream_h1",
         chunks=STREAM_CHUNKS,
         net_of="chat_h1",
@@ -383,3 +383,7 @@ register(
         chunks=PACED_CHUNKS,
     )
 )
+
+# --- the OpenAI Responses dialect: its own module (registered last, after its baselines) ------
+
+from bench import scenarios_responses  # noqa: E402, F401  (registers the responses group)

@@ -11,7 +11,8 @@ OpenAI provider: 20 unpaced chunks per stream), ``upstream_paced`` (the same, 50
 path's ceiling, on the server CPU like a gateway), and the gateways
 (``python -m runestone_proxy``): ``gateway`` (default config, no upstream),
 ``gateway_upstream`` (model ``bench-model`` -> ``upstream`` as an openai-kind provider,
-``claude-bench`` -> the same ``upstream`` as an anthropic-kind one; auth off),
+``claude-bench`` -> the same ``upstream`` as an anthropic-kind one, ``resp-bench`` -> the
+same as an openai-kind one with ``responses_api = true``; auth off),
 ``gateway_upstream_b`` (an identical second process: the A/A control),
 ``gateway_auth`` (the same with auth on: a rate-limited ``[[auth.keys]]`` key and a plain
 ``RUNESTONE_API_KEYS`` key) and ``gateway_paced`` (``bench-model`` -> ``upstream_paced``, sized
@@ -132,10 +133,13 @@ GATEWAY_ENV = {
 BENCH_MODEL = "bench-model"
 #: The model on the anthropic-kind provider (the native Messages scenarios).
 CLAUDE_MODEL = "claude-bench"
+#: The model on the openai-kind provider with ``responses_api = true`` (native Responses).
+RESPONSES_MODEL = "resp-bench"
 
 #: The gateway's config for the proxy scenarios (``{upstream}``: the fake upstream's port):
-#: ``bench-model`` on an openai-kind provider, ``claude-bench`` on an anthropic-kind one,
-#: both the fake upstream. Tenancy is opened wide so that its concurrency cap (10 per tenant
+#: ``bench-model`` on an openai-kind provider (chat only), ``claude-bench`` on an
+#: anthropic-kind one, ``resp-bench`` on an openai-kind one that speaks the Responses API,
+#: all three the fake upstream. Tenancy is opened wide so that its concurrency cap (10 per tenant
 #: by default) never queues a benchmark request, and the upstream pool may hold a connection
 #: per stream.
 PROXY_CONFIG = """\
@@ -171,6 +175,19 @@ api_key_env = "RUNESTONE_BENCH_ANTHROPIC_KEY"
 [[models]]
 id = "claude-bench"
 provider = "bench-anthropic"
+
+# The Responses dialect: bench-upstream (flavor generic) has no responses_api, so
+# /v1/responses for bench-model is translated to chat. The same fake upstream again, as a
+# provider that serves POST /responses itself: resp-bench's Responses calls pass through.
+[[providers]]
+name = "bench-responses"
+kind = "openai"
+base_url = "http://127.0.0.1:{upstream}/v1"
+responses_api = true
+
+[[models]]
+id = "resp-bench"
+provider = "bench-responses"
 """
 
 #: Auth on: one ``[[auth.keys]]`` key with per-key limits far out of reach (so every
@@ -276,7 +293,8 @@ register_target(
 register_target(
     Target(
         "gateway_upstream",
-        "runestone_proxy -> upstream (openai and anthropic kinds), auth off, tenancy wide open",
+        "runestone_proxy -> upstream (openai, openai+responses_api, anthropic providers), "
+        "auth off, tenancy wide open",
         _proxy_starter("gateway_upstream", "upstream"),
         needs=("upstream",),
         unavailable=gateway_unavailable,

@@ -20,6 +20,13 @@ Routes (anything else is 404 in OpenAI's error envelope):
   ``x-api-key`` (or ``authorization``, which newer Anthropic SDKs send) is a 401, without
   ``anthropic-version`` a 400, in Anthropic's error envelope.
   ``POST /v1/messages/count_tokens`` answers ``{"input_tokens": 9}``.
+* ``POST /v1/responses`` (OpenAI's Responses API): a ``response`` object with ``usage``;
+  with ``"stream": true``, the documented event sequence (``event:`` lines, each event with
+  its ``sequence_number``): ``response.created``, ``response.in_progress``, the message item
+  and its part opened, ``chunks`` ``response.output_text.delta`` events, the text, part and
+  item done, and ``response.completed`` carrying the whole Response; flushed in the same
+  ``chunks + 1`` writes as the chat stream (bodies and events in
+  ``bench/upstream_responses.py``). ``chunks`` and ``pacing_ms`` as for chat.
 * ``POST /v1/embeddings``: one small fixed vector per input.
 * ``GET /v1/models``: a fixed model list.
 
@@ -44,6 +51,7 @@ import h11
 import trio
 
 from bench.serving import StreamHandler, next_request, run, server_args
+from bench.upstream_responses import response_body, response_events
 
 CREATED = 1_700_000_000
 DEFAULT_MODEL = "bench-model"
@@ -54,6 +62,7 @@ SSE_HEADERS = [
 ]
 MODELS = [DEFAULT_MODEL, "gpt-4o-mini", "gpt-4o"]
 MESSAGES_PATHS = ("/v1/messages", "/v1/messages/count_tokens")
+RESPONSES_PATH = "/v1/responses"
 
 
 @attrs.frozen
@@ -250,6 +259,23 @@ def _messages(
     return Reply(200, message_body(model))
 
 
+def _responses(query: str, body: bytes, defaults: Defaults) -> Reply:
+    """OpenAI's Responses API: the whole Response, or its event stream."""
+    try:
+        payload = json.loads(body) if body else {}
+    except ValueError:
+        return _error(400, "Body is not JSON", "invalid_request_error", "invalid_json")
+    if not isinstance(payload, dict):
+        return _error(400, "Body is not a JSON object", "invalid_request_error", "invalid_json")
+    model = str(payload.get("model", DEFAULT_MODEL))
+    if payload.get("stream") is True:
+        params = dict(parse_qsl(query))
+        chunks = int(params.get("chunks", defaults.chunks))
+        pacing_ms = float(params.get("pacing_ms", defaults.pacing_ms))
+        return Reply(200, events=response_events(model, max(chunks, 1)), pacing_s=pacing_ms / 1000)
+    return Reply(200, response_body(model))
+
+
 def _embeddings(payload: dict[str, Any]) -> bytes:
     inputs = payload.get("input", "")
     count = len(inputs) if isinstance(inputs, list) else 1
@@ -280,9 +306,11 @@ def decide(
     if path == "/v1/models" and method == "GET":
         return Reply(200, models_body())
     if path not in ("/v1/chat/completions", "/v1/embeddings"):
-        # Checked here, so that the OpenAI paths pay nothing for it.
+        # Checked here, so that the chat and embeddings paths pay nothing for them.
         if path in MESSAGES_PATHS and method == "POST":
             return _messages(path, query, headers or (), body, defaults)
+        if path == RESPONSES_PATH and method == "POST":
+            return _responses(query, body, defaults)
         return _error(404, f"Unknown path {path}", "invalid_request_error", "not_found")
     if method != "POST":
         return _error(405, "Method not allowed", "invalid_request_error", "method_not_allowed")
