@@ -43,6 +43,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from runestone_proxy.errors import UpstreamProtocolError
+from runestone_proxy.providers.chunks import choice_zero
 from runestone_proxy.providers.json_codec import dumps, loads_object
 from runestone_proxy.providers.openai_errors import error_from_payload, is_error
 
@@ -86,7 +87,7 @@ def chat_to_message(chat_json: bytes, *, model: str) -> bytes:
     obj = loads_object(chat_json, "chat completion")
     if is_error(obj):
         raise error_from_payload(obj)
-    choice = _choice_zero(obj.get("choices"))
+    choice = choice_zero(obj.get("choices"))
     message = choice.get("message")
     if not isinstance(message, Mapping):
         raise UpstreamProtocolError("chat completion: choice 0 has no message object")
@@ -203,14 +204,6 @@ def _tool_use(call_id: Any, function: Any, mid: str, n: int) -> JSON:
         "name": name if isinstance(name, str) else "",
         "input": tool_input(function.get("arguments")),
     }
-
-
-def _choice_zero(choices: Any) -> Mapping[str, Any]:
-    if isinstance(choices, list):
-        for choice in choices:
-            if isinstance(choice, Mapping) and choice.get("index", 0) == 0:
-                return choice
-    raise UpstreamProtocolError("chat completion: no choice 0")
 
 
 def _text(content: Any) -> str:

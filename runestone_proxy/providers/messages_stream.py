@@ -47,15 +47,13 @@ chunk on the 2-core VM, of which the decode is 3).
 from __future__ import annotations
 
 import enum
-import json
-import re
 from collections.abc import Callable, Mapping
-from json.encoder import encode_basestring, encode_basestring_ascii
 from typing import Any, Final, Literal
 
 import attrs
 
 from runestone_proxy.errors import UpstreamProtocolError
+from runestone_proxy.providers.chunks import chunk_choice, json_string, loads_chunk, plain_text
 from runestone_proxy.providers.messages_frames import frame_obj
 from runestone_proxy.providers.messages_response import (
     message_id,
@@ -141,15 +139,6 @@ _DELTA = b'event: content_block_delta\ndata: {"type":"content_block_delta","inde
 _END = b"}}\n\n"
 
 
-def _json_string(text: str) -> bytes:
-    """``text`` as a JSON string literal, UTF-8; ``\\u`` escapes only for a lone surrogate
-    (as ``json_codec.dumps``)."""
-    try:
-        return encode_basestring(text).encode()
-    except UnicodeEncodeError:
-        return encode_basestring_ascii(text).encode()
-
-
 @attrs.define
 class _Tool:
     """One OpenAI tool call, by its ``index``."""
@@ -191,10 +180,10 @@ class MessagesEncoder:
     def feed(self, payload: bytes) -> list[bytes]:
         """One chunk's JSON text -> zero or more frames. An error object raises it."""
         if self._state is State.TEXT:
-            text = _plain_text(payload)
+            text = plain_text(payload)
             if text is not None:  # row (TEXT, text) on the bytes: most chunks of a stream
                 return [self._prefix + text + _END]
-        obj = _loads(payload)
+        obj = loads_chunk(payload)
         if not isinstance(obj, dict):
             raise UpstreamProtocolError("stream chunk is not a JSON object")
         if "error" in obj or obj.get("object") == "error":
@@ -206,7 +195,7 @@ class MessagesEncoder:
         usage = obj.get("usage")
         if isinstance(usage, dict):
             self._usage = usage
-        choice = _choice_zero(obj.get("choices"))
+        choice = chunk_choice(obj.get("choices"))
         if choice is None:
             self._step("empty", None, out)
             return out
@@ -218,7 +207,7 @@ class MessagesEncoder:
             content = delta.get("content")
             if content and isinstance(content, str):
                 if self._state is State.TEXT:  # row (TEXT, text), inline: the common chunk
-                    out.append(self._prefix + _json_string(content) + _END)
+                    out.append(self._prefix + json_string(content) + _END)
                 else:
                     self._step("text", content, out)
             refusal = delta.get("refusal")
@@ -286,7 +275,7 @@ class MessagesEncoder:
         self._open({"type": "text", "text": ""}, b"text_delta", b"text", out)
 
     def _delta(self, piece: str, out: list[bytes]) -> None:
-        out.append(self._prefix + _json_string(piece) + _END)
+        out.append(self._prefix + json_string(piece) + _END)
 
     def _tool(self, piece: Mapping[str, Any], out: list[bytes]) -> None:
         key = self._tool_key(piece)
@@ -311,7 +300,7 @@ class MessagesEncoder:
         arguments = function.get("arguments")
         if arguments and isinstance(arguments, str):
             if tool.status == "open":
-                out.append(self._prefix + _json_string(arguments) + _END)
+                out.append(self._prefix + json_string(arguments) + _END)
             else:
                 tool.held.append(arguments)
 
@@ -336,7 +325,7 @@ class MessagesEncoder:
             for tool in self._held:
                 self._open_tool(tool, out)
                 if tool.held:
-                    out.append(self._prefix + _json_string("".join(tool.held)) + _END)
+                    out.append(self._prefix + json_string("".join(tool.held)) + _END)
                     tool.held.clear()
                 out.append(self._stop_frame())
                 tool.status = "closed"
@@ -390,54 +379,3 @@ _COMPILED: Final[Mapping[tuple[State, Input], tuple[tuple[_Action, ...], State]]
     key: (tuple(_ACTIONS[name] for name in names), following)
     for key, (names, following) in TRANSITIONS.items()
 }
-
-
-_raw_decode = json.JSONDecoder().raw_decode
-
-#: A chunk whose only delta is text: ``"delta":{"content":"..."}`` (``"role"`` first
-#: allowed), the string a well-formed JSON literal (no raw control characters, only JSON's
-#: escapes), so its bytes can be forwarded without a decode and an encode.
-_TEXT_DELTA = re.compile(
-    rb'"delta":\{(?:"role":"assistant",)?"content":'
-    rb'("(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*")\}'
-)
-
-
-def _plain_text(payload: bytes) -> bytes | None:
-    """The text delta's JSON string literal, if ``payload`` is a plain text chunk of one
-    choice (no tool call, no finish reason, no usage, no error); else None (the full
-    parse decides)."""
-    if (
-        payload.count(b'"index"') != 1
-        or b'"usage":{' in payload
-        or b'"error"' in payload
-        or (b'"finish_reason"' in payload and b'"finish_reason":null' not in payload)
-    ):
-        return None
-    match = _TEXT_DELTA.search(payload)
-    return None if match is None else match.group(1)
-
-
-def _loads(payload: bytes) -> Any:
-    """``json.loads`` for one chunk, at half its cost: ``raw_decode`` on the decoded text
-    skips the encoding sniffing and wrapper layers (anything it does not take, such as
-    leading whitespace, goes to ``json.loads``, which decides)."""
-    try:
-        try:
-            text = payload.decode()
-            obj, end = _raw_decode(text)
-        except ValueError:  # JSONDecodeError, UnicodeDecodeError
-            return json.loads(payload)
-        if end != len(text) and text[end:].strip():
-            raise ValueError("extra data")
-    except (ValueError, UnicodeDecodeError):
-        raise UpstreamProtocolError("stream chunk is not valid JSON") from None
-    return obj
-
-
-def _choice_zero(choices: Any) -> dict[str, Any] | None:
-    if isinstance(choices, list):
-        for choice in choices:
-            if isinstance(choice, dict) and choice.get("index", 0) == 0:
-                return choice
-    return None

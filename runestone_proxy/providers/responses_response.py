@@ -39,6 +39,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from runestone_proxy.errors import UpstreamProtocolError
+from runestone_proxy.providers.chunks import choice_zero
 from runestone_proxy.providers.json_codec import dumps, loads_object
 from runestone_proxy.providers.openai_errors import error_from_payload, is_error
 
@@ -100,7 +101,7 @@ def chat_to_response(
     obj = loads_object(chat_json, "chat completion")
     if is_error(obj):
         raise error_from_payload(obj)
-    choice = _choice_zero(obj.get("choices"))
+    choice = choice_zero(obj.get("choices"))
     message = choice.get("message")
     if not isinstance(message, Mapping):
         raise UpstreamProtocolError("chat completion: choice 0 has no message object")
@@ -267,14 +268,6 @@ def _arguments(arguments: Any) -> str:
     if isinstance(arguments, Mapping):  # a few servers send the object itself
         return dumps(arguments).decode()
     return ""
-
-
-def _choice_zero(choices: Any) -> Mapping[str, Any]:
-    if isinstance(choices, list):
-        for choice in choices:
-            if isinstance(choice, Mapping) and choice.get("index", 0) == 0:
-                return choice
-    raise UpstreamProtocolError("chat completion: no choice 0")
 
 
 def _text(content: Any) -> str:

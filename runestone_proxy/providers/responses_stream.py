@@ -45,14 +45,19 @@ in :meth:`ResponsesEncoder.feed`.
 from __future__ import annotations
 
 import enum
-import json
 from collections.abc import Callable, Mapping
-from json.encoder import encode_basestring, encode_basestring_ascii
 from typing import Any, Final, Literal
 
 import attrs
 
 from runestone_proxy.errors import GatewayError, UpstreamProtocolError
+from runestone_proxy.providers.chunks import (
+    chunk_choice,
+    json_string,
+    literal_text,
+    loads_chunk,
+    plain_text,
+)
 from runestone_proxy.providers.json_codec import dumps
 from runestone_proxy.providers.messages_frames import frame
 from runestone_proxy.providers.openai_errors import error_from_payload, is_error
@@ -198,15 +203,6 @@ def error_frame(exc: GatewayError, sequence_number: int) -> bytes:
     return frame("error", dumps(data))
 
 
-def _json_string(text: str) -> bytes:
-    """``text`` as a JSON string literal, UTF-8; ``\\u`` escapes only for a lone surrogate
-    (as ``json_codec.dumps``)."""
-    try:
-        return encode_basestring(text).encode()
-    except UnicodeEncodeError:
-        return encode_basestring_ascii(text).encode()
-
-
 def _prefix(fields: Mapping[str, Any]) -> bytes:
     """``,"<field>":<value>...,"delta":`` for a delta frame after its sequence number."""
     return b"," + dumps(fields)[1:-1] + b',"delta":'
@@ -272,7 +268,14 @@ class ResponsesEncoder:
 
     def feed(self, payload: bytes) -> list[bytes]:
         """One chunk's JSON text -> zero or more frames. An error object raises it."""
-        obj = _loads(payload)
+        if self._state is State.TEXT:
+            literal = plain_text(payload)
+            if literal is not None:  # row (TEXT, text) on the bytes: most chunks of a stream
+                self._pieces.append(literal_text(literal))
+                seq = self._seq
+                self._seq = seq + 1
+                return [b"%b%d%b%b%b" % (_TEXT_HEAD, seq, self._prefix, literal, _TEXT_TAIL)]
+        obj = loads_chunk(payload)
         if not isinstance(obj, dict):
             raise UpstreamProtocolError("stream chunk is not a JSON object")
         if ("error" in obj or obj.get("object") == "error") and is_error(obj):
@@ -283,7 +286,7 @@ class ResponsesEncoder:
         usage = obj.get("usage")
         if isinstance(usage, dict):
             self._usage = usage
-        choice = _choice_zero(obj.get("choices"))
+        choice = chunk_choice(obj.get("choices"))
         if choice is None:
             self._step("empty", None, out)
             return out
@@ -298,7 +301,7 @@ class ResponsesEncoder:
                     self._pieces.append(content)
                     seq = self._seq
                     self._seq = seq + 1
-                    text = _json_string(content)
+                    text = json_string(content)
                     out.append(b"%b%d%b%b%b" % (_TEXT_HEAD, seq, self._prefix, text, _TEXT_TAIL))
                 else:
                     self._step("text", content, out)
@@ -415,7 +418,7 @@ class ResponsesEncoder:
         self._pieces.append(piece)
         seq = self._seq
         self._seq = seq + 1
-        out.append(b"%b%d%b%b%b" % (self._head, seq, self._prefix, _json_string(piece), self._tail))
+        out.append(b"%b%d%b%b%b" % (self._head, seq, self._prefix, json_string(piece), self._tail))
 
     def _close_part(self, _: Any, out: list[bytes]) -> None:
         part = self._part
@@ -490,7 +493,7 @@ class ResponsesEncoder:
             call.pieces.append(arguments)
             seq = self._seq
             self._seq = seq + 1
-            text = _json_string(arguments)
+            text = json_string(arguments)
             out.append(b"%b%d%b%b%b" % (_ARGS_HEAD, seq, call.prefix, text, _TAIL))
 
     def _note_stop(self, finish: Any, _: list[bytes]) -> None:
@@ -534,31 +537,3 @@ _COMPILED: Final[Mapping[tuple[State, Input], tuple[tuple[_Action, ...], State]]
     key: (tuple(_ACTIONS[name] for name in names), following)
     for key, (names, following) in TRANSITIONS.items()
 }
-
-
-_raw_decode = json.JSONDecoder().raw_decode
-
-
-def _loads(payload: bytes) -> Any:
-    """``json.loads`` for one chunk, at about half its cost: ``raw_decode`` on the decoded
-    text skips the encoding sniffing and wrapper layers (anything it does not take, such as
-    leading whitespace, goes to ``json.loads``, which decides)."""
-    try:
-        try:
-            text = payload.decode()
-            obj, end = _raw_decode(text)
-        except ValueError:  # JSONDecodeError, UnicodeDecodeError
-            return json.loads(payload)
-        if end != len(text) and text[end:].strip():
-            raise ValueError("extra data")
-    except (ValueError, UnicodeDecodeError):
-        raise UpstreamProtocolError("stream chunk is not valid JSON") from None
-    return obj
-
-
-def _choice_zero(choices: Any) -> dict[str, Any] | None:
-    if isinstance(choices, list):
-        for choice in choices:
-            if isinstance(choice, dict) and choice.get("index", 0) == 0:
-                return choice
-    return None

@@ -463,6 +463,6 @@ def test_plain_text_chunks_forward_the_literal_and_mean_the_same(
     ],
 )
 def test_plain_text_fast_path_leaves_anything_else_to_the_parse(payload: bytes) -> None:
-    from runestone_proxy.providers.messages_stream import _plain_text
+    from runestone_proxy.providers.chunks import plain_text as _plain_text
 
     assert _plain_text(payload) is None

@@ -572,3 +572,39 @@ def _in_whole_order(chunks: list[dict[str, Any]]) -> bool:
                     runs.append(kind)
     order = ["reasoning_content", "content", "refusal", "~calls"]
     return len(runs) == len(set(runs)) and runs == sorted(runs, key=order.index)
+
+
+# --- the plain-text fast path ---------------------------------------------------------------
+
+
+def _text_chunk(text: str, ascii_only: bool) -> bytes:
+    chunk = {
+        "id": "chatcmpl-fast",
+        "object": "chat.completion.chunk",
+        "model": "m",
+        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
+    }
+    return json.dumps(chunk, ensure_ascii=ascii_only, separators=(",", ":")).encode()
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(pieces=st.lists(st.text(min_size=1), min_size=1, max_size=5), ascii_only=st.booleans())
+def test_plain_text_chunks_forward_their_literal_and_keep_the_text(
+    pieces: list[str], ascii_only: bool
+) -> None:
+    """Text chunks in an open text part leave as output_text deltas whose text is the
+    chunk's, and the final Response holds their concatenation, whether each literal is
+    forwarded as bytes or re-encoded."""
+    enc = encoder()
+    frames = enc.feed(_text_chunk("a", ascii_only=True))  # opens the message
+    for piece in pieces:
+        frames += enc.feed(_text_chunk(piece, ascii_only))
+    frames += enc.finish()
+    deltas = [
+        json.loads(f.decode().split("\ndata: ", 1)[1])
+        for f in frames
+        if f.startswith(b"event: response.output_text.delta\n")
+    ]
+    assert [d["delta"] for d in deltas] == ["a", *pieces]
+    final = json.loads(enc.final or b"null")
+    assert final["output"][0]["content"][0]["text"] == "a" + "".join(pieces)
