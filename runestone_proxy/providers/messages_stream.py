@@ -38,7 +38,7 @@ the finish_reason. Nothing is lost whatever the interleaving; the price is that 
 parallel call is not streamed live. A piece for a call whose block is already closed (after
 text came in between) cannot be delivered: :class:`UpstreamProtocolError`.
 
-Per chunk the cost is one JSON decode (:func:`_loads`) and, for text, thinking and tool
+Per chunk the cost is one JSON decode (``chunks.loads_chunk``) and, for text, thinking and tool
 arguments, one string encode joined to a prefix made when the block opened; row (TEXT, text),
 the common chunk, is carried out inline in :meth:`MessagesEncoder.feed` (about 5 us per text
 chunk on the 2-core VM, of which the decode is 3).

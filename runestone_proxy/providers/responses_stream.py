@@ -36,7 +36,7 @@ for :meth:`ResponsesEncoder.finish` (the usage chunk comes after the finish_reas
 The Response in response.completed is the one ``responses_response.chat_to_response`` makes
 of the same answer whole: same item ids, statuses, echoed settings and usage.
 
-Per chunk the cost is one JSON decode (:func:`_loads`), one string encode joined to a
+Per chunk the cost is one JSON decode (``chunks.loads_chunk``), one string encode joined to a
 prefix made when the part opened, and one list append (the text is kept for the ``.done``
 events and the final Response); row (TEXT, text), the common chunk, is carried out inline
 in :meth:`ResponsesEncoder.feed`.
@@ -44,13 +44,12 @@ in :meth:`ResponsesEncoder.feed`.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Mapping
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import attrs
 
-from runestone_proxy.errors import GatewayError, UpstreamProtocolError
+from runestone_proxy.errors import UpstreamProtocolError
 from runestone_proxy.providers.chunks import (
     chunk_choice,
     json_string,
@@ -61,6 +60,19 @@ from runestone_proxy.providers.chunks import (
 from runestone_proxy.providers.json_codec import dumps
 from runestone_proxy.providers.messages_frames import frame
 from runestone_proxy.providers.openai_errors import error_from_payload, is_error
+from runestone_proxy.providers.responses_events import (
+    ARGS_HEAD,
+    PARTS,
+    TAIL,
+    TEXT_HEAD,
+    TEXT_TAIL,
+    TRANSITIONS,
+    Input,
+    State,
+    delta_head,
+    delta_prefix,
+    error_frame,
+)
 from runestone_proxy.providers.responses_response import (
     function_call_item,
     incomplete_reason,
@@ -72,140 +84,6 @@ from runestone_proxy.providers.responses_response import (
 __all__ = ["TRANSITIONS", "Input", "ResponsesEncoder", "State", "error_frame"]
 
 JSON = dict[str, Any]
-
-
-class State(enum.Enum):
-    START = "start"  # no payload yet: response.created not sent
-    IDLE = "idle"  # response started, no item open
-    REASONING = "reasoning"  # a reasoning item is open (its summary part 0)
-    TEXT = "text"  # a message item is open, an output_text part in it
-    REFUSAL = "refusal"  # a message item is open, a refusal part in it
-    CALLS = "calls"  # one or more function_call items are open
-    DONE = "done"  # finish() ran: response.completed / .incomplete sent
-
-
-#: The inputs: a piece of choice 0's delta, its finish_reason, ``empty`` (a payload with
-#: none of these: the role-only first chunk, the usage chunk) and ``end`` (:meth:`finish`).
-Input = Literal["empty", "reasoning", "text", "refusal", "tool", "stop", "end"]
-
-_START, _IDLE, _REASONING, _TEXT, _REFUSAL, _CALLS, _DONE = State
-_S: Final = ("start",)
-#: (state, input) -> (actions, next state): the whole machine. Actions, run in order:
-#:   start           response.created and response.in_progress
-#:   close           close what is open: the part, then its item; or every open call
-#:   close_part      close the open part of the message (its .done, content_part.done)
-#:   open_reasoning  output_item.added reasoning, reasoning_summary_part.added
-#:   open_message    output_item.added message
-#:   open_text       content_part.added output_text;   open_refusal  ... refusal
-#:   delta           the open part's delta (summary text, output text, refusal)
-#:   tool            open the call's function_call item and / or stream its arguments
-#:   note_stop       remember finish_reason (the first one)
-#:   end             response.completed or response.incomplete, with the whole Response
-#: Row (TEXT, text) is also written inline in ``feed`` (the per-chunk hot path); keep both.
-TRANSITIONS: Final[Mapping[tuple[State, Input], tuple[tuple[str, ...], State]]] = {
-    (_START, "empty"): (_S, _IDLE),
-    (_START, "reasoning"): ((*_S, "open_reasoning", "delta"), _REASONING),
-    (_START, "text"): ((*_S, "open_message", "open_text", "delta"), _TEXT),
-    (_START, "refusal"): ((*_S, "open_message", "open_refusal", "delta"), _REFUSAL),
-    (_START, "tool"): ((*_S, "tool"), _CALLS),
-    (_START, "stop"): ((*_S, "note_stop"), _IDLE),
-    (_START, "end"): ((*_S, "end"), _DONE),
-    (_IDLE, "empty"): ((), _IDLE),
-    (_IDLE, "reasoning"): (("open_reasoning", "delta"), _REASONING),
-    (_IDLE, "text"): (("open_message", "open_text", "delta"), _TEXT),
-    (_IDLE, "refusal"): (("open_message", "open_refusal", "delta"), _REFUSAL),
-    (_IDLE, "tool"): (("tool",), _CALLS),
-    (_IDLE, "stop"): (("note_stop",), _IDLE),
-    (_IDLE, "end"): (("end",), _DONE),
-    (_REASONING, "empty"): ((), _REASONING),
-    (_REASONING, "reasoning"): (("delta",), _REASONING),
-    (_REASONING, "text"): (("close", "open_message", "open_text", "delta"), _TEXT),
-    (_REASONING, "refusal"): (("close", "open_message", "open_refusal", "delta"), _REFUSAL),
-    (_REASONING, "tool"): (("close", "tool"), _CALLS),
-    (_REASONING, "stop"): (("note_stop", "close"), _IDLE),
-    (_REASONING, "end"): (("close", "end"), _DONE),
-    (_TEXT, "empty"): ((), _TEXT),
-    (_TEXT, "reasoning"): (("close", "open_reasoning", "delta"), _REASONING),
-    (_TEXT, "text"): (("delta",), _TEXT),
-    (_TEXT, "refusal"): (("close_part", "open_refusal", "delta"), _REFUSAL),  # same message
-    (_TEXT, "tool"): (("close", "tool"), _CALLS),
-    (_TEXT, "stop"): (("note_stop", "close"), _IDLE),
-    (_TEXT, "end"): (("close", "end"), _DONE),
-    (_REFUSAL, "empty"): ((), _REFUSAL),
-    (_REFUSAL, "reasoning"): (("close", "open_reasoning", "delta"), _REASONING),
-    (_REFUSAL, "text"): (("close_part", "open_text", "delta"), _TEXT),  # same message
-    (_REFUSAL, "refusal"): (("delta",), _REFUSAL),
-    (_REFUSAL, "tool"): (("close", "tool"), _CALLS),
-    (_REFUSAL, "stop"): (("note_stop", "close"), _IDLE),
-    (_REFUSAL, "end"): (("close", "end"), _DONE),
-    (_CALLS, "empty"): ((), _CALLS),
-    (_CALLS, "reasoning"): (("close", "open_reasoning", "delta"), _REASONING),
-    (_CALLS, "text"): (("close", "open_message", "open_text", "delta"), _TEXT),
-    (_CALLS, "refusal"): (("close", "open_message", "open_refusal", "delta"), _REFUSAL),
-    (_CALLS, "tool"): (("tool",), _CALLS),
-    (_CALLS, "stop"): (("note_stop", "close"), _IDLE),
-    (_CALLS, "end"): (("close", "end"), _DONE),
-    (_DONE, "empty"): ((), _DONE),  # nothing is defined after the end: ignored
-    (_DONE, "reasoning"): ((), _DONE),
-    (_DONE, "text"): ((), _DONE),
-    (_DONE, "refusal"): ((), _DONE),
-    (_DONE, "tool"): ((), _DONE),
-    (_DONE, "stop"): ((), _DONE),
-    (_DONE, "end"): ((), _DONE),  # finish() is idempotent
-}
-
-
-#: Each part kind -> its events (added, delta, done, part done), the field its text is in,
-#: and the field that numbers it within its item.
-_PARTS: Final[Mapping[str, tuple[str, str, str, str, str, str]]] = {
-    "summary_text": (
-        *("response.reasoning_summary_part.added", "response.reasoning_summary_text.delta"),
-        *("response.reasoning_summary_text.done", "response.reasoning_summary_part.done"),
-        *("text", "summary_index"),
-    ),
-    "output_text": (
-        *("response.content_part.added", "response.output_text.delta"),
-        *("response.output_text.done", "response.content_part.done"),
-        *("text", "content_index"),
-    ),
-    "refusal": (
-        *("response.content_part.added", "response.refusal.delta"),
-        *("response.refusal.done", "response.content_part.done"),
-        *("refusal", "content_index"),
-    ),
-}
-_ARGS = "response.function_call_arguments.delta"
-_TAIL = b"}\n\n"
-_TEXT_TAIL = b',"logprobs":[]}\n\n'  # output_text deltas carry logprobs: []
-
-
-def _head(event_type: str) -> bytes:
-    """A delta frame up to its ``sequence_number`` value."""
-    name = event_type.encode()
-    return b'event: %b\ndata: {"type":"%b","sequence_number":' % (name, name)
-
-
-_TEXT_HEAD: Final = _head("response.output_text.delta")
-_ARGS_HEAD: Final = _head(_ARGS)
-
-
-def error_frame(exc: GatewayError, sequence_number: int) -> bytes:
-    """The Responses ``error`` event that ends a stream which failed after it started:
-    ``{"type": "error", "code", "message", "param", "sequence_number"}``; ``code`` is the
-    error's code, else its type (``server_error``, ``invalid_request_error``, ...)."""
-    data = {
-        "type": "error",
-        "sequence_number": sequence_number,
-        "code": exc.code if exc.code is not None else exc.error_type,
-        "message": exc.message,
-        "param": exc.param,
-    }
-    return frame("error", dumps(data))
-
-
-def _prefix(fields: Mapping[str, Any]) -> bytes:
-    """``,"<field>":<value>...,"delta":`` for a delta frame after its sequence number."""
-    return b"," + dumps(fields)[1:-1] + b',"delta":'
 
 
 @attrs.define
@@ -274,7 +152,7 @@ class ResponsesEncoder:
                 self._pieces.append(literal_text(literal))
                 seq = self._seq
                 self._seq = seq + 1
-                return [b"%b%d%b%b%b" % (_TEXT_HEAD, seq, self._prefix, literal, _TEXT_TAIL)]
+                return [b"%b%d%b%b%b" % (TEXT_HEAD, seq, self._prefix, literal, TEXT_TAIL)]
         obj = loads_chunk(payload)
         if not isinstance(obj, dict):
             raise UpstreamProtocolError("stream chunk is not a JSON object")
@@ -302,7 +180,7 @@ class ResponsesEncoder:
                     seq = self._seq
                     self._seq = seq + 1
                     text = json_string(content)
-                    out.append(b"%b%d%b%b%b" % (_TEXT_HEAD, seq, self._prefix, text, _TEXT_TAIL))
+                    out.append(b"%b%d%b%b%b" % (TEXT_HEAD, seq, self._prefix, text, TEXT_TAIL))
                 else:
                     self._step("text", content, out)
             refusal = delta.get("refusal")
@@ -403,16 +281,16 @@ class ResponsesEncoder:
         """Open ``part`` as the next of ``parts`` (the item's summary or content)."""
         assert self._item is not None
         kind = part["type"]
-        added, delta, _, _, _, index_name = _PARTS[kind]
+        added, delta, _, _, _, index_name = PARTS[kind]
         self._where = {"item_id": self._item["id"], "output_index": self._index}
         self._where[index_name] = len(parts)
         out.append(self._event(added, {**self._where, "part": part}))
         self._part = part
         parts.append(part)
         self._pieces = []
-        self._head = _head(delta)
-        self._prefix = _prefix(self._where)
-        self._tail = _TEXT_TAIL if kind == "output_text" else _TAIL
+        self._head = delta_head(delta)
+        self._prefix = delta_prefix(self._where)
+        self._tail = TEXT_TAIL if kind == "output_text" else TAIL
 
     def _delta(self, piece: str, out: list[bytes]) -> None:
         self._pieces.append(piece)
@@ -424,7 +302,7 @@ class ResponsesEncoder:
         part = self._part
         assert part is not None
         kind = part["type"]
-        _, _, done, part_done, field, _ = _PARTS[kind]
+        _, _, done, part_done, field, _ = PARTS[kind]
         text = "".join(self._pieces)
         self._pieces = []
         part[field] = text
@@ -481,7 +359,7 @@ class ResponsesEncoder:
                 status="in_progress",
             )
             self._add(dict(item), item, out)
-            call = _Call(index, item, _prefix({"item_id": item["id"], "output_index": index}))
+            call = _Call(index, item, delta_prefix({"item_id": item["id"], "output_index": index}))
             self._calls[key] = call
             self._open_calls.append(call)
         elif not call.open:
@@ -494,7 +372,7 @@ class ResponsesEncoder:
             seq = self._seq
             self._seq = seq + 1
             text = json_string(arguments)
-            out.append(b"%b%d%b%b%b" % (_ARGS_HEAD, seq, call.prefix, text, _TAIL))
+            out.append(b"%b%d%b%b%b" % (ARGS_HEAD, seq, call.prefix, text, TAIL))
 
     def _note_stop(self, finish: Any, _: list[bytes]) -> None:
         if self._finish is None:
