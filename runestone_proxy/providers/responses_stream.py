@@ -39,7 +39,8 @@ of the same answer whole: same item ids, statuses, echoed settings and usage.
 Per chunk the cost is one JSON decode (``chunks.loads_chunk``), one string encode joined to a
 prefix made when the part opened, and one list append (the text is kept for the ``.done``
 events and the final Response); row (TEXT, text), the common chunk, is carried out inline
-in :meth:`ResponsesEncoder.feed`.
+in :meth:`ResponsesEncoder.feed`, on the chunk's bytes when it is a plain text chunk
+(``chunks.plain_text``: its JSON literal forwarded; only the literal is decoded).
 """
 
 from __future__ import annotations
