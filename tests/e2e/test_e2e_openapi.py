@@ -338,7 +338,8 @@ async def test_error_answers(
         fake_openai.base_url,
         fake_anthropic.base_url,
         extra_providers=[dead],
-        upstream=UpstreamConfig(first_byte_timeout_s=0.2),
+        # Long enough for a busy host to answer every other case; the stalls wait it out.
+        upstream=UpstreamConfig(first_byte_timeout_s=1.0),
     )
     config = attrs.evolve(config, limits=LimitsConfig(max_body_bytes=4096))
     auth = {"authorization": f"Bearer {GATEWAY_KEY}"}
@@ -531,7 +532,8 @@ async def test_messages_error_answers(
         fake_openai.base_url,
         fake_anthropic.base_url,
         extra_providers=[dead],
-        upstream=UpstreamConfig(first_byte_timeout_s=0.2),
+        # Long enough for a busy host to answer every other case; the stalls wait it out.
+        upstream=UpstreamConfig(first_byte_timeout_s=1.0),
     )
     # Many provider failures in a row: keep the breakers closed, or the last cases would wait.
     routing = attrs.evolve(config.routing, breaker=BreakerConfig(failure_threshold=100))
