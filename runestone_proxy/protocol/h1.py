@@ -1,8 +1,9 @@
 """HTTP/1.1 pieces both sides share, with no I/O: head writing, head checks, the phase table.
 
 h11 parses every message on both sides (the listener's requests, the upstream pool's
-responses). What lives here is what we do *beside* h11 for speed, and the decisions the
-connection code acts on, each a plain function over bytes and values:
+responses), except a chunked response body, which :mod:`.chunked` decodes. What lives here
+is what we do *beside* h11 for speed, and the decisions the connection code acts on, each a
+plain function over bytes and values:
 
 * **Head writing** (RFC 9112 §2.1, §3, §4, §5): :func:`response_head` (the listener) and
   :func:`request_head` (the upstream pool) write a head without h11's serialiser, which

@@ -13,10 +13,13 @@ How the parser works:
   ``:``, space) is ASCII, and UTF-8 never uses ASCII bytes inside a multibyte sequence, so a
   character split across two feeds is harmless. Field values are decoded only where the
   event carries them as ``str`` (``event``, ``id``).
+* The hot path is one canonical event per feed (``data: {...}\\n\\n``, as OpenAI-format
+  streams send every chunk) with nothing pending: a few C-level byte checks recognise it and
+  it becomes an event without splitting lines.
 * Lines end with CRLF, LF or CR (spec: "end-of-line"). ``bytes.splitlines`` breaks at exactly
-  those three, in C, so the hot path (``data: {...}\\n\\n`` per feed) costs one ``splitlines``
-  and a ``startswith`` per line. A CR that ends one feed may be the first half of a CRLF, so
-  the parser remembers it and drops one LF at the start of the next feed.
+  those three, in C, so any other feed costs one ``splitlines`` and a ``startswith`` per
+  line. A CR that ends one feed may be the first half of a CRLF, so the parser remembers it
+  and drops one LF at the start of the next feed.
 * An unterminated line is kept as the "tail" until its end-of-line arrives. While a feed
   brings no line end at all, bytes are appended to a ``bytearray`` without rescanning, so a
   large event fed in small pieces costs linear time.
@@ -111,6 +114,20 @@ class SSEParser:
                 data = data[1:]
         if not data:
             return []
+        if (
+            data[:6] == b"data: "
+            and data[-2:] == b"\n\n"
+            and data.count(b"\n") == 2
+            and b"\r" not in data
+            and not self._tail
+            and not self._data
+            and not self._event_type
+            and self._block_retry is None
+            and len(data) <= self.max_event_bytes
+        ):
+            # The canonical event in one feed (an OpenAI-format stream's every chunk), with
+            # nothing pending: one ``data:`` line and the blank line that dispatches it.
+            return [SSEEvent(data[6:-2], "message", self.last_event_id)]
 
         events: list[SSEEvent] = []
         if self._tail:

@@ -62,13 +62,8 @@ from runestone_proxy.errors import UpstreamConnectError
 from runestone_proxy.gateway.transport import Body, Headers, UpstreamTimeouts
 from runestone_proxy.server.slowwatch import SlowWatch
 from runestone_proxy.server.upstream_dial import Origin
-from runestone_proxy.server.upstream_h11 import (
-    EarlyClose,
-    H11Connection,
-    H11Response,
-    UpstreamResponse,
-    timed_out,
-)
+from runestone_proxy.server.upstream_h11 import EarlyClose, H11Connection
+from runestone_proxy.server.upstream_response import H11Response, UpstreamResponse, timed_out
 
 if TYPE_CHECKING:
     from runestone_proxy.server.upstream_httpx import ProxyTransport

@@ -4,9 +4,10 @@ The connection layer under :class:`~runestone_proxy.server.upstream.UpstreamPool
 stream (TCP, or TLS with SNI and hostname checks), the h11 state machine that frames it, and
 the mapping of socket, TLS, h11 and timeout failures to :mod:`runestone_proxy.errors`. The
 pool decides which connection to use, and when to retry, reuse or close; this module does
-the I/O of one exchange. It also defines the response base class both transports share
-(:class:`UpstreamResponse`); the values they exchange (:class:`UpstreamTimeouts`, ``Headers``,
-``Body``) are the domain's, in :mod:`runestone_proxy.gateway.transport`.
+the I/O of one exchange up to the response head; :mod:`.upstream_response` reads the body
+(and defines the response base class both transports share). The values they exchange
+(:class:`UpstreamTimeouts`, ``Headers``, ``Body``) are the domain's, in
+:mod:`runestone_proxy.gateway.transport`.
 
 Every wait is bounded by the earlier of the step's own limit (``connect_s``,
 ``first_byte_s``, ``between_chunks_s``) and the request's total deadline. The two waits on
@@ -24,7 +25,6 @@ response head); reads and writes take the raw-fd path of
 
 from __future__ import annotations
 
-import abc
 import select
 import ssl
 from collections.abc import AsyncIterable
@@ -36,52 +36,23 @@ import trio
 
 from runestone_proxy.errors import (
     UpstreamConnectError,
-    UpstreamError,
     UpstreamProtocolError,
-    UpstreamTimeout,
 )
 from runestone_proxy.gateway.transport import Body, Headers, UpstreamTimeouts
-from runestone_proxy.protocol.h1 import FRAMING_HEADERS, WITH_CONTENT, request_head, sent_request
+from runestone_proxy.protocol.h1 import (
+    BODYLESS,
+    FRAMING_HEADERS,
+    WITH_CONTENT,
+    request_head,
+    sent_request,
+)
 from runestone_proxy.server.fdstream import FdStream
 from runestone_proxy.server.slowwatch import SlowWatch
 from runestone_proxy.server.upstream_dial import Origin, close, dial
+from runestone_proxy.server.upstream_response import MAX_HEAD_BYTES, H11Response, timed_out
 from runestone_proxy.server.upstream_wait import Wait
 
-MAX_HEAD_BYTES: Final = 64 * 1024  # h11 max_incomplete_event_size: the largest response head
 _END: Final = h11.EndOfMessage()
-
-
-@attrs.define(eq=False)
-class UpstreamResponse(abc.ABC):
-    """A response whose body is read incrementally. Header names are lower-case bytes."""
-
-    status: int
-    headers: list[tuple[bytes, bytes]] = attrs.field(repr=False)
-    origin: str  # scheme://host:port, safe to log
-
-    @abc.abstractmethod
-    async def receive(self) -> bytes:
-        """The next body chunk, ``b""`` at the end; each call is bounded by between_chunks_s."""
-
-    async def read(self, max_bytes: int | None = None) -> bytes:
-        """The rest of the body; raises :class:`UpstreamError` if it exceeds ``max_bytes``."""
-        chunks: list[bytes] = []
-        size = 0
-        while chunk := await self.receive():
-            size += len(chunk)
-            if max_bytes is not None and size > max_bytes:
-                raise UpstreamError(f"upstream {self.origin}: response body over {max_bytes} bytes")
-            chunks.append(chunk)
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-def timed_out(
-    origin: str, what: str, limit_s: float, t: UpstreamTimeouts, deadline: float
-) -> UpstreamTimeout:
-    """The error for a wait that ran out: the total limit if that was the one reached."""
-    if trio.current_time() >= deadline:
-        return UpstreamTimeout(f"upstream {origin}: request exceeded total_s={t.total_s}s")
-    return UpstreamTimeout(f"upstream {origin}: {what} within {limit_s}s")
 
 
 class EarlyClose(Exception):
@@ -111,6 +82,9 @@ class H11Connection(FdStream):
     watch: SlowWatch | None = attrs.field(default=None, repr=False)
     #: Set by the sweeper when a registered wait passed its due time.
     expired: bool = False
+    #: ``proto`` is a fresh h11 state machine, the last body having been read beside it
+    #: (:meth:`body_read`): ready for the next request as it is.
+    fresh: bool = False
 
     @classmethod
     async def connect(
@@ -148,11 +122,20 @@ class H11Connection(FdStream):
         """After a response: ready the connection for the next one if both sides are DONE
         (neither side asked to close, the body was read to its end), RFC 9112 §9.3."""
         proto = self.proto
-        if proto.our_state is not h11.DONE or proto.their_state is not h11.DONE:
+        if self.fresh:
+            self.fresh = False
+        elif proto.our_state is not h11.DONE or proto.their_state is not h11.DONE:
             return False
-        proto.start_next_cycle()
+        else:
+            proto.start_next_cycle()
         self.idle_since = now
         return True
+
+    def body_read(self) -> None:
+        """A response body decoded beside h11 ended cleanly on a keep-alive exchange: the
+        next request gets a fresh h11 state machine (h11 was not fed the body)."""
+        self.proto = h11.Connection(our_role=h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+        self.fresh = True
 
     async def aclose(self) -> None:
         await close(self.stream)
@@ -184,7 +167,8 @@ class H11Connection(FdStream):
             if head is not None:
                 proto.send(sent_request(method))
                 proto.send(_END)
-                return await self._exchange(head + body if body else head, t, deadline)
+                request = head + body if body else head
+                return await self._exchange(request, t, deadline, method == "HEAD")
         fields = [(b"host", origin.host_header)]
         if not isinstance(body, bytes):
             fields.append((b"transfer-encoding", b"chunked"))  # RFC 9112 §7.1
@@ -202,12 +186,12 @@ class H11Connection(FdStream):
                 parts = cast(list[bytes], proto.send_with_data_passthrough(h11.Data(data=body)))
                 head = b"".join([head, *parts])
             proto.send(_END)  # writes nothing under Content-Length
-            return await self._exchange(head, t, deadline)
+            return await self._exchange(head, t, deadline, method == "HEAD")
         await self._send_streamed(head, body, t, deadline)
-        return await self._exchange(None, t, deadline)
+        return await self._exchange(None, t, deadline, method == "HEAD")
 
     async def _exchange(
-        self, request: bytes | None, t: UpstreamTimeouts, deadline: float
+        self, request: bytes | None, t: UpstreamTimeouts, deadline: float, head_only: bool
     ) -> H11Response:
         """Write ``request`` (a whole, replayable one; None when the body was streamed) and
         read the response head. Writing and waiting share one bound (:class:`Wait`):
@@ -222,7 +206,10 @@ class H11Connection(FdStream):
                         "lost while sending", during_send=True, replayable=True
                     ) from exc
             event = await self._receive_head(request is not None)
-            return H11Response(event.status_code, list(event.headers), label, self, deadline, t)
+            response = H11Response(event.status_code, list(event.headers), label, self, deadline, t)
+            if not head_only and event.status_code not in BODYLESS:
+                response.take_chunked(event)
+            return response
         raise timed_out(label, "no response head", t.first_byte_s, t, deadline)
 
     async def _send_streamed(
@@ -284,102 +271,3 @@ class H11Connection(FdStream):
                 return event
             elif not isinstance(event, h11.InformationalResponse):  # skip 1xx, RFC 9110 §15.2
                 raise UpstreamProtocolError(f"upstream {label}: unexpected {type(event).__name__}")
-
-
-@attrs.define(eq=False)
-class H11Response(UpstreamResponse):
-    conn: H11Connection = attrs.field(repr=False)
-    _deadline: float = attrs.field(repr=False)
-    _timeouts: UpstreamTimeouts = attrs.field(repr=False)
-    _done: bool = attrs.field(default=False, repr=False)
-    detached: bool = attrs.field(default=False, repr=False)  # set when the `async with` ends
-    #: h11 said NEED_DATA (in ``_with_buffered``) and nothing was fed since: asking again
-    #: would only say it again.
-    _dry: bool = attrs.field(default=False, repr=False)
-    #: The last bytes came after a wait (a paced stream): the next read is not tried before
-    #: waiting, since it would find nothing.
-    _waited: bool = attrs.field(default=False, repr=False)
-
-    async def receive(self) -> bytes:
-        if self._done:
-            return b""
-        if self.detached:
-            raise trio.ClosedResourceError("response read after its `async with` block ended")
-        conn = self.conn
-        proto = conn.proto
-        while True:
-            if self._dry:
-                self._dry = False
-                event: h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED] = h11.NEED_DATA
-            else:
-                try:
-                    event = proto.next_event()
-                except h11.RemoteProtocolError as exc:  # bad framing, or EOF before the end
-                    raise UpstreamProtocolError(f"upstream {self.origin}: {exc}") from exc
-            if event is h11.NEED_DATA:
-                if conn.fd >= 0 and not self._waited:
-                    # Cleartext with bytes already waiting: take them without a timeout
-                    # (the common case mid-body of a fast stream); one checkpoint keeps the
-                    # loop fair.
-                    try:
-                        ready = conn.read_ready()
-                    except trio.BrokenResourceError:
-                        ready = None  # the scoped read below reports it
-                    if ready is not None:
-                        await trio.lowlevel.checkpoint()
-                        proto.receive_data(ready)  # b"" is EOF
-                        continue
-                # Nothing there, or the last bytes needed a wait too: wait for more. Each
-                # chunk of a paced stream comes this way, one wake-up each; a fast stream
-                # that once had to wait goes back to trying reads first when a wait finds
-                # more than one chunk's worth of bytes (see _with_buffered).
-                t = self._timeouts
-                deadline = min(self._deadline, trio.current_time() + t.between_chunks_s)
-                with Wait(conn, deadline) as wait:
-                    try:
-                        data = await conn.receive(waiting=True)  # it just read dry
-                    except trio.BrokenResourceError as exc:
-                        msg = f"upstream {self.origin}: connection lost mid-body"
-                        raise UpstreamConnectError(msg) from exc
-                if wait.timed_out:
-                    what = "no body bytes"
-                    raise timed_out(self.origin, what, t.between_chunks_s, t, self._deadline)
-                self._waited = True
-                proto.receive_data(data)  # b"" is EOF
-            elif isinstance(event, h11.Data):
-                if event.data:
-                    return self._with_buffered(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                self._done = True
-                return b""
-            else:
-                name = type(event).__name__
-                raise UpstreamProtocolError(f"upstream {self.origin}: unexpected {name}")
-
-    def _with_buffered(self, first: bytes | bytearray) -> bytes:
-        """``first`` and any body bytes h11 already holds behind it, as one chunk.
-
-        A fast upstream writes many small SSE chunks that arrive in one read; handing them
-        on together lets the relay write them to the client at once (each is still sent as
-        soon as it is here) instead of one write and one event-loop pass per chunk. The end
-        of the body, if seen, is remembered for the next ``receive``."""
-        proto = self.conn.proto
-        parts = [first]
-        while True:
-            try:
-                event = proto.next_event()
-            except h11.RemoteProtocolError:
-                break  # the next receive() asks again and raises
-            if type(event) is h11.Data:
-                parts.append(event.data)
-                continue
-            if type(event) is h11.EndOfMessage:
-                self._done = True
-            elif event is h11.NEED_DATA:
-                self._dry = True  # all that was buffered is taken
-            break
-        if len(parts) == 1:
-            # h11 hands out bytearray slices: bytes() copies one, join copies several.
-            return bytes(first)
-        self._waited = False  # chunks arrive faster than we take them: try reads first
-        return b"".join(parts)

@@ -40,10 +40,7 @@ from runestone_proxy.errors import (
 from runestone_proxy.gateway.transport import Body, Headers, UpstreamTimeouts
 from runestone_proxy.protocol.h1 import FRAMING_HEADERS, WITH_CONTENT
 from runestone_proxy.server.upstream_dial import CLOSE_TIMEOUT_S, Origin
-from runestone_proxy.server.upstream_h11 import (
-    UpstreamResponse,
-    timed_out,
-)
+from runestone_proxy.server.upstream_response import UpstreamResponse, timed_out
 
 
 def _env(env: Mapping[str, str], name: str) -> str:

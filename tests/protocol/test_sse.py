@@ -340,3 +340,18 @@ def test_encode_event_round_trips(
 def test_encode_event_rejects_multiline_fields() -> None:
     with pytest.raises(ValueError, match="one line"):
         encode_event(SSEEvent(b"x", event="a\nb"))
+
+
+def test_a_canonical_event_fed_whole_keeps_what_came_before_it() -> None:
+    """One ``data: ...\\n\\n`` per feed takes a shortcut; pending fields still apply."""
+    parser = SSEParser()
+    assert parser.feed(b'data: {"a":1}\n\n') == [SSEEvent(b'{"a":1}')]
+    assert parser.feed(b"id: 7\nevent: delta\nretry: 5\n") == []
+    assert parser.feed(b"data: x\n\n") == [SSEEvent(b"x", "delta", "7", 5)]
+    assert parser.feed(b"data: y\n\n") == [SSEEvent(b"y", "message", "7")]
+    assert parser.feed(b"data: par") == []
+    assert parser.feed(b"data: t\n\n") == [SSEEvent(b"pardata: t", id="7")]
+    assert parser.feed(b"data: a\rdata: b\n\n") == [SSEEvent(b"a\nb", id="7")]
+    small = SSEParser(max_event_bytes=4)
+    with pytest.raises(SSEError):
+        small.feed(b"data: 12345\n\n")

@@ -318,6 +318,63 @@ async def test_chunked_response_is_consumed_incrementally(serve: Start) -> None:
             assert pool.idle_connections == 1  # read to the end: kept
 
 
+async def test_a_connection_is_reused_after_a_chunked_body(serve: Start) -> None:
+    """The chunked body is decoded beside h11: the next exchange on the connection gets a
+    fresh state machine, and works (trailers included)."""
+
+    async def chunked(ex: Exchange) -> None:
+        await ex.read_body()
+        await ex.start_chunked(b"one")
+        trailer = [(b"x-trailer", b"t")]
+        await ex.send(h11.Data(data=b"two"), h11.EndOfMessage(headers=trailer))
+
+    server = await serve(chunked)
+    with trio.fail_after(LIMIT_S):
+        async with UpstreamPool(timeouts=FAST) as pool:
+            for _ in range(3):
+                async with pool.request("POST", server.base, [], b"q") as resp:
+                    assert await resp.read() == b"onetwo"
+                assert pool.idle_connections == 1
+            async with pool.request("GET", server.base, []) as resp:
+                assert await resp.read() == b"onetwo"
+    assert server.accepted == 1
+    assert len(server.requests) == 4
+
+
+async def test_a_chunked_answer_with_connection_close_is_not_reused(serve: Start) -> None:
+    async def closing(ex: Exchange) -> None:
+        await ex.read_body()
+        head = [(b"connection", b"close"), (b"transfer-encoding", b"chunked")]
+        await ex.send(h11.Response(status_code=200, headers=head), h11.Data(data=b"ok"))
+        await ex.send(h11.EndOfMessage())
+
+    server = await serve(closing)
+    with trio.fail_after(LIMIT_S):
+        async with UpstreamPool(timeouts=FAST) as pool:
+            for _ in range(2):
+                async with pool.request("GET", server.base, []) as resp:
+                    assert await resp.read() == b"ok"
+                assert pool.open_connections == 0  # RFC 9112 §9.6: not reused
+    assert server.accepted == 2
+
+
+async def test_bytes_past_a_chunked_body_are_not_left_on_a_pooled_connection(
+    serve: Start,
+) -> None:
+    async def overlong(ex: Exchange) -> None:
+        await ex.read_body()
+        raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\nXX"
+        await ex.stream.send_all(raw)
+        ex.close_after = True
+
+    server = await serve(overlong)
+    with trio.fail_after(LIMIT_S):
+        async with UpstreamPool(timeouts=FAST) as pool:
+            async with pool.request("GET", server.base, []) as resp:
+                assert await resp.read() == b"ok"
+            assert pool.open_connections == 0
+
+
 async def test_chunked_request_body_is_streamed(serve: Start) -> None:
     server_got_first = trio.Event()
 
@@ -696,6 +753,8 @@ async def test_the_total_limit_bounds_the_whole_exchange(serve: Start, watched: 
         b"SMTP ready\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",  # then EOF mid-body
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",  # then EOF
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabcd\r\n",
     ],
 )
 async def test_a_malformed_response_is_a_protocol_error(serve: Start, raw: bytes) -> None:
