@@ -217,6 +217,11 @@ class ModelConfig:
     upstream_id: str | None = None
     input_cost_per_1k: float = attrs.field(default=0.0, validator=_non_negative)
     output_cost_per_1k: float = attrs.field(default=0.0, validator=_non_negative)
+    #: The price of a prompt token the provider served from its cache (the usage ledger);
+    #: unset: the input price.
+    cached_input_cost_per_1k: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_non_negative)
+    )
     capabilities: tuple[str, ...] = ("chat", "streaming")
     family: str = "general"
     #: Share of traffic within a group of deployments of the same id (round_robin).
