@@ -122,6 +122,27 @@ _circuit = REGISTRY.counter(
 _LABEL_FIELDS = ("provider", "tenant", "status", "primary")
 
 
+_tokens = REGISTRY.counter(
+    "runestone_tokens_total",
+    "Tokens the providers reported, by tenant, model and kind (prompt, completion, cached).",
+)
+_cost = REGISTRY.counter(
+    "runestone_cost_usd_total", "Cost in USD at the model table's prices, by tenant and model."
+)
+
+
+def count_usage(
+    tenant: str, model: str, prompt: int, completion: int, cached: int, cost: float
+) -> None:
+    """One ledger record's tokens and cost (keys are not a label: bounded cardinality)."""
+    base = (("model", model), ("tenant", tenant))
+    _tokens.inc((("kind", "prompt"), *base), prompt)
+    _tokens.inc((("kind", "completion"), *base), completion)
+    if cached:
+        _tokens.inc((("kind", "cached"), *base), cached)
+    _cost.inc(base, cost)
+
+
 def count_request(status: int) -> None:
     _http.inc((("status", str(status)),))
 

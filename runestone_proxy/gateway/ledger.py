@@ -59,9 +59,11 @@ class UsageCounts:
         return self.prompt + self.completion
 
 
-@attrs.frozen
+@attrs.define(eq=False, slots=True)
 class UsageRecord:
-    """One request's line in the ledger (see the module docstring)."""
+    """One request's line in the ledger (see the module docstring). Not frozen, like the
+    service's other per-request values: a frozen attrs class pays an ``object.__setattr__``
+    per field, and this one has twenty. Nothing changes it once built."""
 
     at: float  # epoch seconds, when the request ended
     request_id: str
@@ -69,7 +71,7 @@ class UsageRecord:
     key_id: str
     endpoint: str
     model: str  # as the client asked for it (alias, pattern or id)
-    provider: str  # "" when no provider was reached... never recorded then
+    provider: str
     upstream_model: str
     attempts: int
     prompt_tokens: int

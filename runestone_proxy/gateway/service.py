@@ -32,9 +32,17 @@ import attrs
 
 from runestone_proxy import telemetry
 from runestone_proxy.errors import AuthenticationFailed, InvalidParam
+from runestone_proxy.gateway.accounting import (
+    Attempts,
+    account,
+    answer_counts,
+    failure,
+    stream_counts,
+)
 from runestone_proxy.gateway.admission import Admission, Parked
 from runestone_proxy.gateway.auth import KeyRejected, Principal
 from runestone_proxy.gateway.failover_stream import CommittedStream
+from runestone_proxy.gateway.ledger import Outcome
 from runestone_proxy.gateway.metadata import splice_metadata
 from runestone_proxy.gateway.overflow import Job, JobOutcome, check_webhook_url
 from runestone_proxy.gateway.rate_wire import Headers
@@ -222,11 +230,49 @@ class Service(ServiceState):
             route = gen.route
             if route.table is not self.routing:  # reloaded while it waited: see _route
                 route = self._route(gen)
+            model = gen.body.get("model")
             targets, call_for, policy = self._plan(
                 gen.endpoint, route, gen.body, gen.raw, request_id, False, headers=gen.headers
             )
-            target, answer = await self.failover.complete(targets, call_for, self.providers)
+            attempts = Attempts(call_for)
+            started = time.perf_counter()
+            principal = gen.principal
+            try:
+                target, answer = await self.failover.complete(targets, attempts, self.providers)
+            except BaseException as exc:
+                status, outcome = failure(exc)
+                account(
+                    self.ledger,
+                    request_id=request_id,
+                    tenant=principal.tenant,
+                    key_id=principal.key_id,
+                    endpoint=gen.endpoint,
+                    model=model,
+                    attempts=attempts,
+                    counts=None,
+                    estimated=False,
+                    status=status,
+                    outcome=outcome,
+                    stream=False,
+                    started=started,
+                )
+                raise
             admission.usage = usage_tokens(answer)
+            account(
+                self.ledger,
+                request_id=request_id,
+                tenant=principal.tenant,
+                key_id=principal.key_id,
+                endpoint=gen.endpoint,
+                model=model,
+                attempts=attempts,
+                counts=answer_counts(gen.endpoint, answer),
+                estimated=False,
+                status=200,
+                outcome="ok",
+                stream=False,
+                started=started,
+            )
             answer = splice_metadata(answer, target.provider, policy, request_id)
             return Answer(target, policy, answer, admission.rl_headers)
 
@@ -270,7 +316,7 @@ class Service(ServiceState):
         body = parse_object(job.body)
         route = self.route(endpoint, body, len(job.body))
         _, _, answer = await self._complete(
-            endpoint, route, body, job.body, job.request_id, headers=job.headers
+            endpoint, route, body, job.body, job.request_id, headers=job.headers, tenant=job.tenant
         )
         return JobOutcome(200, answer)
 
@@ -341,12 +387,36 @@ class Service(ServiceState):
         request_id: str,
         *,
         headers: tuple[tuple[bytes, bytes], ...] = (),
+        tenant: str,
     ) -> tuple[Target, str, bytes]:
-        """A whole answer through failover, with Runestone's metadata spliced in."""
+        """A queued job's whole answer through failover, with Runestone's metadata spliced
+        in, and its ledger record (a job keeps no key id: its key is ``""``)."""
+        model = body.get("model")
         targets, call_for, policy = self._plan(
             endpoint, route, body, raw, request_id, False, headers=headers
         )
-        target, answer = await self.failover.complete(targets, call_for, self.providers)
+        attempts = Attempts(call_for)
+        started = time.perf_counter()
+        fields: dict[str, Any] = {
+            "request_id": request_id,
+            "tenant": tenant,
+            "key_id": "",
+            "endpoint": endpoint,
+            "model": model,
+            "attempts": attempts,
+            "stream": False,
+            "started": started,
+        }
+        try:
+            target, answer = await self.failover.complete(targets, attempts, self.providers)
+        except BaseException as exc:
+            status, outcome = failure(exc)
+            account(
+                self.ledger, **fields, counts=None, estimated=False, status=status, outcome=outcome
+            )
+            raise
+        counts = answer_counts(endpoint, answer)
+        account(self.ledger, **fields, counts=counts, estimated=False, status=200, outcome="ok")
         return target, policy, splice_metadata(answer, target.provider, policy, request_id)
 
 
@@ -355,7 +425,17 @@ class OpenStream:
     the failover's stream. A class rather than a generator context manager: it wraps every
     stream, and a generator costs a few microseconds more per use."""
 
-    __slots__ = ("admission", "gen", "service", "started", "stream", "upstream")
+    __slots__ = (
+        "admission",
+        "attempts",
+        "gen",
+        "model",
+        "opened",
+        "service",
+        "started",
+        "stream",
+        "upstream",
+    )
 
     def __init__(self, service: Service, gen: Generation) -> None:
         self.service = service
@@ -364,6 +444,9 @@ class OpenStream:
         self.upstream: AbstractAsyncContextManager[CommittedStream] | None = None
         self.stream: Stream
         self.started = 0.0
+        self.opened = 0.0
+        self.attempts: Attempts | None = None
+        self.model = gen.body.get("model")
 
     async def __aenter__(self) -> Stream | Parked:
         service, gen, admission = self.service, self.gen, self.admission
@@ -371,9 +454,8 @@ class OpenStream:
         if parked is not None:
             return parked
         try:
-            # A tokens-per-minute limit needs the real usage to reconcile its estimate: ask
-            # the provider for it (the client sees it only if it asked too).
-            tpm = gen.principal.limits.tpm is not None
+            # The ledger (and a tokens-per-minute limit) needs the real usage: the provider
+            # is asked for it on every stream (the client sees it only if it asked too).
             targets, call_for, policy = service._plan(
                 gen.endpoint,
                 service._route(gen),
@@ -381,12 +463,16 @@ class OpenStream:
                 gen.raw,
                 gen.request_id,
                 True,
-                tpm,
+                True,
                 headers=gen.headers,
             )
-            upstream = service.failover.open_stream(targets, call_for, service.providers)
+            attempts = self.attempts = Attempts(call_for)
+            self.opened = time.perf_counter()
+            upstream = service.failover.open_stream(targets, attempts, service.providers)
             up = await upstream.__aenter__()
         except BaseException as exc:
+            if self.attempts is not None:
+                self._account(None, *failure(exc))
             await admission.__aexit__(type(exc), exc, exc.__traceback__)
             raise
         self.upstream = upstream
@@ -405,16 +491,47 @@ class OpenStream:
         upstream = self.upstream
         if upstream is not None:
             try:
+                up = self.stream.committed
                 if exc is None:
-                    up = self.stream.committed
                     _stream_ended(self.gen, up, self.started)
                     if up.ended:  # what the translator recorded, whether the client saw it
                         self.admission.usage = _total_tokens(up.usage)
+                if up.ended:
+                    self._account(up, 200, "ok")
+                elif up.error is not None:
+                    self._account(up, 200, "error")  # ended in-band, after a 200 start
+                else:  # the client went away (or the handler stopped reading)
+                    self._account(up, 499, "cancelled")
                 await upstream.__aexit__(exc_type, exc, tb)
             except BaseException as raised:
                 await self.admission.__aexit__(type(raised), raised, raised.__traceback__)
                 raise
         await self.admission.__aexit__(exc_type, exc, tb)
+
+    def _account(self, up: CommittedStream | None, status: int, outcome: Outcome) -> None:
+        """The stream's ledger record: its usage (or the estimate), once it is over."""
+        gen = self.gen
+        assert self.attempts is not None
+        if up is None:
+            counts, estimated = None, False
+        else:
+            counts, estimated = stream_counts(up.usage, gen.body, up.chunks)
+        account(
+            self.service.ledger,
+            request_id=gen.request_id,
+            tenant=gen.principal.tenant,
+            key_id=gen.principal.key_id,
+            endpoint=gen.endpoint,
+            model=self.model,
+            attempts=self.attempts,
+            counts=counts,
+            estimated=estimated,
+            status=status,
+            outcome=outcome,
+            stream=True,
+            started=self.opened,
+            ttfb=self.started or None,
+        )
 
 
 def _stream_ended(gen: Generation, up: CommittedStream, started: float) -> None:

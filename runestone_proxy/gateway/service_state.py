@@ -20,6 +20,7 @@ from runestone_proxy.gateway.auth import KeyStore
 from runestone_proxy.gateway.capacity import Capacity
 from runestone_proxy.gateway.deployments import Deployments
 from runestone_proxy.gateway.failover import Failover
+from runestone_proxy.gateway.ledger import UsageLedger
 from runestone_proxy.gateway.pipeline import Providers
 from runestone_proxy.gateway.queue import JobQueue
 from runestone_proxy.gateway.ratelimit import RateLimiter
@@ -47,6 +48,8 @@ class ServiceState:
     store: JobQueue | None = attrs.field(kw_only=True, default=None)
     #: The Responses dialect's stored turns (``previous_response_id``, ``store``).
     responses: ResponseStore | None = attrs.field(kw_only=True, default=None)
+    #: Where each request's usage record goes (the durable store; None: nowhere).
+    ledger: UsageLedger | None = attrs.field(kw_only=True, default=None)
 
     @classmethod
     def build(

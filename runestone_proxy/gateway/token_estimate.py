@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["estimate_tokens", "usage_tokens"]
+__all__ = ["estimate_tokens", "int_after", "usage_tokens"]
 
 
 def _chars(value: object) -> int:
@@ -43,10 +43,10 @@ def usage_tokens(payload: bytes) -> int | None:
     """The tokens an answer reports, found without parsing the JSON; None when absent:
     ``usage.total_tokens`` (OpenAI's shapes), else the sum of an Anthropic Message's
     ``input_tokens``, ``output_tokens`` and cache counts (the Messages dialect)."""
-    total = _int_after(payload, b'"total_tokens"')
+    total = int_after(payload, b'"total_tokens"')
     if total is not None or b'"output_tokens"' not in payload:
         return total
-    counts = [_int_after(payload, key) for key in _ANTHROPIC_USAGE]
+    counts = [int_after(payload, key) for key in _ANTHROPIC_USAGE]
     known = [c for c in counts if c is not None]
     return sum(known) if known else None
 
@@ -60,7 +60,7 @@ _ANTHROPIC_USAGE = (
 )
 
 
-def _int_after(payload: bytes, key: bytes) -> int | None:
+def int_after(payload: bytes, key: bytes) -> int | None:
     """The integer after the last ``key:`` in ``payload``, or None."""
     at = payload.rfind(key)
     if at < 0:

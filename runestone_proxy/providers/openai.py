@@ -86,8 +86,14 @@ class OpenAITranslator:
             headers.append((b"accept", b"text/event-stream"))
         else:
             headers.append((b"accept", b"application/json"))
-        if call.raw is not None and not _needs_rewrite(call):
-            body = call.raw  # the client's own bytes: no decode/encode round trip
+        raw = call.raw
+        if raw is not None and not _needs_rewrite(call):
+            body = raw  # the client's own bytes: no decode/encode round trip
+        elif raw is not None and _only_usage_missing(call) and raw[:1] == b"{":
+            # Runestone asks for the stream's usage (its ledger): one member spliced in
+            # front of the client's bytes, no decode/encode ("stream_options" is absent, so
+            # no key is duplicated).
+            body = _ASK_USAGE + raw[1:]
         else:
             body = dumps(_rewrite(call))
         return UpstreamRequest(
@@ -148,6 +154,22 @@ def _needs_rewrite(call: ProviderCall) -> bool:
         return False  # usage is always in response.completed: nothing to ask for
     wants_usage = call.include_usage or call.account_usage
     return call.stream and wants_usage and not _asks_usage(body)
+
+
+_ASK_USAGE = b'{"stream_options":{"include_usage":true},'
+
+
+def _only_usage_missing(call: ProviderCall) -> bool:
+    """The body would be forwarded as sent but for the usage Runestone asks of a stream."""
+    body = call.body
+    return (
+        call.stream
+        and call.endpoint in ("chat", "completions")
+        and "stream_options" not in body
+        and body.get("model") == call.model
+        and body.get("stream") is True
+        and RUNESTONE_FIELDS.isdisjoint(body)
+    )
 
 
 def _asks_usage(body: Mapping[str, Any]) -> bool:

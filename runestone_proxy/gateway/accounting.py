@@ -1,0 +1,149 @@
+"""Accounting: the ledger record each request leaves, built where the service ends it.
+
+The service calls :func:`account` once per request that reached a provider: after a whole
+answer, after a failure (before or after a stream started), after a stream ended or its
+client went away, for live requests and queued jobs alike. :class:`Attempts` wraps the
+plan's ``call_for`` (the failover calls it once per attempt), so the count and the last
+deployment tried come for free. Usage is the provider's: read from a whole answer's bytes
+(:func:`answer_counts`, no JSON parse) or from the stream's translator (chat shape, every
+dialect); a stream that ended without it is recorded with an estimate (the prompt at ~4
+characters per token, one token per relayed chunk), marked ``estimated``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import trio
+
+from runestone_proxy import metrics
+from runestone_proxy.errors import GatewayError
+from runestone_proxy.gateway.ledger import (
+    Outcome,
+    UsageCounts,
+    UsageLedger,
+    UsageRecord,
+    cost_usd,
+    usage_counts,
+)
+from runestone_proxy.gateway.routing import Target
+from runestone_proxy.gateway.token_estimate import estimate_tokens, int_after
+from runestone_proxy.providers.base import ProviderCall
+
+__all__ = ["Attempts", "account", "answer_counts", "failure", "stream_counts"]
+
+
+class Attempts:
+    """``call_for``, counting the attempts and remembering the last deployment tried."""
+
+    __slots__ = ("call_for", "count", "target")
+
+    def __init__(self, call_for: Callable[[Target], ProviderCall]) -> None:
+        self.call_for = call_for
+        self.count = 0
+        self.target: Target | None = None
+
+    def __call__(self, target: Target) -> ProviderCall:
+        self.count += 1
+        self.target = target
+        return self.call_for(target)
+
+
+#: The usage keys of each dialect's whole answer: (prompt, completion, cached, reasoning,
+#: and the ones added to the prompt: Anthropic's cache reads and writes are not in its
+#: ``input_tokens``).
+_CHAT = (b'"prompt_tokens"', b'"completion_tokens"', b'"cached_tokens"', b'"reasoning_tokens"')
+_RESPONSES = (b'"input_tokens"', b'"output_tokens"', b'"cached_tokens"', b'"reasoning_tokens"')
+_MESSAGES = (b'"input_tokens"', b'"output_tokens"', b'"cache_read_input_tokens"', b"")
+
+
+def answer_counts(endpoint: str, body: bytes) -> UsageCounts | None:
+    """The usage a whole answer reports, found in its bytes (the last occurrence of each
+    key: usage closes the object), or None when it reports none."""
+    keys = _MESSAGES if endpoint == "messages" else _RESPONSES if endpoint == "responses" else _CHAT
+    prompt = int_after(body, keys[0])
+    completion = int_after(body, keys[1])
+    if prompt is None and completion is None:
+        return None
+    cached = int_after(body, keys[2]) or 0
+    if endpoint == "messages":  # input_tokens excludes the cache (read and written)
+        written = int_after(body, b'"cache_creation_input_tokens"') or 0
+        return UsageCounts((prompt or 0) + cached + written, completion or 0, cached, 0)
+    reasoning = int_after(body, keys[3]) or 0
+    return UsageCounts(prompt or 0, completion or 0, cached, reasoning)
+
+
+def failure(exc: BaseException) -> tuple[int, Outcome]:
+    """A failed request's status and outcome: a gateway error's own status; the client gone
+    (cancelled, or its connection broke) is 499 ``cancelled``."""
+    if isinstance(exc, GatewayError):
+        return exc.http_status, "error"
+    if isinstance(exc, trio.Cancelled | trio.BrokenResourceError | trio.ClosedResourceError):
+        return 499, "cancelled"
+    return 500, "error"
+
+
+def account(
+    ledger: UsageLedger | None,
+    *,
+    request_id: str,
+    tenant: str,
+    key_id: str,
+    endpoint: str,
+    model: object,
+    attempts: Attempts,
+    counts: UsageCounts | None,
+    estimated: bool,
+    status: int,
+    outcome: Outcome,
+    stream: bool,
+    started: float,
+    ttfb: float | None = None,
+) -> None:
+    """Record one request in the ledger (and the token and cost counters), if it reached a
+    provider. ``started``/``ttfb`` are ``time.perf_counter()`` values."""
+    target = attempts.target
+    if ledger is None or target is None:
+        return
+    now = time.perf_counter()
+    counts = counts or UsageCounts()
+    cost = cost_usd(target.entry, counts)
+    requested = model if isinstance(model, str) else target.model
+    ledger.record(
+        UsageRecord(
+            at=time.time(),
+            request_id=request_id,
+            tenant=tenant,
+            key_id=key_id,
+            endpoint=endpoint,
+            model=requested,
+            provider=target.provider,
+            upstream_model=target.upstream_model,
+            attempts=attempts.count,
+            prompt_tokens=counts.prompt,
+            completion_tokens=counts.completion,
+            cached_tokens=counts.cached,
+            reasoning_tokens=counts.reasoning,
+            cost_usd=cost,
+            status=status,
+            outcome=outcome,
+            stream=stream,
+            estimated=estimated,
+            latency_ms=round((now - started) * 1000, 3),
+            ttfb_ms=None if ttfb is None else round((ttfb - started) * 1000, 3),
+        )
+    )
+    metrics.count_usage(tenant, target.model, counts.prompt, counts.completion, counts.cached, cost)
+
+
+def stream_counts(
+    usage: Mapping[str, Any] | None, body: Mapping[str, Any], chunks: int
+) -> tuple[UsageCounts, bool]:
+    """A stream's counts (chat shape, as every stream translator reports them), or the
+    estimate when the provider reported none: ``(counts, estimated)``."""
+    counts = usage_counts(usage)
+    if counts is not None:
+        return counts, False
+    return UsageCounts(estimate_tokens(body, 0), chunks), True
