@@ -250,6 +250,9 @@ class Store:
             except GatewayError as exc:
                 answers, failed = [exc] * len(batch), True
                 self._ledger.put_back(records)  # retried with the next item or record
+            except BaseException:  # cancelled before the call ran: shutdown writes them
+                self._ledger.put_back(records)
+                raise
             else:
                 self.stats.enqueue_batches += bool(batch)
                 self._ledger_written(records, refused)
