@@ -41,12 +41,11 @@ How this works
 
 from __future__ import annotations
 
-import functools
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import attrs
 import structlog
@@ -59,9 +58,10 @@ from runestone_proxy.errors import GatewayError, RateLimited, ServiceUnavailable
 from runestone_proxy.gateway.ledger import UsageRecord
 from runestone_proxy.gateway.overflow import Enqueued, Job, JobStatus, NewJob, WebhookStatus
 from runestone_proxy.gateway.responses_store import StoredResponse, fits, report_not_stored
-from runestone_proxy.server import store_ledger as ledger
+from runestone_proxy.server import store_ledger_sql as ledger_sql
 from runestone_proxy.server import store_schema as schema
 from runestone_proxy.server import store_sql as sql
+from runestone_proxy.server.store_ledger import LedgerBuffer, LedgerSide
 from runestone_proxy.server.store_values import (
     RECORD_OVERHEAD_BYTES,
     Answer,
@@ -82,7 +82,7 @@ T = TypeVar("T")
 
 
 @attrs.define(eq=False)
-class Store:
+class Store(LedgerSide):
     path: Path
     config: OverflowConfig
     tenants: Mapping[str, TenantConfig] = attrs.Factory(dict)
@@ -97,8 +97,8 @@ class Store:
     #: Rung when a saved Response falls due for sweeping before ``_sweep_at``.
     sweep_due: Wakeup = attrs.Factory(Wakeup)
     stats: StoreStats = attrs.Factory(StoreStats)
-    _ledger: ledger.LedgerBuffer = attrs.field(
-        init=False, default=attrs.Factory(lambda s: ledger.LedgerBuffer(s.stats), takes_self=True)
+    _ledger: LedgerBuffer = attrs.field(
+        init=False, default=attrs.Factory(lambda s: LedgerBuffer(s.stats), takes_self=True)
     )
     _conn: sqlite3.Connection | None = attrs.field(default=None, repr=False)
     _limiter: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(1))
@@ -273,7 +273,7 @@ class Store:
             active: dict[str, int] = {}  # tenant -> queued + running, kept current in the batch
             answers = [self._write_one(conn, p, active) for p in batch]
             self.stats.enqueued += sum(isinstance(a, Enqueued) and a.created for a in answers)
-            return answers, ledger.write(conn, records)  # under its own savepoint
+            return answers, ledger_sql.write(conn, records)  # under its own savepoint
 
         return write
 
@@ -457,7 +457,7 @@ class Store:
     async def sweep(self, now: float) -> tuple[int, float | None]:
         """Delete jobs finished more than ``retention_s`` ago (not while their webhook is
         pending), Responses stored more than ``retention_s`` ago, and usage rows past the
-        ledger's retentions (a bounded batch per pass: :func:`.store_ledger.sweep`). Returns
+        ledger's retentions (a bounded batch per pass: :func:`.store_ledger_sql.sweep`). Returns
         how many, and when the next one falls due for sweeping."""
         retention = self.config.retention_s
 
@@ -465,89 +465,9 @@ class Store:
             deleted = sql.sweep(conn, now - retention) + sql.sweep_responses(conn, now - retention)
             found = (sql.oldest_finished(conn), sql.oldest_response(conn))
             due = [t + retention for t in found if t is not None]
-            gone, ledger_due = ledger.sweep(conn, now, self.ledger_config)
+            gone, ledger_due = ledger_sql.sweep(conn, now, self.ledger_config)
             due += [] if ledger_due is None else [ledger_due]
             return deleted + gone, min(due) if due else None
 
         deleted, self._sweep_at = await self._call(sweep, write=True)
         return deleted, self._sweep_at
-
-    # --- the usage ledger (gateway.ledger.UsageLedger) ----------------------------------------
-
-    def record(self, record: UsageRecord) -> None:
-        """Buffer ``record`` for the writer's next group commit; never blocks (past
-        ``store_ledger.MAX_PENDING`` waiting, the oldest is dropped: ``ledger.dropped``)."""
-        if self._ledger.add(record):
-            self._ring()
-
-    def _ring(self) -> None:
-        self._ledger.rung = True
-        if self._send is not None:
-            try:
-                self._send.send_nowait(None)
-            except trio.WouldBlock:  # the writer has items waiting: its next pass takes them
-                pass
-
-    def _ledger_written(self, records: list[UsageRecord], refused: list[UsageRecord]) -> None:
-        if refused:
-            self._ledger.dropped(len(refused), "refused")
-        if len(records) > len(refused):
-            self._ledger.written(len(records) - len(refused))
-        self._sweep_by(ledger.first_due(records, self.ledger_config))
-
-    async def _flush_ledger(self) -> None:
-        """Shutdown: write what is pending, a pass's worth per transaction (what cannot be
-        written is dropped and reported)."""
-        while self._ledger:
-            records = self._ledger.take()
-            try:
-                refused = await self._call(
-                    functools.partial(ledger.write, records=records), write=True
-                )
-            except GatewayError:
-                self._ledger.put_back(records)
-                self._ledger.discard()
-                return
-            self._ledger_written(records, refused)
-
-    async def sync_ledger(self) -> None:
-        """Wait until every record handed over before this call is written (or dropped):
-        for reads that must see them (tests, an accuracy check)."""
-        target = self.stats.ledger_recorded
-        while self.stats.ledger_written + self.stats.ledger_dropped < target:
-            await self._submit(Barrier(), self.clock())
-
-    async def usage_totals(
-        self,
-        *,
-        since: float,
-        until: float,
-        group_by: Sequence[str],
-        granularity: ledger.Granularity | None = None,
-        tenant: str | None = None,
-    ) -> list[dict[str, Any]]:
-        """Usage summed over the rollup buckets that start in ``[since, until)``, one dict
-        per ``group_by`` combination (of tenant, key_id, model, provider; 400 for another)
-        and, with a ``granularity``, per UTC hour or day (``bucket_start``): requests,
-        errors, the four token counts and cost_usd. ``None`` reads the hourly rollup, or the
-        daily one when ``since`` is before the hourly retention. Records still buffered
-        are not counted (:meth:`sync_ledger`)."""
-        hourly_kept_from = self.clock() - self.ledger_config.hourly_retention_days * ledger.DAY_S
-        daily = granularity == "day" or (granularity is None and since < hourly_kept_from)
-        return await self._call(
-            lambda c: ledger.totals(
-                c,
-                since=since,
-                until=until,
-                group_by=group_by,
-                granularity=granularity,
-                tenant=tenant,
-                daily=daily,
-            )
-        )
-
-    async def spend(self, tenant: str, key_id: str | None, since: float) -> tuple[float, int]:
-        """USD and tokens (prompt + completion) of ``tenant`` (only ``key_id``'s, if given)
-        since ``since``: exact (hourly rollup + the raw records before the first hour
-        boundary: :func:`.store_ledger.spend`), but for records still buffered."""
-        return await self._call(lambda c: ledger.spend(c, tenant, key_id, since))

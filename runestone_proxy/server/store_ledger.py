@@ -1,9 +1,8 @@
-"""The usage ledger in the durable store: the pending buffer, the SQL that writes records and
-their rollups, the retention sweep's share, and the reads budgets and the admin API need.
-
-:class:`~runestone_proxy.server.store.Store` implements
-:class:`~runestone_proxy.gateway.ledger.UsageLedger` with what is here; the tables are
-described in :mod:`.store_schema` (v5).
+"""The usage ledger in the durable store: the pending buffer and :class:`LedgerSide`, the
+ledger's half of :class:`~runestone_proxy.server.store.Store` (``record``, the shutdown
+flush, ``usage_totals``, ``spend``), which makes the store a
+:class:`~runestone_proxy.gateway.ledger.UsageLedger`. The SQL is in
+:mod:`.store_ledger_sql`; the tables are described in :mod:`.store_schema` (v5).
 
 How this works
 --------------
@@ -30,82 +29,32 @@ How this works
 
 from __future__ import annotations
 
-import math
+import functools
 import sqlite3
 from collections import deque
-from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import structlog
+import trio
 
 from runestone_proxy import telemetry
 from runestone_proxy.config.tree import LedgerConfig
-from runestone_proxy.errors import InvalidParam
+from runestone_proxy.errors import GatewayError
 from runestone_proxy.gateway.ledger import UsageRecord
-from runestone_proxy.server.store_schema import storable
-from runestone_proxy.server.store_values import StoreStats
+from runestone_proxy.server import store_ledger_sql as sql
+from runestone_proxy.server.store_values import Answer, Barrier, Pending, StoreStats, Write
 
-__all__ = [
-    "GROUP_COLUMNS",
-    "MAX_PENDING",
-    "Granularity",
-    "LedgerBuffer",
-    "spend",
-    "sweep",
-    "totals",
-    "write",
-]
+__all__ = ["MAX_PENDING", "PASS_MAX", "LedgerBuffer", "LedgerSide"]
 
 log = structlog.get_logger("runestone.store")
+T = TypeVar("T")
 
 #: Records that may wait for the writer; past this the oldest are dropped.
 MAX_PENDING = 10_000
 #: Records written per writer pass (the rest wait for the next pass, rung at once).
 PASS_MAX = 4096
-#: Rows deleted per table per sweep pass.
-SWEEP_BATCH = 10_000
-#: Raw records are swept this long after they pass retention (batches the deletes).
-RAW_SWEEP_SLACK_S = 60.0
-HOUR_S = 3600.0
-DAY_S = 86400.0
-
-#: What :func:`totals` may group by.
-GROUP_COLUMNS = ("tenant", "key_id", "model", "provider")
-Granularity = Literal["hour", "day"]
-
-_SUMS = (
-    "requests",
-    "errors",
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "reasoning_tokens",
-    "cost_usd",
-)
-_RAW_COLUMNS = (
-    "at, request_id, tenant, key_id, endpoint, model, provider, upstream_model, attempts,"
-    " prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost_usd, status,"
-    " outcome, stream, estimated, latency_ms, ttfb_ms"
-)
-_INSERT_RAW = f"INSERT INTO usage ({_RAW_COLUMNS}) VALUES ({', '.join('?' * 20)})"
-
-
-def _upsert(table: str) -> str:
-    keys = "bucket_start, tenant, key_id, model, provider"
-    updates = ", ".join(f"{c} = {c} + excluded.{c}" for c in _SUMS)
-    return (
-        f"INSERT INTO {table} ({keys}, {', '.join(_SUMS)}) VALUES ({', '.join('?' * 12)})"
-        f" ON CONFLICT ({keys}) DO UPDATE SET {updates}"
-    )
-
-
-_UPSERT = {"usage_hourly": _upsert("usage_hourly"), "usage_daily": _upsert("usage_daily")}
-
-
-def bucket_start(at: float, size_s: float) -> float:
-    """The start of the UTC hour (``HOUR_S``) or day (``DAY_S``) holding ``at``."""
-    return math.floor(at / size_s) * size_s
 
 
 # --- the pending buffer (event loop side) ------------------------------------------------------
@@ -169,180 +118,100 @@ class LedgerBuffer:
             log.warning("ledger.dropped", count=count, reason=reason, pending=len(self))
 
 
-# --- writing (worker thread, inside the caller's transaction) --------------------------------
+class LedgerSide:
+    """The ledger's half of the store (a base of ``Store``, which owns the fields and the
+    writer: it takes the buffer's records in each pass, see ``Store._writer``)."""
 
+    ledger_config: LedgerConfig
+    stats: StoreStats
+    clock: Callable[[], float]
+    _ledger: LedgerBuffer
+    _send: trio.MemorySendChannel[Pending | None] | None
 
-def _raw_row(r: UsageRecord) -> tuple[Any, ...]:
-    return (
-        r.at,
-        storable(r.request_id),
-        storable(r.tenant),
-        storable(r.key_id),
-        storable(r.endpoint),
-        storable(r.model),
-        storable(r.provider),
-        storable(r.upstream_model),
-        r.attempts,
-        r.prompt_tokens,
-        r.completion_tokens,
-        r.cached_tokens,
-        r.reasoning_tokens,
-        r.cost_usd,
-        r.status,
-        r.outcome,
-        int(r.stream),
-        int(r.estimated),
-        r.latency_ms,
-        r.ttfb_ms,
-    )
+    if TYPE_CHECKING:
 
+        async def _call(
+            self, fn: Callable[[sqlite3.Connection], T], *, write: bool = False
+        ) -> T: ...
 
-def rollup_rows(records: Iterable[UsageRecord], size_s: float) -> list[tuple[Any, ...]]:
-    """The records summed per (bucket, tenant, key_id, model, provider)."""
-    sums: dict[tuple[Any, ...], list[Any]] = {}
-    for r in records:
-        key: tuple[Any, ...] = (bucket_start(r.at, size_s), storable(r.tenant))
-        key += (storable(r.key_id), storable(r.model), storable(r.provider))
-        row = sums.get(key)
-        if row is None:
-            row = sums[key] = [0, 0, 0, 0, 0, 0, 0.0]
-        row[0] += 1
-        row[1] += r.outcome == "error"
-        row[2] += r.prompt_tokens
-        row[3] += r.completion_tokens
-        row[4] += r.cached_tokens
-        row[5] += r.reasoning_tokens
-        row[6] += r.cost_usd
-    return [(*key, *row) for key, row in sums.items()]
+        async def _submit(self, item: Write, now: float) -> Answer: ...
 
+        def _sweep_by(self, due: float | None) -> None: ...
 
-def _insert(conn: sqlite3.Connection, records: Sequence[UsageRecord]) -> None:
-    conn.executemany(_INSERT_RAW, [_raw_row(r) for r in records])
-    conn.executemany(_UPSERT["usage_hourly"], rollup_rows(records, HOUR_S))
-    conn.executemany(_UPSERT["usage_daily"], rollup_rows(records, DAY_S))
+    def record(self, record: UsageRecord) -> None:
+        """Buffer ``record`` for the writer's next group commit; never blocks (past
+        :data:`MAX_PENDING` waiting, the oldest is dropped: ``ledger.dropped``)."""
+        if self._ledger.add(record):
+            self._ring()
 
+    def _ring(self) -> None:
+        self._ledger.rung = True
+        if self._send is not None:
+            try:
+                self._send.send_nowait(None)
+            except trio.WouldBlock:  # the writer has items waiting: its next pass takes them
+                pass
 
-def _insert_guarded(conn: sqlite3.Connection, records: Sequence[UsageRecord]) -> bool:
-    """:func:`_insert` under a savepoint, undone if SQLite refuses; whether it went in."""
-    conn.execute("SAVEPOINT ledger")
-    try:
-        _insert(conn, records)
-    except (sqlite3.Error, ValueError, OverflowError) as exc:
-        log.error("ledger.write.refused", error=str(exc), records=len(records))
-        conn.execute("ROLLBACK TO ledger")
-        conn.execute("RELEASE ledger")
-        return False
-    conn.execute("RELEASE ledger")
-    return True
+    def _ledger_written(self, records: list[UsageRecord], refused: list[UsageRecord]) -> None:
+        if refused:
+            self._ledger.dropped(len(refused), "refused")
+        if len(records) > len(refused):
+            self._ledger.written(len(records) - len(refused))
+        self._sweep_by(sql.first_due(records, self.ledger_config))
 
+    async def _flush_ledger(self) -> None:
+        """Shutdown: write what is pending, a pass's worth per transaction (what cannot be
+        written is dropped and reported)."""
+        while self._ledger:
+            records = self._ledger.take()
+            try:
+                refused = await self._call(
+                    functools.partial(sql.write, records=records), write=True
+                )
+            except GatewayError:
+                self._ledger.put_back(records)
+                self._ledger.discard()
+                return
+            self._ledger_written(records, refused)
 
-def write(conn: sqlite3.Connection, records: Sequence[UsageRecord]) -> list[UsageRecord]:
-    """Write ``records`` and their rollups in the caller's transaction; returns those SQLite
-    refused (each tried alone once the batch was refused), which are not written."""
-    if not records or _insert_guarded(conn, records):
-        return []
-    if len(records) == 1:
-        return list(records)
-    return [r for r in records if not _insert_guarded(conn, [r])]
+    async def sync_ledger(self) -> None:
+        """Wait until every record handed over before this call is written (or dropped):
+        for reads that must see them (tests, an accuracy check)."""
+        target = self.stats.ledger_recorded
+        while self.stats.ledger_written + self.stats.ledger_dropped < target:
+            await self._submit(Barrier(), self.clock())
 
-
-# --- retention ---------------------------------------------------------------------------------
-
-
-def sweep(conn: sqlite3.Connection, now: float, config: LedgerConfig) -> tuple[int, float | None]:
-    """Delete raw records, hourly and daily rows past their retention, at most
-    :data:`SWEEP_BATCH` per table. Returns how many, and when the next sweep is due (``now``
-    if a table had more to delete)."""
-    deleted, more, due = 0, False, []
-    tables = (
-        ("usage", "at", config.retention_days * DAY_S, RAW_SWEEP_SLACK_S),
-        ("usage_hourly", "bucket_start", config.hourly_retention_days * DAY_S, 0.0),
-        ("usage_daily", "bucket_start", config.daily_retention_days * DAY_S, 0.0),
-    )
-    for table, column, keep_s, slack_s in tables:
-        count: int = conn.execute(
-            f"DELETE FROM {table} WHERE rowid IN"
-            f" (SELECT rowid FROM {table} WHERE {column} <= ? LIMIT ?)",
-            (now - keep_s, SWEEP_BATCH),
-        ).rowcount
-        deleted += count
-        more = more or count >= SWEEP_BATCH
-        oldest = conn.execute(f"SELECT MIN({column}) FROM {table}").fetchone()[0]
-        if oldest is not None:
-            due.append(oldest + keep_s + slack_s)
-    if more:
-        return deleted, now
-    return deleted, min(due) if due else None
-
-
-def first_due(records: Sequence[UsageRecord], config: LedgerConfig) -> float | None:
-    """When the earliest of ``records`` falls due for sweeping (as :func:`sweep` sees it)."""
-    if not records:
-        return None
-    keep = min(config.retention_days, config.hourly_retention_days, config.daily_retention_days)
-    return min(r.at for r in records) + keep * DAY_S + RAW_SWEEP_SLACK_S
-
-
-# --- reading -----------------------------------------------------------------------------------
-
-
-def totals(
-    conn: sqlite3.Connection,
-    *,
-    since: float,
-    until: float,
-    group_by: Sequence[str],
-    granularity: Granularity | None,
-    tenant: str | None,
-    daily: bool,
-) -> list[dict[str, Any]]:
-    """Sums from the hourly (or, ``daily``, the daily) rollup over the buckets starting in
-    ``[since, until)``, per bucket if ``granularity``, per ``group_by`` columns."""
-    unknown = [c for c in group_by if c not in GROUP_COLUMNS]
-    if unknown:
-        raise InvalidParam(
-            f"Cannot group usage by {', '.join(unknown)}; use {', '.join(GROUP_COLUMNS)}.",
-            param="group_by",
+    async def usage_totals(
+        self,
+        *,
+        since: float,
+        until: float,
+        group_by: Sequence[str],
+        granularity: sql.Granularity | None = None,
+        tenant: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Usage summed over the rollup buckets that start in ``[since, until)``, one dict
+        per ``group_by`` combination (of tenant, key_id, model, provider; 400 for another)
+        and, with a ``granularity``, per UTC hour or day (``bucket_start``): requests,
+        errors, the four token counts and cost_usd. ``None`` reads the hourly rollup, or the
+        daily one when ``since`` is before the hourly retention. Records still buffered
+        are not counted (:meth:`sync_ledger`)."""
+        hourly_kept_from = self.clock() - self.ledger_config.hourly_retention_days * sql.DAY_S
+        daily = granularity == "day" or (granularity is None and since < hourly_kept_from)
+        return await self._call(
+            lambda c: sql.totals(
+                c,
+                since=since,
+                until=until,
+                group_by=group_by,
+                granularity=granularity,
+                tenant=tenant,
+                daily=daily,
+            )
         )
-    columns = [c for c in GROUP_COLUMNS if c in group_by]
-    if granularity is not None:
-        columns.insert(0, "bucket_start")
-    table = "usage_daily" if daily else "usage_hourly"
-    sums = ", ".join(f"SUM({c}) AS {c}" for c in _SUMS)
-    query = f"SELECT {', '.join([*columns, sums])} FROM {table}"
-    query += " WHERE bucket_start >= ? AND bucket_start < ?"
-    params: list[Any] = [since, until]
-    if tenant is not None:
-        query += " AND tenant = ?"
-        params.append(storable(tenant))
-    if columns:
-        query += f" GROUP BY {', '.join(columns)} ORDER BY {', '.join(columns)}"
-    rows = conn.execute(query, params).fetchall()
-    return [dict(row) for row in rows if row["requests"] is not None]
 
-
-def spend(
-    conn: sqlite3.Connection, tenant: str, key_id: str | None, since: float
-) -> tuple[float, int]:
-    """USD and tokens (prompt + completion) of ``tenant`` (and ``key_id``, if given) since
-    ``since``: the hourly rollup from the first hour boundary at or after ``since``, plus the
-    raw records between ``since`` and that boundary (none when ``since`` is on the hour, as
-    a calendar day or month start is). Exact, as far as the raw records are kept."""
-    boundary = math.ceil(since / HOUR_S) * HOUR_S
-    where = " WHERE tenant = ?"
-    params: list[Any] = [storable(tenant)]
-    if key_id is not None:
-        where += " AND key_id = ?"
-        params.append(storable(key_id))
-    sums = (
-        "SELECT COALESCE(SUM(cost_usd), 0.0), COALESCE(SUM(prompt_tokens + completion_tokens), 0)"
-    )
-    cost, tokens = conn.execute(
-        f"{sums} FROM usage_hourly{where} AND bucket_start >= ?", (*params, boundary)
-    ).fetchone()
-    if boundary > since:
-        raw_cost, raw_tokens = conn.execute(
-            f"{sums} FROM usage{where} AND at >= ? AND at < ?", (*params, since, boundary)
-        ).fetchone()
-        cost, tokens = cost + raw_cost, tokens + raw_tokens
-    return float(cost), int(tokens)
+    async def spend(self, tenant: str, key_id: str | None, since: float) -> tuple[float, int]:
+        """USD and tokens (prompt + completion) of ``tenant`` (only ``key_id``'s, if given)
+        since ``since``: exact (hourly rollup + the raw records before the first hour
+        boundary: :func:`.store_sql.spend`), but for records still buffered."""
+        return await self._call(lambda c: sql.spend(c, tenant, key_id, since))

@@ -26,7 +26,7 @@ from runestone_proxy.config.tree import LedgerConfig
 from runestone_proxy.errors import InvalidParam
 from runestone_proxy.gateway.ledger import UsageRecord
 from runestone_proxy.gateway.overflow import NewJob
-from runestone_proxy.server import store_ledger, store_schema
+from runestone_proxy.server import store_ledger_sql, store_schema
 from runestone_proxy.server.store import Store
 from runestone_proxy.server.store_schema import SCHEMA_VERSION
 
@@ -168,7 +168,7 @@ async def test_records_survive_a_failed_enqueue_in_their_pass(store: Store) -> N
 def test_text_that_is_not_utf8_is_stored() -> None:
     conn = sqlite3.connect(":memory:", isolation_level=None)
     store_schema.migrate(conn)
-    assert store_ledger.write(conn, [rec(tenant="t\ud800")]) == []
+    assert store_ledger_sql.write(conn, [rec(tenant="t\ud800")]) == []
     assert conn.execute("SELECT tenant FROM usage_hourly").fetchone()[0] == "t\\ud800"
 
 
@@ -199,7 +199,7 @@ def test_rollups_equal_the_sums_of_the_raw_rows(records: list[UsageRecord], cut:
     store_schema.migrate(conn)
     for batch in (records[:cut], records[cut:]):  # two writer passes
         conn.execute("BEGIN")
-        assert store_ledger.write(conn, batch) == []
+        assert store_ledger_sql.write(conn, batch) == []
         conn.execute("COMMIT")
     for table, size in (("usage_hourly", HOUR), ("usage_daily", DAY)):
         rollup = {
@@ -211,7 +211,13 @@ def test_rollups_equal_the_sums_of_the_raw_rows(records: list[UsageRecord], cut:
         }
         expected: dict[tuple[Any, ...], list[Any]] = {}
         for r in records:
-            key = (store_ledger.bucket_start(r.at, size), r.tenant, r.key_id, r.model, r.provider)
+            key = (
+                store_ledger_sql.bucket_start(r.at, size),
+                r.tenant,
+                r.key_id,
+                r.model,
+                r.provider,
+            )
             row = expected.setdefault(key, [0, 0, 0, 0, 0, 0, 0])
             values = (1, r.outcome == "error", r.prompt_tokens, r.completion_tokens)
             values += (r.cached_tokens, r.reasoning_tokens, round(r.cost_usd * 1_000_000))
@@ -270,7 +276,7 @@ async def test_each_table_is_swept_after_its_retention(
     await nursery.start(store.run)
     store.record(rec(T0))
     await store.sync_ledger()
-    raw_due = T0 + DAY + store_ledger.RAW_SWEEP_SLACK_S
+    raw_due = T0 + DAY + store_ledger_sql.RAW_SWEEP_SLACK_S
     assert store._sweep_at == raw_due  # the first record rang the sweeper
     tables = ("usage", "usage_hourly", "usage_daily")
 
@@ -289,7 +295,7 @@ async def test_each_table_is_swept_after_its_retention(
 async def test_a_big_sweep_is_cut_into_batches(
     tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_ledger, "SWEEP_BATCH", 10)
+    monkeypatch.setattr(store_ledger_sql, "SWEEP_BATCH", 10)
     store = make_store(tmp_path, retention_days=1)
     await nursery.start(store.run)
     for i in range(25):
@@ -369,7 +375,7 @@ async def test_usage_totals_group_by_and_granularity(filled: Store) -> None:
     by_tenant = await filled.usage_totals(
         since=T0 - DAY, until=T0 + 2 * DAY, group_by=["tenant"], granularity="day"
     )
-    day = store_ledger.bucket_start(T0, DAY)
+    day = store_ledger_sql.bucket_start(T0, DAY)
     assert [(r["bucket_start"], r["tenant"], r["requests"]) for r in by_tenant] == [
         (day, "a", 3),
         (day + DAY, "b", 1),
