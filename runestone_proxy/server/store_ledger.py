@@ -21,9 +21,9 @@ How this works
   transaction (``INSERT ... ON CONFLICT DO UPDATE SET x = x + excluded.x``), from the
   batch's records summed per bucket first, so they always equal the raw rows' sums (until
   retention deletes raw rows). Buckets are UTC hour and day starts in unix seconds.
-* **Retention.** Each sweep deletes at most :data:`SWEEP_BATCH` rows per table (a large
-  backlog is deleted over several passes, none holding the writer long; the next pass is
-  due at once). Raw records are swept a minute (:data:`RAW_SWEEP_SLACK_S`) after they pass
+* **Retention.** Each sweep deletes at most ``SWEEP_BATCH`` (10,000) rows per table (a
+  large backlog is deleted over several passes, none holding the writer long; the next pass
+  is due at once). Raw records are swept a minute (``RAW_SWEEP_SLACK_S``) after they pass
   ``retention_days``, so a busy ledger is swept once a minute, not once per record.
 """
 

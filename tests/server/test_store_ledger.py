@@ -20,8 +20,9 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from runestone_proxy import config as config_module
 from runestone_proxy import telemetry
-from runestone_proxy.config import Config, OverflowConfig
+from runestone_proxy.config import Config, ConfigError, OverflowConfig
 from runestone_proxy.config.tree import LedgerConfig
 from runestone_proxy.errors import InvalidParam
 from runestone_proxy.gateway.ledger import UsageRecord
@@ -403,3 +404,10 @@ async def test_spend_is_exact_from_any_time(filled: Store) -> None:
     assert await filled.spend("a", None, T0 + 15) == (pytest.approx(1.25), 30)
     assert await filled.spend("a", None, T0 + HOUR + 6) == (0.0, 0)
     assert await filled.spend("nobody", None, T0) == (0.0, 0)
+
+
+def test_the_ledger_section_is_validated_and_documented() -> None:
+    with pytest.raises(ConfigError, match=r"ledger\.hourly_retention_days"):
+        config_module.structure({"ledger": {"hourly_retention_days": 0}}, "t.toml")
+    shipped = config_module.load(Path(__file__).parents[2] / "config.toml", {})
+    assert shipped.ledger == LedgerConfig() == LedgerConfig(30, 400, 1830)
