@@ -348,6 +348,16 @@ class OverflowConfig:
     group_commit_max_batch: int = attrs.field(default=256, validator=_positive)
 
 
+@attrs.frozen
+class LedgerConfig:
+    """How long the usage ledger keeps its raw records and its hourly and daily rollups
+    (the store's retention sweep deletes what is older)."""
+
+    retention_days: int = attrs.field(default=30, validator=_positive)
+    hourly_retention_days: int = attrs.field(default=400, validator=_positive)
+    daily_retention_days: int = attrs.field(default=1830, validator=_positive)
+
+
 def _default_providers() -> tuple[ProviderConfig, ...]:
     return (ProviderConfig(name="mock", kind="mock"),)
 
@@ -369,6 +379,7 @@ class Config:
     tenancy: TenancyConfig = attrs.Factory(TenancyConfig)
     tenants: dict[str, TenantConfig] = attrs.Factory(dict)
     overflow: OverflowConfig = attrs.Factory(OverflowConfig)
+    ledger: LedgerConfig = attrs.Factory(LedgerConfig)
     upstream: UpstreamConfig = attrs.Factory(UpstreamConfig)
     routing: RoutingConfig = attrs.Factory(RoutingConfig)
     providers: tuple[ProviderConfig, ...] = attrs.Factory(_default_providers)

@@ -1,5 +1,6 @@
 """The durable store: one SQLite database, one connection, one thread. It holds the overflow
-queue's jobs and the stored Responses (conversation state, gateway/responses_store.py).
+queue's jobs, the stored Responses (conversation state, gateway/responses_store.py) and the
+usage ledger (gateway/ledger.py; its buffer, SQL and reads are in :mod:`.store_ledger`).
 
 It owns the database's lifecycle and the way in: every operation is a plain function of
 :mod:`runestone_proxy.server.store_sql` run on the worker thread, the writing ones inside
@@ -25,7 +26,8 @@ How this works
   caller with its own answer (the job, its idempotent twin, or 429 past the tenant's cap).
   One caller alone is committed at once, with no artificial delay; under load, the jobs
   that arrive while a commit is in flight form the next group. Saving and deleting a
-  stored Response take the same way (one writer, shared commits, no fsync of their own).
+  stored Response take the same way (one writer, shared commits, no fsync of their own),
+  and so do usage records: ``record`` only buffers them and rings the writer.
 * **Stored Responses.** Bounded per record (``max_record_bytes``: the cap of a job's
   result; a larger one is not stored and says so with ``responses.not_stored``) and kept
   ``retention_s`` like finished jobs: reads hide an expired one at once (``clock``), the
@@ -51,14 +53,19 @@ import trio
 
 from runestone_proxy import telemetry
 from runestone_proxy.config import Config, OverflowConfig, TenantConfig
+from runestone_proxy.config.tree import LedgerConfig
 from runestone_proxy.errors import GatewayError, RateLimited, ServiceUnavailable
+from runestone_proxy.gateway.ledger import UsageRecord
 from runestone_proxy.gateway.overflow import Enqueued, Job, JobStatus, NewJob, WebhookStatus
 from runestone_proxy.gateway.responses_store import StoredResponse, fits, report_not_stored
+from runestone_proxy.server import store_ledger_sql as ledger_sql
 from runestone_proxy.server import store_schema as schema
 from runestone_proxy.server import store_sql as sql
+from runestone_proxy.server.store_ledger import LedgerBuffer, LedgerSide
 from runestone_proxy.server.store_values import (
     RECORD_OVERHEAD_BYTES,
     Answer,
+    Barrier,
     Delete,
     Pending,
     Schedule,
@@ -75,7 +82,7 @@ T = TypeVar("T")
 
 
 @attrs.define(eq=False)
-class Store:
+class Store(LedgerSide):
     path: Path
     config: OverflowConfig
     tenants: Mapping[str, TenantConfig] = attrs.Factory(dict)
@@ -84,14 +91,19 @@ class Store:
     max_record_bytes: int = 32 * 1024 * 1024 + RECORD_OVERHEAD_BYTES
     #: Wall clock for retention on reads; tests pass their own.
     clock: Callable[[], float] = time.time
+    ledger_config: LedgerConfig = attrs.Factory(LedgerConfig)
     #: Rung whenever an enqueue created a job; the drainer waits on it.
     wakeup: Wakeup = attrs.Factory(Wakeup)
     #: Rung when a saved Response falls due for sweeping before ``_sweep_at``.
     sweep_due: Wakeup = attrs.Factory(Wakeup)
     stats: StoreStats = attrs.Factory(StoreStats)
+    _ledger: LedgerBuffer = attrs.field(
+        init=False, default=attrs.Factory(lambda s: LedgerBuffer(s.stats), takes_self=True)
+    )
     _conn: sqlite3.Connection | None = attrs.field(default=None, repr=False)
     _limiter: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(1))
-    _send: trio.MemorySendChannel[Pending] | None = attrs.field(default=None, repr=False)
+    #: Items for the writer; None only rings it (usage records are pending).
+    _send: trio.MemorySendChannel[Pending | None] | None = attrs.field(default=None, repr=False)
     _last_tenant: str | None = None
     #: When the last sweep said the next one is due (None: nothing to sweep).
     _sweep_at: float | None = None
@@ -100,12 +112,14 @@ class Store:
     def from_config(cls, config: Config, env: Mapping[str, str], *, inline: bool = False) -> Store:
         path = resolve_path(config.overflow.database, env)
         cap = config.upstream.max_response_bytes + RECORD_OVERHEAD_BYTES
-        return cls(path, config.overflow, dict(config.tenants), inline=inline, max_record_bytes=cap)
+        tenants = dict(config.tenants)
+        return cls(path, config.overflow, tenants, inline, cap, ledger_config=config.ledger)
 
     def apply_config(self, config: Config) -> None:
         """Reload hook: new caps and timings (a new database path needs a restart)."""
         self.config = config.overflow
         self.tenants = dict(config.tenants)
+        self.ledger_config = config.ledger
 
     def max_queued(self, tenant: str) -> int:
         return self.tenants.get(tenant, TenantConfig()).max_queued_jobs
@@ -118,18 +132,24 @@ class Store:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open the database, report started, run the group-commit writer until cancelled,
-        then close. Opening fails with ``ServiceUnavailable`` (naming the path)."""
+        then write the usage records still pending and close. Opening fails with
+        ``ServiceUnavailable`` (naming the path)."""
         conn = await self._call_raw(self._open)
         self._conn = conn
-        send, receive = trio.open_memory_channel[Pending](self.config.group_commit_max_batch)
+        size = self.config.group_commit_max_batch
+        send, receive = trio.open_memory_channel[Pending | None](size)
         self._send = send
         try:
             log.info("store.open", path=str(self.path))
             task_status.started()
+            if self._ledger:
+                send.send_nowait(None)
             await self._writer(receive)
         finally:
-            self._send = self._conn = None  # new calls fail fast with ServiceUnavailable
+            self._send = None  # new calls fail fast with ServiceUnavailable
             with trio.CancelScope(shield=True):
+                await self._flush_ledger()
+                self._conn = None
                 await self._call_raw(conn.close)  # after the call in flight, if any
 
     def _open(self) -> sqlite3.Connection:
@@ -209,36 +229,51 @@ class Store:
             raise pending.answer
         return pending.answer
 
-    async def _writer(self, receive: trio.MemoryReceiveChannel[Pending]) -> None:
+    async def _writer(self, receive: trio.MemoryReceiveChannel[Pending | None]) -> None:
         limit = self.config.group_commit_max_batch
         async for first in receive:
-            batch = [first]
+            batch = [] if first is None else [first]
             while len(batch) < limit:
                 try:
-                    batch.append(receive.receive_nowait())
+                    item = receive.receive_nowait()
                 except trio.WouldBlock:
                     break
+                if item is not None:
+                    batch.append(item)
+            records = self._ledger.take()
+            if not batch and not records:
+                continue
             answers: list[Answer | GatewayError]
+            failed = False
             try:
-                answers = await self._call(self._batch_writer(batch), write=True)
+                answers, refused = await self._call(self._batch_writer(batch, records), write=True)
             except GatewayError as exc:
-                answers = [exc] * len(batch)
+                answers, failed = [exc] * len(batch), True
+                self._ledger.put_back(records)  # retried with the next item or record
+            except BaseException:  # cancelled before the call ran: shutdown writes them
+                self._ledger.put_back(records)
+                raise
             else:
-                self.stats.enqueue_batches += 1
+                self.stats.enqueue_batches += bool(batch)
+                self._ledger_written(records, refused)
             for pending, answer in zip(batch, answers, strict=True):
                 pending.answer = answer
                 pending.done.set()
             if any(isinstance(a, Enqueued) and a.created for a in answers):
                 self.wakeup.set()
+            if self._ledger and not self._ledger.rung and (batch or not failed):
+                self._ring()  # more than a pass's worth, or records put back after an item failed
 
     def _batch_writer(
-        self, batch: list[Pending]
-    ) -> Callable[[sqlite3.Connection], list[Answer | GatewayError]]:
-        def write(conn: sqlite3.Connection) -> list[Answer | GatewayError]:
+        self, batch: list[Pending], records: list[UsageRecord]
+    ) -> Callable[[sqlite3.Connection], tuple[list[Answer | GatewayError], list[UsageRecord]]]:
+        def write(
+            conn: sqlite3.Connection,
+        ) -> tuple[list[Answer | GatewayError], list[UsageRecord]]:
             active: dict[str, int] = {}  # tenant -> queued + running, kept current in the batch
             answers = [self._write_one(conn, p, active) for p in batch]
             self.stats.enqueued += sum(isinstance(a, Enqueued) and a.created for a in answers)
-            return answers
+            return answers, ledger_sql.write(conn, records)  # under its own savepoint
 
         return write
 
@@ -250,6 +285,8 @@ class Store:
             return self._enqueue_one(conn, item, pending.now, active)
         if isinstance(item, StoredResponse):
             sql.save_response(conn, item)
+            return True
+        if isinstance(item, Barrier):
             return True
         since = pending.now - self.config.retention_s
         return sql.delete_response(conn, item.tenant, item.id, since)
@@ -378,8 +415,12 @@ class Store:
             return
         await self._submit(record, self.clock())
         self.stats.responses_saved += 1
-        due = record.created_at + self.config.retention_s
-        if self._sweep_at is None or due < self._sweep_at:
+        self._sweep_by(record.created_at + self.config.retention_s)
+
+    def _sweep_by(self, due: float | None) -> None:
+        """Something falls due for sweeping at ``due``: ring ``sweep_due`` if that is before
+        what the last sweep reported."""
+        if due is not None and (self._sweep_at is None or due < self._sweep_at):
             self._sweep_at = due
             self.sweep_due.set()
 
@@ -415,15 +456,18 @@ class Store:
 
     async def sweep(self, now: float) -> tuple[int, float | None]:
         """Delete jobs finished more than ``retention_s`` ago (not while their webhook is
-        pending) and Responses stored more than ``retention_s`` ago. Returns how many, and
-        when the next one falls due for sweeping."""
+        pending), Responses stored more than ``retention_s`` ago, and usage rows past the
+        ledger's retentions (a bounded batch per pass: :func:`.store_ledger_sql.sweep`). Returns
+        how many, and when the next one falls due for sweeping."""
         retention = self.config.retention_s
 
         def sweep(conn: sqlite3.Connection) -> tuple[int, float | None]:
             deleted = sql.sweep(conn, now - retention) + sql.sweep_responses(conn, now - retention)
             found = (sql.oldest_finished(conn), sql.oldest_response(conn))
-            oldest = [t for t in found if t is not None]
-            return deleted, min(oldest) + retention if oldest else None
+            due = [t + retention for t in found if t is not None]
+            gone, ledger_due = ledger_sql.sweep(conn, now, self.ledger_config)
+            due += [] if ledger_due is None else [ledger_due]
+            return deleted + gone, min(due) if due else None
 
         deleted, self._sweep_at = await self._call(sweep, write=True)
         return deleted, self._sweep_at

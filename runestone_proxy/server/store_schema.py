@@ -32,6 +32,13 @@ One row per stored Response (v4; gateway/responses_store.py), keyed by tenant an
     created_at REAL         unix seconds; the retention sweep reads it (index)
     input_items BLOB        JSON array: the whole input the response answered
     response BLOB           JSON object: the Response as the client got it
+
+The usage ledger (v5; gateway/ledger.py, SQL in :mod:`.store_ledger`): one ``usage`` row
+per :class:`UsageRecord` (every field; ``at`` REAL unix seconds, booleans as 0/1; indexed
+on ``at`` and ``(tenant, at)``), and two rollups, ``usage_hourly`` and ``usage_daily``,
+one row per (bucket_start, tenant, key_id, model, provider) with the sums of requests,
+errors, the four token counts and cost_usd, kept current in the raw insert's transaction.
+``bucket_start`` is the UTC hour or day start (unix seconds).
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ __all__ = [
     "storable",
 ]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 Headers = tuple[tuple[bytes, bytes], ...]
 
@@ -108,8 +115,57 @@ _V4 = (
     "CREATE INDEX responses_created ON responses (created_at)",
 )
 
+
+def _rollup(table: str) -> str:
+    return f"""CREATE TABLE {table} (
+        bucket_start REAL NOT NULL,
+        tenant TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        model TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        requests INTEGER NOT NULL DEFAULT 0,
+        errors INTEGER NOT NULL DEFAULT 0,
+        prompt_tokens INTEGER NOT NULL DEFAULT 0,
+        completion_tokens INTEGER NOT NULL DEFAULT 0,
+        cached_tokens INTEGER NOT NULL DEFAULT 0,
+        reasoning_tokens INTEGER NOT NULL DEFAULT 0,
+        cost_usd REAL NOT NULL DEFAULT 0,
+        PRIMARY KEY (bucket_start, tenant, key_id, model, provider)
+    )"""
+
+
+#: The usage ledger: raw records and their hourly and daily rollups.
+_V5 = (
+    """CREATE TABLE usage (
+        at REAL NOT NULL,
+        request_id TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        model TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        upstream_model TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        prompt_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        cached_tokens INTEGER NOT NULL,
+        reasoning_tokens INTEGER NOT NULL,
+        cost_usd REAL NOT NULL,
+        status INTEGER NOT NULL,
+        outcome TEXT NOT NULL,
+        stream INTEGER NOT NULL,
+        estimated INTEGER NOT NULL,
+        latency_ms REAL NOT NULL,
+        ttfb_ms REAL
+    )""",
+    "CREATE INDEX usage_at ON usage (at)",
+    "CREATE INDEX usage_tenant_at ON usage (tenant, at)",
+    _rollup("usage_hourly"),
+    _rollup("usage_daily"),
+)
+
 #: version reached -> the statements that reach it from the version before.
-_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1, 2: _V2, 3: _V3, 4: _V4}
+_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1, 2: _V2, 3: _V3, 4: _V4, 5: _V5}
 
 
 def migrate(conn: sqlite3.Connection) -> int:

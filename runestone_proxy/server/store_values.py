@@ -55,6 +55,12 @@ class StoreStats:
     responses_not_stored: int = 0
     #: Jobs buried as dead (claimed ``max_claims`` times with no outcome recorded).
     dead: int = 0
+    #: Usage records handed to the store, written, dropped (pending buffer full, a record
+    #: SQLite refused), and the writer passes that wrote some.
+    ledger_recorded: int = 0
+    ledger_written: int = 0
+    ledger_dropped: int = 0
+    ledger_batches: int = 0
 
 
 @attrs.frozen
@@ -77,9 +83,16 @@ class Delete:
     id: str
 
 
+@attrs.frozen
+class Barrier:
+    """Nothing to write: a caller waiting for the writer's next commit (and the usage
+    records it takes)."""
+
+
 #: What the writer commits: a job to enqueue, a Response to save, a Response to delete; and
-#: the answers (the enqueue's, True for a save, whether a delete found its record).
-Write = NewJob | StoredResponse | Delete
+#: the answers (the enqueue's, True for a save or a barrier, whether a delete found its
+#: record).
+Write = NewJob | StoredResponse | Delete | Barrier
 Answer = Enqueued | bool
 
 

@@ -265,7 +265,7 @@ async def test_a_version_3_database_is_migrated_and_keeps_its_jobs(
         await store.save_response(record())
         saved = await store.get_response("a", "resp_1")
         nursery.cancel_scope.cancel()
-    assert versions == [1, 2, 3, 4] == list(range(1, SCHEMA_VERSION + 1))
+    assert versions == list(range(1, SCHEMA_VERSION + 1))
     assert job is not None
     assert job.body == b"{}"
     assert saved == record()
