@@ -13,6 +13,7 @@ tests/server).
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import attrs
@@ -178,3 +179,32 @@ class CountingLedger(MemoryLedger):
     async def wait_for(self, count: int) -> None:
         while len(self.records) < count:
             await self.changed.wait()
+
+
+async def test_the_durable_ledger_holds_the_same_totals(
+    start_gateway: StartGateway, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic
+) -> None:
+    """The running gateway's own ledger (the SQLite store): written without a wait per
+    request, then read back from its rollups and its spend query."""
+    gateway: Gateway = await start_gateway()
+    store = gateway.app.store
+    with trio.fail_after(20):
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as http:
+            for stream in (False, True):
+                body = chat_body("gpt-4o-mini", stream=stream)
+                assert (await http.post("/v1/chat/completions", json=body)).is_success
+                body = {**chat_body("claude-sonnet", stream=stream), "max_tokens": 64}
+                assert (await http.post("/v1/messages", json=body, headers=MSG)).is_success
+        await store.sync_ledger()
+        rows = await store.usage_totals(
+            since=0, until=time.time() + 3600, group_by=["tenant", "model"]
+        )
+        spent, tokens = await store.spend("default", None, 0)
+    by_model = {row["model"]: row for row in rows}
+    assert by_model["gpt-4o-mini"]["requests"] == 2
+    assert by_model["gpt-4o-mini"]["prompt_tokens"] == 2 * OPENAI_TOKENS[0]
+    assert by_model["gpt-4o-mini"]["completion_tokens"] == 2 * OPENAI_TOKENS[1]
+    assert by_model["claude-sonnet"]["prompt_tokens"] == 2 * ANTHROPIC_TOKENS[0]
+    assert by_model["claude-sonnet"]["completion_tokens"] == 2 * ANTHROPIC_TOKENS[1]
+    assert tokens == 2 * sum(OPENAI_TOKENS) + 2 * sum(ANTHROPIC_TOKENS)
+    assert spent == 0.0  # the e2e table has no prices
