@@ -135,12 +135,27 @@ def count_usage(
     tenant: str, model: str, prompt: int, completion: int, cached: int, cost: float
 ) -> None:
     """One ledger record's tokens and cost (keys are not a label: bounded cardinality)."""
-    base = (("model", model), ("tenant", tenant))
-    _tokens.inc((("kind", "prompt"), *base), prompt)
-    _tokens.inc((("kind", "completion"), *base), completion)
+    labels = _usage_labels.get((tenant, model))
+    if labels is None:
+        if len(_usage_labels) >= 4096:  # bounded: a flood of model names cannot grow it
+            _usage_labels.clear()
+        base = (("model", model), ("tenant", tenant))
+        labels = _usage_labels[tenant, model] = (
+            (("kind", "prompt"), *base),
+            (("kind", "completion"), *base),
+            (("kind", "cached"), *base),
+            base,
+        )
+    values = _tokens.values
+    values[labels[0]] = values.get(labels[0], 0.0) + prompt
+    values[labels[1]] = values.get(labels[1], 0.0) + completion
     if cached:
-        _tokens.inc((("kind", "cached"), *base), cached)
-    _cost.inc(base, cost)
+        values[labels[2]] = values.get(labels[2], 0.0) + cached
+    _cost.values[labels[3]] = _cost.values.get(labels[3], 0.0) + cost
+
+
+#: (tenant, model) -> the label tuples of the usage counters, built once.
+_usage_labels: dict[tuple[str, str], tuple[Labels, Labels, Labels, Labels]] = {}
 
 
 def count_request(status: int) -> None:

@@ -353,9 +353,15 @@ class LedgerConfig:
     """How long the usage ledger keeps its raw records and its hourly and daily rollups
     (the store's retention sweep deletes what is older)."""
 
+    #: Write a usage record per request (off: none is kept, and spend is not counted).
+    enabled: bool = True
     retention_days: int = attrs.field(default=30, validator=_positive)
     hourly_retention_days: int = attrs.field(default=400, validator=_positive)
     daily_retention_days: int = attrs.field(default=1830, validator=_positive)
+    #: Records wait at most this long for the writer (they also ride along any earlier
+    #: write, and a full pass's worth goes at once): one commit per interval, not per
+    #: request. A crash loses at most this much of the ledger; a drain writes it all.
+    flush_interval_s: float = attrs.field(default=1.0, validator=_positive)
 
 
 def _default_providers() -> tuple[ProviderConfig, ...]:

@@ -12,6 +12,7 @@ characters per token, one token per relayed chunk), marked ``estimated``.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -29,7 +30,7 @@ from runestone_proxy.gateway.ledger import (
     usage_counts,
 )
 from runestone_proxy.gateway.routing import Target
-from runestone_proxy.gateway.token_estimate import estimate_tokens, int_after
+from runestone_proxy.gateway.token_estimate import estimate_tokens
 from runestone_proxy.providers.base import ProviderCall
 
 __all__ = ["Attempts", "account", "answer_counts", "failure", "stream_counts"]
@@ -51,28 +52,38 @@ class Attempts:
         return self.call_for(target)
 
 
-#: The usage keys of each dialect's whole answer: (prompt, completion, cached, reasoning,
-#: and the ones added to the prompt: Anthropic's cache reads and writes are not in its
-#: ``input_tokens``).
-_CHAT = (b'"prompt_tokens"', b'"completion_tokens"', b'"cached_tokens"', b'"reasoning_tokens"')
-_RESPONSES = (b'"input_tokens"', b'"output_tokens"', b'"cached_tokens"', b'"reasoning_tokens"')
-_MESSAGES = (b'"input_tokens"', b'"output_tokens"', b'"cache_read_input_tokens"', b"")
+#: An integer member of a JSON object: its name and digits (one C pass over the usage).
+_INT_MEMBER = re.compile(rb'"([a-z_]+)":\s*(\d+)')
 
 
 def answer_counts(endpoint: str, body: bytes) -> UsageCounts | None:
-    """The usage a whole answer reports, found in its bytes (the last occurrence of each
-    key: usage closes the object), or None when it reports none."""
-    keys = _MESSAGES if endpoint == "messages" else _RESPONSES if endpoint == "responses" else _CHAT
-    prompt = int_after(body, keys[0])
-    completion = int_after(body, keys[1])
+    """The usage a whole answer reports, found in its bytes without a parse: the integer
+    members after its last ``"usage"`` key (usage closes the object, so this reads the
+    usage object, not the answer), or None when it has none."""
+    at = body.rfind(b'"usage"')
+    if at < 0:
+        return None
+    found = dict(_INT_MEMBER.findall(body, at))
+    if endpoint == "messages":  # input_tokens excludes the cache (read and written)
+        cached = int(found.get(b"cache_read_input_tokens", 0))
+        written = int(found.get(b"cache_creation_input_tokens", 0))
+        prompt = found.get(b"input_tokens")
+        completion = found.get(b"output_tokens")
+        if prompt is None and completion is None:
+            return None
+        return UsageCounts(int(prompt or 0) + cached + written, int(completion or 0), cached, 0)
+    if endpoint == "responses":
+        prompt, completion = found.get(b"input_tokens"), found.get(b"output_tokens")
+    else:
+        prompt, completion = found.get(b"prompt_tokens"), found.get(b"completion_tokens")
     if prompt is None and completion is None:
         return None
-    cached = int_after(body, keys[2]) or 0
-    if endpoint == "messages":  # input_tokens excludes the cache (read and written)
-        written = int_after(body, b'"cache_creation_input_tokens"') or 0
-        return UsageCounts((prompt or 0) + cached + written, completion or 0, cached, 0)
-    reasoning = int_after(body, keys[3]) or 0
-    return UsageCounts(prompt or 0, completion or 0, cached, reasoning)
+    return UsageCounts(
+        int(prompt or 0),
+        int(completion or 0),
+        int(found.get(b"cached_tokens", 0)),
+        int(found.get(b"reasoning_tokens", 0)),
+    )
 
 
 def failure(exc: BaseException) -> tuple[int, Outcome]:

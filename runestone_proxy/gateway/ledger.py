@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import attrs
 
@@ -59,11 +59,14 @@ class UsageCounts:
         return self.prompt + self.completion
 
 
-@attrs.define(eq=False, slots=True)
-class UsageRecord:
-    """One request's line in the ledger (see the module docstring). Not frozen, like the
-    service's other per-request values: a frozen attrs class pays an ``object.__setattr__``
-    per field, and this one has twenty. Nothing changes it once built."""
+class UsageRecord(NamedTuple):
+    """One request's line in the ledger (see the module docstring).
+
+    A named tuple rather than an attrs class, unlike the other values here: the store
+    holds up to thousands of records between writes, and a tuple of plain values is
+    untracked by the garbage collector after its first pass, where every attrs instance
+    stays tracked (measured: the collector's passes over pending records cost more per
+    request than building them)."""
 
     at: float  # epoch seconds, when the request ended
     request_id: str

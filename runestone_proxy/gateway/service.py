@@ -56,7 +56,6 @@ from runestone_proxy.gateway.routing import (
     filter_and_order,
 )
 from runestone_proxy.gateway.service_state import ServiceState
-from runestone_proxy.gateway.token_estimate import usage_tokens
 from runestone_proxy.providers.base import RUNESTONE_FIELDS, Endpoint, ProviderCall
 from runestone_proxy.providers.json_codec import dumps
 from runestone_proxy.providers.messages_request import estimate_input_tokens
@@ -257,7 +256,8 @@ class Service(ServiceState):
                     started=started,
                 )
                 raise
-            admission.usage = usage_tokens(answer)
+            counts = answer_counts(gen.endpoint, answer)
+            admission.usage = None if counts is None else counts.total
             account(
                 self.ledger,
                 request_id=request_id,
@@ -266,7 +266,7 @@ class Service(ServiceState):
                 endpoint=gen.endpoint,
                 model=model,
                 attempts=attempts,
-                counts=answer_counts(gen.endpoint, answer),
+                counts=counts,
                 estimated=False,
                 status=200,
                 outcome="ok",

@@ -135,7 +135,8 @@ class App:
         add_health_routes(gateway.router, gateway, main_scope)
         add_job_routes(gateway.router, store, api.authenticate)
         service.responses = store
-        service.ledger = store  # every request's usage record, in the writer's group commits
+        # Every request's usage record, in the writer's group commits ([ledger] enabled).
+        service.ledger = store if config.ledger.enabled else None
         add_response_state_routes(gateway.router, store, api.authenticate)
         gateway.reload_hooks.append(store.apply_config)
         gateway.components["capacity"] = service.capacity.snapshot

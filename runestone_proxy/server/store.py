@@ -61,7 +61,7 @@ from runestone_proxy.gateway.responses_store import StoredResponse, fits, report
 from runestone_proxy.server import store_ledger_sql as ledger_sql
 from runestone_proxy.server import store_schema as schema
 from runestone_proxy.server import store_sql as sql
-from runestone_proxy.server.store_ledger import LedgerBuffer, LedgerSide
+from runestone_proxy.server.store_ledger import PASS_MAX, LedgerBuffer, LedgerSide
 from runestone_proxy.server.store_values import (
     RECORD_OVERHEAD_BYTES,
     Answer,
@@ -144,13 +144,22 @@ class Store(LedgerSide):
             task_status.started()
             if self._ledger:
                 send.send_nowait(None)
-            await self._writer(receive)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._flush_ledger_every)
+                await self._writer(receive)
         finally:
             self._send = None  # new calls fail fast with ServiceUnavailable
             with trio.CancelScope(shield=True):
                 await self._flush_ledger()
                 self._conn = None
                 await self._call_raw(conn.close)  # after the call in flight, if any
+
+    async def _flush_ledger_every(self) -> None:
+        """Ring the writer for the usage records waiting, once per ``flush_interval_s``."""
+        while True:
+            await trio.sleep(self.ledger_config.flush_interval_s)
+            if self._ledger and not self._ledger.rung:
+                self._ring()
 
     def _open(self) -> sqlite3.Connection:
         try:
@@ -244,12 +253,11 @@ class Store(LedgerSide):
             if not batch and not records:
                 continue
             answers: list[Answer | GatewayError]
-            failed = False
             try:
                 answers, refused = await self._call(self._batch_writer(batch, records), write=True)
             except GatewayError as exc:
-                answers, failed = [exc] * len(batch), True
-                self._ledger.put_back(records)  # retried with the next item or record
+                answers = [exc] * len(batch)
+                self._ledger.put_back(records)  # retried with the next write or flush
             except BaseException:  # cancelled before the call ran: shutdown writes them
                 self._ledger.put_back(records)
                 raise
@@ -261,8 +269,8 @@ class Store(LedgerSide):
                 pending.done.set()
             if any(isinstance(a, Enqueued) and a.created for a in answers):
                 self.wakeup.set()
-            if self._ledger and not self._ledger.rung and (batch or not failed):
-                self._ring()  # more than a pass's worth, or records put back after an item failed
+            if len(self._ledger) >= PASS_MAX and not self._ledger.rung:
+                self._ring()  # more than a pass's worth waits (the rest: the flush timer)
 
     def _batch_writer(
         self, batch: list[Pending], records: list[UsageRecord]

@@ -75,14 +75,19 @@ class LedgerBuffer:
         return len(self._pending)
 
     def add(self, record: UsageRecord) -> bool:
-        """Queue ``record``; True if the writer needs ringing."""
+        """Queue ``record``; True if the writer needs ringing now: a pass's worth is
+        waiting (otherwise the flush timer, or any earlier write, takes the records: one
+        commit, and one fsync, per interval rather than per request)."""
         self.stats.ledger_recorded += 1
-        if len(self._pending) >= self.max_pending:
-            self._pending.popleft()
+        pending = self._pending
+        if len(pending) >= self.max_pending:
+            pending.popleft()
             self.dropped(1, "buffer_full")
-        self._pending.append(record)
-        ring, self.rung = not self.rung, True
-        return ring
+        pending.append(record)
+        if self.rung or len(pending) < PASS_MAX:
+            return False
+        self.rung = True
+        return True
 
     def take(self, limit: int = PASS_MAX) -> list[UsageRecord]:
         """Up to ``limit`` of the oldest records, for one writer pass."""

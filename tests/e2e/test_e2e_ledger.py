@@ -156,7 +156,7 @@ async def test_ledger_totals_equal_what_the_providers_reported(
     assert all(r.latency_ms >= 0 for r in records)
     streams = [r for r in reported if r.stream]
     assert all(r.ttfb_ms is not None and r.ttfb_ms <= r.latency_ms for r in streams)
-    assert ANTHROPIC_KEY not in json.dumps([attrs.asdict(r) for r in records])
+    assert ANTHROPIC_KEY not in json.dumps([r._asdict() for r in records])
 
 
 def _usage_chunks(sse: str) -> list[dict[str, Any]]:
@@ -208,3 +208,17 @@ async def test_the_durable_ledger_holds_the_same_totals(
     assert by_model["claude-sonnet"]["completion_tokens"] == 2 * ANTHROPIC_TOKENS[1]
     assert tokens == 2 * sum(OPENAI_TOKENS) + 2 * sum(ANTHROPIC_TOKENS)
     assert spent == 0.0  # the e2e table has no prices
+
+
+async def test_a_disabled_ledger_keeps_nothing(
+    start_gateway: StartGateway, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic
+) -> None:
+    base = gateway_config(fake_openai.base_url, fake_anthropic.base_url)
+    config = attrs.evolve(base, ledger=attrs.evolve(base.ledger, enabled=False))
+    gateway: Gateway = await start_gateway(config)
+    assert gateway.app.service.ledger is None
+    with trio.fail_after(10):
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as http:
+            assert (await http.post("/v1/chat/completions", json=chat_body("fast"))).is_success
+        await gateway.app.store.sync_ledger()
+    assert gateway.app.store.stats.ledger_recorded == 0

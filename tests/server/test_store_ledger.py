@@ -410,4 +410,20 @@ def test_the_ledger_section_is_validated_and_documented() -> None:
     with pytest.raises(ConfigError, match=r"ledger\.hourly_retention_days"):
         config_module.structure({"ledger": {"hourly_retention_days": 0}}, "t.toml")
     shipped = config_module.load(Path(__file__).parents[2] / "config.toml", {})
-    assert shipped.ledger == LedgerConfig() == LedgerConfig(30, 400, 1830)
+    assert shipped.ledger == LedgerConfig() == LedgerConfig(True, 30, 400, 1830, 1.0)
+
+
+async def test_a_record_waits_for_the_flush_interval_not_a_commit_of_its_own(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """One record alone rings nobody: the flush timer writes it (one commit per interval,
+    not per request)."""
+    store = make_store(tmp_path)
+    store.ledger_config = LedgerConfig(flush_interval_s=0.05)
+    await nursery.start(store.run)
+    store.record(rec())
+    assert store.stats.ledger_written == 0  # not rung: waiting for the timer
+    with trio.fail_after(5):
+        while store.stats.ledger_written < 1:
+            await trio.sleep(0.01)  # the writer's thread commits; no event to await here
+    assert count(store.path, "usage") == 1
