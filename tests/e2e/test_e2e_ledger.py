@@ -31,7 +31,7 @@ from e2e_helpers import (
 )
 from fakes import USAGE, FakeAnthropic, FakeOpenAI
 
-from runestone_proxy.config import ModelConfig, ProviderConfig, RoutingConfig
+from runestone_proxy.config import ModelConfig, ProviderConfig, RoutingConfig, TenantConfig
 from runestone_proxy.gateway.ledger import MemoryLedger, UsageRecord
 
 #: Prices per 1k tokens: (input, output).
@@ -222,3 +222,28 @@ async def test_a_disabled_ledger_keeps_nothing(
             assert (await http.post("/v1/chat/completions", json=chat_body("fast"))).is_success
         await gateway.app.store.sync_ledger()
     assert gateway.app.store.stats.ledger_recorded == 0
+
+
+async def test_a_queued_job_leaves_its_record(
+    start_gateway: StartGateway, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic
+) -> None:
+    """A request parked as a job (its tenant full, policy queue) is recorded when the
+    drainer runs it: the provider's usage, its tenant, and no key id (a job keeps none)."""
+    base = gateway_config(fake_openai.base_url, fake_anthropic.base_url)
+    tenants = {"default": TenantConfig(max_concurrent=1, on_limit="queue")}
+    gateway: Gateway = await start_gateway(attrs.evolve(base, tenants=tenants))
+    ledger = CountingLedger()
+    gateway.app.service.ledger = ledger
+    hang = json.dumps(chat_body("openai:hang", stream=True)).encode()
+    with trio.fail_after(20):
+        async with await raw_request(gateway.port, "POST", "/v1/chat/completions", hang) as raw:
+            await read_until(raw, b"data: ")  # the tenant's one slot is taken
+            async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as http:
+                parked = await http.post("/v1/chat/completions", json=chat_body("gpt-4o-mini"))
+            assert parked.status_code == 202
+        await ledger.wait_for(2)  # the hung stream (cancelled), then the job
+    (job,) = [r for r in ledger.records if r.outcome == "ok"]
+    assert (job.tenant, job.key_id, job.endpoint) == ("default", "", "chat")
+    assert (job.prompt_tokens, job.completion_tokens) == OPENAI_TOKENS
+    assert not job.estimated
+    assert job.request_id == parked.json()["request_id"]
