@@ -119,34 +119,44 @@ def account(
     if ledger is None or target is None:
         return
     now = time.perf_counter()
-    counts = counts or UsageCounts()
+    if counts is None:
+        counts = _NO_USAGE
+    prompt, completion, cached = counts.prompt, counts.completion, counts.cached
     cost = cost_usd(target.entry, counts)
-    requested = model if isinstance(model, str) else target.model
+    model_id = target.model
+    # Built positionally (the field order of UsageRecord): a named tuple's keyword
+    # constructor is a Python call per record; ``tuple.__new__`` is not.
     ledger.record(
-        UsageRecord(
-            at=time.time(),
-            request_id=request_id,
-            tenant=tenant,
-            key_id=key_id,
-            endpoint=endpoint,
-            model=requested,
-            provider=target.provider,
-            upstream_model=target.upstream_model,
-            attempts=attempts.count,
-            prompt_tokens=counts.prompt,
-            completion_tokens=counts.completion,
-            cached_tokens=counts.cached,
-            reasoning_tokens=counts.reasoning,
-            cost_usd=cost,
-            status=status,
-            outcome=outcome,
-            stream=stream,
-            estimated=estimated,
-            latency_ms=round((now - started) * 1000, 3),
-            ttfb_ms=None if ttfb is None else round((ttfb - started) * 1000, 3),
+        tuple.__new__(
+            UsageRecord,
+            (
+                time.time(),
+                request_id,
+                tenant,
+                key_id,
+                endpoint,
+                model if isinstance(model, str) else model_id,
+                target.provider,
+                target.upstream_model,
+                attempts.count,
+                prompt,
+                completion,
+                cached,
+                counts.reasoning,
+                cost,
+                status,
+                outcome,
+                stream,
+                estimated,
+                (now - started) * 1000,
+                None if ttfb is None else (ttfb - started) * 1000,
+            ),
         )
     )
-    metrics.count_usage(tenant, target.model, counts.prompt, counts.completion, counts.cached, cost)
+    metrics.count_usage(tenant, model_id, prompt, completion, cached, cost)
+
+
+_NO_USAGE = UsageCounts()
 
 
 def stream_counts(
