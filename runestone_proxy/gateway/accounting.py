@@ -33,7 +33,7 @@ from runestone_proxy.gateway.routing import Target
 from runestone_proxy.gateway.token_estimate import estimate_tokens
 from runestone_proxy.providers.base import ProviderCall
 
-__all__ = ["Attempts", "account", "answer_counts", "failure", "stream_counts"]
+__all__ = ["Attempts", "account", "account_whole", "answer_counts", "failure", "stream_counts"]
 
 
 class Attempts:
@@ -157,6 +157,37 @@ def account(
 
 
 _NO_USAGE = UsageCounts()
+
+
+def account_whole(
+    ledger: UsageLedger | None,
+    request_id: str,
+    tenant: str,
+    key_id: str,
+    endpoint: str,
+    model: object,
+    attempts: Attempts,
+    started: float,
+    counts: UsageCounts | None,
+    status: int = 200,
+    outcome: Outcome = "ok",
+) -> None:
+    """:func:`account` for a whole answer (or a failure before any answer)."""
+    account(
+        ledger,
+        request_id=request_id,
+        tenant=tenant,
+        key_id=key_id,
+        endpoint=endpoint,
+        model=model,
+        attempts=attempts,
+        counts=counts,
+        estimated=False,
+        status=status,
+        outcome=outcome,
+        stream=False,
+        started=started,
+    )
 
 
 def stream_counts(

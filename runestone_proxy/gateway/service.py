@@ -23,9 +23,7 @@ same plan and failover, answered whole); ``reload`` swaps a validated config in.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager
-from types import TracebackType
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -34,15 +32,12 @@ from runestone_proxy import telemetry
 from runestone_proxy.errors import AuthenticationFailed, InvalidParam
 from runestone_proxy.gateway.accounting import (
     Attempts,
-    account,
+    account_whole,
     answer_counts,
     failure,
-    stream_counts,
 )
 from runestone_proxy.gateway.admission import Admission, Parked
 from runestone_proxy.gateway.auth import KeyRejected, Principal
-from runestone_proxy.gateway.failover_stream import CommittedStream
-from runestone_proxy.gateway.ledger import Outcome
 from runestone_proxy.gateway.metadata import splice_metadata
 from runestone_proxy.gateway.overflow import Job, JobOutcome, check_webhook_url
 from runestone_proxy.gateway.rate_wire import Headers
@@ -56,6 +51,7 @@ from runestone_proxy.gateway.routing import (
     filter_and_order,
 )
 from runestone_proxy.gateway.service_state import ServiceState
+from runestone_proxy.gateway.service_stream import OpenStream, Stream
 from runestone_proxy.providers.base import RUNESTONE_FIELDS, Endpoint, ProviderCall
 from runestone_proxy.providers.json_codec import dumps
 from runestone_proxy.providers.messages_request import estimate_input_tokens
@@ -110,31 +106,6 @@ class Answer:
     policy: str
     body: bytes
     headers: Headers
-
-
-@attrs.define(eq=False, slots=True)
-class Stream:
-    """An open stream (``Service.open_stream``): ``first`` payloads already received,
-    ``await next()`` for the following ones (None at the end; a ``GatewayError`` after the
-    commit ends it in-band), ``usage`` as reported, and what the handler needs for headers."""
-
-    target: Target
-    policy: str
-    #: The key's ``x-ratelimit-*`` headers.
-    headers: Headers
-    first: list[bytes] | None
-    next: Callable[[], Awaitable[list[bytes] | None]]
-    committed: CommittedStream
-
-    @property
-    def usage(self) -> Mapping[str, Any] | None:
-        return self.committed.usage
-
-    @property
-    def final(self) -> bytes | None:
-        """The whole answer object the stream ended with (a Responses stream's last
-        ``response``), else None."""
-        return self.committed.stream.final
 
 
 @attrs.define(eq=False)
@@ -235,44 +206,15 @@ class Service(ServiceState):
             )
             attempts = Attempts(call_for)
             started = time.perf_counter()
-            principal = gen.principal
+            who = (self.ledger, request_id, gen.principal.tenant, gen.principal.key_id)
             try:
                 target, answer = await self.failover.complete(targets, attempts, self.providers)
             except BaseException as exc:
-                status, outcome = failure(exc)
-                account(
-                    self.ledger,
-                    request_id=request_id,
-                    tenant=principal.tenant,
-                    key_id=principal.key_id,
-                    endpoint=gen.endpoint,
-                    model=model,
-                    attempts=attempts,
-                    counts=None,
-                    estimated=False,
-                    status=status,
-                    outcome=outcome,
-                    stream=False,
-                    started=started,
-                )
+                account_whole(*who, gen.endpoint, model, attempts, started, None, *failure(exc))
                 raise
             counts = answer_counts(gen.endpoint, answer)
             admission.usage = None if counts is None else counts.total
-            account(
-                self.ledger,
-                request_id=request_id,
-                tenant=principal.tenant,
-                key_id=principal.key_id,
-                endpoint=gen.endpoint,
-                model=model,
-                attempts=attempts,
-                counts=counts,
-                estimated=False,
-                status=200,
-                outcome="ok",
-                stream=False,
-                started=started,
-            )
+            account_whole(*who, gen.endpoint, model, attempts, started, counts)
             answer = splice_metadata(answer, target.provider, policy, request_id)
             return Answer(target, policy, answer, admission.rl_headers)
 
@@ -397,163 +339,11 @@ class Service(ServiceState):
         )
         attempts = Attempts(call_for)
         started = time.perf_counter()
-        fields: dict[str, Any] = {
-            "request_id": request_id,
-            "tenant": tenant,
-            "key_id": "",
-            "endpoint": endpoint,
-            "model": model,
-            "attempts": attempts,
-            "stream": False,
-            "started": started,
-        }
+        who = (self.ledger, request_id, tenant, "")
         try:
             target, answer = await self.failover.complete(targets, attempts, self.providers)
         except BaseException as exc:
-            status, outcome = failure(exc)
-            account(
-                self.ledger, **fields, counts=None, estimated=False, status=status, outcome=outcome
-            )
+            account_whole(*who, endpoint, model, attempts, started, None, *failure(exc))
             raise
-        counts = answer_counts(endpoint, answer)
-        account(self.ledger, **fields, counts=counts, estimated=False, status=200, outcome="ok")
+        account_whole(*who, endpoint, model, attempts, started, answer_counts(endpoint, answer))
         return target, policy, splice_metadata(answer, target.provider, policy, request_id)
-
-
-class OpenStream:
-    """The async context manager :meth:`Service.open_stream` returns: the admission around
-    the failover's stream. A class rather than a generator context manager: it wraps every
-    stream, and a generator costs a few microseconds more per use."""
-
-    __slots__ = (
-        "admission",
-        "attempts",
-        "gen",
-        "model",
-        "opened",
-        "service",
-        "started",
-        "stream",
-        "upstream",
-    )
-
-    def __init__(self, service: Service, gen: Generation) -> None:
-        self.service = service
-        self.gen = gen
-        self.admission = Admission(service, gen)
-        self.upstream: AbstractAsyncContextManager[CommittedStream] | None = None
-        self.stream: Stream
-        self.started = 0.0
-        self.opened = 0.0
-        self.attempts: Attempts | None = None
-        self.model = gen.body.get("model")
-
-    async def __aenter__(self) -> Stream | Parked:
-        service, gen, admission = self.service, self.gen, self.admission
-        parked = await admission.__aenter__()
-        if parked is not None:
-            return parked
-        try:
-            # The ledger (and a tokens-per-minute limit) needs the real usage: the provider
-            # is asked for it on every stream (the client sees it only if it asked too).
-            targets, call_for, policy = service._plan(
-                gen.endpoint,
-                service._route(gen),
-                gen.body,
-                gen.raw,
-                gen.request_id,
-                True,
-                True,
-                headers=gen.headers,
-            )
-            attempts = self.attempts = Attempts(call_for)
-            self.opened = time.perf_counter()
-            upstream = service.failover.open_stream(targets, attempts, service.providers)
-            up = await upstream.__aenter__()
-        except BaseException as exc:
-            if self.attempts is not None:
-                self._account(None, *failure(exc))
-            await admission.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
-        self.upstream = upstream
-        self.started = time.perf_counter()
-        stream = self.stream = Stream(
-            up.target, policy, admission.rl_headers, up.first, up.next, up
-        )
-        return stream
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        upstream = self.upstream
-        if upstream is not None:
-            try:
-                up = self.stream.committed
-                if exc is None:
-                    _stream_ended(self.gen, up, self.started)
-                    if up.ended:  # what the translator recorded, whether the client saw it
-                        self.admission.usage = _total_tokens(up.usage)
-                if up.ended:
-                    self._account(up, 200, "ok")
-                elif up.error is not None:
-                    self._account(up, 200, "error")  # ended in-band, after a 200 start
-                else:  # the client went away (or the handler stopped reading)
-                    self._account(up, 499, "cancelled")
-                await upstream.__aexit__(exc_type, exc, tb)
-            except BaseException as raised:
-                await self.admission.__aexit__(type(raised), raised, raised.__traceback__)
-                raise
-        await self.admission.__aexit__(exc_type, exc, tb)
-
-    def _account(self, up: CommittedStream | None, status: int, outcome: Outcome) -> None:
-        """The stream's ledger record: its usage (or the estimate), once it is over."""
-        gen = self.gen
-        assert self.attempts is not None
-        if up is None:
-            counts, estimated = None, False
-        else:
-            counts, estimated = stream_counts(up.usage, gen.body, up.chunks)
-        account(
-            self.service.ledger,
-            request_id=gen.request_id,
-            tenant=gen.principal.tenant,
-            key_id=gen.principal.key_id,
-            endpoint=gen.endpoint,
-            model=self.model,
-            attempts=self.attempts,
-            counts=counts,
-            estimated=estimated,
-            status=status,
-            outcome=outcome,
-            stream=True,
-            started=self.opened,
-            ttfb=self.started or None,
-        )
-
-
-def _stream_ended(gen: Generation, up: CommittedStream, started: float) -> None:
-    """``stream.error`` or ``stream.complete``, once the handler is done with the stream."""
-    if up.error is not None:
-        telemetry.emit(
-            "stream.error",
-            provider=up.target.provider,
-            request_id=gen.request_id,
-            code=up.error.code,
-            chunks=up.chunks,
-        )
-    elif up.ended:
-        telemetry.emit(
-            "stream.complete",
-            provider=up.target.provider,
-            request_id=gen.request_id,
-            chunks=up.chunks,
-            duration_ms=round((time.perf_counter() - started) * 1000, 3),
-        )
-
-
-def _total_tokens(usage: Mapping[str, Any] | None) -> int | None:
-    total = usage.get("total_tokens") if usage is not None else None
-    return total if isinstance(total, int) and not isinstance(total, bool) else None
