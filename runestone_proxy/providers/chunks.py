@@ -17,13 +17,14 @@ import json
 import re
 from collections.abc import Mapping
 from json.encoder import encode_basestring, encode_basestring_ascii
-from typing import Any
+from typing import Any, Literal
 
 from runestone_proxy.errors import UpstreamProtocolError
 
 __all__ = [
     "choice_zero",
     "chunk_choice",
+    "delta_pieces",
     "json_string",
     "literal_text",
     "loads_chunk",
@@ -86,6 +87,34 @@ def chunk_choice(choices: Any) -> dict[str, Any] | None:
             if isinstance(item, dict) and item.get("index", 0) == 0:
                 return item
     return None
+
+
+#: The kinds of piece a chat delta carries (:func:`delta_pieces`).
+Piece = Literal["reasoning", "text", "refusal", "tool"]
+
+
+def delta_pieces(delta: Mapping[str, Any]) -> list[tuple[Piece, Any]]:
+    """A chat delta's pieces, in the order the dialect encoders take them: ``reasoning``
+    (``reasoning_content``, DeepSeek/vLLM, or ``reasoning``, OpenRouter/Groq), ``text``,
+    ``refusal``, then each ``tool`` call piece (a legacy ``function_call`` as a piece of
+    index ``"function_call"``)."""
+    pieces: list[tuple[Piece, Any]] = []
+    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+    if reasoning and isinstance(reasoning, str):
+        pieces.append(("reasoning", reasoning))
+    content = delta.get("content")
+    if content and isinstance(content, str):
+        pieces.append(("text", content))
+    refusal = delta.get("refusal")
+    if refusal and isinstance(refusal, str):
+        pieces.append(("refusal", refusal))
+    calls = delta.get("tool_calls")
+    if calls and isinstance(calls, list):
+        pieces.extend(("tool", piece) for piece in calls if isinstance(piece, dict))
+    legacy = delta.get("function_call")
+    if legacy and isinstance(legacy, dict):
+        pieces.append(("tool", {"index": "function_call", "function": legacy}))
+    return pieces
 
 
 def choice_zero(choices: Any) -> Mapping[str, Any]:

@@ -54,7 +54,13 @@ from typing import Any, Final, Literal
 import attrs
 
 from runestone_proxy.errors import UpstreamProtocolError
-from runestone_proxy.providers.chunks import chunk_choice, json_string, loads_chunk, plain_text
+from runestone_proxy.providers.chunks import (
+    chunk_choice,
+    delta_pieces,
+    json_string,
+    loads_chunk,
+    plain_text,
+)
 from runestone_proxy.providers.messages_frames import frame_obj
 from runestone_proxy.providers.messages_response import (
     message_id,
@@ -202,27 +208,14 @@ class MessagesEncoder:
             return out
         delta = choice.get("delta")
         if isinstance(delta, dict):
-            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-            if reasoning and isinstance(reasoning, str):
-                self._step("reasoning", reasoning, out)
-            content = delta.get("content")
-            if content and isinstance(content, str):
-                if self._state is State.TEXT:  # row (TEXT, text), inline: the common chunk
-                    out.append(self._prefix + json_string(content) + _END)
+            for kind, value in delta_pieces(delta):
+                if kind == "text" and self._state is State.TEXT:  # row (TEXT, text), inline
+                    out.append(self._prefix + json_string(value) + _END)
+                elif kind == "refusal":  # said as text, and the stop becomes "refusal"
+                    self._refused = True
+                    self._step("text", value, out)
                 else:
-                    self._step("text", content, out)
-            refusal = delta.get("refusal")
-            if refusal and isinstance(refusal, str):
-                self._refused = True
-                self._step("text", refusal, out)
-            calls = delta.get("tool_calls")
-            if calls and isinstance(calls, list):
-                for piece in calls:
-                    if isinstance(piece, dict):
-                        self._step("tool", piece, out)
-            legacy = delta.get("function_call")
-            if legacy and isinstance(legacy, dict):
-                self._step("tool", {"index": "function_call", "function": legacy}, out)
+                    self._step(kind, value, out)
         finish = choice.get("finish_reason")
         if finish is not None:
             self._step("stop", choice, out)

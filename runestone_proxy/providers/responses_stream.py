@@ -53,6 +53,7 @@ import attrs
 from runestone_proxy.errors import UpstreamProtocolError
 from runestone_proxy.providers.chunks import (
     chunk_choice,
+    delta_pieces,
     json_string,
     literal_text,
     loads_chunk,
@@ -171,30 +172,15 @@ class ResponsesEncoder:
             return out
         delta = choice.get("delta")
         if isinstance(delta, dict):
-            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-            if reasoning and isinstance(reasoning, str):
-                self._step("reasoning", reasoning, out)
-            content = delta.get("content")
-            if content and isinstance(content, str):
-                if self._state is State.TEXT:  # row (TEXT, text), inline: the common chunk
-                    self._pieces.append(content)
+            for kind, value in delta_pieces(delta):
+                if kind == "text" and self._state is State.TEXT:  # row (TEXT, text), inline
+                    self._pieces.append(value)
                     seq = self._seq
                     self._seq = seq + 1
-                    text = json_string(content)
+                    text = json_string(value)
                     out.append(b"%b%d%b%b%b" % (TEXT_HEAD, seq, self._prefix, text, TEXT_TAIL))
                 else:
-                    self._step("text", content, out)
-            refusal = delta.get("refusal")
-            if refusal and isinstance(refusal, str):
-                self._step("refusal", refusal, out)
-            calls = delta.get("tool_calls")
-            if calls and isinstance(calls, list):
-                for piece in calls:
-                    if isinstance(piece, dict):
-                        self._step("tool", piece, out)
-            legacy = delta.get("function_call")
-            if legacy and isinstance(legacy, dict):
-                self._step("tool", {"index": "function_call", "function": legacy}, out)
+                    self._step(kind, value, out)
         finish = choice.get("finish_reason")
         if finish is not None:
             self._step("stop", finish, out)
