@@ -29,6 +29,7 @@ __all__ = [
     "literal_text",
     "loads_chunk",
     "plain_text",
+    "tool_key",
 ]
 
 _raw_decode = json.JSONDecoder().raw_decode
@@ -115,6 +116,16 @@ def delta_pieces(delta: Mapping[str, Any]) -> list[tuple[Piece, Any]]:
     if legacy and isinstance(legacy, dict):
         pieces.append(("tool", {"index": "function_call", "function": legacy}))
     return pieces
+
+
+def tool_key(piece: Mapping[str, Any], last: object) -> object:
+    """Which call a tool call piece continues: OpenAI's ``index``; for a server that sends
+    none, a new ``id`` is a new call, else the ``last`` call continues."""
+    key: object = piece.get("index")
+    if not isinstance(key, (int, str)):
+        given = piece.get("id")
+        key = given if isinstance(given, str) and given else last
+    return key
 
 
 def choice_zero(choices: Any) -> Mapping[str, Any]:

@@ -60,6 +60,7 @@ from runestone_proxy.providers.chunks import (
     json_string,
     loads_chunk,
     plain_text,
+    tool_key,
 )
 from runestone_proxy.providers.messages_frames import frame_obj
 from runestone_proxy.providers.messages_response import (
@@ -347,13 +348,7 @@ class MessagesEncoder:
         out.append(_MESSAGE_STOP)
 
     def _tool_key(self, piece: Mapping[str, Any]) -> object:
-        """OpenAI's ``index``; a server that sends none: a new ``id`` is a new call, else
-        the latest call continues."""
-        key: object = piece.get("index")
-        if not isinstance(key, (int, str)):
-            given = piece.get("id")
-            key = given if isinstance(given, str) and given else self._last_tool
-        self._last_tool = key
+        key = self._last_tool = tool_key(piece, self._last_tool)
         return key
 
 

@@ -58,6 +58,7 @@ from runestone_proxy.providers.chunks import (
     literal_text,
     loads_chunk,
     plain_text,
+    tool_key,
 )
 from runestone_proxy.providers.json_codec import dumps
 from runestone_proxy.providers.messages_frames import frame
@@ -374,13 +375,7 @@ class ResponsesEncoder:
         out.append(self._lifecycle(f"response.{response['status']}", final))
 
     def _tool_key(self, piece: Mapping[str, Any]) -> object:
-        """OpenAI's ``index``; a server that sends none: a new ``id`` is a new call, else
-        the latest call continues."""
-        key: object = piece.get("index")
-        if not isinstance(key, (int, str)):
-            given = piece.get("id")
-            key = given if isinstance(given, str) and given else self._last_tool
-        self._last_tool = key
+        key = self._last_tool = tool_key(piece, self._last_tool)
         return key
 
 
