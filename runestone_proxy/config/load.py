@@ -25,7 +25,8 @@ from typing import Any, Literal
 import attrs
 import cattrs
 
-from runestone_proxy.config.tree import Config, FieldError
+from runestone_proxy.config.fields import FieldError
+from runestone_proxy.config.tree import Config
 
 DEFAULT_CONFIG_PATHS = ("config.toml",)
 
@@ -74,6 +75,16 @@ def _string_list(value: object, type_: Any) -> tuple[str, ...]:
 
 
 _converter.register_structure_hook_func(lambda t: t == tuple[str, ...], _string_list)
+
+
+def _count_or_auto(value: object, _type: Any) -> int | str:
+    """``server.workers``: a positive integer or the string ``"auto"``."""
+    if value == "auto" or (type(value) is int and value >= 1):
+        return value
+    raise ValueError(f'expected a number >= 1 or "auto", got {value!r}')
+
+
+_converter.register_structure_hook_func(lambda t: t == (int | Literal["auto"]), _count_or_auto)
 
 
 def _set(raw: dict[str, Any], dotted: str, value: object) -> None:
@@ -126,6 +137,11 @@ def _as_bool(text: str) -> object:
 ENV_OVERRIDES["RUNESTONE_ROUTER_POLICY"] = ("routing.policy", str.lower)
 ENV_OVERRIDES["RUNESTONE_AUTH_ENABLED"] = ("auth.enabled", _as_bool)
 ENV_OVERRIDES["MAX_CONCURRENT_PER_TENANT"] = ("tenancy.default_max_concurrent", _as_int)
+ENV_OVERRIDES["RUNESTONE_WORKERS"] = ("server.workers", _as_int)
+# URLs that may carry a password: the environment (a root-only EnvironmentFile) keeps it
+# out of the world-readable config file.
+ENV_OVERRIDES["RUNESTONE_OVERFLOW_URL"] = ("overflow.url", str)
+ENV_OVERRIDES["RUNESTONE_REDIS_URL"] = ("state.url", str)
 
 #: Overrides that name a value the file may also pin in a second, more specific place: the
 #: variable wins there too. The shipped file restates ``[tenants.default] max_concurrent``,

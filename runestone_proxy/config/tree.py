@@ -13,47 +13,23 @@ milliseconds, ``_bytes`` bytes.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import attrs
 
+from runestone_proxy.config.admin import AdminConfig
 from runestone_proxy.config.aliases import AliasError, validate
 from runestone_proxy.config.base_url import api_root as _api_root
-
-
-class FieldError(ValueError):
-    """A validator's complaint about one field; the loader appends the field to the path."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-def _port(_inst: object, attribute: attrs.Attribute[Any], value: int | None) -> None:
-    if value is not None and not 0 <= value <= 65535:
-        raise FieldError(attribute.name, f"must be between 0 and 65535, got {value}")
-
-
-def _positive(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    if value <= 0:
-        raise FieldError(attribute.name, f"must be > 0, got {value}")
-
-
-def _non_negative(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    if value < 0:
-        raise FieldError(attribute.name, f"must be >= 0, got {value}")
-
-
-def _patterns(_inst: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
-    for index, pattern in enumerate(value):
-        if not pattern or pattern.isspace():
-            raise FieldError(attribute.name, f"entry {index} must be a non-empty pattern")
-
-
-def _existing_file(_inst: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
-    if value is not None and not Path(value).is_file():
-        raise FieldError(attribute.name, f"no such file: {value}")
+from runestone_proxy.config.fields import (
+    FieldError,
+    _existing_file,
+    _non_negative,
+    _optional_positive,
+    _patterns,
+    _port,
+    _positive,
+)
+from runestone_proxy.config.stores import LedgerConfig, OverflowConfig, StateConfig
 
 
 @attrs.frozen
@@ -96,10 +72,16 @@ class ServerConfig:
     #: How long in-flight requests and streams may run after SIGTERM before cancellation.
     shutdown_grace_s: float = attrs.field(default=10.0, validator=_non_negative)
     backlog: int = attrs.field(default=1024, validator=_positive)
+    #: Worker processes accepting on the same sockets under one supervisor: a number, or
+    #: "auto" (one per CPU core). More than one needs ``[state] backend = "redis"`` so that
+    #: per-tenant and per-key limits hold across workers.
+    workers: int | Literal["auto"] = attrs.field(default=1)
 
     def __attrs_post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise FieldError("tls_key", "tls_cert and tls_key must be set together")
+        if self.workers != "auto" and (type(self.workers) is not int or self.workers < 1):
+            raise FieldError("workers", f'must be a number >= 1 or "auto", got {self.workers!r}')
 
 
 @attrs.frozen
@@ -285,6 +267,12 @@ class AuthKeyConfig:
     rpm: int | None = attrs.field(default=None, validator=attrs.validators.optional(_positive))
     rph: int | None = attrs.field(default=None, validator=attrs.validators.optional(_positive))
     tpm: int | None = attrs.field(default=None, validator=attrs.validators.optional(_positive))
+    #: This key's own cap on concurrent requests (within its tenant's); unset: none.
+    max_concurrent: int | None = attrs.field(default=None, validator=_optional_positive)
+    #: Budgets (unset: none): USD per calendar day and month (UTC), tokens per day.
+    budget_usd_day: float | None = attrs.field(default=None, validator=_optional_positive)
+    budget_usd_month: float | None = attrs.field(default=None, validator=_optional_positive)
+    budget_tokens_day: int | None = attrs.field(default=None, validator=_optional_positive)
 
     def __attrs_post_init__(self) -> None:
         if (self.key_env is None) == (self.key_sha256 is None):
@@ -312,6 +300,10 @@ class TenantConfig:
     weight: float = attrs.field(default=1.0, validator=_positive)
     #: Cap on this tenant's queued (not yet finished) overflow jobs; past it, 429.
     max_queued_jobs: int = attrs.field(default=1000, validator=_positive)
+    #: Budgets (unset: none): USD per calendar day and month (UTC), tokens per day.
+    budget_usd_day: float | None = attrs.field(default=None, validator=_optional_positive)
+    budget_usd_month: float | None = attrs.field(default=None, validator=_optional_positive)
+    budget_tokens_day: int | None = attrs.field(default=None, validator=_optional_positive)
 
 
 @attrs.frozen
@@ -320,48 +312,6 @@ class TenancyConfig:
     default_max_concurrent: int = attrs.field(default=10, validator=_positive)
     #: Gateway-wide in-flight cap shared fairly (by weight) among tenants.
     global_max_concurrent: int = attrs.field(default=1024, validator=_positive)
-
-
-@attrs.frozen
-class OverflowConfig:
-    """The durable overflow queue (SQLite) and its drainer."""
-
-    #: Relative paths live under $RUNESTONE_STATE_DIR (systemd StateDirectory) when set.
-    database: str = "runestone.sqlite3"
-    max_attempts: int = attrs.field(default=5, validator=_positive)
-    #: Claims in a row with no outcome recorded (the outcome could not be stored, or the
-    #: process died mid-run) after which a job is ``dead`` instead of claimed again.
-    max_claims: int = attrs.field(default=3, validator=_positive)
-    #: A claimed job's lease; an expired lease (crash) returns the job to the queue.
-    lease_s: float = attrs.field(default=300.0, validator=_positive)
-    backoff_base_s: float = attrs.field(default=1.0, validator=_positive)
-    backoff_max_s: float = attrs.field(default=60.0, validator=_positive)
-    #: Finished jobs' results are kept this long, then swept.
-    retention_s: float = attrs.field(default=7 * 86400.0, validator=_positive)
-    #: The same Idempotency-Key from the same tenant within this window returns the same job.
-    idempotency_window_s: float = attrs.field(default=86400.0, validator=_positive)
-    #: Environment variable holding the webhook HMAC-SHA256 secret.
-    webhook_secret_env: str = "RUNESTONE_WEBHOOK_SECRET"
-    webhook_timeout_s: float = attrs.field(default=10.0, validator=_positive)
-    webhook_max_attempts: int = attrs.field(default=8, validator=_positive)
-    #: Most enqueues committed in one transaction (group commit).
-    group_commit_max_batch: int = attrs.field(default=256, validator=_positive)
-
-
-@attrs.frozen
-class LedgerConfig:
-    """How long the usage ledger keeps its raw records and its hourly and daily rollups
-    (the store's retention sweep deletes what is older)."""
-
-    #: Write a usage record per request (off: none is kept, and spend is not counted).
-    enabled: bool = True
-    retention_days: int = attrs.field(default=30, validator=_positive)
-    hourly_retention_days: int = attrs.field(default=400, validator=_positive)
-    daily_retention_days: int = attrs.field(default=1830, validator=_positive)
-    #: Records wait at most this long for the writer (they also ride along any earlier
-    #: write, and a full pass's worth goes at once): one commit per interval, not per
-    #: request. A crash loses at most this much of the ledger; a drain writes it all.
-    flush_interval_s: float = attrs.field(default=1.0, validator=_positive)
 
 
 def _default_providers() -> tuple[ProviderConfig, ...]:
@@ -386,6 +336,8 @@ class Config:
     tenants: dict[str, TenantConfig] = attrs.Factory(dict)
     overflow: OverflowConfig = attrs.Factory(OverflowConfig)
     ledger: LedgerConfig = attrs.Factory(LedgerConfig)
+    state: StateConfig = attrs.Factory(StateConfig)
+    admin: AdminConfig = attrs.Factory(AdminConfig)
     upstream: UpstreamConfig = attrs.Factory(UpstreamConfig)
     routing: RoutingConfig = attrs.Factory(RoutingConfig)
     providers: tuple[ProviderConfig, ...] = attrs.Factory(_default_providers)
@@ -395,6 +347,15 @@ class Config:
     aliases: dict[str, str] = attrs.Factory(dict)
 
     def __attrs_post_init__(self) -> None:
+        if self.server.workers != 1 and self.state.backend == "local":
+            raise FieldError(
+                "server",
+                f"workers = {self.server.workers!r} needs shared limits: set [state] "
+                'backend = "redis" and url = "redis://..." (with local state each worker '
+                "would grant every tenant and key its whole limit again)",
+            )
+        if self.admin.listen == "health" and self.server.health_port is None:
+            raise FieldError("admin", 'listen = "health" needs server.health_port')
         names = [p.name for p in self.providers]
         for name in names:
             if names.count(name) > 1:

@@ -53,7 +53,7 @@ import trio
 
 from runestone_proxy import telemetry
 from runestone_proxy.config import Config, OverflowConfig, TenantConfig
-from runestone_proxy.config.tree import LedgerConfig
+from runestone_proxy.config.stores import LedgerConfig
 from runestone_proxy.errors import GatewayError, RateLimited, ServiceUnavailable
 from runestone_proxy.gateway.ledger import UsageRecord
 from runestone_proxy.gateway.overflow import Enqueued, Job, JobStatus, NewJob, WebhookStatus

@@ -40,7 +40,7 @@ import structlog
 import trio
 
 from runestone_proxy import telemetry
-from runestone_proxy.config.tree import LedgerConfig
+from runestone_proxy.config.stores import LedgerConfig
 from runestone_proxy.errors import GatewayError
 from runestone_proxy.gateway.ledger import UsageRecord
 from runestone_proxy.server import store_ledger_sql as sql

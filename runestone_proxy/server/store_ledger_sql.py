@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import structlog
 
-from runestone_proxy.config.tree import LedgerConfig
+from runestone_proxy.config.stores import LedgerConfig
 from runestone_proxy.errors import InvalidParam
 from runestone_proxy.gateway.ledger import UsageRecord
 from runestone_proxy.server.store_schema import storable

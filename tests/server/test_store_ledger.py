@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from runestone_proxy import config as config_module
 from runestone_proxy import telemetry
 from runestone_proxy.config import Config, ConfigError, OverflowConfig
-from runestone_proxy.config.tree import LedgerConfig
+from runestone_proxy.config.stores import LedgerConfig
 from runestone_proxy.errors import InvalidParam
 from runestone_proxy.gateway.ledger import UsageRecord
 from runestone_proxy.gateway.overflow import NewJob
