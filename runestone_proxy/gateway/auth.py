@@ -93,7 +93,7 @@ class KeyStore:
         """The caller's principal, or :class:`AuthenticationFailed` (401 invalid_api_key)."""
         if self.open:
             return ANONYMOUS
-        presented = _presented(authorization, x_api_key)
+        presented = presented_key(authorization, x_api_key)
         if presented is None:
             raise AuthenticationFailed(
                 "You didn't provide an API key. You need to provide your API key in an "
@@ -111,7 +111,9 @@ class KeyStore:
         return Principal(record.tenant, mask, sha[:12], record.limits)
 
 
-def _presented(authorization: bytes | None, x_api_key: bytes | None) -> str | None:
+def presented_key(authorization: bytes | None, x_api_key: bytes | None) -> str | None:
+    """The key a request presents: ``Authorization: Bearer`` (OpenAI SDKs) first, else
+    ``x-api-key`` (Anthropic SDKs); None when it presents none."""
     if authorization:
         scheme, _, token = authorization.partition(b" ")
         if scheme.lower() == b"bearer" and token.strip():

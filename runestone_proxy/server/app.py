@@ -51,6 +51,7 @@ import trio
 
 from runestone_proxy import config as config_mod
 from runestone_proxy import logs, metrics, telemetry
+from runestone_proxy.api.admin_auth import AdminAuth
 from runestone_proxy.api.anthropic import AnthropicApi
 from runestone_proxy.api.dispatch import Phase
 from runestone_proxy.api.health import (
@@ -107,6 +108,9 @@ class App:
     store: Store = attrs.field(kw_only=True)
     #: The one task that pings quiet translated Messages streams.
     pings: Pings = attrs.field(kw_only=True, factory=Pings)
+    #: Admin keys, and the routers ``/admin/`` routes are added to.
+    admin: AdminAuth = attrs.field(kw_only=True)
+    admin_routers: list[Router] = attrs.field(kw_only=True)
 
     @classmethod
     def build(cls, config: Config, config_path: Path | None, env: Mapping[str, str]) -> App:
@@ -140,6 +144,12 @@ class App:
         add_response_state_routes(gateway.router, store, api.authenticate)
         gateway.reload_hooks.append(store.apply_config)
         gateway.components["capacity"] = service.capacity.snapshot
+        # The admin API's routes go on these routers ([admin] listen; fixed at start).
+        admin = AdminAuth.build(config, env)
+        gateway.reload_hooks.append(admin.apply_config)
+        admin_routers = [health_gateway.router]
+        if config.admin.listen == "main":
+            admin_routers.append(gateway.router)
         service_aliases = aliases.ServiceAliases(service, aliases_path)
         gateway.reload_hooks.append(service_aliases.reload)
 
@@ -172,6 +182,8 @@ class App:
             aliases=service_aliases,
             store=store,
             pings=pings,
+            admin=admin,
+            admin_routers=admin_routers,
         )
 
     def _warn_if_open(self) -> None:
