@@ -89,6 +89,9 @@ T = TypeVar("T")
 
 #: A webhook delivery's lease beyond ``webhook_timeout_s`` (the POST is bounded by that).
 WEBHOOK_LEASE_SLACK_S = 30.0
+#: On a shared database, how often the drainer's claim and webhook loops look again: other
+#: gateways' enqueues, retries and expired leases ring no bell in this process.
+SHARED_POLL_S = 1.0
 
 
 def as_backend(where: Backend | Path) -> Backend:
@@ -128,6 +131,8 @@ class Store(LedgerSide):
     wakeup: Wakeup = attrs.Factory(Wakeup)
     #: Rung when a saved Response falls due for sweeping before ``_sweep_at``.
     sweep_due: Wakeup = attrs.Factory(Wakeup)
+    #: Rung (on a shared database) for the drainer's webhook loop.
+    webhooks_due: Wakeup = attrs.Factory(Wakeup)
     stats: StoreStats = attrs.Factory(StoreStats)
     _ledger: LedgerBuffer = attrs.field(
         init=False, default=attrs.Factory(lambda s: LedgerBuffer(s.stats), takes_self=True)
@@ -184,6 +189,8 @@ class Store(LedgerSide):
                 send.send_nowait(None)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._flush_ledger_every)
+                if self.backend.shared:
+                    nursery.start_soon(self._poll_shared)
                 await self._writer(receive)
         finally:
             self._send = None  # new calls fail fast with ServiceUnavailable
@@ -199,6 +206,16 @@ class Store(LedgerSide):
             await trio.sleep(self.ledger_config.flush_interval_s)
             if self._ledger and not self._ledger.rung:
                 self._ring()
+
+    async def _poll_shared(self) -> None:
+        """Ring the drainer's claim and webhook loops every :data:`SHARED_POLL_S`: jobs
+        another gateway queued or let expire, and webhooks it left pending, are ours to run
+        too. (One cheap query per loop per second; LISTEN/NOTIFY would not cover a dead
+        gateway's expired leases.)"""
+        while True:
+            await trio.sleep(SHARED_POLL_S)
+            self.wakeup.set()
+            self.webhooks_due.set()
 
     # --- the one way in ----------------------------------------------------------------------
 
@@ -351,10 +368,8 @@ class Store(LedgerSide):
                 code="too_many_queued_jobs",
                 retry_after_s=self.config.backoff_base_s,
             )
-        sql.insert(conn, job, now)
+        stored = sql.insert(conn, job, now)
         active[job.tenant] += 1
-        stored = sql.select(conn, job.id)
-        assert stored is not None
         return Enqueued(stored, True, active[job.tenant])
 
     # --- the drainer's side -----------------------------------------------------------------

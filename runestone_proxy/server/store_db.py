@@ -94,6 +94,11 @@ class Backend(Protocol):
     """Where the store lives, and how to open it."""
 
     @property
+    def shared(self) -> bool:
+        """Other gateways write the same database (their enqueues and expired leases ring
+        no bell here: the store looks every ``SHARED_POLL_S``)."""
+
+    @property
     def where(self) -> str:
         """For logs and errors: the path, or the URL without its password."""
 

@@ -168,6 +168,8 @@ class PgBackend:
     url: str = attrs.field(repr=False)
     #: Wall clock compared with the server's at open.
     clock: Any = attrs.field(default=time.time, repr=False, eq=False)
+    #: Several gateways share the database.
+    shared = True
 
     @property
     def where(self) -> str:

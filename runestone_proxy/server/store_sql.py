@@ -91,11 +91,13 @@ def select_idempotent(conn: Db, tenant: str, key: str, since: float) -> Job | No
     return None if row is None else job_from_row(row)
 
 
-def insert(conn: Db, job: NewJob, now: float) -> None:
-    conn.execute(
+def insert(conn: Db, job: NewJob, now: float) -> Job:
+    """Insert ``job`` (queued, due ``now``); the row as stored (``RETURNING``: one round
+    trip, not two, on PostgreSQL; SQLite 3.35+)."""
+    row = conn.execute(
         "INSERT INTO jobs (id, tenant, request_id, endpoint, body, webhook_url,"
         " idempotency_key, headers, status, next_attempt_at, created_at, updated_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?) RETURNING *",
         (
             storable(job.id),
             storable(job.tenant),
@@ -109,7 +111,8 @@ def insert(conn: Db, job: NewJob, now: float) -> None:
             now,
             now,
         ),
-    )
+    ).fetchone()
+    return job_from_row(row)
 
 
 def due_by_tenant(conn: Db, now: float) -> dict[str, int]:

@@ -47,6 +47,8 @@ class SqliteDb(sqlite3.Connection):
 @attrs.frozen
 class SqliteBackend:
     path: Path
+    #: One gateway per file: every change rings its own bells.
+    shared = False
 
     @property
     def where(self) -> str:
