@@ -1,4 +1,5 @@
-"""Durable enqueue rate of the overflow store (group commit, WAL, ``synchronous=FULL``).
+"""Durable enqueue rate of the overflow store (group commit; SQLite: WAL, ``synchronous=FULL``;
+PostgreSQL: ``synchronous_commit=on``, fsync on).
 
 ``C`` concurrent callers each ``await store.enqueue(job)`` in a loop, as request handlers
 answering 202 would; every call returns only once its job is committed and fsynced. The
@@ -9,6 +10,12 @@ is where ``runestone.sqlite3`` would live without ``$RUNESTONE_STATE_DIR``).
     /work/venv/bin/python -m bench.enqueue_bench                    # 3 runs, median
     /work/venv/bin/python -m bench.enqueue_bench --concurrency 1,64,256 --jobs 20000
     /work/venv/bin/python -m bench.enqueue_bench --no-group         # one fsync per job
+    /work/venv/bin/python -m bench.enqueue_bench --backend sqlite,postgres   # same run
+
+``--backend postgres`` starts a real PostgreSQL server (``tests/pg_server.py``: initdb in
+``--dir``, loopback, fsync ON: a commit is as durable as SQLite's) and gives each run a
+fresh database; the store talks to it over TCP on 127.0.0.1, as to a database on another
+host with no network latency.
 
 Prints, per concurrency level, the median jobs/s of the runs, and the mean group size
 (jobs per transaction) that made it possible.
@@ -17,16 +24,20 @@ Prints, per concurrency level, the median jobs/s of the runs, and the mean group
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import trio
 
 from runestone_proxy import logs
-from runestone_proxy.config import OverflowConfig, TenantConfig
+from runestone_proxy.config import Config, OverflowConfig, TenantConfig
 from runestone_proxy.gateway.overflow import NewJob
 from runestone_proxy.server.store import Store
 
@@ -53,12 +64,27 @@ class Run:
         return self.jobs / max(self.transactions, 1)
 
 
-async def one_run(directory: Path, jobs: int, concurrency: int, max_batch: int) -> Run:
+@contextlib.contextmanager
+def postgres(directory: Path) -> Iterator[Any]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import pg_server
+
+    with pg_server.running(durable=True, parent=str(directory)) as server:
+        yield server
+
+
+async def one_run(
+    directory: Path, jobs: int, concurrency: int, max_batch: int, pg: Any = None
+) -> Run:
     with tempfile.TemporaryDirectory(dir=directory, prefix="enqueue-bench-") as tmp:
         path = Path(tmp) / "bench.sqlite3"
-        config = OverflowConfig(database=str(path), group_commit_max_batch=max_batch)
+        if pg is None:
+            config = OverflowConfig(database=str(path), group_commit_max_batch=max_batch)
+        else:
+            url = pg.create_database("bench")
+            config = OverflowConfig(backend="postgres", url=url, group_commit_max_batch=max_batch)
         tenants = {t: TenantConfig(max_queued_jobs=jobs + 1) for t in TENANTS}
-        store = Store(path, config, tenants)
+        store = Store.from_config(Config(overflow=config, tenants=tenants), env={})
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
             per_caller = jobs // concurrency
@@ -87,20 +113,27 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=Path.cwd())
     parser.add_argument("--no-group", action="store_true", help="group_commit_max_batch=1")
+    parser.add_argument("--backend", default="sqlite", help="sqlite, postgres, or both")
     args = parser.parse_args()
     logs.configure("warning")
     max_batch = 1 if args.no_group else OverflowConfig().group_commit_max_batch
-    print(f"synchronous=FULL, WAL, group_commit_max_batch={max_batch}, dir={args.dir}")
-    print(f"{'callers':>8} {'jobs/s (median)':>16} {'runs':>28} {'jobs/commit':>12}")
-    for concurrency in (int(c) for c in args.concurrency.split(",")):
-        runs = [
-            trio.run(one_run, args.dir, args.jobs, concurrency, max_batch)
-            for _ in range(args.repeats)
-        ]
-        rates = [r.rate for r in runs]
-        shown = ", ".join(f"{r:,.0f}" for r in rates)
-        group = statistics.mean(r.group for r in runs)
-        print(f"{concurrency:>8} {statistics.median(rates):>16,.0f} {shown:>28} {group:>12.1f}")
+    backends = args.backend.split(",")
+    print(f"group_commit_max_batch={max_batch}, dir={args.dir}")
+    print(f"{'backend':>9} {'callers':>8} {'jobs/s (median)':>16} {'runs':>28} {'jobs/commit':>12}")
+    with contextlib.ExitStack() as stack:
+        pg = stack.enter_context(postgres(args.dir)) if "postgres" in backends else None
+        for concurrency in (int(c) for c in args.concurrency.split(",")):
+            for backend in backends:  # interleaved: the machine's drift hits both alike
+                server = pg if backend == "postgres" else None
+                runs = [
+                    trio.run(one_run, args.dir, args.jobs, concurrency, max_batch, server)
+                    for _ in range(args.repeats)
+                ]
+                rates = [r.rate for r in runs]
+                shown = ", ".join(f"{r:,.0f}" for r in rates)
+                group = statistics.mean(r.group for r in runs)
+                median = statistics.median(rates)
+                print(f"{backend:>9} {concurrency:>8} {median:>16,.0f} {shown:>28} {group:>12.1f}")
 
 
 if __name__ == "__main__":

@@ -388,6 +388,8 @@ async def run_drainer(
         rand=rand,
         # One bell: the store rings it when a saved Response becomes the earliest expiry.
         sweep_due=store.sweep_due,
+        # The store rings it too when other gateways share its queue (PostgreSQL).
+        webhooks_due=store.webhooks_due,
     )
     if max_result_bytes is not None:
         drainer.max_result_bytes = max_result_bytes

@@ -1,25 +1,31 @@
-"""The durable store: one SQLite database, one connection, one thread. It holds the overflow
+"""The durable store: one database, one connection, one thread. It holds the overflow
 queue's jobs, the stored Responses (conversation state, gateway/responses_store.py) and the
 usage ledger (gateway/ledger.py; its buffer, SQL and reads are in :mod:`.store_ledger`).
 
-It owns the database's lifecycle and the way in: every operation is a plain function of
+The database is the backend's (a strategy, :mod:`.store_db`): SQLite by default
+(:mod:`.store_sqlite`, one host) or PostgreSQL (:mod:`.store_pg`, one queue shared by a
+fleet of gateways), chosen by ``[overflow] backend``. This module is the same for both: it
+owns the database's lifecycle and the way in: every operation is a plain function of
 :mod:`runestone_proxy.server.store_sql` run on the worker thread, the writing ones inside
-one ``BEGIN IMMEDIATE`` ... ``COMMIT``. Everything above this module speaks
-:mod:`runestone_proxy.errors`: SQLite's exceptions are mapped here, once (to 503
-``ServiceUnavailable``: "database is locked", disk full, I/O errors), and so are the ones
-binding a value raises (``ValueError`` such as ``UnicodeEncodeError``, ``OverflowError``:
-500, the value cannot be stored), so a write that fails never escapes as a foreign
-exception and takes a caller's task (the drainer's) down.
+one transaction (``BEGIN IMMEDIATE`` or ``BEGIN`` ... ``COMMIT``). Everything above this
+module speaks :mod:`runestone_proxy.errors`: the driver's exceptions are mapped here, once
+(to 503 ``ServiceUnavailable``: "database is locked", a lock timeout, disk full, I/O
+errors, a lost connection), and so are the ones binding a value raises (``ValueError`` such
+as ``UnicodeEncodeError``, ``OverflowError``, PostgreSQL's ``DataError``: 500, the value
+cannot be stored), so a write that fails never escapes as a foreign exception and takes a
+caller's task (the drainer's) down.
 
 How this works
 --------------
-* **One connection, serialised.** The connection is opened with ``check_same_thread=False``
-  and used only through :meth:`Store._call`, i.e. ``trio.to_thread.run_sync`` behind a
-  ``CapacityLimiter(1)``: one SQLite call at a time, never on the event loop. (Tests on a
-  ``MockClock`` pass ``inline=True``: calls then run on the loop's thread, so the mock clock
-  cannot jump ahead while a worker thread is busy.)
-* **Durable.** WAL journal with ``synchronous=FULL``: a commit returns only once the WAL is
-  fsynced, so an acknowledged (202) job survives a crash or a power cut.
+* **One connection, serialised.** The connection is used only through
+  :meth:`Store._call`, i.e. ``trio.to_thread.run_sync`` behind a ``CapacityLimiter(1)``:
+  one database call at a time, never on the event loop. (Tests on a ``MockClock`` pass
+  ``inline=True``: calls then run on the loop's thread, so the mock clock cannot jump ahead
+  while a worker thread is busy.) A connection the backend reports broken (PostgreSQL
+  restarted) is replaced on the next call.
+* **Durable.** A commit returns only once it is on disk (SQLite: WAL with
+  ``synchronous=FULL``; PostgreSQL: ``synchronous_commit``), so an acknowledged (202) job
+  survives a crash or a power cut.
 * **Group commit.** ``enqueue`` does not write itself: it hands its job to the writer task
   over a channel and waits. The writer takes everything pending (up to
   ``group_commit_max_batch``), commits it in ONE transaction (one fsync), then wakes each
@@ -34,14 +40,14 @@ How this works
   sweep deletes it. A save that is due for sweeping before anything the last sweep
   reported rings ``sweep_due`` (the drainer's sweep loop should wait on that bell).
 * **Fair claims.** ``claim`` goes round-robin over the tenants the drainer says have
-  capacity, starting after the tenant served last, and leases that tenant's oldest due job.
-* **Path.** A relative ``overflow.database`` lives under ``$RUNESTONE_STATE_DIR`` (systemd
-  ``StateDirectory=``) when set, else the working directory.
+  capacity, starting after the tenant served last, and leases that tenant's oldest due job
+  (on PostgreSQL passing over jobs another gateway is claiming: ``SKIP LOCKED``).
+* **Webhooks** are claimed with a lease too (``due_webhooks``), so of several gateways on
+  one database exactly one delivers each.
 """
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
@@ -59,9 +65,10 @@ from runestone_proxy.gateway.ledger import UsageRecord
 from runestone_proxy.gateway.overflow import Enqueued, Job, JobStatus, NewJob, WebhookStatus
 from runestone_proxy.gateway.responses_store import StoredResponse, fits, report_not_stored
 from runestone_proxy.server import store_ledger_sql as ledger_sql
-from runestone_proxy.server import store_schema as schema
 from runestone_proxy.server import store_sql as sql
+from runestone_proxy.server.store_db import Backend, Db
 from runestone_proxy.server.store_ledger import PASS_MAX, LedgerBuffer, LedgerSide
+from runestone_proxy.server.store_sqlite import SqliteBackend
 from runestone_proxy.server.store_values import (
     RECORD_OVERHEAD_BYTES,
     Answer,
@@ -80,10 +87,38 @@ __all__ = ["RECORD_OVERHEAD_BYTES", "Schedule", "Store", "StoreStats", "Wakeup",
 log = structlog.get_logger("runestone.store")
 T = TypeVar("T")
 
+#: A webhook delivery's lease beyond ``webhook_timeout_s`` (the POST is bounded by that).
+WEBHOOK_LEASE_SLACK_S = 30.0
+#: On a shared database, how often the drainer's claim and webhook loops look again: other
+#: gateways' enqueues, retries and expired leases ring no bell in this process.
+SHARED_POLL_S = 1.0
+
+
+def as_backend(where: Backend | Path) -> Backend:
+    """A path is an SQLite database (as the store was first constructed)."""
+    return SqliteBackend(where) if isinstance(where, Path) else where
+
+
+def backend_from_config(config: OverflowConfig, env: Mapping[str, str]) -> Backend:
+    """``[overflow] backend``: the SQLite file (``database``) or PostgreSQL (``url``, which
+    ``RUNESTONE_OVERFLOW_URL`` overrides when the config is loaded)."""
+    if config.backend == "sqlite":
+        return SqliteBackend(resolve_path(config.database, env))
+    assert config.url is not None  # OverflowConfig refuses postgres without a url
+    try:
+        from runestone_proxy.server.store_pg import PgBackend
+    except ImportError as exc:  # the driver is an extra: pip install 'runestone-proxy[postgres]'
+        raise ServiceUnavailable(
+            '[overflow] backend = "postgres" needs psycopg: pip install '
+            f"'runestone-proxy[postgres]' ({exc})"
+        ) from exc
+    return PgBackend(config.url)
+
 
 @attrs.define(eq=False)
 class Store(LedgerSide):
-    path: Path
+    #: Where the database lives (a ``Path`` is an SQLite file).
+    backend: Backend = attrs.field(converter=as_backend)
     config: OverflowConfig
     tenants: Mapping[str, TenantConfig] = attrs.Factory(dict)
     inline: bool = False
@@ -96,11 +131,13 @@ class Store(LedgerSide):
     wakeup: Wakeup = attrs.Factory(Wakeup)
     #: Rung when a saved Response falls due for sweeping before ``_sweep_at``.
     sweep_due: Wakeup = attrs.Factory(Wakeup)
+    #: Rung (on a shared database) for the drainer's webhook loop.
+    webhooks_due: Wakeup = attrs.Factory(Wakeup)
     stats: StoreStats = attrs.Factory(StoreStats)
     _ledger: LedgerBuffer = attrs.field(
         init=False, default=attrs.Factory(lambda s: LedgerBuffer(s.stats), takes_self=True)
     )
-    _conn: sqlite3.Connection | None = attrs.field(default=None, repr=False)
+    _db: Db | None = attrs.field(default=None, repr=False)
     _limiter: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(1))
     #: Items for the writer; None only rings it (usage records are pending).
     _send: trio.MemorySendChannel[Pending | None] | None = attrs.field(default=None, repr=False)
@@ -110,13 +147,20 @@ class Store(LedgerSide):
 
     @classmethod
     def from_config(cls, config: Config, env: Mapping[str, str], *, inline: bool = False) -> Store:
-        path = resolve_path(config.overflow.database, env)
+        backend = backend_from_config(config.overflow, env)
         cap = config.upstream.max_response_bytes + RECORD_OVERHEAD_BYTES
         tenants = dict(config.tenants)
-        return cls(path, config.overflow, tenants, inline, cap, ledger_config=config.ledger)
+        return cls(backend, config.overflow, tenants, inline, cap, ledger_config=config.ledger)
+
+    @property
+    def path(self) -> Path:
+        """The SQLite file (an SQLite store only)."""
+        if not isinstance(self.backend, SqliteBackend):
+            raise AttributeError("a PostgreSQL store has no path")
+        return self.backend.path
 
     def apply_config(self, config: Config) -> None:
-        """Reload hook: new caps and timings (a new database path needs a restart)."""
+        """Reload hook: new caps and timings (a new database or backend needs a restart)."""
         self.config = config.overflow
         self.tenants = dict(config.tenants)
         self.ledger_config = config.ledger
@@ -133,26 +177,28 @@ class Store(LedgerSide):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open the database, report started, run the group-commit writer until cancelled,
         then write the usage records still pending and close. Opening fails with
-        ``ServiceUnavailable`` (naming the path)."""
-        conn = await self._call_raw(self._open)
-        self._conn = conn
+        ``ServiceUnavailable`` (naming the path or the URL, without its password)."""
+        self._db = await self._call_raw(self.backend.connect)
         size = self.config.group_commit_max_batch
         send, receive = trio.open_memory_channel[Pending | None](size)
         self._send = send
         try:
-            log.info("store.open", path=str(self.path))
+            log.info("store.open", where=self.backend.where)
             task_status.started()
             if self._ledger:
                 send.send_nowait(None)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._flush_ledger_every)
+                if self.backend.shared:
+                    nursery.start_soon(self._poll_shared)
                 await self._writer(receive)
         finally:
             self._send = None  # new calls fail fast with ServiceUnavailable
             with trio.CancelScope(shield=True):
                 await self._flush_ledger()
-                self._conn = None
-                await self._call_raw(conn.close)  # after the call in flight, if any
+                db, self._db = self._db, None
+                if db is not None:
+                    await self._call_raw(db.close)  # after the call in flight, if any
 
     async def _flush_ledger_every(self) -> None:
         """Ring the writer for the usage records waiting, once per ``flush_interval_s``."""
@@ -161,21 +207,15 @@ class Store(LedgerSide):
             if self._ledger and not self._ledger.rung:
                 self._ring()
 
-    def _open(self) -> sqlite3.Connection:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            conn.row_factory = sqlite3.Row
-            conn.text_factory = schema.decode_text
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if mode != "wal":
-                raise sqlite3.OperationalError(f"journal_mode is {mode}, not wal")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA busy_timeout=5000")
-            schema.migrate(conn)
-        except (OSError, sqlite3.Error) as exc:
-            raise ServiceUnavailable(f"The job store {self.path} cannot be opened: {exc}") from exc
-        return conn
+    async def _poll_shared(self) -> None:
+        """Ring the drainer's claim and webhook loops every :data:`SHARED_POLL_S`: jobs
+        another gateway queued or let expire, and webhooks it left pending, are ours to run
+        too. (One cheap query per loop per second; LISTEN/NOTIFY would not cover a dead
+        gateway's expired leases.)"""
+        while True:
+            await trio.sleep(SHARED_POLL_S)
+            self.wakeup.set()
+            self.webhooks_due.set()
 
     # --- the one way in ----------------------------------------------------------------------
 
@@ -184,33 +224,43 @@ class Store(LedgerSide):
             return fn()
         return await trio.to_thread.run_sync(fn, limiter=self._limiter)
 
-    async def _call(self, fn: Callable[[sqlite3.Connection], T], *, write: bool = False) -> T:
-        """Run ``fn(conn)`` on the worker thread (in a transaction if ``write``), mapping
-        SQLite's errors to ``ServiceUnavailable``."""
-        conn = self._conn
-        if conn is None:
+    async def _call(self, fn: Callable[[Db], T], *, write: bool = False) -> T:
+        """Run ``fn(db)`` on the worker thread (in a transaction if ``write``), mapping the
+        driver's errors to ``ServiceUnavailable`` (503) or, for a value it cannot store, a
+        500 ``GatewayError``."""
+        if self._db is None:
             raise ServiceUnavailable("The job store is not open.")
 
         def guarded() -> T:
+            db = self._db
+            if db is None:
+                raise ServiceUnavailable("The job store is not open.")
+            if db.broken:  # the connection was lost: a new one (or a 503 naming why)
+                log.warning("store.reconnect", where=self.backend.where)
+                db.close()
+                self._db = db = self.backend.connect()
             try:
                 if not write:
-                    return fn(conn)
-                conn.execute("BEGIN IMMEDIATE")
-                result = fn(conn)
-                conn.execute("COMMIT")
+                    return fn(db)
+                db.begin()
+                result = fn(db)
+                db.commit()
                 self.stats.transactions += 1
                 return result
-            except sqlite3.Error as exc:
+            except db.value_errors as exc:  # a value the database refused
+                log.error("store.error", error=str(exc), kind=type(exc).__name__)
+                raise GatewayError(f"The job store cannot store a value: {exc}") from exc
+            except db.Error as exc:
                 log.error("store.error", error=str(exc), kind=type(exc).__name__)
                 raise ServiceUnavailable(f"The job store is unavailable: {exc}") from exc
-            except (ValueError, OverflowError) as exc:  # a value sqlite3 cannot bind
+            except (ValueError, OverflowError) as exc:  # a value the driver cannot bind
                 log.exception("store.error", kind=type(exc).__name__)
                 raise GatewayError(f"The job store cannot store a value: {exc}") from exc
             finally:
-                if conn.in_transaction:  # failed mid-transaction: undo all of it
+                if not db.broken and db.in_transaction:  # failed mid-transaction: undo it all
                     try:
-                        conn.execute("ROLLBACK")
-                    except sqlite3.Error:
+                        db.rollback()
+                    except db.Error:
                         log.error("store.rollback.failed")
 
         return await self._call_raw(guarded)
@@ -274,10 +324,11 @@ class Store(LedgerSide):
 
     def _batch_writer(
         self, batch: list[Pending], records: list[UsageRecord]
-    ) -> Callable[[sqlite3.Connection], tuple[list[Answer | GatewayError], list[UsageRecord]]]:
-        def write(
-            conn: sqlite3.Connection,
-        ) -> tuple[list[Answer | GatewayError], list[UsageRecord]]:
+    ) -> Callable[[Db], tuple[list[Answer | GatewayError], list[UsageRecord]]]:
+        def write(conn: Db) -> tuple[list[Answer | GatewayError], list[UsageRecord]]:
+            # No other gateway enqueues for these tenants until COMMIT: their caps and
+            # Idempotency-Keys are counted and looked up race-free (SQLite: a no-op).
+            conn.lock_tenants(sorted({p.item.tenant for p in batch if isinstance(p.item, NewJob)}))
             active: dict[str, int] = {}  # tenant -> queued + running, kept current in the batch
             answers = [self._write_one(conn, p, active) for p in batch]
             self.stats.enqueued += sum(isinstance(a, Enqueued) and a.created for a in answers)
@@ -286,7 +337,7 @@ class Store(LedgerSide):
         return write
 
     def _write_one(
-        self, conn: sqlite3.Connection, pending: Pending, active: dict[str, int]
+        self, conn: Db, pending: Pending, active: dict[str, int]
     ) -> Answer | GatewayError:
         item = pending.item
         if isinstance(item, NewJob):
@@ -300,7 +351,7 @@ class Store(LedgerSide):
         return sql.delete_response(conn, item.tenant, item.id, since)
 
     def _enqueue_one(
-        self, conn: sqlite3.Connection, job: NewJob, now: float, active: dict[str, int]
+        self, conn: Db, job: NewJob, now: float, active: dict[str, int]
     ) -> Enqueued | GatewayError:
         if job.tenant not in active:
             active[job.tenant] = sql.active_count(conn, job.tenant)
@@ -317,10 +368,8 @@ class Store(LedgerSide):
                 code="too_many_queued_jobs",
                 retry_after_s=self.config.backoff_base_s,
             )
-        sql.insert(conn, job, now)
+        stored = sql.insert(conn, job, now)
         active[job.tenant] += 1
-        stored = sql.select(conn, job.id)
-        assert stored is not None
         return Enqueued(stored, True, active[job.tenant])
 
     # --- the drainer's side -----------------------------------------------------------------
@@ -339,7 +388,7 @@ class Store(LedgerSide):
         (-> dead; counted in ``stats.dead``)."""
         buried: list[Job] = []
 
-        def claim(conn: sqlite3.Connection) -> Job | None:
+        def claim(conn: Db) -> Job | None:
             max_claims = self.config.max_claims
             job = sql.claim(
                 conn, tenant_candidates, self._last_tenant, lease_s, now, max_claims, buried
@@ -451,10 +500,16 @@ class Store(LedgerSide):
     # --- webhooks and retention --------------------------------------------------------------
 
     async def due_webhooks(self, now: float, limit: int) -> tuple[list[Job], float | None]:
-        """Pending deliveries due now (oldest first), and when the next one falls due."""
-        return await self._call(
-            lambda c: (sql.due_webhooks(c, now, limit), sql.next_webhook_at(c, now))
-        )
+        """Pending deliveries due now (oldest first), each leased to this gateway for
+        ``webhook_timeout_s`` + :data:`WEBHOOK_LEASE_SLACK_S`, and when the next one (not
+        leased now) falls due."""
+        lease_s = self.config.webhook_timeout_s + WEBHOOK_LEASE_SLACK_S
+
+        def due(conn: Db) -> tuple[list[Job], float | None]:
+            later = sql.next_webhook_at(conn, now)
+            return sql.due_webhooks(conn, now, limit, lease_s), later
+
+        return await self._call(due, write=True)
 
     async def webhook_attempted(
         self, job_id: str, to: WebhookStatus, next_at: float | None
@@ -469,7 +524,7 @@ class Store(LedgerSide):
         how many, and when the next one falls due for sweeping."""
         retention = self.config.retention_s
 
-        def sweep(conn: sqlite3.Connection) -> tuple[int, float | None]:
+        def sweep(conn: Db) -> tuple[int, float | None]:
             deleted = sql.sweep(conn, now - retention) + sql.sweep_responses(conn, now - retention)
             found = (sql.oldest_finished(conn), sql.oldest_response(conn))
             due = [t + retention for t in found if t is not None]

@@ -30,7 +30,6 @@ How this works
 from __future__ import annotations
 
 import functools
-import sqlite3
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -44,6 +43,7 @@ from runestone_proxy.config.stores import LedgerConfig
 from runestone_proxy.errors import GatewayError
 from runestone_proxy.gateway.ledger import UsageRecord
 from runestone_proxy.server import store_ledger_sql as sql
+from runestone_proxy.server.store_db import Db
 from runestone_proxy.server.store_values import Answer, Barrier, Pending, StoreStats, Write
 
 __all__ = ["MAX_PENDING", "PASS_MAX", "LedgerBuffer", "LedgerSide"]
@@ -135,9 +135,7 @@ class LedgerSide:
 
     if TYPE_CHECKING:
 
-        async def _call(
-            self, fn: Callable[[sqlite3.Connection], T], *, write: bool = False
-        ) -> T: ...
+        async def _call(self, fn: Callable[[Db], T], *, write: bool = False) -> T: ...
 
         async def _submit(self, item: Write, now: float) -> Answer: ...
 

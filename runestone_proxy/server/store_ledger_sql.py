@@ -1,13 +1,17 @@
 """The usage ledger's SQL (schema v5, :mod:`.store_schema`): writing records and their
 rollups under a savepoint, the retention sweep's share, and the reads budgets and the admin
-API need. Synchronous ``sqlite3`` on a connection the caller owns, inside the caller's
-transaction; :mod:`.store_ledger` says how the store uses it.
+API need. Synchronous, on a connection the caller owns (SQLite or PostgreSQL, one SQL for
+both: :mod:`.store_db`), inside the caller's transaction; :mod:`.store_ledger` says how the
+store uses it.
+
+Rollup rows are upserted in key order: two gateways adding to the same buckets on
+PostgreSQL take the rows' locks in the same order, so they wait for each other rather than
+deadlock.
 """
 
 from __future__ import annotations
 
 import math
-import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
@@ -16,6 +20,7 @@ import structlog
 from runestone_proxy.config.stores import LedgerConfig
 from runestone_proxy.errors import InvalidParam
 from runestone_proxy.gateway.ledger import UsageRecord
+from runestone_proxy.server.store_db import Db
 from runestone_proxy.server.store_schema import storable
 
 __all__ = [
@@ -107,7 +112,7 @@ def _raw_row(r: UsageRecord) -> tuple[Any, ...]:
 
 
 def rollup_rows(records: Iterable[UsageRecord], size_s: float) -> list[tuple[Any, ...]]:
-    """The records summed per (bucket, tenant, key_id, model, provider)."""
+    """The records summed per (bucket, tenant, key_id, model, provider), in key order."""
     sums: dict[tuple[Any, ...], list[Any]] = {}
     for r in records:
         key: tuple[Any, ...] = (bucket_start(r.at, size_s), storable(r.tenant))
@@ -122,21 +127,22 @@ def rollup_rows(records: Iterable[UsageRecord], size_s: float) -> list[tuple[Any
         row[4] += r.cached_tokens
         row[5] += r.reasoning_tokens
         row[6] += r.cost_usd
-    return [(*key, *row) for key, row in sums.items()]
+    return [(*key, *sums[key]) for key in sorted(sums)]
 
 
-def _insert(conn: sqlite3.Connection, records: Sequence[UsageRecord]) -> None:
+def _insert(conn: Db, records: Sequence[UsageRecord]) -> None:
     conn.executemany(_INSERT_RAW, [_raw_row(r) for r in records])
     conn.executemany(_UPSERT["usage_hourly"], rollup_rows(records, HOUR_S))
     conn.executemany(_UPSERT["usage_daily"], rollup_rows(records, DAY_S))
 
 
-def _insert_guarded(conn: sqlite3.Connection, records: Sequence[UsageRecord]) -> bool:
-    """:func:`_insert` under a savepoint, undone if SQLite refuses; whether it went in."""
+def _insert_guarded(conn: Db, records: Sequence[UsageRecord]) -> bool:
+    """:func:`_insert` under a savepoint, undone if the database refuses; whether it went
+    in."""
     conn.execute("SAVEPOINT ledger")
     try:
         _insert(conn, records)
-    except (sqlite3.Error, ValueError, OverflowError) as exc:
+    except (conn.Error, ValueError, OverflowError) as exc:
         log.error("ledger.write.refused", error=str(exc), records=len(records))
         conn.execute("ROLLBACK TO ledger")
         conn.execute("RELEASE ledger")
@@ -145,7 +151,7 @@ def _insert_guarded(conn: sqlite3.Connection, records: Sequence[UsageRecord]) ->
     return True
 
 
-def write(conn: sqlite3.Connection, records: Sequence[UsageRecord]) -> list[UsageRecord]:
+def write(conn: Db, records: Sequence[UsageRecord]) -> list[UsageRecord]:
     """Write ``records`` and their rollups in the caller's transaction; returns those SQLite
     refused (each tried alone once the batch was refused), which are not written."""
     if not records or _insert_guarded(conn, records):
@@ -158,7 +164,7 @@ def write(conn: sqlite3.Connection, records: Sequence[UsageRecord]) -> list[Usag
 # --- retention ---------------------------------------------------------------------------------
 
 
-def sweep(conn: sqlite3.Connection, now: float, config: LedgerConfig) -> tuple[int, float | None]:
+def sweep(conn: Db, now: float, config: LedgerConfig) -> tuple[int, float | None]:
     """Delete raw records, hourly and daily rows past their retention, at most
     :data:`SWEEP_BATCH` per table. Returns how many, and when the next sweep is due (``now``
     if a table had more to delete)."""
@@ -170,8 +176,8 @@ def sweep(conn: sqlite3.Connection, now: float, config: LedgerConfig) -> tuple[i
     )
     for table, column, keep_s, slack_s in tables:
         count: int = conn.execute(
-            f"DELETE FROM {table} WHERE rowid IN"
-            f" (SELECT rowid FROM {table} WHERE {column} <= ? LIMIT ?)",
+            f"DELETE FROM {table} WHERE {conn.dialect.row_id} IN"
+            f" (SELECT {conn.dialect.row_id} FROM {table} WHERE {column} <= ? LIMIT ?)",
             (now - keep_s, SWEEP_BATCH),
         ).rowcount
         deleted += count
@@ -196,7 +202,7 @@ def first_due(records: Sequence[UsageRecord], config: LedgerConfig) -> float | N
 
 
 def totals(
-    conn: sqlite3.Connection,
+    conn: Db,
     *,
     since: float,
     until: float,
@@ -217,7 +223,11 @@ def totals(
     if granularity is not None:
         columns.insert(0, "bucket_start")
     table = "usage_daily" if daily else "usage_hourly"
-    sums = ", ".join(f"SUM({c}) AS {c}" for c in _SUMS)
+    # Integer sums cast back: PostgreSQL sums BIGINT columns as NUMERIC (read as Decimal).
+    sums = ", ".join(
+        f"CAST(SUM({c}) AS {'DOUBLE PRECISION' if c == 'cost_usd' else 'BIGINT'}) AS {c}"
+        for c in _SUMS
+    )
     query = f"SELECT {', '.join([*columns, sums])} FROM {table}"
     query += " WHERE bucket_start >= ? AND bucket_start < ?"
     params: list[Any] = [since, until]
@@ -230,9 +240,7 @@ def totals(
     return [dict(row) for row in rows if row["requests"] is not None]
 
 
-def spend(
-    conn: sqlite3.Connection, tenant: str, key_id: str | None, since: float
-) -> tuple[float, int]:
+def spend(conn: Db, tenant: str, key_id: str | None, since: float) -> tuple[float, int]:
     """USD and tokens (prompt + completion) of ``tenant`` (and ``key_id``, if given) since
     ``since``: the hourly rollup from the first hour boundary at or after ``since``, plus the
     raw records between ``since`` and that boundary (none when ``since`` is on the hour, as

@@ -258,11 +258,13 @@ def decode_headers(text: str | None) -> Headers:
 
 
 def storable(text: str | None) -> str | None:
-    """``text`` as SQLite can store it: UTF-8-encodable (a lone surrogate becomes the six
-    characters ``\\ud800``). ASCII, the usual case, is returned as it is."""
-    if text is None or text.isascii():
+    """``text`` as either database can store it: UTF-8-encodable (a lone surrogate becomes
+    the six characters ``\\ud800``) and without NUL (PostgreSQL's text cannot hold one: it
+    becomes the four characters ``\\x00``). ASCII without NUL, the usual case, is returned
+    as it is."""
+    if text is None or (text.isascii() and "\x00" not in text):
         return text
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
 def decode_text(data: bytes) -> str:

@@ -1,9 +1,10 @@
 """The overflow store's SQL: one plain function per operation.
 
-Synchronous ``sqlite3`` on a connection the caller owns: :mod:`runestone_proxy.server.store`
-calls these on its one worker thread, wraps the writing ones in a transaction
-(``BEGIN IMMEDIATE`` ... ``COMMIT``) and maps ``sqlite3`` errors. Nothing here opens,
-commits, sleeps or awaits. The rules applied (state table, fencing, redaction) are those of
+Synchronous, on a connection the caller owns (a :class:`~.store_db.Db`: SQLite or
+PostgreSQL, the same SQL for both; where they differ, a fragment of ``conn.dialect``):
+:mod:`runestone_proxy.server.store` calls these on its one worker thread, wraps the writing
+ones in a transaction and maps the driver's errors. Nothing here opens, commits, sleeps or
+awaits. The rules applied (state table, fencing, redaction) are those of
 :mod:`runestone_proxy.gateway.overflow`.
 
 The schema, its migrations and the row codec (:func:`storable` text in, lenient text out)
@@ -13,7 +14,6 @@ are in :mod:`.store_schema`.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Collection
 from typing import Any
 
@@ -29,6 +29,7 @@ from runestone_proxy.gateway.overflow import (
     round_robin,
 )
 from runestone_proxy.gateway.responses_store import StoredResponse
+from runestone_proxy.server.store_db import Db
 from runestone_proxy.server.store_schema import (
     encode_headers,
     job_from_row,
@@ -45,31 +46,32 @@ _DUE = (
 )
 
 
-def select(conn: sqlite3.Connection, job_id: str) -> Job | None:
+def select(conn: Db, job_id: str) -> Job | None:
     row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
     return None if row is None else job_from_row(row)
 
 
-def select_for_tenant(conn: sqlite3.Connection, job_id: str, tenant: str) -> Job | None:
+def select_for_tenant(conn: Db, job_id: str, tenant: str) -> Job | None:
     row = conn.execute(
-        "SELECT * FROM jobs WHERE id = ? AND tenant = ?", (job_id, tenant)
+        "SELECT * FROM jobs WHERE id = ? AND tenant = ?", (storable(job_id), storable(tenant))
     ).fetchone()
     return None if row is None else job_from_row(row)
 
 
-def active_count(conn: sqlite3.Connection, tenant: str) -> int:
+def active_count(conn: Db, tenant: str) -> int:
     """Queued + running jobs of ``tenant`` (what ``max_queued_jobs`` caps)."""
     count: int = conn.execute(
-        f"SELECT COUNT(*) FROM jobs WHERE tenant = ? AND status IN {_ACTIVE}", (tenant,)
+        f"SELECT COUNT(*) FROM jobs WHERE tenant = ? AND status IN {_ACTIVE}", (storable(tenant),)
     ).fetchone()[0]
     return count
 
 
-def find_idempotent(conn: sqlite3.Connection, tenant: str, key: str, since: float) -> Job | None:
+def find_idempotent(conn: Db, tenant: str, key: str, since: float) -> Job | None:
     """The tenant's job with ``key`` created at or after ``since``; an older holder of the key
     gives it up (the window has passed, the key may start a new job)."""
     row = conn.execute(
-        "SELECT * FROM jobs WHERE tenant = ? AND idempotency_key = ?", (tenant, key)
+        "SELECT * FROM jobs WHERE tenant = ? AND idempotency_key = ?",
+        (storable(tenant), storable(key)),
     ).fetchone()
     if row is None:
         return None
@@ -79,21 +81,23 @@ def find_idempotent(conn: sqlite3.Connection, tenant: str, key: str, since: floa
     return None
 
 
-def select_idempotent(conn: sqlite3.Connection, tenant: str, key: str, since: float) -> Job | None:
+def select_idempotent(conn: Db, tenant: str, key: str, since: float) -> Job | None:
     """Read-only :func:`find_idempotent`: the tenant's job with ``key`` created at or after
     ``since`` (an expired holder is left for the next enqueue to clear)."""
     row = conn.execute(
         "SELECT * FROM jobs WHERE tenant = ? AND idempotency_key = ? AND created_at >= ?",
-        (tenant, key, since),
+        (storable(tenant), storable(key), since),
     ).fetchone()
     return None if row is None else job_from_row(row)
 
 
-def insert(conn: sqlite3.Connection, job: NewJob, now: float) -> None:
-    conn.execute(
+def insert(conn: Db, job: NewJob, now: float) -> Job:
+    """Insert ``job`` (queued, due ``now``); the row as stored (``RETURNING``: one round
+    trip, not two, on PostgreSQL; SQLite 3.35+)."""
+    row = conn.execute(
         "INSERT INTO jobs (id, tenant, request_id, endpoint, body, webhook_url,"
         " idempotency_key, headers, status, next_attempt_at, created_at, updated_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?) RETURNING *",
         (
             storable(job.id),
             storable(job.tenant),
@@ -107,10 +111,11 @@ def insert(conn: sqlite3.Connection, job: NewJob, now: float) -> None:
             now,
             now,
         ),
-    )
+    ).fetchone()
+    return job_from_row(row)
 
 
-def due_by_tenant(conn: sqlite3.Connection, now: float) -> dict[str, int]:
+def due_by_tenant(conn: Db, now: float) -> dict[str, int]:
     """Jobs claimable now, per tenant: queued and due, or running under an expired lease."""
     due: dict[str, int] = {}
     for status, column in (("queued", "next_attempt_at"), ("running", "lease_expires_at")):
@@ -123,7 +128,7 @@ def due_by_tenant(conn: sqlite3.Connection, now: float) -> dict[str, int]:
     return due
 
 
-def next_due_at(conn: sqlite3.Connection, now: float) -> float | None:
+def next_due_at(conn: Db, now: float) -> float | None:
     """The earliest future retry or lease expiry: when something next becomes claimable."""
     times = [
         conn.execute(
@@ -136,7 +141,7 @@ def next_due_at(conn: sqlite3.Connection, now: float) -> float | None:
 
 
 def claim(
-    conn: sqlite3.Connection,
+    conn: Db,
     candidates: Collection[str],
     after: str | None,
     lease_s: float,
@@ -152,7 +157,7 @@ def claim(
         while True:
             row = conn.execute(
                 f"SELECT id, claims FROM jobs WHERE tenant = :tenant AND {_DUE}"
-                " ORDER BY created_at LIMIT 1",
+                f" ORDER BY created_at LIMIT 1{conn.dialect.skip_locked}",
                 {"tenant": tenant, "now": now},
             ).fetchone()
             if row is None:
@@ -169,7 +174,7 @@ def claim(
     return None
 
 
-def bury(conn: sqlite3.Connection, job_id: str, claims: int, now: float) -> Job:
+def bury(conn: Db, job_id: str, claims: int, now: float) -> Job:
     """queued | running (lease expired) -> dead, with the fixed ``job_dead`` envelope as its
     result: like :func:`finish`, but written from fixed text only, so it cannot fail on
     anything the job carries."""
@@ -189,14 +194,18 @@ def bury(conn: sqlite3.Connection, job_id: str, claims: int, now: float) -> Job:
 
 
 def fenced_update(
-    conn: sqlite3.Connection,
+    conn: Db,
     job_id: str,
     lease_token: str,
     assignments: str,
     params: tuple[Any, ...],
 ) -> bool:
-    """Apply ``SET assignments`` only if the job runs under ``lease_token``; else nothing."""
-    row = conn.execute("SELECT status, lease_token FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    """Apply ``SET assignments`` only if the job runs under ``lease_token``; else nothing.
+    (The row is locked from the check to the write: another gateway's claim cannot slip
+    between them.)"""
+    row = conn.execute(
+        f"SELECT status, lease_token FROM jobs WHERE id = ?{conn.dialect.lock_row}", (job_id,)
+    ).fetchone()
     if row is None or not fenced(JobStatus(row["status"]), row["lease_token"], lease_token):
         return False
     conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*params, job_id))
@@ -204,7 +213,7 @@ def fenced_update(
 
 
 def finish(
-    conn: sqlite3.Connection,
+    conn: Db,
     job_id: str,
     lease_token: str,
     to: JobStatus,
@@ -231,9 +240,7 @@ def finish(
     )
 
 
-def retry(
-    conn: sqlite3.Connection, job_id: str, lease_token: str, error: bytes, at: float, now: float
-) -> bool:
+def retry(conn: Db, job_id: str, lease_token: str, error: bytes, at: float, now: float) -> bool:
     """running -> queued, due at ``at``; the attempt stays counted."""
     return fenced_update(
         conn,
@@ -245,38 +252,48 @@ def retry(
     )
 
 
-def release(conn: sqlite3.Connection, job_id: str, lease_token: str, now: float) -> bool:
+def release(conn: Db, job_id: str, lease_token: str, now: float) -> bool:
     """running -> queued at once; the attempt is not counted (it never really ran)."""
     return fenced_update(
         conn,
         job_id,
         lease_token,
         "status = 'queued', lease_token = NULL, lease_expires_at = NULL,"
-        " attempts = MAX(attempts - 1, 0), claims = MAX(claims - 1, 0),"
+        " attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END,"
+        " claims = CASE WHEN claims > 0 THEN claims - 1 ELSE 0 END,"
         " next_attempt_at = ?, updated_at = ?",
         (now, now),
     )
 
 
-def recover(conn: sqlite3.Connection, now: float) -> int:
+def recover(conn: Db, now: float) -> int:
     """Expired leases (a crashed run) -> queued, due now. Returns how many."""
-    return conn.execute(
+    count: int = conn.execute(
         "UPDATE jobs SET status = 'queued', lease_token = NULL, lease_expires_at = NULL,"
         " next_attempt_at = ?, updated_at = ? WHERE status = 'running' AND lease_expires_at <= ?",
         (now, now, now),
     ).rowcount
+    return count
 
 
-def due_webhooks(conn: sqlite3.Connection, now: float, limit: int) -> list[Job]:
+def due_webhooks(conn: Db, now: float, limit: int, lease_s: float) -> list[Job]:
+    """Claim up to ``limit`` pending deliveries due now (oldest first): each is leased for
+    ``lease_s`` (``webhook_next_at`` moved on), so no other gateway's webhook loop takes it
+    meanwhile; :func:`webhook_attempted` records the outcome, and a lease that runs out
+    (the delivering process died) makes the delivery due again."""
     rows = conn.execute(
         "SELECT * FROM jobs WHERE webhook_status = 'pending' AND webhook_next_at <= ?"
-        " ORDER BY webhook_next_at LIMIT ?",
+        f" ORDER BY webhook_next_at LIMIT ?{conn.dialect.skip_locked}",
         (now, limit),
     ).fetchall()
-    return [job_from_row(r) for r in rows]
+    jobs = [job_from_row(r) for r in rows]
+    conn.executemany(
+        "UPDATE jobs SET webhook_next_at = ? WHERE id = ?", [(now + lease_s, j.id) for j in jobs]
+    )
+    return jobs
 
 
-def next_webhook_at(conn: sqlite3.Connection, now: float) -> float | None:
+def next_webhook_at(conn: Db, now: float) -> float | None:
     at: float | None = conn.execute(
         "SELECT MIN(webhook_next_at) FROM jobs WHERE webhook_status = 'pending'"
         " AND webhook_next_at > ?",
@@ -285,9 +302,7 @@ def next_webhook_at(conn: sqlite3.Connection, now: float) -> float | None:
     return at
 
 
-def webhook_attempted(
-    conn: sqlite3.Connection, job_id: str, to: WebhookStatus, next_at: float | None
-) -> None:
+def webhook_attempted(conn: Db, job_id: str, to: WebhookStatus, next_at: float | None) -> None:
     """One delivery attempt recorded (``updated_at`` is the job's, and stays as it was)."""
     conn.execute(
         "UPDATE jobs SET webhook_status = ?, webhook_attempts = webhook_attempts + 1,"
@@ -296,26 +311,28 @@ def webhook_attempted(
     )
 
 
-def sweep(conn: sqlite3.Connection, before: float) -> int:
+def sweep(conn: Db, before: float) -> int:
     """Delete jobs finished at or before ``before`` whose webhook is not still pending."""
-    return conn.execute(
+    count: int = conn.execute(
         "DELETE FROM jobs WHERE finished_at IS NOT NULL AND finished_at <= ?"
         " AND webhook_status != 'pending'",
         (before,),
     ).rowcount
+    return count
 
 
-def sweep_responses(conn: sqlite3.Connection, before: float) -> int:
+def sweep_responses(conn: Db, before: float) -> int:
     """Delete stored Responses created at or before ``before``."""
-    return conn.execute("DELETE FROM responses WHERE created_at <= ?", (before,)).rowcount
+    count: int = conn.execute("DELETE FROM responses WHERE created_at <= ?", (before,)).rowcount
+    return count
 
 
-def oldest_response(conn: sqlite3.Connection) -> float | None:
+def oldest_response(conn: Db) -> float | None:
     at: float | None = conn.execute("SELECT MIN(created_at) FROM responses").fetchone()[0]
     return at
 
 
-def oldest_finished(conn: sqlite3.Connection) -> float | None:
+def oldest_finished(conn: Db) -> float | None:
     at: float | None = conn.execute(
         "SELECT MIN(finished_at) FROM jobs WHERE finished_at IS NOT NULL"
         " AND webhook_status != 'pending'"
@@ -326,11 +343,13 @@ def oldest_finished(conn: sqlite3.Connection) -> float | None:
 # --- stored Responses (conversation state) ------------------------------------------------------
 
 
-def save_response(conn: sqlite3.Connection, record: StoredResponse) -> None:
+def save_response(conn: Db, record: StoredResponse) -> None:
     """Insert ``record``, replacing the tenant's record with the same id (a retried save)."""
     conn.execute(
-        "INSERT OR REPLACE INTO responses (tenant, id, created_at, input_items, response)"
-        " VALUES (?, ?, ?, ?, ?)",
+        "INSERT INTO responses (tenant, id, created_at, input_items, response)"
+        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (tenant, id) DO UPDATE SET"
+        " created_at = excluded.created_at, input_items = excluded.input_items,"
+        " response = excluded.response",
         (
             storable(record.tenant),
             storable(record.id),
@@ -341,9 +360,7 @@ def save_response(conn: sqlite3.Connection, record: StoredResponse) -> None:
     )
 
 
-def select_response(
-    conn: sqlite3.Connection, tenant: str, response_id: str, since: float
-) -> StoredResponse | None:
+def select_response(conn: Db, tenant: str, response_id: str, since: float) -> StoredResponse | None:
     """The tenant's record created after ``since`` (older ones are past retention)."""
     row = conn.execute(
         "SELECT * FROM responses WHERE tenant = ? AND id = ? AND created_at > ?",
@@ -352,7 +369,7 @@ def select_response(
     return None if row is None else response_from_row(row)
 
 
-def delete_response(conn: sqlite3.Connection, tenant: str, response_id: str, since: float) -> bool:
+def delete_response(conn: Db, tenant: str, response_id: str, since: float) -> bool:
     """Delete the tenant's record created after ``since``; whether there was one."""
     deleted: int = conn.execute(
         "DELETE FROM responses WHERE tenant = ? AND id = ? AND created_at > ?",
@@ -361,7 +378,7 @@ def delete_response(conn: sqlite3.Connection, tenant: str, response_id: str, sin
     return deleted > 0
 
 
-def counts(conn: sqlite3.Connection) -> dict[str, int]:
+def counts(conn: Db) -> dict[str, int]:
     rows = conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status")
     return {status: count for status, count in rows}
 

@@ -289,6 +289,7 @@ async def test_jobs_an_older_version_left_behind_end_failed(
     path = write_config(tmp_path, upstream)
     database = tmp_path / "jobs.sqlite3"
     conn = sqlite3.connect(database)
+    conn.row_factory = sqlite3.Row  # store_sql.insert reads the row back (RETURNING)
     store_schema.migrate(conn)
     ids = {}
     for name, endpoint, body in (

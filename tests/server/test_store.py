@@ -1,9 +1,10 @@
-"""The SQLite store: durability settings, group commit, claims and fairness, lease fencing,
+"""The durable store: durability settings, group commit, claims and fairness, lease fencing,
 recovery, idempotency, the per-tenant cap, redaction, webhooks state, sweeping, error mapping.
 
-Test rules: every database lives in ``tmp_path``; the store runs on its real worker thread
-(``inline=False``) unless a test says otherwise; time is passed in explicitly (``now=``), so
-nothing sleeps.
+Test rules: a test that takes ``db`` runs on both backends (SQLite in ``tmp_path``, a fresh
+PostgreSQL database: ``conftest.py``); the rest are SQLite's own (file, pragmas, its
+migrations). The store runs on its real worker thread (``inline=False``) unless a test says
+otherwise; time is passed in explicitly (``now=``), so nothing sleeps.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import json
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
 import trio
+from store_db_helpers import StoreDb
 
 from runestone_proxy.config import Config, OverflowConfig, TenantConfig
 from runestone_proxy.errors import GatewayError, RateLimited, ServiceUnavailable
@@ -34,34 +37,39 @@ def new(tenant: str = "a", **kw: object) -> NewJob:
     return NewJob(tenant, f"req_{tenant}", "chat", BODY, **kw)  # type: ignore[arg-type]
 
 
-def make_store(tmp_path: Path, **overflow: object) -> Store:
-    config = Config(
-        overflow=OverflowConfig(database=str(tmp_path / "jobs.sqlite3"), **overflow),  # type: ignore[arg-type]
-        tenants={"small": TenantConfig(max_queued_jobs=2)},
-    )
+def make_store(where: Path | StoreDb, **overflow: Any) -> Store:
+    """A store on ``where``: an SQLite file under that directory, or the test's database."""
+    if isinstance(where, StoreDb):
+        overflow_config = where.overflow(**overflow)
+    else:
+        overflow_config = OverflowConfig(database=str(where / "jobs.sqlite3"), **overflow)
+    config = Config(overflow=overflow_config, tenants={"small": TenantConfig(max_queued_jobs=2)})
     return Store.from_config(config, env={})
 
 
 @pytest.fixture
-async def store(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Store]:
+async def store(db: StoreDb, nursery: trio.Nursery) -> AsyncIterator[Store]:
+    s = make_store(db)
+    await nursery.start(s.run)
+    return s
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Store]:
     s = make_store(tmp_path)
     await nursery.start(s.run)
     return s
 
 
-def raw_rows(store: Store) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(store.path)
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute("SELECT * FROM jobs").fetchall()
-    finally:
-        conn.close()
+def raw_rows(db: StoreDb) -> list[dict[str, Any]]:
+    return db.rows("SELECT * FROM jobs")
 
 
 # --- opening ----------------------------------------------------------------------------------
 
 
-async def test_opens_in_wal_with_full_sync_and_a_schema_version(store: Store) -> None:
+async def test_opens_in_wal_with_full_sync_and_a_schema_version(sqlite_store: Store) -> None:
+    store = sqlite_store
     assert await store._call(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0]) == "wal"
     assert await store._call(lambda c: c.execute("PRAGMA synchronous").fetchone()[0]) == 2
     version = await store._call(
@@ -70,24 +78,21 @@ async def test_opens_in_wal_with_full_sync_and_a_schema_version(store: Store) ->
     assert [tuple(v) for v in version] == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
 
 
-async def test_reopening_keeps_jobs_and_a_newer_schema_is_refused(tmp_path: Path) -> None:
-    first = make_store(tmp_path)
+async def test_reopening_keeps_jobs_and_a_newer_schema_is_refused(db: StoreDb) -> None:
+    first = make_store(db)
     async with trio.open_nursery() as nursery:
         await nursery.start(first.run)
         await first.enqueue(new(), now=T0)
         nursery.cancel_scope.cancel()
     assert not first.is_open
-    second = make_store(tmp_path)
+    second = make_store(db)
     async with trio.open_nursery() as nursery:
         await nursery.start(second.run)
         assert await second.counts() == {"queued": 1}
         nursery.cancel_scope.cancel()
-    conn = sqlite3.connect(second.path)
-    conn.execute("INSERT INTO schema_version VALUES (99)")
-    conn.commit()
-    conn.close()
+    db.rows("INSERT INTO schema_version VALUES (99)")
     with pytest.raises(ServiceUnavailable, match="newer"):
-        await make_store(tmp_path).run()
+        await make_store(db).run()
 
 
 async def test_an_unopenable_path_is_a_503_naming_it(tmp_path: Path) -> None:
@@ -155,7 +160,8 @@ async def test_a_failed_batch_fails_every_caller_and_writes_nothing(store: Store
     assert (await store.enqueue(new("a"), now=T0)).created  # and the store carries on
 
 
-async def test_database_is_locked_maps_to_503_and_the_store_recovers(store: Store) -> None:
+async def test_database_is_locked_maps_to_503_and_the_store_recovers(sqlite_store: Store) -> None:
+    store = sqlite_store
     await store._call(lambda c: c.execute("PRAGMA busy_timeout=50"))
     other = sqlite3.connect(store.path, isolation_level=None)
     other.execute("BEGIN EXCLUSIVE")
@@ -261,7 +267,7 @@ async def test_schedule_reports_due_jobs_and_the_next_deadline(store: Store) -> 
     assert retried.last_error == "upstream broke"
 
 
-async def test_a_stale_run_cannot_settle_the_job(store: Store) -> None:
+async def test_a_stale_run_cannot_settle_the_job(store: Store, db: StoreDb) -> None:
     await store.enqueue(new("a"), now=T0)
     first = await store.claim(["a"], 10, T0)
     assert first is not None
@@ -284,7 +290,7 @@ async def test_a_stale_run_cannot_settle_the_job(store: Store) -> None:
     assert done.result == RESULT
     assert done.lease_token is None
     assert done.finished_at == T0 + 13
-    assert [r["result"] for r in raw_rows(store)] == [RESULT]  # exactly one stored result
+    assert [r["result"] for r in raw_rows(db)] == [RESULT]  # exactly one stored result
 
 
 async def test_recover_requeues_only_expired_leases(store: Store) -> None:
@@ -316,7 +322,7 @@ async def test_release_returns_the_job_without_counting_the_attempt(store: Store
 # --- redaction, webhooks, retention -----------------------------------------------------------
 
 
-async def test_a_finished_job_keeps_only_a_digest_of_its_request(store: Store) -> None:
+async def test_a_finished_job_keeps_only_a_digest_of_its_request(store: Store, db: StoreDb) -> None:
     await store.enqueue(new("a"), now=T0)
     await store.enqueue(new("b"), now=T0)
     for tenant, ok in (("a", True), ("b", False)):
@@ -327,7 +333,7 @@ async def test_a_finished_job_keeps_only_a_digest_of_its_request(store: Store) -
             assert await store.complete(job.id, job.lease_token, RESULT, 200, T0 + 1)
         else:
             assert await store.fail(job.id, job.lease_token, ERROR, 400, None, T0 + 1)
-    rows = {r["tenant"]: r for r in raw_rows(store)}
+    rows = {r["tenant"]: r for r in raw_rows(db)}
     for row in rows.values():
         assert row["body"] == digest(BODY)
         assert b"secret prompt" not in row["body"]
@@ -361,8 +367,8 @@ async def test_webhook_state_follows_the_job(store: Store) -> None:
     assert delivered.webhook_status is WebhookStatus.DELIVERED
 
 
-async def test_sweep_deletes_after_retention_but_not_before_the_webhook(tmp_path: Path) -> None:
-    store = make_store(tmp_path, retention_s=100.0)
+async def test_sweep_deletes_after_retention_but_not_before_the_webhook(db: StoreDb) -> None:
+    store = make_store(db, retention_s=100.0)
     async with trio.open_nursery() as nursery:
         await nursery.start(store.run)
         await store.enqueue(new("a"), now=T0)
@@ -420,9 +426,9 @@ async def test_a_version_1_database_is_migrated_and_its_jobs_kept(tmp_path: Path
 
 
 async def test_claims_count_until_an_outcome_is_recorded_then_the_job_is_buried(
-    tmp_path: Path, nursery: trio.Nursery
+    db: StoreDb, nursery: trio.Nursery
 ) -> None:
-    store = make_store(tmp_path, max_claims=2)
+    store = make_store(db, max_claims=2)
     await nursery.start(store.run)
     hook = "http://127.0.0.1:9/hook"
     retried = (await store.enqueue(new("a"), now=T0)).job
@@ -456,7 +462,8 @@ async def test_claims_count_until_an_outcome_is_recorded_then_the_job_is_buried(
     assert await store.counts() == {"queued": 1, "dead": 1}
 
 
-async def test_text_that_is_not_utf8_is_stored_and_read_back_escaped(store: Store) -> None:
+async def test_text_that_is_not_utf8_is_stored_and_read_back_escaped(sqlite_store: Store) -> None:
+    store = sqlite_store
     job = (await store.enqueue(NewJob("a", "req-\ud800", "chat", BODY), now=T0)).job
     assert job.request_id == "req-\\ud800"
     claimed = await store.claim(["a"], 60, T0)
@@ -473,7 +480,7 @@ async def test_text_that_is_not_utf8_is_stored_and_read_back_escaped(store: Stor
     assert failed.endpoint == "\\xffc"
 
 
-async def test_a_value_sqlite_cannot_bind_is_a_gateway_error(store: Store) -> None:
+async def test_a_value_the_database_cannot_store_is_a_gateway_error(store: Store) -> None:
     await store.enqueue(new("a"), now=T0)
     job = await store.claim(["a"], 60, T0)
     assert job is not None

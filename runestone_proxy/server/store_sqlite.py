@@ -1,0 +1,73 @@
+"""The durable store on SQLite (the embedded default: one file, one host): the
+:class:`~.store_db.Backend` that opens it and the :class:`~.store_db.Db` it returns.
+
+* **Durable.** WAL journal with ``synchronous=FULL``: a commit returns only once the WAL is
+  fsynced, so an acknowledged (202) job survives a crash or a power cut.
+* **One writer.** Write transactions start with ``BEGIN IMMEDIATE`` (the write lock taken
+  at once, not on the first write), and ``busy_timeout`` bounds the wait for it; another
+  process holding it longer is a 503 (``database is locked``).
+* **Path.** A relative ``overflow.database`` lives under ``$RUNESTONE_STATE_DIR`` (systemd
+  ``StateDirectory=``) when set, else the working directory (:func:`.store_values.resolve_path`).
+
+The connection is ``sqlite3.Connection`` itself (a subclass adding the few members the
+store's SQL reads), so the SQL functions cost nothing extra on SQLite.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+
+import attrs
+
+from runestone_proxy.errors import ServiceUnavailable
+from runestone_proxy.server import store_schema as schema
+from runestone_proxy.server.store_db import SQLITE, Dialect
+
+__all__ = ["SqliteBackend", "SqliteDb"]
+
+
+class SqliteDb(sqlite3.Connection):
+    """``sqlite3.Connection`` as a :class:`~.store_db.Db`."""
+
+    dialect: Dialect = SQLITE
+    #: ``sqlite3`` raises ``ValueError``/``OverflowError`` (mapped by the store) for a value
+    #: it cannot bind; none of its own errors means that.
+    value_errors: tuple[type[Exception], ...] = ()
+    broken = False
+
+    def begin(self) -> None:
+        self.execute("BEGIN IMMEDIATE")
+
+    def lock_tenants(self, tenants: Sequence[str]) -> None:
+        """Nothing: ``BEGIN IMMEDIATE`` already keeps every other writer out."""
+
+
+@attrs.frozen
+class SqliteBackend:
+    path: Path
+    #: One gateway per file: every change rings its own bells.
+    shared = False
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
+
+    def connect(self) -> SqliteDb:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None, factory=SqliteDb
+            )
+            conn.row_factory = sqlite3.Row
+            conn.text_factory = schema.decode_text
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":
+                raise sqlite3.OperationalError(f"journal_mode is {mode}, not wal")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            schema.migrate(conn)
+        except (OSError, sqlite3.Error) as exc:
+            raise ServiceUnavailable(f"The job store {self.path} cannot be opened: {exc}") from exc
+        return conn
