@@ -20,7 +20,7 @@ class OverflowConfig:
     database: str = "runestone.sqlite3"
     #: PostgreSQL: ``postgresql://user:pass@host:5432/db`` (libpq URI; ``?sslmode=...`` etc.).
     #: ``RUNESTONE_OVERFLOW_URL`` overrides it, so the password need not sit in the file.
-    url: str | None = None
+    url: str | None = attrs.field(default=None, repr=False)  # may hold a password
     max_attempts: int = attrs.field(default=5, validator=_positive)
     #: Claims in a row with no outcome recorded (the outcome could not be stored, or the
     #: process died mid-run) after which a job is ``dead`` instead of claimed again.
@@ -73,7 +73,7 @@ class StateConfig:
     backend: Literal["local", "redis"] = "local"
     #: ``redis://[:password@]host:6379/0`` or ``rediss://`` (TLS). ``RUNESTONE_REDIS_URL``
     #: overrides it.
-    url: str | None = None
+    url: str | None = attrs.field(default=None, repr=False)  # may hold a password
     #: Redis unreachable: ``fail_closed`` answers 503 to requests that need it;
     #: ``local`` falls back to this process's own limits (logged as a warning) until it is back.
     on_unavailable: Literal["fail_closed", "local"] = "fail_closed"
