@@ -12,6 +12,8 @@ The tree (every task has an owner; nothing runs in the background unparented)::
     │                                     needed (the operator's port), kept until the end
     │   └── health connections
     ├── SQLite store                      one writer task, group commit
+    ├── shared limits (state = redis)     Redis connection, subscriber, slot dispatcher,
+    │                                     lease renewal (server/redis_limits.py)
     ├── pings                             event: ping into quiet translated Messages streams
     ├── services                          overflow drainer (claims, webhooks, sweeps);
     │   └── job tasks                     Service.run_job; cancelled before the store so
@@ -69,7 +71,7 @@ from runestone_proxy.api.router import Router
 from runestone_proxy.config import Config, ConfigError
 from runestone_proxy.gateway.deployments import providers_view
 from runestone_proxy.gateway.service import Service
-from runestone_proxy.server import aliases, systemd
+from runestone_proxy.server import aliases, redis_limits, systemd
 from runestone_proxy.server.drainer import RESULT_OVERHEAD_BYTES, run_drainer
 from runestone_proxy.server.frontend import Frontend
 from runestone_proxy.server.listener import accept_loop, make_ssl_context
@@ -107,6 +109,8 @@ class App:
     store: Store = attrs.field(kw_only=True)
     #: The one task that pings quiet translated Messages streams.
     pings: Pings = attrs.field(kw_only=True, factory=Pings)
+    #: The limits on Redis (``[state] backend = "redis"``), else None: in-process.
+    shared: redis_limits.RedisLimits | None = attrs.field(kw_only=True, default=None)
 
     @classmethod
     def build(cls, config: Config, config_path: Path | None, env: Mapping[str, str]) -> App:
@@ -122,6 +126,10 @@ class App:
         )
         aliases_path, file_aliases = aliases.ServiceAliases.at_start(config, env)
         service = Service.build(config, env, pool, file_aliases)
+        shared = None
+        if config.state.backend == "redis":  # the limits shared by a fleet, on Redis
+            shared = redis_limits.build(config, service.ratelimiter, service.capacity)
+            service.limits = shared
         api = Api(service)
         store = Store.from_config(config, env)
         service.store = store
@@ -139,7 +147,7 @@ class App:
         service.ledger = store if config.ledger.enabled else None
         add_response_state_routes(gateway.router, store, api.authenticate)
         gateway.reload_hooks.append(store.apply_config)
-        gateway.components["capacity"] = service.capacity.snapshot
+        gateway.components["capacity"] = service.limits.snapshot
         service_aliases = aliases.ServiceAliases(service, aliases_path)
         gateway.reload_hooks.append(service_aliases.reload)
 
@@ -172,6 +180,7 @@ class App:
             aliases=service_aliases,
             store=store,
             pings=pings,
+            shared=shared,
         )
 
     def _warn_if_open(self) -> None:
@@ -248,6 +257,8 @@ class App:
                     partial(accept_loop, listener, self.health_gateway, root, capped=False)
                 )
             await root.start(self.store.run)
+            if self.shared is not None:
+                await root.start(self.shared.run)
             await root.start(self.pings.run)
             services = await root.start(self._services)
             async with trio.open_nursery() as connections:
@@ -274,6 +285,8 @@ class App:
                     accepting.cancel_scope.cancel()
                 await self._drain(connections)
             services.cancel()  # the drainer stops before the store, so running jobs are released
+            if self.shared is not None:
+                await self.shared.flush()  # the last slots' releases reach Redis
             root.cancel_scope.cancel()
         log.info("gateway.stopped")
 
@@ -286,7 +299,7 @@ class App:
                 run_drainer,
                 self.store,
                 self.service.run_job,
-                self.service.capacity,
+                self.service.limits.jobs,
                 self.config.overflow,
                 env=self.env,
                 max_result_bytes=self.config.upstream.max_response_bytes + RESULT_OVERHEAD_BYTES,
