@@ -6,7 +6,8 @@ the provider call.
 1. the key's rate limits reserve the request (RPM/RPH, the TPM estimate);
 2. an ``Idempotency-Key`` the tenant already used answers with the job it made then
    (``parked`` is that job, marked replayed): a retry never runs twice, live or queued;
-3. the tenant's capacity decides (:meth:`Capacity.slot`): ``Admit``/``Wait`` hold a slot for
+3. the tenant's capacity decides (the slot :meth:`Limits.admit` returned with the
+   reservation, in-process or shared: :mod:`.shared_state`): ``Admit``/``Wait`` hold a slot for
    the block (``parked`` is None: serve it now); ``Enqueue`` parks it as a durable job
    (``parked`` is the new job, to answer ``202`` with); a reject raises 429.
 
@@ -28,13 +29,13 @@ import trio
 
 from runestone_proxy import telemetry
 from runestone_proxy.errors import GatewayError, RateLimited
-from runestone_proxy.gateway.capacity import Slot
 from runestone_proxy.gateway.limits import Enqueue
 from runestone_proxy.gateway.overflow import Enqueued, Job, NewJob
 from runestone_proxy.gateway.queue import JobQueue
 from runestone_proxy.gateway.rate_wire import Headers
 from runestone_proxy.gateway.ratelimit import Reservation
 from runestone_proxy.gateway.request_body import check_idempotency_key
+from runestone_proxy.gateway.shared_state import SlotBlock
 
 if TYPE_CHECKING:
     from runestone_proxy.gateway.service import Generation, Service
@@ -57,7 +58,7 @@ class Admission:
         self.service = service
         self.gen = gen
         self.admitted = False
-        self.slot: Slot | None = None
+        self.slot: SlotBlock | None = None
         #: The tokens the answer reported, for the TPM reconcile (None: keep the estimate).
         self.usage: int | None = None
         self.reservation: Reservation
@@ -67,21 +68,16 @@ class Admission:
     async def __aenter__(self) -> Parked | None:
         service, gen = self.service, self.gen
         principal = gen.principal
-        self.reservation, self.rl_headers = service.ratelimiter.admit(
-            principal, gen.body, gen.output_tokens, trio.current_time(), gen.request_id
+        self.reservation, self.rl_headers, slot = await service.limits.admit(
+            principal, gen.body, gen.output_tokens, gen.request_id, gen.wants_async
         )
         try:
             store = service.store
             if store is not None and gen.idempotency_key is not None:
                 twin = await self._replay(store)
                 if twin is not None:
+                    await slot.__aexit__(None, None, None)  # a slot taken ahead goes back
                     return twin
-            slot = service.capacity.slot(
-                principal.tenant,
-                wants_async=gen.wants_async,
-                key_mask=principal.key_mask,
-                request_id=gen.request_id,
-            )
             decision = await slot.__aenter__()
             if type(decision) is Enqueue:  # no slot held: a job runs when one frees
                 return await self._park(store)
@@ -89,6 +85,8 @@ class Admission:
             self.admitted = True  # Admit, or a Wait that got its slot
             return None
         except BaseException as exc:
+            if self.slot is None:  # a shared backend may have taken the slot ahead
+                await slot.__aexit__(type(exc), exc, exc.__traceback__)
             self._settle(exc)
             raise
 
@@ -134,10 +132,10 @@ class Admission:
     def _settle(self, exc: BaseException | None) -> None:
         now = trio.current_time()
         if self.admitted:
-            self.service.ratelimiter.reconcile(self.reservation, self.usage, now)
+            self.service.limits.reconcile(self.reservation, self.usage, now)
         else:  # refused, or the client left while it waited for a slot
             limits = self.gen.principal.limits
-            headers = self.service.ratelimiter.cancel(self.reservation, limits, now)
+            headers = self.service.limits.cancel(self.reservation, limits, now)
             if isinstance(exc, GatewayError):
                 self.rl_headers = headers  # the quota as it stands after the refund
         if isinstance(exc, GatewayError):

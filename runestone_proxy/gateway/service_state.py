@@ -26,6 +26,7 @@ from runestone_proxy.gateway.queue import JobQueue
 from runestone_proxy.gateway.ratelimit import RateLimiter
 from runestone_proxy.gateway.responses_store import ResponseStore
 from runestone_proxy.gateway.routing import RoutingTable
+from runestone_proxy.gateway.shared_state import Limits, LocalLimits
 from runestone_proxy.gateway.transport import Transport
 
 
@@ -44,6 +45,12 @@ class ServiceState:
     file_aliases: dict[str, str] = attrs.field(kw_only=True, factory=dict)
     capacity: Capacity = attrs.field(kw_only=True)
     ratelimiter: RateLimiter = attrs.field(kw_only=True, factory=RateLimiter)
+    #: What admission calls: ``ratelimiter`` and ``capacity`` in this process, or the shared
+    #: backend the server installs (``[state] backend = "redis"``).
+    limits: Limits = attrs.field(
+        kw_only=True,
+        default=attrs.Factory(lambda s: LocalLimits(s.ratelimiter, s.capacity), takes_self=True),
+    )
     #: Parks requests durably (202) when their tenant is full and they asked for async.
     store: JobQueue | None = attrs.field(kw_only=True, default=None)
     #: The Responses dialect's stored turns (``previous_response_id``, ``store``).

@@ -12,6 +12,8 @@ The tree (every task has an owner; nothing runs in the background unparented)::
     │                                     needed (the operator's port), kept until the end
     │   └── health connections
     ├── SQLite store                      one writer task, group commit
+    ├── shared limits (state = redis)     Redis connection, subscriber, slot dispatcher,
+    │                                     lease renewal (server/redis_limits.py)
     ├── pings                             event: ping into quiet translated Messages streams
     ├── services                          overflow drainer (claims, webhooks, sweeps);
     │   └── job tasks                     Service.run_job; cancelled before the store so
@@ -70,7 +72,7 @@ from runestone_proxy.api.router import Router
 from runestone_proxy.config import Config, ConfigError
 from runestone_proxy.gateway.deployments import providers_view
 from runestone_proxy.gateway.service import Service
-from runestone_proxy.server import aliases, systemd
+from runestone_proxy.server import aliases, redis_limits, systemd
 from runestone_proxy.server.drainer import RESULT_OVERHEAD_BYTES, run_drainer
 from runestone_proxy.server.frontend import Frontend
 from runestone_proxy.server.listener import accept_loop, make_ssl_context
@@ -111,6 +113,8 @@ class App:
     #: Admin keys, and the routers ``/admin/`` routes are added to.
     admin: AdminAuth = attrs.field(kw_only=True)
     admin_routers: list[Router] = attrs.field(kw_only=True)
+    #: The limits on Redis (``[state] backend = "redis"``), else None: in-process.
+    shared: redis_limits.RedisLimits | None = attrs.field(kw_only=True, default=None)
 
     @classmethod
     def build(cls, config: Config, config_path: Path | None, env: Mapping[str, str]) -> App:
@@ -126,6 +130,10 @@ class App:
         )
         aliases_path, file_aliases = aliases.ServiceAliases.at_start(config, env)
         service = Service.build(config, env, pool, file_aliases)
+        shared = None
+        if config.state.backend == "redis":  # the limits shared by a fleet, on Redis
+            shared = redis_limits.build(config, service.ratelimiter, service.capacity)
+            service.limits = shared
         api = Api(service)
         store = Store.from_config(config, env)
         service.store = store
@@ -143,13 +151,13 @@ class App:
         service.ledger = store if config.ledger.enabled else None
         add_response_state_routes(gateway.router, store, api.authenticate)
         gateway.reload_hooks.append(store.apply_config)
-        gateway.components["capacity"] = service.capacity.snapshot
         # The admin API's routes go on these routers ([admin] listen; fixed at start).
         admin = AdminAuth.build(config, env)
         gateway.reload_hooks.append(admin.apply_config)
         admin_routers = [health_gateway.router]
         if config.admin.listen == "main":
             admin_routers.append(gateway.router)
+        gateway.components["capacity"] = service.limits.snapshot
         service_aliases = aliases.ServiceAliases(service, aliases_path)
         gateway.reload_hooks.append(service_aliases.reload)
 
@@ -184,6 +192,7 @@ class App:
             pings=pings,
             admin=admin,
             admin_routers=admin_routers,
+            shared=shared,
         )
 
     def _warn_if_open(self) -> None:
@@ -260,6 +269,8 @@ class App:
                     partial(accept_loop, listener, self.health_gateway, root, capped=False)
                 )
             await root.start(self.store.run)
+            if self.shared is not None:
+                await root.start(self.shared.run)
             await root.start(self.pings.run)
             services = await root.start(self._services)
             async with trio.open_nursery() as connections:
@@ -286,6 +297,8 @@ class App:
                     accepting.cancel_scope.cancel()
                 await self._drain(connections)
             services.cancel()  # the drainer stops before the store, so running jobs are released
+            if self.shared is not None:
+                await self.shared.flush()  # the last slots' releases reach Redis
             root.cancel_scope.cancel()
         log.info("gateway.stopped")
 
@@ -298,7 +311,7 @@ class App:
                 run_drainer,
                 self.store,
                 self.service.run_job,
-                self.service.capacity,
+                self.service.limits.jobs,
                 self.config.overflow,
                 env=self.env,
                 max_result_bytes=self.config.upstream.max_response_bytes + RESULT_OVERHEAD_BYTES,

@@ -1,0 +1,497 @@
+"""The limits on Redis: per-key windows and per-tenant slots shared by every worker and host.
+
+It is the :class:`~runestone_proxy.gateway.shared_state.Limits` the service admits through
+when ``[state] backend = "redis"``; the scripts and keys are in :mod:`.redis_scripts`.
+
+The round trips of one request
+------------------------------
+- Admission: one ``EVALSHA`` (:data:`~.redis_scripts.ACQUIRE`) charges the key's rpm/rph/tpm
+  windows and, when they allow it, takes a tenant slot (a lease) in the same atomic step.
+- Release: one fire-and-forget ``EVALSHA`` (:data:`~.redis_scripts.RELEASE`): queued on the
+  connection, nobody waits for its reply. If it is lost (Redis went away first), the
+  lease runs out within ``lease_s``: the lease is the safety net.
+- Reconcile/cancel of the token estimate: fire-and-forget too (``ADJUST``), and only when
+  the key has a tpm limit or the request was refused.
+
+Commands from concurrent requests share one multiplexed connection, so under load they go
+out together (:mod:`.redis_conn`).
+
+Slots are leases
+----------------
+A slot is a member of the tenant's sorted set (and of the global one) scored by its
+expiry. The renewal task extends every slot this process holds each ``lease_s / 3``, so a
+process that dies (SIGKILL, a lost host) stops renewing and its slots come back within
+``lease_s``. A renewal re-adds a slot that an outage longer than the lease let expire: the
+request is still running, so it counts again (the tenant may briefly show more than its cap
+right after such an outage; nothing new is admitted until it is back under).
+
+Waiting across processes
+------------------------
+A request that finds no room and may wait joins this process's FIFO for its tenant (order
+within a process is FIFO, as in-process). The process registers in ``waiting``; a release
+anywhere then ``PUBLISH``es on ``freed`` (only while someone waits: no fan-out otherwise).
+One subscriber connection per process wakes the dispatcher task, which retries for the
+FIFO heads, least-served tenant first, and hands each slot it gets to the head waiter. It
+also retries every ``poll_s`` while anyone waits: a dead process's lease expiring publishes
+nothing, and pub/sub drops messages while the subscriber reconnects. Across processes there
+is no global FIFO: whoever retries first after a release wins.
+
+Redis unavailable
+-----------------
+``on_unavailable = "fail_closed"``: a request that needs the limits gets 503
+``service_unavailable`` with ``retry-after``. ``"local"``: this process's own in-process
+limits (``LocalLimits``) serve, with a warning log and a ``state.fallback`` event, until
+Redis answers again (``state.recovered``); slots taken locally are released locally.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from collections import deque
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import hiredis
+import outcome
+import structlog
+import trio
+
+from runestone_proxy import telemetry
+from runestone_proxy.config import Config
+from runestone_proxy.errors import ServiceUnavailable
+from runestone_proxy.gateway.capacity import Capacity, JobCapacity
+from runestone_proxy.gateway.rate_wire import Headers, error_for, headers_for
+from runestone_proxy.gateway.ratelimit import (
+    NO_RESERVATION,
+    KeyLimits,
+    RateLimiter,
+    Reservation,
+)
+from runestone_proxy.gateway.shared_state import Admitted, LocalLimits
+from runestone_proxy.gateway.token_estimate import estimate_tokens
+from runestone_proxy.server.redis_client import RedisClient, RedisUnavailable, Script, Subscriber
+from runestone_proxy.server.redis_scripts import (
+    ACQUIRE,
+    ADJUST,
+    HOUR_US,
+    MINUTE_US,
+    RELEASE,
+    RENEW,
+    WAITING,
+    SharedReservation,
+    cancel_args,
+    decode_admit,
+    reconcile_args,
+)
+from runestone_proxy.server.redis_slot import RedisSlot
+
+if TYPE_CHECKING:
+    from runestone_proxy.gateway.auth import Principal
+
+log = structlog.get_logger("runestone.state")
+
+#: How often waiters retry without a message (an expired lease publishes nothing).
+POLL_S = 0.2
+_RETRY_AFTER = ((b"retry-after", b"1"),)
+
+
+@attrs.define(eq=False, slots=True)
+class _Waiter:
+    task: trio.lowlevel.Task
+    seq: int
+    member: str | None = None
+
+
+@attrs.define(eq=False, slots=True)
+class _Tenant:
+    name: str
+    key: str
+    held: set[str] = attrs.Factory(set)
+    fifo: deque[_Waiter] = attrs.Factory(deque)
+
+
+@attrs.define(eq=False)
+class RedisLimits:
+    """See the module docstring. ``run`` must be running in the app's nursery."""
+
+    client: RedisClient
+    #: The in-process limits: the fallback, and (its capacity) the tenants' configured limits.
+    local: LocalLimits
+    prefix: str
+    lease_s: float
+    fail_closed: bool
+    process_id: str = attrs.Factory(lambda: os.urandom(6).hex())
+    tenants: dict[str, _Tenant] = attrs.Factory(dict)
+    #: Tenants with at least one waiter.
+    contending: set[_Tenant] = attrs.Factory(set)
+    falling_back: bool = False
+    _seq: itertools.count[int] = attrs.Factory(itertools.count)
+    _kick: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
+    _kicked: bool = False
+    _freed: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
+
+    @classmethod
+    def build(cls, config: Config, local: LocalLimits, client: RedisClient) -> RedisLimits:
+        state = config.state
+        for script in (ACQUIRE, RELEASE, RENEW, WAITING, ADJUST):
+            client.register(script)
+        limits = cls(
+            client, local, state.key_prefix, state.lease_s, state.on_unavailable == "fail_closed"
+        )
+        client.on_state = limits._on_state
+        return limits
+
+    @property
+    def capacity(self) -> Capacity:
+        return self.local.capacity
+
+    @property
+    def channel(self) -> str:
+        return f"{self.prefix}freed"
+
+    # --- the request path ----------------------------------------------------------------------
+
+    async def admit(
+        self,
+        principal: Principal,
+        body: Mapping[str, Any],
+        output_tokens: int,
+        request_id: str,
+        wants_async: bool,
+    ) -> Admitted:
+        if not self.client.up:
+            return await self._unavailable(principal, body, output_tokens, request_id, wants_async)
+        limits = principal.limits
+        estimate = estimate_tokens(body, output_tokens) if limits.tpm else 0
+        tenant = self._tenant(principal.tenant)
+        member = "" if tenant.fifo else self._member()
+        try:
+            reply = await self._acquire(tenant, member, limits, principal.key_id, estimate)
+        except RedisUnavailable:
+            return await self._unavailable(principal, body, output_tokens, request_id, wants_async)
+        decoded = decode_admit(reply, limits, estimate)
+        denied = decoded.denied
+        fields = {
+            "tenant": principal.tenant,
+            "key_mask": principal.key_mask,
+            "request_id": request_id,
+        }
+        if denied is not None:
+            retry = None if math.isinf(denied.retry_after_s) else denied.retry_after_s
+            telemetry.emit("ratelimit.block", **fields, limit=denied.which, retry_after_s=retry)
+            raise error_for(denied, principal.key_mask)
+        reservation: Reservation = NO_RESERVATION
+        headers: Headers = ()
+        if not limits.unlimited:
+            quota = decoded.quota
+            telemetry.emit(
+                "ratelimit.check",
+                **fields,
+                remaining_requests=quota.remaining_requests if quota.limit_requests else None,
+                remaining_tokens=quota.remaining_tokens if quota.limit_tokens else None,
+            )
+            now_us = decoded.now_us
+            reservation = SharedReservation(
+                None,
+                quota,
+                principal.key_id,
+                estimate,
+                now_us // MINUTE_US,
+                limits=limits,
+                minute=now_us // MINUTE_US,
+                hour=now_us // HOUR_US,
+            )
+            headers = headers_for(quota)
+        held = member if decoded.granted else None
+        if held is not None:
+            tenant.held.add(held)
+        view = (decoded.tenant_count, decoded.global_count)
+        slot = RedisSlot(
+            self, tenant, wants_async, False, principal.key_mask, request_id, held, view
+        )
+        return reservation, headers, slot
+
+    async def _acquire(
+        self, tenant: _Tenant, member: str, limits: KeyLimits, key_id: str, estimate: int
+    ) -> list[int]:
+        cap = self.capacity
+        tenant_limits = cap.configured.get(tenant.name, cap.default_limits)
+        rl = f"{self.prefix}rl:{key_id}:"
+        keys = (tenant.key, f"{self.prefix}gslots", f"{rl}rpm", f"{rl}rph", f"{rl}tpm")
+        args = (
+            int(self.lease_s * 1000),
+            member,
+            tenant_limits.max_concurrent,
+            cap.max_concurrent,
+            limits.rpm or 0,
+            limits.rph or 0,
+            limits.tpm or 0,
+            estimate,
+        )
+        reply: list[int] = await self.client.evalsha(ACQUIRE, keys, args)
+        return reply
+
+    async def _unavailable(
+        self,
+        principal: Principal,
+        body: Mapping[str, Any],
+        output_tokens: int,
+        request_id: str,
+        wants_async: bool,
+    ) -> Admitted:
+        telemetry.emit(
+            "state.unavailable",
+            tenant=principal.tenant,
+            request_id=request_id,
+            fallback=not self.fail_closed,
+            error=self.client.why_down,
+        )
+        if self.fail_closed:
+            raise ServiceUnavailable(
+                "The gateway's shared limits (Redis) are unavailable. Please try again shortly.",
+                headers=_RETRY_AFTER,
+            )
+        if not self.falling_back:
+            self.falling_back = True
+            log.warning("state.fallback", backend="redis", error=self.client.why_down)
+            telemetry.emit("state.fallback", backend="redis", error=self.client.why_down)
+        return await self.local.admit(principal, body, output_tokens, request_id, wants_async)
+
+    def _on_state(self, up: bool) -> None:
+        if up and self.falling_back:
+            self.falling_back = False
+            log.warning("state.recovered", backend="redis")
+            telemetry.emit("state.recovered", backend="redis")
+        self._wake()
+
+    def _member(self) -> str:
+        return f"{self.process_id}:{next(self._seq)}"
+
+    def _tenant(self, name: str) -> _Tenant:
+        tenant = self.tenants.get(name)
+        if tenant is None:
+            if len(self.tenants) >= 4096:
+                for n in [n for n, t in self.tenants.items() if not t.held and not t.fifo]:
+                    del self.tenants[n]
+            tenant = self.tenants[name] = _Tenant(name, f"{self.prefix}slots:{name}")
+        return tenant
+
+    # --- settling ------------------------------------------------------------------------------
+
+    def reconcile(self, reservation: Reservation, actual_tokens: int | None, now: float) -> None:
+        if type(reservation) is not SharedReservation:
+            self.local.reconcile(reservation, actual_tokens, now)
+            return
+        adjust = reconcile_args(reservation, actual_tokens, self.prefix)
+        if adjust is not None:
+            self._send(ADJUST, *adjust)
+
+    def cancel(self, reservation: Reservation, limits: KeyLimits, now: float) -> Headers:
+        if type(reservation) is not SharedReservation:
+            return self.local.cancel(reservation, limits, now)
+        adjust, headers = cancel_args(reservation, limits, self.prefix)
+        if adjust is not None:
+            self._send(ADJUST, *adjust)
+        return headers
+
+    def _send(self, script: Script, keys: Any, args: Any) -> None:
+        """Fire-and-forget a script (a NOSCRIPT reply, after a flush, is sent again as EVAL)."""
+
+        def orphan(reply: Any) -> None:
+            if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+                self.client.send("EVAL", script.source, len(keys), *keys, *args)
+
+        self.client.send(*self.client.evalsha_args(script, keys, args), orphan=orphan)
+
+    def release(self, tenant: _Tenant, member: str) -> None:
+        """Give a slot back (fire-and-forget; the lease covers a lost release)."""
+        tenant.held.discard(member)
+        keys = (tenant.key, f"{self.prefix}gslots", f"{self.prefix}waiting")
+        self._send(RELEASE, keys, (member, self.channel, tenant.name))
+        self._wake()
+
+    # --- waiting -------------------------------------------------------------------------------
+
+    async def wait(self, tenant: _Tenant, max_wait_s: float) -> str | None:
+        """Park in the tenant's FIFO until the dispatcher hands over a slot (its member), or
+        ``max_wait_s`` passes (None)."""
+        waiter = _Waiter(trio.lowlevel.current_task(), next(self._seq))
+        if not self.contending:
+            self._send(
+                WAITING, (f"{self.prefix}waiting",), (int(self.lease_s * 1000), self.process_id, 1)
+            )
+        tenant.fifo.append(waiter)
+        self.contending.add(tenant)
+        self._wake()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._leave(tenant, waiter)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        with trio.move_on_after(max_wait_s):
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        member = waiter.member
+        if member is not None:
+            try:
+                await trio.lowlevel.checkpoint_if_cancelled()
+            except BaseException:
+                self.release(tenant, member)
+                raise
+        return member
+
+    def _leave(self, tenant: _Tenant, waiter: _Waiter) -> None:
+        tenant.fifo.remove(waiter)
+        if not tenant.fifo:
+            self._leave_empty(tenant)
+
+    def _wake(self) -> None:
+        if self.contending:
+            self._kicked = True
+            if self._kick:
+                self._kick.unpark()
+        if self._freed:
+            self._freed.unpark_all()
+
+    def on_message(self, payload: bytes | None) -> None:
+        """A slot was freed somewhere (or the subscriber reconnected: maybe missed one)."""
+        self._wake()
+
+    async def dispatch(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hand slots to waiters as they free (see the module docstring)."""
+        task_status.started()
+        while True:
+            if not self._kicked:
+                with trio.move_on_after(POLL_S if self.contending else math.inf):
+                    await self._kick.park()
+            self._kicked = False
+            for tenant in sorted(self.contending, key=lambda t: (len(t.held), t.fifo[0].seq)):
+                await self._serve_fifo(tenant)
+
+    async def _serve_fifo(self, tenant: _Tenant) -> None:
+        while tenant.fifo:
+            member = self._member()
+            try:
+                reply = await self._acquire(tenant, member, KeyLimits(), "-", 0)
+            except RedisUnavailable:
+                if self.fail_closed:
+                    self._fail_waiters(tenant)
+                return
+            if not reply[3]:
+                return
+            if not tenant.fifo:  # the waiters left meanwhile
+                self.release(tenant, member)
+                return
+            waiter = tenant.fifo.popleft()
+            if not tenant.fifo:
+                self._leave_empty(tenant)
+            waiter.member = member
+            tenant.held.add(member)
+            trio.lowlevel.reschedule(waiter.task)
+
+    def _leave_empty(self, tenant: _Tenant) -> None:
+        self.contending.discard(tenant)
+        if not self.contending:
+            self._send(WAITING, (f"{self.prefix}waiting",), (0, self.process_id, 0))
+
+    def _fail_waiters(self, tenant: _Tenant) -> None:
+        error = outcome.Error(
+            ServiceUnavailable(
+                "The gateway's shared limits (Redis) became unavailable while this request "
+                "waited for a slot. Please try again shortly.",
+                headers=_RETRY_AFTER,
+            )
+        )
+        while tenant.fifo:
+            trio.lowlevel.reschedule(tenant.fifo.popleft().task, error)
+        self._leave_empty(tenant)
+
+    # --- leases --------------------------------------------------------------------------------
+
+    async def renew(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Every ``lease_s / 3``: extend the leases of every slot this process holds."""
+        task_status.started()
+        lease_ms = int(self.lease_s * 1000)
+        while True:
+            await trio.sleep(self.lease_s / 3)
+            commands: list[tuple[Any, ...]] = []
+            for tenant in self.tenants.values():
+                held = list(tenant.held)
+                for i in range(0, len(held), 500):
+                    keys = (tenant.key, f"{self.prefix}gslots")
+                    args: tuple[int | str, ...] = (lease_ms, *held[i : i + 500])
+                    commands.append(self.client.evalsha_args(RENEW, keys, args))
+            if self.contending:
+                args2 = (lease_ms, self.process_id, 1)
+                commands.append(
+                    self.client.evalsha_args(WAITING, (f"{self.prefix}waiting",), args2)
+                )
+            if not commands:
+                continue
+            try:
+                await self.client.pipeline(commands)
+            except RedisUnavailable:
+                continue  # the leases may run out; renewal re-adds them when Redis is back
+
+    async def flush(self) -> None:
+        """At shutdown: wait (briefly) until the fire-and-forget releases have been sent."""
+        with trio.move_on_after(self.client.timeout_s):
+            try:
+                await self.client.call("PING")
+            except RedisUnavailable:
+                pass
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The client's connection, the subscriber, the dispatcher and the renewal task."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.client.run)
+            await nursery.start(Subscriber(self.client, self.channel, self.on_message).run)
+            await nursery.start(self.dispatch)
+            await nursery.start(self.renew)
+            task_status.started()
+
+    # --- the drainer's view, and /health -------------------------------------------------------
+
+    @property
+    def jobs(self) -> JobCapacity:
+        return self
+
+    def has_capacity(self, tenant: str) -> bool:
+        """No local waiter for ``tenant`` (live requests go first); whether Redis has room
+        is learnt by trying (``job_slot`` waits if it had none)."""
+        if not self.client.up:
+            return not self.fail_closed and self.capacity.has_capacity(tenant)
+        state = self.tenants.get(tenant)
+        return state is None or not state.fifo
+
+    def job_slot(self, tenant: str) -> RedisSlot:
+        return RedisSlot(self, self._tenant(tenant), False, True, "-", None, None, None)
+
+    async def wait_freed(self) -> None:
+        """Until a slot may have freed: a release here or a ``freed`` message (or a poll:
+        spurious wake-ups are allowed, the caller re-checks)."""
+        with trio.move_on_after(1.0):
+            await self._freed.park()
+
+    def snapshot(self) -> dict[str, Any]:
+        snap = self.capacity.snapshot() if self.falling_back else {}
+        return {
+            "status": "ok" if self.client.up else "unavailable",
+            "backend": "redis",
+            "url": str(self.client.url),
+            "fallback": self.falling_back,
+            "on_unavailable": "fail_closed" if self.fail_closed else "local",
+            "held_here": sum(len(t.held) for t in self.tenants.values()),
+            "waiting_here": sum(len(t.fifo) for t in self.tenants.values()),
+            **({"local": snap} if snap else {}),
+        }
+
+
+def build(config: Config, ratelimiter: RateLimiter, capacity: Capacity) -> RedisLimits:
+    """The Redis limits for ``config.state``, with the in-process ones as the fallback."""
+    state = config.state
+    assert state.url is not None
+    client = RedisClient.from_url(state.url, state.timeout_s, state.tls_ca_file)
+    return RedisLimits.build(config, LocalLimits(ratelimiter, capacity), client)

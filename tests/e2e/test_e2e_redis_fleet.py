@@ -1,0 +1,218 @@
+"""A fleet on one Redis: independent gateway processes (``python -m runestone_proxy``, each its
+own config, port and state dir) share per-tenant slots and per-key windows.
+
+- A burst across three processes never exceeds the tenant's ``max_concurrent``, counted at
+  :class:`TenancyFake` (the calls really in flight upstream); an rpm limit is exact across
+  them; a process SIGKILLed while it holds slots gives them back within ``lease_s``.
+- Redis killed under load: the ``fail_closed`` gateway answers 503 (never a 500), the
+  ``local`` one keeps serving on its own limits; both are back on Redis once it answers.
+
+Test rules: 127.0.0.1 only, port 0 (ports from the ``gateway.ready`` log lines), redis on a
+free port in tmp_path; waits are for log lines and the fake's counters; where nothing can
+be awaited (a lease running out) a bounded loop polls.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+from helpers import GatewayProcess, gateway_process
+from redis_server import RedisServer, redis_server
+from tenancy_fakes import HOST, TenancyFake
+
+KEYS = {"acme": "sk-acme-fleet-0123456789abcdef", "beta": "sk-beta-fleet-0123456789abcdef"}
+ENV = {
+    "TENANCY_UPSTREAM_KEY": "sk-upstream-0123456789",
+    "KEY_ACME": KEYS["acme"],
+    "KEY_BETA": KEYS["beta"],
+}
+MESSAGES = [{"role": "user", "content": "Hi"}]
+LEASE_S = 1.0
+
+
+def auth(tenant: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {KEYS[tenant]}"}
+
+
+def chat(tenant: str, model: str = "t-fast", **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": MESSAGES, "user": tenant, **extra}
+
+
+def config_text(upstream: str, redis_url: str, **state: object) -> str:
+    def table(header: str, fields: Mapping[str, object]) -> str:
+        return "\n".join([header, *(f"{k} = {json.dumps(v)}" for k, v in fields.items())]) + "\n"
+
+    state_table = {"backend": "redis", "url": redis_url, "lease_s": LEASE_S, **state}
+    return "\n".join(
+        [
+            table("[server]", {"host": HOST, "port": 0, "shutdown_grace_s": 0.5}),
+            table("[logging]", {"level": "info", "format": "json", "access_log": False}),
+            table("[routing]", {"max_attempts": 1}),
+            table("[state]", state_table),
+            table(
+                "[[providers]]",
+                {
+                    "name": "tenancy",
+                    "kind": "openai",
+                    "base_url": upstream,
+                    "api_key_env": "TENANCY_UPSTREAM_KEY",
+                },
+            ),
+            table("[[models]]", {"id": "t-fast", "provider": "tenancy"}),
+            table("[[models]]", {"id": "t-hold", "provider": "tenancy"}),
+            table("[[auth.keys]]", {"key_env": "KEY_ACME", "tenant": "acme"}),
+            table("[[auth.keys]]", {"key_env": "KEY_BETA", "tenant": "beta", "rpm": 4}),
+            table("[tenants.acme]", {"max_concurrent": 3, "max_wait_ms": 60_000}),
+            table("[tenants.beta]", {"max_concurrent": 2, "on_limit": "reject"}),
+        ]
+    )
+
+
+@asynccontextmanager
+async def fleet(
+    tmp_path: Path, fake: TenancyFake, redis: RedisServer, states: list[dict[str, object]]
+) -> AsyncIterator[list[GatewayProcess]]:
+    async with AsyncExitStack() as stack:
+        members = []
+        for i, state in enumerate(states):
+            directory = tmp_path / f"gw{i}"
+            directory.mkdir()
+            path = directory / "config.toml"
+            path.write_text(config_text(fake.base_url, redis.url, **state))
+            env = {**ENV, "RUNESTONE_STATE_DIR": str(directory)}
+            members.append(await stack.enter_async_context(gateway_process(path, env)))
+        yield members
+
+
+def url(gw: GatewayProcess) -> str:
+    return f"http://{HOST}:{gw.port}/v1/chat/completions"
+
+
+async def hold(http: httpx.AsyncClient, gw: GatewayProcess, statuses: list[int]) -> None:
+    """A held stream through ``gw``; a gateway killed under it counts as status 0."""
+    try:
+        body = chat("acme", "t-hold", stream=True)
+        async with http.stream("POST", url(gw), json=body, headers=auth("acme")) as r:
+            statuses.append(r.status_code)
+            await r.aread()
+    except httpx.TransportError:
+        statuses.append(0)
+
+
+async def test_limits_hold_across_processes_and_a_killed_one_frees_its_slots(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    fake = TenancyFake()
+    await nursery.start(fake.serve)
+    (tmp_path / "redis").mkdir()
+    with redis_server(tmp_path / "redis") as redis:
+        async with fleet(tmp_path, fake, redis, [{}, {}, {}]) as members:
+            async with httpx.AsyncClient(timeout=30) as http:
+                with trio.fail_after(60):
+                    # A burst of 12 held streams across the three: 3 at a time upstream.
+                    statuses: list[int] = []
+                    async with trio.open_nursery() as burst:
+                        for i in range(12):
+                            burst.start_soon(hold, http, members[i % 3], statuses)
+                        for left in range(12, 0, -1):
+                            want = min(3, left)
+                            await fake.wait_until(
+                                lambda want=want: len(fake.held) == fake.in_flight["acme"] == want  # type: ignore[misc]
+                            )
+                            fake.release_oldest()
+                    assert statuses == [200] * 12
+                    assert fake.peak["acme"] == 3
+
+                    # rpm = 4 for beta's key, counted once across the fleet.
+                    codes = [
+                        (
+                            await http.post(
+                                url(members[i % 3]), json=chat("beta"), headers=auth("beta")
+                            )
+                        ).status_code
+                        for i in range(7)
+                    ]
+                    assert codes == [200] * 4 + [429] * 3
+
+                    # Member 0 takes all three slots, then dies without a word.
+                    held: list[int] = []
+                    async with trio.open_nursery() as holders:
+                        for _ in range(3):
+                            holders.start_soon(hold, http, members[0], held)
+                        await fake.wait_until(lambda: len(fake.held) == 3)
+                        assert redis.command("ZCARD", "runestone:slots:acme") == 3
+                        members[0].send_signal(signal.SIGKILL)
+                        killed_at = trio.current_time()
+                    assert held == [200, 200, 200] or 0 in held
+                    await fake.wait_until(lambda: fake.in_flight["acme"] == 0)
+                    fake.release_all()
+                    # The survivors admit acme again once the dead member's leases run out.
+                    late: list[int] = []
+                    async with trio.open_nursery() as after:
+                        after.start_soon(hold, http, members[1], late)
+                        await fake.wait_until(lambda: len(fake.held) == 1)
+                        freed_after = trio.current_time() - killed_at
+                        fake.release_all()
+                    assert late == [200]
+                    assert freed_after <= LEASE_S + 1.0, freed_after
+
+
+async def test_redis_killed_under_load(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """Two gateways under steady load; Redis dies and comes back."""
+    fake = TenancyFake()
+    await nursery.start(fake.serve)
+    (tmp_path / "redis").mkdir()
+    with redis_server(tmp_path / "redis") as redis:
+        states: list[dict[str, object]] = [
+            {"on_unavailable": "fail_closed"},
+            {"on_unavailable": "local"},
+        ]
+        async with fleet(tmp_path, fake, redis, states) as (closed, local):
+            seen: dict[str, Counter[int]] = {"closed": Counter(), "local": Counter()}
+            phase = {"now": "before"}
+            by_phase: dict[tuple[str, str], Counter[int]] = {}
+            stop = trio.Event()
+
+            async def load(name: str, gw: GatewayProcess, http: httpx.AsyncClient) -> None:
+                while not stop.is_set():
+                    r = await http.post(url(gw), json=chat("acme"), headers=auth("acme"))
+                    seen[name][r.status_code] += 1
+                    by_phase.setdefault((name, phase["now"]), Counter())[r.status_code] += 1
+                    if r.status_code == 503:
+                        assert r.json()["error"]["code"] == "service_unavailable"
+                        assert r.headers["retry-after"] == "1"
+                        await trio.sleep(0.01)
+
+            async def served(name: str, status: int, at_least: int) -> None:
+                while by_phase.get((name, phase["now"]), Counter())[status] < at_least:
+                    await trio.sleep(0.01)
+
+            with trio.fail_after(60):
+                async with httpx.AsyncClient(timeout=10) as http, trio.open_nursery() as n:
+                    for _ in range(2):
+                        n.start_soon(load, "closed", closed, http)
+                        n.start_soon(load, "local", local, http)
+                    await served("closed", 200, 20)
+                    await served("local", 200, 20)
+                    redis.kill()
+                    phase["now"] = "down"
+                    await served("closed", 503, 10)
+                    await served("local", 200, 20)
+                    await local.wait_for_log("state.fallback")
+                    redis.start(redis.port)
+                    phase["now"] = "back"
+                    await served("closed", 200, 20)
+                    await served("local", 200, 20)
+                    await local.wait_for_log("state.recovered")
+                    stop.set()
+    assert set(seen["closed"]) <= {200, 503}, seen
+    assert set(seen["local"]) == {200}, seen
+    assert by_phase[("local", "down")][200] >= 20
