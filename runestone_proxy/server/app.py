@@ -12,6 +12,7 @@ The tree (every task has an owner; nothing runs in the background unparented)::
     │                                     needed (the operator's port), kept until the end
     │   └── health connections
     ├── SQLite store                      one writer task, group commit
+    ├── worker side (server.workers > 1)  private socket for siblings' scrapes; lifeline
     ├── pings                             event: ping into quiet translated Messages streams
     ├── services                          overflow drainer (claims, webhooks, sweeps);
     │   └── job tasks                     Service.run_job; cancelled before the store so
@@ -69,7 +70,7 @@ from runestone_proxy.api.router import Router
 from runestone_proxy.config import Config, ConfigError
 from runestone_proxy.gateway.deployments import providers_view
 from runestone_proxy.gateway.service import Service
-from runestone_proxy.server import aliases, systemd
+from runestone_proxy.server import aliases, supervisor_worker, systemd
 from runestone_proxy.server.drainer import RESULT_OVERHEAD_BYTES, run_drainer
 from runestone_proxy.server.frontend import Frontend
 from runestone_proxy.server.listener import accept_loop, make_ssl_context
@@ -107,6 +108,8 @@ class App:
     store: Store = attrs.field(kw_only=True)
     #: The one task that pings quiet translated Messages streams.
     pings: Pings = attrs.field(kw_only=True, factory=Pings)
+    #: One of ``server.workers`` > 1 (server/supervisor.py): whole-gateway health/metrics.
+    worker: supervisor_worker.WorkerSide | None = attrs.field(kw_only=True, default=None)
 
     @classmethod
     def build(cls, config: Config, config_path: Path | None, env: Mapping[str, str]) -> App:
@@ -159,7 +162,7 @@ class App:
             "idle_connections": pool.idle_connections,
         }
         notifier = systemd.Notifier.from_env(env)
-        return cls(
+        app = cls(
             config,
             config_path,
             env,
@@ -173,6 +176,8 @@ class App:
             store=store,
             pings=pings,
         )
+        app.worker = supervisor_worker.attach(app, env)
+        return app
 
     def _warn_if_open(self) -> None:
         if not self.service.keys.open:
@@ -249,6 +254,8 @@ class App:
                 )
             await root.start(self.store.run)
             await root.start(self.pings.run)
+            if self.worker is not None:
+                await root.start(self.worker.run, self.begin_drain)
             services = await root.start(self._services)
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as accepting:
