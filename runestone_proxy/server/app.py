@@ -73,7 +73,7 @@ from runestone_proxy.gateway.service import Service
 from runestone_proxy.server import aliases, supervisor_worker, systemd
 from runestone_proxy.server.drainer import RESULT_OVERHEAD_BYTES, run_drainer
 from runestone_proxy.server.frontend import Frontend
-from runestone_proxy.server.listener import accept_loop, make_ssl_context
+from runestone_proxy.server.listener import ACCEPT_BATCH, accept_loop, make_ssl_context
 from runestone_proxy.server.store import Store
 from runestone_proxy.server.upstream import UpstreamPool
 
@@ -266,6 +266,7 @@ class App:
                             self.gateway,
                             connections,
                             ssl_context=ssl_context,
+                            batch=0 if self.worker is not None else ACCEPT_BATCH,
                         )
                         await accepting.start(serve_main)
                     self.gateway.phase = Phase.READY

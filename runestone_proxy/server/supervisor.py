@@ -69,6 +69,9 @@ from runestone_proxy.server.supervisor_spawn import (
 
 log = structlog.get_logger("runestone.supervisor")
 
+#: With the watchdog on, a worker that is not ready this long after its start is wedged
+#: (systemd's default TimeoutStartSec=).
+START_LIMIT_S = 90.0
 _UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid (unix(7), SCM_CREDENTIALS)
 
 
@@ -88,6 +91,8 @@ class Worker:
     #: Asked to reload (SIGHUP sent, or due once it is ready) and not yet back to READY.
     reload_asked: bool = False
     reload_sent: bool = False
+    #: The watchdog sent SIGABRT (a SIGKILL follows if it is still there next round).
+    aborted: bool = False
 
     def signal(self, signum: int) -> None:
         try:
@@ -237,6 +242,7 @@ class Supervisor:
                 worker.reload_asked = False
             if not worker.was_ready:
                 worker.was_ready = True
+                worker.last_ping = time.monotonic()  # the watchdog is armed from here
                 log.info("supervisor.worker.ready", slot=worker.slot, pid=worker.pid)
             if worker.reload_asked and not worker.reload_sent:
                 worker.reload_sent = True
@@ -311,14 +317,26 @@ class Supervisor:
 
     async def _watchdog(self, interval_s: float) -> None:
         """``WATCHDOG=1`` while every worker pinged within its ``WATCHDOG_USEC`` (twice our
-        interval); a worker that did not is killed (SIGABRT, as systemd would) and
-        restarted, and the service's own ping waits until its replacement is up."""
+        interval) since it was ready: as systemd's, a worker's watchdog is armed once its
+        start-up is complete (until then it has ``START_LIMIT_S``). A worker that did not
+        ping is wedged: SIGABRT (systemd's WatchdogSignal=, for
+        a core dump), SIGKILL a round later if it is still there (a stopped process holds
+        SIGABRT pending), then restarted as any dead worker; meanwhile the service's own
+        ping waits, so systemd restarts everything if the supervisor cannot recover."""
         limit_s = 2 * interval_s
         while True:
             now = time.monotonic()
-            stale = [w for w in self._live() if now - w.last_ping > limit_s]
+            stale = [
+                w
+                for w in self._live()
+                if now - w.last_ping > (limit_s if w.was_ready else max(limit_s, START_LIMIT_S))
+            ]
             for worker in stale:
+                if worker.aborted:
+                    worker.signal(signal.SIGKILL)
+                    continue
                 log.error("supervisor.worker.watchdog", slot=worker.slot, pid=worker.pid)
+                worker.aborted = True
                 worker.signal(signal.SIGABRT)
             if not stale:
                 await self.notifier.watchdog()

@@ -55,6 +55,7 @@ url = "{redis_url}"
 [tenants.default]
 max_concurrent = {max_concurrent}
 on_limit = "{on_limit}"
+max_wait_ms = 60000.0
 
 [overflow]
 database = "{database}"
