@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"runestone-proxy: {path or '<embedded defaults>'}: configuration is valid")
         return 0
     logs.configure(cfg.logging.level, cfg.logging.format)
+    from runestone_proxy.server import supervisor
+
+    if supervisor.wanted(cfg, os.environ):  # server.workers > 1: supervise, serve nothing
+        return supervisor.main(cfg, Path(path) if path else None)
     from runestone_proxy.server.app import serve
     from runestone_proxy.server.systemd import ListenFdsError
 

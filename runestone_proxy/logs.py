@@ -83,7 +83,10 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        # One write per line (print() writes the line and its newline separately): the
+        # workers of server.workers > 1 share one stderr, and a pipe keeps writes of up to
+        # PIPE_BUF (4 KiB) whole, so their JSON lines never interleave.
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
 

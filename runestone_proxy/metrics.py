@@ -171,3 +171,48 @@ def on_event(event: str, fields: dict[str, Any]) -> None:
     if counter is not None:
         labels = tuple((k, str(fields[k])) for k in _LABEL_FIELDS if k in fields)
         counter.inc(labels)
+
+
+# --- several workers, one gateway -----------------------------------------------------------
+
+#: Gauges whose merged value is the largest, not the sum (a state, not a count).
+MERGE_BY_MAX = frozenset({"runestone_circuit_state"})
+
+
+def merge(texts: Iterable[bytes]) -> bytes:
+    """Several renderings of this registry (one per worker process) as one: each series'
+    values summed (counters, and gauges that count things), or the largest for the gauges
+    in :data:`MERGE_BY_MAX`. Families keep the order they were first seen in and their
+    samples stay together under their ``# HELP``/``# TYPE`` lines, as the format requires.
+    A series is matched by its exact text (name and labels), which every worker renders
+    the same way."""
+    families: dict[str, tuple[list[str], dict[str, float]]] = {}
+    for text in texts:
+        family: tuple[list[str], dict[str, float]] | None = None
+        name = ""
+        for line in text.decode("utf-8", "replace").splitlines():
+            if line.startswith("# HELP ") or line.startswith("# TYPE "):
+                name = line.split(" ", 3)[2]
+                family = families.setdefault(name, ([], {}))
+                if line not in family[0]:
+                    family[0].append(line)
+                continue
+            key, _, raw = line.rpartition(" ")
+            if not key or family is None:
+                continue
+            try:
+                value = float(raw)
+            except ValueError:
+                continue
+            samples = family[1]
+            if key not in samples:
+                samples[key] = value
+            elif name in MERGE_BY_MAX:
+                samples[key] = max(samples[key], value)
+            else:
+                samples[key] += value
+    lines: list[str] = []
+    for comments, samples in families.values():
+        lines += comments
+        lines += [f"{key} {_num(value)}" for key, value in samples.items()]
+    return ("\n".join(lines) + "\n").encode()

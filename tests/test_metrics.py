@@ -1,8 +1,12 @@
-"""``Registry.render``: the whole exposition, or one tenant's view of it."""
+"""``Registry.render``: the whole exposition, or one tenant's view of it; ``merge``: several
+workers' expositions as one."""
 
 from __future__ import annotations
 
-from runestone_proxy.metrics import Registry
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from runestone_proxy.metrics import Registry, merge
 
 
 def registry() -> Registry:
@@ -35,3 +39,42 @@ def test_a_tenant_sees_no_other_tenants_series() -> None:
     assert 'requests_total{status="200"} 5' in text
     assert "\nqueued 7\n" in text
     assert "# TYPE blocks_total counter" in text
+
+
+def test_merge_sums_series_and_keeps_families_together() -> None:
+    one = registry().render()
+    other = Registry()
+    other.counter("requests_total", "Requests.").inc((("status", "200"),), 2)
+    other.counter("requests_total", "Requests.").inc((("status", "500"),), 1)
+    other.gauge("runestone_circuit_state", "Breakers.", lambda: [((("provider", "p"),), 2.0)])
+    again = Registry()
+    again.gauge("runestone_circuit_state", "Breakers.", lambda: [((("provider", "p"),), 1.0)])
+    lines = merge([one, other.render(), again.render()]).decode().splitlines()
+    assert 'requests_total{status="200"} 7' in lines
+    assert 'requests_total{status="500"} 1' in lines
+    # A series only a sibling has stays under its family's TYPE line, not at the end.
+    at = lines.index("# TYPE requests_total counter")
+    assert lines[at + 1 : at + 3] == [
+        'requests_total{status="200"} 7',
+        'requests_total{status="500"} 1',
+    ]
+    assert lines.count("# TYPE requests_total counter") == 1
+    assert 'runestone_circuit_state{provider="p"} 2' in lines  # a state: the worst, not a sum
+
+
+@settings(max_examples=50, derandomize=True)
+@given(
+    st.dictionaries(
+        st.sampled_from(["200", "404", "429", "500"]), st.integers(0, 10**6), min_size=1
+    ),
+    st.integers(1, 5),
+)
+def test_merging_copies_multiplies(counts: dict[str, int], copies: int) -> None:
+    reg = Registry()
+    for status, n in counts.items():
+        reg.counter("requests_total", "Requests.").inc((("status", status),), n)
+    text = reg.render()
+    assert merge([text]) == text
+    merged = merge([text] * copies).decode()
+    for status, n in counts.items():
+        assert f'requests_total{{status="{status}"}} {n * copies}\n' in merged

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from runestone_proxy import __version__
@@ -56,6 +56,12 @@ _METRICS_HEADERS = (
 #: tenant name is that tenant's view; a caller who may see nothing gets
 #: :class:`~runestone_proxy.errors.AuthenticationFailed` (401) raised.
 Scope = Callable[[Request], str | None]
+
+#: With ``server.workers`` > 1 (``server/supervisor_worker.py``): the ``workers`` component
+#: of ``/health``, gathered from every worker of the gateway.
+WorkersView = Callable[[], Awaitable[dict[str, Any]]]
+#: ... and ``/metrics`` summed over every worker, for a scope's tenant (None: all).
+MetricsRender = Callable[[str | None], Awaitable[bytes]]
 
 
 def operator_scope(_request: Request) -> None:
@@ -91,9 +97,16 @@ def _json(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-def add_health_routes(router: Router, gateway: Served, scope: Scope = operator_scope) -> None:
+def add_health_routes(
+    router: Router,
+    gateway: Served,
+    scope: Scope = operator_scope,
+    workers: WorkersView | None = None,
+) -> None:
     """Register the health handlers for ``gateway`` on ``router`` (main or health port);
-    ``scope`` guards ``/health`` (liveness and readiness answer anyone)."""
+    ``scope`` guards ``/health`` (liveness and readiness answer anyone). ``workers`` adds the
+    whole gateway's worker processes to ``/health`` as a component; liveness and readiness
+    stay this process's own (a connection only reaches a worker that is accepting)."""
 
     async def root(_request: Request, responder: Responder) -> None:
         # Claude Code probes its origin with ``HEAD /`` before it starts; the router answers
@@ -115,6 +128,8 @@ def add_health_routes(router: Router, gateway: Served, scope: Scope = operator_s
                 components[name] = probe()
             except Exception as exc:  # a broken probe is a down component
                 components[name] = {"status": "down", "error": type(exc).__name__}
+        if workers is not None:
+            components["workers"] = await workers()
         if gateway.phase is not Phase.READY:
             status = gateway.phase.value
         elif any(c.get("status") == "down" for c in components.values()):
@@ -138,12 +153,16 @@ def add_health_routes(router: Router, gateway: Served, scope: Scope = operator_s
     router.add("GET", "/health/ready", ready)
 
 
-def add_metrics_route(router: Router, scope: Scope = operator_scope) -> None:
+def add_metrics_route(
+    router: Router, scope: Scope = operator_scope, render: MetricsRender | None = None
+) -> None:
     """``/metrics``: Prometheus text exposition; a tenant's key sees no other tenant's
-    series (scrape the whole set on ``health_port``)."""
+    series (scrape the whole set on ``health_port``). ``render`` replaces this process's
+    registry (several workers: their sum)."""
 
     async def metrics_handler(request: Request, responder: Responder) -> None:
-        body = REGISTRY.render(tenant=scope(request))
+        tenant = scope(request)
+        body = REGISTRY.render(tenant=tenant) if render is None else await render(tenant)
         await responder.respond(200, _METRICS_HEADERS, body)
 
     router.add("GET", "/metrics", metrics_handler)

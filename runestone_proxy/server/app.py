@@ -14,6 +14,7 @@ The tree (every task has an owner; nothing runs in the background unparented)::
     ├── SQLite store                      one writer task, group commit
     ├── shared limits (state = redis)     Redis connection, subscriber, slot dispatcher,
     │                                     lease renewal (server/redis_limits.py)
+    ├── worker side (server.workers > 1)  private socket for siblings' scrapes; lifeline
     ├── pings                             event: ping into quiet translated Messages streams
     ├── services                          overflow drainer (claims, webhooks, sweeps);
     │   └── job tasks                     Service.run_job; cancelled before the store so
@@ -72,10 +73,10 @@ from runestone_proxy.api.router import Router
 from runestone_proxy.config import Config, ConfigError
 from runestone_proxy.gateway.deployments import providers_view
 from runestone_proxy.gateway.service import Service
-from runestone_proxy.server import aliases, redis_limits, systemd
+from runestone_proxy.server import aliases, redis_limits, supervisor_worker, systemd
 from runestone_proxy.server.drainer import RESULT_OVERHEAD_BYTES, run_drainer
 from runestone_proxy.server.frontend import Frontend
-from runestone_proxy.server.listener import accept_loop, make_ssl_context
+from runestone_proxy.server.listener import ACCEPT_BATCH, accept_loop, make_ssl_context
 from runestone_proxy.server.store import Store
 from runestone_proxy.server.upstream import UpstreamPool
 
@@ -115,6 +116,8 @@ class App:
     admin_routers: list[Router] = attrs.field(kw_only=True)
     #: The limits on Redis (``[state] backend = "redis"``), else None: in-process.
     shared: redis_limits.RedisLimits | None = attrs.field(kw_only=True, default=None)
+    #: One of ``server.workers`` > 1 (server/supervisor.py): whole-gateway health/metrics.
+    worker: supervisor_worker.WorkerSide | None = attrs.field(kw_only=True, default=None)
 
     @classmethod
     def build(cls, config: Config, config_path: Path | None, env: Mapping[str, str]) -> App:
@@ -177,7 +180,7 @@ class App:
             "idle_connections": pool.idle_connections,
         }
         notifier = systemd.Notifier.from_env(env)
-        return cls(
+        app = cls(
             config,
             config_path,
             env,
@@ -194,6 +197,8 @@ class App:
             admin_routers=admin_routers,
             shared=shared,
         )
+        app.worker = supervisor_worker.attach(app, env)
+        return app
 
     def _warn_if_open(self) -> None:
         if not self.service.keys.open:
@@ -272,6 +277,8 @@ class App:
             if self.shared is not None:
                 await root.start(self.shared.run)
             await root.start(self.pings.run)
+            if self.worker is not None:
+                await root.start(self.worker.run, self.begin_drain)
             services = await root.start(self._services)
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as accepting:
@@ -282,6 +289,7 @@ class App:
                             self.gateway,
                             connections,
                             ssl_context=ssl_context,
+                            batch=0 if self.worker is not None else ACCEPT_BATCH,
                         )
                         await accepting.start(serve_main)
                     self.gateway.phase = Phase.READY

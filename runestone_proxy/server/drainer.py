@@ -17,6 +17,8 @@ retention. The claim loop's bell rings when an enqueue commits a job, when a cap
 frees (``capacity.wait_freed``, or one of our own jobs ending), and when a job is put back
 for a retry. A claimed job's task first takes ``capacity.job_slot(tenant)``; until it holds
 the slot the claim loop waits (``nursery.start``), so one free slot is never claimed twice.
+A job that waits for its slot past half its lease (limits shared on Redis: another process
+took the room first) is given back, uncounted, and claimed again later.
 
 Every run is bounded by its lease (``lease_s``): a run that outlives it is cancelled and
 counts as a retryable timeout, so leases are never renewed and expiry means the process
@@ -47,6 +49,7 @@ import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack
 from functools import partial
 from urllib.parse import urlsplit
 
@@ -175,9 +178,20 @@ class Drainer:
     ) -> None:
         started = False
         try:
-            async with self.capacity.job_slot(job.tenant):
+            async with AsyncExitStack() as stack:
+                # The lease runs while the job waits for its slot: a wait past half of it
+                # (a shared backend, where another process may take the room first) gives
+                # the job back, uncounted, rather than run it with no lease left.
+                assert job.lease_expires_at is not None
+                held = False
+                with trio.move_on_after(max(0.0, job.lease_expires_at - self.clock()) / 2):
+                    await stack.enter_async_context(self.capacity.job_slot(job.tenant))
+                    held = True
                 task_status.started()  # the claim loop goes on once the slot is held
                 started = True
+                if not held:
+                    await self._give_back(job)
+                    return
                 self.running += 1
                 try:
                     await self._attempt(job, depth)
@@ -192,6 +206,16 @@ class Drainer:
                 task_status.started()
         finally:
             self.notify()  # our slot is free again
+
+    async def _give_back(self, job: Job) -> None:
+        """Put a claimed job that got no slot in time back in the queue, due now; the
+        attempt and the claim are not counted."""
+        assert job.lease_token is not None
+        telemetry.emit("overflow.slot_wait.released", tenant=job.tenant, job_id=job.id)
+        try:
+            await self.store.release(job.id, job.lease_token, self.clock())
+        except GatewayError as exc:
+            log.warning("overflow.release.failed", job_id=job.id, error=exc.message)
 
     async def _attempt(self, job: Job, depth: int) -> None:
         assert job.lease_token is not None

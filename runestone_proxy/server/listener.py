@@ -35,7 +35,7 @@ H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 BACKOFF_S = 0.1
 #: Connections taken from the backlog per wake-up of the accept loop, at most.
-_ACCEPT_BATCH = 256
+ACCEPT_BATCH = 256
 
 
 def make_ssl_context(server: ServerConfig) -> ssl.SSLContext | None:
@@ -119,6 +119,7 @@ async def accept_loop(
     *,
     ssl_context: ssl.SSLContext | None = None,
     capped: bool = True,
+    batch: int = ACCEPT_BATCH,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept until cancelled; each connection runs in ``connections``. Closes the socket.
@@ -127,7 +128,9 @@ async def accept_loop(
     N connects waits N scheduler rounds for its last connection (hundreds of milliseconds of
     tail latency when a pool of clients reconnects). After each awaited accept, the backlog
     is drained without yielding through a non-blocking duplicate of the listening socket, as
-    nginx's ``multi_accept`` does, up to ``_ACCEPT_BATCH`` at a time."""
+    nginx's ``multi_accept`` does, up to ``batch`` at a time. Workers sharing one socket
+    (``server.workers`` > 1) pass ``batch=0``: the first worker to wake would otherwise
+    take a whole burst, and accepting one connection per wake-up spreads it over them."""
 
     def admit(stream: trio.SocketStream) -> None:
         if capped:
@@ -154,14 +157,14 @@ async def accept_loop(
                         continue
                     raise
                 admit(stream)
-                for stream in waiting_connections(backlog):
+                for stream in waiting_connections(backlog, batch):
                     admit(stream)
         finally:
             backlog.close()
 
 
 def waiting_connections(
-    backlog: socket.socket, limit: int = _ACCEPT_BATCH
+    backlog: socket.socket, limit: int = ACCEPT_BATCH
 ) -> Iterator[trio.SocketStream]:
     """The connections already queued on a listening socket, accepted without yielding to
     the scheduler, up to ``limit``. ``backlog`` is a non-blocking duplicate of the listening

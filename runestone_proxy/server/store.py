@@ -99,11 +99,14 @@ def as_backend(where: Backend | Path) -> Backend:
     return SqliteBackend(where) if isinstance(where, Path) else where
 
 
-def backend_from_config(config: OverflowConfig, env: Mapping[str, str]) -> Backend:
+def backend_from_config(
+    config: OverflowConfig, env: Mapping[str, str], *, shared: bool = False
+) -> Backend:
     """``[overflow] backend``: the SQLite file (``database``) or PostgreSQL (``url``, which
-    ``RUNESTONE_OVERFLOW_URL`` overrides when the config is loaded)."""
+    ``RUNESTONE_OVERFLOW_URL`` overrides when the config is loaded). ``shared``: other
+    processes use the same SQLite file (``server.workers`` > 1)."""
     if config.backend == "sqlite":
-        return SqliteBackend(resolve_path(config.database, env))
+        return SqliteBackend(resolve_path(config.database, env), shared=shared)
     assert config.url is not None  # OverflowConfig refuses postgres without a url
     try:
         from runestone_proxy.server.store_pg import PgBackend
@@ -147,7 +150,8 @@ class Store(LedgerSide):
 
     @classmethod
     def from_config(cls, config: Config, env: Mapping[str, str], *, inline: bool = False) -> Store:
-        backend = backend_from_config(config.overflow, env)
+        # Workers share one SQLite file: a sibling's enqueue rings no bell here, so poll.
+        backend = backend_from_config(config.overflow, env, shared=config.server.workers != 1)
         cap = config.upstream.max_response_bytes + RECORD_OVERHEAD_BYTES
         tenants = dict(config.tenants)
         return cls(backend, config.overflow, tenants, inline, cap, ledger_config=config.ledger)

@@ -168,12 +168,17 @@ _V5 = (
 _MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1, 2: _V2, 3: _V3, 4: _V4, 5: _V5}
 
 
+def _version(conn: sqlite3.Connection) -> int:
+    found: int = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
+    return found
+
+
 def migrate(conn: sqlite3.Connection) -> int:
     """Bring the schema up to :data:`SCHEMA_VERSION`; returns the version found on disk.
 
     Raises ``sqlite3.DatabaseError`` for a database written by a newer Runestone."""
     conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-    found: int = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
+    found = _version(conn)
     if found > SCHEMA_VERSION:
         raise sqlite3.DatabaseError(
             f"schema version {found} is newer than this Runestone knows ({SCHEMA_VERSION})"
@@ -181,9 +186,12 @@ def migrate(conn: sqlite3.Connection) -> int:
     for version in range(found + 1, SCHEMA_VERSION + 1):
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in _MIGRATIONS[version]:
-                conn.execute(statement)
-            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+            # Several processes may open one new file at once (server.workers > 1): what we
+            # read above may be stale, so look again now that the write lock is ours.
+            if _version(conn) < version:
+                for statement in _MIGRATIONS[version]:
+                    conn.execute(statement)
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

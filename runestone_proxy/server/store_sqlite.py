@@ -47,8 +47,9 @@ class SqliteDb(sqlite3.Connection):
 @attrs.frozen
 class SqliteBackend:
     path: Path
-    #: One gateway per file: every change rings its own bells.
-    shared = False
+    #: Several processes on this file (``server.workers`` > 1): the drainer polls, as on a
+    #: shared PostgreSQL. One gateway alone: every change rings its own bells.
+    shared: bool = False
 
     @property
     def where(self) -> str:
@@ -62,11 +63,13 @@ class SqliteBackend:
             )
             conn.row_factory = sqlite3.Row
             conn.text_factory = schema.decode_text
+            # The timeout first: switching a new file to WAL takes a lock that a sibling
+            # worker opening the same file at the same moment may hold.
+            conn.execute("PRAGMA busy_timeout=5000")
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode != "wal":
                 raise sqlite3.OperationalError(f"journal_mode is {mode}, not wal")
             conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA busy_timeout=5000")
             schema.migrate(conn)
         except (OSError, sqlite3.Error) as exc:
             raise ServiceUnavailable(f"The job store {self.path} cannot be opened: {exc}") from exc
