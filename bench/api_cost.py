@@ -20,6 +20,10 @@ process (each repeat runs one batch of each, so that drift spoils all of them al
 - ``responses-translated``: ``POST /v1/responses``, model ``bench-model`` (chat only):
   Responses -> chat -> Response (or, streamed, chat chunks -> Responses events).
   Both send ``"store": false`` (see ``bench/scenarios_responses.py``).
+- ``chat-tenant`` / ``chat-budget``: ``chat`` naming its tenant (``tenant_id``, which the
+  open gateway honours): ``plain`` has no budget, ``budgeted`` has a USD day and month
+  budget and a tokens day budget (far out of reach), so the pair prices the budgets' work
+  per request (the estimate, the reservation, the settle and the headers), all else equal.
 
 So it times, per request:
 - authentication, the JSON body, validation, rate limits, the tenant's capacity slot;
@@ -35,6 +39,7 @@ snakeviz); with several paths, one file per path (``FILE.<path>``).
     /work/venv/bin/python -m bench.api_cost [--tasks 64] [--profile /tmp/api.prof]
     /work/venv/bin/python -m bench.api_cost --path chat,messages,messages-translated [--stream]
     /work/venv/bin/python -m bench.api_cost --path chat,responses,responses-translated [--stream]
+    /work/venv/bin/python -m bench.api_cost --path chat-tenant,chat-budget --repeats 3
 """
 
 from __future__ import annotations
@@ -95,8 +100,38 @@ class ApiPath:
 _MESSAGES_HEADERS = tuple(
     (k.encode(), v.encode()) for k, v in MESSAGES_HEADERS if k != "content-type"
 )
+
+
+def _for_tenant(body: bytes, tenant: str) -> bytes:
+    return json.dumps({**json.loads(body), "tenant_id": tenant}, separators=(",", ":")).encode()
+
+
+#: The tenants of ``chat-tenant`` and ``chat-budget`` (added to the bench's gateway config).
+BUDGET_CONFIG = """
+[tenants.plain]
+
+[tenants.budgeted]
+budget_usd_day = 1000000.0
+budget_usd_month = 10000000.0
+budget_tokens_day = 1000000000000
+"""
+
 PATHS = {
     "chat": ApiPath("/v1/chat/completions", (), CHAT_BODY, STREAM_BODY, DONE),
+    "chat-tenant": ApiPath(
+        "/v1/chat/completions",
+        (),
+        _for_tenant(CHAT_BODY, "plain"),
+        _for_tenant(STREAM_BODY, "plain"),
+        DONE,
+    ),
+    "chat-budget": ApiPath(
+        "/v1/chat/completions",
+        (),
+        _for_tenant(CHAT_BODY, "budgeted"),
+        _for_tenant(STREAM_BODY, "budgeted"),
+        DONE,
+    ),
     "messages": ApiPath(
         "/v1/messages",
         _MESSAGES_HEADERS,
@@ -269,7 +304,7 @@ def main() -> None:
         upstream = spawn("upstream", argv, workdir, cpu=load_cpu, announces_port=True)
         try:
             path = workdir / "gateway.toml"
-            path.write_text(PROXY_CONFIG.format(upstream=upstream.port))
+            path.write_text(PROXY_CONFIG.format(upstream=upstream.port) + BUDGET_CONFIG)
             env = {**GATEWAY_ENV, "RUNESTONE_STATE_DIR": str(workdir)}
             config = config_mod.load(path, env)
             logs.configure("warning", "json")

@@ -20,6 +20,7 @@ these once, at the edge that meets them; everything above that edge speaks only 
     ├── URITooLong                  414
     ├── HeaderFieldsTooLarge        431
     ├── RateLimited                 429 (code rate_limit_exceeded, carries ``retry-after``)
+    │   └── BudgetExceeded          429 insufficient_quota (a budget is spent; not retryable)
     ├── ServiceUnavailable          503 (draining, overloaded; retryable)
     └── UpstreamError               502 (retryable)
         ├── UpstreamConnectError    502 (refused, reset, TLS failure)
@@ -182,6 +183,29 @@ class RateLimited(GatewayError):
     ) -> None:
         super().__init__(message, code=code, headers=_with_retry_after(headers, retry_after_s))
         self.retry_after_s = retry_after_s
+
+
+class BudgetExceeded(RateLimited):
+    """429 ``insufficient_quota``: a key's or tenant's budget is spent (OpenAI's type and code
+    for an account whose quota is used up). Retrying before the budget resets cannot
+    succeed: not retryable (a queued job fails rather than waits), ``retry-after`` is the
+    time to the reset, and ``x-should-retry: false`` tells the OpenAI and Anthropic SDKs,
+    which retry every 429 by default, not to."""
+
+    error_type = "insufficient_quota"
+    default_code = "insufficient_quota"
+    retryable = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: float | None = None,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        super().__init__(
+            message, retry_after_s=retry_after_s, headers=((b"x-should-retry", b"false"), *headers)
+        )
 
 
 class ServiceUnavailable(GatewayError):

@@ -115,6 +115,9 @@ _events = {
     "overflow.enqueue": REGISTRY.counter(
         "runestone_overflow_enqueued_total", "Requests parked in the durable queue."
     ),
+    "budget.block": REGISTRY.counter(
+        "runestone_budget_blocks_total", "Requests refused by a key's or tenant's budget."
+    ),
 }
 _circuit = REGISTRY.counter(
     "runestone_circuit_transitions_total", "Circuit breaker transitions, by provider and state."
@@ -156,6 +159,17 @@ def count_usage(
 
 #: (tenant, model) -> the label tuples of the usage counters, built once.
 _usage_labels: dict[tuple[str, str], tuple[Labels, Labels, Labels, Labels]] = {}
+
+
+def budget_gauge(source: Callable[[], Iterable[tuple[str, str, float]]]) -> None:
+    """``runestone_budget_remaining_usd{tenant,period}``: what each tenant's USD budget has
+    left this period (limit minus spend minus what requests in flight hold), from
+    ``source``'s ``(tenant, period, usd)`` (tenants seen this period; keys are not a label)."""
+    REGISTRY.gauge(
+        "runestone_budget_remaining_usd",
+        "USD left in each tenant's budget this period (day: UTC day; month: calendar month).",
+        lambda: [((("period", p), ("tenant", t)), left) for t, p, left in source()],
+    )
 
 
 def count_request(status: int) -> None:

@@ -8,6 +8,10 @@ deployment tried come for free. Usage is the provider's: read from a whole answe
 (:func:`answer_counts`, no JSON parse) or from the stream's translator (chat shape, every
 dialect); a stream that ended without it is recorded with an estimate (the prompt at ~4
 characters per token, one token per relayed chunk), marked ``estimated``.
+
+The same cost settles the request's budget reservation (``hold``), right after the record
+is handed to the ledger: the budgets' memory advances by exactly what the ledger records
+(and in that order, which the budgets' seed relies on: :mod:`.budget_book`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import trio
 
 from runestone_proxy import metrics
 from runestone_proxy.errors import GatewayError
+from runestone_proxy.gateway.budget_book import NO_HOLD, Hold
 from runestone_proxy.gateway.ledger import (
     Outcome,
     UsageCounts,
@@ -112,18 +117,23 @@ def account(
     stream: bool,
     started: float,
     ttfb: float | None = None,
+    hold: Hold = NO_HOLD,
 ) -> None:
     """Record one request in the ledger (and the token and cost counters), if it reached a
-    provider. ``started``/``ttfb`` are ``time.perf_counter()`` values."""
+    provider, and settle its budget ``hold`` with the cost. ``started``/``ttfb`` are
+    ``time.perf_counter()`` values."""
     target = attempts.target
-    if ledger is None or target is None:
-        return
+    if target is None or (ledger is None and hold.done):
+        return  # nothing reached a provider: the admission releases the hold
     now = time.perf_counter()
     if counts is None:
         counts = _NO_USAGE
     prompt, completion, cached = counts.prompt, counts.completion, counts.cached
     cost = cost_usd(target.entry, counts)
     model_id = target.model
+    if ledger is None:  # no ledger: the budgets still count the cost (in memory only)
+        hold.settle(cost, prompt + completion)
+        return
     # Built positionally (the field order of UsageRecord): a named tuple's keyword
     # constructor is a Python call per record; ``tuple.__new__`` is not.
     ledger.record(
@@ -153,6 +163,7 @@ def account(
             ),
         )
     )
+    hold.settle(cost, prompt + completion)
     metrics.count_usage(tenant, model_id, prompt, completion, cached, cost)
 
 
@@ -171,6 +182,8 @@ def account_whole(
     counts: UsageCounts | None,
     status: int = 200,
     outcome: Outcome = "ok",
+    *,
+    hold: Hold = NO_HOLD,
 ) -> None:
     """:func:`account` for a whole answer (or a failure before any answer)."""
     account(
@@ -187,6 +200,7 @@ def account_whole(
         outcome=outcome,
         stream=False,
         started=started,
+        hold=hold,
     )
 
 

@@ -6,7 +6,9 @@ the provider call.
 1. the key's rate limits reserve the request (RPM/RPH, the TPM estimate);
 2. an ``Idempotency-Key`` the tenant already used answers with the job it made then
    (``parked`` is that job, marked replayed): a retry never runs twice, live or queued;
-3. the tenant's capacity decides (the slot :meth:`Limits.admit` returned with the
+3. the budgets of the key and its tenant reserve the request's estimated cost
+   (:mod:`.budget_book`), or refuse it (429 ``insufficient_quota``);
+4. the tenant's capacity decides (the slot :meth:`Limits.admit` returned with the
    reservation, in-process or shared: :mod:`.shared_state`): ``Admit``/``Wait`` hold a slot for
    the block (``parked`` is None: serve it now); ``Enqueue`` parks it as a durable job
    (``parked`` is the new job, to answer ``202`` with); a reject raises 429.
@@ -14,9 +16,13 @@ the provider call.
 Leaving the block settles: a request that was served, replayed or parked counts, and its
 TPM estimate is reconciled with ``usage`` (the tokens the answer reported, set by the
 caller; None keeps the estimate); one refused for capacity, or whose client left while it
-waited, gives its reservation back. Every ``GatewayError`` leaving the block carries the
-key's ``x-ratelimit-*`` headers. A class rather than a generator context manager: it wraps
-every request, and a generator costs a few microseconds more per use.
+waited, gives its reservation back. The budget reservation (``budget``) is settled with the
+real cost where the ledger record is made (:func:`~.accounting.account`); leaving the block
+releases it if nothing did (the request never reached a provider, was parked, or was
+refused: a parked job is checked again when it runs). Every ``GatewayError`` leaving the
+block carries the key's ``x-ratelimit-*`` (and ``x-runestone-budget-*``) headers. A class
+rather than a generator context manager: it wraps every request, and a generator costs a few
+microseconds more per use.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ import trio
 
 from runestone_proxy import telemetry
 from runestone_proxy.errors import GatewayError, RateLimited
+from runestone_proxy.gateway.budget import estimate
+from runestone_proxy.gateway.budget_book import NO_HOLD, Hold
 from runestone_proxy.gateway.limits import Enqueue
 from runestone_proxy.gateway.overflow import Enqueued, Job, NewJob
 from runestone_proxy.gateway.queue import JobQueue
@@ -52,7 +60,17 @@ class Parked:
 
 
 class Admission:
-    __slots__ = ("admitted", "gen", "reservation", "rl_headers", "service", "slot", "usage")
+    __slots__ = (
+        "admitted",
+        "budget",
+        "budget_headers",
+        "gen",
+        "reservation",
+        "rl_headers",
+        "service",
+        "slot",
+        "usage",
+    )
 
     def __init__(self, service: Service, gen: Generation) -> None:
         self.service = service
@@ -62,8 +80,11 @@ class Admission:
         #: The tokens the answer reported, for the TPM reconcile (None: keep the estimate).
         self.usage: int | None = None
         self.reservation: Reservation
-        #: The key's ``x-ratelimit-*`` headers, for every answer.
+        #: The key's ``x-ratelimit-*`` headers (and the budget's), for every answer.
         self.rl_headers: Headers
+        #: The budgets' reservation: settled by the ledger record, else released on exit.
+        self.budget: Hold = NO_HOLD
+        self.budget_headers: Headers = ()
 
     async def __aenter__(self) -> Parked | None:
         service, gen = self.service, self.gen
@@ -78,6 +99,9 @@ class Admission:
                 if twin is not None:
                     await slot.__aexit__(None, None, None)  # a slot taken ahead goes back
                     return twin
+            book = service.budgets
+            if book.applies(principal.tenant, principal.budgets):
+                await self._reserve_budget()
             decision = await slot.__aenter__()
             if type(decision) is Enqueue:  # no slot held: a job runs when one frees
                 return await self._park(store)
@@ -99,6 +123,22 @@ class Admission:
         if self.slot is not None:
             await self.slot.__aexit__(exc_type, exc, tb)
         self._settle(exc)
+
+    async def _reserve_budget(self) -> None:
+        """Reserve the request's estimated cost in its key's and tenant's budgets (429
+        ``insufficient_quota`` if one is spent); its headers go on every answer."""
+        gen = self.gen
+        principal = gen.principal
+        est = estimate(gen.body, gen.output_tokens, [t.entry for t in gen.route.ordered])
+        self.budget, self.budget_headers = await self.service.budgets.reserve(
+            principal.tenant,
+            principal.key_id,
+            principal.key_mask,
+            principal.budgets,
+            est,
+            gen.request_id,
+        )
+        self.rl_headers = (*self.rl_headers, *self.budget_headers)
 
     async def _replay(self, store: JobQueue) -> Parked | None:
         """The job an earlier request with the same ``Idempotency-Key`` made, if any (400
@@ -131,13 +171,15 @@ class Admission:
 
     def _settle(self, exc: BaseException | None) -> None:
         now = trio.current_time()
+        self.budget.release()  # unless its ledger record settled it
         if self.admitted:
             self.service.limits.reconcile(self.reservation, self.usage, now)
         else:  # refused, or the client left while it waited for a slot
             limits = self.gen.principal.limits
             headers = self.service.limits.cancel(self.reservation, limits, now)
             if isinstance(exc, GatewayError):
-                self.rl_headers = headers  # the quota as it stands after the refund
+                # The quota as it stands after the refund.
+                self.rl_headers = (*headers, *self.budget_headers)
         if isinstance(exc, GatewayError):
             exc.headers = (*exc.headers, *self.rl_headers)
 

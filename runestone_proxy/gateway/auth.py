@@ -21,6 +21,7 @@ import attrs
 
 from runestone_proxy.config import Config
 from runestone_proxy.errors import AuthenticationFailed
+from runestone_proxy.gateway.budget import NO_BUDGETS, Budgets
 from runestone_proxy.gateway.ratelimit import UNLIMITED, KeyLimits
 from runestone_proxy.telemetry import mask_key
 
@@ -31,6 +32,7 @@ class Principal:
     key_mask: str
     key_id: str  # digest prefix: a stable, non-secret id for per-key limits
     limits: KeyLimits = UNLIMITED
+    budgets: Budgets = NO_BUDGETS
 
 
 class KeyRejected(AuthenticationFailed):
@@ -58,6 +60,7 @@ class KeyRecord:
     active: bool
     sha256: str
     limits: KeyLimits = UNLIMITED
+    budgets: Budgets = NO_BUDGETS
 
 
 @attrs.frozen
@@ -81,7 +84,8 @@ class KeyStore:
                 if not value:
                     continue  # the variable is unset: this key does not exist on this host
                 sha = digest(value)
-            records[sha] = KeyRecord(entry.tenant, entry.active, sha, KeyLimits.from_config(entry))
+            limits, budgets = KeyLimits.from_config(entry), Budgets.from_config(entry)
+            records[sha] = KeyRecord(entry.tenant, entry.active, sha, limits, budgets)
         for value in env.get("RUNESTONE_API_KEYS", "").split(","):
             value = value.strip()
             if value:
@@ -108,7 +112,7 @@ class KeyStore:
                 key_mask=mask,
                 tenant=record.tenant if record is not None else None,
             )
-        return Principal(record.tenant, mask, sha[:12], record.limits)
+        return Principal(record.tenant, mask, sha[:12], record.limits, record.budgets)
 
 
 def presented_key(authorization: bytes | None, x_api_key: bytes | None) -> str | None:

@@ -17,7 +17,8 @@ It knows nothing of HTTP: the API handler passes plain values (a :class:`Generat
 gets values back. It depends on gateway interfaces only (the upstream :class:`Transport`
 behind :class:`~.pipeline.Providers`, the :class:`~.queue.JobQueue`), so a second transport
 or another queue plugs in without touching it. ``run_job`` is the drainer's runner (the
-same plan and failover, answered whole); ``reload`` swaps a validated config in.
+same plan and failover, answered whole; a job is held to its tenant's budgets when it runs,
+not when it is parked); ``reload`` swaps a validated config in.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from runestone_proxy.gateway.accounting import (
 )
 from runestone_proxy.gateway.admission import Admission, Parked
 from runestone_proxy.gateway.auth import KeyRejected, Principal
+from runestone_proxy.gateway.budget import NO_BUDGETS, estimate
+from runestone_proxy.gateway.budget_book import NO_HOLD, Hold
 from runestone_proxy.gateway.metadata import splice_metadata
 from runestone_proxy.gateway.overflow import Job, JobOutcome, check_webhook_url
 from runestone_proxy.gateway.rate_wire import Headers
@@ -207,14 +210,18 @@ class Service(ServiceState):
             attempts = Attempts(call_for)
             started = time.perf_counter()
             who = (self.ledger, request_id, gen.principal.tenant, gen.principal.key_id)
+            hold = admission.budget
             try:
                 target, answer = await self.failover.complete(targets, attempts, self.providers)
             except BaseException as exc:
-                account_whole(*who, gen.endpoint, model, attempts, started, None, *failure(exc))
+                status, outcome = failure(exc)
+                account_whole(
+                    *who, gen.endpoint, model, attempts, started, None, status, outcome, hold=hold
+                )
                 raise
             counts = answer_counts(gen.endpoint, answer)
             admission.usage = None if counts is None else counts.total
-            account_whole(*who, gen.endpoint, model, attempts, started, counts)
+            account_whole(*who, gen.endpoint, model, attempts, started, counts, hold=hold)
             answer = splice_metadata(answer, target.provider, policy, request_id)
             return Answer(target, policy, answer, admission.rl_headers)
 
@@ -257,9 +264,26 @@ class Service(ServiceState):
         endpoint: Endpoint = job.endpoint  # type: ignore[assignment]  # checked above
         body = parse_object(job.body)
         route = self.route(endpoint, body, len(job.body))
-        _, _, answer = await self._complete(
-            endpoint, route, body, job.body, job.request_id, headers=job.headers, tenant=job.tenant
-        )
+        hold = NO_HOLD
+        if self.budgets.applies(job.tenant, NO_BUDGETS):  # a job keeps no key: its tenant's
+            output = 0 if endpoint == "embeddings" else self.default_output_tokens
+            est = estimate(body, output, [t.entry for t in route.ordered])
+            hold, _ = await self.budgets.reserve(
+                job.tenant, "", "-", NO_BUDGETS, est, job.request_id
+            )
+        try:
+            _, _, answer = await self._complete(
+                endpoint,
+                route,
+                body,
+                job.body,
+                job.request_id,
+                headers=job.headers,
+                tenant=job.tenant,
+                hold=hold,
+            )
+        finally:
+            hold.release()  # unless its ledger record settled it
         return JobOutcome(200, answer)
 
     # --- the plan ------------------------------------------------------------------------------
@@ -330,6 +354,7 @@ class Service(ServiceState):
         *,
         headers: tuple[tuple[bytes, bytes], ...] = (),
         tenant: str,
+        hold: Hold = NO_HOLD,
     ) -> tuple[Target, str, bytes]:
         """A queued job's whole answer through failover, with Runestone's metadata spliced
         in, and its ledger record (a job keeps no key id: its key is ``""``)."""
@@ -343,7 +368,11 @@ class Service(ServiceState):
         try:
             target, answer = await self.failover.complete(targets, attempts, self.providers)
         except BaseException as exc:
-            account_whole(*who, endpoint, model, attempts, started, None, *failure(exc))
+            status, outcome = failure(exc)
+            account_whole(
+                *who, endpoint, model, attempts, started, None, status, outcome, hold=hold
+            )
             raise
-        account_whole(*who, endpoint, model, attempts, started, answer_counts(endpoint, answer))
+        counts = answer_counts(endpoint, answer)
+        account_whole(*who, endpoint, model, attempts, started, counts, hold=hold)
         return target, policy, splice_metadata(answer, target.provider, policy, request_id)

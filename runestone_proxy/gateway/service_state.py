@@ -17,6 +17,7 @@ from runestone_proxy.config import Config
 from runestone_proxy.config.aliases import AliasError
 from runestone_proxy.config.aliases import validate as validate_aliases
 from runestone_proxy.gateway.auth import KeyStore
+from runestone_proxy.gateway.budget_book import BudgetBook, LocalBudgetBook
 from runestone_proxy.gateway.capacity import Capacity
 from runestone_proxy.gateway.deployments import Deployments
 from runestone_proxy.gateway.failover import Failover
@@ -57,6 +58,8 @@ class ServiceState:
     responses: ResponseStore | None = attrs.field(kw_only=True, default=None)
     #: Where each request's usage record goes (the durable store; None: nowhere).
     ledger: UsageLedger | None = attrs.field(kw_only=True, default=None)
+    #: Per-key and per-tenant budgets (in this process until the app gives it the ledger).
+    budgets: BudgetBook = attrs.field(kw_only=True, factory=LocalBudgetBook)
 
     @classmethod
     def build(
@@ -80,6 +83,7 @@ class ServiceState:
             config,
             file_aliases=file_aliases or {},
             capacity=Capacity.from_config(config),
+            budgets=LocalBudgetBook.from_config(config),
         )
 
     def use_aliases(self, file_aliases: dict[str, str]) -> None:
@@ -112,4 +116,5 @@ class ServiceState:
         self.default_output_tokens = config.routing.default_output_tokens
         self.deployments.reconfigure(config)
         self.capacity.reconfigure(config)
+        self.budgets.reconfigure(config)
         return dropped

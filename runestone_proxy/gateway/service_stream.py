@@ -164,6 +164,7 @@ class OpenStream:
             stream=True,
             started=self.opened,
             ttfb=self.started or None,
+            hold=self.admission.budget,
         )
 
 

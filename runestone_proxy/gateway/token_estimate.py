@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["estimate_tokens", "int_after", "usage_tokens"]
+__all__ = ["estimate_tokens", "int_after", "output_tokens", "prompt_tokens", "usage_tokens"]
 
 
 def _chars(value: object) -> int:
@@ -29,14 +29,26 @@ def _chars(value: object) -> int:
 
 
 def estimate_tokens(body: Mapping[str, Any], default_output_tokens: int) -> int:
-    """Tokens to reserve for a request: the prompt at ~4 characters per token, plus
-    ``max_completion_tokens`` / ``max_tokens`` or ``default_output_tokens`` (pass 0 for
-    embeddings, which produce none)."""
+    """Tokens to reserve for a request: :func:`prompt_tokens` plus :func:`output_tokens`
+    (pass ``default_output_tokens=0`` for embeddings, which produce none)."""
+    return prompt_tokens(body) + output_tokens(body, default_output_tokens)
+
+
+def prompt_tokens(body: Mapping[str, Any]) -> int:
+    """The prompt (``messages``, ``prompt`` or ``input``) at ~4 characters per token."""
     chars = _chars(body.get("messages")) + _chars(body.get("prompt")) + _chars(body.get("input"))
-    output = body.get("max_completion_tokens") or body.get("max_tokens")
+    return -(-chars // 4)
+
+
+def output_tokens(body: Mapping[str, Any], default_output_tokens: int) -> int:
+    """The completion's cap: ``max_completion_tokens`` / ``max_tokens`` (chat, Messages) or
+    ``max_output_tokens`` (Responses), else ``default_output_tokens``."""
+    output = (
+        body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
+    )
     if not isinstance(output, int) or isinstance(output, bool) or output <= 0:
-        output = default_output_tokens
-    return -(-chars // 4) + output
+        return default_output_tokens
+    return output
 
 
 def usage_tokens(payload: bytes) -> int | None:

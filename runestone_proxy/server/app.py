@@ -71,6 +71,7 @@ from runestone_proxy.api.responses import ResponsesApi
 from runestone_proxy.api.responses_state import add_routes as add_response_state_routes
 from runestone_proxy.api.router import Router
 from runestone_proxy.config import Config, ConfigError
+from runestone_proxy.gateway.budget_book import LocalBudgetBook
 from runestone_proxy.gateway.deployments import providers_view
 from runestone_proxy.gateway.service import Service
 from runestone_proxy.server import aliases, redis_limits, supervisor_worker, systemd
@@ -152,6 +153,11 @@ class App:
         service.responses = store
         # Every request's usage record, in the writer's group commits ([ledger] enabled).
         service.ledger = store if config.ledger.enabled else None
+        # Budgets seed their spend so far from the ledger (no ledger: memory only).
+        service.budgets = LocalBudgetBook.from_config(
+            config, store if config.ledger.enabled else None
+        )
+        metrics.budget_gauge(service.budgets.remaining_usd)
         add_response_state_routes(gateway.router, store, api.authenticate)
         gateway.reload_hooks.append(store.apply_config)
         # The admin API's routes go on these routers ([admin] listen; fixed at start).
