@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 import trustme
 from redis_server import RedisServer, redis_server
 
@@ -106,6 +107,35 @@ async def test_evalsha_survives_a_script_flush(redis: RedisServer, nursery: trio
     assert await client.call("SCRIPT", "EXISTS", script.sha) == [1]
     with pytest.raises(RedisError):
         await client.evalsha(client.register(Script("return redis.call('NOPE')")), [], [])
+
+
+async def test_every_caller_pending_on_a_dropped_connection_gets_unavailable(
+    redis: RedisServer, nursery: trio.Nursery
+) -> None:
+    """Several callers wait on one connection when the server drops it: each gets its own
+    RedisUnavailable (one shared outcome would raise AlreadyUsedError in all but one)."""
+    watched = await started(nursery, redis.url, timeout_s=5.0)
+    client = watched.client
+    await watched.until(True)
+    assert await client.call("CLIENT", "SETNAME", "victim") == b"OK"
+    failures: list[BaseException] = []
+
+    async def blocked() -> None:
+        try:
+            await client.call("BLPOP", "never-pushed", "4")
+        except BaseException as exc:
+            failures.append(exc)
+
+    async with trio.open_nursery() as callers:
+        for _ in range(5):
+            callers.start_soon(blocked)
+        await trio.testing.wait_all_tasks_blocked(0.05)
+        other = await started(nursery, redis.url)
+        await other.until(True)
+        # The killer's own connection is spared (SKIPME yes); the victim's is closed.
+        assert await other.client.call("CLIENT", "KILL", "USER", "default") >= 1
+    assert len(failures) == 5
+    assert all(type(exc) is RedisUnavailable for exc in failures), failures
 
 
 async def test_a_cancelled_callers_reply_goes_to_its_orphan_handler(client: RedisClient) -> None:
