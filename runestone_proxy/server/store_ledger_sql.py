@@ -79,39 +79,41 @@ def bucket_start(at: float, size_s: float) -> float:
 
 
 # --- writing (worker thread, inside the caller's transaction) --------------------------------
+#
+# Per record this is the ledger's main cost (the request only appends a tuple), so it stays
+# lean: the records are bound as they are (a ``UsageRecord`` is its row, in column order;
+# a bool binds as 0/1), and the rollups are summed in one pass per hour, the days from those
+# hours. Only text SQLite cannot store (a lone surrogate, from a JSON ``\ud800`` escape in a
+# model name, say) takes the slow path: the batch is rewritten with :func:`storable` text.
 
 
-def _raw_row(r: UsageRecord) -> tuple[Any, ...]:
-    return (
-        r.at,
-        storable(r.request_id),
-        storable(r.tenant),
-        storable(r.key_id),
-        storable(r.endpoint),
-        storable(r.model),
-        storable(r.provider),
-        storable(r.upstream_model),
-        r.attempts,
-        r.prompt_tokens,
-        r.completion_tokens,
-        r.cached_tokens,
-        r.reasoning_tokens,
-        r.cost_usd,
-        r.status,
-        r.outcome,
-        int(r.stream),
-        int(r.estimated),
-        r.latency_ms,
-        r.ttfb_ms,
+def _storable_record(r: UsageRecord) -> UsageRecord:
+    def text(value: str) -> str:
+        return storable(value) or ""  # only None gives None, and these are str
+
+    return r._replace(
+        request_id=text(r.request_id),
+        tenant=text(r.tenant),
+        key_id=text(r.key_id),
+        endpoint=text(r.endpoint),
+        model=text(r.model),
+        provider=text(r.provider),
+        upstream_model=text(r.upstream_model),
     )
 
 
 def rollup_rows(records: Iterable[UsageRecord], size_s: float) -> list[tuple[Any, ...]]:
-    """The records summed per (bucket, tenant, key_id, model, provider)."""
+    """The records summed per (bucket, tenant, key_id, model, provider), ``size_s`` being
+    ``HOUR_S`` or ``DAY_S`` (text as the records hold it: see :func:`_storable_record`)."""
+    hourly = _hour_sums(records)
+    return _rows(hourly if size_s == HOUR_S else _day_sums(hourly))
+
+
+def _hour_sums(records: Iterable[UsageRecord]) -> dict[tuple[Any, ...], list[Any]]:
     sums: dict[tuple[Any, ...], list[Any]] = {}
+    floor = math.floor
     for r in records:
-        key: tuple[Any, ...] = (bucket_start(r.at, size_s), storable(r.tenant))
-        key += (storable(r.key_id), storable(r.model), storable(r.provider))
+        key = (floor(r.at / HOUR_S) * HOUR_S, r.tenant, r.key_id, r.model, r.provider)
         row = sums.get(key)
         if row is None:
             row = sums[key] = [0, 0, 0, 0, 0, 0, 0.0]
@@ -122,13 +124,39 @@ def rollup_rows(records: Iterable[UsageRecord], size_s: float) -> list[tuple[Any
         row[4] += r.cached_tokens
         row[5] += r.reasoning_tokens
         row[6] += r.cost_usd
+    return sums
+
+
+def _day_sums(hourly: dict[tuple[Any, ...], list[Any]]) -> dict[tuple[Any, ...], list[Any]]:
+    """The hourly sums summed per UTC day (an hour lies within one day: a day is 24 whole
+    hours from the epoch), a handful of rows rather than a pass over the records."""
+    sums: dict[tuple[Any, ...], list[Any]] = {}
+    for (hour, *who), values in hourly.items():
+        key = (bucket_start(hour, DAY_S), *who)
+        row = sums.get(key)
+        if row is None:
+            sums[key] = list(values)
+        else:
+            for i, v in enumerate(values):
+                row[i] += v
+    return sums
+
+
+def _rows(sums: dict[tuple[Any, ...], list[Any]]) -> list[tuple[Any, ...]]:
     return [(*key, *row) for key, row in sums.items()]
 
 
 def _insert(conn: sqlite3.Connection, records: Sequence[UsageRecord]) -> None:
-    conn.executemany(_INSERT_RAW, [_raw_row(r) for r in records])
-    conn.executemany(_UPSERT["usage_hourly"], rollup_rows(records, HOUR_S))
-    conn.executemany(_UPSERT["usage_daily"], rollup_rows(records, DAY_S))
+    try:
+        # ``tuple``: the sqlite3 module binds an exact tuple on its fast path.
+        conn.executemany(_INSERT_RAW, map(tuple, records))
+    except UnicodeEncodeError:  # text SQLite cannot store: rewrite it (the caller's savepoint)
+        conn.execute("ROLLBACK TO ledger")
+        records = [_storable_record(r) for r in records]
+        conn.executemany(_INSERT_RAW, map(tuple, records))
+    hourly = _hour_sums(records)
+    conn.executemany(_UPSERT["usage_hourly"], _rows(hourly))
+    conn.executemany(_UPSERT["usage_daily"], _rows(_day_sums(hourly)))
 
 
 def _insert_guarded(conn: sqlite3.Connection, records: Sequence[UsageRecord]) -> bool:
