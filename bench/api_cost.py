@@ -289,6 +289,13 @@ def main() -> None:
         action="store_true",
         help="time the whole process's CPU (worker threads too), not this thread's",
     )
+    parser.add_argument(
+        "--ledger",
+        choices=("on", "off"),
+        default="on",
+        help="the usage ledger ([ledger] enabled): its cost per request is on minus off, "
+        "run as alternating processes with --process-cpu (the writer is a worker thread)",
+    )
     args = parser.parse_args()
     if args.process_cpu:
         CLOCK[0] = time.process_time_ns
@@ -304,7 +311,8 @@ def main() -> None:
         upstream = spawn("upstream", argv, workdir, cpu=load_cpu, announces_port=True)
         try:
             path = workdir / "gateway.toml"
-            path.write_text(PROXY_CONFIG.format(upstream=upstream.port) + BUDGET_CONFIG)
+            ledger = "" if args.ledger == "on" else "\n[ledger]\nenabled = false\n"
+            path.write_text(PROXY_CONFIG.format(upstream=upstream.port) + BUDGET_CONFIG + ledger)
             env = {**GATEWAY_ENV, "RUNESTONE_STATE_DIR": str(workdir)}
             config = config_mod.load(path, env)
             logs.configure("warning", "json")

@@ -167,6 +167,18 @@ register(
 )
 register(
     Scenario(
+        name="chat_h2",
+        description="chat_h1 over h2c (prior knowledge): HTTP/2 clients vs HTTP/1.1, same "
+        "gateway process (target: at least 0.7x of chat_h1's req/s)",
+        target="gateway_upstream",
+        protocol="h2",
+        request=CHAT,
+        groups=("chat", "h2"),
+        baseline="chat_h1",
+    )
+)
+register(
+    Scenario(
         name="direct_stream_h1",
         description=f"streamed chat ({STREAM_CHUNKS} unpaced chunks) straight to the upstream",
         target="upstream",

@@ -173,6 +173,22 @@ def test_text_that_is_not_utf8_is_stored() -> None:
     assert conn.execute("SELECT tenant FROM usage_hourly").fetchone()[0] == "t\\ud800"
 
 
+def test_one_unstorable_text_rewrites_its_batch_and_loses_no_record() -> None:
+    # The records are bound as they are; the one SQLite cannot store sends the whole batch
+    # down the slow path (undone, rewritten), which must neither double nor drop a row.
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    store_schema.migrate(conn)
+    batch = [rec(request_id="r1"), rec(model="m\udc80", request_id="r2"), rec(request_id="r3")]
+    conn.execute("BEGIN")
+    assert store_ledger_sql.write(conn, batch) == []
+    conn.execute("COMMIT")
+    rows = conn.execute("SELECT request_id, model, stream FROM usage ORDER BY request_id")
+    assert rows.fetchall() == [("r1", "fast", 0), ("r2", "m\\udc80", 0), ("r3", "fast", 0)]
+    for table in ("usage_hourly", "usage_daily"):
+        sums = conn.execute(f"SELECT model, requests FROM {table} ORDER BY model").fetchall()
+        assert sums == [("fast", 2), ("m\\udc80", 1)]
+
+
 # --- rollups -----------------------------------------------------------------------------------
 
 records_st = st.lists(
