@@ -216,9 +216,11 @@ async def test_a_killed_worker_is_restarted_and_loses_no_acknowledged_job(
         conn.close()
     assert {r[0] for r in rows} == set(jobs)
     assert {r[1] for r in rows} == {"succeeded"}
-    # Claimed once each, across two drainers on one SQLite file; the dead worker's running
-    # job (one slot: at most one) was claimed again after its lease expired.
-    assert sum(r[2] for r in rows) - len(rows) <= 1
+    # Claimed once each, across two drainers on one SQLite file, but for the dead worker's
+    # claims, taken again once their leases expired: its running job (one slot: at most
+    # one) and the job its drainer had claimed and was waiting to get a slot for (a drainer
+    # holds at most one such claim; the slot is on Redis, so another worker may have it).
+    assert sum(r[2] for r in rows) - len(rows) <= 2
 
 
 async def test_a_worker_that_cannot_start_stops_the_service(tmp_path: Path) -> None:
