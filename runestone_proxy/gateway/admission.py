@@ -3,7 +3,9 @@ the provider call.
 
 ``async with Admission(service, generation) as parked:`` admits the request, or raises:
 
-1. the key's rate limits reserve the request (RPM/RPH, the TPM estimate);
+1. the key's rate limits reserve the request (RPM/RPH, the TPM estimate), and a key with
+   its own ``max_concurrent`` takes one of its slots (429 when they are all taken; given
+   back when the block is left, whatever the way out);
 2. an ``Idempotency-Key`` the tenant already used answers with the job it made then
    (``parked`` is that job, marked replayed): a retry never runs twice, live or queued;
 3. the tenant's capacity decides (:meth:`Capacity.slot`): ``Admit``/``Wait`` hold a slot for
@@ -51,12 +53,22 @@ class Parked:
 
 
 class Admission:
-    __slots__ = ("admitted", "gen", "reservation", "rl_headers", "service", "slot", "usage")
+    __slots__ = (
+        "admitted",
+        "gen",
+        "key_slot",
+        "reservation",
+        "rl_headers",
+        "service",
+        "slot",
+        "usage",
+    )
 
     def __init__(self, service: Service, gen: Generation) -> None:
         self.service = service
         self.gen = gen
         self.admitted = False
+        self.key_slot = False
         self.slot: Slot | None = None
         #: The tokens the answer reported, for the TPM reconcile (None: keep the estimate).
         self.usage: int | None = None
@@ -71,6 +83,7 @@ class Admission:
             principal, gen.body, gen.output_tokens, trio.current_time(), gen.request_id
         )
         try:
+            self.key_slot = service.key_slots.acquire(principal)
             store = service.store
             if store is not None and gen.idempotency_key is not None:
                 twin = await self._replay(store)
@@ -132,6 +145,9 @@ class Admission:
         return Parked(enqueued.job, replayed)
 
     def _settle(self, exc: BaseException | None) -> None:
+        if self.key_slot:
+            self.key_slot = False
+            self.service.key_slots.release(self.gen.principal.key_id)
         now = trio.current_time()
         if self.admitted:
             self.service.ratelimiter.reconcile(self.reservation, self.usage, now)

@@ -1,6 +1,7 @@
 """The durable store: one SQLite database, one connection, one thread. It holds the overflow
-queue's jobs, the stored Responses (conversation state, gateway/responses_store.py) and the
-usage ledger (gateway/ledger.py; its buffer, SQL and reads are in :mod:`.store_ledger`).
+queue's jobs, the stored Responses (conversation state, gateway/responses_store.py), the
+usage ledger (gateway/ledger.py; its buffer, SQL and reads are in :mod:`.store_ledger`) and
+the API keys made at run time (gateway/api_keys.py; :mod:`.store_keys`).
 
 It owns the database's lifecycle and the way in: every operation is a plain function of
 :mod:`runestone_proxy.server.store_sql` run on the worker thread, the writing ones inside
@@ -61,6 +62,7 @@ from runestone_proxy.gateway.responses_store import StoredResponse, fits, report
 from runestone_proxy.server import store_ledger_sql as ledger_sql
 from runestone_proxy.server import store_schema as schema
 from runestone_proxy.server import store_sql as sql
+from runestone_proxy.server.store_keys import KeysSide
 from runestone_proxy.server.store_ledger import PASS_MAX, LedgerBuffer, LedgerSide
 from runestone_proxy.server.store_values import (
     RECORD_OVERHEAD_BYTES,
@@ -82,7 +84,7 @@ T = TypeVar("T")
 
 
 @attrs.define(eq=False)
-class Store(LedgerSide):
+class Store(LedgerSide, KeysSide):
     path: Path
     config: OverflowConfig
     tenants: Mapping[str, TenantConfig] = attrs.Factory(dict)
