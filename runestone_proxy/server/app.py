@@ -12,6 +12,8 @@ The tree (every task has an owner; nothing runs in the background unparented)::
     │                                     needed (the operator's port), kept until the end
     │   └── health connections
     ├── SQLite store                      one writer task, group commit
+    ├── keys refresh                      polls the store's keys_version (0.5 s): run-time
+    │                                     API keys made by any process, in force here
     ├── pings                             event: ping into quiet translated Messages streams
     ├── services                          overflow drainer (claims, webhooks, sweeps);
     │   └── job tasks                     Service.run_job; cancelled before the store so
@@ -52,6 +54,7 @@ import trio
 from runestone_proxy import config as config_mod
 from runestone_proxy import logs, metrics, telemetry
 from runestone_proxy.api.admin_auth import AdminAuth
+from runestone_proxy.api.admin_keys import add_admin_key_routes
 from runestone_proxy.api.anthropic import AnthropicApi
 from runestone_proxy.api.dispatch import Phase
 from runestone_proxy.api.health import (
@@ -68,6 +71,7 @@ from runestone_proxy.api.responses import ResponsesApi
 from runestone_proxy.api.responses_state import add_routes as add_response_state_routes
 from runestone_proxy.api.router import Router
 from runestone_proxy.config import Config, ConfigError
+from runestone_proxy.gateway.api_keys import KeyManager
 from runestone_proxy.gateway.deployments import providers_view
 from runestone_proxy.gateway.service import Service
 from runestone_proxy.server import aliases, systemd
@@ -111,6 +115,8 @@ class App:
     #: Admin keys, and the routers ``/admin/`` routes are added to.
     admin: AdminAuth = attrs.field(kw_only=True)
     admin_routers: list[Router] = attrs.field(kw_only=True)
+    #: Run-time API keys: the admin API's changes, and the refresh that loads everyone's.
+    keys: KeyManager = attrs.field(kw_only=True)
 
     @classmethod
     def build(cls, config: Config, config_path: Path | None, env: Mapping[str, str]) -> App:
@@ -150,6 +156,9 @@ class App:
         admin_routers = [health_gateway.router]
         if config.admin.listen == "main":
             admin_routers.append(gateway.router)
+        keys = KeyManager(store, service.keys.runtime, lambda: service.keys)
+        for router in admin_routers:
+            add_admin_key_routes(router, keys, admin)
         service_aliases = aliases.ServiceAliases(service, aliases_path)
         gateway.reload_hooks.append(service_aliases.reload)
 
@@ -184,6 +193,7 @@ class App:
             pings=pings,
             admin=admin,
             admin_routers=admin_routers,
+            keys=keys,
         )
 
     def _warn_if_open(self) -> None:
@@ -227,7 +237,6 @@ class App:
         return bound, health_bound
 
     async def run(self, task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED) -> None:
-        self._warn_if_open()
         removers = [
             telemetry.add_handler(metrics.on_event),
             telemetry.add_handler(logs.telemetry_to_log),
@@ -260,6 +269,8 @@ class App:
                     partial(accept_loop, listener, self.health_gateway, root, capped=False)
                 )
             await root.start(self.store.run)
+            await root.start(self.keys.refresh)  # the stored keys, loaded before READY
+            self._warn_if_open()
             await root.start(self.pings.run)
             services = await root.start(self._services)
             async with trio.open_nursery() as connections:
