@@ -43,6 +43,7 @@ _SECRET_TEXT = re.compile(
 )
 
 _LOUD_EVENTS = {
+    "admin.key": "info",  # the audit trail of key changes
     "auth.failure": "warning",
     "circuit.open": "warning",
     "circuit.half_open": "info",
