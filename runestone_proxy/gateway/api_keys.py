@@ -328,6 +328,9 @@ class KeyManager:
             return False
         version, rows = await self.store.load_keys()
         self.runtime.install(records_from(rows), version)
+        # One line per change per process (changes are an admin's, rare): when each worker
+        # or gateway put it in force.
+        telemetry.emit("keys.loaded", version=version, keys=len(rows))
         return True
 
     async def refresh(
