@@ -1,7 +1,13 @@
 """``runestone-proxy`` / ``python -m runestone_proxy``: argv -> config -> logs -> trio.run.
 
+``runestone-proxy [--config PATH] [--check-config]`` runs the gateway (or only validates its
+configuration). ``runestone-proxy [--config PATH] COMMAND ...`` runs one of
+:data:`COMMANDS` instead, with the same configuration and environment as the service (e.g.
+``keys create --tenant acme``); each is ``main(argv, config, env) -> exit status``.
+
 Exit status: 0 after a clean shutdown (SIGTERM/SIGINT drained), 2 when the configuration is
-invalid (every bad key is printed with the file it came from), 1 on any other failure.
+invalid (every bad key is printed with the file it came from) or a command's arguments are,
+1 on any other failure.
 """
 
 from __future__ import annotations
@@ -9,11 +15,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import trio
 
-from runestone_proxy import __version__, config, logs
+from runestone_proxy import __version__, cli_keys, config, logs
+
+Command = Callable[[list[str], config.Config, Mapping[str, str]], int]
+
+#: Subcommands: name -> ``main(argv after the name, config, environment) -> exit status``.
+COMMANDS: dict[str, Command] = {
+    "keys": cli_keys.main,
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
         "--check-config", action="store_true", help="validate the configuration and exit"
     )
     parser.add_argument("--version", action="version", version=f"runestone-proxy {__version__}")
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=sorted(COMMANDS),
+        help="run a command instead of the gateway (see COMMAND --help)",
+    )
+    parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
 
 
@@ -45,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print(f"runestone-proxy: {path or '<embedded defaults>'}: configuration is valid")
         return 0
+    if args.command is not None:
+        return COMMANDS[args.command](args.args, cfg, os.environ)
     logs.configure(cfg.logging.level, cfg.logging.format)
     from runestone_proxy.server import supervisor
 

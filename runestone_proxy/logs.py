@@ -43,6 +43,8 @@ _SECRET_TEXT = re.compile(
 )
 
 _LOUD_EVENTS = {
+    "admin.key": "info",  # the audit trail of key changes
+    "keys.loaded": "info",  # a process put the stored keys' change in force (version, keys)
     "auth.failure": "warning",
     "circuit.open": "warning",
     "circuit.half_open": "info",

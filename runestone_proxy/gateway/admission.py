@@ -3,7 +3,9 @@ the provider call.
 
 ``async with Admission(service, generation) as parked:`` admits the request, or raises:
 
-1. the key's rate limits reserve the request (RPM/RPH, the TPM estimate);
+1. the key's rate limits reserve the request (RPM/RPH, the TPM estimate), and a key with
+   its own ``max_concurrent`` takes one of its slots (429 when they are all taken; given
+   back when the block is left, whatever the way out);
 2. an ``Idempotency-Key`` the tenant already used answers with the job it made then
    (``parked`` is that job, marked replayed): a retry never runs twice, live or queued;
 3. the budgets of the key and its tenant reserve the request's estimated cost
@@ -65,6 +67,7 @@ class Admission:
         "budget",
         "budget_headers",
         "gen",
+        "key_slot",
         "reservation",
         "rl_headers",
         "service",
@@ -76,6 +79,7 @@ class Admission:
         self.service = service
         self.gen = gen
         self.admitted = False
+        self.key_slot = False
         self.slot: SlotBlock | None = None
         #: The tokens the answer reported, for the TPM reconcile (None: keep the estimate).
         self.usage: int | None = None
@@ -93,6 +97,7 @@ class Admission:
             principal, gen.body, gen.output_tokens, gen.request_id, gen.wants_async
         )
         try:
+            self.key_slot = service.key_slots.acquire(principal)
             store = service.store
             if store is not None and gen.idempotency_key is not None:
                 twin = await self._replay(store)
@@ -170,6 +175,9 @@ class Admission:
         return Parked(enqueued.job, replayed)
 
     def _settle(self, exc: BaseException | None) -> None:
+        if self.key_slot:
+            self.key_slot = False
+            self.service.key_slots.release(self.gen.principal.key_id)
         now = trio.current_time()
         self.budget.release()  # unless its ledger record settled it
         if self.admitted:

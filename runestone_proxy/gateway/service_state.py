@@ -16,7 +16,7 @@ import attrs
 from runestone_proxy.config import Config
 from runestone_proxy.config.aliases import AliasError
 from runestone_proxy.config.aliases import validate as validate_aliases
-from runestone_proxy.gateway.auth import KeyStore
+from runestone_proxy.gateway.auth import KeySlots, KeyStore
 from runestone_proxy.gateway.budget_book import BudgetBook, LocalBudgetBook
 from runestone_proxy.gateway.capacity import Capacity
 from runestone_proxy.gateway.deployments import Deployments
@@ -52,6 +52,9 @@ class ServiceState:
         kw_only=True,
         default=attrs.Factory(lambda s: LocalLimits(s.ratelimiter, s.capacity), takes_self=True),
     )
+    #: Requests in flight per key, for keys with their own ``max_concurrent`` (this process's:
+    #: not shared on Redis, see KeySlots).
+    key_slots: KeySlots = attrs.field(kw_only=True, factory=KeySlots)
     #: Parks requests durably (202) when their tenant is full and they asked for async.
     store: JobQueue | None = attrs.field(kw_only=True, default=None)
     #: The Responses dialect's stored turns (``previous_response_id``, ``store``).
@@ -96,7 +99,7 @@ class ServiceState:
         no file, or it did not validate: the table held so far stays if it still fits the new
         config). Returns why the held table was dropped, if it was."""
         self.config = config
-        self.keys = KeyStore.build(config, self.env)
+        self.keys = KeyStore.build(config, self.env, self.keys.runtime)  # run-time keys stay
         dropped = None
         if file_aliases is not None:
             self.use_aliases(file_aliases)

@@ -15,6 +15,8 @@ The tree (every task has an owner; nothing runs in the background unparented)::
     ├── shared limits (state = redis)     Redis connection, subscriber, slot dispatcher,
     │                                     lease renewal (server/redis_limits.py)
     ├── worker side (server.workers > 1)  private socket for siblings' scrapes; lifeline
+    ├── keys refresh                      polls the store's keys_version (0.5 s): run-time
+    │                                     API keys made by any process, in force here
     ├── pings                             event: ping into quiet translated Messages streams
     ├── services                          overflow drainer (claims, webhooks, sweeps);
     │   └── job tasks                     Service.run_job; cancelled before the store so
@@ -55,6 +57,7 @@ import trio
 from runestone_proxy import config as config_mod
 from runestone_proxy import logs, metrics, telemetry
 from runestone_proxy.api.admin_auth import AdminAuth
+from runestone_proxy.api.admin_keys import add_admin_key_routes
 from runestone_proxy.api.anthropic import AnthropicApi
 from runestone_proxy.api.dispatch import Phase
 from runestone_proxy.api.health import (
@@ -71,6 +74,7 @@ from runestone_proxy.api.responses import ResponsesApi
 from runestone_proxy.api.responses_state import add_routes as add_response_state_routes
 from runestone_proxy.api.router import Router
 from runestone_proxy.config import Config, ConfigError
+from runestone_proxy.gateway.api_keys import KeyManager
 from runestone_proxy.gateway.budget_book import LocalBudgetBook
 from runestone_proxy.gateway.deployments import providers_view
 from runestone_proxy.gateway.service import Service
@@ -119,6 +123,8 @@ class App:
     shared: redis_limits.RedisLimits | None = attrs.field(kw_only=True, default=None)
     #: One of ``server.workers`` > 1 (server/supervisor.py): whole-gateway health/metrics.
     worker: supervisor_worker.WorkerSide | None = attrs.field(kw_only=True, default=None)
+    #: Run-time API keys: the admin API's changes, and the refresh that loads everyone's.
+    keys: KeyManager = attrs.field(kw_only=True)
 
     @classmethod
     def build(cls, config: Config, config_path: Path | None, env: Mapping[str, str]) -> App:
@@ -167,6 +173,9 @@ class App:
         if config.admin.listen == "main":
             admin_routers.append(gateway.router)
         gateway.components["capacity"] = service.limits.snapshot
+        keys = KeyManager(store, service.keys.runtime, lambda: service.keys)
+        for router in admin_routers:
+            add_admin_key_routes(router, keys, admin)
         service_aliases = aliases.ServiceAliases(service, aliases_path)
         gateway.reload_hooks.append(service_aliases.reload)
 
@@ -202,6 +211,7 @@ class App:
             admin=admin,
             admin_routers=admin_routers,
             shared=shared,
+            keys=keys,
         )
         app.worker = supervisor_worker.attach(app, env)
         return app
@@ -247,7 +257,6 @@ class App:
         return bound, health_bound
 
     async def run(self, task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED) -> None:
-        self._warn_if_open()
         removers = [
             telemetry.add_handler(metrics.on_event),
             telemetry.add_handler(logs.telemetry_to_log),
@@ -282,6 +291,8 @@ class App:
             await root.start(self.store.run)
             if self.shared is not None:
                 await root.start(self.shared.run)
+            await root.start(self.keys.refresh)  # the stored keys, loaded before READY
+            self._warn_if_open()
             await root.start(self.pings.run)
             if self.worker is not None:
                 await root.start(self.worker.run, self.begin_drain)

@@ -1,6 +1,7 @@
 """The durable store: one database, one connection, one thread. It holds the overflow
-queue's jobs, the stored Responses (conversation state, gateway/responses_store.py) and the
-usage ledger (gateway/ledger.py; its buffer, SQL and reads are in :mod:`.store_ledger`).
+queue's jobs, the stored Responses (conversation state, gateway/responses_store.py), the
+usage ledger (gateway/ledger.py; its buffer, SQL and reads are in :mod:`.store_ledger`) and
+the API keys made at run time (gateway/api_keys.py; :mod:`.store_keys`).
 
 The database is the backend's (a strategy, :mod:`.store_db`): SQLite by default
 (:mod:`.store_sqlite`, one host) or PostgreSQL (:mod:`.store_pg`, one queue shared by a
@@ -67,6 +68,7 @@ from runestone_proxy.gateway.responses_store import StoredResponse, fits, report
 from runestone_proxy.server import store_ledger_sql as ledger_sql
 from runestone_proxy.server import store_sql as sql
 from runestone_proxy.server.store_db import Backend, Db
+from runestone_proxy.server.store_keys import KeysSide
 from runestone_proxy.server.store_ledger import PASS_MAX, LedgerBuffer, LedgerSide
 from runestone_proxy.server.store_sqlite import SqliteBackend
 from runestone_proxy.server.store_values import (
@@ -119,7 +121,7 @@ def backend_from_config(
 
 
 @attrs.define(eq=False)
-class Store(LedgerSide):
+class Store(LedgerSide, KeysSide):
     #: Where the database lives (a ``Path`` is an SQLite file).
     backend: Backend = attrs.field(converter=as_backend)
     config: OverflowConfig

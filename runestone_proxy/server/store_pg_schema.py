@@ -11,8 +11,8 @@ in ONE transaction under a transaction-level advisory lock, so several gateways 
 once against the same database take turns: the first creates or upgrades, the others find
 it done. PostgreSQL's DDL is transactional, so a failed migration leaves nothing behind. A
 database written by a newer Runestone is refused rather than misread. Versions here are
-PostgreSQL's own (v1 is SQLite's v5 in one step); a new table (the runtime API keys) is
-added as the next version.
+PostgreSQL's own: v1 is SQLite's v5 in one step; v2 adds the run-time API keys (SQLite's
+v6: ``api_keys`` and ``api_keys_version``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = ["MIGRATION_LOCK", "SCHEMA_VERSION", "SchemaTooNew", "migrate"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: ``pg_advisory_xact_lock(MIGRATION_LOCK)``: one gateway migrates at a time. ('RUNS')
 MIGRATION_LOCK = 0x52554E53
@@ -122,8 +122,35 @@ _V1 = (
     _rollup("usage_daily"),
 )
 
+#: API keys made at run time (SQLite's v6), and the version every gateway polls.
+_V2 = (
+    """CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        name TEXT NOT NULL DEFAULT '',
+        sha256 TEXT NOT NULL UNIQUE,
+        mask TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        revoked_at DOUBLE PRECISION,
+        previous_sha256 TEXT,
+        previous_mask TEXT,
+        previous_expires_at DOUBLE PRECISION,
+        rpm BIGINT,
+        rph BIGINT,
+        tpm BIGINT,
+        max_concurrent BIGINT,
+        budget_usd_day DOUBLE PRECISION,
+        budget_usd_month DOUBLE PRECISION,
+        budget_tokens_day BIGINT
+    )""",
+    "CREATE INDEX api_keys_tenant ON api_keys (tenant, created_at)",
+    "CREATE TABLE api_keys_version (version BIGINT NOT NULL)",
+    "INSERT INTO api_keys_version (version) VALUES (0)",
+)
+
 #: version reached -> the statements that reach it from the version before.
-MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1}
+MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1, 2: _V2}
 
 
 def migrate(db: Db) -> int:

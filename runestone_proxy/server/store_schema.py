@@ -39,6 +39,21 @@ on ``at`` and ``(tenant, at)``), and two rollups, ``usage_hourly`` and ``usage_d
 one row per (bucket_start, tenant, key_id, model, provider) with the sums of requests,
 errors, the four token counts and cost_usd, kept current in the raw insert's transaction.
 ``bucket_start`` is the UTC hour or day start (unix seconds).
+
+API keys made at run time (v6; gateway/api_keys.py, SQL in :mod:`.store_keys_sql`), one
+row per key, never its secret::
+
+    id TEXT PK              key_<16 hex>: public, stable across rotations
+    tenant, name
+    sha256 TEXT UNIQUE      hex digest of the current secret; mask: sk-...abcd
+    created_at, updated_at, revoked_at     unix seconds (REAL); revoked_at NULL: in force
+    previous_sha256, previous_mask, previous_expires_at
+                            the secret a rotation replaced, valid until previous_expires_at
+    rpm, rph, tpm, max_concurrent, budget_tokens_day  INTEGER; budget_usd_day,
+    budget_usd_month REAL    NULL: no such limit
+
+``api_keys_version`` holds one row, ``version``, bumped in the transaction of every change:
+every process polls it (cheap) to know when to reload the keys.
 """
 
 from __future__ import annotations
@@ -60,7 +75,7 @@ __all__ = [
     "storable",
 ]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 Headers = tuple[tuple[bytes, bytes], ...]
 
@@ -164,8 +179,35 @@ _V5 = (
     _rollup("usage_daily"),
 )
 
+#: API keys made at run time, and the version every process polls.
+_V6 = (
+    """CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        name TEXT NOT NULL DEFAULT '',
+        sha256 TEXT NOT NULL UNIQUE,
+        mask TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        revoked_at REAL,
+        previous_sha256 TEXT,
+        previous_mask TEXT,
+        previous_expires_at REAL,
+        rpm INTEGER,
+        rph INTEGER,
+        tpm INTEGER,
+        max_concurrent INTEGER,
+        budget_usd_day REAL,
+        budget_usd_month REAL,
+        budget_tokens_day INTEGER
+    )""",
+    "CREATE INDEX api_keys_tenant ON api_keys (tenant, created_at)",
+    "CREATE TABLE api_keys_version (version INTEGER NOT NULL)",
+    "INSERT INTO api_keys_version (version) VALUES (0)",
+)
+
 #: version reached -> the statements that reach it from the version before.
-_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1, 2: _V2, 3: _V3, 4: _V4, 5: _V5}
+_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1, 2: _V2, 3: _V3, 4: _V4, 5: _V5, 6: _V6}
 
 
 def _version(conn: sqlite3.Connection) -> int:

@@ -16,9 +16,13 @@ no sleeps (waits are for the fake's in-flight count and the answers).
 from __future__ import annotations
 
 import calendar
+import os
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -40,6 +44,7 @@ AUTH = {"authorization": f"Bearer {KEY}"}
 PRICES = {"input_cost_per_1k": 1.0, "output_cost_per_1k": 2.0}
 ESTIMATE = (3 * 1.0 + 4 * 2.0) / 1000
 COST = (USAGE["prompt_tokens"] * 1.0 + USAGE["completion_tokens"] * 2.0) / 1000
+CLI_CREATE = ("keys", "create", "--tenant", "acme")
 BUDGET_HEADERS = (
     "x-runestone-budget-limit-usd",
     "x-runestone-budget-remaining-usd",
@@ -97,9 +102,11 @@ class Clock:
 
 
 @asynccontextmanager
-async def running(config: Config, clock: Callable[[], float]) -> AsyncIterator[Gateway]:
+async def running(
+    config: Config, clock: Callable[[], float], env: Mapping[str, str] | None = None
+) -> AsyncIterator[Gateway]:
     """The gateway until the block ends, then drained (its store flushes the ledger)."""
-    app = App.build(config, None, {**ENV, "BUDGET_KEY": KEY})
+    app = App.build(config, None, {**ENV, "BUDGET_KEY": KEY, **(env or {})})
     book = app.service.budgets
     assert isinstance(book, LocalBudgetBook)
     book.clock = clock
@@ -286,6 +293,74 @@ async def test_a_restart_keeps_the_spend(
         assert 'runestone_budget_remaining_usd{period="day",tenant="acme"} 0' in lines
         # (The counters are the process's: other tests' refusals count in them too.)
         assert any(x.startswith('runestone_budget_blocks_total{tenant="acme"} ') for x in lines)
+
+
+async def test_a_runtime_keys_budgets_are_held_as_a_config_keys_are(
+    fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic
+) -> None:
+    """Budgets set on keys made at run time (the admin API's POST and PATCH, the CLI's
+    ``keys create --budget-usd-day``) reach the principal the budget book reads, so they are
+    held exactly as a config key's: headers on every answer, then 429 insufficient_quota."""
+    admin = "admin-key-0123456789abcdef"
+    as_admin = {"authorization": f"Bearer {admin}"}
+    config = budget_config(fake_openai, fake_anthropic)
+    clock = Clock(utc("2099-03-10T12:00:00Z"))
+    with trio.fail_after(60):
+        async with (
+            running(config, clock, {"RUNESTONE_ADMIN_KEY": admin}) as gateway,
+            httpx.AsyncClient(base_url=gateway.url, timeout=10) as http,
+        ):
+            made = await http.post(
+                "/admin/keys", json={"tenant": "acme", "budget_usd_day": 0.02}, headers=as_admin
+            )
+            assert made.status_code == 201, made.text
+            key_id, mask = made.json()["id"], made.json()["mask"]
+            as_key = {"authorization": f"Bearer {made.json()['key']}"}
+            ok = await http.post("/v1/chat/completions", json=body(), headers=as_key)
+            assert ok.status_code == 200
+            assert ok.headers["x-runestone-budget-limit-usd"] == "0.02"
+            left = float(ok.headers["x-runestone-budget-remaining-usd"])
+            assert left == pytest.approx(0.02 - ESTIMATE)
+            refused = await http.post("/v1/chat/completions", json=body(), headers=as_key)
+            assert refused.status_code == 429  # 0.017 spent + 0.011 > 0.02
+            error = refused.json()["error"]
+            assert (error["type"], error["code"]) == ("insufficient_quota", "insufficient_quota")
+            assert f"daily USD budget of key {mask}" in error["message"]
+            assert refused.headers["x-should-retry"] == "false"
+            assert refused.headers["x-runestone-budget-remaining-usd"] == "0.003"  # 0.02 - 0.017
+            assert len(fake_openai.requests) == 1
+
+            # A PATCH is in force at once, and the spend so far stays counted (by key id).
+            patched = await http.patch(
+                f"/admin/keys/{key_id}", json={"budget_usd_day": 0.03}, headers=as_admin
+            )
+            assert patched.status_code == 200, patched.text
+            again = await http.post("/v1/chat/completions", json=body(), headers=as_key)
+            assert again.status_code == 200  # 0.017 + 0.011 <= 0.03
+            assert again.headers["x-runestone-budget-limit-usd"] == "0.03"
+            assert (await spent(gateway)) == pytest.approx(2 * COST)
+
+            # The CLI's key, made by another process on the same store, reaches this gateway
+            # through the keys refresh with its budget (below one request's estimate).
+            Path("config.toml").write_text("")  # the default store: the gateway's
+            env = {k: v for k, v in os.environ.items() if not k.startswith("RUNESTONE_")}
+            shell = await trio.run_process(
+                [sys.executable, "-m", "runestone_proxy", *CLI_CREATE, "--budget-usd-day", "0.005"],
+                capture_stdout=True,
+                stderr=subprocess.DEVNULL,
+                env=env,
+            )
+            as_cli_key = {"authorization": f"Bearer {shell.stdout.decode().strip()}"}
+            with trio.fail_after(5):  # the refresh polls every 0.5 s
+                while True:
+                    r = await http.post("/v1/chat/completions", json=body(), headers=as_cli_key)
+                    if r.status_code != 401:
+                        break
+                    await trio.sleep(0.05)
+            assert r.status_code == 429
+            assert r.json()["error"]["code"] == "insufficient_quota"
+            assert r.headers["x-runestone-budget-limit-usd"] == "0.005"
+            assert len(fake_openai.requests) == 2
 
 
 @attrs.define
