@@ -45,6 +45,9 @@ _SECRET_TEXT = re.compile(
 _LOUD_EVENTS = {
     "admin.key": "info",  # the audit trail of key changes
     "keys.loaded": "info",  # a process put the stored keys' change in force (version, keys)
+    "keys.refresh.failed": "warning",  # the store did not answer the keys poll: keys are stale
+    "budget.block": "info",  # a request refused for a budget (which one, spent, estimate)
+    "admin.auth_failure": "warning",
     "auth.failure": "warning",
     "circuit.open": "warning",
     "circuit.half_open": "info",
