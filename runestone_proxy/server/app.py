@@ -52,6 +52,7 @@ import trio
 from runestone_proxy import config as config_mod
 from runestone_proxy import logs, metrics, telemetry
 from runestone_proxy.api.admin_auth import AdminAuth
+from runestone_proxy.api.admin_usage import add_usage_routes
 from runestone_proxy.api.anthropic import AnthropicApi
 from runestone_proxy.api.dispatch import Phase
 from runestone_proxy.api.health import (
@@ -150,6 +151,7 @@ class App:
         admin_routers = [health_gateway.router]
         if config.admin.listen == "main":
             admin_routers.append(gateway.router)
+        add_usage_routes(admin_routers, admin, store, lambda: store.clock())
         service_aliases = aliases.ServiceAliases(service, aliases_path)
         gateway.reload_hooks.append(service_aliases.reload)
 
