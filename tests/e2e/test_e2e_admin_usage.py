@@ -6,7 +6,7 @@ both models (whole and streamed, the chat and Messages dialects, httpx and the o
 OpenAI SDK); then the report, at once (the records are still in the store's buffer: the
 route flushes it), in JSON and CSV, grouped and bucketed several ways, equal token for
 token and cent for cent to what the fakes reported and to what the raw records sum to; the
-admin key's guard; bad parameters.
+admin key's guard; bad parameters; and the CLI as a subprocess against the same state dir.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import sqlite3
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -273,3 +275,52 @@ async def test_bad_parameters_are_400_naming_the_parameter(
     error = r.json()["error"]
     assert error["param"] == param
     assert error["type"] == "invalid_request_error"
+
+
+async def test_the_cli_prints_the_same_totals(
+    gateway: Gateway, env: dict[str, str], tmp_path: Path
+) -> None:
+    with trio.fail_after(60):
+        await make_requests(gateway)
+        await gateway.app.store.sync_ledger()  # the CLI reads the file; the gateway flushes
+        config_path = str(tmp_path / "runestone.toml")
+        command = [sys.executable, "-m", "runestone_proxy", "--config", config_path]
+        child_env = {**os.environ, **env}
+        table = await trio.run_process(
+            [*command, "usage", "--since", "1h", "--by", "tenant,model"],
+            capture_stdout=True,
+            capture_stderr=True,
+            env=child_env,
+            cwd=tmp_path,
+        )
+        as_csv = await trio.run_process(
+            [*command, "usage", "--by", "tenant,model", "--csv"],
+            capture_stdout=True,
+            env=child_env,
+            cwd=tmp_path,
+        )
+    lines = table.stdout.decode().splitlines()
+    assert lines[0].startswith("usage ")
+    assert lines[0].endswith(", total, by tenant, model")
+    heads = lines[1].split()
+    assert heads[:4] == ["tenant", "model", "requests", "errors"]
+    got = {}
+    for line in lines[3:-2]:
+        cells = line.split()
+        row = dict(zip(heads, cells, strict=True))
+        got[(row["tenant"], row["model"])] = (
+            int(row["requests"].replace(",", "")),
+            int(row["prompt"].replace(",", "")),
+            int(row["completion"].replace(",", "")),
+            float(row["cost_usd"]),
+        )
+    want = expected(("tenant", "model"))
+    assert got.keys() == want.keys()
+    for key, (n, prompt, completion, usd) in want.items():
+        assert got[key][:3] == (n, prompt, completion)
+        assert got[key][3] == round(usd, 6)  # the table shows micro-dollars
+    total = lines[-1].split()
+    assert total[0] == "total"
+    assert int(total[1]) == sum(MADE.values())
+    rows = list(csv.DictReader(io.StringIO(as_csv.stdout.decode(), newline="")))
+    assert_cent_for_cent(by_group(rows, ("tenant", "model")), want)
