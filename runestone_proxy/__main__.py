@@ -1,5 +1,8 @@
 """``runestone-proxy`` / ``python -m runestone_proxy``: argv -> config -> logs -> trio.run.
 
+A subcommand (:data:`COMMANDS`) runs instead of the gateway, with the same config and
+environment: ``runestone-proxy [--config P] usage --since 24h --by tenant,model``.
+
 Exit status: 0 after a clean shutdown (SIGTERM/SIGINT drained), 2 when the configuration is
 invalid (every bad key is printed with the file it came from), 1 on any other failure.
 """
@@ -13,7 +16,11 @@ from pathlib import Path
 
 import trio
 
-from runestone_proxy import __version__, config, logs
+from runestone_proxy import __version__, cli_usage, config, logs
+
+#: Subcommands: name -> module with ``HELP``, ``add_arguments(parser)`` and
+#: ``run(config, args, env) -> exit status``.
+COMMANDS = {"usage": cli_usage}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,6 +37,17 @@ def _parser() -> argparse.ArgumentParser:
         "--check-config", action="store_true", help="validate the configuration and exit"
     )
     parser.add_argument("--version", action="version", version=f"runestone-proxy {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        sub = commands.add_parser(name, help=module.HELP, description=module.HELP)
+        # ``--config`` after the subcommand too (SUPPRESS: absent, the global one stands).
+        sub.add_argument(
+            "--config",
+            metavar="PATH",
+            default=argparse.SUPPRESS,
+            help="the config file (as before the command)",
+        )
+        module.add_arguments(sub)
     return parser
 
 
@@ -45,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print(f"runestone-proxy: {path or '<embedded defaults>'}: configuration is valid")
         return 0
+    if args.command is not None:
+        status: int = COMMANDS[args.command].run(cfg, args, os.environ)
+        return status
     logs.configure(cfg.logging.level, cfg.logging.format)
     from runestone_proxy.server import supervisor
 

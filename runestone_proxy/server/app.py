@@ -55,6 +55,7 @@ import trio
 from runestone_proxy import config as config_mod
 from runestone_proxy import logs, metrics, telemetry
 from runestone_proxy.api.admin_auth import AdminAuth
+from runestone_proxy.api.admin_usage import add_usage_routes
 from runestone_proxy.api.anthropic import AnthropicApi
 from runestone_proxy.api.dispatch import Phase
 from runestone_proxy.api.health import (
@@ -167,6 +168,7 @@ class App:
         if config.admin.listen == "main":
             admin_routers.append(gateway.router)
         gateway.components["capacity"] = service.limits.snapshot
+        add_usage_routes(admin_routers, admin, store, lambda: store.clock())
         service_aliases = aliases.ServiceAliases(service, aliases_path)
         gateway.reload_hooks.append(service_aliases.reload)
 
