@@ -3,7 +3,8 @@
 ``runestone-proxy [--config PATH] [--check-config]`` runs the gateway (or only validates its
 configuration). ``runestone-proxy [--config PATH] COMMAND ...`` runs one of
 :data:`COMMANDS` instead, with the same configuration and environment as the service (e.g.
-``keys create --tenant acme``); each is ``main(argv, config, env) -> exit status``.
+``keys create --tenant acme``, ``usage --since 24h --by tenant,model``); each is
+``main(argv, config, env) -> exit status``. ``--config`` may also follow the command.
 
 Exit status: 0 after a clean shutdown (SIGTERM/SIGINT drained), 2 when the configuration is
 invalid (every bad key is printed with the file it came from) or a command's arguments are,
@@ -20,13 +21,14 @@ from pathlib import Path
 
 import trio
 
-from runestone_proxy import __version__, cli_keys, config, logs
+from runestone_proxy import __version__, cli_keys, cli_usage, config, logs
 
 Command = Callable[[list[str], config.Config, Mapping[str, str]], int]
 
 #: Subcommands: name -> ``main(argv after the name, config, environment) -> exit status``.
 COMMANDS: dict[str, Command] = {
     "keys": cli_keys.main,
+    "usage": cli_usage.main,
 }
 
 
@@ -54,8 +56,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_after_command(args: argparse.Namespace) -> None:
+    """``COMMAND ... --config PATH`` (or ``--config=PATH``): the same as before the command;
+    taken out of the command's own arguments."""
+    rest: list[str] = []
+    words = iter(args.args)
+    for word in words:
+        if word == "--config":
+            args.config = next(words, args.config)
+        elif word.startswith("--config="):
+            args.config = word.partition("=")[2]
+        else:
+            rest.append(word)
+    args.args = rest
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command is not None:
+        _config_after_command(args)
     path = config.find_path(args.config, os.environ)
     try:
         cfg = config.load(path, os.environ)

@@ -37,7 +37,8 @@ LAYERS = {
     "api": 4,
     "server": 5,
     "__main__": 5,
-    "cli_keys": 5,
+    "cli_keys": 5,  # subcommands of __main__
+    "cli_usage": 5,
 }
 #: Leaves: they may import each other, and no layer.
 LEAVES = frozenset({"__init__", "config", "errors", "logs", "telemetry", "metrics"})

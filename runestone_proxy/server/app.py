@@ -58,6 +58,7 @@ from runestone_proxy import config as config_mod
 from runestone_proxy import logs, metrics, telemetry
 from runestone_proxy.api.admin_auth import AdminAuth
 from runestone_proxy.api.admin_keys import add_admin_key_routes
+from runestone_proxy.api.admin_usage import add_usage_routes
 from runestone_proxy.api.anthropic import AnthropicApi
 from runestone_proxy.api.dispatch import Phase
 from runestone_proxy.api.health import (
@@ -176,6 +177,7 @@ class App:
         keys = KeyManager(store, service.keys.runtime, lambda: service.keys)
         for router in admin_routers:
             add_admin_key_routes(router, keys, admin)
+        add_usage_routes(admin_routers, admin, store, lambda: store.clock())
         service_aliases = aliases.ServiceAliases(service, aliases_path)
         gateway.reload_hooks.append(service_aliases.reload)
 

@@ -20,8 +20,10 @@ row_id         ``rowid``           ``ctid``: a physical row, for batched deletes
 =============  ==================  ===========================================================
 
 and what differs in behaviour is a method of the :class:`Db` (``begin``: ``BEGIN IMMEDIATE``
-vs ``BEGIN``; ``lock_tenants``: nothing vs advisory locks that make the per-tenant cap
-exact across gateways). Every call happens on the store's one worker thread.
+vs ``BEGIN``; ``begin_read``: a snapshot; ``lock_tenants``: nothing vs advisory locks that
+make the per-tenant cap exact across gateways). Every call on the store's connection happens
+on the store's one worker thread; a long read (a usage report) takes a connection of its own
+(:meth:`Backend.read_connection`) so that it never holds up the writer.
 """
 
 from __future__ import annotations
@@ -80,6 +82,11 @@ class Db(Protocol):
     def begin(self) -> None:
         """Start a write transaction."""
 
+    def begin_read(self) -> None:
+        """Start a read-only transaction that sees one snapshot, taken by its first
+        statement (SQLite: a deferred ``BEGIN`` in WAL; PostgreSQL: ``REPEATABLE READ READ
+        ONLY``), so that statement is the moment every later read is as of."""
+
     def commit(self) -> None: ...
 
     def rollback(self) -> None: ...
@@ -105,3 +112,9 @@ class Backend(Protocol):
     def connect(self) -> Db:
         """Open, bring the schema up to date, return the connection. Raises
         ``ServiceUnavailable`` naming :attr:`where`. Runs on the store's worker thread."""
+
+    def read_connection(self) -> Db:
+        """A new connection for one long read, apart from the store's (closed by the
+        caller): read-only where the backend can say so, never migrating, never creating
+        the database. Raises ``ServiceUnavailable`` naming :attr:`where`. Blocking: call it
+        off the event loop."""

@@ -1,6 +1,6 @@
 """The usage ledger in the durable store: the pending buffer and :class:`LedgerSide`, the
 ledger's half of :class:`~runestone_proxy.server.store.Store` (``record``, the shutdown
-flush, ``usage_totals``, ``spend``), which makes the store a
+flush, ``usage_totals``, ``usage_report``, ``spend``), which makes the store a
 :class:`~runestone_proxy.gateway.ledger.UsageLedger`. The SQL is in
 :mod:`.store_ledger_sql`; the tables are described in :mod:`.store_schema` (v5).
 
@@ -40,10 +40,12 @@ import trio
 
 from runestone_proxy import telemetry
 from runestone_proxy.config.stores import LedgerConfig
-from runestone_proxy.errors import GatewayError
+from runestone_proxy.errors import GatewayError, ServiceUnavailable
 from runestone_proxy.gateway.ledger import UsageRecord
+from runestone_proxy.gateway.usage_report import UsageQuery, UsageReport
 from runestone_proxy.server import store_ledger_sql as sql
-from runestone_proxy.server.store_db import Db
+from runestone_proxy.server import usage_report_sql
+from runestone_proxy.server.store_db import Backend, Db
 from runestone_proxy.server.store_values import Answer, Barrier, Pending, StoreStats, Write
 
 __all__ = ["MAX_PENDING", "PASS_MAX", "LedgerBuffer", "LedgerSide"]
@@ -128,6 +130,8 @@ class LedgerSide:
     writer: it takes the buffer's records in each pass, see ``Store._writer``)."""
 
     ledger_config: LedgerConfig
+    backend: Backend
+    inline: bool
     stats: StoreStats
     clock: Callable[[], float]
     _ledger: LedgerBuffer
@@ -212,6 +216,21 @@ class LedgerSide:
                 daily=daily,
             )
         )
+
+    async def usage_report(self, query: UsageQuery) -> UsageReport:
+        """``GET /admin/usage``: the records buffered so far written first (a report right
+        after a request sees it), then ``query`` read on a connection of its own, off the
+        writer's, on a worker thread of its own (:func:`.usage_report_sql.read`: a long
+        report never stalls commits; the store's one thread is not taken either)."""
+        await self.sync_ledger()
+        read = functools.partial(
+            usage_report_sql.read, self.backend, query, self.ledger_config, self.clock
+        )
+        try:
+            return read() if self.inline else await trio.to_thread.run_sync(read)
+        except usage_report_sql.Unreadable as exc:
+            log.error("store.error", error=str(exc), kind=type(exc).__name__)
+            raise ServiceUnavailable(f"The usage ledger cannot be read: {exc}") from exc
 
     async def spend(self, tenant: str, key_id: str | None, since: float) -> tuple[float, int]:
         """USD and tokens (prompt + completion) of ``tenant`` (only ``key_id``'s, if given)

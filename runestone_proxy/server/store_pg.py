@@ -147,6 +147,11 @@ class PgDb:
     def begin(self) -> None:
         self._conn.execute("BEGIN")
 
+    def begin_read(self) -> None:
+        """``REPEATABLE READ``: the snapshot is taken by the first statement and kept to
+        the end (``READ COMMITTED``, the default, would take one per statement)."""
+        self._conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+
     def commit(self) -> None:
         self._conn.execute("COMMIT")
 
@@ -199,6 +204,15 @@ class PgBackend:
             db.close()
             raise ServiceUnavailable(f"The job store {self.where} cannot be opened: {exc}") from exc
         return db
+
+    def read_connection(self) -> PgDb:
+        """A new connection of its own (the store's is busy with the writer), for one read;
+        the schema is the store's to migrate, not this one's."""
+        try:
+            conn = psycopg.connect(self.url, autocommit=True, row_factory=_pg_row)
+        except psycopg.Error as exc:
+            raise ServiceUnavailable(f"The job store {self.where} cannot be read: {exc}") from exc
+        return PgDb(conn)
 
     def _check_clock(self, db: PgDb) -> None:
         before = self.clock()

@@ -40,6 +40,12 @@ class SqliteDb(sqlite3.Connection):
     def begin(self) -> None:
         self.execute("BEGIN IMMEDIATE")
 
+    def begin_read(self) -> None:
+        """A deferred ``BEGIN``: the first read takes the WAL snapshot the rest see, and
+        no write lock is ever asked for (the writer and this reader never wait on each
+        other)."""
+        self.execute("BEGIN")
+
     def lock_tenants(self, tenants: Sequence[str]) -> None:
         """Nothing: ``BEGIN IMMEDIATE`` already keeps every other writer out."""
 
@@ -73,4 +79,17 @@ class SqliteBackend:
             schema.migrate(conn)
         except (OSError, sqlite3.Error) as exc:
             raise ServiceUnavailable(f"The job store {self.path} cannot be opened: {exc}") from exc
+        return conn
+
+    def read_connection(self) -> SqliteDb:
+        """``mode=ro``: SQLite itself refuses every write on it, and a missing file is an
+        error rather than a new empty database."""
+        try:
+            uri = f"{self.path.absolute().as_uri()}?mode=ro"
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None, factory=SqliteDb)
+            conn.row_factory = sqlite3.Row
+            conn.text_factory = schema.decode_text
+            conn.execute("PRAGMA busy_timeout=5000")
+        except sqlite3.Error as exc:
+            raise ServiceUnavailable(f"The job store {self.path} cannot be read: {exc}") from exc
         return conn

@@ -21,6 +21,7 @@ from store_db_helpers import StoreDb
 
 from runestone_proxy.config import Config, OverflowConfig, TenantConfig
 from runestone_proxy.errors import RateLimited, ServiceUnavailable
+from runestone_proxy.gateway.ledger import UsageRecord
 from runestone_proxy.gateway.overflow import JobStatus, NewJob, WebhookStatus
 from runestone_proxy.server import store_pg_schema
 from runestone_proxy.server.store import Store
@@ -255,3 +256,29 @@ async def _concurrently(*calls: Callable[[], object]) -> list[object]:
         for i in range(len(calls)):
             nursery.start_soon(one, i)
     return results
+
+
+async def test_the_ledger_and_its_rollups_are_written_across_gateways(
+    fleet: list[Store], pgdb: StoreDb
+) -> None:
+    """Two gateways' records in one hour add up in one rollup row (the upsert's old value
+    named by its table: PostgreSQL refuses a bare column there as ambiguous)."""
+    hour = 1_800_000_000.0  # on the hour
+
+    def record(at: float, tokens: int) -> UsageRecord:
+        return UsageRecord(
+            at, "req_1", "a", "k1", "chat", "fast", "openai", "gpt-4o-mini", 1,
+            tokens, 1, 0, 0, 0.25, 200, "ok", False, False, 12.5,
+        )  # fmt: skip
+
+    with trio.fail_after(10):
+        for i, store in enumerate(fleet[:2]):
+            store.record(record(hour + 10 + i, 10 * (i + 1)))
+            store.record(record(hour + 20 + i, 100))
+            await store.sync_ledger()
+    assert fleet[0].stats.ledger_written + fleet[1].stats.ledger_written == 4
+    assert fleet[0].stats.ledger_dropped + fleet[1].stats.ledger_dropped == 0
+    for table in ("usage_hourly", "usage_daily"):
+        rows = pgdb.rows(f"SELECT requests, prompt_tokens, cost_usd FROM {table}")
+        assert rows == [{"requests": 4, "prompt_tokens": 230, "cost_usd": 1.0}]
+    assert pgdb.count("usage") == 4
