@@ -68,7 +68,9 @@ _INSERT_RAW = f"INSERT INTO usage ({_RAW_COLUMNS}) VALUES ({', '.join('?' * 20)}
 
 def _upsert(table: str) -> str:
     keys = "bucket_start, tenant, key_id, model, provider"
-    updates = ", ".join(f"{c} = {c} + excluded.{c}" for c in _SUMS)
+    # The old value qualified by its table: PostgreSQL finds a bare ``requests`` ambiguous
+    # (the table's or ``excluded``'s) and refuses the statement; SQLite takes either.
+    updates = ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in _SUMS)
     return (
         f"INSERT INTO {table} ({keys}, {', '.join(_SUMS)}) VALUES ({', '.join('?' * 12)})"
         f" ON CONFLICT ({keys}) DO UPDATE SET {updates}"
