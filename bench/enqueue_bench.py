@@ -11,6 +11,12 @@ is where ``runestone.sqlite3`` would live without ``$RUNESTONE_STATE_DIR``).
     /work/venv/bin/python -m bench.enqueue_bench --concurrency 1,64,256 --jobs 20000
     /work/venv/bin/python -m bench.enqueue_bench --no-group         # one fsync per job
     /work/venv/bin/python -m bench.enqueue_bench --backend sqlite,postgres   # same run
+    /work/venv/bin/python -m bench.enqueue_bench --ledger off,on    # the ledger's effect
+
+``--ledger on``: every caller also hands the store one usage record per job (as if as many
+live requests as queued ones ended meanwhile), which ride the same writer passes; the run
+ends once those are written too (``sync_ledger``). ``off,on`` interleaves the two per
+repeat.
 
 ``--backend postgres`` starts a real PostgreSQL server (``tests/pg_server.py``: initdb in
 ``--dir``, loopback, fsync ON: a commit is as durable as SQLite's) and gives each run a
@@ -38,6 +44,7 @@ import trio
 
 from runestone_proxy import logs
 from runestone_proxy.config import Config, OverflowConfig, TenantConfig
+from runestone_proxy.gateway.ledger import UsageRecord
 from runestone_proxy.gateway.overflow import NewJob
 from runestone_proxy.server.store import Store
 
@@ -73,8 +80,19 @@ def postgres(directory: Path) -> Iterator[Any]:
         yield server
 
 
+def usage(tenant: str, request_id: str) -> UsageRecord:
+    """A live request's record, as ``gateway.accounting`` makes one."""
+    fields = (tenant, "", "chat", "gpt-4o-mini", "openai", "gpt-4o-mini", 1, 40, 60, 0, 0)
+    return UsageRecord(time.time(), request_id, *fields, 4.2e-5, 200, "ok", False, False, 3.1)
+
+
 async def one_run(
-    directory: Path, jobs: int, concurrency: int, max_batch: int, pg: Any = None
+    directory: Path,
+    jobs: int,
+    concurrency: int,
+    max_batch: int,
+    pg: Any = None,
+    ledger: bool = False,
 ) -> Run:
     with tempfile.TemporaryDirectory(dir=directory, prefix="enqueue-bench-") as tmp:
         path = Path(tmp) / "bench.sqlite3"
@@ -92,12 +110,15 @@ async def one_run(
             async def caller(index: int) -> None:
                 tenant = TENANTS[index % len(TENANTS)]
                 for n in range(per_caller):
+                    if ledger:
+                        store.record(usage(tenant, f"req_live_{index}_{n}"))
                     await store.enqueue(NewJob(tenant, f"req_{index}_{n}", "chat", BODY))
 
             started = time.perf_counter()
             async with trio.open_nursery() as callers:
                 for index in range(concurrency):
                     callers.start_soon(caller, index)
+            await store.sync_ledger()
             seconds = time.perf_counter() - started
             total = per_caller * concurrency
             assert (await store.counts()) == {"queued": total}
@@ -114,26 +135,37 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path.cwd())
     parser.add_argument("--no-group", action="store_true", help="group_commit_max_batch=1")
     parser.add_argument("--backend", default="sqlite", help="sqlite, postgres, or both")
+    parser.add_argument("--ledger", default="off", help="off, on, or off,on (interleaved)")
     args = parser.parse_args()
     logs.configure("warning")
     max_batch = 1 if args.no_group else OverflowConfig().group_commit_max_batch
     backends = args.backend.split(",")
     print(f"group_commit_max_batch={max_batch}, dir={args.dir}")
-    print(f"{'backend':>9} {'callers':>8} {'jobs/s (median)':>16} {'runs':>28} {'jobs/commit':>12}")
+    ledgers = [mode == "on" for mode in args.ledger.split(",")]
+    head = f"{'backend':>9} {'ledger':>6} {'callers':>8} {'jobs/s (median)':>16} {'runs':>28}"
+    print(f"{head} {'jobs/commit':>12}")
     with contextlib.ExitStack() as stack:
         pg = stack.enter_context(postgres(args.dir)) if "postgres" in backends else None
         for concurrency in (int(c) for c in args.concurrency.split(",")):
-            for backend in backends:  # interleaved: the machine's drift hits both alike
+            for backend in backends:
                 server = pg if backend == "postgres" else None
-                runs = [
-                    trio.run(one_run, args.dir, args.jobs, concurrency, max_batch, server)
-                    for _ in range(args.repeats)
-                ]
-                rates = [r.rate for r in runs]
-                shown = ", ".join(f"{r:,.0f}" for r in rates)
-                group = statistics.mean(r.group for r in runs)
-                median = statistics.median(rates)
-                print(f"{backend:>9} {concurrency:>8} {median:>16,.0f} {shown:>28} {group:>12.1f}")
+                runs: dict[bool, list[Run]] = {ledger: [] for ledger in ledgers}
+                for _ in range(args.repeats):  # interleaved: the drift hits both alike
+                    for ledger in ledgers:
+                        run = trio.run(
+                            one_run, args.dir, args.jobs, concurrency, max_batch, server, ledger
+                        )
+                        runs[ledger].append(run)
+                for ledger, done in runs.items():
+                    rates = [r.rate for r in done]
+                    shown = ", ".join(f"{r:,.0f}" for r in rates)
+                    group = statistics.mean(r.group for r in done)
+                    median = statistics.median(rates)
+                    mode = "on" if ledger else "off"
+                    print(
+                        f"{backend:>9} {mode:>6} {concurrency:>8} {median:>16,.0f} {shown:>28}"
+                        f" {group:>12.1f}"
+                    )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ deadlock.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
+import operator
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
@@ -86,39 +89,115 @@ def bucket_start(at: float, size_s: float) -> float:
 
 
 # --- writing (worker thread, inside the caller's transaction) --------------------------------
+#
+# Per record this is most of the ledger's cost (the request only appends a tuple to a
+# buffer), so it does per-record Python work only where C cannot:
+#
+# * **Text as it is.** One C pass over the batch's texts (:func:`_plain`) tells whether
+#   every one is ASCII without NUL, which :func:`storable` leaves as it is: then the records
+#   are bound as they are. Otherwise (rare: a model name with an accent, a lone surrogate
+#   from a JSON escape, a NUL) the whole batch is rewritten with :func:`storable` text first,
+#   so both backends store exactly what they stored before.
+# * **Few statements.** SQLite: multi-row ``INSERT ... VALUES (...), (...)`` of
+#   :data:`ROWS_PER_INSERT` rows, flattened in C. Each statement releases the GIL once
+#   (around ``sqlite3_step``), where ``executemany`` released it per row and the event loop
+#   and the writer traded it back and forth; and ``stream``/``estimated`` are bound as ints
+#   (the ``sqlite3`` module looks a ``bool``, and ``None``, up in its adapter registry: as
+#   dear as the row's other 18 values together). PostgreSQL: one ``INSERT ... SELECT FROM
+#   unnest(...)`` of 20 arrays (one statement and one round trip for the batch; psycopg
+#   dumps each array in C).
+# * **Rollups summed once.** The records are summed per hour in one pass, the days from
+#   those hours (a handful of rows); rows are upserted in key order (PostgreSQL's lock
+#   order, see the module docstring).
+
+#: Rows per multi-row INSERT on SQLite (20 parameters each, within SQLite's 32,766).
+ROWS_PER_INSERT = 64
+_COLUMNS = 20
+#: A record's text fields: request_id, tenant, key_id, endpoint, model, provider,
+#: upstream_model (``outcome`` is one of three literals).
+_TEXTS = operator.itemgetter(1, 2, 3, 4, 5, 6, 7)
+#: ``stream`` and ``estimated``: bound as 0/1.
+_FLAGS = (16, 17)
+_ROW = f"({', '.join('?' * _COLUMNS)})"
+#: PostgreSQL: the batch as one array per column.
+_PG_TYPES = (
+    "DOUBLE PRECISION",
+    *["TEXT"] * 7,
+    *["BIGINT"] * 5,
+    "DOUBLE PRECISION",
+    "INTEGER",
+    "TEXT",
+    "INTEGER",
+    "INTEGER",
+    "DOUBLE PRECISION",
+    "DOUBLE PRECISION",
+)
+_INSERT_UNNEST = (
+    f"INSERT INTO usage ({_RAW_COLUMNS}) SELECT * FROM unnest("
+    + ", ".join(f"CAST(? AS {t}[])" for t in _PG_TYPES)
+    + ")"
+)
 
 
-def _raw_row(r: UsageRecord) -> tuple[Any, ...]:
-    return (
-        r.at,
-        storable(r.request_id),
-        storable(r.tenant),
-        storable(r.key_id),
-        storable(r.endpoint),
-        storable(r.model),
-        storable(r.provider),
-        storable(r.upstream_model),
-        r.attempts,
-        r.prompt_tokens,
-        r.completion_tokens,
-        r.cached_tokens,
-        r.reasoning_tokens,
-        r.cost_usd,
-        r.status,
-        r.outcome,
-        int(r.stream),
-        int(r.estimated),
-        r.latency_ms,
-        r.ttfb_ms,
+@functools.lru_cache(maxsize=ROWS_PER_INSERT)
+def _insert_rows(count: int) -> str:
+    """``INSERT INTO usage ... VALUES`` with ``count`` rows of placeholders."""
+    return f"INSERT INTO usage ({_RAW_COLUMNS}) VALUES {', '.join([_ROW] * count)}"
+
+
+def _plain(records: Sequence[UsageRecord]) -> bool:
+    """Every text of ``records`` is ASCII without NUL (:func:`storable` would keep it)."""
+    try:
+        text = "".join(itertools.chain.from_iterable(map(_TEXTS, records)))
+    except TypeError:  # not a str: let storable() and the driver say what it is
+        return False
+    return text.isascii() and "\x00" not in text
+
+
+def _storable_record(r: UsageRecord) -> UsageRecord:
+    def text(value: str) -> str:
+        return storable(value) or ""  # only None gives None, and these are str
+
+    return r._replace(
+        request_id=text(r.request_id),
+        tenant=text(r.tenant),
+        key_id=text(r.key_id),
+        endpoint=text(r.endpoint),
+        model=text(r.model),
+        provider=text(r.provider),
+        upstream_model=text(r.upstream_model),
     )
 
 
+def _insert_sqlite(conn: Db, records: Sequence[UsageRecord]) -> None:
+    values: list[Any] = list(itertools.chain.from_iterable(records))
+    for flag in _FLAGS:
+        values[flag::_COLUMNS] = map(int, values[flag::_COLUMNS])
+    step = ROWS_PER_INSERT * _COLUMNS
+    for at in range(0, len(values), step):
+        chunk = values[at : at + step]
+        conn.execute(_insert_rows(len(chunk) // _COLUMNS), chunk)
+
+
+def _insert_postgres(conn: Db, records: Sequence[UsageRecord]) -> None:
+    columns = [list(column) for column in zip(*records, strict=True)]
+    for flag in _FLAGS:
+        columns[flag] = list(map(int, columns[flag]))
+    conn.execute(_INSERT_UNNEST, columns)
+
+
 def rollup_rows(records: Iterable[UsageRecord], size_s: float) -> list[tuple[Any, ...]]:
-    """The records summed per (bucket, tenant, key_id, model, provider), in key order."""
+    """The records summed per (bucket, tenant, key_id, model, provider), ``size_s`` being
+    ``HOUR_S`` or ``DAY_S``, in key order (text as the records hold it)."""
+    hourly = _hour_sums(records)
+    return _rows(hourly if size_s == HOUR_S else _day_sums(hourly))
+
+
+def _hour_sums(records: Iterable[UsageRecord]) -> dict[tuple[Any, ...], list[Any]]:
     sums: dict[tuple[Any, ...], list[Any]] = {}
+    floor = math.floor
     for r in records:
-        key: tuple[Any, ...] = (bucket_start(r.at, size_s), storable(r.tenant))
-        key += (storable(r.key_id), storable(r.model), storable(r.provider))
+        key = (floor(r.at / HOUR_S) * HOUR_S, r.tenant, r.key_id, r.model, r.provider)
         row = sums.get(key)
         if row is None:
             row = sums[key] = [0, 0, 0, 0, 0, 0, 0.0]
@@ -129,13 +208,38 @@ def rollup_rows(records: Iterable[UsageRecord], size_s: float) -> list[tuple[Any
         row[4] += r.cached_tokens
         row[5] += r.reasoning_tokens
         row[6] += r.cost_usd
+    return sums
+
+
+def _day_sums(hourly: dict[tuple[Any, ...], list[Any]]) -> dict[tuple[Any, ...], list[Any]]:
+    """The hourly sums summed per UTC day (an hour lies within one day: a day is 24 whole
+    hours from the epoch): a handful of rows, not a second pass over the records."""
+    sums: dict[tuple[Any, ...], list[Any]] = {}
+    for (hour, *who), values in hourly.items():
+        key = (bucket_start(hour, DAY_S), *who)
+        row = sums.get(key)
+        if row is None:
+            sums[key] = list(values)
+        else:
+            for i, v in enumerate(values):
+                row[i] += v
+    return sums
+
+
+def _rows(sums: dict[tuple[Any, ...], list[Any]]) -> list[tuple[Any, ...]]:
     return [(*key, *sums[key]) for key in sorted(sums)]
 
 
 def _insert(conn: Db, records: Sequence[UsageRecord]) -> None:
-    conn.executemany(_INSERT_RAW, [_raw_row(r) for r in records])
-    conn.executemany(_UPSERT["usage_hourly"], rollup_rows(records, HOUR_S))
-    conn.executemany(_UPSERT["usage_daily"], rollup_rows(records, DAY_S))
+    if not _plain(records):
+        records = [_storable_record(r) for r in records]
+    if conn.dialect.name == "postgres":
+        _insert_postgres(conn, records)
+    else:
+        _insert_sqlite(conn, records)
+    hourly = _hour_sums(records)
+    conn.executemany(_UPSERT["usage_hourly"], _rows(hourly))
+    conn.executemany(_UPSERT["usage_daily"], _rows(_day_sums(hourly)))
 
 
 def _insert_guarded(conn: Db, records: Sequence[UsageRecord]) -> bool:

@@ -30,6 +30,7 @@ from runestone_proxy.gateway.overflow import NewJob
 from runestone_proxy.server import store_ledger_sql, store_schema
 from runestone_proxy.server.store import Store
 from runestone_proxy.server.store_schema import SCHEMA_VERSION
+from runestone_proxy.server.store_sqlite import SqliteDb
 
 DAY = 86400.0
 HOUR = 3600.0
@@ -167,7 +168,7 @@ async def test_records_survive_a_failed_enqueue_in_their_pass(store: Store) -> N
 
 
 def test_text_that_is_not_utf8_is_stored() -> None:
-    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn = sqlite3.connect(":memory:", isolation_level=None, factory=SqliteDb)
     store_schema.migrate(conn)
     assert store_ledger_sql.write(conn, [rec(tenant="t\ud800")]) == []
     assert conn.execute("SELECT tenant FROM usage_hourly").fetchone()[0] == "t\\ud800"
@@ -176,7 +177,7 @@ def test_text_that_is_not_utf8_is_stored() -> None:
 def test_one_unstorable_text_rewrites_its_batch_and_loses_no_record() -> None:
     # The records are bound as they are; the one SQLite cannot store sends the whole batch
     # down the slow path (undone, rewritten), which must neither double nor drop a row.
-    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn = sqlite3.connect(":memory:", isolation_level=None, factory=SqliteDb)
     store_schema.migrate(conn)
     batch = [rec(request_id="r1"), rec(model="m\udc80", request_id="r2"), rec(request_id="r3")]
     conn.execute("BEGIN")
@@ -212,7 +213,7 @@ records_st = st.lists(
 @settings(max_examples=60, deadline=None, derandomize=True)
 @given(records=records_st, cut=st.integers(0, 60))
 def test_rollups_equal_the_sums_of_the_raw_rows(records: list[UsageRecord], cut: int) -> None:
-    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn = sqlite3.connect(":memory:", isolation_level=None, factory=SqliteDb)
     store_schema.migrate(conn)
     for batch in (records[:cut], records[cut:]):  # two writer passes
         conn.execute("BEGIN")
