@@ -50,11 +50,10 @@ import itertools
 import math
 import os
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
-import hiredis
 import outcome
 import structlog
 import trio
@@ -132,6 +131,9 @@ class RedisLimits:
     _kick: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
     _kicked: bool = False
     _freed: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
+    #: Other users of the connection with a task of their own (the budgets' renewal),
+    #: started with the rest in :meth:`run`.
+    companions: list[Callable[..., Awaitable[None]]] = attrs.Factory(list)
 
     @classmethod
     def build(cls, config: Config, local: LocalLimits, client: RedisClient) -> RedisLimits:
@@ -298,13 +300,8 @@ class RedisLimits:
         return headers
 
     def _send(self, script: Script, keys: Any, args: Any) -> None:
-        """Fire-and-forget a script (a NOSCRIPT reply, after a flush, is sent again as EVAL)."""
-
-        def orphan(reply: Any) -> None:
-            if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
-                self.client.send("EVAL", script.source, len(keys), *keys, *args)
-
-        self.client.send(*self.client.evalsha_args(script, keys, args), orphan=orphan)
+        """Fire-and-forget a script (lost if Redis is down: the leases cover it)."""
+        self.client.send_script(script, keys, args)
 
     def release(self, tenant: _Tenant, member: str) -> None:
         """Give a slot back (fire-and-forget; the lease covers a lost release)."""
@@ -450,6 +447,8 @@ class RedisLimits:
             await nursery.start(Subscriber(self.client, self.channel, self.on_message).run)
             await nursery.start(self.dispatch)
             await nursery.start(self.renew)
+            for companion in self.companions:
+                await nursery.start(companion)
             task_status.started()
 
     # --- the drainer's view, and /health -------------------------------------------------------
