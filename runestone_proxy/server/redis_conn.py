@@ -145,12 +145,12 @@ class Connection:
         scope.cancel()
 
     def _fail_pending(self) -> None:
-        error = outcome.Error(RedisUnavailable(self.broken or "connection closed"))
+        why = self.broken or "connection closed"
         pending, self.pending = self.pending, deque()
         self.out.clear()
         for slot in pending:
-            if slot.task is not None:
-                trio.lowlevel.reschedule(slot.task, error)
+            if slot.task is not None:  # an outcome is unwrapped once: one per caller
+                trio.lowlevel.reschedule(slot.task, outcome.Error(RedisUnavailable(why)))
 
     async def _write(self, scope: trio.CancelScope) -> None:
         try:

@@ -394,15 +394,13 @@ class RedisLimits:
             self._send(WAITING, (f"{self.prefix}waiting",), (0, self.process_id, 0))
 
     def _fail_waiters(self, tenant: _Tenant) -> None:
-        error = outcome.Error(
-            ServiceUnavailable(
+        while tenant.fifo:  # an outcome is unwrapped once: one per waiter
+            error = ServiceUnavailable(
                 "The gateway's shared limits (Redis) became unavailable while this request "
                 "waited for a slot. Please try again shortly.",
                 headers=_RETRY_AFTER,
             )
-        )
-        while tenant.fifo:
-            trio.lowlevel.reschedule(tenant.fifo.popleft().task, error)
+            trio.lowlevel.reschedule(tenant.fifo.popleft().task, outcome.Error(error))
         self._leave_empty(tenant)
 
     # --- leases --------------------------------------------------------------------------------

@@ -189,3 +189,31 @@ async def test_the_subscriber_hands_messages_on(client: RedisClient, nursery: tr
             await client.call("PUBLISH", "chan", "hello")
             await trio.sleep(0.01)
     assert got[0] is None
+
+
+async def test_every_caller_parked_on_a_failed_connection_gets_redis_unavailable(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """Redis stalls past the deadline with many commands in flight: each caller gets its own
+    RedisUnavailable (one shared outcome could be unwrapped once: the rest got
+    ``outcome.AlreadyUsedError``, a 500 at the gateway)."""
+    with redis_server(tmp_path) as server:
+        watched = await started(nursery, server.url, timeout_s=0.2)
+        await watched.until(True)
+        errors: list[BaseException] = []
+
+        async def call() -> None:
+            try:
+                await watched.client.call("PING")
+            except RedisUnavailable as exc:
+                errors.append(exc)
+
+        server.stop_signal(signal.SIGSTOP)
+        try:
+            with trio.fail_after(10):
+                async with trio.open_nursery() as callers:
+                    for _ in range(20):
+                        callers.start_soon(call)
+        finally:
+            server.stop_signal(signal.SIGCONT)
+        assert len(errors) == 20
