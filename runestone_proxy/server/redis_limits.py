@@ -80,6 +80,7 @@ from runestone_proxy.server.redis_scripts import (
     RELEASE,
     RENEW,
     WAITING,
+    Adjust,
     SharedReservation,
     cancel_args,
     decode_admit,
@@ -131,6 +132,8 @@ class RedisLimits:
     _kick: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
     _kicked: bool = False
     _freed: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
+    #: ACQUIRE's keys by (tenant's slots key, key id): built once, not per request.
+    _keys: dict[tuple[str, str], tuple[str, ...]] = attrs.Factory(dict)
     #: Other users of the connection with a task of their own (the budgets' renewal),
     #: started with the rest in :meth:`run`.
     companions: list[Callable[..., Awaitable[None]]] = attrs.Factory(list)
@@ -214,6 +217,8 @@ class RedisLimits:
         slot = RedisSlot(
             self, tenant, wants_async, False, principal.key_mask, request_id, held, view
         )
+        if type(reservation) is SharedReservation:
+            reservation.slot = slot
         return reservation, headers, slot
 
     async def _acquire(
@@ -221,8 +226,13 @@ class RedisLimits:
     ) -> list[int]:
         cap = self.capacity
         tenant_limits = cap.configured.get(tenant.name, cap.default_limits)
-        rl = f"{self.prefix}rl:{key_id}:"
-        keys = (tenant.key, f"{self.prefix}gslots", f"{rl}rpm", f"{rl}rph", f"{rl}tpm")
+        keys = self._keys.get((tenant.key, key_id))
+        if keys is None:
+            if len(self._keys) >= 65536:  # bounded (keys come and go): rebuilt on demand
+                self._keys.clear()
+            rl = f"{self.prefix}rl:{key_id}:"
+            keys = (tenant.key, f"{self.prefix}gslots", f"{rl}rpm", f"{rl}rph", f"{rl}tpm")
+            self._keys[tenant.key, key_id] = keys
         args = (
             int(self.lease_s * 1000),
             member,
@@ -288,7 +298,12 @@ class RedisLimits:
             self.local.reconcile(reservation, actual_tokens, now)
             return
         adjust = reconcile_args(reservation, actual_tokens, self.prefix)
-        if adjust is not None:
+        if adjust is None:
+            return
+        slot = reservation.slot
+        if slot is not None and slot.held is not None:  # sent with the slot's release
+            slot.adjust = adjust
+        else:
             self._send(ADJUST, *adjust)
 
     def cancel(self, reservation: Reservation, limits: KeyLimits, now: float) -> Headers:
@@ -303,12 +318,21 @@ class RedisLimits:
         """Fire-and-forget a script (lost if Redis is down: the leases cover it)."""
         self.client.send_script(script, keys, args)
 
-    def release(self, tenant: _Tenant, member: str) -> None:
-        """Give a slot back (fire-and-forget; the lease covers a lost release)."""
+    def release(self, tenant: _Tenant, member: str, adjust: Adjust | None = None) -> None:
+        """Give a slot back, with the request's window settling if any (fire-and-forget;
+        the lease covers a lost release)."""
         tenant.held.discard(member)
-        keys = (tenant.key, f"{self.prefix}gslots", f"{self.prefix}waiting")
-        self._send(RELEASE, keys, (member, self.channel, tenant.name))
+        keys = [tenant.key, f"{self.prefix}gslots", f"{self.prefix}waiting"]
+        args: list[str | int] = [member, self.channel, tenant.name]
+        if adjust is not None:
+            keys += adjust[0]
+            args += adjust[1]
+        self._send(RELEASE, keys, args)
         self._wake()
+
+    def adjust(self, adjust: Adjust) -> None:
+        """Settle window counts (fire-and-forget)."""
+        self._send(ADJUST, *adjust)
 
     # --- waiting -------------------------------------------------------------------------------
 

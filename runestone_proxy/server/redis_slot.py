@@ -18,6 +18,7 @@ from runestone_proxy.gateway.ratelimit import KeyLimits
 
 if TYPE_CHECKING:
     from runestone_proxy.server.redis_limits import RedisLimits, _Tenant
+    from runestone_proxy.server.redis_scripts import Adjust
 
 __all__ = ["RedisSlot"]
 
@@ -27,6 +28,7 @@ class RedisSlot:
     script took it, else entering decides (policy.admit) and may wait for one."""
 
     __slots__ = (
+        "adjust",
         "for_job",
         "held",
         "key_mask",
@@ -56,6 +58,9 @@ class RedisSlot:
         self.request_id = request_id
         self.held = held
         self.view = view
+        #: The reservation's window settling, made while this slot was held: sent with
+        #: its release (:meth:`RedisLimits.reconcile <.redis_limits.RedisLimits.reconcile>`).
+        self.adjust: Adjust | None = None
 
     async def __aenter__(self) -> Decision:
         if self.held is not None:
@@ -130,5 +135,8 @@ class RedisSlot:
         tb: TracebackType | None,
     ) -> None:
         member, self.held = self.held, None
+        adjust, self.adjust = self.adjust, None
         if member is not None:
-            self.limits.release(self.tenant, member)
+            self.limits.release(self.tenant, member, adjust)
+        elif adjust is not None:
+            self.limits.adjust(adjust)
