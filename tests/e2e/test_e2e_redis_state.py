@@ -223,7 +223,7 @@ async def test_a_dead_holders_slots_come_back_within_the_lease(
     tenant = limits._tenant("acme")
     with trio.fail_after(20):
         for member in ("ghost:1", "ghost:2"):
-            await limits._acquire(tenant, member, KeyLimits(), "-", 0)
+            await limits.acquire(tenant, member, KeyLimits(), "-", 0)
         async with httpx.AsyncClient(timeout=10) as http:
             refused = await http.post(f"{url}/v1/chat/completions", json=chat(), headers=AUTH)
             assert refused.status_code == 429
