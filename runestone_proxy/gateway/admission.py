@@ -125,9 +125,9 @@ class Admission:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._settle(exc)  # first: a shared backend sends the settle with the slot's release
         if self.slot is not None:
             await self.slot.__aexit__(exc_type, exc, tb)
-        self._settle(exc)
 
     async def _reserve_budget(self) -> None:
         """Reserve the request's estimated cost in its key's and tenant's budgets (429

@@ -13,7 +13,8 @@ The tree (every task has an owner; nothing runs in the background unparented)::
     │   └── health connections
     ├── SQLite store                      one writer task, group commit
     ├── shared limits (state = redis)     Redis connection, subscriber, slot dispatcher,
-    │                                     lease renewal (server/redis_limits.py)
+    │                                     lease renewal of slots and budget holds
+    │                                     (server/redis_limits.py, redis_budgets.py)
     ├── worker side (server.workers > 1)  private socket for siblings' scrapes; lifeline
     ├── keys refresh                      polls the store's keys_version (0.5 s): run-time
     │                                     API keys made by any process, in force here
@@ -79,7 +80,13 @@ from runestone_proxy.gateway.api_keys import KeyManager
 from runestone_proxy.gateway.budget_book import LocalBudgetBook
 from runestone_proxy.gateway.deployments import providers_view
 from runestone_proxy.gateway.service import Service
-from runestone_proxy.server import aliases, redis_limits, supervisor_worker, systemd
+from runestone_proxy.server import (
+    aliases,
+    redis_budgets,
+    redis_limits,
+    supervisor_worker,
+    systemd,
+)
 from runestone_proxy.server.drainer import RESULT_OVERHEAD_BYTES, run_drainer
 from runestone_proxy.server.frontend import Frontend
 from runestone_proxy.server.listener import ACCEPT_BATCH, accept_loop, make_ssl_context
@@ -164,6 +171,8 @@ class App:
         service.budgets = LocalBudgetBook.from_config(
             config, store if config.ledger.enabled else None
         )
+        if shared is not None:  # spend and holds shared by the fleet too (local: the fallback)
+            service.budgets = redis_budgets.attach(config, shared, service.budgets)
         metrics.budget_gauge(service.budgets.remaining_usd)
         add_response_state_routes(gateway.router, store, api.authenticate)
         gateway.reload_hooks.append(store.apply_config)

@@ -216,6 +216,16 @@ class RedisClient:
         conn.submit(pack(args), wait=False, orphan=orphan)
         return True
 
+    def send_script(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> bool:
+        """Fire-and-forget ``script`` (a ``NOSCRIPT`` reply, after a flush, is sent again as
+        ``EVAL``). False: Redis is down, it was not sent."""
+
+        def orphan(reply: Reply) -> None:
+            if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+                self.send("EVAL", script.source, len(keys), *keys, *args)
+
+        return self.send(*self.evalsha_args(script, keys, args), orphan=orphan)
+
     def evalsha_args(
         self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]
     ) -> tuple[Arg, ...]:

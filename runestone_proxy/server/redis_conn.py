@@ -149,8 +149,7 @@ class Connection:
         pending, self.pending = self.pending, deque()
         self.out.clear()
         for slot in pending:
-            if slot.task is not None:
-                # One outcome per waiter: an Outcome unwraps once (AlreadyUsedError after).
+            if slot.task is not None:  # an outcome is unwrapped once: one per caller
                 trio.lowlevel.reschedule(slot.task, outcome.Error(RedisUnavailable(why)))
 
     async def _write(self, scope: trio.CancelScope) -> None:

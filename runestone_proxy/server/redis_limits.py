@@ -10,8 +10,11 @@ The round trips of one request
 - Release: one fire-and-forget ``EVALSHA`` (:data:`~.redis_scripts.RELEASE`): queued on the
   connection, nobody waits for its reply. If it is lost (Redis went away first), the
   lease runs out within ``lease_s``: the lease is the safety net.
-- Reconcile/cancel of the token estimate: fire-and-forget too (``ADJUST``), and only when
-  the key has a tpm limit or the request was refused.
+- The tpm settle of a served request (only when the key has a tpm limit and the usage
+  differs from the estimate) rides on that release: admission settles before it leaves the
+  slot, :meth:`RedisLimits.reconcile` leaves the ``ADJUST`` arguments on the slot, and the
+  release's script runs them. Without a held slot (or to refund a refused request) it is
+  its own fire-and-forget ``ADJUST``.
 
 Commands from concurrent requests share one multiplexed connection, so under load they go
 out together (:mod:`.redis_conn`).
@@ -27,14 +30,8 @@ right after such an outage; nothing new is admitted until it is back under).
 
 Waiting across processes
 ------------------------
-A request that finds no room and may wait joins this process's FIFO for its tenant (order
-within a process is FIFO, as in-process). The process registers in ``waiting``; a release
-anywhere then ``PUBLISH``es on ``freed`` (only while someone waits: no fan-out otherwise).
-One subscriber connection per process wakes the dispatcher task, which retries for the
-FIFO heads, least-served tenant first, and hands each slot it gets to the head waiter. It
-also retries every ``poll_s`` while anyone waits: a dead process's lease expiring publishes
-nothing, and pub/sub drops messages while the subscriber reconnects. Across processes there
-is no global FIFO: whoever retries first after a release wins.
+A request that finds no room and may wait parks in this process's FIFO for its tenant;
+:mod:`.redis_waiting` hands it a slot when one frees anywhere in the fleet.
 
 Redis unavailable
 -----------------
@@ -49,13 +46,10 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections import deque
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
-import hiredis
-import outcome
 import structlog
 import trio
 
@@ -81,36 +75,21 @@ from runestone_proxy.server.redis_scripts import (
     RELEASE,
     RENEW,
     WAITING,
+    Adjust,
     SharedReservation,
     cancel_args,
     decode_admit,
     reconcile_args,
 )
 from runestone_proxy.server.redis_slot import RedisSlot
+from runestone_proxy.server.redis_waiting import RedisTenant, Waiting
 
 if TYPE_CHECKING:
     from runestone_proxy.gateway.auth import Principal
 
 log = structlog.get_logger("runestone.state")
 
-#: How often waiters retry without a message (an expired lease publishes nothing).
-POLL_S = 0.2
 _RETRY_AFTER = ((b"retry-after", b"1"),)
-
-
-@attrs.define(eq=False, slots=True)
-class _Waiter:
-    task: trio.lowlevel.Task
-    seq: int
-    member: str | None = None
-
-
-@attrs.define(eq=False, slots=True)
-class _Tenant:
-    name: str
-    key: str
-    held: set[str] = attrs.Factory(set)
-    fifo: deque[_Waiter] = attrs.Factory(deque)
 
 
 @attrs.define(eq=False)
@@ -124,14 +103,19 @@ class RedisLimits:
     lease_s: float
     fail_closed: bool
     process_id: str = attrs.Factory(lambda: os.urandom(6).hex())
-    tenants: dict[str, _Tenant] = attrs.Factory(dict)
-    #: Tenants with at least one waiter.
-    contending: set[_Tenant] = attrs.Factory(set)
+    tenants: dict[str, RedisTenant] = attrs.Factory(dict)
     falling_back: bool = False
     _seq: itertools.count[int] = attrs.Factory(itertools.count)
-    _kick: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
-    _kicked: bool = False
-    _freed: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
+    #: The waiters of this process, and the dispatcher that hands them slots.
+    waiting: Waiting = attrs.field(init=False)
+    #: ACQUIRE's keys by (tenant's slots key, key id): built once, not per request.
+    _keys: dict[tuple[str, str], tuple[str, ...]] = attrs.Factory(dict)
+    #: Other users of the connection with a task of their own (the budgets' renewal),
+    #: started with the rest in :meth:`run`.
+    companions: list[Callable[..., Awaitable[None]]] = attrs.Factory(list)
+
+    def __attrs_post_init__(self) -> None:
+        self.waiting = Waiting(self)
 
     @classmethod
     def build(cls, config: Config, local: LocalLimits, client: RedisClient) -> RedisLimits:
@@ -167,9 +151,9 @@ class RedisLimits:
         limits = principal.limits
         estimate = estimate_tokens(body, output_tokens) if limits.tpm else 0
         tenant = self._tenant(principal.tenant)
-        member = "" if tenant.fifo else self._member()
+        member = "" if tenant.fifo else self.member()
         try:
-            reply = await self._acquire(tenant, member, limits, principal.key_id, estimate)
+            reply = await self.acquire(tenant, member, limits, principal.key_id, estimate)
         except RedisUnavailable:
             return await self._unavailable(principal, body, output_tokens, request_id, wants_async)
         decoded = decode_admit(reply, limits, estimate)
@@ -212,15 +196,22 @@ class RedisLimits:
         slot = RedisSlot(
             self, tenant, wants_async, False, principal.key_mask, request_id, held, view
         )
+        if type(reservation) is SharedReservation:
+            reservation.slot = slot
         return reservation, headers, slot
 
-    async def _acquire(
-        self, tenant: _Tenant, member: str, limits: KeyLimits, key_id: str, estimate: int
+    async def acquire(
+        self, tenant: RedisTenant, member: str, limits: KeyLimits, key_id: str, estimate: int
     ) -> list[int]:
         cap = self.capacity
         tenant_limits = cap.configured.get(tenant.name, cap.default_limits)
-        rl = f"{self.prefix}rl:{key_id}:"
-        keys = (tenant.key, f"{self.prefix}gslots", f"{rl}rpm", f"{rl}rph", f"{rl}tpm")
+        keys = self._keys.get((tenant.key, key_id))
+        if keys is None:
+            if len(self._keys) >= 65536:  # bounded (keys come and go): rebuilt on demand
+                self._keys.clear()
+            rl = f"{self.prefix}rl:{key_id}:"
+            keys = (tenant.key, f"{self.prefix}gslots", f"{rl}rpm", f"{rl}rph", f"{rl}tpm")
+            self._keys[tenant.key, key_id] = keys
         args = (
             int(self.lease_s * 1000),
             member,
@@ -265,18 +256,19 @@ class RedisLimits:
             self.falling_back = False
             log.warning("state.recovered", backend="redis")
             telemetry.emit("state.recovered", backend="redis")
-        self._wake()
+        self.waiting.wake()
 
-    def _member(self) -> str:
+    def member(self) -> str:
+        """A new slot member's name: this process's id and a sequence number."""
         return f"{self.process_id}:{next(self._seq)}"
 
-    def _tenant(self, name: str) -> _Tenant:
+    def _tenant(self, name: str) -> RedisTenant:
         tenant = self.tenants.get(name)
         if tenant is None:
             if len(self.tenants) >= 4096:
                 for n in [n for n, t in self.tenants.items() if not t.held and not t.fifo]:
                     del self.tenants[n]
-            tenant = self.tenants[name] = _Tenant(name, f"{self.prefix}slots:{name}")
+            tenant = self.tenants[name] = RedisTenant(name, f"{self.prefix}slots:{name}")
         return tenant
 
     # --- settling ------------------------------------------------------------------------------
@@ -286,127 +278,41 @@ class RedisLimits:
             self.local.reconcile(reservation, actual_tokens, now)
             return
         adjust = reconcile_args(reservation, actual_tokens, self.prefix)
-        if adjust is not None:
-            self._send(ADJUST, *adjust)
+        if adjust is None:
+            return
+        slot = reservation.slot
+        if slot is not None and slot.held is not None:  # sent with the slot's release
+            slot.adjust = adjust
+        else:
+            self.send(ADJUST, *adjust)
 
     def cancel(self, reservation: Reservation, limits: KeyLimits, now: float) -> Headers:
         if type(reservation) is not SharedReservation:
             return self.local.cancel(reservation, limits, now)
         adjust, headers = cancel_args(reservation, limits, self.prefix)
         if adjust is not None:
-            self._send(ADJUST, *adjust)
+            self.send(ADJUST, *adjust)
         return headers
 
-    def _send(self, script: Script, keys: Any, args: Any) -> None:
-        """Fire-and-forget a script (a NOSCRIPT reply, after a flush, is sent again as EVAL)."""
+    def send(self, script: Script, keys: Any, args: Any) -> None:
+        """Fire-and-forget a script (lost if Redis is down: the leases cover it)."""
+        self.client.send_script(script, keys, args)
 
-        def orphan(reply: Any) -> None:
-            if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
-                self.client.send("EVAL", script.source, len(keys), *keys, *args)
-
-        self.client.send(*self.client.evalsha_args(script, keys, args), orphan=orphan)
-
-    def release(self, tenant: _Tenant, member: str) -> None:
-        """Give a slot back (fire-and-forget; the lease covers a lost release)."""
+    def release(self, tenant: RedisTenant, member: str, adjust: Adjust | None = None) -> None:
+        """Give a slot back, with the request's window settling if any (fire-and-forget;
+        the lease covers a lost release)."""
         tenant.held.discard(member)
-        keys = (tenant.key, f"{self.prefix}gslots", f"{self.prefix}waiting")
-        self._send(RELEASE, keys, (member, self.channel, tenant.name))
-        self._wake()
+        keys = [tenant.key, f"{self.prefix}gslots", f"{self.prefix}waiting"]
+        args: list[str | int] = [member, self.channel, tenant.name]
+        if adjust is not None:
+            keys += adjust[0]
+            args += adjust[1]
+        self.send(RELEASE, keys, args)
+        self.waiting.wake()
 
-    # --- waiting -------------------------------------------------------------------------------
-
-    async def wait(self, tenant: _Tenant, max_wait_s: float) -> str | None:
-        """Park in the tenant's FIFO until the dispatcher hands over a slot (its member), or
-        ``max_wait_s`` passes (None)."""
-        waiter = _Waiter(trio.lowlevel.current_task(), next(self._seq))
-        if not self.contending:
-            self._send(
-                WAITING, (f"{self.prefix}waiting",), (int(self.lease_s * 1000), self.process_id, 1)
-            )
-        tenant.fifo.append(waiter)
-        self.contending.add(tenant)
-        self._wake()
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            self._leave(tenant, waiter)
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        with trio.move_on_after(max_wait_s):
-            await trio.lowlevel.wait_task_rescheduled(abort)
-        member = waiter.member
-        if member is not None:
-            try:
-                await trio.lowlevel.checkpoint_if_cancelled()
-            except BaseException:
-                self.release(tenant, member)
-                raise
-        return member
-
-    def _leave(self, tenant: _Tenant, waiter: _Waiter) -> None:
-        tenant.fifo.remove(waiter)
-        if not tenant.fifo:
-            self._leave_empty(tenant)
-
-    def _wake(self) -> None:
-        if self.contending:
-            self._kicked = True
-            if self._kick:
-                self._kick.unpark()
-        if self._freed:
-            self._freed.unpark_all()
-
-    def on_message(self, payload: bytes | None) -> None:
-        """A slot was freed somewhere (or the subscriber reconnected: maybe missed one)."""
-        self._wake()
-
-    async def dispatch(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Hand slots to waiters as they free (see the module docstring)."""
-        task_status.started()
-        while True:
-            if not self._kicked:
-                with trio.move_on_after(POLL_S if self.contending else math.inf):
-                    await self._kick.park()
-            self._kicked = False
-            for tenant in sorted(self.contending, key=lambda t: (len(t.held), t.fifo[0].seq)):
-                await self._serve_fifo(tenant)
-
-    async def _serve_fifo(self, tenant: _Tenant) -> None:
-        while tenant.fifo:
-            member = self._member()
-            try:
-                reply = await self._acquire(tenant, member, KeyLimits(), "-", 0)
-            except RedisUnavailable:
-                if self.fail_closed:
-                    self._fail_waiters(tenant)
-                return
-            if not reply[3]:
-                return
-            if not tenant.fifo:  # the waiters left meanwhile
-                self.release(tenant, member)
-                return
-            waiter = tenant.fifo.popleft()
-            if not tenant.fifo:
-                self._leave_empty(tenant)
-            waiter.member = member
-            tenant.held.add(member)
-            trio.lowlevel.reschedule(waiter.task)
-
-    def _leave_empty(self, tenant: _Tenant) -> None:
-        self.contending.discard(tenant)
-        if not self.contending:
-            self._send(WAITING, (f"{self.prefix}waiting",), (0, self.process_id, 0))
-
-    def _fail_waiters(self, tenant: _Tenant) -> None:
-        error = outcome.Error(
-            ServiceUnavailable(
-                "The gateway's shared limits (Redis) became unavailable while this request "
-                "waited for a slot. Please try again shortly.",
-                headers=_RETRY_AFTER,
-            )
-        )
-        while tenant.fifo:
-            trio.lowlevel.reschedule(tenant.fifo.popleft().task, error)
-        self._leave_empty(tenant)
+    def adjust(self, adjust: Adjust) -> None:
+        """Settle window counts (fire-and-forget)."""
+        self.send(ADJUST, *adjust)
 
     # --- leases --------------------------------------------------------------------------------
 
@@ -423,7 +329,7 @@ class RedisLimits:
                     keys = (tenant.key, f"{self.prefix}gslots")
                     args: tuple[int | str, ...] = (lease_ms, *held[i : i + 500])
                     commands.append(self.client.evalsha_args(RENEW, keys, args))
-            if self.contending:
+            if self.waiting.contending:
                 args2 = (lease_ms, self.process_id, 1)
                 commands.append(
                     self.client.evalsha_args(WAITING, (f"{self.prefix}waiting",), args2)
@@ -447,9 +353,12 @@ class RedisLimits:
         """The client's connection, the subscriber, the dispatcher and the renewal task."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.client.run)
-            await nursery.start(Subscriber(self.client, self.channel, self.on_message).run)
-            await nursery.start(self.dispatch)
+            subscriber = Subscriber(self.client, self.channel, self.waiting.on_message)
+            await nursery.start(subscriber.run)
+            await nursery.start(self.waiting.dispatch)
             await nursery.start(self.renew)
+            for companion in self.companions:
+                await nursery.start(companion)
             task_status.started()
 
     # --- the drainer's view, and /health -------------------------------------------------------
@@ -470,10 +379,8 @@ class RedisLimits:
         return RedisSlot(self, self._tenant(tenant), False, True, "-", None, None, None)
 
     async def wait_freed(self) -> None:
-        """Until a slot may have freed: a release here or a ``freed`` message (or a poll:
-        spurious wake-ups are allowed, the caller re-checks)."""
-        with trio.move_on_after(1.0):
-            await self._freed.park()
+        """Until a slot may have freed (spurious wake-ups are allowed, the caller re-checks)."""
+        await self.waiting.wait_freed()
 
     def snapshot(self) -> dict[str, Any]:
         snap = self.capacity.snapshot() if self.falling_back else {}

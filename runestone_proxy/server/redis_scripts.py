@@ -22,6 +22,8 @@ one horizon after its last write.
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
 from runestone_proxy.gateway.rate_window import BUCKETS
@@ -35,6 +37,7 @@ __all__ = [
     "RELEASE",
     "RENEW",
     "WAITING",
+    "Adjust",
     "AdmitReply",
     "SharedReservation",
     "cancel_args",
@@ -134,15 +137,36 @@ return out
 """
 )
 
-#: Give a slot back; tell waiting processes. KEYS: tenant slots, global slots, waiting.
-#: ARGV: member, channel, tenant.
+#: Settle window counts (:data:`ADJUST`'s body) for KEYS[first..], ARGV from ``at``.
+_ADJUST = """
+local function adjust(first, at)
+  for i = first, #KEYS do
+    local j = at + 3 * (i - first)
+    local bucket, delta, width = ARGV[j], tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2])
+    if delta > 0 then
+      redis.call('HINCRBY', KEYS[i], string.format('%d', math.floor(now_us / width)), delta)
+      redis.call('PEXPIRE', KEYS[i], math.ceil(61 * width / 1000))
+    elseif delta < 0 then
+      local have = tonumber(redis.call('HGET', KEYS[i], bucket) or '0')
+      local take = math.min(-delta, have)
+      if take > 0 then redis.call('HINCRBY', KEYS[i], bucket, -take) end
+    end
+  end
+end
+"""
+
+#: Give a slot back; tell waiting processes; and settle the request's window counts as
+#: :data:`ADJUST` does (one command at the end of a request, not two). KEYS: tenant slots,
+#: global slots, waiting, then ADJUST's keys. ARGV: member, channel, tenant, then ADJUST's.
 RELEASE = Script(
     _NOW
+    + _ADJUST
     + """
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now_ms)
 if redis.call('ZCARD', KEYS[3]) > 0 then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+adjust(4, 4)
 return 1
 """
 )
@@ -178,23 +202,7 @@ return 1
 #: Settle window counts: per key (bucket, delta, width_us): a positive delta is added to
 #: the current bucket (tokens used beyond the estimate), a negative one refunded from
 #: ``bucket`` (where the reservation counted it), never below zero.
-ADJUST = Script(
-    _NOW
-    + """
-for i = 1, #KEYS do
-  local bucket, delta, width = ARGV[3 * i - 2], tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i])
-  if delta > 0 then
-    redis.call('HINCRBY', KEYS[i], string.format('%d', math.floor(now_us / width)), delta)
-    redis.call('PEXPIRE', KEYS[i], math.ceil(61 * width / 1000))
-  elseif delta < 0 then
-    local have = tonumber(redis.call('HGET', KEYS[i], bucket) or '0')
-    local take = math.min(-delta, have)
-    if take > 0 then redis.call('HINCRBY', KEYS[i], bucket, -take) end
-  end
-end
-return 1
-"""
-)
+ADJUST = Script(_NOW + _ADJUST + "adjust(1, 1)\nreturn 1\n")
 
 
 @attrs.frozen
@@ -245,6 +253,9 @@ class SharedReservation(Reservation):
     limits: KeyLimits = attrs.field(factory=KeyLimits)
     minute: int = 0
     hour: int = 0
+    #: The tenant's slot taken with it (a ``RedisSlot``), while held: a settle made before
+    #: the slot is released rides on the release's command.
+    slot: Any = None
 
 
 Adjust = tuple[list[str], list[int]]

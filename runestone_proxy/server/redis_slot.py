@@ -17,7 +17,9 @@ from runestone_proxy.gateway.limits import ADMIT, Decision, Enqueue, GlobalState
 from runestone_proxy.gateway.ratelimit import KeyLimits
 
 if TYPE_CHECKING:
-    from runestone_proxy.server.redis_limits import RedisLimits, _Tenant
+    from runestone_proxy.server.redis_limits import RedisLimits
+    from runestone_proxy.server.redis_scripts import Adjust
+    from runestone_proxy.server.redis_waiting import RedisTenant
 
 __all__ = ["RedisSlot"]
 
@@ -27,6 +29,7 @@ class RedisSlot:
     script took it, else entering decides (policy.admit) and may wait for one."""
 
     __slots__ = (
+        "adjust",
         "for_job",
         "held",
         "key_mask",
@@ -40,7 +43,7 @@ class RedisSlot:
     def __init__(
         self,
         limits: RedisLimits,
-        tenant: _Tenant,
+        tenant: RedisTenant,
         wants_async: bool,
         for_job: bool,
         key_mask: str,
@@ -56,6 +59,9 @@ class RedisSlot:
         self.request_id = request_id
         self.held = held
         self.view = view
+        #: The reservation's window settling, made while this slot was held: sent with
+        #: its release (:meth:`RedisLimits.reconcile <.redis_limits.RedisLimits.reconcile>`).
+        self.adjust: Adjust | None = None
 
     async def __aenter__(self) -> Decision:
         if self.held is not None:
@@ -65,8 +71,8 @@ class RedisSlot:
         tenant_limits = cap.configured.get(tenant.name, cap.default_limits)
         if self.for_job:
             if not tenant.fifo:
-                member = limits._member()
-                reply = await limits._acquire(tenant, member, KeyLimits(), "-", 0)
+                member = limits.member()
+                reply = await limits.acquire(tenant, member, KeyLimits(), "-", 0)
                 if reply[3]:
                     tenant.held.add(member)
                     self.held = member
@@ -85,7 +91,7 @@ class RedisSlot:
             if type(decision) is Enqueue:
                 return decision
         if type(decision) is Wait:
-            handed = await limits.wait(tenant, decision.max_wait_s)
+            handed = await limits.waiting.wait(tenant, decision.max_wait_s)
             if handed is None:
                 self._block("concurrency_wait")
                 raise RateLimited(
@@ -130,5 +136,8 @@ class RedisSlot:
         tb: TracebackType | None,
     ) -> None:
         member, self.held = self.held, None
+        adjust, self.adjust = self.adjust, None
         if member is not None:
-            self.limits.release(self.tenant, member)
+            self.limits.release(self.tenant, member, adjust)
+        elif adjust is not None:
+            self.limits.adjust(adjust)

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import trio
 from redis_server import RedisServer, redis_server
-from tenancy_fakes import HOST, TenancyFake
+from tenancy_fakes import HOST, USAGE, TenancyFake
 
 from runestone_proxy import config as config_mod
 from runestone_proxy import telemetry
@@ -171,6 +171,25 @@ async def test_rpm_is_exact_across_gateways(start: Start, redis: RedisServer) ->
     assert codes == [200] * 5 + [429] * 4
 
 
+async def test_the_tpm_settle_rides_on_the_slots_release(start: Start, redis: RedisServer) -> None:
+    """One command at a request's end: the slot back and the token window settled to the
+    usage the answer reported (the estimate replaced)."""
+    ((_, url),) = await start(1, key={"tpm": 100_000})
+    with trio.fail_after(20):
+        async with httpx.AsyncClient(timeout=10) as http:
+            for stream in (False, True):
+                body = chat(stream=True) if stream else chat()
+                r = await http.post(f"{url}/v1/chat/completions", json=body, headers=AUTH)
+                assert r.status_code == 200
+        (tpm,) = redis.command("KEYS", "runestone:rl:*:tpm")
+        while True:  # fire-and-forget: bounded by fail_after
+            counts = redis.command("HVALS", tpm)
+            if sum(int(c) for c in counts) == 2 * USAGE["total_tokens"]:
+                break
+            await trio.sleep(0.01)
+        assert redis.command("ZCARD", "runestone:slots:acme") == 0
+
+
 async def test_reject_when_full_and_slots_return(start: Start, fake: TenancyFake) -> None:
     (_, url1), (_, url2) = await start(2, tenant={"on_limit": "reject"})
     with trio.fail_after(20):
@@ -204,7 +223,7 @@ async def test_a_dead_holders_slots_come_back_within_the_lease(
     tenant = limits._tenant("acme")
     with trio.fail_after(20):
         for member in ("ghost:1", "ghost:2"):
-            await limits._acquire(tenant, member, KeyLimits(), "-", 0)
+            await limits.acquire(tenant, member, KeyLimits(), "-", 0)
         async with httpx.AsyncClient(timeout=10) as http:
             refused = await http.post(f"{url}/v1/chat/completions", json=chat(), headers=AUTH)
             assert refused.status_code == 429
