@@ -91,13 +91,7 @@ def parse_response_head(buf: bytes, max_head_bytes: int) -> ResponseHead | Unusu
     :class:`Unusual` (see the module docstring for the rule)."""
     end = buf.find(b"\r\n\r\n")
     if end < 0:
-        # h11 would say NEED_DATA too, unless: its blank line (\n\r?\n) allows a bare LF,
-        # a first byte below "!" is an error at once, and the buffer has a bound.
-        if len(buf) > max_head_bytes or b"\n\n" in buf or b"\n\r\n" in buf:
-            return Unusual("not a plain head")
-        if buf and buf[0] < 0x21:
-            return Unusual("not a status line")
-        return None
+        return incomplete(buf, max_head_bytes)
     if end + 4 > max_head_bytes:
         return Unusual("head too long")
     line_end = buf.find(b"\r\n")
@@ -107,10 +101,9 @@ def parse_response_head(buf: bytes, max_head_bytes: int) -> ResponseHead | Unusu
     status = int(status_line[1])
     if status == 204 or status == 304:
         return Unusual("no body by its status")
-    section = buf[line_end + 2 : end + 2]
-    if _FIELD_SECTION.fullmatch(section) is None:
+    headers = parse_fields(buf[line_end + 2 : end + 2])
+    if headers is None:
         return Unusual("not a plain field section")
-    headers = [(name.lower(), value) for name, value in _FIELD_LINE.findall(section)]
     framing = None
     length = 0
     keep_alive = True
@@ -123,14 +116,33 @@ def parse_response_head(buf: bytes, max_head_bytes: int) -> ResponseHead | Unusu
             if framing is not None or value != b"chunked":
                 return Unusual("not a plain Transfer-Encoding")
             framing = CHUNKED
-        elif name == b"connection" and b"close" in _tokens(value):
+        elif name == b"connection" and b"close" in tokens(value):
             keep_alive = False
     if framing is None:
         return Unusual("a body delimited by the connection's end")
     return ResponseHead(status, headers, framing, length, keep_alive, end + 4)
 
 
-def _tokens(value: bytes) -> list[bytes]:
+def incomplete(buf: bytes, max_head_bytes: int) -> Unusual | None:
+    """For a buffer with no CRLF CRLF yet: None (wait) where h11 would wait too, else
+    :class:`Unusual`. h11's blank line (``\\n\\r?\\n``) allows a bare LF, a first byte
+    below "!" is an error to it at once, and its buffer has a bound."""
+    if len(buf) > max_head_bytes or b"\n\n" in buf or b"\n\r\n" in buf:
+        return Unusual("not a plain head")
+    if buf and buf[0] < 0x21:
+        return Unusual("not a start line")
+    return None
+
+
+def parse_fields(section: bytes) -> list[tuple[bytes, bytes]] | None:
+    """A field section, each line with its CRLF, as h11 reads it (names lower-cased,
+    values without their surrounding whitespace), or None if a line is not plain."""
+    if _FIELD_SECTION.fullmatch(section) is None:
+        return None
+    return [(name.lower(), value) for name, value in _FIELD_LINE.findall(section)]
+
+
+def tokens(value: bytes) -> list[bytes]:
     """A comma-separated list's members, lower-cased (how h11 reads ``Connection``)."""
     return [token.strip().lower() for token in value.split(b",")]
 
