@@ -40,6 +40,8 @@ _DEADLINE_MARGIN_S = 1.0
 #: How early (as a share of the timeout) a keep-alive or header deadline may fire: a wait
 #: keeps the deadline an earlier wait set if it is this close to its own (see _first_wait).
 _DEADLINE_SLACK = 0.02
+#: Reads a request head may take on the fast path (one is usual); more go to h11.
+_FAST_READS = 3
 
 
 class RequestReader(FdStream):
@@ -114,8 +116,11 @@ class RequestReader(FdStream):
 
     async def _next_request_fast(self) -> RequestHead | Literal[False] | None:
         """:meth:`next_request` without h11: a request whose head the parser reads and
-        whose body is all here; None at EOF; False to hand the bytes to h11."""
+        whose body is all here; None at EOF; False to hand the bytes to h11. A head
+        that takes more than :data:`_FAST_READS` reads (a trickle) goes to h11, whose
+        buffer does not copy and rescan what it holds on every read."""
         waiting = False
+        reads = 0
         while True:
             buf = self.buffer
             head = parse_request_head(buf, self.max_head) if buf else None
@@ -142,7 +147,10 @@ class RequestReader(FdStream):
                     return None
             elif self.phase is Phase.IDLE:
                 self._bytes_came()
+            if reads == _FAST_READS:
+                return False
             data = await self.receive(waiting=self.phase is Phase.IDLE)
+            reads += 1
             if not data:
                 self.eof = True
             else:

@@ -72,6 +72,9 @@ from runestone_proxy.server.upstream_response import MAX_HEAD_BYTES, H11Response
 from runestone_proxy.server.upstream_wait import Wait
 
 _END: Final = h11.EndOfMessage()
+#: Reads a response head may take on the fast path (one is usual); a head that trickles in
+#: goes to h11, whose buffer does not copy and rescan what it holds on every read.
+_FAST_READS: Final = 4
 
 
 class EarlyClose(Exception):
@@ -268,9 +271,10 @@ class H11Connection(FdStream):
     async def _receive_head_fast(self, replayable: bool) -> tuple[ResponseHead | None, bytes, bool]:
         """Read until :func:`parse_response_head` has a head: it, the body bytes that came
         with it, False. If it declines the head, or the peer closes mid-head: None, every
-        byte received, and whether the peer closed, for h11 to read (or refuse)."""
+        byte received, and whether the peer closed, for h11 to read (or refuse). A head that
+        takes more than :data:`_FAST_READS` reads goes to h11 too (see there)."""
         buf = b""
-        while True:
+        for _ in range(_FAST_READS):
             try:
                 # Right after the request, or mid-head: the origin has yet to speak.
                 data = await self.receive(waiting=True)
@@ -295,6 +299,7 @@ class H11Connection(FdStream):
             if isinstance(head, Unusual):
                 return None, buf, False
             return head, buf[head.size :], False
+        return None, buf, False
 
     async def _send_streamed(
         self,

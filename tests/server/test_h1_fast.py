@@ -11,6 +11,7 @@ tests/protocol/test_h1_request.py.
 from __future__ import annotations
 
 import trio
+import trio.testing
 from helpers import RawClient, chunked, make_config, request, running_app
 
 from runestone_proxy.api.http import Request, Responder
@@ -80,3 +81,18 @@ async def test_pipelined_fast_requests_behind_an_h11_answer() -> None:
     assert [r.body for r in responses] == [b"", b"b", b"c"]
     assert responses[2].header("connection") == "close"
     assert seen == ["fast", "fast", "fast"]
+
+
+async def test_a_head_that_trickles_in_goes_to_h11() -> None:
+    seen: list[str] = []
+    data = request("POST", "/echo", body=b"tricklebody")
+    with trio.fail_after(TIMEOUT_S):
+        async with running_app(make_config(), recording(seen)) as gw:
+            async with await RawClient.connect(gw.port) as client:
+                for i in range(0, len(data), 10):
+                    await client.send(data[i : i + 10])
+                    await trio.testing.wait_all_tasks_blocked()  # one read each
+                response = await client.read_response()
+                again = await client.exchange(request("POST", "/echo", body=b"fast"))
+    assert (response.body, again.body) == (b"tricklebody", b"fast")
+    assert seen == ["h11", "fast"]

@@ -170,3 +170,21 @@ async def test_eof_mid_head_or_mid_body_is_refused_in_h11s_words(serve: Start) -
                     async with pool.request("GET", server.base, []) as resp:
                         await resp.read()
                 assert pool.open_connections == 0
+
+
+async def test_a_head_that_trickles_in_goes_to_h11(serve: Start) -> None:
+    raw = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"
+
+    async def trickle(ex: Exchange) -> None:
+        await ex.read_body()
+        for i in range(0, len(raw), 8):
+            await ex.stream.send_all(raw[i : i + 8])
+            await trio.testing.wait_all_tasks_blocked()  # one read each
+
+    server = await serve(trickle)
+    with trio.fail_after(LIMIT_S):
+        async with UpstreamPool(timeouts=FAST) as pool:
+            async with pool.request("GET", server.base, []) as resp:
+                assert await resp.read() == b"hello"
+                assert resp.conn.proto is not None
+            assert pool.idle_connections == 1
