@@ -120,6 +120,10 @@ class ChunkedDecoder:
         self.chunks = chunks
         return out[0] if len(out) == 1 else b"".join(out)
 
+    def missing(self) -> str:
+        """What an EOF now cuts short, in h11's words."""
+        return "incomplete chunked read"
+
 
 def _size(line: bytes) -> int:
     m = _SIZE_LINE.fullmatch(line)

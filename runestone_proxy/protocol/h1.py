@@ -1,9 +1,9 @@
 """HTTP/1.1 pieces both sides share, with no I/O: head writing, head checks, the phase table.
 
-h11 parses every message on both sides (the listener's requests, the upstream pool's
-responses), except a chunked response body, which :mod:`.chunked` decodes. What lives here
-is what we do *beside* h11 for speed, and the decisions the connection code acts on, each a
-plain function over bytes and values:
+h11 parses the listener's requests and the upstream responses :mod:`.h1response` declines;
+the common upstream response is read by :mod:`.h1response` (head, Content-Length body) and
+:mod:`.chunked` (a chunked body). What lives here is what we do *beside* h11 for speed, and
+the decisions the connection code acts on, each a plain function over bytes and values:
 
 * **Head writing** (RFC 9112 §2.1, §3, §4, §5): :func:`response_head` (the listener) and
   :func:`request_head` (the upstream pool) write a head without h11's serialiser, which
@@ -108,9 +108,10 @@ def request_head(
     return head + b"\r\n"
 
 
-#: Per method, the request head h11's state machine is told we sent when we write the head
-#: ourselves (its bytes are dropped): with ``Content-Length: 0`` and ``EndOfMessage`` our
-#: side is DONE, and h11 still knows the method (a HEAD's response has no body, §6.3).
+#: Per method, the request head h11's state machine is told we sent when we wrote the head
+#: ourselves and h11 is to read the response (its bytes are dropped): with
+#: ``Content-Length: 0`` and ``EndOfMessage`` our side is DONE, and h11 still knows the
+#: method (a HEAD's response has no body, §6.3).
 _SENT_REQUESTS: dict[str, h11.Request] = {}
 
 

@@ -30,20 +30,27 @@ connection does the job:
   (on construction and again while adding framing headers) and walks its state machine per
   event. We write the head ourselves (our headers are constants or values h11 already
   parsed and validated, and a CR/LF count guards the rest) and frame streamed bodies as
-  chunks (RFC 9112 §7.1). h11 still parses every request: once a request was read to its
-  end and answered this way, the next one goes to a fresh ``h11.Connection`` fed what the
-  old one still holds (``trailing_data``: pipelined bytes, EOF). That costs a microsecond,
-  against ten for telling the old one about a response it did not write. An HTTP/1.0
-  client's stream, 1xx, 204 and 304 go through h11 whole (it picks close-delimited
-  framing), and the connection then cycles as h11 says.
+  chunks (RFC 9112 §7.1). An HTTP/1.0 client's stream, 1xx, 204 and 304 go through h11
+  whole (it picks close-delimited framing).
+* **Plain requests skip h11's parser.** While no request needs h11, the connection keeps
+  the bytes it received itself (``buffer``) and reads each head with
+  :func:`~runestone_proxy.protocol.h1request.parse_request_head`; a request whose head it
+  reads and whose body is all here (the common JSON POST; one non-blocking read is tried
+  for a body sent in a second segment) runs without any h11 state machine (``proto`` is
+  None). Anything else (a head the parser declines: HTTP/1.0, chunked, Expect, odd bytes;
+  a body still to come; an error answer; a response only h11 writes) makes one
+  (:meth:`H1Connection.take_h11`) from the same bytes, the current request's replayed, and the
+  request continues on h11 exactly as before. After a response, h11's leftovers
+  (pipelined bytes, EOF) go back to ``buffer`` and the next request starts fast again.
 
 Where the pieces live
 ---------------------
 The head writer, the head checks and the phase table (:class:`Phase`: which transitions
-``_next_request`` may make, and what the scope firing means in each) are sans-IO in
+``next_request`` may make, and what the scope firing means in each) are sans-IO in
 :mod:`runestone_proxy.protocol.h1`; the raw-fd reads and writes are
 :class:`~runestone_proxy.server.fdstream.FdStream`, shared with the upstream pool; the
-responder and body sources are :mod:`.h1respond`; the watcher is :mod:`.h1watch`. This
+responder and body sources are :mod:`.h1respond`; the watcher is :mod:`.h1watch`; reading
+a request, fast or on h11, and the hand-over between the two are :mod:`.h1read`. This
 module is the request loop and its one cancel scope.
 """
 
@@ -70,32 +77,37 @@ from runestone_proxy.protocol.h1 import (
     request_error,
     too_large,
 )
-from runestone_proxy.server.fdstream import FdStream
+from runestone_proxy.protocol.h1request import RequestHead
 from runestone_proxy.server.frontend import Frontend
+from runestone_proxy.server.h1read import RequestReader
 from runestone_proxy.server.h1respond import BufferedBody, H1Responder, StreamingBody
 from runestone_proxy.server.h1watch import watch
 
 log = structlog.get_logger("runestone.h1")
 
-#: A request whose wait left less than this on the connection's deadline gets none at once
-#: (see _next_request); otherwise only once it runs longer than h1watch.WATCH_AFTER_S.
-_DEADLINE_MARGIN_S = 1.0
-#: How early (as a share of the timeout) a keep-alive or header deadline may fire: a wait
-#: keeps the deadline an earlier wait set if it is this close to its own (see _next_request).
-_DEADLINE_SLACK = 0.02
+#: What the watcher feeds a streamed request body through.
+_BodyChannel = trio.MemorySendChannel[bytes | errors.GatewayError]
 #: A response cut short by the client: the connection ends without its last chunk.
 _ABORTED = (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, ResponseAborted)
 
 
 @attrs.define(eq=False)
-class H1Connection(FdStream):
+class H1Connection(RequestReader):
     """One server connection: the request loop, its one cancel scope, the watcher."""
 
     stream: trio.abc.Stream
     gateway: Frontend
     limits: LimitsConfig
     client: str | None
-    proto: h11.Connection
+    #: h11's state machine while a request needs it (see "What a request costs"), else None.
+    proto: h11.Connection | None = None
+    #: Bytes received and not yet parsed, while ``proto`` is None.
+    buffer: bytes = b""
+    #: The client closed its side (seen while ``proto`` is None).
+    eof: bool = False
+    #: The request being served, read without h11: its head and whole body (for h11 to
+    #: replay if it is needed after all).
+    raw: bytes = b""
     #: Set once this connection will close after the current response.
     closing: bool = False
     #: The connection's one cancel scope (see "What a request costs"); its deadline moves.
@@ -117,8 +129,7 @@ class H1Connection(FdStream):
     def new(cls, stream: trio.abc.Stream, gateway: Frontend, client: str | None) -> H1Connection:
         limits = gateway.config.limits
         max_head = limits.max_request_line_bytes + limits.max_header_bytes
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
-        self = cls(stream, gateway, limits, client, conn, max_head=max_head)
+        self = cls(stream, gateway, limits, client, max_head=max_head)
         if isinstance(stream, trio.SocketStream):
             self.fd = stream.socket.fileno()
         return self
@@ -148,8 +159,7 @@ class H1Connection(FdStream):
     # --- the request loop -------------------------------------------------------------------
 
     async def serve(self, initial: bytes) -> None:
-        if initial:
-            self.proto.receive_data(initial)
+        self.buffer = initial
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             nursery.start_soon(self._watch_drain)
@@ -164,12 +174,17 @@ class H1Connection(FdStream):
 
     async def _loop(self) -> None:
         while not self.closing:
-            request = await self._next_request()
+            request = await self.next_request()
             if request is None:
                 return
             started = time.perf_counter()
-            # One pass over h11's Headers (a Sequence, slow to iterate) into a plain list.
-            headers = list(request.headers)
+            if type(request) is RequestHead:
+                headers = request.headers
+                if not request.keep_alive:
+                    self.closing = True  # RFC 9112 §9.6: the client's last request
+            else:
+                # One pass over h11's Headers (a Sequence, slow to iterate) into a plain list.
+                headers = list(request.headers)
             problem = check_request_head(request.target, headers, self.limits)
             if problem is not None:
                 await self._reject(problem)
@@ -178,25 +193,15 @@ class H1Connection(FdStream):
                 self.closing = True
             self.watch_done = self.watch_scope = None
             direct = await self._run(request, headers, started)
+            self.raw = b""
             proto = self.proto
+            if proto is None:
+                continue  # read and answered without h11 (``closing`` says if it was the last)
             if proto.their_state is not h11.DONE or not (direct or proto.our_state is h11.DONE):
                 # MUST_CLOSE or CLOSED on either side, or a body left unread (an error
                 # answered early): the connection ends here.
                 return
-            if direct:
-                self._next_cycle()
-            else:
-                proto.start_next_cycle()
-
-    def _next_cycle(self) -> None:
-        """After a response h11 did not write: a fresh h11 connection for the next request,
-        fed what the old one received and has not parsed (pipelined bytes, EOF)."""
-        data, closed = self.proto.trailing_data
-        self.proto = proto = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
-        if data:
-            proto.receive_data(data)
-        if closed:
-            proto.receive_data(b"")
+            self.back_to_fast(proto)
 
     async def _watch_drain(self) -> None:
         await self.gateway.draining.wait()
@@ -204,58 +209,11 @@ class H1Connection(FdStream):
         if self.phase is Phase.IDLE:
             self.scope.cancel()
 
-    async def _next_request(self) -> h11.Request | None:
-        """Read until a request head; answer and return None on errors or EOF. The keep-alive
-        and header timeouts fire the connection scope (``serve`` answers the 408)."""
-        proto = self.proto
-        scope = self.scope
-        waiting = False
-        while True:
-            try:
-                event = proto.next_event()
-            except h11.RemoteProtocolError as exc:
-                await self._reject(request_error(exc, self.proto.trailing_data[0], self.limits))
-                return None
-            if type(event) is h11.Request:
-                self.phase = Phase.BUSY  # HEAD_DONE
-                if scope.deadline - trio.current_time() < _DEADLINE_MARGIN_S:
-                    scope.deadline = math.inf
-                # Otherwise the wait's deadline stays while the handler runs: most answer
-                # in well under _DEADLINE_MARGIN_S, and one still running after
-                # WATCH_AFTER_S lifts it (_arm_watch). One deadline move per request.
-                return event
-            if event is not h11.NEED_DATA:
-                # ConnectionClosed (EOF between requests) or PAUSED: nothing more to serve.
-                return None
-            if not waiting:  # the first wait for this request starts its clock
-                waiting = True
-                buffered = proto.their_state is not h11.IDLE or bool(proto.trailing_data[0])
-                if not buffered and self.closing:
-                    return None
-                self.phase = Phase.HEAD if buffered else Phase.IDLE  # WAIT_BUFFERED, WAIT_EMPTY
-                limits = self.limits
-                timeout = limits.header_timeout_s if buffered else limits.keepalive_timeout_s
-                due = trio.current_time() + timeout
-                # A busy connection waits many times a second; moving a deadline is a heap
-                # operation. One already within _DEADLINE_SLACK of the timeout is kept.
-                if not due - timeout * _DEADLINE_SLACK <= scope.deadline <= due:
-                    scope.deadline = due
-            elif self.phase is Phase.IDLE:
-                # Bytes came, but not yet a whole head (the usual first read is one): the
-                # header timeout applies from now on.
-                self.phase = Phase.HEAD  # BYTES
-                scope.deadline = trio.current_time() + self.limits.header_timeout_s
-            # Between requests, a client (one that does not pipeline) is still reading our
-            # answer: its next request cannot be here yet.
-            data = await self.receive(waiting=self.phase is Phase.IDLE)
-            proto.receive_data(data)
-            if not data and not proto.trailing_data[0]:
-                return None
-
     async def _reject(self, exc: errors.GatewayError) -> None:
         """Answer an error found before any handler ran, then close (nginx's behaviour)."""
         self.closing = True
-        if self.proto.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        proto = self.take_h11()
+        if proto.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         status = 501 if exc.code == "not_implemented" else exc.http_status
         request_id = new_request_id().encode()
@@ -266,48 +224,40 @@ class H1Connection(FdStream):
             head = h11.Response(
                 status_code=status, headers=headers, reason=REASONS.get(status, b"")
             )
-            data = self.proto.send(head)
-            data += self.proto.send(h11.Data(data=body)) + self.proto.send(h11.EndOfMessage())
+            data = proto.send(head)
+            data += proto.send(h11.Data(data=body)) + proto.send(h11.EndOfMessage())
             await self.send_all(data)
         except (h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except trio.TooSlowError:
             pass
 
-    async def _run(self, event: h11.Request, headers: HeaderList, started: float) -> bool:
+    async def _run(
+        self, event: RequestHead | h11.Request, headers: HeaderList, started: float
+    ) -> bool:
         """Serve one request whose head passed its checks; True if h11 did not write it."""
         path, _, query = event.target.decode("latin-1").partition("?")
         request_id = request_id_from(headers)
         method = event.method.decode("ascii")
         responder = H1Responder(self, request_id, head_only=method == "HEAD")
-        parts: list[bytes] = []  # the body may be buffered already (small JSON usually is)
-        try:
-            next_event = self.proto.next_event()
-            while isinstance(next_event, h11.Data):
-                parts.append(next_event.data)
-                next_event = self.proto.next_event()
-        except h11.RemoteProtocolError as exc:
-            await self._reject(request_error(exc, self.proto.trailing_data[0], self.limits))
-            return False
-        buffered = sum(map(len, parts))
-        if buffered > self.limits.max_body_bytes:  # a chunked body has no length to check
-            await self._reject(too_large(self.limits))
-            return False
         body_source: StreamingBody | BufferedBody
-        send_channel: trio.MemorySendChannel[bytes | errors.GatewayError] | None = None
-        if isinstance(next_event, h11.EndOfMessage):
-            body_source = BufferedBody(parts[0] if len(parts) == 1 else b"".join(parts))
+        send_channel: _BodyChannel | None = None
+        if type(event) is RequestHead:  # its length was checked with its head
+            body_source = BufferedBody(self.raw[event.size :])
+            buffered, http_version = event.length, "1.1"
         else:
-            send_channel, receive_channel = trio.open_memory_channel[bytes | errors.GatewayError](1)
-            body_source = StreamingBody(self, receive_channel)
-            if parts:
-                send_channel.send_nowait(b"".join(parts))
+            assert type(event) is h11.Request
+            body = await self._body_h11(self.take_h11())
+            if body is None:
+                return False
+            body_source, send_channel, buffered = body
+            http_version = event.http_version.decode("ascii")
         request = Request(
             method=method,
             path=path,
             query=query,
             headers=headers,
-            http_version=event.http_version.decode("ascii"),
+            http_version=http_version,
             body_source=body_source,
             request_id=request_id,
             client=self.client,
@@ -335,9 +285,34 @@ class H1Connection(FdStream):
             )
         return responder.direct
 
+    async def _body_h11(
+        self, proto: h11.Connection
+    ) -> tuple[StreamingBody | BufferedBody, _BodyChannel | None, int] | None:
+        """The body of a request h11 read: whole if it is all buffered, else a stream the
+        watcher feeds (with its channel); and the bytes buffered. None once rejected."""
+        parts: list[bytes] = []  # the body may be buffered already (small JSON usually is)
+        try:
+            next_event = proto.next_event()
+            while isinstance(next_event, h11.Data):
+                parts.append(next_event.data)
+                next_event = proto.next_event()
+        except h11.RemoteProtocolError as exc:
+            await self._reject(request_error(exc, proto.trailing_data[0], self.limits))
+            return None
+        buffered = sum(map(len, parts))
+        if buffered > self.limits.max_body_bytes:  # a chunked body has no length to check
+            await self._reject(too_large(self.limits))
+            return None
+        if isinstance(next_event, h11.EndOfMessage):
+            return BufferedBody(parts[0] if len(parts) == 1 else b"".join(parts)), None, buffered
+        send_channel, receive_channel = trio.open_memory_channel[bytes | errors.GatewayError](1)
+        if parts:
+            send_channel.send_nowait(b"".join(parts))
+        return StreamingBody(self, receive_channel), send_channel, buffered
+
     def _arm_watch(
         self,
-        body: trio.MemorySendChannel[bytes | errors.GatewayError] | None = None,
+        body: _BodyChannel | None = None,
         received: int = 0,
         delay: bool = False,
     ) -> None:

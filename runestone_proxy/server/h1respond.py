@@ -39,10 +39,11 @@ class StreamingBody:
     async def receive(self) -> bytes:
         if self.finished:
             return b""
-        if self.conn.proto.they_are_waiting_for_100_continue:
+        proto = self.conn.take_h11()  # a body that streams in is read by h11
+        if proto.they_are_waiting_for_100_continue:
             # RFC 9110 §10.1.1: the client waits for our go-ahead before sending the body.
             await self.conn.send_all(
-                self.conn.proto.send(h11.InformationalResponse(status_code=100, headers=[]))
+                proto.send(h11.InformationalResponse(status_code=100, headers=[]))
             )
         try:
             item = await self.receiver.receive()
@@ -81,8 +82,7 @@ class H1Responder:
     sent_bytes: int = 0
     #: The streamed body goes out chunked (an HTTP/1.1 client): frame chunks ourselves.
     chunked: bool = False
-    #: The response was written without h11 (see h1conn's docstring): the connection
-    #: takes a fresh h11.Connection for the next request.
+    #: The response was written without h11 (see h1conn's docstring).
     direct: bool = False
 
     @property
@@ -95,7 +95,7 @@ class H1Responder:
         before its body was read (e.g. 401): then say so (RFC 9112 §9.6) rather than leave a
         keep-alive client to find a reset."""
         conn = self.conn
-        if conn.proto.their_state is not h11.DONE:
+        if not conn.request_read():
             conn.closing = True
         return conn.closing
 
@@ -113,7 +113,6 @@ class H1Responder:
         if self.started:
             raise RuntimeError("response already started")
         conn = self.conn
-        proto = conn.proto
         head = response_head(
             status, headers, self.request_id, b"content-length: %d\r\n" % len(body), self._closes()
         )
@@ -125,6 +124,7 @@ class H1Responder:
                 head += body
             await conn.send_all(head)
             return
+        proto = conn.take_h11()  # a head only h11 writes
         data = proto.send(self._head(status, headers, len(body)))
         if body and not self.head_only:
             data += proto.send(h11.Data(data=body))
@@ -136,8 +136,7 @@ class H1Responder:
         if self.started:
             raise RuntimeError("response already started")
         conn = self.conn
-        proto = conn.proto
-        if proto.their_http_version == b"1.1" and not self.head_only:
+        if conn.http11() and not self.head_only:
             framing = b"transfer-encoding: chunked\r\n"
             head = response_head(status, headers, self.request_id, framing, self._closes())
             if head is not None:
@@ -145,7 +144,7 @@ class H1Responder:
                 self.status = status
                 await conn.send_all(head)
                 return
-        head = proto.send(self._head(status, headers, None))
+        head = conn.take_h11().send(self._head(status, headers, None))
         # h11 picked chunked framing iff it announced it (HTTP/1.1 client, no length).
         self.chunked = b"\r\ntransfer-encoding: chunked\r\n" in (head or b"").lower()
         await conn.send_all(head)
@@ -161,7 +160,7 @@ class H1Responder:
             # (EndOfMessage) itself.
             await self.conn.send_all(b"%x\r\n%b\r\n" % (len(data), data))
             return
-        await self.conn.send_all(self.conn.proto.send(h11.Data(data=data)))
+        await self.conn.send_all(self.conn.take_h11().send(h11.Data(data=data)))
 
     async def finish(self) -> None:
         if not self.started:
@@ -169,5 +168,5 @@ class H1Responder:
         elif self.direct:
             if self.chunked:
                 await self.conn.send_all(LAST_CHUNK)
-        elif self.conn.proto.our_state is h11.SEND_BODY:
-            await self.conn.send_all(self.conn.proto.send(h11.EndOfMessage()))
+        elif (proto := self.conn.take_h11()).our_state is h11.SEND_BODY:
+            await self.conn.send_all(proto.send(h11.EndOfMessage()))

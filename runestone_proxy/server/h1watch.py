@@ -6,7 +6,8 @@ the watcher feeds it to the handler through a bounded channel, so a slow handler
 back-pressures the client, holding each read to the body's pace (``protocol/slowclient``)
 and the whole body to ``max_body_bytes``. After the body it keeps reading: EOF means the
 client went away, and it cancels the connection scope at once, so upstream work stops too.
-Pipelined bytes that arrive meanwhile stay buffered in h11, bounded by
+Pipelined bytes that arrive meanwhile stay buffered (:meth:`H1Connection.pipelined
+<runestone_proxy.server.h1conn.H1Connection.pipelined>`), bounded by
 ``max_pipelined_requests`` heads. :meth:`H1Connection._arm_watch
 <runestone_proxy.server.h1conn.H1Connection._arm_watch>` starts it in the connection's
 nursery, from the request itself or from the slow-request sweeper.
@@ -73,7 +74,7 @@ async def _watch_eof(conn: H1Connection, conn_scope: trio.CancelScope) -> None:
             conn_scope.cancel()
             return
         budget -= len(data)
-        conn.proto.receive_data(data)
+        conn.pipelined(data)
     await trio.sleep_forever()
 
 
@@ -85,19 +86,20 @@ async def _feed_body(
 ) -> None:
     body_done = False
     pace, started = body_pace(conn.limits), trio.current_time()
+    proto = conn.take_h11()  # a body that streams in is read by h11
     async with body:
         while not body_done:
             try:
-                event = conn.proto.next_event()
+                event = proto.next_event()
             except h11.RemoteProtocolError as exc:
                 conn.closing = True
-                await body.send(request_error(exc, conn.proto.trailing_data[0], conn.limits))
+                await body.send(request_error(exc, proto.trailing_data[0], conn.limits))
                 return
             if event is h11.NEED_DATA:
                 # Per read, and a minimum rate for the whole body (protocol/slowclient.py).
                 with trio.move_on_at(pace.deadline(trio.current_time(), started, received)):
                     data = await conn.receive()
-                    conn.proto.receive_data(data)
+                    proto.receive_data(data)
                     if not data:
                         conn_scope.cancel()
                         return

@@ -1,8 +1,21 @@
 """One HTTP/1.1 connection to an upstream origin: connect, send, read the response.
 
 The connection layer under :class:`~runestone_proxy.server.upstream.UpstreamPool`: a trio
-stream (TCP, or TLS with SNI and hostname checks), the h11 state machine that frames it, and
-the mapping of socket, TLS, h11 and timeout failures to :mod:`runestone_proxy.errors`. The
+stream (TCP, or TLS with SNI and hostname checks), the framing of its exchanges, and the
+mapping of socket, TLS, h11 and timeout failures to :mod:`runestone_proxy.errors`.
+
+Two ways to frame an exchange. The common one uses no h11 at all: a request with a bytes
+body is written by :func:`~runestone_proxy.protocol.h1.request_head`, the response head
+is read by :func:`~runestone_proxy.protocol.h1response.parse_response_head` and its body
+by a :class:`~runestone_proxy.protocol.h1response.LengthDecoder` or
+:class:`~runestone_proxy.protocol.chunked.ChunkedDecoder`; whether the connection may be
+reused is the head's ``keep_alive`` and a body read to its end with nothing after it. An
+h11 state machine is made only for an exchange that needs one (``proto``): a streamed
+request body, a HEAD or CONNECT, a request head with an odd field, and any response head
+the fast parser declines (1xx, 204/304, HTTP/1.0, odd bytes or framing: its module
+docstring has the rule), which h11 then parses, or refuses, from the same bytes. After
+such an exchange, if h11 would keep the connection and holds nothing unread, ``proto``
+is dropped again: the next exchange starts on the fast path. The
 pool decides which connection to use, and when to retry, reuse or close; this module does
 the I/O of one exchange up to the response head; :mod:`.upstream_response` reads the body
 (and defines the response base class both transports share). The values they exchange
@@ -46,6 +59,12 @@ from runestone_proxy.protocol.h1 import (
     request_head,
     sent_request,
 )
+from runestone_proxy.protocol.h1response import (
+    FRAMED_BY_REQUEST,
+    ResponseHead,
+    Unusual,
+    parse_response_head,
+)
 from runestone_proxy.server.fdstream import FdStream
 from runestone_proxy.server.slowwatch import SlowWatch
 from runestone_proxy.server.upstream_dial import Origin, close, dial
@@ -53,6 +72,9 @@ from runestone_proxy.server.upstream_response import MAX_HEAD_BYTES, H11Response
 from runestone_proxy.server.upstream_wait import Wait
 
 _END: Final = h11.EndOfMessage()
+#: Reads a response head may take on the fast path (one is usual); a head that trickles in
+#: goes to h11, whose buffer does not copy and rescan what it holds on every read.
+_FAST_READS: Final = 4
 
 
 class EarlyClose(Exception):
@@ -73,7 +95,9 @@ class H11Connection(FdStream):
     origin: Origin
     stream: trio.abc.Stream = attrs.field(repr=False)
     sock: trio.socket.SocketType = attrs.field(repr=False)
-    proto: h11.Connection = attrs.field(repr=False)
+    #: The h11 state machine of an exchange that needs one (see the module docstring),
+    #: else None: the fast path frames the exchange.
+    proto: h11.Connection | None = attrs.field(default=None, repr=False)
     idle_since: float = 0.0
     reused: bool = False
     #: The socket's fd on a cleartext connection (the FdStream fast path), else -1.
@@ -82,8 +106,8 @@ class H11Connection(FdStream):
     watch: SlowWatch | None = attrs.field(default=None, repr=False)
     #: Set by the sweeper when a registered wait passed its due time.
     expired: bool = False
-    #: ``proto`` is a fresh h11 state machine, the last body having been read beside it
-    #: (:meth:`body_read`): ready for the next request as it is.
+    #: The last response was read to its end beside h11, on a connection both sides keep
+    #: alive, with nothing after it (:meth:`body_read`): ready for the next request.
     fresh: bool = False
 
     @classmethod
@@ -94,9 +118,8 @@ class H11Connection(FdStream):
         if opened is None:
             raise timed_out(origin.label, "could not connect", t.connect_s, t, deadline)
         stream, tcp = opened
-        proto = h11.Connection(our_role=h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
         fd = tcp.socket.fileno() if stream is tcp else -1
-        return cls(origin, stream, tcp.socket, proto, fd=fd)
+        return cls(origin, stream, tcp.socket, fd=fd)
 
     def expire(self) -> None:
         """The sweeper's callback for an overdue wait: wake it (``ClosedResourceError``, or a
@@ -119,23 +142,38 @@ class H11Connection(FdStream):
         return not select.select([fd], [], [], 0)[0]  # pragma: no cover (Windows)
 
     def recycle(self, now: float) -> bool:
-        """After a response: ready the connection for the next one if both sides are DONE
-        (neither side asked to close, the body was read to its end), RFC 9112 §9.3."""
-        proto = self.proto
+        """After a response: ready the connection for the next one (RFC 9112 §9.3) if the
+        body was read to its end, neither side asked to close, and the peer neither sent
+        anything after the response (bytes no request asked for: such a peer is not
+        trusted with another) nor closed (a body that ran to EOF). The fast path says so
+        with :meth:`body_read`; after an exchange h11 framed, h11's states and buffer say
+        it, and ``proto`` is dropped."""
         if self.fresh:
             self.fresh = False
-        elif proto.our_state is not h11.DONE or proto.their_state is not h11.DONE:
-            return False
         else:
-            proto.start_next_cycle()
+            proto = self.proto
+            if (
+                proto is None
+                or proto.our_state is not h11.DONE
+                or proto.their_state is not h11.DONE
+                or proto.trailing_data != (b"", False)  # bytes left, or EOF seen
+            ):
+                return False
+            self.proto = None
         self.idle_since = now
         return True
 
     def body_read(self) -> None:
-        """A response body decoded beside h11 ended cleanly on a keep-alive exchange: the
-        next request gets a fresh h11 state machine (h11 was not fed the body)."""
-        self.proto = h11.Connection(our_role=h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+        """A response body decoded beside h11 ended cleanly on a keep-alive exchange with
+        nothing after it: the next request starts on the fast path."""
+        self.proto = None
         self.fresh = True
+
+    def take_h11(self) -> h11.Connection:
+        """A new h11 state machine for this exchange (see the module docstring)."""
+        proto = h11.Connection(our_role=h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+        self.proto = proto
+        return proto
 
     async def aclose(self) -> None:
         await close(self.stream)
@@ -161,14 +199,13 @@ class H11Connection(FdStream):
 
         With a bytes body, writing and waiting for the head share one bound:
         ``first_byte_s`` runs from the start of the write (one ``send_all``)."""
-        origin, proto = self.origin, self.proto
+        origin = self.origin
         if isinstance(body, bytes):
             head = request_head(method, target, origin.host_header, headers, len(body))
             if head is not None:
-                proto.send(sent_request(method))
-                proto.send(_END)
                 request = head + body if body else head
-                return await self._exchange(request, t, deadline, method == "HEAD")
+                return await self._exchange(request, method, t, deadline)
+        proto = self.take_h11()
         fields = [(b"host", origin.host_header)]
         if not isinstance(body, bytes):
             fields.append((b"transfer-encoding", b"chunked"))  # RFC 9112 §7.1
@@ -186,17 +223,20 @@ class H11Connection(FdStream):
                 parts = cast(list[bytes], proto.send_with_data_passthrough(h11.Data(data=body)))
                 head = b"".join([head, *parts])
             proto.send(_END)  # writes nothing under Content-Length
-            return await self._exchange(head, t, deadline, method == "HEAD")
-        await self._send_streamed(head, body, t, deadline)
-        return await self._exchange(None, t, deadline, method == "HEAD")
+            return await self._exchange(head, method, t, deadline)
+        await self._send_streamed(proto, head, body, t, deadline)
+        return await self._exchange(None, method, t, deadline)
 
     async def _exchange(
-        self, request: bytes | None, t: UpstreamTimeouts, deadline: float, head_only: bool
+        self, request: bytes | None, method: str, t: UpstreamTimeouts, deadline: float
     ) -> H11Response:
         """Write ``request`` (a whole, replayable one; None when the body was streamed) and
-        read the response head. Writing and waiting share one bound (:class:`Wait`):
-        ``first_byte_s`` runs from the start of the write."""
+        read the response head: with the fast parser when we wrote the request head
+        ourselves (``proto`` is None), else, or when it declines the head, with h11.
+        Writing and waiting share one bound (:class:`Wait`): ``first_byte_s`` runs from
+        the start of the write."""
         label = self.origin.label
+        replayable = request is not None
         with Wait(self, min(deadline, trio.current_time() + t.first_byte_s)):
             if request is not None:
                 try:
@@ -205,20 +245,73 @@ class H11Connection(FdStream):
                     raise EarlyClose(
                         "lost while sending", during_send=True, replayable=True
                     ) from exc
-            event = await self._receive_head(request is not None)
+            proto = self.proto
+            if proto is None:
+                received, eof = b"", False
+                if method not in FRAMED_BY_REQUEST:
+                    head, received, eof = await self._receive_head_fast(replayable)
+                    if head is not None:
+                        return H11Response.fast(head, received, label, self, deadline, t)
+                # h11 takes over as if it had written the request (its bytes are dropped)
+                # and reads what came, or refuses it.
+                proto = self.take_h11()
+                proto.send(sent_request(method))
+                proto.send(_END)
+                if received:
+                    proto.receive_data(received)
+                if eof:
+                    proto.receive_data(b"")
+            event = await self._receive_head(replayable, bool(proto.trailing_data[0]))
             response = H11Response(event.status_code, list(event.headers), label, self, deadline, t)
-            if not head_only and event.status_code not in BODYLESS:
+            if method != "HEAD" and event.status_code not in BODYLESS:
                 response.take_chunked(event)
             return response
         raise timed_out(label, "no response head", t.first_byte_s, t, deadline)
 
+    async def _receive_head_fast(self, replayable: bool) -> tuple[ResponseHead | None, bytes, bool]:
+        """Read until :func:`parse_response_head` has a head: it, the body bytes that came
+        with it, False. If it declines the head, or the peer closes mid-head: None, every
+        byte received, and whether the peer closed, for h11 to read (or refuse). A head that
+        takes more than :data:`_FAST_READS` reads goes to h11 too (see there)."""
+        buf = b""
+        for _ in range(_FAST_READS):
+            try:
+                # Right after the request, or mid-head: the origin has yet to speak.
+                data = await self.receive(waiting=True)
+            except trio.BrokenResourceError as exc:
+                if buf:
+                    raise UpstreamConnectError(
+                        f"upstream {self.origin.label}: reset in the head"
+                    ) from exc
+                raise EarlyClose(
+                    "reset before the response", during_send=False, replayable=replayable
+                ) from exc
+            if not data:
+                if not buf:
+                    raise EarlyClose(
+                        "closed before the response", during_send=False, replayable=replayable
+                    )
+                return None, buf, True
+            buf = buf + data if buf else data
+            head = parse_response_head(buf, MAX_HEAD_BYTES)
+            if head is None:
+                continue
+            if isinstance(head, Unusual):
+                return None, buf, False
+            return head, buf[head.size :], False
+        return None, buf, False
+
     async def _send_streamed(
-        self, head: bytes, body: AsyncIterable[bytes], t: UpstreamTimeouts, deadline: float
+        self,
+        proto: h11.Connection,
+        head: bytes,
+        body: AsyncIterable[bytes],
+        t: UpstreamTimeouts,
+        deadline: float,
     ) -> None:
         """Chunked request body (RFC 9112 §7.1): one write per chunk, as the caller yields it,
         each within ``between_chunks_s``; the caller's producer counts against ``total_s``.
         Only the head can be replayed, so a retry is possible only before the first chunk."""
-        proto = self.proto
         with trio.CancelScope(deadline=deadline) as total:
             await self._send_within(head, t, deadline, replayable=True)
             async for chunk in body:
@@ -243,9 +336,10 @@ class H11Connection(FdStream):
             what = "request bytes not sent"
             raise timed_out(self.origin.label, what, t.between_chunks_s, t, deadline)
 
-    async def _receive_head(self, replayable: bool) -> h11.Response:
+    async def _receive_head(self, replayable: bool, first_byte: bool) -> h11.Response:
+        """Read the head through h11 (``proto``); ``first_byte``: bytes came already."""
         proto, label = self.proto, self.origin.label
-        first_byte = False
+        assert proto is not None
         while True:
             try:
                 event = proto.next_event()

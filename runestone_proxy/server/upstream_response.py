@@ -3,12 +3,14 @@
 :class:`UpstreamResponse` is what the pool hands the pipeline (``status``, ``headers``,
 ``receive()``/``read()``), for the pooled h11 client and the httpx transport alike.
 :class:`H11Response` reads the body of one exchange on an
-:class:`~runestone_proxy.server.upstream_h11.H11Connection`: through h11 for a body framed
-by ``Content-Length`` or by the connection's end, and with
-:class:`~runestone_proxy.protocol.chunked.ChunkedDecoder` for a chunked one (every
-streamed answer: one chunk per SSE event), which costs a fraction of h11's per-event
-machinery. Each wait for body bytes is bounded by ``between_chunks_s`` and the total
-deadline (:class:`~runestone_proxy.server.upstream_wait.Wait`).
+:class:`~runestone_proxy.server.upstream_h11.H11Connection` with a decoder from
+:mod:`runestone_proxy.protocol`: :class:`~runestone_proxy.protocol.h1response.LengthDecoder`
+for ``Content-Length``, :class:`~runestone_proxy.protocol.chunked.ChunkedDecoder` for a
+chunked body (every streamed answer: one chunk per SSE event); either costs a fraction of
+h11's per-event machinery. h11 reads a body only when it read the head (see
+:mod:`.upstream_h11`) and the framing is not chunked (a body that runs to the
+connection's end, say). Each wait for body bytes is bounded by ``between_chunks_s`` and
+the total deadline (:class:`~runestone_proxy.server.upstream_wait.Wait`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from runestone_proxy.errors import (
 )
 from runestone_proxy.gateway.transport import UpstreamTimeouts
 from runestone_proxy.protocol.chunked import ChunkedDecoder, ChunkedError
+from runestone_proxy.protocol.h1response import CHUNKED, BodyDecoder, LengthDecoder, ResponseHead
 from runestone_proxy.server.upstream_wait import Wait
 
 if TYPE_CHECKING:
@@ -82,28 +85,50 @@ class H11Response(UpstreamResponse):
     #: The last bytes came after a wait (a paced stream): the next read is not tried before
     #: waiting, since it would find nothing.
     _waited: bool = attrs.field(default=False, repr=False)
-    #: A chunked body is decoded here rather than by h11 (see :meth:`take_chunked`).
-    _chunked: ChunkedDecoder | None = attrs.field(default=None, repr=False)
+    #: The body's decoder when h11 does not read it (see :meth:`fast`, :meth:`take_chunked`).
+    _decoder: BodyDecoder | None = attrs.field(default=None, repr=False)
     #: The body bytes that came with the head, for the decoder's first feed.
     _early: bytes = attrs.field(default=b"", repr=False)
     #: The connection may carry another request once the decoder saw the body's end.
     _reusable: bool = attrs.field(default=False, repr=False)
 
+    @classmethod
+    def fast(
+        cls,
+        head: ResponseHead,
+        early: bytes,
+        origin: str,
+        conn: H11Connection,
+        deadline: float,
+        timeouts: UpstreamTimeouts,
+    ) -> H11Response:
+        """A response whose head the fast parser read; ``early``: the bytes after it."""
+        response = cls(head.status, head.headers, origin, conn, deadline, timeouts)
+        if head.framing == CHUNKED:
+            response._decoder = ChunkedDecoder(MAX_HEAD_BYTES)
+        else:
+            response._decoder = LengthDecoder(head.length)
+        response._early = early
+        response._reusable = head.keep_alive
+        return response
+
     def take_chunked(self, head: h11.Response) -> None:
-        """Decode a chunked body with :class:`ChunkedDecoder` instead of h11 (its per-event
-        machinery is most of what a paced stream's chunk costs to read). h11 parsed the head,
-        so the framing is checked: a ``transfer-encoding`` field is exactly ``chunked``.
-        h11 is not used again for this response: at the body's end the connection gets a
-        fresh one (:meth:`H11Connection.recycle`) if h11 would have kept it alive, which is
-        the state it left ``our_state`` in after the head (``DONE``; ``MUST_CLOSE`` if
-        either side said ``Connection: close`` or spoke HTTP/1.0)."""
+        """After h11 read the head: decode a chunked body with :class:`ChunkedDecoder`
+        instead of h11 (its per-event machinery is most of what a paced stream's chunk costs
+        to read). h11 parsed the head, so the framing is checked: a ``transfer-encoding``
+        field is exactly ``chunked``. h11 is not used again for this response: at the
+        body's end the connection is reused (:meth:`H11Connection.recycle`) if h11 would
+        have kept it alive, which is the state it left ``our_state`` in after the head
+        (``DONE``; ``MUST_CLOSE`` if either side said ``Connection: close`` or spoke
+        HTTP/1.0)."""
         if not any(name == b"transfer-encoding" for name, _ in head.headers):
             return
         proto = self.conn.proto
+        assert proto is not None
         early, closed = proto.trailing_data
         if closed:
             return  # EOF already seen with the head: let h11 report what is missing
-        self._chunked = ChunkedDecoder(MAX_HEAD_BYTES)
+        self._decoder = ChunkedDecoder(MAX_HEAD_BYTES)
         self._early = early
         self._reusable = proto.our_state is h11.DONE
 
@@ -112,10 +137,11 @@ class H11Response(UpstreamResponse):
             return b""
         if self.detached:
             raise trio.ClosedResourceError("response read after its `async with` block ended")
-        if self._chunked is not None:
-            return await self._receive_chunked(self._chunked)
+        if self._decoder is not None:
+            return await self._receive_decoded(self._decoder)
         conn = self.conn
         proto = conn.proto
+        assert proto is not None
         while True:
             if self._dry:
                 self._dry = False
@@ -163,6 +189,7 @@ class H11Response(UpstreamResponse):
         soon as it is here) instead of one write and one event-loop pass per chunk. The end
         of the body, if seen, is remembered for the next ``receive``."""
         proto = self.conn.proto
+        assert proto is not None
         parts = [first]
         while True:
             try:
@@ -183,9 +210,9 @@ class H11Response(UpstreamResponse):
         self._waited = False  # chunks arrive faster than we take them: try reads first
         return b"".join(parts)
 
-    async def _receive_chunked(self, decoder: ChunkedDecoder) -> bytes:
-        """:meth:`receive` for a chunked body (see :meth:`take_chunked`): the same reads and
-        waits as the h11 path, the bytes decoded by ``decoder``."""
+    async def _receive_decoded(self, decoder: BodyDecoder) -> bytes:
+        """:meth:`receive` for a body h11 does not read: the same reads and waits as the
+        h11 path, the bytes decoded by ``decoder``."""
         conn = self.conn
         while not decoder.done:
             if self._early:
@@ -211,7 +238,7 @@ class H11Response(UpstreamResponse):
                 if not data:
                     raise UpstreamProtocolError(
                         f"upstream {self.origin}: peer closed connection without sending "
-                        "complete message body: incomplete chunked read"
+                        f"complete message body: {decoder.missing()}"
                     )
             try:
                 body = decoder.feed(data)
@@ -226,9 +253,9 @@ class H11Response(UpstreamResponse):
         self._body_end(decoder)
         return b""
 
-    def _body_end(self, decoder: ChunkedDecoder) -> None:
+    def _body_end(self, decoder: BodyDecoder) -> None:
         self._done = True
-        if self._reusable and not decoder.extra:
+        if self._reusable and not decoder.extra and not self._early:
             self.conn.body_read()
 
     async def _wait_for_bytes(self) -> bytes:
