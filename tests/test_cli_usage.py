@@ -22,6 +22,7 @@ from runestone_proxy.gateway.ledger import UsageRecord
 from runestone_proxy.gateway.usage_report import DAY_S, UsageQuery
 from runestone_proxy.server import store_ledger_sql, store_schema
 from runestone_proxy.server.store import Store
+from runestone_proxy.server.store_sqlite import SqliteDb
 
 T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z
 
@@ -87,7 +88,7 @@ async def test_the_cli_reads_the_store_of_a_running_gateway(
 
 def test_a_report_with_no_grouping_is_its_totals() -> None:
     query = UsageQuery(T0 - DAY_S, T0, granularity="day")
-    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn = sqlite3.connect(":memory:", isolation_level=None, factory=SqliteDb)
     store_schema.migrate(conn)
     conn.execute("BEGIN")
     store_ledger_sql.write(conn, [rec(T0 - 60, "a"), rec(T0 - 9 * 3600, "b")])
@@ -141,7 +142,7 @@ def test_the_usage_command_from_main(
 ) -> None:
     """``runestone-proxy usage`` through ``__main__``: ``--config`` before or after the
     command, the store under ``$RUNESTONE_STATE_DIR``, no gateway running."""
-    conn = sqlite3.connect(tmp_path / "r.sqlite3", isolation_level=None)
+    conn = sqlite3.connect(tmp_path / "r.sqlite3", isolation_level=None, factory=SqliteDb)
     store_schema.migrate(conn)
     conn.execute("BEGIN")
     now = time.time()
