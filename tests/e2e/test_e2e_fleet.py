@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pg_server
-import pytest
 import trio
 from helpers import GatewayProcess, gateway_process
 from redis_server import redis_server
@@ -40,14 +39,6 @@ HEADERS = {"authorization": f"Bearer {KEY}"}
 JOBS = 9
 TIMEOUT_S = 90
 POLL_S = 0.05
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[pg_server.PgServer]:
-    if pg_server.pg_bin_dir() is None:
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
-    with pg_server.running() as server:
-        yield server
 
 
 def config_text(upstream: str, redis_url: str) -> str:
