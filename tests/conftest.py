@@ -8,8 +8,10 @@ awaited; time-dependent tests take pytest-trio's ``autojump_clock`` fixture
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import pg_server
 import pytest
 import trustme
 from helpers import TLSFiles
@@ -21,6 +23,16 @@ def _private_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     its SQLite store (``runestone.sqlite3``, relative) out of the checkout and away from
     other tests."""
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[pg_server.PgServer]:
+    """One PostgreSQL server for the session (started on first use); each test that needs
+    a database makes its own (``pg.create_database()``: unique names)."""
+    if pg_server.pg_bin_dir() is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
+    with pg_server.running() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,9 @@
 optionally how many tokens per UTC day. Pure: the periods, the estimate, the decision and
 the reservation arithmetic (the headers and the refusal's words: :mod:`.budget_wire`). No
 trio, no I/O, no clock: the caller passes the time. The state (one :class:`Account` per
-scope and period, seeded from the ledger) is :mod:`.budget_book`'s.
+scope and period, seeded from the ledger) is :mod:`.budget_book`'s; what both of its books
+(in-process and Redis) compute alike is here: whether a kept plan still fits
+(:func:`plan_fits`) and the gauge's USD left (:func:`usd_left`).
 
 How this works
 --------------
@@ -55,6 +57,8 @@ __all__ = [
     "estimate",
     "month_bounds",
     "period_bounds",
+    "plan_fits",
+    "usd_left",
 ]
 
 Scope = Literal["key", "tenant"]
@@ -343,3 +347,42 @@ def decide(checks: Sequence[Check], est: Estimate) -> Refusal | None:
         ):
             worst = refusal
     return worst
+
+
+def usd_left(
+    tenants: Mapping[str, Budgets], accounts: Iterable[Account], now: float
+) -> list[tuple[str, Period, float]]:
+    """``(tenant, period, USD left)`` for each tenant USD budget among ``accounts`` (those
+    seeded and of the period holding ``now``): the gauge, for either book."""
+    out: list[tuple[str, Period, float]] = []
+    for account in accounts:
+        budgets = tenants.get(account.owner) if account.scope == "tenant" else None
+        if budgets is None or not account.seeded or not account.current(now):
+            continue
+        limit = budgets.usd_day if account.period == "day" else budgets.usd_month
+        if limit is not None:
+            left = limit - account.spent_usd - account.held_usd
+            out.append((account.owner, account.period, max(0.0, left)))
+    return out
+
+
+class PlanShape(Protocol):
+    """What a book's plan (the checks of one ``(tenant, key id)``, kept) has in common."""
+
+    key_budgets: Budgets
+    tenant_budgets: Budgets | None
+    #: Valid while ``since <= now < until`` (the latest start, the earliest end).
+    since: float
+    until: float
+
+
+def plan_fits(
+    plan: PlanShape, now: float, key_budgets: Budgets, tenant_budgets: Budgets | None
+) -> bool:
+    """Whether a kept plan still serves a request at ``now``: its periods hold ``now`` and
+    the budgets are the ones it was built for (a reload makes new ``Budgets`` objects)."""
+    return (
+        plan.since <= now < plan.until
+        and plan.key_budgets is key_budgets
+        and plan.tenant_budgets is tenant_budgets
+    )

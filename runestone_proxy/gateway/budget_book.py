@@ -35,7 +35,7 @@ How this works (:class:`LocalBudgetBook`)
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
 import attrs
@@ -52,11 +52,14 @@ from runestone_proxy.gateway.budget import (
     Estimate,
     Headers,
     Period,
+    Refusal,
     Scope,
     admit,
     day_bounds,
     decide,
     month_bounds,
+    plan_fits,
+    usd_left,
 )
 from runestone_proxy.gateway.budget_wire import budget_headers, refusal_message
 
@@ -67,6 +70,8 @@ __all__ = [
     "Hold",
     "LocalBudgetBook",
     "SpendSource",
+    "refuse",
+    "tenant_budgets",
 ]
 
 #: Reads of the ledger per seed before a busy one is taken as it is (module docstring).
@@ -168,6 +173,33 @@ def tenant_budgets(config: Config) -> dict[str, Budgets]:
     return {name: b for name, b in found.items() if b is not NO_BUDGETS}
 
 
+def refuse(
+    checks: Sequence[Check],
+    refusal: Refusal,
+    now: float,
+    tenant: str,
+    key_mask: str,
+    request_id: str | None,
+) -> BudgetExceeded:
+    """``budget.block``, and the 429 to raise for ``refusal`` (either book's)."""
+    telemetry.emit(
+        "budget.block",
+        tenant=tenant,
+        key_mask=key_mask,
+        request_id=request_id,
+        budget=f"{refusal.account.scope}.{refusal.limit.name}",
+        limit=refusal.limit.amount,
+        spent=refusal.spent,
+        held=refusal.held,
+        estimate=refusal.estimate,
+    )
+    return BudgetExceeded(
+        refusal_message(refusal, key_mask),
+        retry_after_s=None if refusal.too_large else refusal.reset_at - now,
+        headers=budget_headers(checks, refusal),
+    )
+
+
 AccountKey = tuple[Scope, str, Period]
 #: Plans kept at most (one per key with a budget, or of a tenant with one).
 _MAX_PLANS = 65536
@@ -231,42 +263,16 @@ class LocalBudgetBook:
         now = self.clock()
         tenant_budgets = self.tenants.get(tenant)
         plan = self._plans.get((tenant, key_id))
-        if (
-            plan is None
-            or not plan.since <= now < plan.until
-            or plan.key_budgets is not key_budgets
-            or plan.tenant_budgets is not tenant_budgets
-        ):
+        if plan is None or not plan_fits(plan, now, key_budgets, tenant_budgets):
             plan = await self._plan(tenant, key_id, key_budgets, tenant_budgets)
         headers = admit(plan.checks, estimate)
         if headers is None:
-            raise self._refuse(plan, estimate, tenant, key_mask, request_id)
+            refusal = decide(plan.checks, estimate)
+            assert refusal is not None
+            raise refuse(plan.checks, refusal, self.clock(), tenant, key_mask, request_id)
         for account in plan.accounts:
             account.hold(estimate)
         return Hold(self, plan.accounts, estimate), headers
-
-    def _refuse(
-        self, plan: _Plan, est: Estimate, tenant: str, key_mask: str, request_id: str | None
-    ) -> BudgetExceeded:
-        """``budget.block``, and the 429 to raise."""
-        refusal = decide(plan.checks, est)
-        assert refusal is not None
-        telemetry.emit(
-            "budget.block",
-            tenant=tenant,
-            key_mask=key_mask,
-            request_id=request_id,
-            budget=f"{refusal.account.scope}.{refusal.limit.name}",
-            limit=refusal.limit.amount,
-            spent=refusal.spent,
-            held=refusal.held,
-            estimate=refusal.estimate,
-        )
-        return BudgetExceeded(
-            refusal_message(refusal, key_mask),
-            retry_after_s=None if refusal.too_large else refusal.reset_at - self.clock(),
-            headers=budget_headers(plan.checks, refusal),
-        )
 
     async def _plan(
         self, tenant: str, key_id: str, key_budgets: Budgets, tenant_budgets: Budgets | None
@@ -402,14 +408,4 @@ class LocalBudgetBook:
     # --- the gauge -------------------------------------------------------------------------
 
     def remaining_usd(self) -> Iterable[tuple[str, Period, float]]:
-        now = self.clock()
-        out: list[tuple[str, Period, float]] = []
-        for (scope, owner, period), account in list(self.accounts.items()):
-            budgets = self.tenants.get(owner) if scope == "tenant" else None
-            if budgets is None or not account.seeded or not account.current(now):
-                continue
-            limit = budgets.usd_day if period == "day" else budgets.usd_month
-            if limit is not None:
-                left = limit - account.spent_usd - account.held_usd
-                out.append((owner, period, max(0.0, left)))
-        return out
+        return usd_left(self.tenants, list(self.accounts.values()), self.clock())

@@ -208,39 +208,25 @@ class Capacity:
             return decision
         if type(decision) is Wait:
             if not await self._wait(tenant, decision.max_wait_s):
-                self._block(tenant, slot, "concurrency_wait")
-                raise RateLimited(
-                    f"{self._who(tenant)} and no slot freed within "
-                    f"{decision.max_wait_s * 1000:g}ms. Please try again in 1s.",
-                    retry_after_s=limits.RETRY_AFTER_S,
-                )
+                raise self._refuse(tenant, slot, decision.max_wait_s)
             slot.held = tenant
             return decision
         if type(decision) is Enqueue:
             return decision
-        self._block(tenant, slot, "concurrency")
-        raise RateLimited(
-            f"{self._who(tenant)}. Please try again in 1s.", retry_after_s=limits.RETRY_AFTER_S
-        )
+        raise self._refuse(tenant, slot, None)
 
-    def _who(self, tenant: _Tenant) -> str:
-        if tenant.in_flight >= tenant.limits.max_concurrent or tenant.fifo:
-            return (
-                f"Tenant {tenant.name!r} is at capacity "
-                f"({tenant.limits.max_concurrent} concurrent requests)"
-            )
-        return f"The gateway is at capacity ({self.max_concurrent} concurrent requests)"
-
-    def _block(self, tenant: _Tenant, slot: Slot, which: str) -> None:
-        telemetry.emit(
-            "ratelimit.block",
-            tenant=tenant.name,
-            key_mask=slot.key_mask,
-            request_id=slot.request_id,
-            limit=which,
-            retry_after_s=limits.RETRY_AFTER_S,
-            in_flight=tenant.in_flight,
-            waiting=len(tenant.fifo),
+    def _refuse(self, tenant: _Tenant, slot: Slot, waited_s: float | None) -> RateLimited:
+        full = tenant.in_flight >= tenant.limits.max_concurrent or bool(tenant.fifo)
+        max_tenant = tenant.limits.max_concurrent
+        return at_capacity(
+            slot,
+            tenant.name,
+            full,
+            max_tenant,
+            self.max_concurrent,
+            waited_s,
+            tenant.in_flight,
+            len(tenant.fifo),
         )
 
     async def _wait(self, tenant: _Tenant, max_wait_s: float) -> bool:
@@ -352,6 +338,46 @@ class Capacity:
             f"<Capacity in_flight={self.in_flight}/{self.max_concurrent} "
             f"waiting={waiting} tenants={len(self.tenants)}>"
         )
+
+
+class SlotLabels(Protocol):
+    """What labels a slot's ``ratelimit.block`` (either capacity's slot has it)."""
+
+    key_mask: str
+    request_id: str | None
+
+
+def at_capacity(
+    slot: SlotLabels,
+    tenant: str,
+    tenant_full: bool,
+    tenant_max: int,
+    global_max: int,
+    waited_s: float | None,
+    in_flight: int | None,
+    waiting: int,
+) -> RateLimited:
+    """``ratelimit.block``, and the 429 to raise, for a slot refused at once (``waited_s``
+    None) or after waiting that long; ``tenant_full``: the tenant's cap (else the gateway's)
+    is the one reached. The in-process and the Redis slot (``server.redis_slot``) both."""
+    telemetry.emit(
+        "ratelimit.block",
+        tenant=tenant,
+        key_mask=slot.key_mask,
+        request_id=slot.request_id,
+        limit="concurrency" if waited_s is None else "concurrency_wait",
+        retry_after_s=limits.RETRY_AFTER_S,
+        in_flight=in_flight,
+        waiting=waiting,
+    )
+    who = (
+        f"Tenant {tenant!r} is at capacity ({tenant_max} concurrent requests)"
+        if tenant_full
+        else f"The gateway is at capacity ({global_max} concurrent requests)"
+    )
+    if waited_s is not None:
+        who += f" and no slot freed within {waited_s * 1000:g}ms"
+    return RateLimited(f"{who}. Please try again in 1s.", retry_after_s=limits.RETRY_AFTER_S)
 
 
 class Slot:

@@ -31,6 +31,8 @@ from runestone_proxy.gateway.budget import (
     Scope,
     decide,
     period_bounds,
+    plan_fits,
+    usd_left,
 )
 from runestone_proxy.server.redis_budget_scripts import fmt
 
@@ -87,12 +89,7 @@ class Plans:
     ) -> Plan:
         """The plan of ``(tenant, key_id)`` for ``now``: the one kept, or a new one."""
         plan = self._plans.get((tenant, key_id))
-        if (
-            plan is None
-            or not plan.since <= now < plan.until
-            or plan.key_budgets is not key_budgets
-            or plan.tenant_budgets is not tenant_budgets
-        ):
+        if plan is None or not plan_fits(plan, now, key_budgets, tenant_budgets):
             plan = self._build(tenant, key_id, key_budgets, tenant_budgets, now)
         return plan
 
@@ -166,17 +163,7 @@ class Plans:
         self, tenants: Mapping[str, Budgets], now: float
     ) -> Iterable[tuple[str, Period, float]]:
         """Each tenant USD budget, as this process's last request of that tenant saw it."""
-        out: list[tuple[str, Period, float]] = []
-        for account in list(self.accounts.values()):
-            view = account.view
-            budgets = tenants.get(view.owner) if view.scope == "tenant" else None
-            if budgets is None or not view.seeded or not view.current(now):
-                continue
-            limit = budgets.usd_day if view.period == "day" else budgets.usd_month
-            if limit is not None:
-                left = limit - view.spent_usd - view.held_usd
-                out.append((view.owner, view.period, max(0.0, left)))
-        return out
+        return usd_left(tenants, [a.view for a in self.accounts.values()], now)
 
 
 def fill(plan: Plan, reply: list[Any]) -> None:

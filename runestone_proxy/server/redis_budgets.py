@@ -61,7 +61,7 @@ import trio
 
 from runestone_proxy import telemetry
 from runestone_proxy.config import Config
-from runestone_proxy.errors import BudgetExceeded, ServiceUnavailable
+from runestone_proxy.errors import ServiceUnavailable
 from runestone_proxy.gateway.budget import (
     NO_BUDGETS,
     Budgets,
@@ -74,9 +74,10 @@ from runestone_proxy.gateway.budget_book import (
     Hold,
     LocalBudgetBook,
     SpendSource,
+    refuse,
     tenant_budgets,
 )
-from runestone_proxy.gateway.budget_wire import budget_headers, refusal_message
+from runestone_proxy.gateway.budget_wire import budget_headers
 from runestone_proxy.server.redis_budget_plan import Plan, Plans, RedisAccount, fill, refusal
 from runestone_proxy.server.redis_budget_scripts import RENEW_HOLDS, RESERVE, SEED, SETTLE, fmt
 from runestone_proxy.server.redis_client import RedisClient, RedisUnavailable
@@ -195,40 +196,13 @@ class RedisBudgetBook:
                 continue
             fill(plan, reply)
             if status != 0:
-                raise self._refuse(plan, status, estimate, tenant, key_mask, request_id)
+                found = refusal(plan, status, estimate)
+                raise refuse(plan.checks, found, self.clock(), tenant, key_mask, request_id)
             hold = RedisHold(self, plan, estimate, member, _NO_INNER)
             self._active.add(hold)
             headers = admit(plan.checks, estimate)
             return hold, headers if headers is not None else budget_headers(plan.checks)
         raise ServiceUnavailable("The budgets' spend could not be read; try again.")
-
-    def _refuse(
-        self,
-        plan: Plan,
-        which: int,
-        est: Estimate,
-        tenant: str,
-        key_mask: str,
-        request_id: str | None,
-    ) -> BudgetExceeded:
-        """``budget.block``, and the 429 to raise (the script's refusal: ``which`` budget)."""
-        found = refusal(plan, which, est)
-        telemetry.emit(
-            "budget.block",
-            tenant=tenant,
-            key_mask=key_mask,
-            request_id=request_id,
-            budget=f"{found.account.scope}.{found.limit.name}",
-            limit=found.limit.amount,
-            spent=found.spent,
-            held=found.held,
-            estimate=found.estimate,
-        )
-        return BudgetExceeded(
-            refusal_message(found, key_mask),
-            retry_after_s=None if found.too_large else found.reset_at - self.clock(),
-            headers=budget_headers(plan.checks, found),
-        )
 
     async def _unavailable(
         self,

@@ -10,9 +10,9 @@ import math
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from runestone_proxy import telemetry
 from runestone_proxy.errors import RateLimited
 from runestone_proxy.gateway import limits as policy
+from runestone_proxy.gateway.capacity import at_capacity
 from runestone_proxy.gateway.limits import ADMIT, Decision, Enqueue, GlobalState, TenantState, Wait
 from runestone_proxy.gateway.ratelimit import KeyLimits
 
@@ -93,40 +93,29 @@ class RedisSlot:
         if type(decision) is Wait:
             handed = await limits.waiting.wait(tenant, decision.max_wait_s)
             if handed is None:
-                self._block("concurrency_wait")
-                raise RateLimited(
-                    f"Tenant {tenant.name!r} is at capacity "
-                    f"({tenant_limits.max_concurrent} concurrent requests) and no slot freed "
-                    f"within {decision.max_wait_s * 1000:g}ms. Please try again in 1s.",
-                    retry_after_s=policy.RETRY_AFTER_S,
-                )
+                raise self._refuse(tenant_limits.max_concurrent, True, decision.max_wait_s)
             self.held = handed
             return decision
         if type(decision) is Enqueue:
             return decision
-        self._block("concurrency")
-        who = (
-            f"Tenant {tenant.name!r} is at capacity "
-            f"({tenant_limits.max_concurrent} concurrent requests)"
-        )
-        if (
-            self.view is not None
-            and self.view[0] < tenant_limits.max_concurrent
-            and not tenant.fifo
-        ):
-            who = f"The gateway is at capacity ({cap.max_concurrent} concurrent requests)"
-        raise RateLimited(f"{who}. Please try again in 1s.", retry_after_s=policy.RETRY_AFTER_S)
+        # The tenant's cap unless the script saw room under it and no waiter: the gateway's.
+        tenant_max = tenant_limits.max_concurrent
+        view = self.view
+        raise self._refuse(tenant_max, view is None or view[0] >= tenant_max or bool(tenant.fifo))
 
-    def _block(self, which: str) -> None:
-        telemetry.emit(
-            "ratelimit.block",
-            tenant=self.tenant.name,
-            key_mask=self.key_mask,
-            request_id=self.request_id,
-            limit=which,
-            retry_after_s=policy.RETRY_AFTER_S,
-            in_flight=self.view[0] if self.view else None,
-            waiting=len(self.tenant.fifo),
+    def _refuse(
+        self, tenant_max: int, tenant_full: bool, waited_s: float | None = None
+    ) -> RateLimited:
+        tenant, view = self.tenant, self.view
+        return at_capacity(
+            self,
+            tenant.name,
+            tenant_full,
+            tenant_max,
+            self.limits.capacity.max_concurrent,
+            waited_s,
+            view[0] if view else None,
+            len(tenant.fifo),
         )
 
     async def __aexit__(

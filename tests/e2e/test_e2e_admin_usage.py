@@ -21,7 +21,6 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +47,6 @@ TOKENS = {
 MADE = {("acme", "gpt-4o-mini"): 3, ("acme", "claude-sonnet"): 1, ("beta", "claude-sonnet"): 2,
         ("beta", "gpt-4o-mini"): 1}  # fmt: skip
 MSG = {"anthropic-version": "2023-06-01"}
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[pg_server.PgServer]:
-    if pg_server.pg_bin_dir() is None:
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
-    with pg_server.running() as server:
-        yield server
 
 
 @pytest.fixture

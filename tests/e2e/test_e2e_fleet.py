@@ -19,17 +19,15 @@ to see a job finish).
 
 from __future__ import annotations
 
-import json
 import signal
-from collections.abc import Iterator, Mapping
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pg_server
-import pytest
 import trio
+from fleet_helpers import redis_fleet_config
 from helpers import GatewayProcess, gateway_process
 from redis_server import redis_server
 from tenancy_fakes import HOST, TenancyFake
@@ -42,42 +40,16 @@ TIMEOUT_S = 90
 POLL_S = 0.05
 
 
-@pytest.fixture(scope="module")
-def pg() -> Iterator[pg_server.PgServer]:
-    if pg_server.pg_bin_dir() is None:
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
-    with pg_server.running() as server:
-        yield server
-
-
 def config_text(upstream: str, redis_url: str) -> str:
-    def table(header: str, fields: Mapping[str, object]) -> str:
-        return "\n".join([header, *(f"{k} = {json.dumps(v)}" for k, v in fields.items())]) + "\n"
-
-    return "\n".join(
-        [
-            table("[server]", {"host": HOST, "port": 0, "shutdown_grace_s": 0.5}),
-            table("[logging]", {"level": "info", "format": "json", "access_log": False}),
-            table("[routing]", {"max_attempts": 1}),
-            table("[state]", {"backend": "redis", "url": redis_url, "lease_s": 1.0}),
-            table(
-                "[overflow]",
-                {"backend": "postgres", "lease_s": 2.0, "backoff_base_s": 0.05},
-            ),
-            table(
-                "[[providers]]",
-                {
-                    "name": "tenancy",
-                    "kind": "openai",
-                    "base_url": upstream,
-                    "api_key_env": "TENANCY_UPSTREAM_KEY",
-                },
-            ),
-            table("[[models]]", {"id": "t-fast", "provider": "tenancy"}),
-            table("[[models]]", {"id": "t-hold", "provider": "tenancy"}),
-            table("[[auth.keys]]", {"key_env": "KEY_ACME", "tenant": "acme"}),
-            table("[tenants.acme]", {"max_concurrent": 2, "on_limit": "queue"}),
-        ]
+    return redis_fleet_config(
+        upstream,
+        redis_url,
+        state={"lease_s": 1.0},
+        tables=[
+            ("[overflow]", {"backend": "postgres", "lease_s": 2.0, "backoff_base_s": 0.05}),
+            ("[[auth.keys]]", {"key_env": "KEY_ACME", "tenant": "acme"}),
+            ("[tenants.acme]", {"max_concurrent": 2, "on_limit": "queue"}),
+        ],
     )
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import signal
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,6 @@ import attrs
 import httpx
 import pg_server
 import psycopg
-import pytest
 import trio
 from fakes import Exchange, FakeProvider, _chat_completion
 from helpers import GatewayProcess, gateway_process
@@ -108,14 +107,6 @@ class Upstream(FakeProvider):
                 return  # its gateway is gone: nobody reads an answer
             await trio.sleep(0.05)
         await ex.json(200, _chat_completion(body["model"]))
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[pg_server.PgServer]:
-    if pg_server.pg_bin_dir() is None:
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
-    with pg_server.running() as server:
-        yield server
 
 
 def job_rows(url: str) -> list[dict[str, Any]]:

@@ -15,13 +15,11 @@ Test rules: 127.0.0.1 and port 0 everywhere; a change reaching B is awaited by a
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 
 import httpx
 import pg_server
-import pytest
 import trio
 from helpers import gateway_process
 
@@ -62,14 +60,6 @@ kind = "mock"
 id = "mock-1"
 provider = "mock"
 """
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[pg_server.PgServer]:
-    if pg_server.pg_bin_dir() is None:
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
-    with pg_server.running() as server:
-        yield server
 
 
 async def status(http: httpx.AsyncClient, key: str) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from fleet_helpers import redis_fleet_config
 from helpers import gateway_process
 from redis_server import redis_server
 from tenancy_fakes import HOST, USAGE, TenancyFake
@@ -48,28 +48,15 @@ BUDGET = 4.5 * EST  # four estimates fit, a fifth does not
 
 
 def config_text(upstream: str, redis_url: str) -> str:
-    def table(header: str, fields: Mapping[str, object]) -> str:
-        return "\n".join([header, *(f"{k} = {json.dumps(v)}" for k, v in fields.items())]) + "\n"
-
-    return "\n".join(
-        [
-            table("[server]", {"host": HOST, "port": 0, "shutdown_grace_s": 0.5}),
-            table("[logging]", {"level": "info", "format": "json", "access_log": False}),
-            table("[routing]", {"max_attempts": 1}),
-            table("[state]", {"backend": "redis", "url": redis_url, "lease_s": 2.0}),
-            table(
-                "[[providers]]",
-                {
-                    "name": "tenancy",
-                    "kind": "openai",
-                    "base_url": upstream,
-                    "api_key_env": "TENANCY_UPSTREAM_KEY",
-                },
-            ),
-            table("[[models]]", {"id": "t-hold", "provider": "tenancy", **PRICES}),
-            table("[[auth.keys]]", {"key_env": "KEY_ACME", "tenant": "acme"}),
-            table("[tenants.acme]", {"max_concurrent": 32, "budget_usd_day": BUDGET}),
-        ]
+    return redis_fleet_config(
+        upstream,
+        redis_url,
+        state={"lease_s": 2.0},
+        models={"t-hold": PRICES},
+        tables=[
+            ("[[auth.keys]]", {"key_env": "KEY_ACME", "tenant": "acme"}),
+            ("[tenants.acme]", {"max_concurrent": 32, "budget_usd_day": BUDGET}),
+        ],
     )
 
 

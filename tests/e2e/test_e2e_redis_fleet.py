@@ -14,16 +14,16 @@ be awaited (a lease running out) a bounded loop polls.
 
 from __future__ import annotations
 
-import json
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import trio
+from fleet_helpers import redis_fleet_config
 from helpers import GatewayProcess, gateway_process
 from redis_server import RedisServer, redis_server
 from tenancy_fakes import HOST, TenancyFake
@@ -47,32 +47,16 @@ def chat(tenant: str, model: str = "t-fast", **extra: Any) -> dict[str, Any]:
 
 
 def config_text(upstream: str, redis_url: str, **state: object) -> str:
-    def table(header: str, fields: Mapping[str, object]) -> str:
-        return "\n".join([header, *(f"{k} = {json.dumps(v)}" for k, v in fields.items())]) + "\n"
-
-    state_table = {"backend": "redis", "url": redis_url, "lease_s": LEASE_S, **state}
-    return "\n".join(
-        [
-            table("[server]", {"host": HOST, "port": 0, "shutdown_grace_s": 0.5}),
-            table("[logging]", {"level": "info", "format": "json", "access_log": False}),
-            table("[routing]", {"max_attempts": 1}),
-            table("[state]", state_table),
-            table(
-                "[[providers]]",
-                {
-                    "name": "tenancy",
-                    "kind": "openai",
-                    "base_url": upstream,
-                    "api_key_env": "TENANCY_UPSTREAM_KEY",
-                },
-            ),
-            table("[[models]]", {"id": "t-fast", "provider": "tenancy"}),
-            table("[[models]]", {"id": "t-hold", "provider": "tenancy"}),
-            table("[[auth.keys]]", {"key_env": "KEY_ACME", "tenant": "acme"}),
-            table("[[auth.keys]]", {"key_env": "KEY_BETA", "tenant": "beta", "rpm": 4}),
-            table("[tenants.acme]", {"max_concurrent": 3, "max_wait_ms": 60_000}),
-            table("[tenants.beta]", {"max_concurrent": 2, "on_limit": "reject"}),
-        ]
+    return redis_fleet_config(
+        upstream,
+        redis_url,
+        state={"lease_s": LEASE_S, **state},
+        tables=[
+            ("[[auth.keys]]", {"key_env": "KEY_ACME", "tenant": "acme"}),
+            ("[[auth.keys]]", {"key_env": "KEY_BETA", "tenant": "beta", "rpm": 4}),
+            ("[tenants.acme]", {"max_concurrent": 3, "max_wait_ms": 60_000}),
+            ("[tenants.beta]", {"max_concurrent": 2, "on_limit": "reject"}),
+        ],
     )
 
 

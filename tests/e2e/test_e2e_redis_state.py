@@ -11,7 +11,6 @@ Test rules: 127.0.0.1 only; redis on a free port in tmp_path; every body under
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from fleet_helpers import redis_fleet_config
 from redis_server import RedisServer, redis_server
 from tenancy_fakes import HOST, USAGE, TenancyFake
 
@@ -46,29 +46,15 @@ def config_text(
     tenant: Mapping[str, object] | None = None,
     state: Mapping[str, object] | None = None,
 ) -> str:
-    def table(header: str, fields: Mapping[str, object]) -> str:
-        return "\n".join([header, *(f"{k} = {json.dumps(v)}" for k, v in fields.items())]) + "\n"
-
-    return "\n".join(
-        [
-            table("[server]", {"host": HOST, "port": 0, "shutdown_grace_s": 0.5}),
-            table("[logging]", {"access_log": False}),
-            table("[routing]", {"max_attempts": 1}),
-            table("[state]", {"backend": "redis", "url": redis_url, **(state or {})}),
-            table(
-                "[[providers]]",
-                {
-                    "name": "tenancy",
-                    "kind": "openai",
-                    "base_url": upstream,
-                    "api_key_env": "TENANCY_UPSTREAM_KEY",
-                },
-            ),
-            table("[[models]]", {"id": "t-fast", "provider": "tenancy"}),
-            table("[[models]]", {"id": "t-hold", "provider": "tenancy"}),
-            table("[[auth.keys]]", {"key_env": "KEY_ACME", "tenant": "acme", **(key or {})}),
-            table("[tenants.acme]", {"max_concurrent": 2, **(tenant or {})}),
-        ]
+    return redis_fleet_config(
+        upstream,
+        redis_url,
+        state=state or {},
+        logging={"access_log": False},
+        tables=[
+            ("[[auth.keys]]", {"key_env": "KEY_ACME", "tenant": "acme", **(key or {})}),
+            ("[tenants.acme]", {"max_concurrent": 2, **(tenant or {})}),
+        ],
     )
 
 
