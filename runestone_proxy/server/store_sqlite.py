@@ -16,6 +16,7 @@ store's SQL reads), so the SQL functions cost nothing extra on SQLite.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -72,7 +73,7 @@ class SqliteBackend:
             # The timeout first: switching a new file to WAL takes a lock that a sibling
             # worker opening the same file at the same moment may hold.
             conn.execute("PRAGMA busy_timeout=5000")
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            mode = _wal(conn)
             if mode != "wal":
                 raise sqlite3.OperationalError(f"journal_mode is {mode}, not wal")
             conn.execute("PRAGMA synchronous=FULL")
@@ -93,3 +94,24 @@ class SqliteBackend:
         except sqlite3.Error as exc:
             raise ServiceUnavailable(f"The job store {self.path} cannot be read: {exc}") from exc
         return conn
+
+
+#: Tries of the switch to WAL while a sibling holds the new file's lock (50 ms apart).
+_WAL_TRIES = 100
+
+
+def _wal(conn: sqlite3.Connection) -> str:
+    """``PRAGMA journal_mode=WAL``, retried while the file is locked: SQLite answers the
+    switch ``database is locked`` at once, without its busy handler, while another
+    connection (a sibling worker creating or migrating the same new file) holds the lock.
+    WAL mode is persistent, so once the sibling has switched, the next try just reads it."""
+    for _ in range(_WAL_TRIES - 1):
+        try:
+            mode: str = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            return mode
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc):
+                raise
+            time.sleep(0.05)  # on the store's worker thread, never the event loop
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    return mode
