@@ -103,7 +103,10 @@ def bucket_start(at: float, size_s: float) -> float:
 #   (around ``sqlite3_step``), where ``executemany`` released it per row and the event loop
 #   and the writer traded it back and forth; and ``stream``/``estimated`` are bound as ints
 #   (the ``sqlite3`` module looks a ``bool``, and ``None``, up in its adapter registry: as
-#   dear as the row's other 18 values together). PostgreSQL: one ``INSERT ... SELECT FROM
+#   dear as the row's other 18 values together). A whole answer's ``ttfb_ms`` (None) is
+#   bound as NaN, which SQLite stores as NULL: ``sqlite3`` adapts None through the same
+#   registry, two failed attribute lookups each raising and clearing an AttributeError
+#   (~0.4 us per row, a fifth of the insert). PostgreSQL: one ``INSERT ... SELECT FROM
 #   unnest(...)`` of 20 arrays (one statement and one round trip for the batch; psycopg
 #   dumps each array in C).
 # * **Rollups summed once.** The records are summed per hour in one pass, the days from
@@ -118,6 +121,8 @@ _COLUMNS = 20
 _TEXTS = operator.itemgetter(1, 2, 3, 4, 5, 6, 7)
 #: ``stream`` and ``estimated``: bound as 0/1.
 _FLAGS = (16, 17)
+#: ``ttfb_ms``: None bound as NaN (SQLite stores a NaN as NULL).
+_TTFB = 19
 _ROW = f"({', '.join('?' * _COLUMNS)})"
 #: PostgreSQL: the batch as one array per column.
 _PG_TYPES = (
@@ -173,6 +178,8 @@ def _insert_sqlite(conn: Db, records: Sequence[UsageRecord]) -> None:
     values: list[Any] = list(itertools.chain.from_iterable(records))
     for flag in _FLAGS:
         values[flag::_COLUMNS] = map(int, values[flag::_COLUMNS])
+    nan = math.nan
+    values[_TTFB::_COLUMNS] = [nan if t is None else t for t in values[_TTFB::_COLUMNS]]
     step = ROWS_PER_INSERT * _COLUMNS
     for at in range(0, len(values), step):
         chunk = values[at : at + step]
