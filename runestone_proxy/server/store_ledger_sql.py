@@ -93,11 +93,13 @@ def bucket_start(at: float, size_s: float) -> float:
 # Per record this is most of the ledger's cost (the request only appends a tuple to a
 # buffer), so it does per-record Python work only where C cannot:
 #
-# * **Text as it is.** One C pass over the batch's texts (:func:`_plain`) tells whether
-#   every one is ASCII without NUL, which :func:`storable` leaves as it is: then the records
-#   are bound as they are. Otherwise (rare: a model name with an accent, a lone surrogate
-#   from a JSON escape, a NUL) the whole batch is rewritten with :func:`storable` text first,
-#   so both backends store exactly what they stored before.
+# * **Text as it is.** One C pass over the batch's text columns (:func:`_plain`; sliced
+#   from the values already flattened for binding, or PostgreSQL's column lists: no
+#   per-record tuple of texts) tells whether every one is ASCII without NUL, which
+#   :func:`storable` leaves as it is: then the records are bound as they are. Otherwise
+#   (rare: a model name with an accent, a lone surrogate from a JSON escape, a NUL) the
+#   whole batch is rewritten with :func:`storable` text first, so both backends store
+#   exactly what they stored before.
 # * **Few statements.** SQLite: multi-row ``INSERT ... VALUES (...), (...)`` of
 #   :data:`ROWS_PER_INSERT` rows, flattened in C. Each statement releases the GIL once
 #   (around ``sqlite3_step``), where ``executemany`` released it per row and the event loop
@@ -118,7 +120,7 @@ ROWS_PER_INSERT = 64
 _COLUMNS = 20
 #: A record's text fields: request_id, tenant, key_id, endpoint, model, provider,
 #: upstream_model (``outcome`` is one of three literals).
-_TEXTS = operator.itemgetter(1, 2, 3, 4, 5, 6, 7)
+_TEXTS = range(1, 8)
 #: ``stream`` and ``estimated``: bound as 0/1.
 _FLAGS = (16, 17)
 #: ``ttfb_ms``: None bound as NaN (SQLite stores a NaN as NULL).
@@ -151,10 +153,11 @@ def _insert_rows(count: int) -> str:
     return f"INSERT INTO usage ({_RAW_COLUMNS}) VALUES {', '.join([_ROW] * count)}"
 
 
-def _plain(records: Sequence[UsageRecord]) -> bool:
-    """Every text of ``records`` is ASCII without NUL (:func:`storable` would keep it)."""
+def _plain(texts: Iterable[Sequence[Any]]) -> bool:
+    """Every text of the records' text columns ``texts`` is ASCII without NUL
+    (:func:`storable` would keep it)."""
     try:
-        text = "".join(itertools.chain.from_iterable(map(_TEXTS, records)))
+        text = "".join(itertools.chain.from_iterable(texts))
     except TypeError:  # not a str: let storable() and the driver say what it is
         return False
     return text.isascii() and "\x00" not in text
@@ -175,8 +178,11 @@ def _storable_record(r: UsageRecord) -> UsageRecord:
     )
 
 
-def _insert_sqlite(conn: Db, records: Sequence[UsageRecord]) -> None:
+def _insert_sqlite(conn: Db, records: Sequence[UsageRecord]) -> Sequence[UsageRecord]:
     values: list[Any] = list(itertools.chain.from_iterable(records))
+    if not _plain(values[column::_COLUMNS] for column in _TEXTS):
+        records = [_storable_record(r) for r in records]
+        values = list(itertools.chain.from_iterable(records))
     for flag in _FLAGS:
         values[flag::_COLUMNS] = map(int, values[flag::_COLUMNS])
     nan = math.nan
@@ -185,13 +191,18 @@ def _insert_sqlite(conn: Db, records: Sequence[UsageRecord]) -> None:
     for at in range(0, len(values), step):
         chunk = values[at : at + step]
         conn.execute(_insert_rows(len(chunk) // _COLUMNS), chunk)
+    return records
 
 
-def _insert_postgres(conn: Db, records: Sequence[UsageRecord]) -> None:
+def _insert_postgres(conn: Db, records: Sequence[UsageRecord]) -> Sequence[UsageRecord]:
     columns = [list(column) for column in zip(*records, strict=True)]
+    if not _plain(columns[column] for column in _TEXTS):
+        records = [_storable_record(r) for r in records]
+        columns = [list(column) for column in zip(*records, strict=True)]
     for flag in _FLAGS:
         columns[flag] = list(map(int, columns[flag]))
     conn.execute(_INSERT_UNNEST, columns)
+    return records
 
 
 def rollup_rows(records: Iterable[UsageRecord], size_s: float) -> list[tuple[Any, ...]]:
@@ -265,12 +276,11 @@ def _rows(sums: dict[tuple[Any, ...], list[Any]]) -> list[tuple[Any, ...]]:
 
 
 def _insert(conn: Db, records: Sequence[UsageRecord]) -> None:
-    if not _plain(records):
-        records = [_storable_record(r) for r in records]
+    # The raw rows, then the rollups from the records as stored (storable() text).
     if conn.dialect.name == "postgres":
-        _insert_postgres(conn, records)
+        records = _insert_postgres(conn, records)
     else:
-        _insert_sqlite(conn, records)
+        records = _insert_sqlite(conn, records)
     hourly = _hour_sums(records)
     conn.executemany(_UPSERT["usage_hourly"], _rows(hourly))
     conn.executemany(_UPSERT["usage_daily"], _rows(_day_sums(hourly)))
