@@ -3,7 +3,7 @@
 Counters are fed by the telemetry spine (:func:`on_event` is a telemetry handler) and by the
 access path (:func:`count_request`); gauges are read from live objects when scraped, through
 callbacks registered by the app. Nothing here does I/O or allocates per SSE chunk: a counter
-increment is one dict update.
+increment is one dict update (the usage counters: an attribute update, :class:`UsageCounters`).
 
 ``render(tenant=...)`` is what a tenant's API key sees on the main port: every series whose
 ``tenant`` label names another tenant is left out (series without the label stay).
@@ -19,17 +19,28 @@ import attrs
 Labels = tuple[tuple[str, str], ...]
 
 
+GaugeSource = Callable[[], Iterable[tuple[Labels, float]]]
+
+
 @attrs.define
 class Counter:
     name: str
     help: str
     values: dict[Labels, float] = attrs.Factory(dict)
+    #: Series kept elsewhere (counted in place on the hot path: :class:`UsageCounters`),
+    #: read at each scrape and added to ``values``'.
+    cells: GaugeSource | None = None
 
     def inc(self, labels: Labels = (), amount: float = 1.0) -> None:
         self.values[labels] = self.values.get(labels, 0.0) + amount
 
-
-GaugeSource = Callable[[], Iterable[tuple[Labels, float]]]
+    def samples(self) -> dict[Labels, float]:
+        if self.cells is None:
+            return self.values
+        samples = dict(self.values)
+        for labels, value in self.cells():
+            samples[labels] = samples.get(labels, 0.0) + value
+        return samples
 
 
 @attrs.define
@@ -51,7 +62,7 @@ class Registry:
         for counter in self.counters.values():
             lines.append(f"# HELP {counter.name} {counter.help}")
             lines.append(f"# TYPE {counter.name} counter")
-            for labels, value in sorted(counter.values.items()):
+            for labels, value in sorted(counter.samples().items()):
                 if tenant is None or _visible(labels, tenant):
                     lines.append(f"{counter.name}{_labels(labels)} {_num(value)}")
         for name, (help_text, source) in self.gauges.items():
@@ -125,40 +136,76 @@ _circuit = REGISTRY.counter(
 _LABEL_FIELDS = ("provider", "tenant", "status", "primary")
 
 
-_tokens = REGISTRY.counter(
-    "runestone_tokens_total",
-    "Tokens the providers reported, by tenant, model and kind (prompt, completion, cached).",
+@attrs.define(slots=True, eq=False)
+class UsageCell:
+    """One (tenant, model)'s token and cost counters, added to in place."""
+
+    prompt: float = 0.0
+    completion: float = 0.0
+    cached: float = 0.0
+    cost: float = 0.0
+
+
+@attrs.define(eq=False)
+class UsageCounters:
+    """``runestone_tokens_total{tenant,model,kind}`` and ``runestone_cost_usd_total{tenant,
+    model}``, counted once per ledger record (keys are not a label: bounded cardinality).
+
+    Each (tenant, model) has a :class:`UsageCell` whose attributes a record adds to: one
+    dict lookup by a pair of strings (their hashes cached) per record, where keeping the
+    series in the counters' ``values`` hashed a nested label tuple per series touched (four
+    per record). The label tuples are built only when scraped. A ``cached`` series appears
+    once a record had cached tokens, as before."""
+
+    tokens: Counter
+    cost: Counter
+    cells: dict[tuple[str, str], UsageCell] = attrs.Factory(dict)
+
+    def __attrs_post_init__(self) -> None:
+        self.tokens.cells = self._token_samples
+        self.cost.cells = self._cost_samples
+
+    def count(
+        self, tenant: str, model: str, prompt: int, completion: int, cached: int, cost: float
+    ) -> None:
+        """One ledger record's tokens and cost."""
+        cell = self.cells.get((tenant, model))
+        if cell is None:
+            cell = self.cells[tenant, model] = UsageCell()
+        cell.prompt += prompt
+        cell.completion += completion
+        cell.cached += cached
+        cell.cost += cost
+
+    def _token_samples(self) -> list[tuple[Labels, float]]:
+        samples: list[tuple[Labels, float]] = []
+        for (tenant, model), cell in list(self.cells.items()):
+            base = (("model", model), ("tenant", tenant))
+            samples.append(((("kind", "prompt"), *base), cell.prompt))
+            samples.append(((("kind", "completion"), *base), cell.completion))
+            if cell.cached:  # token counts are never negative: nonzero once any were cached
+                samples.append(((("kind", "cached"), *base), cell.cached))
+        return samples
+
+    def _cost_samples(self) -> list[tuple[Labels, float]]:
+        return [
+            ((("model", model), ("tenant", tenant)), cell.cost)
+            for (tenant, model), cell in list(self.cells.items())
+        ]
+
+
+_usage = UsageCounters(
+    REGISTRY.counter(
+        "runestone_tokens_total",
+        "Tokens the providers reported, by tenant, model and kind (prompt, completion, cached).",
+    ),
+    REGISTRY.counter(
+        "runestone_cost_usd_total",
+        "Cost in USD at the model table's prices, by tenant and model.",
+    ),
 )
-_cost = REGISTRY.counter(
-    "runestone_cost_usd_total", "Cost in USD at the model table's prices, by tenant and model."
-)
-
-
-def count_usage(
-    tenant: str, model: str, prompt: int, completion: int, cached: int, cost: float
-) -> None:
-    """One ledger record's tokens and cost (keys are not a label: bounded cardinality)."""
-    labels = _usage_labels.get((tenant, model))
-    if labels is None:
-        if len(_usage_labels) >= 4096:  # bounded: a flood of model names cannot grow it
-            _usage_labels.clear()
-        base = (("model", model), ("tenant", tenant))
-        labels = _usage_labels[tenant, model] = (
-            (("kind", "prompt"), *base),
-            (("kind", "completion"), *base),
-            (("kind", "cached"), *base),
-            base,
-        )
-    values = _tokens.values
-    values[labels[0]] = values.get(labels[0], 0.0) + prompt
-    values[labels[1]] = values.get(labels[1], 0.0) + completion
-    if cached:
-        values[labels[2]] = values.get(labels[2], 0.0) + cached
-    _cost.values[labels[3]] = _cost.values.get(labels[3], 0.0) + cost
-
-
-#: (tenant, model) -> the label tuples of the usage counters, built once.
-_usage_labels: dict[tuple[str, str], tuple[Labels, Labels, Labels, Labels]] = {}
+#: One ledger record's tokens and cost (:meth:`UsageCounters.count`).
+count_usage = _usage.count
 
 
 def budget_gauge(source: Callable[[], Iterable[tuple[str, str, float]]]) -> None:

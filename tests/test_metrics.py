@@ -1,12 +1,13 @@
 """``Registry.render``: the whole exposition, or one tenant's view of it; ``merge``: several
-workers' expositions as one."""
+workers' expositions as one; the usage counters (kept in cells) render as the plain
+counters they replace."""
 
 from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runestone_proxy.metrics import Registry, merge
+from runestone_proxy.metrics import Labels, Registry, UsageCounters, merge
 
 
 def registry() -> Registry:
@@ -78,3 +79,54 @@ def test_merging_copies_multiplies(counts: dict[str, int], copies: int) -> None:
     merged = merge([text] * copies).decode()
     for status, n in counts.items():
         assert f'requests_total{{status="{status}"}} {n * copies}\n' in merged
+
+
+def usage_registries() -> tuple[Registry, UsageCounters, Registry]:
+    """A registry counting usage in cells, and one counting it as plain counters did."""
+    cells, plain = Registry(), Registry()
+    usage = UsageCounters(cells.counter("tokens_total", "T."), cells.counter("cost_total", "C."))
+    plain.counter("tokens_total", "T.")
+    plain.counter("cost_total", "C.")
+    return cells, usage, plain
+
+
+def count_plainly(reg: Registry, tenant: str, model: str, counts: tuple[int, int, int]) -> float:
+    base: Labels = (("model", model), ("tenant", tenant))
+    prompt, completion, cached = counts
+    reg.counters["tokens_total"].inc((("kind", "prompt"), *base), prompt)
+    reg.counters["tokens_total"].inc((("kind", "completion"), *base), completion)
+    if cached:
+        reg.counters["tokens_total"].inc((("kind", "cached"), *base), cached)
+    cost = (prompt + 3 * completion) / 1000
+    reg.counters["cost_total"].inc(base, cost)
+    return cost
+
+
+@settings(max_examples=50, derandomize=True)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["acme", "globex", 'we"ird\\']),
+            st.sampled_from(["gpt-4o", "claude", "m\nx"]),
+            st.tuples(st.integers(0, 10**6), st.integers(0, 10**6), st.integers(0, 3)),
+        ),
+        max_size=30,
+    )
+)
+def test_usage_cells_render_as_plain_counters(
+    records: list[tuple[str, str, tuple[int, int, int]]],
+) -> None:
+    cells, usage, plain = usage_registries()
+    for tenant, model, counts in records:
+        cost = count_plainly(plain, tenant, model, counts)
+        usage.count(tenant, model, counts[0], counts[1], counts[2], cost)
+    assert cells.render() == plain.render()
+    assert cells.render(tenant="acme") == plain.render(tenant="acme")
+    assert merge([cells.render()] * 2) == merge([plain.render()] * 2)
+
+
+def test_a_series_counted_both_ways_is_summed() -> None:
+    cells, usage, _ = usage_registries()
+    usage.count("acme", "m", 1, 2, 0, 0.5)
+    cells.counters["cost_total"].inc((("model", "m"), ("tenant", "acme")), 0.25)
+    assert 'cost_total{model="m",tenant="acme"} 0.75' in cells.render().decode()

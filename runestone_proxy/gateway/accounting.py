@@ -163,7 +163,8 @@ def account(
             ),
         )
     )
-    hold.settle(cost, prompt + completion)
+    if not hold.done:  # most requests hold no budget: no call
+        hold.settle(cost, prompt + completion)
     metrics.count_usage(tenant, model_id, prompt, completion, cached, cost)
 
 

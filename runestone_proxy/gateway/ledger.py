@@ -63,10 +63,11 @@ class UsageRecord(NamedTuple):
     """One request's line in the ledger (see the module docstring).
 
     A named tuple rather than an attrs class, unlike the other values here: the store
-    holds up to thousands of records between writes, and a tuple of plain values is
-    untracked by the garbage collector after its first pass, where every attrs instance
-    stays tracked (measured: the collector's passes over pending records cost more per
-    request than building them)."""
+    holds up to thousands of records between writes, and a tuple is cheaper to build (no
+    Python ``__init__``), to hold and to flatten for binding. The collector still tracks
+    pending records (it untracks only exact tuples, not a named tuple's instances);
+    copying each into a plain tuple as it is buffered was measured and cost more than the
+    collector's passes it saved."""
 
     at: float  # epoch seconds, when the request ended
     request_id: str

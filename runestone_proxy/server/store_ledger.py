@@ -93,9 +93,13 @@ class LedgerBuffer:
 
     def take(self, limit: int = PASS_MAX) -> list[UsageRecord]:
         """Up to ``limit`` of the oldest records, for one writer pass."""
-        count = min(limit, len(self._pending))
+        pending = self._pending
         self.rung = False
-        return [self._pending.popleft() for _ in range(count)]
+        if len(pending) <= limit:  # the usual pass: all of them, copied and cleared in C
+            records = list(pending)
+            pending.clear()
+            return records
+        return [pending.popleft() for _ in range(limit)]
 
     def put_back(self, records: Sequence[UsageRecord]) -> None:
         """Records a failed transaction did not write: first in line again, as room allows

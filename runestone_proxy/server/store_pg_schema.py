@@ -12,7 +12,8 @@ once against the same database take turns: the first creates or upgrades, the ot
 it done. PostgreSQL's DDL is transactional, so a failed migration leaves nothing behind. A
 database written by a newer Runestone is refused rather than misread. Versions here are
 PostgreSQL's own: v1 is SQLite's v5 in one step; v2 adds the run-time API keys (SQLite's
-v6: ``api_keys`` and ``api_keys_version``).
+v6: ``api_keys`` and ``api_keys_version``); v3 drops the raw ledger's ``usage_tenant_at``
+index (SQLite's v7, which says why).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = ["MIGRATION_LOCK", "SCHEMA_VERSION", "SchemaTooNew", "migrate"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: ``pg_advisory_xact_lock(MIGRATION_LOCK)``: one gateway migrates at a time. ('RUNS')
 MIGRATION_LOCK = 0x52554E53
@@ -149,8 +150,11 @@ _V2 = (
     "INSERT INTO api_keys_version (version) VALUES (0)",
 )
 
+#: The raw ledger's (tenant, at) index goes (SQLite's v7).
+_V3 = ("DROP INDEX IF EXISTS usage_tenant_at",)
+
 #: version reached -> the statements that reach it from the version before.
-MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1, 2: _V2}
+MIGRATIONS: dict[int, tuple[str, ...]] = {1: _V1, 2: _V2, 3: _V3}
 
 
 def migrate(db: Db) -> int:

@@ -277,7 +277,7 @@ async def test_a_version_4_database_is_migrated_and_keeps_its_jobs(tmp_path: Pat
             lambda c: [v for (v,) in c.execute("SELECT version FROM schema_version")]
         )
         nursery.cancel_scope.cancel()
-    assert versions == list(range(1, SCHEMA_VERSION + 1)) == [1, 2, 3, 4, 5, 6]
+    assert versions == list(range(1, SCHEMA_VERSION + 1)) == [1, 2, 3, 4, 5, 6, 7]
     assert job is not None
     assert [count(store.path, t) for t in ("usage", "usage_hourly", "usage_daily")] == [1, 1, 1]
 

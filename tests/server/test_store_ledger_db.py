@@ -110,3 +110,15 @@ async def test_a_batch_with_text_to_rewrite_is_stored_whole(
         ("a", "smart", 1),
         ("t\\ud800", "caf\u00e9\\x00", 1),
     ]
+
+
+async def test_a_whole_answers_ttfb_is_stored_as_null(db: StoreDb, nursery: trio.Nursery) -> None:
+    """SQLite binds None as NaN (cheaper than ``sqlite3``'s adapter lookup for None), which
+    it stores as NULL: ``IS NULL`` finds it, as on PostgreSQL."""
+    await write(db, nursery, [rec(1), rec(2)])  # rec(1) has no ttfb, rec(2) 3.25 ms
+    rows = db.rows("SELECT request_id, ttfb_ms FROM usage ORDER BY request_id")
+    assert [(r["request_id"], r["ttfb_ms"]) for r in rows] == [
+        ("req_00001", None),
+        ("req_00002", 3.25),
+    ]
+    assert db.count("usage WHERE ttfb_ms IS NULL") == 1
