@@ -23,7 +23,7 @@ Both readers move the connection through the same phases (the table in
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import h11
 import trio
@@ -58,9 +58,10 @@ class RequestReader(FdStream):
     phase: Phase
     max_head: int
 
-    async def _reject(self, exc: errors.GatewayError) -> None:
-        """Answer an error found before any handler ran, then close (the connection's)."""
-        raise NotImplementedError
+    if TYPE_CHECKING:  # the connection's own (server/h1conn.py), declared for the checker
+
+        async def _reject(self, exc: errors.GatewayError) -> None:
+            """Answer an error found before any handler ran, then close."""
 
     def take_h11(self) -> h11.Connection:
         """The connection's h11 state machine, made on first need from the bytes read so far:
