@@ -77,13 +77,20 @@ async def test_workers_behind_one_port(workers: int, tmp_path: Path) -> None:
                     record["pids"]
                 )
 
-                # Every worker takes connections on the one port.
+                # Every worker takes connections on the one port. Connections go in bursts
+                # of 16 at once: one at a time, the kernel may keep waking the same worker.
                 seen: set[int] = set()
                 asked = 0
+
+                async def ask() -> None:
+                    seen.add(await answered_by(port))
+
                 while seen != set(range(workers)):
                     assert asked < 400, f"only workers {seen} answered"
-                    seen.add(await answered_by(port))
-                    asked += 1
+                    async with trio.open_nursery() as burst:
+                        for _ in range(16):
+                            burst.start_soon(ask)
+                    asked += 16
 
                 # /metrics sums every worker: each request above was answered 200 once.
                 async with httpx.AsyncClient(base_url=f"http://{HOST}:{port}") as http:
