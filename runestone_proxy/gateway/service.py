@@ -40,7 +40,7 @@ from runestone_proxy.gateway.accounting import (
 from runestone_proxy.gateway.admission import Admission, Parked
 from runestone_proxy.gateway.auth import KeyRejected, Principal
 from runestone_proxy.gateway.budget import NO_BUDGETS, estimate
-from runestone_proxy.gateway.budget_book import NO_HOLD, Hold
+from runestone_proxy.gateway.budget_hold import NO_HOLD, Hold
 from runestone_proxy.gateway.metadata import splice_metadata
 from runestone_proxy.gateway.overflow import Job, JobOutcome
 from runestone_proxy.gateway.rate_wire import Headers
