@@ -14,20 +14,18 @@ Every wait is for a log line, a datagram or an exit, bounded by the caller's ``f
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import trio
-from helpers import GatewayProcess, child_env
+from helpers import GatewayProcess, child_process
 
 HOST = "127.0.0.1"
 REDIS_SERVER = "/usr/bin/redis-server"
@@ -112,6 +110,9 @@ def write_config(
 class Supervised(GatewayProcess):
     """The supervisor process; ``pids`` are its workers' at ``supervisor.ready``."""
 
+    READY: ClassVar[str] = "supervisor.ready"
+    NAME: ClassVar[str] = "supervisor"
+
     pids: list[int] = attrs.Factory(list)
 
     def count(self, event: str, **fields: Any) -> int:
@@ -129,49 +130,26 @@ class Supervised(GatewayProcess):
             self._changed = trio.Event()
             await self._changed.wait()
 
+    def ready(self, record: Mapping[str, Any]) -> None:
+        super().ready(record)
+        self.pids = record["pids"]
 
-@asynccontextmanager
-async def supervisor_process(
+    async def stop(self) -> None:
+        # SIGKILL would orphan the workers until their lifeline fires: SIGTERM twice (the
+        # second kills them), then give up politely.
+        for _ in range(2):
+            if self.process.returncode is None:
+                self.process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(10):
+            await self.process.wait()
+        if self.process.returncode is None:
+            self.process.kill()
+
+
+def supervisor_process(
     config_path: Path, env: Mapping[str, str] | None = None, *, ready: bool = True
-) -> AsyncIterator[Supervised]:
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "runestone_proxy", "--config", str(config_path)],
-        env=child_env(env),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    supervised = Supervised(process)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(supervised._read_stderr)
-            try:
-                if ready:
-                    record = await supervised.wait_for_log("supervisor.ready")
-                    supervised.port = record["port"]
-                    supervised.health_port = record.get("health_port")
-                    supervised.pids = record["pids"]
-                yield supervised
-            finally:
-                if process.returncode is None:
-                    # SIGKILL would orphan the workers until their lifeline fires: SIGTERM
-                    # twice (the second kills them), then give up politely.
-                    for _ in range(2):
-                        if process.returncode is None:
-                            process.send_signal(signal.SIGTERM)
-                    with trio.move_on_after(10):
-                        await process.wait()
-                    if process.returncode is None:
-                        process.kill()
-                with trio.CancelScope(shield=True), trio.move_on_after(10):
-                    await process.wait()
-                print(f"supervisor exited with {process.returncode}; its log:")
-                for record in supervised.records:
-                    print(json.dumps(record))
-    finally:
-        assert process.stderr is not None
-        with trio.CancelScope(shield=True):
-            await process.stderr.aclose()
+) -> AbstractAsyncContextManager[Supervised]:
+    return child_process(Supervised, config_path, env, ready=ready)
 
 
 def _free_port() -> int:
