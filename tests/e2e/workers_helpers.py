@@ -25,61 +25,11 @@ from typing import Any, ClassVar
 
 import attrs
 import trio
+from fleet_helpers import gateway_config, mock_models
 from helpers import GatewayProcess, child_process
 
 HOST = "127.0.0.1"
 REDIS_SERVER = "/usr/bin/redis-server"
-
-CONFIG = """
-[server]
-host = "127.0.0.1"
-port = 0
-health_port = 0
-workers = {workers}
-shutdown_grace_s = 5.0
-
-[logging]
-level = "info"
-format = "json"
-access_log = false
-
-[auth]
-enabled = false
-
-[state]
-backend = "redis"
-url = "{redis_url}"
-
-[tenants.default]
-max_concurrent = {max_concurrent}
-on_limit = "{on_limit}"
-max_wait_ms = 60000.0
-
-[overflow]
-database = "{database}"
-lease_s = 1.0
-backoff_base_s = 0.05
-backoff_max_s = 0.2
-
-[[providers]]
-name = "mock"
-kind = "mock"
-latency_ms = {latency_ms}
-
-[[providers]]
-name = "slow"
-kind = "mock"
-latency_ms = 1500.0
-
-[[models]]
-id = "mock-1"
-provider = "mock"
-
-[[models]]
-id = "hold-1"
-provider = "slow"
-{extra}
-"""
 
 
 def write_config(
@@ -92,17 +42,21 @@ def write_config(
     latency_ms: float = 0.0,
     extra: str = "",
 ) -> Path:
-    path.write_text(
-        CONFIG.format(
-            workers=workers,
-            redis_url=redis_url,
-            database=path.parent / "jobs.sqlite3",
-            max_concurrent=max_concurrent,
-            on_limit=on_limit,
-            latency_ms=latency_ms,
-            extra=extra,
-        )
+    """The supervisor's config: ``workers`` on one port and a health port, limits on Redis,
+    jobs in ``jobs.sqlite3`` beside ``path``, the mock models; ``extra`` (TOML) at the end."""
+    tenant = {"max_concurrent": max_concurrent, "on_limit": on_limit, "max_wait_ms": 60000.0}
+    overflow = {"lease_s": 1.0, "backoff_base_s": 0.05, "backoff_max_s": 0.2}
+    text = gateway_config(
+        {"health_port": 0, "workers": workers, "shutdown_grace_s": 5.0},
+        [
+            ("[auth]", {"enabled": False}),
+            ("[state]", {"backend": "redis", "url": redis_url}),
+            ("[tenants.default]", tenant),
+            ("[overflow]", {"database": str(path.parent / "jobs.sqlite3"), **overflow}),
+            *mock_models(latency_ms),
+        ],
     )
+    path.write_text(text + "\n" + extra + "\n")
     return path
 
 
