@@ -34,6 +34,7 @@ import trustme
 
 from runestone_proxy.api.http import Handler
 from runestone_proxy.config import Config
+from runestone_proxy.gateway.ledger import UsageRecord
 from runestone_proxy.server.app import App, Bound
 
 HOST = "127.0.0.1"
@@ -50,6 +51,35 @@ def make_config(*, server: Mapping[str, Any] | None = None, **limits: Any) -> Co
         server=attrs.evolve(config.server, port=0, **(server or {})),
         limits=attrs.evolve(config.limits, **limits),
     )
+
+
+# --- usage records -------------------------------------------------------------------------
+
+
+def usage_record(at: float, tenant: str = "a", **fields: Any) -> UsageRecord:
+    """One ledger record of a plain chat request (10 prompt, 5 completion tokens, 200 ok) by
+    key ``k1``; ``fields`` replace any of its values."""
+    values: dict[str, Any] = {
+        "request_id": "req_1",
+        "key_id": "k1",
+        "endpoint": "chat",
+        "model": "fast",
+        "provider": "openai",
+        "upstream_model": "gpt-4o-mini",
+        "attempts": 1,
+        "prompt_tokens": 10,
+        "completion_tokens": 5,
+        "cached_tokens": 2,
+        "reasoning_tokens": 1,
+        "cost_usd": 0.00123,
+        "status": 200,
+        "outcome": "ok",
+        "stream": False,
+        "estimated": False,
+        "latency_ms": 12.5,
+    }
+    values.update(fields)
+    return UsageRecord(at=at, tenant=tenant, **values)
 
 
 # --- TLS ------------------------------------------------------------------------------------
