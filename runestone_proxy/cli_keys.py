@@ -35,13 +35,8 @@ import trio
 from runestone_proxy import logs
 from runestone_proxy.config import Config
 from runestone_proxy.errors import GatewayError
-from runestone_proxy.gateway.api_keys import (
-    MAX_GRACE_S,
-    KeyManager,
-    KeySettings,
-    apply_settings,
-    key_view,
-)
+from runestone_proxy.gateway.api_key_values import MAX_GRACE_S, KeySettings, apply_settings
+from runestone_proxy.gateway.api_keys import KeyManager, key_view
 from runestone_proxy.gateway.auth import KeyStore
 from runestone_proxy.server.store import Store
 

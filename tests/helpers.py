@@ -24,9 +24,9 @@ import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import attrs
 import trio
@@ -34,6 +34,7 @@ import trustme
 
 from runestone_proxy.api.http import Handler
 from runestone_proxy.config import Config
+from runestone_proxy.gateway.ledger import UsageRecord
 from runestone_proxy.server.app import App, Bound
 
 HOST = "127.0.0.1"
@@ -50,6 +51,35 @@ def make_config(*, server: Mapping[str, Any] | None = None, **limits: Any) -> Co
         server=attrs.evolve(config.server, port=0, **(server or {})),
         limits=attrs.evolve(config.limits, **limits),
     )
+
+
+# --- usage records -------------------------------------------------------------------------
+
+
+def usage_record(at: float, tenant: str = "a", **fields: Any) -> UsageRecord:
+    """One ledger record of a plain chat request (10 prompt, 5 completion tokens, 200 ok) by
+    key ``k1``; ``fields`` replace any of its values."""
+    values: dict[str, Any] = {
+        "request_id": "req_1",
+        "key_id": "k1",
+        "endpoint": "chat",
+        "model": "fast",
+        "provider": "openai",
+        "upstream_model": "gpt-4o-mini",
+        "attempts": 1,
+        "prompt_tokens": 10,
+        "completion_tokens": 5,
+        "cached_tokens": 2,
+        "reasoning_tokens": 1,
+        "cost_usd": 0.00123,
+        "status": 200,
+        "outcome": "ok",
+        "stream": False,
+        "estimated": False,
+        "latency_ms": 12.5,
+    }
+    values.update(fields)
+    return UsageRecord(at=at, tenant=tenant, **values)
 
 
 # --- TLS ------------------------------------------------------------------------------------
@@ -298,6 +328,13 @@ def cli(*args: str, env: Mapping[str, str] | None = None) -> subprocess.Complete
 
 @attrs.define(eq=False)
 class GatewayProcess:
+    """A ``python -m runestone_proxy`` child: its log records as they come, its ports from
+    its ready line. Subclasses name another ready line and another way to stop."""
+
+    #: The log line that says the child listens (it carries the ports).
+    READY: ClassVar[str] = "gateway.ready"
+    NAME: ClassVar[str] = "gateway"
+
     process: trio.Process
     #: Every stderr line so far: the JSON log record, or ``{"raw": line}``.
     records: list[dict[str, Any]] = attrs.Factory(list)
@@ -338,6 +375,15 @@ class GatewayProcess:
         self.stderr_closed = True
         self._changed.set()
 
+    def ready(self, record: Mapping[str, Any]) -> None:
+        """Take what the ready line says (the ports)."""
+        self.port = record["port"]
+        self.health_port = record.get("health_port")
+
+    async def stop(self) -> None:
+        """End a child the test left running."""
+        self.process.kill()
+
     def send_signal(self, signum: int) -> None:
         self.process.send_signal(signum)
 
@@ -345,12 +391,16 @@ class GatewayProcess:
         return await self.process.wait()
 
 
+Child = TypeVar("Child", bound=GatewayProcess)
+
+
 @asynccontextmanager
-async def gateway_process(
-    config_path: Path, env: Mapping[str, str] | None = None
-) -> AsyncIterator[GatewayProcess]:
-    """The gateway as a child process, once it logged ``gateway.ready``; killed at the end
-    if the test did not stop it."""
+async def child_process(
+    kind: type[Child], config_path: Path, env: Mapping[str, str] | None, *, ready: bool = True
+) -> AsyncIterator[Child]:
+    """``python -m runestone_proxy --config PATH`` as a ``kind``, once it logged its ready
+    line (unless ``ready`` is false); stopped at the end if the test did not stop it, and
+    its log printed (pytest shows it when the test fails)."""
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "runestone_proxy", "--config", str(config_path)],
         env=child_env(env),
@@ -358,28 +408,34 @@ async def gateway_process(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    gateway = GatewayProcess(process)
+    child = kind(process)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(gateway._read_stderr)
+            nursery.start_soon(child._read_stderr)
             try:
-                ready = await gateway.wait_for_log("gateway.ready")
-                gateway.port = ready["port"]
-                gateway.health_port = ready.get("health_port")
-                yield gateway
+                if ready:
+                    child.ready(await child.wait_for_log(kind.READY))
+                yield child
             finally:
                 if process.returncode is None:
-                    process.kill()
+                    await child.stop()
                 with trio.CancelScope(shield=True), trio.move_on_after(10):
                     await process.wait()
-                # Captured by pytest, shown when the test fails.
-                print(f"gateway exited with {process.returncode}; its log:")
-                for record in gateway.records:
+                print(f"{kind.NAME} exited with {process.returncode}; its log:")
+                for record in child.records:
                     print(json.dumps(record))
     finally:
         assert process.stderr is not None
         with trio.CancelScope(shield=True):
             await process.stderr.aclose()
+
+
+def gateway_process(
+    config_path: Path, env: Mapping[str, str] | None = None
+) -> AbstractAsyncContextManager[GatewayProcess]:
+    """The gateway as a child process, once it logged ``gateway.ready``; killed at the end
+    if the test did not stop it."""
+    return child_process(GatewayProcess, config_path, env)
 
 
 # --- sd_notify ------------------------------------------------------------------------------

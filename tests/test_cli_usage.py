@@ -14,41 +14,17 @@ from typing import Any
 
 import pytest
 import trio
+from helpers import usage_record
 
 from runestone_proxy import cli_usage
 from runestone_proxy.__main__ import main
 from runestone_proxy.config import Config, OverflowConfig
-from runestone_proxy.gateway.ledger import UsageRecord
 from runestone_proxy.gateway.usage_report import DAY_S, UsageQuery
 from runestone_proxy.server import store_ledger_sql, store_schema
 from runestone_proxy.server.store import Store
 from runestone_proxy.server.store_sqlite import SqliteDb
 
 T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z
-
-
-def rec(at: float, tenant: str, **kw: Any) -> UsageRecord:
-    fields: dict[str, Any] = {
-        "request_id": "req_1",
-        "key_id": "k1",
-        "endpoint": "chat",
-        "model": "fast",
-        "provider": "openai",
-        "upstream_model": "gpt-4o-mini",
-        "attempts": 1,
-        "prompt_tokens": 10,
-        "completion_tokens": 5,
-        "cached_tokens": 2,
-        "reasoning_tokens": 1,
-        "cost_usd": 0.00123,
-        "status": 200,
-        "outcome": "ok",
-        "stream": False,
-        "estimated": False,
-        "latency_ms": 12.5,
-    }
-    fields.update(kw)
-    return UsageRecord(at=at, tenant=tenant, **fields)
 
 
 async def test_the_cli_reads_the_store_of_a_running_gateway(
@@ -62,10 +38,10 @@ async def test_the_cli_reads_the_store_of_a_running_gateway(
     await nursery.start(store.run)
     with trio.fail_after(10):
         for r in (
-            rec(T0 - 60, "acme", model="gpt", cost_usd=0.0105),
-            rec(T0 - 30, "acme", model="gpt", cost_usd=0.02),
-            rec(T0 - 7200, "beta", model='claude,"x"', cost_usd=1.5, outcome="error"),
-            rec(T0 - 2 * DAY_S, "beta"),  # before the range
+            usage_record(T0 - 60, "acme", model="gpt", cost_usd=0.0105),
+            usage_record(T0 - 30, "acme", model="gpt", cost_usd=0.02),
+            usage_record(T0 - 7200, "beta", model='claude,"x"', cost_usd=1.5, outcome="error"),
+            usage_record(T0 - 2 * DAY_S, "beta"),  # before the range
         ):
             store.record(r)
         await store.sync_ledger()
@@ -91,7 +67,7 @@ def test_a_report_with_no_grouping_is_its_totals() -> None:
     conn = sqlite3.connect(":memory:", isolation_level=None, factory=SqliteDb)
     store_schema.migrate(conn)
     conn.execute("BEGIN")
-    store_ledger_sql.write(conn, [rec(T0 - 60, "a"), rec(T0 - 9 * 3600, "b")])
+    store_ledger_sql.write(conn, [usage_record(T0 - 60, "a"), usage_record(T0 - 9 * 3600, "b")])
     conn.execute("COMMIT")
     from runestone_proxy.server import usage_report_sql
 
@@ -146,7 +122,9 @@ def test_the_usage_command_from_main(
     store_schema.migrate(conn)
     conn.execute("BEGIN")
     now = time.time()
-    store_ledger_sql.write(conn, [rec(now - 60, "acme"), rec(now - 120, "beta", cost_usd=2.5)])
+    store_ledger_sql.write(
+        conn, [usage_record(now - 60, "acme"), usage_record(now - 120, "beta", cost_usd=2.5)]
+    )
     conn.execute("COMMIT")
     conn.close()
     path = tmp_path / "c.toml"

@@ -30,15 +30,13 @@ from runestone_proxy.api.admin_auth import AdminAuth
 from runestone_proxy.api.http import JSON_HEADERS, Request, Responder
 from runestone_proxy.api.router import Router
 from runestone_proxy.errors import InvalidParam
-from runestone_proxy.gateway.api_keys import (
-    KeyManager,
+from runestone_proxy.gateway.api_key_values import (
     KeySettings,
-    NewSecret,
     apply_settings,
     check_grace,
     check_tenant,
-    key_view,
 )
+from runestone_proxy.gateway.api_keys import KeyManager, NewSecret, key_view
 from runestone_proxy.gateway.request_body import parse_object
 
 __all__ = ["add_admin_key_routes"]

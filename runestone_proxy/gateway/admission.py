@@ -38,7 +38,7 @@ import trio
 from runestone_proxy import telemetry
 from runestone_proxy.errors import GatewayError, RateLimited
 from runestone_proxy.gateway.budget import estimate
-from runestone_proxy.gateway.budget_book import NO_HOLD, Hold
+from runestone_proxy.gateway.budget_hold import NO_HOLD, Hold
 from runestone_proxy.gateway.limits import Enqueue
 from runestone_proxy.gateway.overflow import Enqueued, Job, NewJob
 from runestone_proxy.gateway.queue import JobQueue

@@ -1,6 +1,7 @@
-"""API keys managed at run time: the stored key, what an admin may set on it, the checks on
-what an admin sends, and :class:`KeyManager`, the one place that changes keys (the admin API
-and the CLI both call it) and keeps this process's key table in step with the store.
+"""API keys managed at run time: :class:`KeyManager`, the one place that changes keys (the
+admin API and the CLI both call it) and keeps this process's key table in step with the
+store; the table's records (:func:`records_from`) and the admin's views of a key. The stored
+row, its settings and the checks on what an admin sends are in :mod:`.api_key_values`.
 
 A stored key has a public id (``key_<16 hex>``), a tenant, the SHA-256 of its secret (the
 secret itself is shown once, when it is made, and kept nowhere), a mask (``sk-...abcd``) to
@@ -24,8 +25,6 @@ How this works
 
 from __future__ import annotations
 
-import math
-import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -35,7 +34,14 @@ import attrs
 import trio
 
 from runestone_proxy import telemetry
-from runestone_proxy.errors import BadRequest, InvalidParam, NotFound, PermissionDenied
+from runestone_proxy.errors import BadRequest, NotFound, PermissionDenied
+from runestone_proxy.gateway.api_key_values import (
+    KeySettings,
+    StoredKey,
+    apply_settings,
+    check_id,
+    check_tenant,
+)
 from runestone_proxy.gateway.auth import KeyRecord, KeyStore, RuntimeKeys, digest
 from runestone_proxy.gateway.budget import Budgets
 from runestone_proxy.gateway.ratelimit import KeyLimits
@@ -46,52 +52,8 @@ from runestone_proxy.telemetry import mask_key
 #: and it puts a change made elsewhere (another worker, another host, the CLI) in force
 #: within about half a second, inside the one second the admin API promises.
 REFRESH_INTERVAL_S = 0.5
-#: A rotated key's old secret stays valid this long unless ``grace_s`` says otherwise.
-DEFAULT_GRACE_S = 86400.0
-MAX_GRACE_S = 30 * 86400.0
 SECRET_PREFIX = "sk-rs-"
 ID_PREFIX = "key_"
-
-_INT_LIMITS = ("rpm", "rph", "tpm", "max_concurrent", "budget_tokens_day")
-_USD = ("budget_usd_day", "budget_usd_month")
-#: Largest integer limit accepted (SQLite and PostgreSQL BIGINT both hold it).
-_MAX_INT = 10**12
-_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}")
-_ID = re.compile(r"key_[0-9a-f]{16}|[0-9a-f]{12}")
-
-
-@attrs.frozen
-class KeySettings:
-    """What an admin may set on a key (None: no such limit or budget)."""
-
-    name: str = ""
-    rpm: int | None = None
-    rph: int | None = None
-    tpm: int | None = None
-    max_concurrent: int | None = None
-    budget_usd_day: float | None = None
-    budget_usd_month: float | None = None
-    budget_tokens_day: int | None = None
-
-
-SETTINGS_FIELDS = tuple(f.name for f in attrs.fields(KeySettings))
-
-
-@attrs.frozen
-class StoredKey:
-    """One row of the ``api_keys`` table."""
-
-    id: str
-    tenant: str
-    sha256: str
-    mask: str
-    created_at: float
-    updated_at: float
-    settings: KeySettings = KeySettings()
-    revoked_at: float | None = None
-    previous_sha256: str | None = None
-    previous_mask: str | None = None
-    previous_expires_at: float | None = None
 
 
 class KeyAdminStore(Protocol):
@@ -118,84 +80,6 @@ class KeyAdminStore(Protocol):
     async def load_keys(self) -> tuple[int, list[StoredKey]]:
         """The version, then every key not revoked (read in that order)."""
         ...
-
-
-# --- checks on what an admin sends (pure) ------------------------------------------------------
-
-
-def check_tenant(value: object) -> str:
-    if not isinstance(value, str) or not _TENANT.fullmatch(value):
-        raise InvalidParam(
-            "'tenant' must be 1-128 characters: letters, digits and . _ : @ / - "
-            "(starting with a letter or digit).",
-            param="tenant",
-        )
-    return value
-
-
-def check_id(value: str) -> str:
-    """A key id as the admin API accepts it in a path (404 for anything else)."""
-    if not _ID.fullmatch(value):
-        raise NotFound(f"No key with id '{value[:64]}' was found.", param="id")
-    return value
-
-
-def check_grace(value: object) -> float:
-    if value is None:
-        return DEFAULT_GRACE_S
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or not 0 <= value <= MAX_GRACE_S
-    ):
-        raise InvalidParam(
-            f"'grace_s' must be a number of seconds from 0 to {int(MAX_GRACE_S)}.",
-            param="grace_s",
-        )
-    return float(value)
-
-
-def apply_settings(
-    base: KeySettings, body: Mapping[str, Any], *, allowed: Iterable[str] = ()
-) -> KeySettings:
-    """``base`` with the settings ``body`` names (null clears a limit or budget). Every other
-    field of ``body`` must be in ``allowed`` (400 naming the first that is not)."""
-    extra = set(allowed)
-    changes: dict[str, Any] = {}
-    for field, value in body.items():
-        if field in SETTINGS_FIELDS:
-            changes[field] = _check_setting(field, value)
-        elif field not in extra:
-            raise InvalidParam(f"Unknown field '{field[:64]}'.", param=field[:64])
-    return attrs.evolve(base, **changes)
-
-
-def _check_setting(field: str, value: object) -> object:
-    if field == "name":
-        if value is None:
-            return ""
-        if not isinstance(value, str) or len(value) > 200 or not value.isprintable():
-            raise InvalidParam(
-                "'name' must be printable text of at most 200 characters.", param=field
-            )
-        return value
-    if value is None:
-        return None
-    if field in _INT_LIMITS:
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _MAX_INT:
-            raise InvalidParam(
-                f"'{field}' must be a positive integer (at most {_MAX_INT}) or null.", param=field
-            )
-        return value
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or not 0 < value <= 1e12
-    ):
-        raise InvalidParam(f"'{field}' must be a positive number of USD or null.", param=field)
-    return float(value)
 
 
 # --- the in-memory table ------------------------------------------------------------------------

@@ -1,9 +1,9 @@
-"""The budgets' state: spend so far per scope (a key, a tenant) and period (UTC day, month),
-what requests in flight hold, and the one place a request reserves and settles.
-
-:class:`BudgetBook` is the interface admission and accounting use; :class:`LocalBudgetBook`
-keeps the state in this process (the embedded default). A shared implementation (Redis,
-issue 15) plugs in behind the same few operations.
+"""The budgets' state in this process: :class:`LocalBudgetBook`, spend so far per scope (a
+key, a tenant) and period (UTC day, month), what requests in flight hold, and the one place
+such a request reserves and settles. It is the embedded default
+:class:`~.budget_hold.BudgetBook` (the interface admission and accounting use, with
+:class:`~.budget_hold.Hold`, in :mod:`.budget_hold`); the shared one, on Redis, plugs in
+behind the same few operations and falls back to this one.
 
 How this works (:class:`LocalBudgetBook`)
 -----------------------------------------
@@ -35,15 +35,13 @@ How this works (:class:`LocalBudgetBook`)
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterable, Mapping
 
 import attrs
 import trio
 
-from runestone_proxy import telemetry
 from runestone_proxy.config import Config
-from runestone_proxy.errors import BudgetExceeded, ServiceUnavailable
+from runestone_proxy.errors import ServiceUnavailable
 from runestone_proxy.gateway.budget import (
     NO_BUDGETS,
     Account,
@@ -52,7 +50,6 @@ from runestone_proxy.gateway.budget import (
     Estimate,
     Headers,
     Period,
-    Refusal,
     Scope,
     admit,
     day_bounds,
@@ -61,12 +58,20 @@ from runestone_proxy.gateway.budget import (
     plan_fits,
     usd_left,
 )
-from runestone_proxy.gateway.budget_wire import budget_headers, refusal_message
+from runestone_proxy.gateway.budget_hold import (
+    NO_HOLD,
+    Hold,
+    SpendSource,
+    refuse,
+    tenant_budgets,
+)
 
+# NO_HOLD, Hold, SpendSource, refuse and tenant_budgets are exported from here too for the
+# importers edited in parallel this session (gateway/accounting.py,
+# server/redis_budgets.py): import them from .budget_hold; drop these once those do.
 __all__ = [
     "NO_HOLD",
     "SEED_ROUNDS",
-    "BudgetBook",
     "Hold",
     "LocalBudgetBook",
     "SpendSource",
@@ -79,125 +84,6 @@ SEED_ROUNDS = 3
 #: Seeds a reservation may wait for (each of its up to four accounts, with retries after a
 #: seed that failed or whose task was cancelled); past it, 503.
 _SEED_TRIES = 8
-
-
-class SpendSource(Protocol):
-    """What the ledger's store offers the budgets (``server.store.Store``)."""
-
-    async def spend(self, tenant: str, key_id: str | None, since: float) -> tuple[float, int]:
-        """USD and tokens of ``tenant`` (only ``key_id``'s, if given) since ``since``."""
-        ...
-
-    async def sync_ledger(self) -> None:
-        """Return once every record handed over before the call is written."""
-        ...
-
-
-class Hold:
-    """A request's reservation, settled once: :meth:`settle` with its real cost (where its
-    ledger record is made), or :meth:`release` (it never reached a provider, was parked or
-    refused). Later calls do nothing."""
-
-    __slots__ = ("accounts", "book", "done", "estimate")
-
-    def __init__(
-        self, book: BudgetBook | None, accounts: tuple[Account, ...], estimate: Estimate
-    ) -> None:
-        self.book = book
-        self.accounts = accounts
-        self.estimate = estimate
-        self.done = book is None
-
-    def settle(self, usd: float, tokens: int) -> None:
-        if self.done:
-            return
-        self.done = True
-        assert self.book is not None
-        self.book.settle(self, usd, tokens)
-
-    def release(self) -> None:
-        if self.done:
-            return
-        self.done = True
-        assert self.book is not None
-        self.book.release(self)
-
-
-#: No budget applies: settling it does nothing.
-NO_HOLD = Hold(None, (), Estimate(0.0, 0))
-
-
-class BudgetBook(Protocol):
-    """The budgets' state, as admission and accounting use it."""
-
-    def applies(self, tenant: str, key_budgets: Budgets) -> bool:
-        """Whether any budget applies to a request of ``tenant`` with a key with
-        ``key_budgets`` (when none does, the request pays nothing here)."""
-        ...
-
-    async def reserve(
-        self,
-        tenant: str,
-        key_id: str,
-        key_mask: str,
-        key_budgets: Budgets,
-        estimate: Estimate,
-        request_id: str | None = None,
-    ) -> tuple[Hold, Headers]:
-        """Reserve ``estimate`` in every budget of the key (``key_budgets``) and of its
-        tenant, returning the hold and the ``x-runestone-budget-*`` headers; or raise 429
-        :class:`~runestone_proxy.errors.BudgetExceeded` (nothing reserved)."""
-        ...
-
-    def settle(self, hold: Hold, usd: float, tokens: int) -> None:
-        """The request ended having cost ``usd`` and ``tokens``: release, then charge. Never
-        blocks (it is called where the ledger record is made)."""
-        ...
-
-    def release(self, hold: Hold) -> None:
-        """The request ended without cost: release its reservation."""
-        ...
-
-    def reconfigure(self, config: Config) -> None:
-        """A reloaded config's tenant budgets (key budgets come with each principal)."""
-        ...
-
-    def remaining_usd(self) -> Iterable[tuple[str, Period, float]]:
-        """``(tenant, period, USD left)`` for each tenant USD budget seen this period."""
-        ...
-
-
-def tenant_budgets(config: Config) -> dict[str, Budgets]:
-    """The tenants that have budgets, and theirs."""
-    found = {name: Budgets.from_config(t) for name, t in config.tenants.items()}
-    return {name: b for name, b in found.items() if b is not NO_BUDGETS}
-
-
-def refuse(
-    checks: Sequence[Check],
-    refusal: Refusal,
-    now: float,
-    tenant: str,
-    key_mask: str,
-    request_id: str | None,
-) -> BudgetExceeded:
-    """``budget.block``, and the 429 to raise for ``refusal`` (either book's)."""
-    telemetry.emit(
-        "budget.block",
-        tenant=tenant,
-        key_mask=key_mask,
-        request_id=request_id,
-        budget=f"{refusal.account.scope}.{refusal.limit.name}",
-        limit=refusal.limit.amount,
-        spent=refusal.spent,
-        held=refusal.held,
-        estimate=refusal.estimate,
-    )
-    return BudgetExceeded(
-        refusal_message(refusal, key_mask),
-        retry_after_s=None if refusal.too_large else refusal.reset_at - now,
-        headers=budget_headers(checks, refusal),
-    )
 
 
 AccountKey = tuple[Scope, str, Period]

@@ -40,9 +40,9 @@ from runestone_proxy.gateway.accounting import (
 from runestone_proxy.gateway.admission import Admission, Parked
 from runestone_proxy.gateway.auth import KeyRejected, Principal
 from runestone_proxy.gateway.budget import NO_BUDGETS, estimate
-from runestone_proxy.gateway.budget_book import NO_HOLD, Hold
+from runestone_proxy.gateway.budget_hold import NO_HOLD, Hold
 from runestone_proxy.gateway.metadata import splice_metadata
-from runestone_proxy.gateway.overflow import Job, JobOutcome, check_webhook_url
+from runestone_proxy.gateway.overflow import Job, JobOutcome
 from runestone_proxy.gateway.rate_wire import Headers
 from runestone_proxy.gateway.request_body import check_runestone_fields, parse_object, validate
 from runestone_proxy.gateway.routing import (
@@ -55,6 +55,7 @@ from runestone_proxy.gateway.routing import (
 )
 from runestone_proxy.gateway.service_state import ServiceState
 from runestone_proxy.gateway.service_stream import OpenStream, Stream
+from runestone_proxy.gateway.webhooks import check_webhook_url
 from runestone_proxy.providers.base import RUNESTONE_FIELDS, Endpoint, ProviderCall
 from runestone_proxy.providers.json_codec import dumps
 from runestone_proxy.providers.messages_request import estimate_input_tokens

@@ -17,7 +17,8 @@ from runestone_proxy.config import Config
 from runestone_proxy.config.aliases import AliasError
 from runestone_proxy.config.aliases import validate as validate_aliases
 from runestone_proxy.gateway.auth import KeySlots, KeyStore
-from runestone_proxy.gateway.budget_book import BudgetBook, LocalBudgetBook
+from runestone_proxy.gateway.budget_book import LocalBudgetBook
+from runestone_proxy.gateway.budget_hold import BudgetBook
 from runestone_proxy.gateway.capacity import Capacity
 from runestone_proxy.gateway.deployments import Deployments
 from runestone_proxy.gateway.failover import Failover

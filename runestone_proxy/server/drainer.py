@@ -5,7 +5,8 @@ sweeps finished jobs past their retention. One long-lived task tree in the app's
     ├── claim loop                    claims due jobs, fairly, for tenants with capacity
     │   └── job task (one per job)    holds the tenant's slot; runner(job); settles the lease
     ├── capacity forwarder            capacity.wait_freed() -> ring the claim loop's bell
-    ├── webhook loop                  POSTs due webhooks (signed), records each attempt
+    ├── webhook loop                  leases the due webhooks
+    │   └── delivery (one per job)    POSTs it signed, records the attempt (webhook_delivery.py)
     └── sweep loop                    deletes jobs finished more than retention_s ago
 
 How this works
@@ -51,7 +52,6 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from functools import partial
-from urllib.parse import urlsplit
 
 import attrs
 import httpx
@@ -73,12 +73,9 @@ from runestone_proxy.gateway.overflow import (
     WebhookStatus,
     outcome_from_error,
     settle,
-    sign,
-    webhook_body,
-    webhook_settle,
-    webhook_url_ok,
 )
 from runestone_proxy.server.store import Store, Wakeup
+from runestone_proxy.server.webhook_delivery import WebhookDelivery
 
 log = structlog.get_logger("runestone.drainer")
 
@@ -96,7 +93,7 @@ class Drainer:
     runner: Runner
     capacity: JobCapacity
     config: OverflowConfig
-    secret: bytes | None = attrs.field(repr=False)
+    webhooks: WebhookDelivery
     #: Wall clock for stored times; tests on a MockClock pass ``trio.current_time``.
     clock: Callable[[], float] = time.time
     rand: Callable[[], float] = random.random
@@ -320,52 +317,9 @@ class Drainer:
                     nursery.start_soon(self._deliver, client, job)
 
     async def _deliver(self, client: httpx.AsyncClient, job: Job) -> None:
-        url = job.webhook_url
-        assert url is not None
-        valid = webhook_url_ok(url)  # the rule the job was accepted under, applied again
-        answer = await self._post(client, job, url) if valid else "invalid_url"
-        delivered = isinstance(answer, int) and 200 <= answer < 300
-        to, next_at = webhook_settle(
-            delivered,
-            job.webhook_attempts + 1,
-            max_attempts=self.config.webhook_max_attempts,
-            base_s=self.config.backoff_base_s,
-            max_s=self.config.backoff_max_s,
-            now=self.clock(),
-            rand=self.rand,
-            retryable=valid,
-        )
-        try:
-            await self.store.webhook_attempted(job.id, to, next_at)
-        except GatewayError as exc:  # still pending in the store: it is sent again
-            log.error("overflow.webhook.record_failed", job_id=job.id, error=exc.message)
-            return
-        log.info(
-            f"overflow.webhook.{to.value}",
-            job_id=job.id,
-            tenant=job.tenant,
-            attempt=job.webhook_attempts + 1,
-            answer=answer,
-            host=urlsplit(url).hostname if valid else None,  # never the query: it may hold a token
-        )
-        if to is not WebhookStatus.PENDING:
+        to = await self.webhooks.deliver(client, job)
+        if to is not None and to is not WebhookStatus.PENDING:
             self.sweep_due.set()
-
-    async def _post(self, client: httpx.AsyncClient, job: Job, url: str) -> int | str:
-        """POST the signed result: the receiver's status, or the name of what went wrong."""
-        body = webhook_body(job)
-        headers = {"content-type": "application/json", "x-runestone-job-id": job.id}
-        if self.secret is not None:
-            headers["x-runestone-signature"] = sign(self.secret, int(time.time()), body)
-        try:
-            with trio.fail_after(self.config.webhook_timeout_s):
-                response = await client.post(url, content=body, headers=headers)
-        except (httpx.HTTPError, httpx.InvalidURL, trio.TooSlowError) as exc:
-            return type(exc).__name__
-        except Exception as exc:  # a cold path: never let one receiver stop the loop
-            log.exception("overflow.webhook.crashed", job_id=job.id)
-            return type(exc).__name__
-        return response.status_code
 
     async def sweep_loop(self) -> None:
         while True:
@@ -407,7 +361,7 @@ async def run_drainer(
         runner,
         capacity,
         config,
-        secret or None,
+        WebhookDelivery(store, config, secret or None, clock=clock, rand=rand),
         clock=clock,
         rand=rand,
         # One bell: the store rings it when a saved Response becomes the earliest expiry.

@@ -35,22 +35,17 @@ How this works
   that arrive while a commit is in flight form the next group. Saving and deleting a
   stored Response take the same way (one writer, shared commits, no fsync of their own),
   and so do usage records: ``record`` only buffers them and rings the writer.
-* **Stored Responses.** Bounded per record (``max_record_bytes``: the cap of a job's
-  result; a larger one is not stored and says so with ``responses.not_stored``) and kept
-  ``retention_s`` like finished jobs: reads hide an expired one at once (``clock``), the
-  sweep deletes it. A save that is due for sweeping before anything the last sweep
-  reported rings ``sweep_due`` (the drainer's sweep loop should wait on that bell).
-* **Fair claims.** ``claim`` goes round-robin over the tenants the drainer says have
-  capacity, starting after the tenant served last, and leases that tenant's oldest due job
-  (on PostgreSQL passing over jobs another gateway is claiming: ``SKIP LOCKED``).
-* **Webhooks** are claimed with a lease too (``due_webhooks``), so of several gateways on
-  one database exactly one delivers each.
+* **Its parts.** The jobs' other operations (claims, outcomes, webhooks, the sweep, reads)
+  are :class:`~.store_jobs.JobsSide`, stored Responses :class:`~.store_responses.ResponsesSide`,
+  the usage ledger :class:`~.store_ledger.LedgerSide`, API keys
+  :class:`~.store_keys.KeysSide`: bases of :class:`Store`, which owns the fields, the
+  connection and the writer they all go through.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -58,24 +53,24 @@ import attrs
 import structlog
 import trio
 
-from runestone_proxy import telemetry
 from runestone_proxy.config import Config, OverflowConfig, TenantConfig
 from runestone_proxy.config.stores import LedgerConfig
 from runestone_proxy.errors import GatewayError, RateLimited, ServiceUnavailable
 from runestone_proxy.gateway.ledger import UsageRecord
-from runestone_proxy.gateway.overflow import Enqueued, Job, JobStatus, NewJob, WebhookStatus
-from runestone_proxy.gateway.responses_store import StoredResponse, fits, report_not_stored
+from runestone_proxy.gateway.overflow import Enqueued, NewJob
+from runestone_proxy.gateway.responses_store import StoredResponse
 from runestone_proxy.server import store_ledger_sql as ledger_sql
 from runestone_proxy.server import store_sql as sql
 from runestone_proxy.server.store_db import Backend, Db
+from runestone_proxy.server.store_jobs import JobsSide
 from runestone_proxy.server.store_keys import KeysSide
 from runestone_proxy.server.store_ledger import PASS_MAX, LedgerBuffer, LedgerSide
+from runestone_proxy.server.store_responses import ResponsesSide
 from runestone_proxy.server.store_sqlite import SqliteBackend
 from runestone_proxy.server.store_values import (
     RECORD_OVERHEAD_BYTES,
     Answer,
     Barrier,
-    Delete,
     Pending,
     Schedule,
     StoreStats,
@@ -89,8 +84,6 @@ __all__ = ["RECORD_OVERHEAD_BYTES", "Schedule", "Store", "StoreStats", "Wakeup",
 log = structlog.get_logger("runestone.store")
 T = TypeVar("T")
 
-#: A webhook delivery's lease beyond ``webhook_timeout_s`` (the POST is bounded by that).
-WEBHOOK_LEASE_SLACK_S = 30.0
 #: On a shared database, how often the drainer's claim and webhook loops look again: other
 #: gateways' enqueues, retries and expired leases ring no bell in this process.
 SHARED_POLL_S = 1.0
@@ -121,7 +114,7 @@ def backend_from_config(
 
 
 @attrs.define(eq=False)
-class Store(LedgerSide, KeysSide):
+class Store(JobsSide, ResponsesSide, LedgerSide, KeysSide):
     #: Where the database lives (a ``Path`` is an SQLite file).
     backend: Backend = attrs.field(converter=as_backend)
     config: OverflowConfig
@@ -222,6 +215,13 @@ class Store(LedgerSide, KeysSide):
             await trio.sleep(SHARED_POLL_S)
             self.wakeup.set()
             self.webhooks_due.set()
+
+    def _sweep_by(self, due: float | None) -> None:
+        """Something falls due for sweeping at ``due``: ring ``sweep_due`` if that is before
+        what the last sweep reported."""
+        if due is not None and (self._sweep_at is None or due < self._sweep_at):
+            self._sweep_at = due
+            self.sweep_due.set()
 
     # --- the one way in ----------------------------------------------------------------------
 
@@ -377,166 +377,3 @@ class Store(LedgerSide, KeysSide):
         stored = sql.insert(conn, job, now)
         active[job.tenant] += 1
         return Enqueued(stored, True, active[job.tenant])
-
-    # --- the drainer's side -----------------------------------------------------------------
-
-    async def schedule(self, now: float) -> Schedule:
-        return await self._call(
-            lambda conn: Schedule(sql.due_by_tenant(conn, now), sql.next_due_at(conn, now))
-        )
-
-    async def claim(
-        self, tenant_candidates: Collection[str], lease_s: float, now: float
-    ) -> Job | None:
-        """Lease the oldest due job of the next tenant (round-robin over
-        ``tenant_candidates``) with a new token, counting the attempt; None if none is due.
-        Due jobs claimed ``max_claims`` times with no outcome recorded are buried on the way
-        (-> dead; counted in ``stats.dead``)."""
-        buried: list[Job] = []
-
-        def claim(conn: Db) -> Job | None:
-            max_claims = self.config.max_claims
-            job = sql.claim(
-                conn, tenant_candidates, self._last_tenant, lease_s, now, max_claims, buried
-            )
-            if job is not None:
-                self._last_tenant = job.tenant
-            return job
-
-        job = await self._call(claim, write=True)
-        for dead in buried:  # committed: the transaction did not raise
-            self.stats.dead += 1
-            fields = {"tenant": dead.tenant, "job_id": dead.id, "request_id": dead.request_id}
-            log.error("overflow.job.dead", **fields, claims=dead.claims)
-            telemetry.emit("overflow.job.dead", **fields, claims=dead.claims)
-        return job
-
-    async def complete(
-        self, job_id: str, lease_token: str, result: bytes, status: int, now: float
-    ) -> bool:
-        """running -> succeeded with ``result``, if the lease still holds (else False)."""
-        return await self._call(
-            lambda c: sql.finish(c, job_id, lease_token, JobStatus.SUCCEEDED, result, status, now),
-            write=True,
-        )
-
-    async def fail(
-        self,
-        job_id: str,
-        lease_token: str,
-        error: bytes,
-        status: int,
-        retry_at: float | None,
-        now: float,
-    ) -> bool:
-        """running -> queued again at ``retry_at``, or (``retry_at`` None) -> failed with the
-        error envelope ``error`` as its result. Fenced like :meth:`complete`."""
-        if retry_at is None:
-            return await self._call(
-                lambda c: sql.finish(c, job_id, lease_token, JobStatus.FAILED, error, status, now),
-                write=True,
-            )
-        return await self._call(
-            lambda c: sql.retry(c, job_id, lease_token, error, retry_at, now), write=True
-        )
-
-    async def release(self, job_id: str, lease_token: str, now: float) -> bool:
-        """running -> queued at once, the attempt not counted (shutdown). Fenced."""
-        return await self._call(lambda c: sql.release(c, job_id, lease_token, now), write=True)
-
-    async def recover(self, now: float) -> int:
-        """Expired leases (crashed runs) go back to the queue, due now. Returns how many."""
-        return await self._call(lambda c: sql.recover(c, now), write=True)
-
-    # --- reading -----------------------------------------------------------------------------
-
-    async def get(self, job_id: str, tenant: str) -> Job | None:
-        """The job, if it exists AND belongs to ``tenant`` (else None: ids leak nothing)."""
-        return await self._call(lambda c: sql.select_for_tenant(c, job_id, tenant))
-
-    async def find_idempotent(self, tenant: str, key: str, now: float | None = None) -> Job | None:
-        """The job ``tenant`` created with Idempotency-Key ``key`` within
-        ``idempotency_window_s``, if any (a read: the live path asks before it runs)."""
-        since = (time.time() if now is None else now) - self.config.idempotency_window_s
-        return await self._call(lambda c: sql.select_idempotent(c, tenant, key, since))
-
-    # --- stored Responses (gateway.responses_store.ResponseStore) -----------------------------
-
-    async def save_response(self, record: StoredResponse) -> None:
-        """Commit ``record`` (group commit), or, over ``max_record_bytes``, store nothing and
-        emit ``responses.not_stored``."""
-        if not fits(record, self.max_record_bytes):
-            self.stats.responses_not_stored += 1
-            log.warning(
-                "responses.not_stored",
-                tenant=record.tenant,
-                response_id=record.id,
-                size_bytes=record.size,
-                max_bytes=self.max_record_bytes,
-            )
-            report_not_stored(record, self.max_record_bytes)
-            return
-        await self._submit(record, self.clock())
-        self.stats.responses_saved += 1
-        self._sweep_by(record.created_at + self.config.retention_s)
-
-    def _sweep_by(self, due: float | None) -> None:
-        """Something falls due for sweeping at ``due``: ring ``sweep_due`` if that is before
-        what the last sweep reported."""
-        if due is not None and (self._sweep_at is None or due < self._sweep_at):
-            self._sweep_at = due
-            self.sweep_due.set()
-
-    async def get_response(self, tenant: str, response_id: str) -> StoredResponse | None:
-        """The tenant's record, unless it is past ``retention_s`` (swept or not yet)."""
-        since = self.clock() - self.config.retention_s
-        return await self._call(lambda c: sql.select_response(c, tenant, response_id, since))
-
-    async def delete_response(self, tenant: str, response_id: str) -> bool:
-        """Delete the tenant's record (through the writer); False if none was within
-        retention."""
-        answer = await self._submit(Delete(tenant, response_id), self.clock())
-        assert isinstance(answer, bool)
-        return answer
-
-    async def counts(self) -> dict[str, int]:
-        """Jobs per status (for /health and tests)."""
-        return await self._call(sql.counts)
-
-    # --- webhooks and retention --------------------------------------------------------------
-
-    async def due_webhooks(self, now: float, limit: int) -> tuple[list[Job], float | None]:
-        """Pending deliveries due now (oldest first), each leased to this gateway for
-        ``webhook_timeout_s`` + :data:`WEBHOOK_LEASE_SLACK_S`, and when the next one (not
-        leased now) falls due."""
-        lease_s = self.config.webhook_timeout_s + WEBHOOK_LEASE_SLACK_S
-
-        def due(conn: Db) -> tuple[list[Job], float | None]:
-            later = sql.next_webhook_at(conn, now)
-            return sql.due_webhooks(conn, now, limit, lease_s), later
-
-        return await self._call(due, write=True)
-
-    async def webhook_attempted(
-        self, job_id: str, to: WebhookStatus, next_at: float | None
-    ) -> None:
-        """Record one delivery attempt: delivered, pending again at ``next_at``, or failed."""
-        await self._call(lambda c: sql.webhook_attempted(c, job_id, to, next_at), write=True)
-
-    async def sweep(self, now: float) -> tuple[int, float | None]:
-        """Delete jobs finished more than ``retention_s`` ago (not while their webhook is
-        pending), Responses stored more than ``retention_s`` ago, and usage rows past the
-        ledger's retentions (a bounded batch per pass: :func:`.store_ledger_sql.sweep`). Returns
-        how many, and when the next one falls due for sweeping."""
-        retention = self.config.retention_s
-
-        def sweep(conn: Db) -> tuple[int, float | None]:
-            deleted = sql.sweep(conn, now - retention) + sql.sweep_responses(conn, now - retention)
-            found = (sql.oldest_finished(conn), sql.oldest_response(conn))
-            due = [t + retention for t in found if t is not None]
-            gone, ledger_due = ledger_sql.sweep(conn, now, self.ledger_config)
-            due += [] if ledger_due is None else [ledger_due]
-            return deleted + gone, min(due) if due else None
-
-        deleted, self._sweep_at = await self._call(sweep, write=True)
-        return deleted, self._sweep_at

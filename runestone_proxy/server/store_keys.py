@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
-from runestone_proxy.gateway.api_keys import KeySettings, StoredKey
+from runestone_proxy.gateway.api_key_values import KeySettings, StoredKey
 from runestone_proxy.server import store_keys_sql as sql
 from runestone_proxy.server.store_db import Db
 

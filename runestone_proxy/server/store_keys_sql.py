@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from runestone_proxy.gateway.api_keys import KeySettings, StoredKey
+from runestone_proxy.gateway.api_key_values import KeySettings, StoredKey
 from runestone_proxy.server.store_db import Db
 from runestone_proxy.server.store_schema import storable
 

@@ -21,7 +21,7 @@ import attrs
 import h11
 import trio
 
-from runestone_proxy.gateway.overflow import verify
+from runestone_proxy.gateway.webhooks import verify
 
 HOST = "127.0.0.1"
 SECRET = "whsec_e2e_0123456789"

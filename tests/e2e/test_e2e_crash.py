@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx
 import trio
+from fleet_helpers import gateway_config, mock_models
 from helpers import gateway_process
 from jobs_helpers import SECRET, WebhookReceiver
 
@@ -38,48 +39,25 @@ TIMEOUT_S = 40
 POLL_S = 0.02
 ENV = {"RUNESTONE_WEBHOOK_SECRET": SECRET}
 
-CONFIG = """
-[server]
-host = "127.0.0.1"
-port = 0
-shutdown_grace_s = 1.0
 
-[logging]
-level = "info"
-format = "json"
-access_log = false
-
-[auth]
-enabled = false
-
-[tenants.default]
-max_concurrent = 1
-on_limit = "queue"
-
-[overflow]
-database = "{database}"
-lease_s = 1.0
-backoff_base_s = 0.05
-backoff_max_s = 0.2
-
-[[providers]]
-name = "mock"
-kind = "mock"
-latency_ms = 300.0
-
-[[providers]]
-name = "slow"
-kind = "mock"
-latency_ms = 1500.0
-
-[[models]]
-id = "mock-1"
-provider = "mock"
-
-[[models]]
-id = "hold-1"
-provider = "slow"
-"""
+def config_text(database: Path) -> str:
+    return gateway_config(
+        {"shutdown_grace_s": 1.0},
+        [
+            ("[auth]", {"enabled": False}),
+            ("[tenants.default]", {"max_concurrent": 1, "on_limit": "queue"}),
+            (
+                "[overflow]",
+                {
+                    "database": str(database),
+                    "lease_s": 1.0,
+                    "backoff_base_s": 0.05,
+                    "backoff_max_s": 0.2,
+                },
+            ),
+            *mock_models(300.0),
+        ],
+    )
 
 
 def body(i: int, hook: str) -> bytes:
@@ -117,7 +95,7 @@ async def test_a_killed_gateway_loses_no_acknowledged_job(
     receiver = WebhookReceiver()
     await nursery.start(receiver.serve)
     database, config = tmp_path / "jobs.sqlite3", tmp_path / "config.toml"
-    config.write_text(CONFIG.replace("{database}", str(database)))
+    config.write_text(config_text(database))
     bodies = {f"req-crash-{i}": body(i, receiver.url) for i in range(JOBS)}
 
     with trio.fail_after(TIMEOUT_S):

@@ -31,7 +31,7 @@ import pg_server
 import psycopg
 import trio
 from fakes import Exchange, FakeProvider, _chat_completion
-from helpers import GatewayProcess, gateway_process
+from fleet_helpers import gateway_config, start_fleet
 from jobs_helpers import SECRET, WebhookReceiver
 from psycopg.rows import dict_row
 
@@ -39,47 +39,22 @@ GATEWAYS = ("a", "b", "c")
 JOBS_EACH = 4
 TIMEOUT_S = 60
 
-CONFIG = """
-[server]
-host = "127.0.0.1"
-port = 0
-shutdown_grace_s = 1.0
 
-[logging]
-level = "info"
-format = "json"
-access_log = false
-
-[auth]
-enabled = false
-
-[tenants.default]
-max_concurrent = 1
-on_limit = "queue"
-
-[overflow]
-backend = "postgres"
-lease_s = 2.0
-backoff_base_s = 0.05
-backoff_max_s = 0.2
-
-[routing]
-max_attempts = 1
-
-[[providers]]
-name = "fake"
-kind = "openai"
-base_url = "{base_url}"
-api_key_env = "FAKE_KEY"
-
-[[models]]
-id = "job-1"
-provider = "fake"
-
-[[models]]
-id = "hold-1"
-provider = "fake"
-"""
+def config(base_url: str) -> str:
+    overflow = {"lease_s": 2.0, "backoff_base_s": 0.05, "backoff_max_s": 0.2}
+    fake = {"name": "fake", "kind": "openai", "base_url": base_url, "api_key_env": "FAKE_KEY"}
+    return gateway_config(
+        {"shutdown_grace_s": 1.0},
+        [
+            ("[auth]", {"enabled": False}),
+            ("[tenants.default]", {"max_concurrent": 1, "on_limit": "queue"}),
+            ("[overflow]", {"backend": "postgres", **overflow}),
+            ("[routing]", {"max_attempts": 1}),
+            ("[[providers]]", fake),
+            ("[[models]]", {"id": "job-1", "provider": "fake"}),
+            ("[[models]]", {"id": "hold-1", "provider": "fake"}),
+        ],
+    )
 
 
 @attrs.define(eq=False)
@@ -127,30 +102,23 @@ async def test_a_fleet_runs_each_job_once_and_survives_a_killed_gateway(
     await nursery.start(upstream.serve)
     receiver = WebhookReceiver()
     await nursery.start(receiver.serve)
-    processes: dict[str, GatewayProcess] = {}
     holds: list[int] = []
     jobs: dict[str, str] = {}  # job id -> its marker
 
     with trio.fail_after(TIMEOUT_S):
         async with AsyncExitStack() as stack:
-            for name in GATEWAYS:
-                home = tmp_path / name
-                home.mkdir()
-                config = home / "config.toml"
-                config.write_text(CONFIG.replace("{base_url}", upstream.base_url))
-                env = {
+            processes, clients = await start_fleet(
+                stack,
+                tmp_path,
+                GATEWAYS,
+                config(upstream.base_url),
+                lambda name: {
                     "RUNESTONE_OVERFLOW_URL": url,
-                    "RUNESTONE_STATE_DIR": str(home),
                     "RUNESTONE_WEBHOOK_SECRET": SECRET,
                     "FAKE_KEY": f"key-{name}",
-                }
-                processes[name] = await stack.enter_async_context(gateway_process(config, env))
-            clients = {
-                name: await stack.enter_async_context(
-                    httpx.AsyncClient(base_url=f"http://127.0.0.1:{p.port}", timeout=30)
-                )
-                for name, p in processes.items()
-            }
+                },
+                timeout_s=30,
+            )
             async with trio.open_nursery() as holders:
                 for http in clients.values():
                     holders.start_soon(hold, http, holds)

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pg_server
 import trio
-from helpers import gateway_process
+from fleet_helpers import gateway_config, start_fleet
 
 ADMIN = "admin-key-fleet-0123456789"
 CONFIG_KEY = "sk-config-fleet-0123456789"
@@ -31,35 +31,16 @@ CHAT = {"model": "mock-1", "messages": [{"role": "user", "content": "hi"}]}
 REACH_S = 3.0
 POLL_S = 0.02
 
-CONFIG = """
-[server]
-host = "127.0.0.1"
-port = 0
-shutdown_grace_s = 1.0
-
-[logging]
-level = "info"
-format = "json"
-access_log = false
-
-[auth]
-enabled = true
-
-[[auth.keys]]
-key_env = "CONFIG_KEY"
-tenant = "ops"
-
-[overflow]
-backend = "postgres"
-
-[[providers]]
-name = "mock"
-kind = "mock"
-
-[[models]]
-id = "mock-1"
-provider = "mock"
-"""
+CONFIG = gateway_config(
+    {"shutdown_grace_s": 1.0},
+    [
+        ("[auth]", {"enabled": True}),
+        ("[[auth.keys]]", {"key_env": "CONFIG_KEY", "tenant": "ops"}),
+        ("[overflow]", {"backend": "postgres"}),
+        ("[[providers]]", {"name": "mock", "kind": "mock"}),
+        ("[[models]]", {"id": "mock-1", "provider": "mock"}),
+    ],
+)
 
 
 async def status(http: httpx.AsyncClient, key: str) -> int:
@@ -84,27 +65,15 @@ async def test_a_key_made_on_one_gateway_works_on_the_other_and_its_revocation_t
     url = pg.create_database("keys")
     with trio.fail_after(60):
         async with AsyncExitStack() as stack:
-            clients: list[httpx.AsyncClient] = []
-            processes = []
-            for name in ("a", "b"):
-                home = tmp_path / name
-                home.mkdir()
-                config = home / "config.toml"
-                config.write_text(CONFIG)
-                env = {
-                    "RUNESTONE_OVERFLOW_URL": url,
-                    "RUNESTONE_STATE_DIR": str(home),
-                    "RUNESTONE_ADMIN_KEY": ADMIN,
-                    "CONFIG_KEY": CONFIG_KEY,
-                }
-                process = await stack.enter_async_context(gateway_process(config, env))
-                processes.append(process)
-                clients.append(
-                    await stack.enter_async_context(
-                        httpx.AsyncClient(base_url=f"http://127.0.0.1:{process.port}", timeout=10)
-                    )
-                )
-            a, b = clients
+            env = {
+                "RUNESTONE_OVERFLOW_URL": url,
+                "RUNESTONE_ADMIN_KEY": ADMIN,
+                "CONFIG_KEY": CONFIG_KEY,
+            }
+            processes, clients = await start_fleet(
+                stack, tmp_path, ("a", "b"), CONFIG, lambda _: env
+            )
+            a, b = clients["a"], clients["b"]
             assert await status(b, CONFIG_KEY) == 200
 
             made = await a.post("/admin/keys", json={"tenant": "acme"}, headers=AS_ADMIN)
@@ -121,7 +90,7 @@ async def test_a_key_made_on_one_gateway_works_on_the_other_and_its_revocation_t
             gone_from_b = await reached(b, key, 401)
             assert await status(b, CONFIG_KEY) == 200
 
-            for process in processes:
+            for process in processes.values():
                 process.send_signal(signal.SIGTERM)
                 assert await process.wait() == 0
     print(f"created on A -> 200 on B after {to_b:.2f} s; revoked -> 401 after {gone_from_b:.2f} s")

@@ -14,74 +14,22 @@ Every wait is for a log line, a datagram or an exit, bounded by the caller's ``f
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import trio
-from helpers import GatewayProcess, child_env
+from fleet_helpers import gateway_config, mock_models
+from helpers import GatewayProcess, child_process
 
 HOST = "127.0.0.1"
 REDIS_SERVER = "/usr/bin/redis-server"
-
-CONFIG = """
-[server]
-host = "127.0.0.1"
-port = 0
-health_port = 0
-workers = {workers}
-shutdown_grace_s = 5.0
-
-[logging]
-level = "info"
-format = "json"
-access_log = false
-
-[auth]
-enabled = false
-
-[state]
-backend = "redis"
-url = "{redis_url}"
-
-[tenants.default]
-max_concurrent = {max_concurrent}
-on_limit = "{on_limit}"
-max_wait_ms = 60000.0
-
-[overflow]
-database = "{database}"
-lease_s = 1.0
-backoff_base_s = 0.05
-backoff_max_s = 0.2
-
-[[providers]]
-name = "mock"
-kind = "mock"
-latency_ms = {latency_ms}
-
-[[providers]]
-name = "slow"
-kind = "mock"
-latency_ms = 1500.0
-
-[[models]]
-id = "mock-1"
-provider = "mock"
-
-[[models]]
-id = "hold-1"
-provider = "slow"
-{extra}
-"""
 
 
 def write_config(
@@ -94,23 +42,30 @@ def write_config(
     latency_ms: float = 0.0,
     extra: str = "",
 ) -> Path:
-    path.write_text(
-        CONFIG.format(
-            workers=workers,
-            redis_url=redis_url,
-            database=path.parent / "jobs.sqlite3",
-            max_concurrent=max_concurrent,
-            on_limit=on_limit,
-            latency_ms=latency_ms,
-            extra=extra,
-        )
+    """The supervisor's config: ``workers`` on one port and a health port, limits on Redis,
+    jobs in ``jobs.sqlite3`` beside ``path``, the mock models; ``extra`` (TOML) at the end."""
+    tenant = {"max_concurrent": max_concurrent, "on_limit": on_limit, "max_wait_ms": 60000.0}
+    overflow = {"lease_s": 1.0, "backoff_base_s": 0.05, "backoff_max_s": 0.2}
+    text = gateway_config(
+        {"health_port": 0, "workers": workers, "shutdown_grace_s": 5.0},
+        [
+            ("[auth]", {"enabled": False}),
+            ("[state]", {"backend": "redis", "url": redis_url}),
+            ("[tenants.default]", tenant),
+            ("[overflow]", {"database": str(path.parent / "jobs.sqlite3"), **overflow}),
+            *mock_models(latency_ms),
+        ],
     )
+    path.write_text(text + "\n" + extra + "\n")
     return path
 
 
 @attrs.define(eq=False)
 class Supervised(GatewayProcess):
     """The supervisor process; ``pids`` are its workers' at ``supervisor.ready``."""
+
+    READY: ClassVar[str] = "supervisor.ready"
+    NAME: ClassVar[str] = "supervisor"
 
     pids: list[int] = attrs.Factory(list)
 
@@ -129,49 +84,26 @@ class Supervised(GatewayProcess):
             self._changed = trio.Event()
             await self._changed.wait()
 
+    def ready(self, record: Mapping[str, Any]) -> None:
+        super().ready(record)
+        self.pids = record["pids"]
 
-@asynccontextmanager
-async def supervisor_process(
+    async def stop(self) -> None:
+        # SIGKILL would orphan the workers until their lifeline fires: SIGTERM twice (the
+        # second kills them), then give up politely.
+        for _ in range(2):
+            if self.process.returncode is None:
+                self.process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(10):
+            await self.process.wait()
+        if self.process.returncode is None:
+            self.process.kill()
+
+
+def supervisor_process(
     config_path: Path, env: Mapping[str, str] | None = None, *, ready: bool = True
-) -> AsyncIterator[Supervised]:
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "runestone_proxy", "--config", str(config_path)],
-        env=child_env(env),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    supervised = Supervised(process)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(supervised._read_stderr)
-            try:
-                if ready:
-                    record = await supervised.wait_for_log("supervisor.ready")
-                    supervised.port = record["port"]
-                    supervised.health_port = record.get("health_port")
-                    supervised.pids = record["pids"]
-                yield supervised
-            finally:
-                if process.returncode is None:
-                    # SIGKILL would orphan the workers until their lifeline fires: SIGTERM
-                    # twice (the second kills them), then give up politely.
-                    for _ in range(2):
-                        if process.returncode is None:
-                            process.send_signal(signal.SIGTERM)
-                    with trio.move_on_after(10):
-                        await process.wait()
-                    if process.returncode is None:
-                        process.kill()
-                with trio.CancelScope(shield=True), trio.move_on_after(10):
-                    await process.wait()
-                print(f"supervisor exited with {process.returncode}; its log:")
-                for record in supervised.records:
-                    print(json.dumps(record))
-    finally:
-        assert process.stderr is not None
-        with trio.CancelScope(shield=True):
-            await process.stderr.aclose()
+) -> AbstractAsyncContextManager[Supervised]:
+    return child_process(Supervised, config_path, env, ready=ready)
 
 
 def _free_port() -> int:

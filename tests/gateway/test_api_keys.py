@@ -25,17 +25,16 @@ from runestone_proxy.errors import (
     PermissionDenied,
     RateLimited,
 )
-from runestone_proxy.gateway.api_keys import (
+from runestone_proxy.gateway.api_key_values import (
     DEFAULT_GRACE_S,
-    KeyManager,
     KeySettings,
     StoredKey,
     apply_settings,
     check_grace,
     check_id,
     check_tenant,
-    records_from,
 )
+from runestone_proxy.gateway.api_keys import KeyManager, records_from
 from runestone_proxy.gateway.auth import (
     KeyRejected,
     KeySlots,

@@ -14,7 +14,8 @@ from runestone_proxy import telemetry
 from runestone_proxy.config import Config, TenantConfig
 from runestone_proxy.errors import BudgetExceeded, ServiceUnavailable
 from runestone_proxy.gateway.budget import NO_BUDGETS, Budgets, Estimate
-from runestone_proxy.gateway.budget_book import NO_HOLD, LocalBudgetBook
+from runestone_proxy.gateway.budget_book import LocalBudgetBook
+from runestone_proxy.gateway.budget_hold import NO_HOLD
 
 T0 = 4_102_488_000.0  # 2100-01-01T12:00:00Z
 DAY = 86400.0

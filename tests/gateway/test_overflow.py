@@ -8,7 +8,7 @@ import json
 import pytest
 
 from runestone_proxy.errors import InvalidParam, RateLimited, UpstreamTimeout
-from runestone_proxy.gateway import job_results, overflow
+from runestone_proxy.gateway import job_results, overflow, webhooks
 from runestone_proxy.gateway.overflow import (
     Action,
     Complete,
@@ -73,7 +73,7 @@ def test_settle_honours_retry_after_when_longer_than_the_backoff() -> None:
 
 def test_webhook_settle() -> None:
     def decide(delivered: bool, attempts: int) -> tuple[WebhookStatus, float | None]:
-        return overflow.webhook_settle(
+        return webhooks.webhook_settle(
             delivered, attempts, max_attempts=3, base_s=2.0, max_s=60.0, now=10.0, rand=lambda: 1
         )
 
@@ -153,20 +153,20 @@ def test_job_view_shows_result_or_error() -> None:
 
 def test_webhook_body_carries_the_envelope_as_result_when_failed() -> None:
     envelope = b'{"error":{"message":"m","type":"server_error","param":null,"code":"x"}}'
-    body = json.loads(overflow.webhook_body(_job(F, envelope)))
+    body = json.loads(webhooks.webhook_body(_job(F, envelope)))
     assert body["result"] == json.loads(envelope)
     assert body["id"] == "job_1"
 
 
 def test_signature_round_trip_and_tampering() -> None:
     secret, body = b"s3cret", b'{"id":"job_1"}'
-    header = overflow.sign(secret, 1_700_000_000, body)
+    header = webhooks.sign(secret, 1_700_000_000, body)
     assert header.startswith("t=1700000000,v1=")
-    assert overflow.verify(secret, header, body, now=1_700_000_010)
-    assert not overflow.verify(secret, header, body + b" ", now=1_700_000_010)
-    assert not overflow.verify(b"other", header, body, now=1_700_000_010)
-    assert not overflow.verify(secret, header, body, now=1_700_009_999)  # too old
-    assert not overflow.verify(secret, "garbage", body, now=1_700_000_000)
+    assert webhooks.verify(secret, header, body, now=1_700_000_010)
+    assert not webhooks.verify(secret, header, body + b" ", now=1_700_000_010)
+    assert not webhooks.verify(b"other", header, body, now=1_700_000_010)
+    assert not webhooks.verify(secret, header, body, now=1_700_009_999)  # too old
+    assert not webhooks.verify(secret, "garbage", body, now=1_700_000_000)
 
 
 def test_digest_and_ids() -> None:
@@ -207,12 +207,12 @@ def test_storable_outcomes_are_bounded_and_failures_always_envelopes() -> None:
         "http://[::1]:8080/hook",
         "https://user:pw@hooks.example/",  # httpx sends userinfo as basic auth
         "https://bücher.example/rückruf",  # IDNA host, percent-encoded path on the wire
-        "https://h.example/" + "a" * (overflow.MAX_WEBHOOK_URL - 18),  # at the bound
+        "https://h.example/" + "a" * (webhooks.MAX_WEBHOOK_URL - 18),  # at the bound
     ],
 )
 def test_webhook_url_rule_takes_absolute_http_urls(url: str) -> None:
-    assert overflow.webhook_url_ok(url)
-    assert overflow.check_webhook_url(url) == url
+    assert webhooks.webhook_url_ok(url)
+    assert webhooks.check_webhook_url(url) == url
 
 
 @pytest.mark.parametrize(
@@ -236,25 +236,25 @@ def test_webhook_url_rule_takes_absolute_http_urls(url: str) -> None:
         "http://hooks.example/\x7f",
         "http://hooks.example/\u2028",
         "http://hooks.example/\ud800",
-        "https://h.example/" + "a" * (overflow.MAX_WEBHOOK_URL - 17),  # one past the bound
+        "https://h.example/" + "a" * (webhooks.MAX_WEBHOOK_URL - 17),  # one past the bound
     ],
 )
 def test_webhook_url_rule_refuses_what_cannot_be_posted_to(url: str) -> None:
-    assert not overflow.webhook_url_ok(url)
+    assert not webhooks.webhook_url_ok(url)
     with pytest.raises(InvalidParam) as info:
-        overflow.check_webhook_url(url)
+        webhooks.check_webhook_url(url)
     assert (info.value.param, info.value.code) == ("webhook_url", "invalid_value")
 
 
 def test_no_webhook_url_is_no_webhook_and_anything_but_a_string_is_refused() -> None:
-    assert overflow.check_webhook_url(None) is None
+    assert webhooks.check_webhook_url(None) is None
     for value in [1, ["https://h.example/"], {"url": "x"}, b"https://h.example/"]:
         with pytest.raises(InvalidParam):
-            overflow.check_webhook_url(value)
+            webhooks.check_webhook_url(value)
 
 
 def test_a_webhook_no_retry_can_fix_fails_at_once() -> None:
-    decided = overflow.webhook_settle(
+    decided = webhooks.webhook_settle(
         False, 1, max_attempts=8, base_s=1.0, max_s=60.0, now=0.0, rand=lambda: 1, retryable=False
     )
     assert decided == (WebhookStatus.FAILED, None)

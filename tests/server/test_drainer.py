@@ -30,7 +30,8 @@ import trio.testing
 from runestone_proxy import telemetry
 from runestone_proxy.config import OverflowConfig
 from runestone_proxy.errors import InvalidParam, RateLimited, ServiceUnavailable
-from runestone_proxy.gateway.overflow import Job, JobOutcome, JobStatus, NewJob, verify
+from runestone_proxy.gateway.overflow import Job, JobOutcome, JobStatus, NewJob
+from runestone_proxy.gateway.webhooks import verify
 from runestone_proxy.server.drainer import Drainer, Runner, run_drainer
 from runestone_proxy.server.store import Store
 

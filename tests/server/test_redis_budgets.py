@@ -22,7 +22,8 @@ from redis_server import RedisServer, redis_server
 
 from runestone_proxy.errors import BudgetExceeded, ServiceUnavailable
 from runestone_proxy.gateway.budget import Budgets, Estimate
-from runestone_proxy.gateway.budget_book import Hold, LocalBudgetBook
+from runestone_proxy.gateway.budget_book import LocalBudgetBook
+from runestone_proxy.gateway.budget_hold import Hold
 from runestone_proxy.server import redis_budgets
 from runestone_proxy.server.redis_budgets import RedisBudgetBook
 from runestone_proxy.server.redis_client import RedisClient

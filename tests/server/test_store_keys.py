@@ -20,7 +20,7 @@ from store_db_helpers import StoreDb
 
 from runestone_proxy.config import Config, OverflowConfig
 from runestone_proxy.errors import ServiceUnavailable
-from runestone_proxy.gateway.api_keys import KeySettings, StoredKey
+from runestone_proxy.gateway.api_key_values import KeySettings, StoredKey
 from runestone_proxy.server import store_pg_schema, store_schema
 from runestone_proxy.server.store import Store
 from runestone_proxy.server.store_schema import SCHEMA_VERSION

@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+from helpers import usage_record
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -47,27 +48,7 @@ class Clock:
 
 
 def rec(at: float = T0, tenant: str = "a", **kw: Any) -> UsageRecord:
-    fields: dict[str, Any] = {
-        "request_id": "req_1",
-        "key_id": "k1",
-        "endpoint": "chat",
-        "model": "fast",
-        "provider": "openai",
-        "upstream_model": "gpt-4o-mini",
-        "attempts": 1,
-        "prompt_tokens": 10,
-        "completion_tokens": 5,
-        "cached_tokens": 2,
-        "reasoning_tokens": 1,
-        "cost_usd": 0.25,
-        "status": 200,
-        "outcome": "ok",
-        "stream": False,
-        "estimated": False,
-        "latency_ms": 12.5,
-    }
-    fields.update(kw)
-    return UsageRecord(at=at, tenant=tenant, **fields)
+    return usage_record(at, tenant, **{"cost_usd": 0.25, **kw})
 
 
 def make_store(tmp_path: Path, clock: Clock | None = None, **ledger: int) -> Store:

@@ -25,6 +25,7 @@ from typing import Any
 import pg_server
 import pytest
 import trio
+from helpers import usage_record
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from store_db_helpers import StoreDb
@@ -42,30 +43,6 @@ from runestone_proxy.server.store_sqlite import SqliteDb
 T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z
 COLUMNS = ("tenant", "key_id", "model", "provider")
 COUNTS = ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens")
-
-
-def rec(at: float, tenant: str = "a", **kw: Any) -> UsageRecord:
-    fields: dict[str, Any] = {
-        "request_id": "req_1",
-        "key_id": "k1",
-        "endpoint": "chat",
-        "model": "fast",
-        "provider": "openai",
-        "upstream_model": "gpt-4o-mini",
-        "attempts": 1,
-        "prompt_tokens": 10,
-        "completion_tokens": 5,
-        "cached_tokens": 2,
-        "reasoning_tokens": 1,
-        "cost_usd": 0.00123,
-        "status": 200,
-        "outcome": "ok",
-        "stream": False,
-        "estimated": False,
-        "latency_ms": 12.5,
-    }
-    fields.update(kw)
-    return UsageRecord(at=at, tenant=tenant, **fields)
 
 
 def write(conn: Db, records: list[UsageRecord]) -> None:
@@ -140,7 +117,7 @@ def assert_same(got: dict[Any, Any], expected: dict[Any, Any]) -> None:
 
 records_strategy = st.lists(
     st.builds(
-        lambda ms, tenant, key, model, provider, p, c, cost, error: rec(
+        lambda ms, tenant, key, model, provider, p, c, cost, error: usage_record(
             T0 - ms / 1000,
             tenant,
             key_id=key,
@@ -250,11 +227,17 @@ def test_a_report_reads_one_snapshot_taken_before_its_now(db: StoreDb) -> None:
     backend = backend_from_config(db.overflow(), {})
     writer = backend.connect()
     try:
-        write(writer, [rec(T0 - 90, tenant="early")])
+        write(writer, [usage_record(T0 - 90, tenant="early")])
         seen_at: list[float] = []
 
         def clock() -> float:
-            write(writer, [rec(T0 - 30, tenant="late"), rec(T0 - 2 * HOUR_S, tenant="late")])
+            write(
+                writer,
+                [
+                    usage_record(T0 - 30, tenant="late"),
+                    usage_record(T0 - 2 * HOUR_S, tenant="late"),
+                ],
+            )
             seen_at.append(T0)
             return T0
 
@@ -296,7 +279,7 @@ async def test_the_store_flushes_its_buffer_before_reporting(
 ) -> None:
     store = make_store(db, T0 + 10)
     await nursery.start(store.run)
-    records = [rec(T0 - 3600 * i - 1, tenant="ab"[i % 2]) for i in range(30)]
+    records = [usage_record(T0 - 3600 * i - 1, tenant="ab"[i % 2]) for i in range(30)]
     with trio.fail_after(10):
         for r in records:
             store.record(r)  # buffered: the flush timer has not fired (1 s)
