@@ -9,8 +9,22 @@ The state table (the only transitions there are)::
     closed      failure_threshold consecutive failures  open
     closed      error rate >= threshold over window     open
     open        cooldown elapsed (on allow/ready_at)    half_open
+                (gated: when granted the fleet's probe)
     half_open   probe succeeded                         closed
     half_open   probe failed                            open (cooldown restarts)
+
+Shared by a fleet (``[state] backend = "redis"``, :mod:`.shared_health`), the fleet's
+verdicts are events of the same table, applied by :meth:`Breaker.apply_fleet`::
+
+    closed      the fleet opened it                     open (the fleet's cooldown)
+    half_open   the fleet reopened it (a probe failed)  open (the fleet's cooldown)
+    open        the fleet closed it (a probe succeeded) closed
+    half_open   the fleet closed it                     closed
+    half_open   the fleet's probe is another's          open (cooldown elapsed: wait)
+
+A *gated* breaker (a fleet member while Redis answers) does not move to half-open by
+itself when the cooldown ends: one process of the fleet probes (``grant_probe``), the
+others wait for its verdict. Until granted, ``allow`` refuses and notes ``probe_wanted``.
 
 While open, the deployment is skipped by routing. Half-open admits at most
 ``half_open_probes`` requests at once; the rest are told when to come back (``ready_at``),
@@ -48,6 +62,9 @@ TRANSITIONS: frozenset[tuple[State, State]] = frozenset(
         (State.OPEN, State.HALF_OPEN),
         (State.HALF_OPEN, State.CLOSED),
         (State.HALF_OPEN, State.OPEN),
+        # The fleet's verdict, applied (:meth:`Breaker.apply_fleet`): another process's
+        # probe succeeded while this one waited, open.
+        (State.OPEN, State.CLOSED),
     }
 )
 
@@ -65,10 +82,15 @@ class Breaker:
     #: ``len``. Entries older than the window are dropped as results come in.
     results: deque[float] = attrs.Factory(deque)
     failures: deque[float] = attrs.Factory(deque)
+    #: A fleet member's breaker: past the cooldown it waits for :meth:`grant_probe`.
+    gated: bool = False
+    #: A request asked while gated and past the cooldown: this process wants the probe.
+    probe_wanted: bool = False
 
     def _move(self, to: State, now: float) -> State:
         assert (self.state, to) in TRANSITIONS, (self.state, to)
         self.state = to
+        self.probe_wanted = False
         if to is OPEN:
             self.opened_at = now
             self.probes_in_flight = 0
@@ -81,7 +103,10 @@ class Breaker:
     def ready_at(self, now: float) -> float:
         """When this deployment will next admit a request (``now`` if it does now)."""
         if self.state is OPEN:
-            return max(now, self.opened_at + self.config.cooldown_s)
+            ready = self.opened_at + self.config.cooldown_s
+            if self.gated and ready <= now:
+                return now + self.config.cooldown_s  # the fleet's probe decides
+            return max(now, ready)
         if self.state is HALF_OPEN and self.probes_in_flight >= self.config.half_open_probes:
             return now + self.config.cooldown_s  # a probe is out; its result decides
         return now
@@ -95,6 +120,10 @@ class Breaker:
         moved = None
         if self.state is OPEN:
             if now < self.opened_at + self.config.cooldown_s:
+                self.probe_wanted = True  # demand: a reason to ask for the fleet's probe
+                return False, None
+            if self.gated:  # one process of the fleet probes: wait for the grant
+                self.probe_wanted = True
                 return False, None
             moved = self._move(HALF_OPEN, now)
         if self.state is HALF_OPEN:
@@ -130,6 +159,33 @@ class Breaker:
             if len(failures) / len(results) >= config.error_rate_threshold:
                 return self._move(OPEN, now)
         return None
+
+    def cooled(self, now: float) -> bool:
+        """Open, and past its cooldown: a fleet member may ask for the probe."""
+        return self.state is OPEN and now >= self.opened_at + self.config.cooldown_s
+
+    def grant_probe(self, now: float) -> State | None:
+        """This process won the fleet's probe: open past its cooldown -> half-open."""
+        self.probe_wanted = False
+        if not self.cooled(now):
+            return None
+        return self._move(HALF_OPEN, now)
+
+    def apply_fleet(self, state: State, remaining_s: float, now: float) -> State | None:
+        """Apply the fleet's state: ``CLOSED``, or ``OPEN`` with ``remaining_s`` of its
+        cooldown left (<= 0: past it, a probe is due). Returns the state moved to, if the
+        state changed (an open breaker only re-times its cooldown to the fleet's)."""
+        if state is CLOSED:
+            if self.state is CLOSED:
+                return None
+            self.probes_in_flight = 0
+            return self._move(CLOSED, now)
+        moved = None
+        if self.state is not OPEN:
+            moved = self._move(OPEN, now)
+        cooldown = self.config.cooldown_s
+        self.opened_at = now - cooldown + max(0.0, min(remaining_s, cooldown))
+        return moved
 
     def release_probe(self) -> None:
         """A probe ended without a verdict (e.g. the client went away): free its slot."""

@@ -8,6 +8,10 @@ place), taken at the moment the attempt is decided so that no other request can 
 last place before the call starts, and feeds the outcome to the breaker. ``changed`` wakes
 requests waiting for a deployment (a slot given back, a breaker verdict).
 ``/health/providers`` renders ``snapshot()``.
+
+``health`` is what a fleet shares of it (:mod:`.shared_health`): told of each breaker
+transition (never of each result), and, in shared mode, keeping ``fleet_p95_s`` (the
+fleet's pooled TTFT p95, which hedging then uses) and the breakers in step with the fleet.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from runestone_proxy import telemetry
 from runestone_proxy.config import Config, RoutingConfig
 from runestone_proxy.gateway.breaker import Breaker, State
 from runestone_proxy.gateway.routing import Target, smooth_wrr
+from runestone_proxy.gateway.shared_health import LocalHealth, SharedHealth
 
 _SAMPLES = 512
 
@@ -44,6 +49,8 @@ class Deployment:
     paused_until: float = 0.0
     latencies_ms: deque[float] = attrs.Factory(lambda: deque(maxlen=_SAMPLES))
     ttft_ms: deque[float] = attrs.Factory(lambda: deque(maxlen=_SAMPLES))
+    #: The fleet's TTFT p95 (shared mode, enough samples pooled), else None: local.
+    fleet_p95_s: float | None = None
 
     def at_cap(self) -> bool:
         return self.max_concurrent is not None and self.in_flight >= self.max_concurrent
@@ -53,6 +60,8 @@ class Deployment:
         return max(self.breaker.ready_at(now), self.paused_until)
 
     def p95_ttft_s(self) -> float | None:
+        if self.fleet_p95_s is not None:
+            return self.fleet_p95_s
         if len(self.ttft_ms) < 20:
             return None
         value = _percentile(list(self.ttft_ms), 0.95)
@@ -93,6 +102,8 @@ class Deployments:
     changed: trio.Event = attrs.Factory(trio.Event)
     #: Requests parked in wait_changed().
     waiting: int = 0
+    #: What the fleet shares (breaker transitions, TTFT p95); local: nothing.
+    health: SharedHealth = attrs.Factory(LocalHealth)
 
     @classmethod
     def from_config(cls, config: Config) -> Deployments:
@@ -188,6 +199,7 @@ class Deployments:
         moved = deployment.breaker.on_result(now, ok)
         if moved is not None:
             emit_transition(deployment.name, moved)
+            self.health.on_transition(deployment, moved)
         self.notify()
 
     def snapshot(self) -> dict[str, Any]:
@@ -209,17 +221,22 @@ class Deployments:
                     "samples": len(lat),
                 },
                 "ttft_ms_p95": _percentile(list(d.ttft_ms), 0.95),
+                **self.health.describe(name),
             }
         return out
 
 
-def emit_transition(name: str, state: State) -> None:
+def emit_transition(name: str, state: State, fleet: bool = False) -> None:
+    """``circuit.*`` for a transition; ``fleet``: applied from another process's verdict."""
     event = {
         State.OPEN: "circuit.open",
         State.HALF_OPEN: "circuit.half_open",
         State.CLOSED: "circuit.close",
     }[state]
-    telemetry.emit(event, provider=name, at=time.time())
+    if fleet:
+        telemetry.emit(event, provider=name, at=time.time(), fleet=True)
+    else:
+        telemetry.emit(event, provider=name, at=time.time())
 
 
 def providers_view(deployments: Deployments, unavailable: Mapping[str, str]) -> dict[str, Any]:

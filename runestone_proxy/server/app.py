@@ -13,8 +13,10 @@ The tree (every task has an owner; nothing runs in the background unparented)::
     │   └── health connections
     ├── SQLite store                      one writer task, group commit
     ├── shared limits (state = redis)     Redis connection, subscriber, slot dispatcher,
-    │                                     lease renewal of slots and budget holds
-    │                                     (server/redis_limits.py, redis_budgets.py)
+    │                                     lease renewal of slots and budget holds,
+    │                                     breaker/p95 sync and its subscriber
+    │                                     (server/redis_limits.py, redis_budgets.py,
+    │                                     redis_health.py)
     ├── worker side (server.workers > 1)  private socket for siblings' scrapes; lifeline
     ├── keys refresh                      polls the store's keys_version (0.5 s): run-time
     │                                     API keys made by any process, in force here
@@ -83,6 +85,7 @@ from runestone_proxy.gateway.service import Service
 from runestone_proxy.server import (
     aliases,
     redis_budgets,
+    redis_health,
     redis_limits,
     supervisor_worker,
     systemd,
@@ -152,6 +155,8 @@ class App:
         if config.state.backend == "redis":  # the limits shared by a fleet, on Redis
             shared = redis_limits.build(config, service.ratelimiter, service.capacity)
             service.limits = shared
+            # Breaker transitions and the hedging p95 shared too (advisory: local if down).
+            redis_health.attach(config, shared, service.deployments)
         api = Api(service)
         store = Store.from_config(config, env)
         service.store = store

@@ -50,6 +50,7 @@ def test_the_transition_table_is_the_documented_one() -> None:
         (State.OPEN, State.HALF_OPEN),
         (State.HALF_OPEN, State.CLOSED),
         (State.HALF_OPEN, State.OPEN),
+        (State.OPEN, State.CLOSED),  # the fleet's verdict (apply_fleet)
     } == TRANSITIONS
     b = breaker()
     with pytest.raises(AssertionError):
@@ -160,3 +161,64 @@ def test_half_open_probe_failure_reopens_and_restarts_the_cooldown() -> None:
     assert b.allow(11.0) == (False, None)
     assert b.ready_at(11.0) == 12.0
     assert b.allow(12.0) == (True, State.HALF_OPEN)
+
+
+# --- a fleet member's breaker (gated; the fleet's verdicts applied) --------------------------
+
+
+def test_gated_open_waits_past_the_cooldown_for_the_grant() -> None:
+    b = opened(at=0.0)
+    b.gated = True
+    assert b.allow(1.0) == (False, None)
+    assert b.probe_wanted  # demand noted while cooling
+    assert not b.cooled(1.0)
+    assert b.cooled(5.0)
+    assert b.allow(5.0) == (False, None)  # past the cooldown, but no grant: refused
+    assert b.state is State.OPEN
+    assert b.ready_at(6.0) == 11.0  # the fleet's probe decides: told to come back later
+    assert b.grant_probe(6.0) is State.HALF_OPEN
+    assert not b.probe_wanted
+    assert b.allow(6.0) == (True, None)
+    assert b.probes_in_flight == 1
+
+
+def test_a_grant_before_the_cooldown_ends_is_refused() -> None:
+    b = opened(at=0.0)
+    b.gated = True
+    assert b.grant_probe(4.0) is None
+    assert b.state is State.OPEN
+
+
+def test_the_fleet_opening_a_closed_breaker_uses_the_fleets_cooldown() -> None:
+    b = breaker()
+    assert b.apply_fleet(State.OPEN, 2.0, now=100.0) is State.OPEN
+    assert b.ready_at(100.0) == 102.0  # 2 s left of the fleet's 5 s cooldown
+    assert b.apply_fleet(State.OPEN, 1.0, now=100.5) is None  # re-timed, no transition
+    assert b.ready_at(100.5) == 101.5
+
+
+def test_the_fleet_cooldown_is_clamped_to_this_breakers() -> None:
+    b = breaker()
+    b.apply_fleet(State.OPEN, 60.0, now=0.0)
+    assert b.ready_at(0.0) == 5.0
+    b.apply_fleet(State.OPEN, -3.0, now=10.0)  # past it: a probe is due
+    assert b.cooled(10.0)
+
+
+def test_the_fleet_closing_an_open_or_half_open_breaker() -> None:
+    b = opened(at=0.0)
+    assert b.apply_fleet(State.CLOSED, 0.0, now=1.0) is State.CLOSED
+    assert (b.state, b.consecutive_failures, b.probes_in_flight) == (State.CLOSED, 0, 0)
+    h = half_open()
+    assert h.apply_fleet(State.CLOSED, 0.0, now=6.0) is State.CLOSED
+    assert h.probes_in_flight == 0
+    assert breaker().apply_fleet(State.CLOSED, 0.0, now=1.0) is None
+
+
+def test_another_process_taking_the_probe_sends_a_half_open_breaker_back_to_wait() -> None:
+    b = half_open(at=5.0)
+    assert b.apply_fleet(State.OPEN, 0.0, now=6.0) is State.OPEN
+    assert b.cooled(6.0)  # the cooldown is not restarted: it waits for the verdict
+    assert b.probes_in_flight == 0
+    b.release_probe()  # its own probe, ending later without a verdict: nothing to free
+    assert b.on_result(7.0, ok=True) is None  # nor does its result count (a straggler)
