@@ -57,8 +57,8 @@ from bench.targets import BENCH_MODEL, GATEWAY_ENV, PROXY_CONFIG, Launch, spawn_
 
 JSON = (("content-type", "application/json"),)
 PACING_MS = 20.0
-#: The callgrind bench's slow phase: its few chunks this far apart.
-SLOW_PACING_MS = 1000.0
+#: The callgrind bench's idle phase: seconds with no stream at all.
+IDLE_S = 6.0
 
 
 def body(chunks: int, pacing_ms: float = PACING_MS) -> bytes:
@@ -216,17 +216,21 @@ def _callgrind_phases(
         trio.run(_drive, port, args.short, args.cg_streams, 1)  # warm-up: lazy imports, pools
         streams, rounds = args.cg_streams, args.cg_rounds
         plan = [
-            ("short", args.short, rounds, PACING_MS),
-            ("long", args.long, rounds, PACING_MS),
-            # Few chunks over a long time: what the gateway spends per second of a stream
-            # (the pool's sweeper ticks, the ledger's flushes), which many streams share.
-            ("slow", args.short, 1, SLOW_PACING_MS),
+            ("short", args.short, rounds),
+            ("long", args.long, rounds),
+            # No stream at all: what the gateway executes per second regardless (timers,
+            # and whatever else ticks), which the long phase's extra seconds hold too.
+            ("idle", 0, 0),
         ]
         for _ in range(args.cg_pairs):
-            for kind, chunks, n, pacing in plan:
+            for kind, chunks, n in plan:
                 _control("-z", proc.pid)
                 started = time.monotonic()
-                received = trio.run(_drive, port, chunks, streams, n, pacing)
+                received = 0
+                if n:
+                    received = trio.run(_drive, port, chunks, streams, n)
+                else:
+                    time.sleep(IDLE_S)
                 _control("-d", proc.pid)
                 seconds = time.monotonic() - started
                 dumps = sorted(
@@ -235,7 +239,7 @@ def _callgrind_phases(
                 total = _totals(dumps[-1])
                 phases.append((kind, total, streams * n, received, seconds))
                 print(
-                    f"callgrind {kind:5} x{chunks:<3} {pacing:5.0f} ms: {total:13,} instructions,"
+                    f"callgrind {kind:5} x{chunks:<3}: {total:13,} instructions,"
                     f" {streams * n} streams, {received:5,} chunks, {seconds:5.1f} s",
                     flush=True,
                 )
@@ -281,38 +285,19 @@ def callgrind(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> None
     phases = _callgrind_phases(args, workdir, upstream.port)
     fits = []
     for i in range(0, len(phases) - 2, 3):
-        rows = [(float(s), float(k), t) for _, _, s, k, t in phases[i : i + 3]]
-        fits.append(_solve3(rows, [float(y) for _, y, _, _, _ in phases[i : i + 3]]))
-    per_chunk = statistics.median(f[1] for f in fits)
+        (_, y_s, _, k_s, t_s), (_, y_l, _, k_l, t_l), (_, y_i, _, _, t_i) = phases[i : i + 3]
+        per_s = y_i / t_i
+        gross = (y_l - y_s) / (k_l - k_s)
+        fits.append((gross - per_s * (t_l - t_s) / (k_l - k_s), gross, per_s))
     print(
-        f"\ncallgrind: {per_chunk:,.0f} instructions per relayed chunk"
-        f" (fits {', '.join(f'{f[1]:,.0f}' for f in fits)}),"
-        f" {statistics.median(f[0] for f in fits):,.0f} per stream,"
-        f" {statistics.median(f[2] for f in fits):,.0f} per second of streaming;"
-        f" {args.cg_streams} stream(s) x {args.cg_rounds} rounds per phase, {args.long} vs"
-        f" {args.short} chunks, paced {PACING_MS:.0f} ms"
+        f"\ncallgrind: {statistics.median(f[0] for f in fits):,.0f} instructions per relayed"
+        f" chunk (pairs {', '.join(f'{f[0]:,.0f}' for f in fits)}); with the idle gateway's"
+        f" {statistics.median(f[2] for f in fits):,.0f} per second over the long phase's"
+        f" extra seconds: {statistics.median(f[1] for f in fits):,.0f}"
+        f" (pairs {', '.join(f'{f[1]:,.0f}' for f in fits)}); {args.cg_streams} stream(s)"
+        f" x {args.cg_rounds} rounds per phase, {args.long} vs {args.short} chunks, paced"
+        f" {PACING_MS:.0f} ms"
     )
-
-
-def _solve3(rows: list[tuple[float, float, float]], ys: list[float]) -> tuple[float, ...]:
-    """``y = streams x a + chunks x b + seconds x c`` for three phases, by Cramer's rule."""
-
-    def det(m: list[tuple[float, float, float]]) -> float:
-        (a, b, c), (d, e, f), (g, h, i) = m
-        return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
-
-    whole = det(rows)
-    out = []
-    for col in range(3):
-        m = [(r[0], r[1], r[2]) for r in rows]
-        for row, y in enumerate(ys):
-            m[row] = (
-                y if col == 0 else m[row][0],
-                y if col == 1 else m[row][1],
-                y if col == 2 else m[row][2],
-            )
-        out.append(det(m) / whole)
-    return tuple(out)
 
 
 def profile(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> None:
