@@ -92,6 +92,8 @@ class Stats:
     failures: int = 0
     non_200: int = 0
     completed: int = 0
+    #: Streams whose end arrived inside the window, wherever they started.
+    ended: int = 0
     chunks: int = 0
     connected: int = 0
     active: int = 0
@@ -226,8 +228,10 @@ async def one_stream(conn: Conn, raw: bytes, stats: Stats, stall_us: int) -> Non
         await conn.fill()
     if not saw_done:
         raise StreamFailed("the stream ended without data: [DONE]")
-    if measured and stats.measuring:
-        stats.completed += 1
+    if stats.measuring:
+        stats.ended += 1
+        if measured:
+            stats.completed += 1
 
 
 async def worker(
@@ -350,6 +354,7 @@ async def generate(
     extra: dict[str, float | None] = {
         "streams": spec.concurrency,
         "completed": stats.completed,
+        "ended": stats.ended,
         "chunks": stats.chunks,
         "chunks_per_s": stats.chunks / elapsed,
         "ttfc_measured": len(stats.ttfc_us),

@@ -6,7 +6,9 @@ Routes (anything else is 404 in OpenAI's error envelope):
   in the body, an SSE stream of ``chunks`` ``chat.completion.chunk`` data events (the first
   carries the role, the last ``finish_reason: "stop"``) and then ``data: [DONE]``, with
   ``pacing_ms`` between events. Both default to the CLI flags and can be set per request
-  in the query string: ``/v1/chat/completions?chunks=50&pacing_ms=5``. With
+  in the query string: ``/v1/chat/completions?chunks=50&pacing_ms=5``, and ``chunks`` in
+  the body as ``"bench_chunks": N`` and ``"bench_pacing_ms": M`` (which a gateway in front
+  forwards). With
   ``"stream_options": {"include_usage": true}``, OpenAI's final usage chunk (empty
   ``choices``) precedes ``[DONE]`` (what the gateway asks for on a translated Messages
   stream).
@@ -325,8 +327,12 @@ def decide(
     model = str(payload.get("model", DEFAULT_MODEL))
     if payload.get("stream") is True:
         params = dict(parse_qsl(query))
-        chunks = int(params.get("chunks", defaults.chunks))
-        pacing_ms = float(params.get("pacing_ms", defaults.pacing_ms))
+        # ``bench_*`` in the body: the overrides that survive a gateway in front
+        # (it forwards unknown fields, not the client's query string).
+        chunks = int(payload.get("bench_chunks") or params.get("chunks", defaults.chunks))
+        pacing_ms = float(
+            payload.get("bench_pacing_ms") or params.get("pacing_ms", defaults.pacing_ms)
+        )
         opts = payload.get("stream_options")
         usage = type(opts) is dict and opts.get("include_usage") is True
         events = stream_events(model, max(chunks, 1), usage)

@@ -32,6 +32,7 @@ __all__ = ["ChunkedDecoder", "ChunkedError"]
 
 #: ``chunk-size [ chunk-ext ]`` (§7.1, §7.1.1); at most 16 hex digits (a 64-bit size).
 _SIZE_LINE: Final = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?")
+_HEX: Final = b"0123456789abcdefABCDEF"
 
 
 class ChunkedError(ValueError):
@@ -67,8 +68,10 @@ class ChunkedDecoder:
         if not self._buf and not self._left and not self._crlf and not self._trailers:
             # The common case: exactly one whole chunk, as a paced stream sends it.
             end = data.find(b"\r\n")
-            if end > 0:
-                size = _size(data[:end])
+            # A bare size line (hex digits only, no extension) is read without the regex:
+            # ``strip`` of every hex digit leaves nothing exactly when it is all hex digits.
+            if 0 < end <= 16 and not data[:end].strip(_HEX):
+                size = int(data[:end], 16)
                 stop = end + 2 + size
                 if size and len(data) == stop + 2 and data[stop:] == b"\r\n":
                     self.chunks = 1

@@ -99,15 +99,16 @@ class OpenAIStream:
         data = event.data
         if self.done:
             return []  # nothing is defined after the terminator; ignore it
-        if data == b"[DONE]" or data.strip() == b"[DONE]":
-            self.done = True
-            return self._trailer()
-        if not data.strip():
-            return []
+        if data[:1] != b"{":  # a chunk starts with its brace: the rest only when it does not
+            if data == b"[DONE]" or data.strip() == b"[DONE]":
+                self.done = True
+                return self._trailer()
+            if not data.strip():
+                return []
+            if event.event != "error" and data.lstrip()[:1] != b"{":
+                raise UpstreamProtocolError(f"{self.name}: stream event is not a JSON object")
         if event.event == "error":  # some compatible servers name their error events
             raise error_from_event(data)
-        if data.lstrip()[:1] != b"{":
-            raise UpstreamProtocolError(f"{self.name}: stream event is not a JSON object")
         obj: dict[str, Any] | None = None
         if b'"error"' in data:
             obj = self._load(data)
@@ -127,8 +128,16 @@ class OpenAIStream:
         else:
             obj = obj if obj is not None else self._load(data)
             self._track_choices(obj)
-        if b'"x_groq"' in data and b'"usage"' in data:
+        # Per chunk, one scan clears what follows for most chunks: no "usage" key at all, or
+        # OpenAI's `"usage":null` (every chunk of a stream that asked for usage) as the
+        # only occurrence (a content string of exactly "usage" would be another).
+        at = data.find(b'"usage"')
+        if at < 0:
+            return [data]
+        if b'"x_groq"' in data:
             return self._groq(obj if obj is not None else self._load(data), data)
+        if data[at + 7 : at + 12] == b":null" and data.find(b'"usage"', at + 7) < 0:
+            return [data]
         if b'"usage":{' in data or b'"usage": {' in data:
             obj = obj if obj is not None else self._load(data)
             if isinstance(obj.get("usage"), dict):

@@ -11,6 +11,7 @@ HTTP/1.0 client's stream go through h11 whole. The body sources are what
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import attrs
@@ -157,8 +158,19 @@ class H1Responder:
             # RFC 9112 §7.1 chunk framing, done here rather than through an h11 Data event
             # per SSE chunk (and inline rather than in protocol/h1: it runs per chunk): h11
             # keeps no count in chunked mode, and still writes the last chunk
-            # (EndOfMessage) itself.
-            await self.conn.send_all(b"%x\r\n%b\r\n" % (len(data), data))
+            # (EndOfMessage) itself. The write is FdStream.send_all's, inline for the same
+            # reason (a coroutine fewer per chunk): whole to the fd when the kernel takes it.
+            frame = b"%x\r\n%b\r\n" % (len(data), data)
+            conn = self.conn
+            if conn.fd >= 0:
+                try:
+                    sent = os.write(conn.fd, frame)
+                except OSError:  # BlockingIOError, or a reset: trio raises its own below
+                    sent = 0
+                if sent == len(frame):
+                    return
+                frame = frame[sent:]
+            await conn.send_rest(frame)
             return
         await self.conn.send_all(self.conn.take_h11().send(h11.Data(data=data)))
 

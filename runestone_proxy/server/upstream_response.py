@@ -16,6 +16,7 @@ the total deadline (:class:`~runestone_proxy.server.upstream_wait.Wait`).
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 import attrs
@@ -91,6 +92,11 @@ class H11Response(UpstreamResponse):
     _early: bytes = attrs.field(default=b"", repr=False)
     #: The connection may carry another request once the decoder saw the body's end.
     _reusable: bool = attrs.field(default=False, repr=False)
+    #: Trio's clock, read directly by the per-chunk wait: ``trio.current_time()`` adds a
+    #: frame and its KI-protection bookkeeping to every call (about half its cost).
+    _now: Callable[[], float] = attrs.field(
+        factory=lambda: trio.lowlevel.current_clock().current_time, repr=False
+    )
 
     @classmethod
     def fast(
@@ -133,12 +139,59 @@ class H11Response(UpstreamResponse):
         self._reusable = proto.our_state is h11.DONE
 
     async def receive(self) -> bytes:
+        """The next body bytes: decoded here when the fast parser or :meth:`take_chunked`
+        gave the body a decoder (every streamed answer), else by h11
+        (:meth:`_receive_h11`). The decoded loop is inline: it runs once per chunk of a
+        paced stream, and each coroutine level costs a frame per call and per wake-up."""
+        decoder = self._decoder
+        if decoder is None or self._done or self.detached:
+            return await self._receive_h11()
+        conn = self.conn
+        while not decoder.done:
+            if self._early:
+                data, self._early = self._early, b""
+            else:
+                ready = None
+                if conn.fd >= 0 and not self._waited:
+                    # Bytes may be waiting already (a fast stream): take them without a
+                    # timeout; one checkpoint keeps the loop fair.
+                    try:
+                        ready = conn.read_ready()
+                    except trio.BrokenResourceError:
+                        ready = None  # the bounded read below reports it
+                    if ready is not None:
+                        await trio.lowlevel.checkpoint()
+                if ready is None:
+                    # Each chunk of a paced stream comes this way, one wake-up each.
+                    ready = await self._wait_for_bytes()
+                    # A wait that found more than one chunk: they come faster than we
+                    # take them, so the next receive tries a read first.
+                    self._waited = True
+                data = ready
+                if not data:
+                    raise UpstreamProtocolError(
+                        f"upstream {self.origin}: peer closed connection without sending "
+                        f"complete message body: {decoder.missing()}"
+                    )
+            try:
+                body = decoder.feed(data)
+            except ChunkedError as exc:
+                raise UpstreamProtocolError(f"upstream {self.origin}: {exc}") from None
+            if decoder.chunks > 1:
+                self._waited = False
+            if body:
+                if decoder.done:
+                    self._body_end(decoder)
+                return body
+        self._body_end(decoder)
+        return b""
+
+    async def _receive_h11(self) -> bytes:
+        """:meth:`receive` for a body h11 reads (or one that ended or was detached)."""
         if self._done:
             return b""
         if self.detached:
             raise trio.ClosedResourceError("response read after its `async with` block ended")
-        if self._decoder is not None:
-            return await self._receive_decoded(self._decoder)
         conn = self.conn
         proto = conn.proto
         assert proto is not None
@@ -210,58 +263,42 @@ class H11Response(UpstreamResponse):
         self._waited = False  # chunks arrive faster than we take them: try reads first
         return b"".join(parts)
 
-    async def _receive_decoded(self, decoder: BodyDecoder) -> bytes:
-        """:meth:`receive` for a body h11 does not read: the same reads and waits as the
-        h11 path, the bytes decoded by ``decoder``."""
-        conn = self.conn
-        while not decoder.done:
-            if self._early:
-                data, self._early = self._early, b""
-            else:
-                ready = None
-                if conn.fd >= 0 and not self._waited:
-                    # Bytes may be waiting already (a fast stream): take them without a
-                    # timeout; one checkpoint keeps the loop fair.
-                    try:
-                        ready = conn.read_ready()
-                    except trio.BrokenResourceError:
-                        ready = None  # the bounded read below reports it
-                    if ready is not None:
-                        await trio.lowlevel.checkpoint()
-                if ready is None:
-                    # Each chunk of a paced stream comes this way, one wake-up each.
-                    ready = await self._wait_for_bytes()
-                    # A wait that found more than one chunk: they come faster than we
-                    # take them, so the next receive tries a read first.
-                    self._waited = True
-                data = ready
-                if not data:
-                    raise UpstreamProtocolError(
-                        f"upstream {self.origin}: peer closed connection without sending "
-                        f"complete message body: {decoder.missing()}"
-                    )
-            try:
-                body = decoder.feed(data)
-            except ChunkedError as exc:
-                raise UpstreamProtocolError(f"upstream {self.origin}: {exc}") from None
-            if decoder.chunks > 1:
-                self._waited = False
-            if body:
-                if decoder.done:
-                    self._body_end(decoder)
-                return body
-        self._body_end(decoder)
-        return b""
-
     def _body_end(self, decoder: BodyDecoder) -> None:
         self._done = True
         if self._reusable and not decoder.extra and not self._early:
             self.conn.body_read()
 
     async def _wait_for_bytes(self) -> bytes:
-        """One bounded wait for the next body bytes (``b""`` at EOF)."""
+        """One bounded wait for the next body bytes (``b""`` at EOF).
+
+        While the pool's sweeper runs, this is :class:`Wait`'s registration written out:
+        it runs once per chunk of a paced stream, and the context manager's object and
+        three calls were a tenth of what the wait costs. Without the sweeper, :class:`Wait`
+        (a cancel scope)."""
         conn, t = self.conn, self._timeouts
-        deadline = min(self._deadline, trio.current_time() + t.between_chunks_s)
+        deadline = min(self._deadline, self._now() + t.between_chunks_s)
+        watch = conn.watch
+        if watch is None or not watch.running:
+            return await self._wait_scoped(deadline)
+        conn.expired = False
+        watch.add(conn, conn.expire, deadline)
+        try:
+            return await conn.receive(waiting=True)  # it just read dry
+        except Exception as exc:
+            # The sweeper's expiry surfaces as whatever the read made of a closed socket.
+            if conn.expired:
+                what = "no body bytes"
+                raise timed_out(self.origin, what, t.between_chunks_s, t, self._deadline) from None
+            if isinstance(exc, trio.BrokenResourceError):
+                msg = f"upstream {self.origin}: connection lost mid-body"
+                raise UpstreamConnectError(msg) from exc
+            raise
+        finally:
+            watch.pending.pop(conn, None)
+
+    async def _wait_scoped(self, deadline: float) -> bytes:
+        conn, t = self.conn, self._timeouts
+        data = b""
         with Wait(conn, deadline) as wait:
             try:
                 data = await conn.receive(waiting=True)  # it just read dry

@@ -439,3 +439,36 @@ def test_retry_after_reaches_the_client() -> None:
     )
     assert err.retry_after_s == 1.2
     assert (b"retry-after", b"2") in err.headers  # rounded up to whole seconds
+
+
+def _chunk(content: str | None, finish: str | None = None, **extra: Any) -> bytes:
+    choice = {"index": 0, "delta": {} if content is None else {"content": content}}
+    body = {"id": "c", "object": "chat.completion.chunk", "choices": [choice], **extra}
+    choice["finish_reason"] = finish
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_usage_null_on_every_chunk_and_a_content_of_usage(include_usage: bool) -> None:
+    """OpenAI puts ``"usage":null`` on every chunk of a stream that asked for usage; the
+    per-chunk check passes those through untouched, and a content string of exactly
+    ``"usage"`` beside a real usage object does not hide it."""
+    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    chunks = [
+        _chunk("usage", usage=None),
+        _chunk("usage", usage=usage),  # the content comes first, the object after it
+        _chunk(None, "stop", usage=None),
+    ]
+    final = json.dumps({"id": "c", "choices": [], "usage": usage}, separators=(",", ":"))
+    stream = b"".join(chunks) + b"data: " + final.encode() + b"\n\ndata: [DONE]\n\n"
+    st = OpenAIStream("openai", include_usage=include_usage)
+    first, second = events_of(chunks[0] + chunks[1])
+    assert st.feed(first) == [chunks[0][6:-2]]
+    assert st.usage is None
+    assert st.feed(second) == [chunks[1][6:-2]]
+    assert st.usage == usage
+    st = OpenAIStream("openai", include_usage=include_usage)
+    out = run_stream(st, stream)
+    assert out[:3] == [c[6:-2] for c in chunks]  # bytes as they came
+    assert out[3:] == ([final.encode()] if include_usage else [])
+    assert st.usage == usage

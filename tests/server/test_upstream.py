@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from functools import partial
@@ -757,7 +758,10 @@ async def test_the_total_limit_bounds_the_whole_exchange(serve: Start, watched: 
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabcd\r\n",
     ],
 )
-async def test_a_malformed_response_is_a_protocol_error(serve: Start, raw: bytes) -> None:
+@WAITS
+async def test_a_malformed_response_is_a_protocol_error(
+    serve: Start, raw: bytes, watched: bool
+) -> None:
     async def broken(ex: Exchange) -> None:
         await ex.read_body()
         await ex.stream.send_all(raw)
@@ -765,10 +769,36 @@ async def test_a_malformed_response_is_a_protocol_error(serve: Start, raw: bytes
 
     server = await serve(broken)
     with trio.fail_after(LIMIT_S):
-        async with UpstreamPool(timeouts=FAST) as pool:
+        async with open_pool(watched, timeouts=FAST) as pool:
             with pytest.raises(UpstreamProtocolError, match=f"127.0.0.1:{server.port}"):
                 async with pool.request("GET", server.base, []) as resp:
                     await resp.read()
+            assert pool.open_connections == 0
+
+
+@WAITS
+async def test_a_reset_between_chunks_is_a_connect_error(serve: Start, watched: bool) -> None:
+    """A chunked body cut by a TCP reset while the pool waits for the next chunk (the
+    paced stream's wait, registered with the sweeper or in a scope): the connection was
+    lost, which is neither a timeout nor a malformed body."""
+    sent = trio.Event()
+
+    async def reset(ex: Exchange) -> None:
+        await ex.read_body()
+        await ex.start_chunked(b"first")
+        await sent.wait()  # the client is waiting for the next chunk
+        sock = cast(trio.SocketStream, ex.stream).socket
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # RST, not FIN
+
+    server = await serve(reset)
+    with trio.fail_after(LIMIT_S):
+        async with open_pool(watched, timeouts=FAST) as pool:
+            async with pool.request("GET", server.base, []) as resp:
+                assert await resp.receive() == b"first"
+                sent.set()
+                with pytest.raises(UpstreamConnectError, match="connection lost mid-body"):
+                    await resp.receive()
             assert pool.open_connections == 0
 
 
