@@ -65,6 +65,7 @@ from runestone_proxy import errors
 from runestone_proxy.api.dispatch import log_access, send_error
 from runestone_proxy.api.http import ResponseAborted
 from runestone_proxy.config import LimitsConfig
+from runestone_proxy.protocol.h2headers import check_request, check_trailers
 from runestone_proxy.protocol.h2limits import FrameGuard, Violation
 from runestone_proxy.server.frontend import Frontend
 from runestone_proxy.server.h2stream import H2Stream
@@ -123,7 +124,15 @@ class H2ServerConnection:
         self.limits = self.gateway.config.limits
         self.proto = h2.connection.H2Connection(
             config=h2.config.H2Configuration(
-                client_side=False, header_encoding=None, validate_inbound_headers=True
+                client_side=False,
+                header_encoding=None,
+                # Inbound blocks are checked by protocol.h2headers (h2's verdict, cheaper);
+                # outbound ones are built clean by H2Stream._send_headers; cookies are
+                # joined by split_headers.
+                validate_inbound_headers=False,
+                normalize_inbound_headers=False,
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
             )
         )
         limits = self.limits
@@ -136,6 +145,7 @@ class H2ServerConnection:
         )
         self._on = {
             h2.events.RequestReceived: self._on_request,
+            h2.events.TrailersReceived: self._on_trailers,
             h2.events.DataReceived: self._on_data,
             h2.events.StreamEnded: self._on_stream_ended,
             h2.events.StreamReset: self._on_reset,
@@ -259,12 +269,19 @@ class H2ServerConnection:
             self._goaway_sent = self._linger = True
             return False
         on = self._on
-        for event in events:
-            handler = on.get(type(event))
-            if handler is not None:
-                handler(event)
-                if self._ending:
-                    return False
+        try:
+            for event in events:
+                handler = on.get(type(event))
+                if handler is not None:
+                    handler(event)
+                    if self._ending:
+                        return False
+        except h2.exceptions.ProtocolError as exc:
+            # A malformed header block (protocol.h2headers): what h2 did when it checked.
+            log.info("h2.protocol_error", client=self.client, code="PROTOCOL_ERROR", error=str(exc))
+            self.proto.close_connection(ErrorCodes.PROTOCOL_ERROR)
+            self._goaway_sent = self._linger = True
+            return False
         return True
 
     def _abort(self, violation: Violation) -> None:
@@ -277,6 +294,7 @@ class H2ServerConnection:
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         sid = event.stream_id
+        check_request(event.headers)
         if self._goaway_sent or len(self.streams) >= self.limits.h2_max_concurrent_streams:
             # RFC 9113 §5.1.2 and §8.7: REFUSED_STREAM means "not processed, safe to retry".
             self.proto.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
@@ -289,6 +307,9 @@ class H2ServerConnection:
         self._idle_since = trio.current_time()
         assert self._nursery is not None
         self._nursery.start_soon(self._run_stream, st)
+
+    def _on_trailers(self, event: h2.events.TrailersReceived) -> None:
+        check_trailers(event.headers)  # then ignored, as before; StreamEnded follows
 
     def _on_data(self, event: h2.events.DataReceived) -> None:
         st = self.streams.get(event.stream_id)

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 from h2.errors import ErrorCodes
+from hpack import NeverIndexedHeaderTuple
 
 from runestone_proxy.api.dispatch import request_id_from
 from runestone_proxy.api.http import HeaderList, Request
@@ -47,10 +48,13 @@ if TYPE_CHECKING:
 
 __all__ = ["H2Stream", "split_headers"]
 
-# RFC 9113 §8.2.2: connection-specific header fields are malformed in HTTP/2.
+# RFC 9113 §8.2.2: connection-specific header fields are malformed in HTTP/2 (``te`` is
+# allowed only in requests, as "trailers").
 _CONNECTION_HEADERS = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te"}
 )
+#: Kept out of HPACK's dynamic table, as h2's own normalisation did (RFC 7541 §7.1.3).
+_SECRET_HEADERS = frozenset({b"authorization", b"proxy-authorization"})
 
 
 def split_headers(
@@ -215,14 +219,24 @@ class H2Stream:
     ) -> None:
         if self.status:
             raise RuntimeError("the response already started")
-        block = [(b":status", b"%d" % status)]
+        # h2's outbound normalising and checking are off (h2conn): this loop does what they
+        # did for a response: lower-case names, no connection-specific fields (RFC 9113
+        # §8.2.2), no pseudo-fields from a handler (§8.3), values without surrounding
+        # whitespace (§8.2.1), credentials never indexed.
+        block: list[tuple[bytes, bytes]] = [(b":status", b"%d" % status)]
         has_id = has_length = False
         for name, value in headers:
             name = name.lower()
-            if name in _CONNECTION_HEADERS:
+            if name in _CONNECTION_HEADERS or name[:1] == b":":
                 continue
-            has_id = has_id or name == b"x-request-id"
-            has_length = has_length or name == b"content-length"
+            value = value.strip(b" \t")
+            if name == b"x-request-id":
+                has_id = True
+            elif name == b"content-length":
+                has_length = True
+            elif name in _SECRET_HEADERS:
+                block.append(NeverIndexedHeaderTuple(name, value))
+                continue
             block.append((name, value))
         if not has_id:
             block.append((b"x-request-id", self.request.request_id.encode()))
