@@ -16,8 +16,10 @@ How this works::
 
 * Writing. h2 is sans-IO: any task changes it synchronously, then calls ``flush``, which
   moves h2's output to the :class:`~runestone_proxy.server.h2writer.SerialWriter` and waits
-  until it is sent. Cancelling a stream never cuts a frame in half; a peer that stops
-  reading for ``send_timeout_s`` loses the whole connection.
+  only while more than ``_HIGH_WATER_BYTES`` are still unwritten: the answers of all the
+  streams that ran in one scheduler pass go out in one write, and a slow reader holds up
+  its writers. Cancelling a stream never cuts a frame in half; a peer that stops reading
+  for ``send_timeout_s`` loses the whole connection.
 * Request bodies. DATA is queued on its stream without ever blocking the reader, and its
   flow-control credit (RFC 9113 §5.2, §6.9) is handed back only as the handler consumes it,
   so a slow handler closes its own stream's window. The connection window is opened to
@@ -65,7 +67,7 @@ from runestone_proxy import errors
 from runestone_proxy.api.dispatch import log_access, send_error
 from runestone_proxy.api.http import ResponseAborted
 from runestone_proxy.config import LimitsConfig
-from runestone_proxy.protocol.h2headers import check_request, check_trailers
+from runestone_proxy.protocol.h2headers import LiteralEncoder, check_request, check_trailers
 from runestone_proxy.protocol.h2limits import FrameGuard, Violation
 from runestone_proxy.server.frontend import Frontend
 from runestone_proxy.server.h2stream import H2Stream
@@ -81,6 +83,9 @@ _CLOSE_S = 2.0
 _DEFAULT_WINDOW = 65535  # RFC 9113 §6.9.2: every window starts here
 _MAX_WINDOW = _MAX_STREAM_ID = 2**31 - 1  # RFC 9113 §6.9.1, §5.1.1
 _NO_RESPONSE = 499  # access-log status when no response went out (nginx's "client closed")
+#: Unwritten output past which ``flush`` waits for the writer: four default-sized DATA
+#: frames (RFC 9113 §4.2), about what one ``send`` on loopback takes at once.
+_HIGH_WATER_BYTES = 65536
 
 
 async def serve_h2(
@@ -135,6 +140,7 @@ class H2ServerConnection:
                 normalize_outbound_headers=False,
             )
         )
+        self.proto.encoder = LiteralEncoder()
         limits = self.limits
         self.writer = SerialWriter(self.stream, limits.send_timeout_s, on_broken=self._stop)
         self.guard = FrameGuard.from_limits(
@@ -331,7 +337,7 @@ class H2ServerConnection:
         if event.stream_id == 0:
             self._wake_writers()
         elif (st := self.streams.get(event.stream_id)) is not None:
-            st.writable.unpark_all()
+            st.wake()
 
     def _on_settings(self, event: h2.events.RemoteSettingsChanged) -> None:
         if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
@@ -342,7 +348,7 @@ class H2ServerConnection:
 
     def _wake_writers(self) -> None:
         for st in self.streams.values():
-            st.writable.unpark_all()
+            st.wake()
 
     # -- streams -----------------------------------------------------------------------------
 
@@ -404,11 +410,14 @@ class H2ServerConnection:
     # -- writing -----------------------------------------------------------------------------
 
     async def flush(self) -> None:
-        """Queue what h2 has to send and wait until the writer has put it on the wire."""
-        await self.writer.wait_written(self._take_output())
+        """Queue what h2 has to send; wait while too much is unwritten (see the docstring).
+        No checkpoint when nothing waits: every caller yields at its next real wait."""
+        self.writer.queue(self.proto.data_to_send())
+        if self.writer.backlog > _HIGH_WATER_BYTES:
+            await self.writer.wait_below(_HIGH_WATER_BYTES)
 
-    def _take_output(self) -> int:
-        return self.writer.queue(self.proto.data_to_send())
+    def _take_output(self) -> None:
+        self.writer.queue(self.proto.data_to_send())
 
     def _goaway_gracefully(self) -> None:
         """Queue GOAWAY(NO_ERROR) without telling h2, which would end every stream (§6.8)."""

@@ -1,9 +1,16 @@
 """The one writer of an HTTP/2 connection: queued bytes go out in order, whole, in time.
 
 Any task may :meth:`SerialWriter.queue` bytes (synchronously, so what h2 produced is never
-held by a task that might be cancelled) and then :meth:`SerialWriter.wait_written` for them.
-:meth:`SerialWriter.run`, the connection's writer task, sends everything queued so far in one
-``send_all`` (writes from many streams coalesce).
+held by a task that might be cancelled). :meth:`SerialWriter.run`, the connection's writer
+task, sends everything queued so far in one ``send_all``: what all the streams answered in
+one scheduler pass goes out in one write.
+
+Queuing does not wait for the write. Back-pressure is :meth:`SerialWriter.wait_below`: a
+task that finds more than a high-water mark unwritten waits until the writer has brought it
+down, so a peer that reads slowly holds up the tasks that write to it, while the common
+small answer costs its stream no wake-up at all. (Waiting for every write to land took a
+park and a wake per stream event, and bought nothing: ``send_timeout_s`` bounds the writer
+itself, and a broken writer stops the whole connection.)
 
 Each send is shielded: cancelling a stream's task never cuts a frame in half, which would
 corrupt every other stream on the connection (RFC 9113 §4.1). Only the send's own deadline
@@ -42,19 +49,22 @@ class SerialWriter:
     _wrote: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
     _scope: trio.CancelScope | None = None
 
-    def queue(self, data: bytes) -> int:
-        """Add ``data`` to the output; returns the mark to pass to :meth:`wait_written`."""
+    def queue(self, data: bytes) -> None:
+        """Add ``data`` to the output (the writer task sends it)."""
         if data:
             self._out.append(data)
             self._queued_bytes += len(data)
             self._has_output.unpark_all()
-        return self._queued_bytes
 
-    async def wait_written(self, mark: int) -> None:
-        """Return once everything queued up to ``mark`` is on the wire."""
-        if self._written_bytes >= mark:
-            await trio.lowlevel.checkpoint()
-        while self._written_bytes < mark:
+    @property
+    def backlog(self) -> int:
+        """Bytes queued and not yet on the wire."""
+        return self._queued_bytes - self._written_bytes
+
+    async def wait_below(self, limit: int) -> None:
+        """Return once at most ``limit`` queued bytes are still unwritten (no checkpoint if
+        that is already so: the caller yields at its own next wait)."""
+        while self._queued_bytes - self._written_bytes > limit:
             await self._wrote.park()
 
     async def run(self) -> None:
