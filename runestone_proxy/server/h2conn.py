@@ -69,6 +69,7 @@ from runestone_proxy.api.http import ResponseAborted
 from runestone_proxy.config import LimitsConfig
 from runestone_proxy.protocol.h2headers import LiteralEncoder, check_request, check_trailers
 from runestone_proxy.protocol.h2limits import FrameGuard, Violation
+from runestone_proxy.server.fdstream import FdStream
 from runestone_proxy.server.frontend import Frontend
 from runestone_proxy.server.h2stream import H2Stream
 from runestone_proxy.server.h2writer import SerialWriter, discard_input
@@ -77,7 +78,6 @@ __all__ = ["serve_h2"]
 
 log = structlog.get_logger("runestone.h2")
 
-_READ_BYTES = 65536
 _LINGER_S = 2.0
 _CLOSE_S = 2.0
 _DEFAULT_WINDOW = 65535  # RFC 9113 §6.9.2: every window starts here
@@ -103,8 +103,11 @@ async def serve_h2(
 
 
 @attrs.define(eq=False, repr=False)
-class H2ServerConnection:
-    """One HTTP/2 connection: the h2 state machine, its stream table and its socket."""
+class H2ServerConnection(FdStream):
+    """One HTTP/2 connection: the h2 state machine, its stream table and its socket.
+
+    Reads take :class:`~runestone_proxy.server.fdstream.FdStream`'s raw-fd path on
+    cleartext (``fd``), as HTTP/1.1 connections do; a lost socket reads as EOF."""
 
     stream: trio.abc.Stream
     gateway: Frontend
@@ -124,6 +127,7 @@ class H2ServerConnection:
     _ending: bool = False
     _linger: bool = False
     _closing: bool = False
+    fd: int = -1
 
     def __attrs_post_init__(self) -> None:
         self.limits = self.gateway.config.limits
@@ -143,6 +147,8 @@ class H2ServerConnection:
         self.proto.encoder = LiteralEncoder()
         limits = self.limits
         self.writer = SerialWriter(self.stream, limits.send_timeout_s, on_broken=self._stop)
+        if isinstance(self.stream, trio.SocketStream):
+            self.fd = self.writer.fd = self.stream.socket.fileno()
         self.guard = FrameGuard.from_limits(
             max_resets_per_s=limits.h2_max_resets_per_s,
             max_control_frames_per_s=limits.h2_max_control_frames_per_s,
@@ -159,6 +165,9 @@ class H2ServerConnection:
             h2.events.RemoteSettingsChanged: self._on_settings,
             h2.events.ConnectionTerminated: self._on_terminated,
         }
+
+    def lost(self, exc: Exception) -> bytes:
+        return b""  # a reset, or the socket closed under the read: the client is gone
 
     def __repr__(self) -> str:
         return f"<H2ServerConnection client={self.client} streams={len(self.streams)}>"
@@ -234,10 +243,7 @@ class H2ServerConnection:
                 await self.flush()
             with trio.CancelScope(deadline=self._read_deadline()) as scope:
                 self._read_scope = scope
-                try:
-                    data = await self.stream.receive_some(_READ_BYTES)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    data = b""
+                data = await self.receive(waiting=True)
             self._read_scope = None
             if scope.cancelled_caught:
                 # Idle, slow to start, or drained: say GOAWAY before closing (RFC 9113 §9.1).

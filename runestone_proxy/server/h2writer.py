@@ -25,6 +25,7 @@ in flight.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import attrs
@@ -41,6 +42,8 @@ class SerialWriter:
     stream: trio.abc.Stream
     send_timeout_s: float
     on_broken: Callable[[], None]
+    #: The socket's fd on cleartext (a plain ``trio.SocketStream``), else -1 (TLS).
+    fd: int = -1
     broken: bool = False
     _out: list[bytes] = attrs.Factory(list)
     _queued_bytes: int = 0
@@ -74,6 +77,18 @@ class SerialWriter:
                 await self._has_output.park()
             count = len(self._out)
             data = b"".join(self._out) if count > 1 else self._out[0]
+            size = len(data)
+            if self.fd >= 0:
+                # Cleartext: straight to the socket, as FdStream does for HTTP/1.1; only what
+                # the kernel refused takes the shielded, bounded send below.
+                try:
+                    sent = os.write(self.fd, data)
+                except OSError:  # BlockingIOError, or a reset: trio raises its own below
+                    sent = 0
+                if sent == size:
+                    self._sent(count, size)
+                    continue
+                data = data[sent:]
             failed = False
             deadline = trio.current_time() + self.send_timeout_s
             with trio.CancelScope(shield=True, deadline=deadline) as scope:
@@ -87,9 +102,12 @@ class SerialWriter:
                 self.broken = True
                 self.on_broken()
                 return
-            del self._out[:count]
-            self._written_bytes += len(data)
-            self._wrote.unpark_all()
+            self._sent(count, size)
+
+    def _sent(self, count: int, size: int) -> None:
+        del self._out[:count]
+        self._written_bytes += size
+        self._wrote.unpark_all()
 
     def cut_short(self, grace_s: float) -> None:
         """The connection is closing: give the send in flight at most ``grace_s`` more."""
