@@ -31,7 +31,11 @@ How this works::
   client drips its window open. Other streams are unaffected.
 * Stream limit. h2 treats a stream beyond our SETTINGS_MAX_CONCURRENT_STREAMS as a
   connection error; §5.1.2 also allows a stream error, REFUSED_STREAM, which clients retry.
-  So h2 is given a higher internal cap and this module refuses the excess itself.
+  So h2 is given a higher internal cap (:mod:`~runestone_proxy.protocol.h2setup`, which
+  configures h2) and this module refuses the excess itself.
+* Headers. h2's own header checks are off; each request block goes through
+  :func:`~runestone_proxy.protocol.h2headers.check_request` (h2's verdict, cheaper), and
+  a malformed one ends the connection with GOAWAY(PROTOCOL_ERROR) as h2 did.
 * GOAWAY. h2 ends the connection on any GOAWAY it sends or receives. The graceful one
   (drain, idle) is therefore a raw frame written beside h2's output, so in-flight streams
   keep running and later streams are refused (§6.8). Error GOAWAYs go through h2.
@@ -53,22 +57,22 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
 import structlog
 import trio
 from h2.errors import ErrorCodes
-from h2.settings import SettingCodes, Settings
+from h2.settings import SettingCodes
 from hyperframe.frame import GoAwayFrame
 
 from runestone_proxy import errors
 from runestone_proxy.api.dispatch import log_access, send_error
 from runestone_proxy.api.http import ResponseAborted
 from runestone_proxy.config import LimitsConfig
-from runestone_proxy.protocol.h2headers import LiteralEncoder, check_request, check_trailers
+from runestone_proxy.protocol.h2headers import check_request, check_trailers
 from runestone_proxy.protocol.h2limits import FrameGuard, Violation
+from runestone_proxy.protocol.h2setup import server_protocol
 from runestone_proxy.server.fdstream import FdStream
 from runestone_proxy.server.frontend import Frontend
 from runestone_proxy.server.h2stream import H2Stream
@@ -80,8 +84,7 @@ log = structlog.get_logger("runestone.h2")
 
 _LINGER_S = 2.0
 _CLOSE_S = 2.0
-_DEFAULT_WINDOW = 65535  # RFC 9113 §6.9.2: every window starts here
-_MAX_WINDOW = _MAX_STREAM_ID = 2**31 - 1  # RFC 9113 §6.9.1, §5.1.1
+_MAX_STREAM_ID = 2**31 - 1  # RFC 9113 §5.1.1
 _NO_RESPONSE = 499  # access-log status when no response went out (nginx's "client closed")
 #: Unwritten output past which ``flush`` waits for the writer: four default-sized DATA
 #: frames (RFC 9113 §4.2), about what one ``send`` on loopback takes at once.
@@ -131,20 +134,7 @@ class H2ServerConnection(FdStream):
 
     def __attrs_post_init__(self) -> None:
         self.limits = self.gateway.config.limits
-        self.proto = h2.connection.H2Connection(
-            config=h2.config.H2Configuration(
-                client_side=False,
-                header_encoding=None,
-                # Inbound blocks are checked by protocol.h2headers (h2's verdict, cheaper);
-                # outbound ones are built clean by H2Stream._send_headers; cookies are
-                # joined by split_headers.
-                validate_inbound_headers=False,
-                normalize_inbound_headers=False,
-                validate_outbound_headers=False,
-                normalize_outbound_headers=False,
-            )
-        )
-        self.proto.encoder = LiteralEncoder()
+        self.proto = server_protocol(self.limits)
         limits = self.limits
         self.writer = SerialWriter(self.stream, limits.send_timeout_s, on_broken=self._stop)
         if isinstance(self.stream, trio.SocketStream):
@@ -176,7 +166,6 @@ class H2ServerConnection(FdStream):
 
     async def run(self, initial: bytes) -> bool:
         """Serve until the connection ends; True when a GOAWAY wants a lingering close."""
-        self._start_protocol()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self.writer.run)
@@ -199,25 +188,6 @@ class H2ServerConnection(FdStream):
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_S):
                 await self.stream.aclose()
-
-    def _start_protocol(self) -> None:
-        limits, proto = self.limits, self.proto
-        advertised = {
-            SettingCodes.MAX_CONCURRENT_STREAMS: limits.h2_max_concurrent_streams,
-            SettingCodes.MAX_HEADER_LIST_SIZE: limits.h2_max_header_list_bytes,
-            SettingCodes.INITIAL_WINDOW_SIZE: limits.h2_initial_window_bytes,
-        }
-        proto.local_settings = Settings(client=False, initial_values=advertised)
-        proto.initiate_connection()
-        # Excess streams are refused here, not by h2 (see the module docstring).
-        internal_cap = 2 * limits.h2_max_concurrent_streams + 16
-        advertised[SettingCodes.MAX_CONCURRENT_STREAMS] = internal_cap
-        proto.local_settings = Settings(client=False, initial_values=advertised)
-        proto.decoder.max_header_list_size = limits.h2_max_header_list_bytes
-        # RFC 9113 §6.9.2: SETTINGS never change the connection window; WINDOW_UPDATE does.
-        target = min(limits.h2_max_concurrent_streams * limits.h2_initial_window_bytes, _MAX_WINDOW)
-        if target > _DEFAULT_WINDOW:
-            proto.increment_flow_control_window(target - _DEFAULT_WINDOW)
 
     async def _watch_drain(self) -> None:
         await self.gateway.draining.wait()
