@@ -16,8 +16,10 @@ How this works::
 
 * Writing. h2 is sans-IO: any task changes it synchronously, then calls ``flush``, which
   moves h2's output to the :class:`~runestone_proxy.server.h2writer.SerialWriter` and waits
-  until it is sent. Cancelling a stream never cuts a frame in half; a peer that stops
-  reading for ``send_timeout_s`` loses the whole connection.
+  only while more than ``_HIGH_WATER_BYTES`` are still unwritten: the answers of all the
+  streams that ran in one scheduler pass go out in one write, and a slow reader holds up
+  its writers. Cancelling a stream never cuts a frame in half; a peer that stops reading
+  for ``send_timeout_s`` loses the whole connection.
 * Request bodies. DATA is queued on its stream without ever blocking the reader, and its
   flow-control credit (RFC 9113 §5.2, §6.9) is handed back only as the handler consumes it,
   so a slow handler closes its own stream's window. The connection window is opened to
@@ -29,7 +31,11 @@ How this works::
   client drips its window open. Other streams are unaffected.
 * Stream limit. h2 treats a stream beyond our SETTINGS_MAX_CONCURRENT_STREAMS as a
   connection error; §5.1.2 also allows a stream error, REFUSED_STREAM, which clients retry.
-  So h2 is given a higher internal cap and this module refuses the excess itself.
+  So h2 is given a higher internal cap (:mod:`~runestone_proxy.protocol.h2setup`, which
+  configures h2) and this module refuses the excess itself.
+* Headers. h2's own header checks are off; each request block goes through
+  :func:`~runestone_proxy.protocol.h2headers.check_request` (h2's verdict, cheaper), and
+  a malformed one ends the connection with GOAWAY(PROTOCOL_ERROR) as h2 did.
 * GOAWAY. h2 ends the connection on any GOAWAY it sends or receives. The graceful one
   (drain, idle) is therefore a raw frame written beside h2's output, so in-flight streams
   keep running and later streams are refused (§6.8). Error GOAWAYs go through h2.
@@ -51,21 +57,23 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
 import structlog
 import trio
 from h2.errors import ErrorCodes
-from h2.settings import SettingCodes, Settings
+from h2.settings import SettingCodes
 from hyperframe.frame import GoAwayFrame
 
 from runestone_proxy import errors
 from runestone_proxy.api.dispatch import log_access, send_error
 from runestone_proxy.api.http import ResponseAborted
 from runestone_proxy.config import LimitsConfig
+from runestone_proxy.protocol.h2headers import check_request, check_trailers
 from runestone_proxy.protocol.h2limits import FrameGuard, Violation
+from runestone_proxy.protocol.h2setup import server_protocol
+from runestone_proxy.server.fdstream import FdStream
 from runestone_proxy.server.frontend import Frontend
 from runestone_proxy.server.h2stream import H2Stream
 from runestone_proxy.server.h2writer import SerialWriter, discard_input
@@ -74,12 +82,13 @@ __all__ = ["serve_h2"]
 
 log = structlog.get_logger("runestone.h2")
 
-_READ_BYTES = 65536
 _LINGER_S = 2.0
 _CLOSE_S = 2.0
-_DEFAULT_WINDOW = 65535  # RFC 9113 §6.9.2: every window starts here
-_MAX_WINDOW = _MAX_STREAM_ID = 2**31 - 1  # RFC 9113 §6.9.1, §5.1.1
+_MAX_STREAM_ID = 2**31 - 1  # RFC 9113 §5.1.1
 _NO_RESPONSE = 499  # access-log status when no response went out (nginx's "client closed")
+#: Unwritten output past which ``flush`` waits for the writer: four default-sized DATA
+#: frames (RFC 9113 §4.2), about what one ``send`` on loopback takes at once.
+_HIGH_WATER_BYTES = 65536
 
 
 async def serve_h2(
@@ -97,8 +106,11 @@ async def serve_h2(
 
 
 @attrs.define(eq=False, repr=False)
-class H2ServerConnection:
-    """One HTTP/2 connection: the h2 state machine, its stream table and its socket."""
+class H2ServerConnection(FdStream):
+    """One HTTP/2 connection: the h2 state machine, its stream table and its socket.
+
+    Reads take :class:`~runestone_proxy.server.fdstream.FdStream`'s raw-fd path on
+    cleartext (``fd``), as HTTP/1.1 connections do; a lost socket reads as EOF."""
 
     stream: trio.abc.Stream
     gateway: Frontend
@@ -118,16 +130,15 @@ class H2ServerConnection:
     _ending: bool = False
     _linger: bool = False
     _closing: bool = False
+    fd: int = -1
 
     def __attrs_post_init__(self) -> None:
         self.limits = self.gateway.config.limits
-        self.proto = h2.connection.H2Connection(
-            config=h2.config.H2Configuration(
-                client_side=False, header_encoding=None, validate_inbound_headers=True
-            )
-        )
+        self.proto = server_protocol(self.limits)
         limits = self.limits
         self.writer = SerialWriter(self.stream, limits.send_timeout_s, on_broken=self._stop)
+        if isinstance(self.stream, trio.SocketStream):
+            self.fd = self.writer.fd = self.stream.socket.fileno()
         self.guard = FrameGuard.from_limits(
             max_resets_per_s=limits.h2_max_resets_per_s,
             max_control_frames_per_s=limits.h2_max_control_frames_per_s,
@@ -136,6 +147,7 @@ class H2ServerConnection:
         )
         self._on = {
             h2.events.RequestReceived: self._on_request,
+            h2.events.TrailersReceived: self._on_trailers,
             h2.events.DataReceived: self._on_data,
             h2.events.StreamEnded: self._on_stream_ended,
             h2.events.StreamReset: self._on_reset,
@@ -144,6 +156,9 @@ class H2ServerConnection:
             h2.events.ConnectionTerminated: self._on_terminated,
         }
 
+    def lost(self, exc: Exception) -> bytes:
+        return b""  # a reset, or the socket closed under the read: the client is gone
+
     def __repr__(self) -> str:
         return f"<H2ServerConnection client={self.client} streams={len(self.streams)}>"
 
@@ -151,7 +166,6 @@ class H2ServerConnection:
 
     async def run(self, initial: bytes) -> bool:
         """Serve until the connection ends; True when a GOAWAY wants a lingering close."""
-        self._start_protocol()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self.writer.run)
@@ -174,25 +188,6 @@ class H2ServerConnection:
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_S):
                 await self.stream.aclose()
-
-    def _start_protocol(self) -> None:
-        limits, proto = self.limits, self.proto
-        advertised = {
-            SettingCodes.MAX_CONCURRENT_STREAMS: limits.h2_max_concurrent_streams,
-            SettingCodes.MAX_HEADER_LIST_SIZE: limits.h2_max_header_list_bytes,
-            SettingCodes.INITIAL_WINDOW_SIZE: limits.h2_initial_window_bytes,
-        }
-        proto.local_settings = Settings(client=False, initial_values=advertised)
-        proto.initiate_connection()
-        # Excess streams are refused here, not by h2 (see the module docstring).
-        internal_cap = 2 * limits.h2_max_concurrent_streams + 16
-        advertised[SettingCodes.MAX_CONCURRENT_STREAMS] = internal_cap
-        proto.local_settings = Settings(client=False, initial_values=advertised)
-        proto.decoder.max_header_list_size = limits.h2_max_header_list_bytes
-        # RFC 9113 §6.9.2: SETTINGS never change the connection window; WINDOW_UPDATE does.
-        target = min(limits.h2_max_concurrent_streams * limits.h2_initial_window_bytes, _MAX_WINDOW)
-        if target > _DEFAULT_WINDOW:
-            proto.increment_flow_control_window(target - _DEFAULT_WINDOW)
 
     async def _watch_drain(self) -> None:
         await self.gateway.draining.wait()
@@ -218,10 +213,7 @@ class H2ServerConnection:
                 await self.flush()
             with trio.CancelScope(deadline=self._read_deadline()) as scope:
                 self._read_scope = scope
-                try:
-                    data = await self.stream.receive_some(_READ_BYTES)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    data = b""
+                data = await self.receive(waiting=True)
             self._read_scope = None
             if scope.cancelled_caught:
                 # Idle, slow to start, or drained: say GOAWAY before closing (RFC 9113 §9.1).
@@ -259,12 +251,19 @@ class H2ServerConnection:
             self._goaway_sent = self._linger = True
             return False
         on = self._on
-        for event in events:
-            handler = on.get(type(event))
-            if handler is not None:
-                handler(event)
-                if self._ending:
-                    return False
+        try:
+            for event in events:
+                handler = on.get(type(event))
+                if handler is not None:
+                    handler(event)
+                    if self._ending:
+                        return False
+        except h2.exceptions.ProtocolError as exc:
+            # A malformed header block (protocol.h2headers): what h2 did when it checked.
+            log.info("h2.protocol_error", client=self.client, code="PROTOCOL_ERROR", error=str(exc))
+            self.proto.close_connection(ErrorCodes.PROTOCOL_ERROR)
+            self._goaway_sent = self._linger = True
+            return False
         return True
 
     def _abort(self, violation: Violation) -> None:
@@ -277,6 +276,7 @@ class H2ServerConnection:
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         sid = event.stream_id
+        check_request(event.headers)
         if self._goaway_sent or len(self.streams) >= self.limits.h2_max_concurrent_streams:
             # RFC 9113 §5.1.2 and §8.7: REFUSED_STREAM means "not processed, safe to retry".
             self.proto.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
@@ -289,6 +289,9 @@ class H2ServerConnection:
         self._idle_since = trio.current_time()
         assert self._nursery is not None
         self._nursery.start_soon(self._run_stream, st)
+
+    def _on_trailers(self, event: h2.events.TrailersReceived) -> None:
+        check_trailers(event.headers)  # then ignored, as before; StreamEnded follows
 
     def _on_data(self, event: h2.events.DataReceived) -> None:
         st = self.streams.get(event.stream_id)
@@ -310,7 +313,7 @@ class H2ServerConnection:
         if event.stream_id == 0:
             self._wake_writers()
         elif (st := self.streams.get(event.stream_id)) is not None:
-            st.writable.unpark_all()
+            st.wake()
 
     def _on_settings(self, event: h2.events.RemoteSettingsChanged) -> None:
         if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
@@ -321,7 +324,7 @@ class H2ServerConnection:
 
     def _wake_writers(self) -> None:
         for st in self.streams.values():
-            st.writable.unpark_all()
+            st.wake()
 
     # -- streams -----------------------------------------------------------------------------
 
@@ -383,11 +386,14 @@ class H2ServerConnection:
     # -- writing -----------------------------------------------------------------------------
 
     async def flush(self) -> None:
-        """Queue what h2 has to send and wait until the writer has put it on the wire."""
-        await self.writer.wait_written(self._take_output())
+        """Queue what h2 has to send; wait while too much is unwritten (see the docstring).
+        No checkpoint when nothing waits: every caller yields at its next real wait."""
+        self.writer.queue(self.proto.data_to_send())
+        if self.writer.backlog > _HIGH_WATER_BYTES:
+            await self.writer.wait_below(_HIGH_WATER_BYTES)
 
-    def _take_output(self) -> int:
-        return self.writer.queue(self.proto.data_to_send())
+    def _take_output(self) -> None:
+        self.writer.queue(self.proto.data_to_send())
 
     def _goaway_gracefully(self) -> None:
         """Queue GOAWAY(NO_ERROR) without telling h2, which would end every stream (§6.8)."""

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 from h2.errors import ErrorCodes
+from hpack import NeverIndexedHeaderTuple
 
 from runestone_proxy.api.dispatch import request_id_from
 from runestone_proxy.api.http import HeaderList, Request
@@ -47,9 +48,15 @@ if TYPE_CHECKING:
 
 __all__ = ["H2Stream", "split_headers"]
 
-# RFC 9113 §8.2.2: connection-specific header fields are malformed in HTTP/2.
+# RFC 9113 §8.2.2: connection-specific header fields are malformed in HTTP/2 (``te`` is
+# allowed only in requests, as "trailers").
 _CONNECTION_HEADERS = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te"}
+)
+#: Kept out of HPACK's dynamic table (RFC 7541 §7.1.3): credentials, as h2's own
+#: normalisation did, and the values that change on every response.
+_UNINDEXED = frozenset(
+    {b"authorization", b"proxy-authorization", b"x-request-id", b"content-length"}
 )
 
 
@@ -104,12 +111,14 @@ class H2Stream:
     received: int = 0
     body_started: float | None = None
     body_ended: bool = False
-    readable: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
     # Response.
     status: int = 0
     sent_bytes: int = 0
     ended: bool = False
-    writable: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
+    #: Where the stream's task waits for body or for window: one task, one wait at a time,
+    #: so one lot, made at the first wait (most streams never wait). Every wake-up is
+    #: re-checked by the waiting loop.
+    _lot: trio.lowlevel.ParkingLot | None = None
 
     @classmethod
     def open(cls, conn: H2ServerConnection, sid: int, headers: HeaderList) -> H2Stream:
@@ -141,11 +150,21 @@ class H2Stream:
         self.chunks.append((data, flow))
         self.unacked += flow
         self.received += len(data)
-        self.readable.unpark_all()
+        self.wake()
 
     def on_end(self) -> None:
         self.body_ended = True
-        self.readable.unpark_all()
+        self.wake()
+
+    def wake(self) -> None:
+        """Body, its end or window arrived: the task re-checks whatever it waits for."""
+        if self._lot is not None:
+            self._lot.unpark_all()
+
+    async def _park(self) -> None:
+        if self._lot is None:
+            self._lot = trio.lowlevel.ParkingLot()
+        await self._lot.park()
 
     def cancel(self) -> None:
         """The stream is gone: cancel its task (RST_STREAM, or the connection closes)."""
@@ -155,15 +174,17 @@ class H2Stream:
     # -- BodySource --------------------------------------------------------------------------
 
     async def receive(self) -> bytes:
+        """The next chunk of body, ``b""`` at its end. A body that is already here is read
+        without yielding (as HTTP/1.1's ``BytesBody`` is): a checkpoint at its end cost
+        every request one more trip through the scheduler."""
         while not self.chunks:
             if self.body_ended:
-                await trio.lowlevel.checkpoint()
                 return b""
             now, pace = trio.current_time(), body_pace(self.conn.limits)
             if self.body_started is None:
                 self.body_started = now
             with trio.move_on_at(pace.deadline(now, self.body_started, self.received)) as waited:
-                await self.readable.park()
+                await self._park()
             if waited.cancelled_caught:
                 raise body_timeout(pace, self.body_started, self.received)
             await self._alive()
@@ -215,19 +236,30 @@ class H2Stream:
     ) -> None:
         if self.status:
             raise RuntimeError("the response already started")
-        block = [(b":status", b"%d" % status)]
+        # h2's outbound normalising and checking are off (h2conn): this loop does what they
+        # did for a response: lower-case names, no connection-specific fields (RFC 9113
+        # §8.2.2), no pseudo-fields from a handler (§8.3), values without surrounding
+        # whitespace (§8.2.1), credentials never indexed. Values that differ on every
+        # response (the request id, the length) are not indexed either: in HPACK's dynamic
+        # table (RFC 7541 §2.3.2) they only push out the fields that repeat, and the
+        # encoder searches the table entry by entry for every field it sends.
+        block: list[tuple[bytes, bytes]] = [(b":status", b"%d" % status)]
         has_id = has_length = False
         for name, value in headers:
             name = name.lower()
-            if name in _CONNECTION_HEADERS:
+            if name in _CONNECTION_HEADERS or name[:1] == b":":
                 continue
-            has_id = has_id or name == b"x-request-id"
-            has_length = has_length or name == b"content-length"
-            block.append((name, value))
+            value = value.strip(b" \t")
+            if name in _UNINDEXED:
+                has_id = has_id or name == b"x-request-id"
+                has_length = has_length or name == b"content-length"
+                block.append(NeverIndexedHeaderTuple(name, value))
+            else:
+                block.append((name, value))
         if not has_id:
-            block.append((b"x-request-id", self.request.request_id.encode()))
+            block.append(NeverIndexedHeaderTuple(b"x-request-id", self.request.request_id.encode()))
         if length is not None and not has_length:
-            block.append((b"content-length", b"%d" % length))
+            block.append(NeverIndexedHeaderTuple(b"content-length", b"%d" % length))
         self.conn.proto.send_headers(self.sid, block, end_stream=end)
         self.status = status
         self.ended = end
@@ -259,7 +291,7 @@ class H2Stream:
         await self._alive()
         with trio.move_on_at(deadline):
             while self.conn.proto.local_flow_control_window(self.sid) <= 0:
-                await self.writable.park()
+                await self._park()
                 await self._alive()
             return
         # The client kept the window shut too long: a stream error (RFC 9113 §5.4.2).

@@ -1,9 +1,16 @@
 """The one writer of an HTTP/2 connection: queued bytes go out in order, whole, in time.
 
 Any task may :meth:`SerialWriter.queue` bytes (synchronously, so what h2 produced is never
-held by a task that might be cancelled) and then :meth:`SerialWriter.wait_written` for them.
-:meth:`SerialWriter.run`, the connection's writer task, sends everything queued so far in one
-``send_all`` (writes from many streams coalesce).
+held by a task that might be cancelled). :meth:`SerialWriter.run`, the connection's writer
+task, sends everything queued so far in one ``send_all``: what all the streams answered in
+one scheduler pass goes out in one write.
+
+Queuing does not wait for the write. Back-pressure is :meth:`SerialWriter.wait_below`: a
+task that finds more than a high-water mark unwritten waits until the writer has brought it
+down, so a peer that reads slowly holds up the tasks that write to it, while the common
+small answer costs its stream no wake-up at all. (Waiting for every write to land took a
+park and a wake per stream event, and bought nothing: ``send_timeout_s`` bounds the writer
+itself, and a broken writer stops the whole connection.)
 
 Each send is shielded: cancelling a stream's task never cuts a frame in half, which would
 corrupt every other stream on the connection (RFC 9113 §4.1). Only the send's own deadline
@@ -18,6 +25,7 @@ in flight.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import attrs
@@ -34,6 +42,8 @@ class SerialWriter:
     stream: trio.abc.Stream
     send_timeout_s: float
     on_broken: Callable[[], None]
+    #: The socket's fd on cleartext (a plain ``trio.SocketStream``), else -1 (TLS).
+    fd: int = -1
     broken: bool = False
     _out: list[bytes] = attrs.Factory(list)
     _queued_bytes: int = 0
@@ -42,19 +52,22 @@ class SerialWriter:
     _wrote: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
     _scope: trio.CancelScope | None = None
 
-    def queue(self, data: bytes) -> int:
-        """Add ``data`` to the output; returns the mark to pass to :meth:`wait_written`."""
+    def queue(self, data: bytes) -> None:
+        """Add ``data`` to the output (the writer task sends it)."""
         if data:
             self._out.append(data)
             self._queued_bytes += len(data)
             self._has_output.unpark_all()
-        return self._queued_bytes
 
-    async def wait_written(self, mark: int) -> None:
-        """Return once everything queued up to ``mark`` is on the wire."""
-        if self._written_bytes >= mark:
-            await trio.lowlevel.checkpoint()
-        while self._written_bytes < mark:
+    @property
+    def backlog(self) -> int:
+        """Bytes queued and not yet on the wire."""
+        return self._queued_bytes - self._written_bytes
+
+    async def wait_below(self, limit: int) -> None:
+        """Return once at most ``limit`` queued bytes are still unwritten (no checkpoint if
+        that is already so: the caller yields at its own next wait)."""
+        while self._queued_bytes - self._written_bytes > limit:
             await self._wrote.park()
 
     async def run(self) -> None:
@@ -64,6 +77,18 @@ class SerialWriter:
                 await self._has_output.park()
             count = len(self._out)
             data = b"".join(self._out) if count > 1 else self._out[0]
+            size = len(data)
+            if self.fd >= 0:
+                # Cleartext: straight to the socket, as FdStream does for HTTP/1.1; only what
+                # the kernel refused takes the shielded, bounded send below.
+                try:
+                    sent = os.write(self.fd, data)
+                except OSError:  # BlockingIOError, or a reset: trio raises its own below
+                    sent = 0
+                if sent == size:
+                    self._sent(count, size)
+                    continue
+                data = data[sent:]
             failed = False
             deadline = trio.current_time() + self.send_timeout_s
             with trio.CancelScope(shield=True, deadline=deadline) as scope:
@@ -77,9 +102,12 @@ class SerialWriter:
                 self.broken = True
                 self.on_broken()
                 return
-            del self._out[:count]
-            self._written_bytes += len(data)
-            self._wrote.unpark_all()
+            self._sent(count, size)
+
+    def _sent(self, count: int, size: int) -> None:
+        del self._out[:count]
+        self._written_bytes += size
+        self._wrote.unpark_all()
 
     def cut_short(self, grace_s: float) -> None:
         """The connection is closing: give the send in flight at most ``grace_s`` more."""
