@@ -115,8 +115,12 @@ def bucket_start(at: float, size_s: float) -> float:
 #   those hours (a handful of rows); rows are upserted in key order (PostgreSQL's lock
 #   order, see the module docstring).
 
-#: Rows per multi-row INSERT on SQLite (20 parameters each, within SQLite's 32,766).
+#: Rows per multi-row INSERT on SQLite (at most; 20 parameters each, within SQLite's 32,766).
 ROWS_PER_INSERT = 64
+#: The statement sizes a batch is cut into: 64-row statements, then the rest in powers of
+#: two (at most one of each), so a pass prepares at most seven shapes of statement per mask
+#: (below), which stay in the connection's statement cache, whatever the batch's size.
+_SIZES = (64, 32, 16, 8, 4, 2, 1)
 _COLUMNS = 20
 #: A record's text fields: request_id, tenant, key_id, endpoint, model, provider,
 #: upstream_model (``outcome`` is one of three literals).
@@ -125,8 +129,14 @@ _TEXTS = range(1, 8)
 _FLAGS = (16, 17)
 #: ``ttfb_ms``: None bound as NaN (SQLite stores a NaN as NULL).
 _TTFB = 19
+#: The columns whose values come from small sets (who asked, for what, how it went:
+#: tenant, key_id, endpoint, model, provider, upstream_model, attempts, cached and
+#: reasoning tokens, status, outcome, stream, estimated, ttfb_ms): where every row of a
+#: statement has the same value in one of them, that value is bound once and every row
+#: refers to it (``?N``), rather than bound per row. A steady stream of one tenant's calls
+#: to one model shares all of these; mixed traffic shares fewer and binds the rest per row.
+_SHAREABLE = (2, 3, 4, 5, 6, 7, 8, 11, 12, 14, 15, 16, 17, 19)
 _AT = operator.itemgetter(0)
-_ROW = f"({', '.join('?' * _COLUMNS)})"
 #: PostgreSQL: the batch as one array per column.
 _PG_TYPES = (
     "DOUBLE PRECISION",
@@ -147,10 +157,19 @@ _INSERT_UNNEST = (
 )
 
 
-@functools.lru_cache(maxsize=ROWS_PER_INSERT)
-def _insert_rows(count: int) -> str:
-    """``INSERT INTO usage ... VALUES`` with ``count`` rows of placeholders."""
-    return f"INSERT INTO usage ({_RAW_COLUMNS}) VALUES {', '.join([_ROW] * count)}"
+@functools.lru_cache(maxsize=256)
+def _insert_rows(count: int, shared: tuple[int, ...] = ()) -> str:
+    """``INSERT INTO usage ... VALUES`` with ``count`` rows of numbered placeholders: the
+    ``shared`` columns refer to one parameter each (the first ones, in column order), the
+    others to one per row (row after row, in column order)."""
+    own = [c for c in range(_COLUMNS) if c not in shared]
+    first = len(shared) + 1
+    names = {c: f"?{i}" for i, c in enumerate(shared, 1)}
+    rows = []
+    for row in range(count):
+        names.update({c: f"?{first + row * len(own) + i}" for i, c in enumerate(own)})
+        rows.append(f"({', '.join(names[c] for c in range(_COLUMNS))})")
+    return f"INSERT INTO usage ({_RAW_COLUMNS}) VALUES {', '.join(rows)}"
 
 
 def _plain(texts: Iterable[Sequence[Any]]) -> bool:
@@ -178,31 +197,51 @@ def _storable_record(r: UsageRecord) -> UsageRecord:
     )
 
 
-def _insert_sqlite(conn: Db, records: Sequence[UsageRecord]) -> Sequence[UsageRecord]:
-    values: list[Any] = list(itertools.chain.from_iterable(records))
-    if not _plain(values[column::_COLUMNS] for column in _TEXTS):
+#: The records as stored (their text made storable if it had to be), and as columns.
+_Stored = tuple[Sequence[UsageRecord], list[Sequence[Any]]]
+
+
+def _bindable(column: int, values: Sequence[Any]) -> Sequence[Any]:
+    """A column's values as SQLite binds them cheaply: flags as 0/1, no ttfb as NaN."""
+    if column in _FLAGS:
+        return list(map(int, values))
+    if column == _TTFB:
+        nan = math.nan
+        return [nan if t is None else t for t in values]
+    return values
+
+
+def _insert_chunk(conn: Db, columns: list[Sequence[Any]], count: int) -> None:
+    """One multi-row INSERT of ``count`` rows given as ``columns`` (one sequence each)."""
+    shared = tuple(c for c in _SHAREABLE if columns[c].count(columns[c][0]) == count)
+    params: list[Any] = [_bindable(c, columns[c][:1])[0] for c in shared]
+    own = [_bindable(c, columns[c]) for c in range(_COLUMNS) if c not in shared]
+    params += itertools.chain.from_iterable(zip(*own, strict=True))
+    conn.execute(_insert_rows(count, shared), params)
+
+
+def _insert_sqlite(conn: Db, records: Sequence[UsageRecord]) -> _Stored:
+    columns: list[Sequence[Any]] = list(zip(*records, strict=True))
+    if not _plain(columns[column] for column in _TEXTS):
         records = [_storable_record(r) for r in records]
-        values = list(itertools.chain.from_iterable(records))
-    for flag in _FLAGS:
-        values[flag::_COLUMNS] = map(int, values[flag::_COLUMNS])
-    nan = math.nan
-    values[_TTFB::_COLUMNS] = [nan if t is None else t for t in values[_TTFB::_COLUMNS]]
-    step = ROWS_PER_INSERT * _COLUMNS
-    for at in range(0, len(values), step):
-        chunk = values[at : at + step]
-        conn.execute(_insert_rows(len(chunk) // _COLUMNS), chunk)
-    return records
+        columns = list(zip(*records, strict=True))
+    at, left = 0, len(records)
+    for size in _SIZES:
+        while left >= size:
+            _insert_chunk(conn, [column[at : at + size] for column in columns], size)
+            at, left = at + size, left - size
+    return records, columns
 
 
-def _insert_postgres(conn: Db, records: Sequence[UsageRecord]) -> Sequence[UsageRecord]:
-    columns = [list(column) for column in zip(*records, strict=True)]
+def _insert_postgres(conn: Db, records: Sequence[UsageRecord]) -> _Stored:
+    columns: list[Sequence[Any]] = [list(column) for column in zip(*records, strict=True)]
     if not _plain(columns[column] for column in _TEXTS):
         records = [_storable_record(r) for r in records]
         columns = [list(column) for column in zip(*records, strict=True)]
-    for flag in _FLAGS:
-        columns[flag] = list(map(int, columns[flag]))
-    conn.execute(_INSERT_UNNEST, columns)
-    return records
+    conn.execute(
+        _INSERT_UNNEST, [_bindable(c, v) if c in _FLAGS else v for c, v in enumerate(columns)]
+    )
+    return records, columns
 
 
 def rollup_rows(records: Iterable[UsageRecord], size_s: float) -> list[tuple[Any, ...]]:
@@ -275,13 +314,32 @@ def _rows(sums: dict[tuple[Any, ...], list[Any]]) -> list[tuple[Any, ...]]:
     return [(*key, *sums[key]) for key in sorted(sums)]
 
 
+def _one_bucket(columns: Sequence[Sequence[Any]]) -> dict[tuple[Any, ...], list[Any]] | None:
+    """The batch's hourly sums when it all falls in one rollup row (one hour, tenant, key,
+    model and provider: a steady stream's usual batch), summed per column in C; else None
+    (:func:`_hour_sums` sums the records one by one). The same sums, added in the same
+    order."""
+    count = len(columns[0])
+    hour = math.floor(min(columns[0]) / HOUR_S) * HOUR_S
+    if math.floor(max(columns[0]) / HOUR_S) * HOUR_S != hour:
+        return None
+    who = []
+    for c in (2, 3, 5, 6):  # tenant, key_id, model, provider
+        column = columns[c]
+        if column.count(column[0]) != count:
+            return None
+        who.append(column[0])
+    sums = [count, columns[15].count("error"), *map(sum, columns[9:13]), sum(columns[13], 0.0)]
+    return {(hour, *who): sums}
+
+
 def _insert(conn: Db, records: Sequence[UsageRecord]) -> None:
-    # The raw rows, then the rollups from the records as stored (storable() text).
-    if conn.dialect.name == "postgres":
-        records = _insert_postgres(conn, records)
-    else:
-        records = _insert_sqlite(conn, records)
-    hourly = _hour_sums(records)
+    # The raw rows, then the rollups from the values as stored (storable() text).
+    insert = _insert_postgres if conn.dialect.name == "postgres" else _insert_sqlite
+    records, columns = insert(conn, records)
+    hourly = _one_bucket(columns)
+    if hourly is None:
+        hourly = _hour_sums(records)
     conn.executemany(_UPSERT["usage_hourly"], _rows(hourly))
     conn.executemany(_UPSERT["usage_daily"], _rows(_day_sums(hourly)))
 
