@@ -22,7 +22,7 @@ import structlog
 
 from runestone_proxy.config.stores import LedgerConfig
 from runestone_proxy.errors import InvalidParam
-from runestone_proxy.gateway.ledger import UsageRecord
+from runestone_proxy.gateway.ledger import UsageRow
 from runestone_proxy.server.store_db import Db
 from runestone_proxy.server.store_schema import storable
 
@@ -182,23 +182,16 @@ def _plain(texts: Iterable[Sequence[Any]]) -> bool:
     return text.isascii() and "\x00" not in text
 
 
-def _storable_record(r: UsageRecord) -> UsageRecord:
+def _storable_record(r: UsageRow) -> UsageRow:
     def text(value: str) -> str:
         return storable(value) or ""  # only None gives None, and these are str
 
-    return r._replace(
-        request_id=text(r.request_id),
-        tenant=text(r.tenant),
-        key_id=text(r.key_id),
-        endpoint=text(r.endpoint),
-        model=text(r.model),
-        provider=text(r.provider),
-        upstream_model=text(r.upstream_model),
-    )
+    request_id, tenant, key_id, endpoint, model, provider, upstream_model = map(text, r[1:8])
+    return (r[0], request_id, tenant, key_id, endpoint, model, provider, upstream_model, *r[8:])
 
 
 #: The records as stored (their text made storable if it had to be), and as columns.
-_Stored = tuple[Sequence[UsageRecord], list[Sequence[Any]]]
+_Stored = tuple[Sequence[UsageRow], list[Sequence[Any]]]
 
 
 def _bindable(column: int, values: Sequence[Any]) -> Sequence[Any]:
@@ -220,7 +213,7 @@ def _insert_chunk(conn: Db, columns: list[Sequence[Any]], count: int) -> None:
     conn.execute(_insert_rows(count, shared), params)
 
 
-def _insert_sqlite(conn: Db, records: Sequence[UsageRecord]) -> _Stored:
+def _insert_sqlite(conn: Db, records: Sequence[UsageRow]) -> _Stored:
     columns: list[Sequence[Any]] = list(zip(*records, strict=True))
     if not _plain(columns[column] for column in _TEXTS):
         records = [_storable_record(r) for r in records]
@@ -233,7 +226,7 @@ def _insert_sqlite(conn: Db, records: Sequence[UsageRecord]) -> _Stored:
     return records, columns
 
 
-def _insert_postgres(conn: Db, records: Sequence[UsageRecord]) -> _Stored:
+def _insert_postgres(conn: Db, records: Sequence[UsageRow]) -> _Stored:
     columns: list[Sequence[Any]] = [list(column) for column in zip(*records, strict=True)]
     if not _plain(columns[column] for column in _TEXTS):
         records = [_storable_record(r) for r in records]
@@ -244,14 +237,14 @@ def _insert_postgres(conn: Db, records: Sequence[UsageRecord]) -> _Stored:
     return records, columns
 
 
-def rollup_rows(records: Iterable[UsageRecord], size_s: float) -> list[tuple[Any, ...]]:
+def rollup_rows(records: Iterable[UsageRow], size_s: float) -> list[tuple[Any, ...]]:
     """The records summed per (bucket, tenant, key_id, model, provider), ``size_s`` being
     ``HOUR_S`` or ``DAY_S``, in key order (text as the records hold it)."""
     hourly = _hour_sums(records)
     return _rows(hourly if size_s == HOUR_S else _day_sums(hourly))
 
 
-def _hour_sums(records: Iterable[UsageRecord]) -> dict[tuple[Any, ...], list[Any]]:
+def _hour_sums(records: Iterable[UsageRow]) -> dict[tuple[Any, ...], list[Any]]:
     sums: dict[tuple[Any, ...], list[Any]] = {}
     floor = math.floor
     # Unpacked (one C step) rather than read by name: a named tuple's field is a
@@ -333,7 +326,7 @@ def _one_bucket(columns: Sequence[Sequence[Any]]) -> dict[tuple[Any, ...], list[
     return {(hour, *who): sums}
 
 
-def _insert(conn: Db, records: Sequence[UsageRecord]) -> None:
+def _insert(conn: Db, records: Sequence[UsageRow]) -> None:
     # The raw rows, then the rollups from the values as stored (storable() text).
     insert = _insert_postgres if conn.dialect.name == "postgres" else _insert_sqlite
     records, columns = insert(conn, records)
@@ -344,7 +337,7 @@ def _insert(conn: Db, records: Sequence[UsageRecord]) -> None:
     conn.executemany(_UPSERT["usage_daily"], _rows(_day_sums(hourly)))
 
 
-def _insert_guarded(conn: Db, records: Sequence[UsageRecord]) -> bool:
+def _insert_guarded(conn: Db, records: Sequence[UsageRow]) -> bool:
     """:func:`_insert` under a savepoint, undone if the database refuses; whether it went
     in."""
     conn.execute("SAVEPOINT ledger")
@@ -359,7 +352,7 @@ def _insert_guarded(conn: Db, records: Sequence[UsageRecord]) -> bool:
     return True
 
 
-def write(conn: Db, records: Sequence[UsageRecord]) -> list[UsageRecord]:
+def write(conn: Db, records: Sequence[UsageRow]) -> list[UsageRow]:
     """Write ``records`` and their rollups in the caller's transaction; returns those SQLite
     refused (each tried alone once the batch was refused), which are not written."""
     if not records or _insert_guarded(conn, records):
@@ -398,7 +391,7 @@ def sweep(conn: Db, now: float, config: LedgerConfig) -> tuple[int, float | None
     return deleted, min(due) if due else None
 
 
-def first_due(records: Sequence[UsageRecord], config: LedgerConfig) -> float | None:
+def first_due(records: Sequence[UsageRow], config: LedgerConfig) -> float | None:
     """When the earliest of ``records`` falls due for sweeping (as :func:`sweep` sees it)."""
     if not records:
         return None
