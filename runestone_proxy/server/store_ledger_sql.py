@@ -18,6 +18,7 @@ import operator
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
+import attrs
 import structlog
 
 from runestone_proxy.config.stores import LedgerConfig
@@ -136,6 +137,8 @@ _TTFB = 19
 #: refers to it (``?N``), rather than bound per row. A steady stream of one tenant's calls
 #: to one model shares all of these; mixed traffic shares fewer and binds the rest per row.
 _SHAREABLE = (2, 3, 4, 5, 6, 7, 8, 11, 12, 14, 15, 16, 17, 19)
+#: A rollup row's who: tenant, key_id, model, provider.
+_WHO = (2, 3, 5, 6)
 _AT = operator.itemgetter(0)
 #: PostgreSQL: the batch as one array per column.
 _PG_TYPES = (
@@ -190,8 +193,31 @@ def _storable_record(r: UsageRow) -> UsageRow:
     return (r[0], request_id, tenant, key_id, endpoint, model, provider, upstream_model, *r[8:])
 
 
-#: The records as stored (their text made storable if it had to be), and as columns.
-_Stored = tuple[Sequence[UsageRow], list[Sequence[Any]]]
+@attrs.frozen
+class _Batch:
+    """A batch as the writer binds it: its records (their text made storable if it had to
+    be), the same values as columns, and the :data:`_SHAREABLE` columns that hold one
+    value in every record."""
+
+    records: Sequence[UsageRow]
+    columns: list[Sequence[Any]]
+    uniform: frozenset[int]
+
+    @classmethod
+    def of(cls, records: Sequence[UsageRow]) -> _Batch:
+        batch = cls._columns(records)
+        # A uniform column's first value stands for all of them.
+        texts = (batch.columns[c][:1] if c in batch.uniform else batch.columns[c] for c in _TEXTS)
+        if _plain(texts):
+            return batch
+        return cls._columns([_storable_record(r) for r in records])
+
+    @classmethod
+    def _columns(cls, records: Sequence[UsageRow]) -> _Batch:
+        columns: list[Sequence[Any]] = list(zip(*records, strict=True))
+        count = len(records)
+        uniform = frozenset(c for c in _SHAREABLE if columns[c].count(columns[c][0]) == count)
+        return cls(records, columns, uniform)
 
 
 def _bindable(column: int, values: Sequence[Any]) -> Sequence[Any]:
@@ -204,37 +230,32 @@ def _bindable(column: int, values: Sequence[Any]) -> Sequence[Any]:
     return values
 
 
-def _insert_chunk(conn: Db, columns: list[Sequence[Any]], count: int) -> None:
-    """One multi-row INSERT of ``count`` rows given as ``columns`` (one sequence each)."""
-    shared = tuple(c for c in _SHAREABLE if columns[c].count(columns[c][0]) == count)
+def _insert_chunk(
+    conn: Db, columns: list[Sequence[Any]], count: int, uniform: frozenset[int]
+) -> None:
+    """One multi-row INSERT of ``count`` rows given as ``columns`` (one sequence each), the
+    ``uniform`` columns known to hold one value."""
+    shared = tuple(
+        c for c in _SHAREABLE if c in uniform or columns[c].count(columns[c][0]) == count
+    )
     params: list[Any] = [_bindable(c, columns[c][:1])[0] for c in shared]
     own = [_bindable(c, columns[c]) for c in range(_COLUMNS) if c not in shared]
     params += itertools.chain.from_iterable(zip(*own, strict=True))
     conn.execute(_insert_rows(count, shared), params)
 
 
-def _insert_sqlite(conn: Db, records: Sequence[UsageRow]) -> _Stored:
-    columns: list[Sequence[Any]] = list(zip(*records, strict=True))
-    if not _plain(columns[column] for column in _TEXTS):
-        records = [_storable_record(r) for r in records]
-        columns = list(zip(*records, strict=True))
-    at, left = 0, len(records)
+def _insert_sqlite(conn: Db, batch: _Batch) -> None:
+    at, left = 0, len(batch.records)
     for size in _SIZES:
         while left >= size:
-            _insert_chunk(conn, [column[at : at + size] for column in columns], size)
+            chunk = [column[at : at + size] for column in batch.columns]
+            _insert_chunk(conn, chunk, size, batch.uniform)
             at, left = at + size, left - size
-    return records, columns
 
 
-def _insert_postgres(conn: Db, records: Sequence[UsageRow]) -> _Stored:
-    columns: list[Sequence[Any]] = [list(column) for column in zip(*records, strict=True)]
-    if not _plain(columns[column] for column in _TEXTS):
-        records = [_storable_record(r) for r in records]
-        columns = [list(column) for column in zip(*records, strict=True)]
-    conn.execute(
-        _INSERT_UNNEST, [_bindable(c, v) if c in _FLAGS else v for c, v in enumerate(columns)]
-    )
-    return records, columns
+def _insert_postgres(conn: Db, batch: _Batch) -> None:
+    columns = [_bindable(c, v) if c in _FLAGS else list(v) for c, v in enumerate(batch.columns)]
+    conn.execute(_INSERT_UNNEST, columns)
 
 
 def rollup_rows(records: Iterable[UsageRow], size_s: float) -> list[tuple[Any, ...]]:
@@ -307,32 +328,33 @@ def _rows(sums: dict[tuple[Any, ...], list[Any]]) -> list[tuple[Any, ...]]:
     return [(*key, *sums[key]) for key in sorted(sums)]
 
 
-def _one_bucket(columns: Sequence[Sequence[Any]]) -> dict[tuple[Any, ...], list[Any]] | None:
+def _one_bucket(batch: _Batch) -> dict[tuple[Any, ...], list[Any]] | None:
     """The batch's hourly sums when it all falls in one rollup row (one hour, tenant, key,
     model and provider: a steady stream's usual batch), summed per column in C; else None
     (:func:`_hour_sums` sums the records one by one). The same sums, added in the same
     order."""
-    count = len(columns[0])
+    columns = batch.columns
     hour = math.floor(min(columns[0]) / HOUR_S) * HOUR_S
     if math.floor(max(columns[0]) / HOUR_S) * HOUR_S != hour:
         return None
-    who = []
-    for c in (2, 3, 5, 6):  # tenant, key_id, model, provider
-        column = columns[c]
-        if column.count(column[0]) != count:
-            return None
-        who.append(column[0])
-    sums = [count, columns[15].count("error"), *map(sum, columns[9:13]), sum(columns[13], 0.0)]
+    if not batch.uniform.issuperset(_WHO):
+        return None
+    who = [columns[c][0] for c in _WHO]
+    errors = columns[15].count("error")
+    sums = [len(columns[0]), errors, *map(sum, columns[9:13]), sum(columns[13], 0.0)]
     return {(hour, *who): sums}
 
 
 def _insert(conn: Db, records: Sequence[UsageRow]) -> None:
     # The raw rows, then the rollups from the values as stored (storable() text).
-    insert = _insert_postgres if conn.dialect.name == "postgres" else _insert_sqlite
-    records, columns = insert(conn, records)
-    hourly = _one_bucket(columns)
+    batch = _Batch.of(records)
+    if conn.dialect.name == "postgres":
+        _insert_postgres(conn, batch)
+    else:
+        _insert_sqlite(conn, batch)
+    hourly = _one_bucket(batch)
     if hourly is None:
-        hourly = _hour_sums(records)
+        hourly = _hour_sums(batch.records)
     conn.executemany(_UPSERT["usage_hourly"], _rows(hourly))
     conn.executemany(_UPSERT["usage_daily"], _rows(_day_sums(hourly)))
 
