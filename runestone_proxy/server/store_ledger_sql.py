@@ -94,27 +94,31 @@ def bucket_start(at: float, size_s: float) -> float:
 # Per record this is most of the ledger's cost (the request only appends a tuple to a
 # buffer), so it does per-record Python work only where C cannot:
 #
-# * **Text as it is.** One C pass over the batch's text columns (:func:`_plain`; sliced
-#   from the values already flattened for binding, or PostgreSQL's column lists: no
-#   per-record tuple of texts) tells whether every one is ASCII without NUL, which
+# * **Text as it is.** The batch is taken as columns (one ``zip``); one C pass over its
+#   text columns (:func:`_plain`; one value of a column that holds one value in every
+#   record) tells whether every text is ASCII without NUL, which
 #   :func:`storable` leaves as it is: then the records are bound as they are. Otherwise
 #   (rare: a model name with an accent, a lone surrogate from a JSON escape, a NUL) the
 #   whole batch is rewritten with :func:`storable` text first, so both backends store
 #   exactly what they stored before.
-# * **Few statements.** SQLite: multi-row ``INSERT ... VALUES (...), (...)`` of
-#   :data:`ROWS_PER_INSERT` rows, flattened in C. Each statement releases the GIL once
-#   (around ``sqlite3_step``), where ``executemany`` released it per row and the event loop
-#   and the writer traded it back and forth; and ``stream``/``estimated`` are bound as ints
-#   (the ``sqlite3`` module looks a ``bool``, and ``None``, up in its adapter registry: as
-#   dear as the row's other 18 values together). A whole answer's ``ttfb_ms`` (None) is
-#   bound as NaN, which SQLite stores as NULL: ``sqlite3`` adapts None through the same
-#   registry, two failed attribute lookups each raising and clearing an AttributeError
-#   (~0.4 us per row, a fifth of the insert). PostgreSQL: one ``INSERT ... SELECT FROM
-#   unnest(...)`` of 20 arrays (one statement and one round trip for the batch; psycopg
-#   dumps each array in C).
-# * **Rollups summed once.** The records are summed per hour in one pass, the days from
-#   those hours (a handful of rows); rows are upserted in key order (PostgreSQL's lock
-#   order, see the module docstring).
+# * **Few statements, few binds.** SQLite: multi-row ``INSERT ... VALUES (...), (...)`` of
+#   :data:`ROWS_PER_INSERT` rows (the rest of a batch in 32, 16, ... 1: seven sizes of
+#   statement, prepared once each). Each statement releases the GIL once (around
+#   ``sqlite3_step``), where ``executemany`` released it per row and the event loop and the
+#   writer traded it back and forth. A value every row of a statement has (the tenant, the
+#   model, ``ok``, ...: :data:`_SHAREABLE`) is bound once and named by number (``?3``) in
+#   every row: each ``sqlite3_bind_*`` takes the connection's mutex, and a text is copied
+#   (``SQLITE_TRANSIENT``), so eight texts a row were a third of the insert. ``stream``/
+#   ``estimated`` are bound as ints (the ``sqlite3`` module looks a ``bool``, and ``None``,
+#   up in its adapter registry) and a whole answer's ``ttfb_ms`` (None) as NaN, which
+#   SQLite stores as NULL (``sqlite3`` adapts None through that registry: two failed
+#   attribute lookups, each raising and clearing an AttributeError). PostgreSQL: one
+#   ``INSERT ... SELECT FROM unnest(...)`` of 20 arrays (one statement and one round trip
+#   for the batch; psycopg dumps each array in C).
+# * **Rollups summed once.** A batch in one rollup row (one hour, tenant, key, model and
+#   provider: a steady stream's usual pass) is summed per column in C (:func:`_one_bucket`);
+#   another is summed per hour in one pass, the days from those hours (a handful of rows);
+#   rows are upserted in key order (PostgreSQL's lock order, see the module docstring).
 
 #: Rows per multi-row INSERT on SQLite (at most; 20 parameters each, within SQLite's 32,766).
 ROWS_PER_INSERT = 64
