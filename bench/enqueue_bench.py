@@ -23,8 +23,10 @@ repeat.
 fresh database; the store talks to it over TCP on 127.0.0.1, as to a database on another
 host with no network latency.
 
-Prints, per concurrency level, the median jobs/s of the runs, and the mean group size
-(jobs per transaction) that made it possible.
+Prints, per concurrency level, the median jobs/s of the runs, the mean group size (jobs
+per transaction) that made it possible, the median count of write transactions (each one
+commit and one fsync: what the ledger must not add to) and the median CPU per job (the
+process's, every thread: steadier under a noisy host than jobs/s, as the commits are).
 """
 
 from __future__ import annotations
@@ -60,7 +62,13 @@ TENANTS = [f"tenant-{i}" for i in range(8)]
 class Run:
     jobs: int
     seconds: float
+    #: Transactions that enqueued jobs (the group commits).
     transactions: int
+    #: Every write transaction (each one commit, one fsync): the group commits, and any the
+    #: ledger's records took alone (its flush timer, a full pass, the final sync).
+    commits: int = 0
+    #: This process's CPU (every thread: the store's writer too).
+    cpu_s: float = 0.0
 
     @property
     def rate(self) -> float:
@@ -69,6 +77,10 @@ class Run:
     @property
     def group(self) -> float:
         return self.jobs / max(self.transactions, 1)
+
+    @property
+    def cpu_us_per_job(self) -> float:
+        return self.cpu_s / self.jobs * 1e6
 
 
 @contextlib.contextmanager
@@ -114,15 +126,17 @@ async def one_run(
                         store.record(usage(tenant, f"req_live_{index}_{n}"))
                     await store.enqueue(NewJob(tenant, f"req_{index}_{n}", "chat", BODY))
 
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
+            commits = store.stats.transactions
             async with trio.open_nursery() as callers:
                 for index in range(concurrency):
                     callers.start_soon(caller, index)
             await store.sync_ledger()
-            seconds = time.perf_counter() - started
+            seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+            commits = store.stats.transactions - commits
             total = per_caller * concurrency
             assert (await store.counts()) == {"queued": total}
-            run = Run(total, seconds, store.stats.enqueue_batches)
+            run = Run(total, seconds, store.stats.enqueue_batches, commits, cpu)
             nursery.cancel_scope.cancel()
     return run
 
@@ -143,7 +157,7 @@ def main() -> None:
     print(f"group_commit_max_batch={max_batch}, dir={args.dir}")
     ledgers = [mode == "on" for mode in args.ledger.split(",")]
     head = f"{'backend':>9} {'ledger':>6} {'callers':>8} {'jobs/s (median)':>16} {'runs':>28}"
-    print(f"{head} {'jobs/commit':>12}")
+    print(f"{head} {'jobs/commit':>12} {'commits':>8} {'CPU us/job':>11}")
     with contextlib.ExitStack() as stack:
         pg = stack.enter_context(postgres(args.dir)) if "postgres" in backends else None
         for concurrency in (int(c) for c in args.concurrency.split(",")):
@@ -162,9 +176,11 @@ def main() -> None:
                     group = statistics.mean(r.group for r in done)
                     median = statistics.median(rates)
                     mode = "on" if ledger else "off"
+                    commits = statistics.median(r.commits for r in done)
+                    cpu = statistics.median(r.cpu_us_per_job for r in done)
                     print(
                         f"{backend:>9} {mode:>6} {concurrency:>8} {median:>16,.0f} {shown:>28}"
-                        f" {group:>12.1f}"
+                        f" {group:>12.1f} {commits:>8,.0f} {cpu:>11.1f}"
                     )
 
 

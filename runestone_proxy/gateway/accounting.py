@@ -30,7 +30,6 @@ from runestone_proxy.gateway.ledger import (
     Outcome,
     UsageCounts,
     UsageLedger,
-    UsageRecord,
     cost_usd,
     usage_counts,
 )
@@ -134,33 +133,30 @@ def account(
     if ledger is None:  # no ledger: the budgets still count the cost (in memory only)
         hold.settle(cost, prompt + completion)
         return
-    # Built positionally (the field order of UsageRecord): a named tuple's keyword
-    # constructor is a Python call per record; ``tuple.__new__`` is not.
+    # A plain tuple in UsageRecord's field order (UsageRow): no constructor call, and the
+    # collector untracks it while it waits for the writer (ledger.UsageRecord says why).
     ledger.record(
-        tuple.__new__(
-            UsageRecord,
-            (
-                time.time(),
-                request_id,
-                tenant,
-                key_id,
-                endpoint,
-                model if isinstance(model, str) else model_id,
-                target.provider,
-                target.upstream_model,
-                attempts.count,
-                prompt,
-                completion,
-                cached,
-                counts.reasoning,
-                cost,
-                status,
-                outcome,
-                stream,
-                estimated,
-                (now - started) * 1000,
-                None if ttfb is None else (ttfb - started) * 1000,
-            ),
+        (
+            time.time(),
+            request_id,
+            tenant,
+            key_id,
+            endpoint,
+            model if isinstance(model, str) else model_id,
+            target.provider,
+            target.upstream_model,
+            attempts.count,
+            prompt,
+            completion,
+            cached,
+            counts.reasoning,
+            cost,
+            status,
+            outcome,
+            stream,
+            estimated,
+            (now - started) * 1000,
+            None if ttfb is None else (ttfb - started) * 1000,
         )
     )
     if not hold.done:  # most requests hold no budget: no call

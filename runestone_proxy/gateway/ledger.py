@@ -33,6 +33,7 @@ __all__ = [
     "UsageCounts",
     "UsageLedger",
     "UsageRecord",
+    "UsageRow",
     "cost_usd",
     "usage_counts",
     "usage_from_body",
@@ -64,10 +65,10 @@ class UsageRecord(NamedTuple):
 
     A named tuple rather than an attrs class, unlike the other values here: the store
     holds up to thousands of records between writes, and a tuple is cheaper to build (no
-    Python ``__init__``), to hold and to flatten for binding. The collector still tracks
-    pending records (it untracks only exact tuples, not a named tuple's instances);
-    copying each into a plain tuple as it is buffered was measured and cost more than the
-    collector's passes it saved."""
+    Python ``__init__``), to hold and to flatten for binding. The service hands the ledger
+    the same fields as a plain tuple (:data:`UsageRow`), which the collector untracks at
+    its first pass (it untracks exact tuples of atoms, never a named tuple's instances):
+    thousands of pending records are then not traversed again by every later pass."""
 
     at: float  # epoch seconds, when the request ended
     request_id: str
@@ -93,10 +94,18 @@ class UsageRecord(NamedTuple):
     ttfb_ms: float | None = None
 
 
+#: A record's fields in :class:`UsageRecord`'s order, as a plain tuple (a
+#: :class:`UsageRecord` is one too): what the service hands the ledger.
+UsageRow = tuple[
+    float, str, str, str, str, str, str, str, int, int, int, int, int, float, int, Outcome,
+    bool, bool, float, float | None,
+]  # fmt: skip
+
+
 class UsageLedger(Protocol):
     """Where records go. ``record`` must not block the request: it queues."""
 
-    def record(self, record: UsageRecord) -> None: ...
+    def record(self, record: UsageRow) -> None: ...
 
 
 @attrs.define(eq=False)
@@ -105,8 +114,8 @@ class MemoryLedger:
 
     records: list[UsageRecord] = attrs.Factory(list)
 
-    def record(self, record: UsageRecord) -> None:
-        self.records.append(record)
+    def record(self, record: UsageRow) -> None:
+        self.records.append(UsageRecord._make(record))
 
 
 def _int(value: object) -> int:

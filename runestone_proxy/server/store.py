@@ -56,7 +56,7 @@ import trio
 from runestone_proxy.config import Config, OverflowConfig, TenantConfig
 from runestone_proxy.config.stores import LedgerConfig
 from runestone_proxy.errors import GatewayError, RateLimited, ServiceUnavailable
-from runestone_proxy.gateway.ledger import UsageRecord
+from runestone_proxy.gateway.ledger import UsageRow
 from runestone_proxy.gateway.overflow import Enqueued, NewJob
 from runestone_proxy.gateway.responses_store import StoredResponse
 from runestone_proxy.server import store_ledger_sql as ledger_sql
@@ -329,9 +329,9 @@ class Store(JobsSide, ResponsesSide, LedgerSide, KeysSide):
                 self._ring()  # more than a pass's worth waits (the rest: the flush timer)
 
     def _batch_writer(
-        self, batch: list[Pending], records: list[UsageRecord]
-    ) -> Callable[[Db], tuple[list[Answer | GatewayError], list[UsageRecord]]]:
-        def write(conn: Db) -> tuple[list[Answer | GatewayError], list[UsageRecord]]:
+        self, batch: list[Pending], records: list[UsageRow]
+    ) -> Callable[[Db], tuple[list[Answer | GatewayError], list[UsageRow]]]:
+        def write(conn: Db) -> tuple[list[Answer | GatewayError], list[UsageRow]]:
             # No other gateway enqueues for these tenants until COMMIT: their caps and
             # Idempotency-Keys are counted and looked up race-free (SQLite: a no-op).
             conn.lock_tenants(sorted({p.item.tenant for p in batch if isinstance(p.item, NewJob)}))

@@ -41,7 +41,7 @@ import trio
 from runestone_proxy import telemetry
 from runestone_proxy.config.stores import LedgerConfig
 from runestone_proxy.errors import GatewayError, ServiceUnavailable
-from runestone_proxy.gateway.ledger import UsageRecord
+from runestone_proxy.gateway.ledger import UsageRow
 from runestone_proxy.gateway.usage_report import UsageQuery, UsageReport
 from runestone_proxy.server import store_ledger_sql as sql
 from runestone_proxy.server import usage_report_sql
@@ -70,13 +70,13 @@ class LedgerBuffer:
     max_pending: int = MAX_PENDING
     #: The writer has been rung for what is pending (cleared when it takes records).
     rung: bool = False
-    _pending: deque[UsageRecord] = attrs.Factory(deque)
+    _pending: deque[UsageRow] = attrs.Factory(deque)
     _warned: bool = False
 
     def __len__(self) -> int:
         return len(self._pending)
 
-    def add(self, record: UsageRecord) -> bool:
+    def add(self, record: UsageRow) -> bool:
         """Queue ``record``; True if the writer needs ringing now: a pass's worth is
         waiting (otherwise the flush timer, or any earlier write, takes the records: one
         commit, and one fsync, per interval rather than per request)."""
@@ -91,7 +91,7 @@ class LedgerBuffer:
         self.rung = True
         return True
 
-    def take(self, limit: int = PASS_MAX) -> list[UsageRecord]:
+    def take(self, limit: int = PASS_MAX) -> list[UsageRow]:
         """Up to ``limit`` of the oldest records, for one writer pass."""
         pending = self._pending
         self.rung = False
@@ -101,7 +101,7 @@ class LedgerBuffer:
             return records
         return [pending.popleft() for _ in range(limit)]
 
-    def put_back(self, records: Sequence[UsageRecord]) -> None:
+    def put_back(self, records: Sequence[UsageRow]) -> None:
         """Records a failed transaction did not write: first in line again, as room allows
         (the oldest of them are dropped first)."""
         room = max(0, self.max_pending - len(self._pending))
@@ -149,7 +149,7 @@ class LedgerSide:
 
         def _sweep_by(self, due: float | None) -> None: ...
 
-    def record(self, record: UsageRecord) -> None:
+    def record(self, record: UsageRow) -> None:
         """Buffer ``record`` for the writer's next group commit; never blocks (past
         :data:`MAX_PENDING` waiting, the oldest is dropped: ``ledger.dropped``)."""
         if self._ledger.add(record):
@@ -163,7 +163,7 @@ class LedgerSide:
             except trio.WouldBlock:  # the writer has items waiting: its next pass takes them
                 pass
 
-    def _ledger_written(self, records: list[UsageRecord], refused: list[UsageRecord]) -> None:
+    def _ledger_written(self, records: list[UsageRow], refused: list[UsageRow]) -> None:
         if refused:
             self._ledger.dropped(len(refused), "refused")
         if len(records) > len(refused):

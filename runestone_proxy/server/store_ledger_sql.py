@@ -18,11 +18,12 @@ import operator
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
+import attrs
 import structlog
 
 from runestone_proxy.config.stores import LedgerConfig
 from runestone_proxy.errors import InvalidParam
-from runestone_proxy.gateway.ledger import UsageRecord
+from runestone_proxy.gateway.ledger import UsageRow
 from runestone_proxy.server.store_db import Db
 from runestone_proxy.server.store_schema import storable
 
@@ -93,30 +94,38 @@ def bucket_start(at: float, size_s: float) -> float:
 # Per record this is most of the ledger's cost (the request only appends a tuple to a
 # buffer), so it does per-record Python work only where C cannot:
 #
-# * **Text as it is.** One C pass over the batch's text columns (:func:`_plain`; sliced
-#   from the values already flattened for binding, or PostgreSQL's column lists: no
-#   per-record tuple of texts) tells whether every one is ASCII without NUL, which
+# * **Text as it is.** The batch is taken as columns (one ``zip``); one C pass over its
+#   text columns (:func:`_plain`; one value of a column that holds one value in every
+#   record) tells whether every text is ASCII without NUL, which
 #   :func:`storable` leaves as it is: then the records are bound as they are. Otherwise
 #   (rare: a model name with an accent, a lone surrogate from a JSON escape, a NUL) the
 #   whole batch is rewritten with :func:`storable` text first, so both backends store
 #   exactly what they stored before.
-# * **Few statements.** SQLite: multi-row ``INSERT ... VALUES (...), (...)`` of
-#   :data:`ROWS_PER_INSERT` rows, flattened in C. Each statement releases the GIL once
-#   (around ``sqlite3_step``), where ``executemany`` released it per row and the event loop
-#   and the writer traded it back and forth; and ``stream``/``estimated`` are bound as ints
-#   (the ``sqlite3`` module looks a ``bool``, and ``None``, up in its adapter registry: as
-#   dear as the row's other 18 values together). A whole answer's ``ttfb_ms`` (None) is
-#   bound as NaN, which SQLite stores as NULL: ``sqlite3`` adapts None through the same
-#   registry, two failed attribute lookups each raising and clearing an AttributeError
-#   (~0.4 us per row, a fifth of the insert). PostgreSQL: one ``INSERT ... SELECT FROM
-#   unnest(...)`` of 20 arrays (one statement and one round trip for the batch; psycopg
-#   dumps each array in C).
-# * **Rollups summed once.** The records are summed per hour in one pass, the days from
-#   those hours (a handful of rows); rows are upserted in key order (PostgreSQL's lock
-#   order, see the module docstring).
+# * **Few statements, few binds.** SQLite: multi-row ``INSERT ... VALUES (...), (...)`` of
+#   :data:`ROWS_PER_INSERT` rows (the rest of a batch in 32, 16, ... 1: seven sizes of
+#   statement, prepared once each). Each statement releases the GIL once (around
+#   ``sqlite3_step``), where ``executemany`` released it per row and the event loop and the
+#   writer traded it back and forth. A value every row of a statement has (the tenant, the
+#   model, ``ok``, ...: :data:`_SHAREABLE`) is bound once and named by number (``?3``) in
+#   every row: each ``sqlite3_bind_*`` takes the connection's mutex, and a text is copied
+#   (``SQLITE_TRANSIENT``), so eight texts a row were a third of the insert. ``stream``/
+#   ``estimated`` are bound as ints (the ``sqlite3`` module looks a ``bool``, and ``None``,
+#   up in its adapter registry) and a whole answer's ``ttfb_ms`` (None) as NaN, which
+#   SQLite stores as NULL (``sqlite3`` adapts None through that registry: two failed
+#   attribute lookups, each raising and clearing an AttributeError). PostgreSQL: one
+#   ``INSERT ... SELECT FROM unnest(...)`` of 20 arrays (one statement and one round trip
+#   for the batch; psycopg dumps each array in C).
+# * **Rollups summed once.** A batch in one rollup row (one hour, tenant, key, model and
+#   provider: a steady stream's usual pass) is summed per column in C (:func:`_one_bucket`);
+#   another is summed per hour in one pass, the days from those hours (a handful of rows);
+#   rows are upserted in key order (PostgreSQL's lock order, see the module docstring).
 
-#: Rows per multi-row INSERT on SQLite (20 parameters each, within SQLite's 32,766).
+#: Rows per multi-row INSERT on SQLite (at most; 20 parameters each, within SQLite's 32,766).
 ROWS_PER_INSERT = 64
+#: The statement sizes a batch is cut into: 64-row statements, then the rest in powers of
+#: two (at most one of each), so a pass prepares at most seven shapes of statement per mask
+#: (below), which stay in the connection's statement cache, whatever the batch's size.
+_SIZES = (64, 32, 16, 8, 4, 2, 1)
 _COLUMNS = 20
 #: A record's text fields: request_id, tenant, key_id, endpoint, model, provider,
 #: upstream_model (``outcome`` is one of three literals).
@@ -125,8 +134,16 @@ _TEXTS = range(1, 8)
 _FLAGS = (16, 17)
 #: ``ttfb_ms``: None bound as NaN (SQLite stores a NaN as NULL).
 _TTFB = 19
+#: The columns whose values come from small sets (who asked, for what, how it went:
+#: tenant, key_id, endpoint, model, provider, upstream_model, attempts, cached and
+#: reasoning tokens, status, outcome, stream, estimated, ttfb_ms): where every row of a
+#: statement has the same value in one of them, that value is bound once and every row
+#: refers to it (``?N``), rather than bound per row. A steady stream of one tenant's calls
+#: to one model shares all of these; mixed traffic shares fewer and binds the rest per row.
+_SHAREABLE = (2, 3, 4, 5, 6, 7, 8, 11, 12, 14, 15, 16, 17, 19)
+#: A rollup row's who: tenant, key_id, model, provider.
+_WHO = (2, 3, 5, 6)
 _AT = operator.itemgetter(0)
-_ROW = f"({', '.join('?' * _COLUMNS)})"
 #: PostgreSQL: the batch as one array per column.
 _PG_TYPES = (
     "DOUBLE PRECISION",
@@ -147,10 +164,19 @@ _INSERT_UNNEST = (
 )
 
 
-@functools.lru_cache(maxsize=ROWS_PER_INSERT)
-def _insert_rows(count: int) -> str:
-    """``INSERT INTO usage ... VALUES`` with ``count`` rows of placeholders."""
-    return f"INSERT INTO usage ({_RAW_COLUMNS}) VALUES {', '.join([_ROW] * count)}"
+@functools.lru_cache(maxsize=256)
+def _insert_rows(count: int, shared: tuple[int, ...] = ()) -> str:
+    """``INSERT INTO usage ... VALUES`` with ``count`` rows of numbered placeholders: the
+    ``shared`` columns refer to one parameter each (the first ones, in column order), the
+    others to one per row (row after row, in column order)."""
+    own = [c for c in range(_COLUMNS) if c not in shared]
+    first = len(shared) + 1
+    names = {c: f"?{i}" for i, c in enumerate(shared, 1)}
+    rows = []
+    for row in range(count):
+        names.update({c: f"?{first + row * len(own) + i}" for i, c in enumerate(own)})
+        rows.append(f"({', '.join(names[c] for c in range(_COLUMNS))})")
+    return f"INSERT INTO usage ({_RAW_COLUMNS}) VALUES {', '.join(rows)}"
 
 
 def _plain(texts: Iterable[Sequence[Any]]) -> bool:
@@ -163,56 +189,87 @@ def _plain(texts: Iterable[Sequence[Any]]) -> bool:
     return text.isascii() and "\x00" not in text
 
 
-def _storable_record(r: UsageRecord) -> UsageRecord:
+def _storable_record(r: UsageRow) -> UsageRow:
     def text(value: str) -> str:
         return storable(value) or ""  # only None gives None, and these are str
 
-    return r._replace(
-        request_id=text(r.request_id),
-        tenant=text(r.tenant),
-        key_id=text(r.key_id),
-        endpoint=text(r.endpoint),
-        model=text(r.model),
-        provider=text(r.provider),
-        upstream_model=text(r.upstream_model),
+    request_id, tenant, key_id, endpoint, model, provider, upstream_model = map(text, r[1:8])
+    return (r[0], request_id, tenant, key_id, endpoint, model, provider, upstream_model, *r[8:])
+
+
+@attrs.frozen
+class _Batch:
+    """A batch as the writer binds it: its records (their text made storable if it had to
+    be), the same values as columns, and the :data:`_SHAREABLE` columns that hold one
+    value in every record."""
+
+    records: Sequence[UsageRow]
+    columns: list[Sequence[Any]]
+    uniform: frozenset[int]
+
+    @classmethod
+    def of(cls, records: Sequence[UsageRow]) -> _Batch:
+        batch = cls._columns(records)
+        # A uniform column's first value stands for all of them.
+        texts = (batch.columns[c][:1] if c in batch.uniform else batch.columns[c] for c in _TEXTS)
+        if _plain(texts):
+            return batch
+        return cls._columns([_storable_record(r) for r in records])
+
+    @classmethod
+    def _columns(cls, records: Sequence[UsageRow]) -> _Batch:
+        columns: list[Sequence[Any]] = list(zip(*records, strict=True))
+        count = len(records)
+        uniform = frozenset(c for c in _SHAREABLE if columns[c].count(columns[c][0]) == count)
+        return cls(records, columns, uniform)
+
+
+def _bindable(column: int, values: Sequence[Any]) -> Sequence[Any]:
+    """A column's values as SQLite binds them cheaply: flags as 0/1, no ttfb as NaN."""
+    if column in _FLAGS:
+        return list(map(int, values))
+    if column == _TTFB:
+        nan = math.nan
+        return [nan if t is None else t for t in values]
+    return values
+
+
+def _insert_chunk(
+    conn: Db, columns: list[Sequence[Any]], count: int, uniform: frozenset[int]
+) -> None:
+    """One multi-row INSERT of ``count`` rows given as ``columns`` (one sequence each), the
+    ``uniform`` columns known to hold one value."""
+    shared = tuple(
+        c for c in _SHAREABLE if c in uniform or columns[c].count(columns[c][0]) == count
     )
+    params: list[Any] = [_bindable(c, columns[c][:1])[0] for c in shared]
+    own = [_bindable(c, columns[c]) for c in range(_COLUMNS) if c not in shared]
+    params += itertools.chain.from_iterable(zip(*own, strict=True))
+    conn.execute(_insert_rows(count, shared), params)
 
 
-def _insert_sqlite(conn: Db, records: Sequence[UsageRecord]) -> Sequence[UsageRecord]:
-    values: list[Any] = list(itertools.chain.from_iterable(records))
-    if not _plain(values[column::_COLUMNS] for column in _TEXTS):
-        records = [_storable_record(r) for r in records]
-        values = list(itertools.chain.from_iterable(records))
-    for flag in _FLAGS:
-        values[flag::_COLUMNS] = map(int, values[flag::_COLUMNS])
-    nan = math.nan
-    values[_TTFB::_COLUMNS] = [nan if t is None else t for t in values[_TTFB::_COLUMNS]]
-    step = ROWS_PER_INSERT * _COLUMNS
-    for at in range(0, len(values), step):
-        chunk = values[at : at + step]
-        conn.execute(_insert_rows(len(chunk) // _COLUMNS), chunk)
-    return records
+def _insert_sqlite(conn: Db, batch: _Batch) -> None:
+    at, left = 0, len(batch.records)
+    for size in _SIZES:
+        while left >= size:
+            chunk = [column[at : at + size] for column in batch.columns]
+            _insert_chunk(conn, chunk, size, batch.uniform)
+            at, left = at + size, left - size
 
 
-def _insert_postgres(conn: Db, records: Sequence[UsageRecord]) -> Sequence[UsageRecord]:
-    columns = [list(column) for column in zip(*records, strict=True)]
-    if not _plain(columns[column] for column in _TEXTS):
-        records = [_storable_record(r) for r in records]
-        columns = [list(column) for column in zip(*records, strict=True)]
-    for flag in _FLAGS:
-        columns[flag] = list(map(int, columns[flag]))
+def _insert_postgres(conn: Db, batch: _Batch) -> None:
+    columns = [_bindable(c, v) if c in _FLAGS else list(v) for c, v in enumerate(batch.columns)]
     conn.execute(_INSERT_UNNEST, columns)
-    return records
 
 
-def rollup_rows(records: Iterable[UsageRecord], size_s: float) -> list[tuple[Any, ...]]:
+def rollup_rows(records: Iterable[UsageRow], size_s: float) -> list[tuple[Any, ...]]:
     """The records summed per (bucket, tenant, key_id, model, provider), ``size_s`` being
     ``HOUR_S`` or ``DAY_S``, in key order (text as the records hold it)."""
     hourly = _hour_sums(records)
     return _rows(hourly if size_s == HOUR_S else _day_sums(hourly))
 
 
-def _hour_sums(records: Iterable[UsageRecord]) -> dict[tuple[Any, ...], list[Any]]:
+def _hour_sums(records: Iterable[UsageRow]) -> dict[tuple[Any, ...], list[Any]]:
     sums: dict[tuple[Any, ...], list[Any]] = {}
     floor = math.floor
     # Unpacked (one C step) rather than read by name: a named tuple's field is a
@@ -275,18 +332,38 @@ def _rows(sums: dict[tuple[Any, ...], list[Any]]) -> list[tuple[Any, ...]]:
     return [(*key, *sums[key]) for key in sorted(sums)]
 
 
-def _insert(conn: Db, records: Sequence[UsageRecord]) -> None:
-    # The raw rows, then the rollups from the records as stored (storable() text).
+def _one_bucket(batch: _Batch) -> dict[tuple[Any, ...], list[Any]] | None:
+    """The batch's hourly sums when it all falls in one rollup row (one hour, tenant, key,
+    model and provider: a steady stream's usual batch), summed per column in C; else None
+    (:func:`_hour_sums` sums the records one by one). The same sums, added in the same
+    order."""
+    columns = batch.columns
+    hour = math.floor(min(columns[0]) / HOUR_S) * HOUR_S
+    if math.floor(max(columns[0]) / HOUR_S) * HOUR_S != hour:
+        return None
+    if not batch.uniform.issuperset(_WHO):
+        return None
+    who = [columns[c][0] for c in _WHO]
+    errors = columns[15].count("error")
+    sums = [len(columns[0]), errors, *map(sum, columns[9:13]), sum(columns[13], 0.0)]
+    return {(hour, *who): sums}
+
+
+def _insert(conn: Db, records: Sequence[UsageRow]) -> None:
+    # The raw rows, then the rollups from the values as stored (storable() text).
+    batch = _Batch.of(records)
     if conn.dialect.name == "postgres":
-        records = _insert_postgres(conn, records)
+        _insert_postgres(conn, batch)
     else:
-        records = _insert_sqlite(conn, records)
-    hourly = _hour_sums(records)
+        _insert_sqlite(conn, batch)
+    hourly = _one_bucket(batch)
+    if hourly is None:
+        hourly = _hour_sums(batch.records)
     conn.executemany(_UPSERT["usage_hourly"], _rows(hourly))
     conn.executemany(_UPSERT["usage_daily"], _rows(_day_sums(hourly)))
 
 
-def _insert_guarded(conn: Db, records: Sequence[UsageRecord]) -> bool:
+def _insert_guarded(conn: Db, records: Sequence[UsageRow]) -> bool:
     """:func:`_insert` under a savepoint, undone if the database refuses; whether it went
     in."""
     conn.execute("SAVEPOINT ledger")
@@ -301,7 +378,7 @@ def _insert_guarded(conn: Db, records: Sequence[UsageRecord]) -> bool:
     return True
 
 
-def write(conn: Db, records: Sequence[UsageRecord]) -> list[UsageRecord]:
+def write(conn: Db, records: Sequence[UsageRow]) -> list[UsageRow]:
     """Write ``records`` and their rollups in the caller's transaction; returns those SQLite
     refused (each tried alone once the batch was refused), which are not written."""
     if not records or _insert_guarded(conn, records):
@@ -340,7 +417,7 @@ def sweep(conn: Db, now: float, config: LedgerConfig) -> tuple[int, float | None
     return deleted, min(due) if due else None
 
 
-def first_due(records: Sequence[UsageRecord], config: LedgerConfig) -> float | None:
+def first_due(records: Sequence[UsageRow], config: LedgerConfig) -> float | None:
     """When the earliest of ``records`` falls due for sweeping (as :func:`sweep` sees it)."""
     if not records:
         return None

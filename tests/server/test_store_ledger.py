@@ -230,6 +230,56 @@ def test_rollups_equal_the_sums_of_the_raw_rows(records: list[UsageRecord], cut:
             assert round(row[6], 2) == round(expected[key][6] / 1_000_000, 2)  # cent for cent
 
 
+one_stream_st = st.lists(  # one tenant, key, model and provider within one hour
+    st.builds(
+        rec,
+        at=st.floats(T0, T0 + HOUR, exclude_max=True),
+        request_id=st.text("abc", min_size=1, max_size=3),
+        endpoint=st.sampled_from(["chat", "chat", "messages"]),
+        upstream_model=st.sampled_from(["m1", "m1", "m2"]),
+        attempts=st.sampled_from([1, 1, 2]),
+        prompt_tokens=st.integers(0, 10**6),
+        cached_tokens=st.sampled_from([0, 0, 7]),
+        cost_usd=st.integers(0, 10**7).map(lambda micro: micro / 1_000_000),
+        status=st.sampled_from([200, 200, 499]),
+        outcome=st.sampled_from(["ok", "ok", "error"]),
+        stream=st.booleans(),
+        ttfb_ms=st.sampled_from([None, None, 2.5]),
+    ),
+    min_size=1,
+    max_size=140,
+)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(records=one_stream_st)
+def test_values_rows_share_are_stored_as_every_row_has_them(records: list[UsageRecord]) -> None:
+    # The SQLite writer binds a value every row of a statement has once (?N), cuts a batch
+    # into statements of 64, 32, ... 1 rows, and sums a one-bucket batch per column: the
+    # rows and the rollup are what each record says.
+    conn = sqlite3.connect(":memory:", isolation_level=None, factory=SqliteDb)
+    store_schema.migrate(conn)
+    conn.execute("BEGIN")
+    assert store_ledger_sql.write(conn, records) == []
+    conn.execute("COMMIT")
+    got = conn.execute(f"SELECT {store_ledger_sql._RAW_COLUMNS} FROM usage ORDER BY rowid")
+    assert [tuple(row) for row in got] == [
+        (*r[:16], int(r.stream), int(r.estimated), *r[18:]) for r in records
+    ]
+    rollup = conn.execute(f"SELECT {', '.join(SUMS)}, reasoning_tokens, cost_usd FROM usage_hourly")
+    assert [tuple(row) for row in rollup] == [
+        (
+            len(records),
+            sum(r.outcome == "error" for r in records),
+            sum(r.prompt_tokens for r in records),
+            sum(r.completion_tokens for r in records),
+            sum(r.cached_tokens for r in records),
+            sum(r.reasoning_tokens for r in records),
+            sum((r.cost_usd for r in records), 0.0),
+        )
+    ]
+
+
 # --- schema ------------------------------------------------------------------------------------
 
 
