@@ -25,7 +25,7 @@ import trio
 
 from runestone_proxy import metrics
 from runestone_proxy.errors import GatewayError
-from runestone_proxy.gateway.budget_book import NO_HOLD, Hold
+from runestone_proxy.gateway.budget_hold import NO_HOLD, Hold
 from runestone_proxy.gateway.ledger import (
     Outcome,
     UsageCounts,

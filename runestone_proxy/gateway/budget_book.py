@@ -59,25 +59,13 @@ from runestone_proxy.gateway.budget import (
     usd_left,
 )
 from runestone_proxy.gateway.budget_hold import (
-    NO_HOLD,
     Hold,
     SpendSource,
     refuse,
     tenant_budgets,
 )
 
-# NO_HOLD, Hold, SpendSource, refuse and tenant_budgets are exported from here too for the
-# importers edited in parallel this session (gateway/accounting.py,
-# server/redis_budgets.py): import them from .budget_hold; drop these once those do.
-__all__ = [
-    "NO_HOLD",
-    "SEED_ROUNDS",
-    "Hold",
-    "LocalBudgetBook",
-    "SpendSource",
-    "refuse",
-    "tenant_budgets",
-]
+__all__ = ["SEED_ROUNDS", "LocalBudgetBook"]
 
 #: Reads of the ledger per seed before a busy one is taken as it is (module docstring).
 SEED_ROUNDS = 3

@@ -70,13 +70,8 @@ from runestone_proxy.gateway.budget import (
     Period,
     admit,
 )
-from runestone_proxy.gateway.budget_book import (
-    Hold,
-    LocalBudgetBook,
-    SpendSource,
-    refuse,
-    tenant_budgets,
-)
+from runestone_proxy.gateway.budget_book import LocalBudgetBook
+from runestone_proxy.gateway.budget_hold import Hold, SpendSource, refuse, tenant_budgets
 from runestone_proxy.gateway.budget_wire import budget_headers
 from runestone_proxy.server.redis_budget_plan import Plan, Plans, RedisAccount, fill, refusal
 from runestone_proxy.server.redis_budget_scripts import RENEW_HOLDS, RESERVE, SEED, SETTLE, fmt
