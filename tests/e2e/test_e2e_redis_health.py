@@ -184,7 +184,14 @@ async def test_failures_through_one_gateway_open_close_and_probe_for_the_fleet(
             closed = [await a.wait_for_log("circuit.close"), await b.wait_for_log("circuit.close")]
             assert sorted(bool(c.get("fleet")) for c in closed) == [False, True]
             for gw in (a, b):
-                health = await alpha_health(http, gw)
+                # The prober closes locally first and tells the fleet on its next sync round
+                # (woken by the transition); until that round its view of the fleet is the
+                # last one read. So the fleet block converges within a round, not at once.
+                for _ in range(100):  # bounded: 100 x 20 ms, four times the sync interval
+                    health = await alpha_health(http, gw)
+                    if health["fleet"]["state"] == "closed":
+                        break
+                    await trio.sleep(0.02)
                 assert (health["state"], health["fleet"]["state"]) == ("closed", "closed")
             assert await ask(http, b) == "alpha"
 
