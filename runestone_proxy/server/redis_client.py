@@ -14,6 +14,12 @@ What it offers (everything the shared-state backend needs, nothing more):
 - :meth:`RedisClient.evalsha` runs a :class:`Script` by its SHA1; the scripts registered
   with the client are ``SCRIPT LOAD``-ed at every connect, and a ``NOSCRIPT`` reply (after a
   ``SCRIPT FLUSH``) falls back to ``EVAL``, which caches it again.
+- Pre-encoded commands for the hot path: :func:`command_prefix` encodes a command's fixed
+  head once (``EVALSHA``, the SHA, the keys, the arguments that do not change per call); a
+  caller appends the few per-call arguments as RESP bulk strings itself and hands the bytes
+  to :meth:`RedisClient.run_encoded` (awaited) or :meth:`RedisClient.send_encoded`
+  (fire-and-forget). A ``NOSCRIPT`` answer to either has every registered script loaded
+  again and the same bytes resent: no caller keeps its arguments for that rare case.
 - A per-call deadline (``timeout_s``, the connection's watchdog: see :mod:`.redis_conn`).
 - :class:`RedisUnavailable` whenever Redis cannot answer. While the connection is down a call
   fails at once (no waiting for a timeout per request); :meth:`RedisClient.run` reconnects
@@ -52,8 +58,10 @@ __all__ = [
     "RedisError",
     "RedisURL",
     "RedisUnavailable",
+    "Reply",
     "Script",
     "Subscriber",
+    "command_prefix",
 ]
 
 log = structlog.get_logger("runestone.redis")
@@ -110,6 +118,17 @@ class Script:
     @sha.default
     def _sha(self) -> str:
         return hashlib.sha1(self.source.encode()).hexdigest()
+
+
+def command_prefix(nargs: int, fixed: Sequence[Arg]) -> bytes:
+    """The RESP encoding of a command of ``nargs`` arguments, up to its first ``len(fixed)``:
+    the rest are appended per call, each as ``b"$%d\\r\\n%b\\r\\n" % (len(arg), arg)``."""
+    packed = pack(tuple(fixed))
+    return b"*%d%b" % (nargs, packed[packed.index(b"\r\n") :])
+
+
+def _noscript(reply: Reply) -> bool:
+    return isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT")
 
 
 def _check(reply: Reply, what: str) -> Reply:
@@ -217,14 +236,42 @@ class RedisClient:
         return True
 
     def send_script(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> bool:
-        """Fire-and-forget ``script`` (a ``NOSCRIPT`` reply, after a flush, is sent again as
-        ``EVAL``). False: Redis is down, it was not sent."""
+        """Fire-and-forget ``script`` (a ``NOSCRIPT`` reply, after a flush, has the scripts
+        loaded again and the command resent). False: Redis is down, it was not sent."""
+        return self.send_encoded(pack(self.evalsha_args(script, keys, args)))
 
-        def orphan(reply: Reply) -> None:
-            if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
-                self.send("EVAL", script.source, len(keys), *keys, *args)
+    def send_encoded(self, payload: bytes) -> bool:
+        """Fire-and-forget one pre-encoded ``EVALSHA`` (:func:`command_prefix`). False:
+        Redis is down, it was not sent."""
+        conn = self.conn
+        if conn is None or conn.broken is not None:
+            return False
+        conn.submit(payload, wait=False, script=True)
+        return True
 
-        return self.send(*self.evalsha_args(script, keys, args), orphan=orphan)
+    async def run_encoded(
+        self, payload: bytes, orphan: Callable[[Reply], None] | None = None
+    ) -> Reply:
+        """One pre-encoded ``EVALSHA``'s reply (an error reply raises :class:`RedisError`);
+        ``orphan`` gets the reply if the caller is cancelled before it comes."""
+        conn = self._conn()
+        reply = await conn.wait(conn.submit(payload, orphan=orphan))
+        if _noscript(reply):
+            self._load_scripts(conn)
+            reply = await conn.wait(conn.submit(payload, orphan=orphan))
+        return _check(reply, "script")
+
+    def _load_scripts(self, conn: Connection) -> None:
+        """Queue ``SCRIPT LOAD`` of every registered script (before what is sent next)."""
+        for script in self.scripts:
+            conn.submit(pack(("SCRIPT", "LOAD", script.source)), wait=False)
+
+    def _resend(self, payload: bytes) -> None:
+        """A fire-and-forget script answered ``NOSCRIPT``: load the scripts, send it again."""
+        conn = self.conn
+        if conn is not None and conn.broken is None:
+            self._load_scripts(conn)
+            conn.submit(payload, wait=False)
 
     def evalsha_args(
         self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]
@@ -234,7 +281,7 @@ class RedisClient:
     async def evalsha(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Reply:
         """Run ``script``; ``NOSCRIPT`` (flushed since connect) falls back to ``EVAL``."""
         reply = await self.call(*self.evalsha_args(script, keys, args))
-        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+        if _noscript(reply):
             reply = await self.call("EVAL", script.source, len(keys), *keys, *args)
         return _check(reply, "script")
 
@@ -265,7 +312,7 @@ class RedisClient:
                 with trio.CancelScope(shield=True):
                     await trio.aclose_forcefully(stream)
                 raise
-            return Connection(stream, self.timeout_s, reader)
+            return Connection(stream, self.timeout_s, reader, self._resend)
         assert scope.cancelled_caught
         raise RedisUnavailable(f"cannot connect to {url}: no answer within {self.timeout_s * 4:g}s")
 

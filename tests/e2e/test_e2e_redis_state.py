@@ -24,7 +24,6 @@ from tenancy_fakes import HOST, USAGE, TenancyFake
 
 from runestone_proxy import config as config_mod
 from runestone_proxy import telemetry
-from runestone_proxy.gateway.ratelimit import KeyLimits
 from runestone_proxy.server.app import App
 from runestone_proxy.server.redis_limits import RedisLimits
 
@@ -208,8 +207,8 @@ async def test_a_dead_holders_slots_come_back_within_the_lease(
     limits = shared(app)
     tenant = limits._tenant("acme")
     with trio.fail_after(20):
-        for member in ("ghost:1", "ghost:2"):
-            await limits.acquire(tenant, member, KeyLimits(), "-", 0)
+        for member in (b"ghost:1", b"ghost:2"):
+            await limits.acquire(limits.job_plan(tenant), member, 0, True, tenant)
         async with httpx.AsyncClient(timeout=10) as http:
             refused = await http.post(f"{url}/v1/chat/completions", json=chat(), headers=AUTH)
             assert refused.status_code == 429
