@@ -286,8 +286,10 @@ class RedisLimits:
                     self.release(tenant, plan, held, key_member)
 
         payload = acquire_payload(plan, member, estimate, try_tenant)
-        reply: list[int] = await self.client.run_encoded(payload, orphan)
-        return reply
+        reply = await self.client.call_encoded(payload, orphan)
+        if type(reply) is not list:  # an error reply: NOSCRIPT is recovered from
+            reply = await self.client.recover_encoded(reply, payload, orphan)
+        return reply  # type: ignore[no-any-return]  # ACQUIRE's list of integers
 
     async def _unavailable(
         self,
