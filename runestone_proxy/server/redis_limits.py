@@ -25,13 +25,10 @@ out together (:mod:`.redis_conn`).
 Slots are leases
 ----------------
 A slot is a member of the tenant's sorted set (and of the global one) scored by its
-expiry; a key's own slot is the same member in the key's set. The renewal task extends
-every slot this process holds each ``lease_s / 3``, so a process that dies (SIGKILL, a
-lost host) stops renewing and its slots come back within ``lease_s``. A request whose task
-is cancelled while its ``ACQUIRE`` is in flight gives back, when the reply comes, what the
-script took for it. A renewal re-adds a slot that an outage longer than the lease let expire: the
-request is still running, so it counts again (the tenant may briefly show more than its cap
-right after such an outage; nothing new is admitted until it is back under).
+expiry; a key's own slot is the same member in the key's set. :mod:`.redis_leases` renews
+every slot this process holds, so a process that dies (SIGKILL, a lost host) gives them
+back within ``lease_s``. A request whose task is cancelled while its ``ACQUIRE`` is in
+flight gives back, when the reply comes, what the script took for it.
 
 Waiting across processes
 ------------------------
@@ -49,7 +46,6 @@ Redis answers again (``state.recovered``); slots taken locally are released loca
 from __future__ import annotations
 
 import itertools
-import math
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -61,11 +57,9 @@ import trio
 from runestone_proxy import telemetry
 from runestone_proxy.config import Config
 from runestone_proxy.errors import ServiceUnavailable
-from runestone_proxy.gateway.auth import key_at_capacity
-from runestone_proxy.gateway.capacity import Capacity, JobCapacity
-from runestone_proxy.gateway.rate_wire import Headers, error_for, headers_for
+from runestone_proxy.gateway.capacity import Capacity
+from runestone_proxy.gateway.rate_wire import Headers
 from runestone_proxy.gateway.ratelimit import (
-    NO_RESERVATION,
     UNLIMITED,
     KeyLimits,
     RateLimiter,
@@ -81,23 +75,21 @@ from runestone_proxy.server.redis_client import (
     Subscriber,
 )
 from runestone_proxy.server.redis_commands import Plan, acquire_payload, release_payload
+from runestone_proxy.server.redis_leases import Leases
 from runestone_proxy.server.redis_scripts import (
     ACQUIRE,
     ADJUST,
-    HOUR_US,
-    KEY_FULL,
-    MINUTE_US,
     RELEASE,
     RENEW,
     WAITING,
     Settle,
     SharedReservation,
+    admitted,
     cancel_args,
-    decode_admit,
     reconcile_settle,
     settle_args,
 )
-from runestone_proxy.server.redis_slot import RedisSlot
+from runestone_proxy.server.redis_slot import RedisJobs, RedisSlot
 from runestone_proxy.server.redis_waiting import RedisTenant, Waiting
 
 if TYPE_CHECKING:
@@ -122,12 +114,14 @@ class RedisLimits:
     fail_closed: bool
     process_id: str = attrs.Factory(lambda: os.urandom(6).hex())
     tenants: dict[str, RedisTenant] = attrs.Factory(dict)
-    #: The key slots this process holds: the key's slot set -> members.
-    key_held: dict[str, set[bytes]] = attrs.Factory(dict)
     falling_back: bool = False
     _seq: itertools.count[int] = attrs.Factory(itertools.count)
     #: The waiters of this process, and the dispatcher that hands them slots.
     waiting: Waiting = attrs.field(init=False)
+    #: The key slots held here, and the renewal of every slot held here.
+    leases: Leases = attrs.field(init=False)
+    #: The overflow drainer's view.
+    jobs: RedisJobs = attrs.field(init=False)
     #: ACQUIRE and RELEASE encoded by (tenant's slots key, key id): built once, not per
     #: request (:mod:`.redis_commands`).
     _plans: dict[tuple[str, str], Plan] = attrs.Factory(dict)
@@ -138,6 +132,8 @@ class RedisLimits:
 
     def __attrs_post_init__(self) -> None:
         self.waiting = Waiting(self)
+        self.leases = Leases(self)
+        self.jobs = RedisJobs(self)
         self._member_prefix = self.process_id.encode() + b":"
 
     @classmethod
@@ -181,55 +177,14 @@ class RedisLimits:
             reply = await self.acquire(plan, member, estimate, not tenant.fifo, tenant)
         except RedisUnavailable:
             return await self._unavailable(principal, body, output_tokens, request_id, wants_async)
-        quota, denied = decode_admit(reply, limits, estimate)
-        if denied is not None:
-            retry = None if math.isinf(denied.retry_after_s) else denied.retry_after_s
-            telemetry.emit(
-                "ratelimit.block",
-                tenant=principal.tenant,
-                key_mask=principal.key_mask,
-                request_id=request_id,
-                limit=denied.which,
-                retry_after_s=retry,
-            )
-            raise error_for(denied, principal.key_mask)
-        unlimited = limits.unlimited
-        if reply[1] == KEY_FULL:  # as the in-process KeySlots answers it
-            error = key_at_capacity(principal)
-            if not unlimited:
-                error.headers = (*error.headers, *headers_for(quota))
-            raise error
-        reservation: Reservation = NO_RESERVATION
-        headers: Headers = ()
-        if not unlimited:
-            telemetry.emit(
-                "ratelimit.check",
-                tenant=principal.tenant,
-                key_mask=principal.key_mask,
-                request_id=request_id,
-                remaining_requests=quota.remaining_requests if quota.limit_requests else None,
-                remaining_tokens=quota.remaining_tokens if quota.limit_tokens else None,
-            )
-            now_us = reply[0]
-            minute = now_us // MINUTE_US
-            reservation = SharedReservation(
-                None,
-                quota,
-                principal.key_id,
-                estimate,
-                minute,
-                limits=limits,
-                minute=minute,
-                hour=now_us // HOUR_US,
-            )
-            headers = headers_for(quota)
+        reservation, headers = admitted(reply, principal, estimate, request_id)
         held = member if reply[3] else None
         if held is not None:
             tenant.held.add(held)
         key_member = None
         if plan.key_max:
             key_member = member
-            self._hold_key(plan.key_slots, member)
+            self.leases.hold_key(plan.key_slots, member)
         slot = RedisSlot(
             self,
             tenant,
@@ -337,12 +292,6 @@ class RedisLimits:
             tenant = self.tenants[name] = RedisTenant(name, f"{self.prefix}slots:{name}")
         return tenant
 
-    def _hold_key(self, key_slots: str, member: bytes) -> None:
-        held = self.key_held.get(key_slots)
-        if held is None:
-            held = self.key_held[key_slots] = set()
-        held.add(member)
-
     # --- settling ------------------------------------------------------------------------------
 
     def reconcile(self, reservation: Reservation, actual_tokens: int | None, now: float) -> None:
@@ -381,45 +330,13 @@ class RedisLimits:
         """Give a tenant slot and/or a key slot back, with the request's tpm settle if any
         (fire-and-forget; the leases cover a lost release)."""
         if key_member is not None:
-            held = self.key_held.get(plan.key_slots)
-            if held is not None:
-                held.discard(key_member)
-                if not held:
-                    del self.key_held[plan.key_slots]
+            self.leases.drop_key(plan.key_slots, key_member)
         self.client.send_encoded(release_payload(plan, member, key_member, settle))
         if member is not None:
             tenant.held.discard(member)
             self.waiting.wake()
 
-    # --- leases --------------------------------------------------------------------------------
-
-    async def renew(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Every ``lease_s / 3``: extend the leases of every slot this process holds."""
-        task_status.started()
-        lease_ms = int(self.lease_s * 1000)
-        gslots = f"{self.prefix}gslots"
-        while True:
-            await trio.sleep(self.lease_s / 3)
-            held: list[tuple[tuple[str, ...], list[bytes]]] = [
-                ((t.key, gslots), list(t.held)) for t in self.tenants.values() if t.held
-            ]
-            held += [((k,), list(members)) for k, members in self.key_held.items()]
-            commands: list[tuple[Any, ...]] = []
-            for keys, members in held:
-                for i in range(0, len(members), 500):
-                    args: tuple[int | bytes, ...] = (lease_ms, *members[i : i + 500])
-                    commands.append(self.client.evalsha_args(RENEW, keys, args))
-            if self.waiting.contending:
-                args2 = (lease_ms, self.process_id, 1)
-                commands.append(
-                    self.client.evalsha_args(WAITING, (f"{self.prefix}waiting",), args2)
-                )
-            if not commands:
-                continue
-            try:
-                await self.client.pipeline(commands)
-            except RedisUnavailable:
-                continue  # the leases may run out; renewal re-adds them when Redis is back
+    # --- leases and shutdown ----------------------------------------------------------------
 
     async def flush(self) -> None:
         """At shutdown: wait (briefly) until the fire-and-forget releases have been sent."""
@@ -436,34 +353,12 @@ class RedisLimits:
             subscriber = Subscriber(self.client, self.channel, self.waiting.on_message)
             await nursery.start(subscriber.run)
             await nursery.start(self.waiting.dispatch)
-            await nursery.start(self.renew)
+            await nursery.start(self.leases.renew)
             for companion in self.companions:
                 await nursery.start(companion)
             task_status.started()
 
     # --- the drainer's view, and /health -------------------------------------------------------
-
-    @property
-    def jobs(self) -> JobCapacity:
-        return self
-
-    def has_capacity(self, tenant: str) -> bool:
-        """No local waiter for ``tenant`` (live requests go first); whether Redis has room
-        is learnt by trying (``job_slot`` waits if it had none)."""
-        if not self.client.up:
-            return not self.fail_closed and self.capacity.has_capacity(tenant)
-        state = self.tenants.get(tenant)
-        return state is None or not state.fifo
-
-    def job_slot(self, tenant: str) -> RedisSlot:
-        state = self._tenant(tenant)
-        return RedisSlot(
-            self, state, self.job_plan(state), False, True, "-", None, None, None, None
-        )
-
-    async def wait_freed(self) -> None:
-        """Until a slot may have freed (spurious wake-ups are allowed, the caller re-checks)."""
-        await self.waiting.wait_freed()
 
     def snapshot(self) -> dict[str, Any]:
         snap = self.capacity.snapshot() if self.falling_back else {}
@@ -474,7 +369,7 @@ class RedisLimits:
             "fallback": self.falling_back,
             "on_unavailable": "fail_closed" if self.fail_closed else "local",
             "held_here": sum(len(t.held) for t in self.tenants.values()),
-            "key_slots_here": sum(len(members) for members in self.key_held.values()),
+            "key_slots_here": self.leases.key_slots_held(),
             "waiting_here": sum(len(t.fifo) for t in self.tenants.values()),
             **({"local": snap} if snap else {}),
         }

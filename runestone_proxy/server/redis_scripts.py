@@ -23,14 +23,27 @@ one horizon after its last write.
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from runestone_proxy import telemetry
+from runestone_proxy.gateway.auth import key_at_capacity
 from runestone_proxy.gateway.rate_window import BUCKETS
-from runestone_proxy.gateway.rate_wire import Headers, headers_for
-from runestone_proxy.gateway.ratelimit import Denied, KeyLimits, Quota, Reservation, Which
+from runestone_proxy.gateway.rate_wire import Headers, error_for, headers_for
+from runestone_proxy.gateway.ratelimit import (
+    NO_RESERVATION,
+    Denied,
+    KeyLimits,
+    Quota,
+    Reservation,
+    Which,
+)
 from runestone_proxy.server.redis_client import Script
+
+if TYPE_CHECKING:
+    from runestone_proxy.gateway.auth import Principal
 
 __all__ = [
     "ACQUIRE",
@@ -42,6 +55,7 @@ __all__ = [
     "Adjust",
     "Settle",
     "SharedReservation",
+    "admitted",
     "cancel_args",
     "decode_admit",
     "reconcile_settle",
@@ -254,6 +268,56 @@ def decode_admit(
     used = (t_m, t_h, t_t)[which - 1]
     retry = float("inf") if wait_us < 0 else wait_us / 1e6
     return quota, Denied(name, retry, limit, used, est_tokens if which == 3 else 1, quota)
+
+
+def admitted(
+    reply: list[int], principal: Principal, estimate: int, request_id: str
+) -> tuple[Reservation, Headers]:
+    """:data:`ACQUIRE`'s reply for a request: its reservation and ``x-ratelimit-*`` headers
+    (with ``ratelimit.check``), or the 429 it earned, raised (a window's, with
+    ``ratelimit.block``; or the key's ``max_concurrent``, as the in-process KeySlots says it)."""
+    limits = principal.limits
+    quota, denied = decode_admit(reply, limits, estimate)
+    if denied is not None:
+        retry = None if math.isinf(denied.retry_after_s) else denied.retry_after_s
+        telemetry.emit(
+            "ratelimit.block",
+            tenant=principal.tenant,
+            key_mask=principal.key_mask,
+            request_id=request_id,
+            limit=denied.which,
+            retry_after_s=retry,
+        )
+        raise error_for(denied, principal.key_mask)
+    unlimited = limits.unlimited
+    if reply[1] == KEY_FULL:
+        error = key_at_capacity(principal)
+        if not unlimited:
+            error.headers = (*error.headers, *headers_for(quota))
+        raise error
+    if unlimited:
+        return NO_RESERVATION, ()
+    telemetry.emit(
+        "ratelimit.check",
+        tenant=principal.tenant,
+        key_mask=principal.key_mask,
+        request_id=request_id,
+        remaining_requests=quota.remaining_requests if quota.limit_requests else None,
+        remaining_tokens=quota.remaining_tokens if quota.limit_tokens else None,
+    )
+    now_us = reply[0]
+    minute = now_us // MINUTE_US
+    reservation = SharedReservation(
+        None,
+        quota,
+        principal.key_id,
+        estimate,
+        minute,
+        limits=limits,
+        minute=minute,
+        hour=now_us // HOUR_US,
+    )
+    return reservation, headers_for(quota)
 
 
 # --- settling a reservation ------------------------------------------------------------------

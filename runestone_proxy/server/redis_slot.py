@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from runestone_proxy.server.redis_scripts import Settle
     from runestone_proxy.server.redis_waiting import RedisTenant
 
-__all__ = ["RedisSlot"]
+__all__ = ["RedisJobs", "RedisSlot"]
 
 
 class RedisSlot:
@@ -150,3 +150,32 @@ class RedisSlot:
         settle, self.settle = self.settle, None
         if member is not None or key_member is not None:
             self.limits.release(self.tenant, self.plan, member, key_member, settle)
+
+
+class RedisJobs:
+    """The overflow drainer's view of the tenants' slots on Redis (a
+    :class:`~runestone_proxy.gateway.capacity.JobCapacity`)."""
+
+    __slots__ = ("limits",)
+
+    def __init__(self, limits: RedisLimits) -> None:
+        self.limits = limits
+
+    def has_capacity(self, tenant: str) -> bool:
+        """No local waiter for ``tenant`` (live requests go first); whether Redis has room
+        is learnt by trying (``job_slot`` waits if it had none)."""
+        limits = self.limits
+        if not limits.client.up:
+            return not limits.fail_closed and limits.capacity.has_capacity(tenant)
+        state = limits.tenants.get(tenant)
+        return state is None or not state.fifo
+
+    def job_slot(self, tenant: str) -> RedisSlot:
+        limits = self.limits
+        state = limits._tenant(tenant)
+        plan = limits.job_plan(state)
+        return RedisSlot(limits, state, plan, False, True, "-", None, None, None, None)
+
+    async def wait_freed(self) -> None:
+        """Until a slot may have freed (spurious wake-ups are allowed, the caller re-checks)."""
+        await self.limits.waiting.wait_freed()
