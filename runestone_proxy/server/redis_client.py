@@ -30,7 +30,8 @@ What it offers (everything the shared-state backend needs, nothing more):
   it was away are lost: pub/sub is at-most-once).
 
 One multiplexed connection carries every command (see :mod:`.redis_conn` for why it is not
-a pool of connections); the subscriber is the second.
+a pool of connections); the subscriber is the second. The URL and the dialing (TCP or
+TLS) are in :mod:`.redis_dial`.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ import hashlib
 import ssl
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import attrs
 import hiredis
@@ -53,6 +53,7 @@ from runestone_proxy.server.redis_conn import (
     Reply,
     pack,
 )
+from runestone_proxy.server.redis_dial import RedisURL, exchange, open_stream
 
 __all__ = [
     "RedisClient",
@@ -71,42 +72,6 @@ BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 2.0
 
 Arg = str | bytes | int | float
-
-
-@attrs.frozen
-class RedisURL:
-    """``redis://[[user]:password@]host[:port][/db]`` or ``rediss://`` (TLS)."""
-
-    host: str
-    port: int = 6379
-    db: int = 0
-    username: str | None = None
-    password: str | None = attrs.field(default=None, repr=False)
-    tls: bool = False
-
-    @classmethod
-    def parse(cls, url: str) -> RedisURL:
-        parts = urlsplit(url)
-        if parts.scheme not in ("redis", "rediss"):
-            raise ValueError("not a redis:// or rediss:// URL")
-        path = parts.path.strip("/")
-        try:
-            db = int(path) if path else 0
-            port = parts.port or 6379
-        except ValueError:
-            raise ValueError("the port and the db (the path) must be numbers") from None
-        return cls(
-            host=parts.hostname or "127.0.0.1",
-            port=port,
-            db=db,
-            username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password is not None else None,
-            tls=parts.scheme == "rediss",
-        )
-
-    def __str__(self) -> str:
-        scheme = "rediss" if self.tls else "redis"
-        return f"{scheme}://{self.host}:{self.port}/{self.db}"
 
 
 @attrs.frozen
@@ -136,45 +101,6 @@ def _check(reply: Reply, what: str) -> Reply:
     if isinstance(reply, hiredis.ReplyError):
         raise RedisError(f"{what}: {reply}")
     return reply
-
-
-async def _open(url: RedisURL, ssl_context: ssl.SSLContext | None) -> trio.abc.Stream:
-    try:
-        stream: trio.abc.Stream = await trio.open_tcp_stream(url.host, url.port)
-    except OSError as exc:
-        raise RedisUnavailable(f"cannot connect to {url}: {exc}") from None
-    if not url.tls:
-        return stream
-    assert ssl_context is not None
-    tls = trio.SSLStream(stream, ssl_context, server_hostname=url.host)
-    try:
-        await tls.do_handshake()
-    except BaseException as exc:
-        with trio.CancelScope(shield=True):
-            await trio.aclose_forcefully(stream)
-        if isinstance(exc, (OSError, trio.BrokenResourceError, ssl.SSLError)):
-            raise RedisUnavailable(f"TLS with {url} failed: {exc}") from None
-        raise
-    return tls
-
-
-async def _exchange(
-    stream: trio.abc.Stream, reader: hiredis.Reader, commands: list[bytes]
-) -> list[Reply]:
-    """Send ``commands`` and read their replies (before the connection is shared)."""
-    try:
-        await stream.send_all(b"".join(commands))
-        replies: list[Reply] = []
-        while len(replies) < len(commands):
-            data = await stream.receive_some(65536)
-            if not data:
-                raise RedisUnavailable("Redis closed the connection during the handshake")
-            reader.feed(data)  # type: ignore[arg-type]  # any buffer will do
-            while (reply := reader.gets()) is not False:
-                replies.append(reply)
-        return replies
-    except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
-        raise RedisUnavailable(f"handshake failed: {exc}") from None
 
 
 @attrs.define(eq=False)
@@ -303,7 +229,7 @@ class RedisClient:
         """A new connection, authenticated, on its db, with the scripts loaded."""
         url = self.url
         with trio.move_on_after(self.timeout_s * 4) as scope:
-            stream = await _open(url, self.ssl_context)
+            stream = await open_stream(url, self.ssl_context)
             try:
                 reader = hiredis.Reader()
                 commands: list[bytes] = []
@@ -316,7 +242,7 @@ class RedisClient:
                     commands.append(pack(("SELECT", url.db)))
                 commands.append(pack(("PING",)))
                 commands += [pack(("SCRIPT", "LOAD", s.source)) for s in self.scripts]
-                for reply in await _exchange(stream, reader, commands):
+                for reply in await exchange(stream, reader, commands):
                     if isinstance(reply, hiredis.ReplyError):
                         # WRONGPASS / NOAUTH / a bad db: Redis answers, but not for us.
                         raise RedisUnavailable(f"{url} refused the handshake: {reply}")
@@ -391,7 +317,7 @@ class Subscriber:
         conn = await self.client.connect()
         stream, reader = conn.stream, conn.reader
         try:
-            replies = await _exchange(stream, reader, [pack(("SUBSCRIBE", self.channel))])
+            replies = await exchange(stream, reader, [pack(("SUBSCRIBE", self.channel))])
             _check(replies[0], "SUBSCRIBE")
             self.on_message(None)
             while True:
