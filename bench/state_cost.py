@@ -152,6 +152,14 @@ def main() -> None:
         help="give the bench key its own max_concurrent (a key slot per request)",
     )
     parser.add_argument(
+        "--redis-cpu",
+        choices=("load", "server"),
+        default="load",
+        help="where redis-server runs: beside the fake upstream (default; it then slows the "
+        "upstream, so streams arrive in more pieces) or on the gateway's CPU (its CPU is not "
+        "the gateway thread's, which is what is measured)",
+    )
+    parser.add_argument(
         "--timeout-s",
         type=float,
         default=0.5,
@@ -163,14 +171,14 @@ def main() -> None:
     redis_bin = shutil.which("redis-server")
     if redis_bin is None:
         sys.exit("redis-server is not installed")
-    _, load_cpu = bench_cpus()
+    server_cpu, load_cpu = bench_cpus()
     with tempfile.TemporaryDirectory(prefix="state_cost-") as tmp:
         workdir = Path(tmp)
         port = _free_port()
         redis = subprocess.Popen(
             [redis_bin, "--bind", HOST, "--port", str(port), "--save", "", "--dir", tmp],
             stdout=subprocess.DEVNULL,
-            preexec_fn=pin_to(load_cpu),
+            preexec_fn=pin_to(server_cpu if args.redis_cpu == "server" else load_cpu),
         )
         argv = [sys.executable, "-m", "bench.upstream", "--host", HOST, "--port", "0"]
         argv += ["--chunks", str(args.chunks), "--pacing-ms", str(args.pacing_ms)]
@@ -227,6 +235,7 @@ def main() -> None:
     print(f"{kind}, {args.tasks} tasks, gateway thread CPU per request (median of {args.repeats})")
     if args.only is not None:
         print(f"  {args.only} {statistics.median(runs[args.only]):8.1f} us")
+        print(f"  {args.only}: statuses {dict(statuses[args.only])}")
         return
     local, shared = statistics.median(runs["local"]), statistics.median(runs["redis"])
     print(f"  local  {local:8.1f} us   runs {', '.join(f'{r:.1f}' for r in runs['local'])}")
