@@ -11,6 +11,10 @@ repeats) for each, the ratio, and redis-server's own CPU per request (``/proc``)
 gateway's figure does not include. ``--stream`` streams (``--chunks``, ``--pacing-ms``).
 
     /work/venv/bin/python -m bench.state_cost [--tasks 64] [--repeats 5] [--stream]
+
+``--only local|redis`` builds and runs one app (one backend per callgrind run, see
+bench/README.md); ``--key-max-concurrent N`` gives the key its own cap, so each request
+also takes a key slot; ``--timeout-s`` is ``[state] timeout_s`` (raise it under valgrind).
 """
 
 from __future__ import annotations
@@ -137,20 +141,44 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=STREAM_CHUNKS)
     parser.add_argument("--pacing-ms", type=float, default=0.0)
     parser.add_argument("--profile", help="write a cProfile of one more Redis batch")
+    parser.add_argument(
+        "--only",
+        choices=("local", "redis"),
+        help="build and run one app only (for callgrind: one backend per run)",
+    )
+    parser.add_argument(
+        "--key-max-concurrent",
+        type=int,
+        help="give the bench key its own max_concurrent (a key slot per request)",
+    )
+    parser.add_argument(
+        "--redis-cpu",
+        choices=("load", "server"),
+        default="load",
+        help="where redis-server runs: beside the fake upstream (default; it then slows the "
+        "upstream, so streams arrive in more pieces) or on the gateway's CPU (its CPU is not "
+        "the gateway thread's, which is what is measured)",
+    )
+    parser.add_argument(
+        "--timeout-s",
+        type=float,
+        default=0.5,
+        help="[state] timeout_s (raise it under valgrind, where a reply may wait longer)",
+    )
     args = parser.parse_args()
     if args.profile:
         PROFILE.append(args.profile)
     redis_bin = shutil.which("redis-server")
     if redis_bin is None:
         sys.exit("redis-server is not installed")
-    _, load_cpu = bench_cpus()
+    server_cpu, load_cpu = bench_cpus()
     with tempfile.TemporaryDirectory(prefix="state_cost-") as tmp:
         workdir = Path(tmp)
         port = _free_port()
         redis = subprocess.Popen(
             [redis_bin, "--bind", HOST, "--port", str(port), "--save", "", "--dir", tmp],
             stdout=subprocess.DEVNULL,
-            preexec_fn=pin_to(load_cpu),
+            preexec_fn=pin_to(server_cpu if args.redis_cpu == "server" else load_cpu),
         )
         argv = [sys.executable, "-m", "bench.upstream", "--host", HOST, "--port", "0"]
         argv += ["--chunks", str(args.chunks), "--pacing-ms", str(args.pacing_ms)]
@@ -167,14 +195,20 @@ def main() -> None:
                         raise
                     time.sleep(0.02)
             apps = {}
-            for name, extra in (
-                ("local", ""),
-                ("redis", f'\n[state]\nbackend = "redis"\nurl = "redis://{HOST}:{port}/0"\n'),
-            ):
+            auth = AUTH_CONFIG
+            if args.key_max_concurrent is not None:
+                auth += f"max_concurrent = {args.key_max_concurrent}\n"
+            redis_state = (
+                f'\n[state]\nbackend = "redis"\nurl = "redis://{HOST}:{port}/0"\n'
+                f"timeout_s = {args.timeout_s}\n"
+            )
+            for name, extra in (("local", ""), ("redis", redis_state)):
+                if args.only is not None and name != args.only:
+                    continue
                 state_dir = workdir / name
                 state_dir.mkdir()
                 path = state_dir / "gateway.toml"
-                path.write_text(PROXY_CONFIG.format(upstream=upstream.port) + AUTH_CONFIG + extra)
+                path.write_text(PROXY_CONFIG.format(upstream=upstream.port) + auth + extra)
                 env = {
                     **GATEWAY_ENV,
                     "RUNESTONE_AUTH_ENABLED": "true",
@@ -197,9 +231,13 @@ def main() -> None:
             upstream.stop()
             redis.kill()
             redis.wait()
-    local, shared = statistics.median(runs["local"]), statistics.median(runs["redis"])
     kind = "stream" if args.stream else "whole"
     print(f"{kind}, {args.tasks} tasks, gateway thread CPU per request (median of {args.repeats})")
+    if args.only is not None:
+        print(f"  {args.only} {statistics.median(runs[args.only]):8.1f} us")
+        print(f"  {args.only}: statuses {dict(statuses[args.only])}")
+        return
+    local, shared = statistics.median(runs["local"]), statistics.median(runs["redis"])
     print(f"  local  {local:8.1f} us   runs {', '.join(f'{r:.1f}' for r in runs['local'])}")
     print(f"  redis  {shared:8.1f} us   runs {', '.join(f'{r:.1f}' for r in runs['redis'])}")
     print(f"  redis / local = {shared / local:.3f}x (+{shared - local:.1f} us)")

@@ -5,7 +5,9 @@ the provider call.
 
 1. the key's rate limits reserve the request (RPM/RPH, the TPM estimate), and a key with
    its own ``max_concurrent`` takes one of its slots (429 when they are all taken; given
-   back when the block is left, whatever the way out);
+   back when the block is left, whatever the way out): in this process's
+   :class:`~.auth.KeySlots`, or fleet-wide by the shared backend's admission itself (its
+   slot says so: ``key_slot_done``);
 2. an ``Idempotency-Key`` the tenant already used answers with the job it made then
    (``parked`` is that job, marked replayed): a retry never runs twice, live or queued;
 3. the budgets of the key and its tenant reserve the request's estimated cost
@@ -97,7 +99,8 @@ class Admission:
             principal, gen.body, gen.output_tokens, gen.request_id, gen.wants_async
         )
         try:
-            self.key_slot = service.key_slots.acquire(principal)
+            if not slot.key_slot_done:  # else a shared backend took it with the tenant's
+                self.key_slot = service.key_slots.acquire(principal)
             store = service.store
             if store is not None and gen.idempotency_key is not None:
                 twin = await self._replay(store)

@@ -17,7 +17,8 @@ in the config table first, so a config key wins a digest clash. A runtime record
 ``expires_at`` (a rotated key's old secret, valid for a grace), checked per request.
 Creating the first runtime key closes a gateway that ran open for want of keys.
 
-:class:`KeySlots` is a key's own ``max_concurrent``: a counter per key id, in this process.
+:class:`KeySlots` is a key's own ``max_concurrent``: a counter per key id, in this process
+(the Redis state backend holds it fleet-wide instead: ``server/redis_limits.py``).
 """
 
 from __future__ import annotations
@@ -196,10 +197,21 @@ def presented_key(authorization: bytes | None, x_api_key: bytes | None) -> str |
     return None
 
 
+def key_at_capacity(principal: Principal) -> RateLimited:
+    """The 429 for a key whose ``max_concurrent`` requests are all in flight (in this process,
+    or across the fleet on the Redis state backend)."""
+    return RateLimited(
+        f"Too many concurrent requests for API key {principal.key_mask}: its limit is "
+        f"{principal.max_concurrent} in flight. Retry when one of them has finished.",
+        retry_after_s=1,
+    )
+
+
 @attrs.define(eq=False)
 class KeySlots:
-    """Requests in flight per key id, for keys with ``max_concurrent`` (this process only:
-    a fleet's per-key share is its tenants' capacity, which the shared state holds)."""
+    """Requests in flight per key id, for keys with ``max_concurrent``, in this process (on
+    the Redis state backend the shared limits count them instead, fleet-wide; this counts
+    only the requests admitted while it falls back to local limits)."""
 
     in_flight: dict[str, int] = attrs.Factory(dict)
 
@@ -211,11 +223,7 @@ class KeySlots:
             return False
         held = self.in_flight.get(principal.key_id, 0)
         if held >= cap:
-            raise RateLimited(
-                f"Too many concurrent requests for API key {principal.key_mask}: its limit is "
-                f"{cap} in flight. Retry when one of them has finished.",
-                retry_after_s=1,
-            )
+            raise key_at_capacity(principal)
         self.in_flight[principal.key_id] = held + 1
         return True
 

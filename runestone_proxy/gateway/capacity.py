@@ -394,6 +394,9 @@ class Slot:
         "wants_async",
     )
 
+    #: The key's own ``max_concurrent`` is admission's to take (in this process).
+    key_slot_done = False
+
     def __init__(
         self,
         capacity: Capacity,

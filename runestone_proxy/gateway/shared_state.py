@@ -17,7 +17,10 @@ key's windows (or raises its 429) and returns, with the reservation and the
 ``__aenter__`` returns the decision it carried out (:class:`~.limits.Admit`,
 :class:`~.limits.Wait` -> a slot is held for the block; :class:`~.limits.Enqueue` -> none is;
 a reject raises 429). The shared backend has already tried to take the slot in that same
-round trip, so entering it costs nothing more when there was room. Leaving the slot's block
+round trip, so entering it costs nothing more when there was room. It also takes the key's
+own ``max_concurrent`` slot there (exact across the fleet; 429 when they are all taken),
+held by the returned block (``key_slot_done``); the in-process limits leave that to
+admission's :class:`~.auth.KeySlots`, as before. Leaving the slot's block
 releases it; a slot that was never entered must still be exited (it may hold a slot taken
 ahead: a replayed ``Idempotency-Key`` gives it back that way).
 
@@ -45,7 +48,17 @@ if TYPE_CHECKING:
 
 __all__ = ["Admitted", "Limits", "LocalLimits", "SlotBlock"]
 
-SlotBlock = AbstractAsyncContextManager[Decision]
+
+class SlotBlock(AbstractAsyncContextManager[Decision], Protocol):
+    """The tenant's slot :meth:`Limits.admit` returns, to enter for the request's block."""
+
+    @property
+    def key_slot_done(self) -> bool:
+        """True when the backend has already held the key to its own ``max_concurrent``
+        (the slot of the key, if it has one, is held by this block and goes with it);
+        False: admission takes it in this process (:class:`~.auth.KeySlots`)."""
+
+
 #: What :meth:`Limits.admit` returns: the reservation, its headers, the tenant's slot.
 Admitted = tuple[Reservation, Headers, SlotBlock]
 

@@ -20,9 +20,14 @@ How this works
 - A caller cancelled while parked leaves its slot in ``pending`` with no task: the reply,
   when it comes, goes to the slot's ``orphan`` callback (the slots backend uses it to give
   back a concurrency slot that was granted to a request that had gone), or is dropped.
+- A fire-and-forget script answered ``NOSCRIPT`` (the server's script cache was flushed
+  since connect) goes to ``on_noscript`` with its payload: the client loads the scripts
+  again and resends it (so no caller keeps its arguments around for that rare case).
 - Deadlines: replies come in order, so only the oldest pending slot's age matters. The
-  watchdog task fails the connection when that slot is older than ``timeout_s``; every
-  parked caller then gets :class:`RedisUnavailable`. No cancel scope per call.
+  watchdog task looks every ``timeout_s / 4`` and fails the connection when the same slot
+  has been the oldest for ``timeout_s`` (so a reply is given up on after ``timeout_s`` to
+  ``1.25 * timeout_s``); every parked caller then gets :class:`RedisUnavailable`. No cancel
+  scope and no clock reading per call.
 - Any failure (EOF, reset, TLS error, protocol error, timeout) is final for the connection:
   every pending caller is woken with :class:`RedisUnavailable` and :meth:`serve` returns.
   The client (:mod:`.redis_client`) reconnects with backoff.
@@ -60,31 +65,43 @@ class RedisError(Exception):
 
 
 class _Slot:
-    """Where the replies of one submitted command (or pipeline of ``n``) go."""
+    """Where the replies of one submitted command (or pipeline of ``n``) go. ``payload``
+    is kept for a fire-and-forget script only (resent after a ``NOSCRIPT``)."""
 
-    __slots__ = ("n", "orphan", "replies", "since", "task")
+    __slots__ = ("n", "orphan", "payload", "replies", "task")
 
     def __init__(
         self,
         task: trio.lowlevel.Task | None,
         n: int,
-        since: float,
         orphan: Callable[[Reply], None] | None,
+        payload: bytes | None,
     ) -> None:
         self.task = task
         self.n = n
-        self.since = since
         self.orphan = orphan
+        self.payload = payload
         self.replies: list[Reply] | None = [] if n > 1 else None
+
+    def abort(self, _: Any) -> trio.lowlevel.Abort:
+        self.task = None  # the reply will go to self.orphan
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 class Connection:
     """A connected (and authenticated) stream, shared by every caller. See the module doc."""
 
-    def __init__(self, stream: trio.abc.Stream, timeout_s: float, reader: hiredis.Reader) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        timeout_s: float,
+        reader: hiredis.Reader,
+        on_noscript: Callable[[bytes], None] | None = None,
+    ) -> None:
         self.stream = stream
         self.timeout_s = timeout_s
         self.reader = reader
+        self.on_noscript = on_noscript
         self.pending: deque[_Slot] = deque()
         self.out: list[bytes] = []
         self.broken: str | None = None
@@ -99,13 +116,15 @@ class Connection:
         *,
         wait: bool = True,
         orphan: Callable[[Reply], None] | None = None,
+        script: bool = False,
     ) -> _Slot:
         """Queue ``payload`` (``n`` packed commands); ``wait`` False: nobody waits for the
-        replies (fire-and-forget; ``orphan`` still sees them)."""
+        replies (fire-and-forget; ``orphan`` still sees them). ``script``: a fire-and-forget
+        ``EVALSHA``, resent through ``on_noscript`` if the server answers ``NOSCRIPT``."""
         if self.broken is not None:
             raise RedisUnavailable(self.broken)
         task = trio.lowlevel.current_task() if wait else None
-        slot = _Slot(task, n, trio.current_time(), orphan)
+        slot = _Slot(task, n, orphan, payload if script else None)
         self.out.append(payload)
         self.pending.append(slot)
         if self._writer:
@@ -115,12 +134,7 @@ class Connection:
     async def wait(self, slot: _Slot) -> Reply:
         """The reply (a list for ``n > 1``) to ``slot``; :class:`RedisUnavailable` if the
         connection fails first."""
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            slot.task = None  # the reply will go to slot.orphan
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        return await trio.lowlevel.wait_task_rescheduled(abort)
+        return await trio.lowlevel.wait_task_rescheduled(slot.abort)
 
     # --- the connection's tasks ---------------------------------------------------------------
 
@@ -189,20 +203,28 @@ class Connection:
                         reschedule(slot.task, value(reply))
                     elif slot.orphan is not None:
                         slot.orphan(reply)
+                    elif slot.payload is not None and type(reply) is hiredis.ReplyError:
+                        self._noscript(slot.payload, reply)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._break(f"read failed: {exc!r}", scope)
         except hiredis.ProtocolError as exc:
             self._break(f"protocol error: {exc}", scope)
 
+    def _noscript(self, payload: bytes, reply: hiredis.ReplyError) -> None:
+        if self.on_noscript is not None and str(reply).startswith("NOSCRIPT"):
+            self.on_noscript(payload)
+
     async def _watch(self, scope: trio.CancelScope) -> None:
-        """Fail the connection when its oldest unanswered command is older than timeout_s."""
+        """Fail the connection when the same command has been its oldest unanswered one
+        for ``timeout_s`` (looked at every ``timeout_s / 4``: see the module docstring)."""
         timeout = self.timeout_s
+        oldest: _Slot | None = None
+        since = 0.0
         while True:
-            if self.pending:
-                overdue = self.pending[0].since + timeout - trio.current_time()
-                if overdue <= 0:
-                    self._break(f"no reply within {timeout:g}s", scope)
-                    return
-                await trio.sleep(min(overdue, timeout / 2) + 0.001)
-            else:
-                await trio.sleep(timeout / 2)
+            await trio.sleep(timeout / 4)
+            head = self.pending[0] if self.pending else None
+            if head is None or head is not oldest:
+                oldest, since = head, trio.current_time()
+            elif trio.current_time() - since >= timeout:
+                self._break(f"no reply within {timeout:g}s", scope)
+                return

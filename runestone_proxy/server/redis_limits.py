@@ -6,10 +6,13 @@ when ``[state] backend = "redis"``; the scripts and keys are in :mod:`.redis_scr
 The round trips of one request
 ------------------------------
 - Admission: one ``EVALSHA`` (:data:`~.redis_scripts.ACQUIRE`) charges the key's rpm/rph/tpm
-  windows and, when they allow it, takes a tenant slot (a lease) in the same atomic step.
-- Release: one fire-and-forget ``EVALSHA`` (:data:`~.redis_scripts.RELEASE`): queued on the
-  connection, nobody waits for its reply. If it is lost (Redis went away first), the
-  lease runs out within ``lease_s``: the lease is the safety net.
+  windows and, when they allow it, takes the key's own slot (when the key has a
+  ``max_concurrent``) and a tenant slot (leases) in the same atomic step.
+- Release: one fire-and-forget ``EVALSHA`` (:data:`~.redis_scripts.RELEASE`) gives both
+  back: queued on the connection, nobody waits for its reply. If it is lost (Redis went
+  away first), the leases run out within ``lease_s``: the lease is the safety net.
+- Both are encoded once per (tenant, key) (:mod:`.redis_commands`); a request appends its
+  member and estimate.
 - The tpm settle of a served request (only when the key has a tpm limit and the usage
   differs from the estimate) rides on that release: admission settles before it leaves the
   slot, :meth:`RedisLimits.reconcile` leaves the ``ADJUST`` arguments on the slot, and the
@@ -22,11 +25,10 @@ out together (:mod:`.redis_conn`).
 Slots are leases
 ----------------
 A slot is a member of the tenant's sorted set (and of the global one) scored by its
-expiry. The renewal task extends every slot this process holds each ``lease_s / 3``, so a
-process that dies (SIGKILL, a lost host) stops renewing and its slots come back within
-``lease_s``. A renewal re-adds a slot that an outage longer than the lease let expire: the
-request is still running, so it counts again (the tenant may briefly show more than its cap
-right after such an outage; nothing new is admitted until it is back under).
+expiry; a key's own slot is the same member in the key's set. :mod:`.redis_leases` renews
+every slot this process holds, so a process that dies (SIGKILL, a lost host) gives them
+back within ``lease_s``. A request whose task is cancelled while its ``ACQUIRE`` is in
+flight gives back, when the reply comes, what the script took for it.
 
 Waiting across processes
 ------------------------
@@ -44,7 +46,6 @@ Redis answers again (``state.recovered``); slots taken locally are released loca
 from __future__ import annotations
 
 import itertools
-import math
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -56,32 +57,39 @@ import trio
 from runestone_proxy import telemetry
 from runestone_proxy.config import Config
 from runestone_proxy.errors import ServiceUnavailable
-from runestone_proxy.gateway.capacity import Capacity, JobCapacity
-from runestone_proxy.gateway.rate_wire import Headers, error_for, headers_for
+from runestone_proxy.gateway.capacity import Capacity
+from runestone_proxy.gateway.rate_wire import Headers
 from runestone_proxy.gateway.ratelimit import (
-    NO_RESERVATION,
+    UNLIMITED,
     KeyLimits,
     RateLimiter,
     Reservation,
 )
 from runestone_proxy.gateway.shared_state import Admitted, LocalLimits
 from runestone_proxy.gateway.token_estimate import estimate_tokens
-from runestone_proxy.server.redis_client import RedisClient, RedisUnavailable, Script, Subscriber
+from runestone_proxy.server.redis_client import (
+    RedisClient,
+    RedisUnavailable,
+    Reply,
+    Script,
+    Subscriber,
+)
+from runestone_proxy.server.redis_commands import Plan, acquire_payload, release_payload
+from runestone_proxy.server.redis_leases import Leases
 from runestone_proxy.server.redis_scripts import (
     ACQUIRE,
     ADJUST,
-    HOUR_US,
-    MINUTE_US,
     RELEASE,
     RENEW,
     WAITING,
-    Adjust,
+    Settle,
     SharedReservation,
+    admitted,
     cancel_args,
-    decode_admit,
-    reconcile_args,
+    reconcile_settle,
+    settle_args,
 )
-from runestone_proxy.server.redis_slot import RedisSlot
+from runestone_proxy.server.redis_slot import RedisJobs, RedisSlot
 from runestone_proxy.server.redis_waiting import RedisTenant, Waiting
 
 if TYPE_CHECKING:
@@ -90,6 +98,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("runestone.state")
 
 _RETRY_AFTER = ((b"retry-after", b"1"),)
+#: Plans kept at most (keys come and go): past it they are all rebuilt on demand.
+_MAX_PLANS = 65536
 
 
 @attrs.define(eq=False)
@@ -108,14 +118,23 @@ class RedisLimits:
     _seq: itertools.count[int] = attrs.Factory(itertools.count)
     #: The waiters of this process, and the dispatcher that hands them slots.
     waiting: Waiting = attrs.field(init=False)
-    #: ACQUIRE's keys by (tenant's slots key, key id): built once, not per request.
-    _keys: dict[tuple[str, str], tuple[str, ...]] = attrs.Factory(dict)
+    #: The key slots held here, and the renewal of every slot held here.
+    leases: Leases = attrs.field(init=False)
+    #: The overflow drainer's view.
+    jobs: RedisJobs = attrs.field(init=False)
+    #: ACQUIRE and RELEASE encoded by (tenant's slots key, key id): built once, not per
+    #: request (:mod:`.redis_commands`).
+    _plans: dict[tuple[str, str], Plan] = attrs.Factory(dict)
+    _member_prefix: bytes = attrs.field(init=False)
     #: Other users of the connection with a task of their own (the budgets' renewal),
     #: started with the rest in :meth:`run`.
     companions: list[Callable[..., Awaitable[None]]] = attrs.Factory(list)
 
     def __attrs_post_init__(self) -> None:
         self.waiting = Waiting(self)
+        self.leases = Leases(self)
+        self.jobs = RedisJobs(self)
+        self._member_prefix = self.process_id.encode() + b":"
 
     @classmethod
     def build(cls, config: Config, local: LocalLimits, client: RedisClient) -> RedisLimits:
@@ -146,84 +165,86 @@ class RedisLimits:
         request_id: str,
         wants_async: bool,
     ) -> Admitted:
-        if not self.client.up:
+        conn = self.client.conn
+        if conn is None or conn.broken is not None:
             return await self._unavailable(principal, body, output_tokens, request_id, wants_async)
         limits = principal.limits
         estimate = estimate_tokens(body, output_tokens) if limits.tpm else 0
-        tenant = self._tenant(principal.tenant)
-        member = "" if tenant.fifo else self.member()
+        tenant = self.tenants.get(principal.tenant) or self._tenant(principal.tenant)
+        plan = self.plan(tenant, principal.key_id, limits, principal.max_concurrent or 0)
+        member = self.member()
         try:
-            reply = await self.acquire(tenant, member, limits, principal.key_id, estimate)
+            reply = await self.acquire(plan, member, estimate, not tenant.fifo, tenant)
         except RedisUnavailable:
             return await self._unavailable(principal, body, output_tokens, request_id, wants_async)
-        decoded = decode_admit(reply, limits, estimate)
-        denied = decoded.denied
-        fields = {
-            "tenant": principal.tenant,
-            "key_mask": principal.key_mask,
-            "request_id": request_id,
-        }
-        if denied is not None:
-            retry = None if math.isinf(denied.retry_after_s) else denied.retry_after_s
-            telemetry.emit("ratelimit.block", **fields, limit=denied.which, retry_after_s=retry)
-            raise error_for(denied, principal.key_mask)
-        reservation: Reservation = NO_RESERVATION
-        headers: Headers = ()
-        if not limits.unlimited:
-            quota = decoded.quota
-            telemetry.emit(
-                "ratelimit.check",
-                **fields,
-                remaining_requests=quota.remaining_requests if quota.limit_requests else None,
-                remaining_tokens=quota.remaining_tokens if quota.limit_tokens else None,
-            )
-            now_us = decoded.now_us
-            reservation = SharedReservation(
-                None,
-                quota,
-                principal.key_id,
-                estimate,
-                now_us // MINUTE_US,
-                limits=limits,
-                minute=now_us // MINUTE_US,
-                hour=now_us // HOUR_US,
-            )
-            headers = headers_for(quota)
-        held = member if decoded.granted else None
+        reservation, headers = admitted(reply, principal, estimate, request_id)
+        held = member if reply[3] else None
         if held is not None:
             tenant.held.add(held)
-        view = (decoded.tenant_count, decoded.global_count)
+        key_member = None
+        if plan.key_max:
+            key_member = member
+            self.leases.hold_key(plan.key_slots, member)
         slot = RedisSlot(
-            self, tenant, wants_async, False, principal.key_mask, request_id, held, view
+            self,
+            tenant,
+            plan,
+            wants_async,
+            False,
+            principal.key_mask,
+            request_id,
+            held,
+            key_member,
+            (reply[4], reply[5]),
         )
         if type(reservation) is SharedReservation:
             reservation.slot = slot
         return reservation, headers, slot
 
-    async def acquire(
-        self, tenant: RedisTenant, member: str, limits: KeyLimits, key_id: str, estimate: int
-    ) -> list[int]:
+    def plan(self, tenant: RedisTenant, key_id: str, limits: KeyLimits, key_max: int) -> Plan:
+        """The encoded commands for ``key_id`` in ``tenant`` under these limits."""
         cap = self.capacity
         tenant_limits = cap.configured.get(tenant.name, cap.default_limits)
-        keys = self._keys.get((tenant.key, key_id))
-        if keys is None:
-            if len(self._keys) >= 65536:  # bounded (keys come and go): rebuilt on demand
-                self._keys.clear()
-            rl = f"{self.prefix}rl:{key_id}:"
-            keys = (tenant.key, f"{self.prefix}gslots", f"{rl}rpm", f"{rl}rph", f"{rl}tpm")
-            self._keys[tenant.key, key_id] = keys
-        args = (
-            int(self.lease_s * 1000),
-            member,
-            tenant_limits.max_concurrent,
-            cap.max_concurrent,
-            limits.rpm or 0,
-            limits.rph or 0,
-            limits.tpm or 0,
-            estimate,
-        )
-        reply: list[int] = await self.client.evalsha(ACQUIRE, keys, args)
-        return reply
+        plan = self._plans.get((tenant.key, key_id))
+        if plan is None or not plan.fits(limits, tenant_limits, cap.max_concurrent, key_max):
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            plan = Plan(
+                self.prefix,
+                tenant.key,
+                key_id,
+                limits,
+                tenant_limits,
+                cap.max_concurrent,
+                key_max,
+                int(self.lease_s * 1000),
+                tenant.name,
+            )
+            self._plans[tenant.key, key_id] = plan
+        return plan
+
+    def job_plan(self, tenant: RedisTenant) -> Plan:
+        """The commands for a tenant slot alone (a queued job, a waiter): no key, no window."""
+        return self.plan(tenant, "-", UNLIMITED, 0)
+
+    async def acquire(
+        self, plan: Plan, member: bytes, estimate: int, try_tenant: bool, tenant: RedisTenant
+    ) -> list[int]:
+        """Run ACQUIRE for ``member``. If the caller is cancelled before the reply comes,
+        what the script took for it is given back when it does."""
+
+        def orphan(reply: Reply) -> None:
+            if type(reply) is list and reply[1] == 0:
+                held = member if reply[3] else None
+                key_member = member if plan.key_max else None
+                if held is not None or key_member is not None:
+                    self.release(tenant, plan, held, key_member)
+
+        payload = acquire_payload(plan, member, estimate, try_tenant)
+        reply = await self.client.call_encoded(payload, orphan)
+        if type(reply) is not list:  # an error reply: NOSCRIPT is recovered from
+            reply = await self.client.recover_encoded(reply, payload, orphan)
+        return reply  # type: ignore[no-any-return]  # ACQUIRE's list of integers
 
     async def _unavailable(
         self,
@@ -258,9 +279,9 @@ class RedisLimits:
             telemetry.emit("state.recovered", backend="redis")
         self.waiting.wake()
 
-    def member(self) -> str:
+    def member(self) -> bytes:
         """A new slot member's name: this process's id and a sequence number."""
-        return f"{self.process_id}:{next(self._seq)}"
+        return b"%b%d" % (self._member_prefix, next(self._seq))
 
     def _tenant(self, name: str) -> RedisTenant:
         tenant = self.tenants.get(name)
@@ -277,14 +298,14 @@ class RedisLimits:
         if type(reservation) is not SharedReservation:
             self.local.reconcile(reservation, actual_tokens, now)
             return
-        adjust = reconcile_args(reservation, actual_tokens, self.prefix)
-        if adjust is None:
+        settle = reconcile_settle(reservation, actual_tokens)
+        if settle is None:
             return
         slot = reservation.slot
-        if slot is not None and slot.held is not None:  # sent with the slot's release
-            slot.adjust = adjust
+        if slot is not None and (slot.held is not None or slot.key_member is not None):
+            slot.settle = settle  # sent with the slots' release
         else:
-            self.send(ADJUST, *adjust)
+            self.send(ADJUST, *settle_args(reservation, settle, self.prefix))
 
     def cancel(self, reservation: Reservation, limits: KeyLimits, now: float) -> Headers:
         if type(reservation) is not SharedReservation:
@@ -298,48 +319,24 @@ class RedisLimits:
         """Fire-and-forget a script (lost if Redis is down: the leases cover it)."""
         self.client.send_script(script, keys, args)
 
-    def release(self, tenant: RedisTenant, member: str, adjust: Adjust | None = None) -> None:
-        """Give a slot back, with the request's window settling if any (fire-and-forget;
-        the lease covers a lost release)."""
-        tenant.held.discard(member)
-        keys = [tenant.key, f"{self.prefix}gslots", f"{self.prefix}waiting"]
-        args: list[str | int] = [member, self.channel, tenant.name]
-        if adjust is not None:
-            keys += adjust[0]
-            args += adjust[1]
-        self.send(RELEASE, keys, args)
-        self.waiting.wake()
+    def release(
+        self,
+        tenant: RedisTenant,
+        plan: Plan,
+        member: bytes | None,
+        key_member: bytes | None,
+        settle: Settle | None = None,
+    ) -> None:
+        """Give a tenant slot and/or a key slot back, with the request's tpm settle if any
+        (fire-and-forget; the leases cover a lost release)."""
+        if key_member is not None:
+            self.leases.drop_key(plan.key_slots, key_member)
+        self.client.send_encoded(release_payload(plan, member, key_member, settle))
+        if member is not None:
+            tenant.held.discard(member)
+            self.waiting.wake()
 
-    def adjust(self, adjust: Adjust) -> None:
-        """Settle window counts (fire-and-forget)."""
-        self.send(ADJUST, *adjust)
-
-    # --- leases --------------------------------------------------------------------------------
-
-    async def renew(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Every ``lease_s / 3``: extend the leases of every slot this process holds."""
-        task_status.started()
-        lease_ms = int(self.lease_s * 1000)
-        while True:
-            await trio.sleep(self.lease_s / 3)
-            commands: list[tuple[Any, ...]] = []
-            for tenant in self.tenants.values():
-                held = list(tenant.held)
-                for i in range(0, len(held), 500):
-                    keys = (tenant.key, f"{self.prefix}gslots")
-                    args: tuple[int | str, ...] = (lease_ms, *held[i : i + 500])
-                    commands.append(self.client.evalsha_args(RENEW, keys, args))
-            if self.waiting.contending:
-                args2 = (lease_ms, self.process_id, 1)
-                commands.append(
-                    self.client.evalsha_args(WAITING, (f"{self.prefix}waiting",), args2)
-                )
-            if not commands:
-                continue
-            try:
-                await self.client.pipeline(commands)
-            except RedisUnavailable:
-                continue  # the leases may run out; renewal re-adds them when Redis is back
+    # --- leases and shutdown ----------------------------------------------------------------
 
     async def flush(self) -> None:
         """At shutdown: wait (briefly) until the fire-and-forget releases have been sent."""
@@ -356,31 +353,12 @@ class RedisLimits:
             subscriber = Subscriber(self.client, self.channel, self.waiting.on_message)
             await nursery.start(subscriber.run)
             await nursery.start(self.waiting.dispatch)
-            await nursery.start(self.renew)
+            await nursery.start(self.leases.renew)
             for companion in self.companions:
                 await nursery.start(companion)
             task_status.started()
 
     # --- the drainer's view, and /health -------------------------------------------------------
-
-    @property
-    def jobs(self) -> JobCapacity:
-        return self
-
-    def has_capacity(self, tenant: str) -> bool:
-        """No local waiter for ``tenant`` (live requests go first); whether Redis has room
-        is learnt by trying (``job_slot`` waits if it had none)."""
-        if not self.client.up:
-            return not self.fail_closed and self.capacity.has_capacity(tenant)
-        state = self.tenants.get(tenant)
-        return state is None or not state.fifo
-
-    def job_slot(self, tenant: str) -> RedisSlot:
-        return RedisSlot(self, self._tenant(tenant), False, True, "-", None, None, None)
-
-    async def wait_freed(self) -> None:
-        """Until a slot may have freed (spurious wake-ups are allowed, the caller re-checks)."""
-        await self.waiting.wait_freed()
 
     def snapshot(self) -> dict[str, Any]:
         snap = self.capacity.snapshot() if self.falling_back else {}
@@ -391,6 +369,7 @@ class RedisLimits:
             "fallback": self.falling_back,
             "on_unavailable": "fail_closed" if self.fail_closed else "local",
             "held_here": sum(len(t.held) for t in self.tenants.values()),
+            "key_slots_here": self.leases.key_slots_held(),
             "waiting_here": sum(len(t.fifo) for t in self.tenants.values()),
             **({"local": snap} if snap else {}),
         }

@@ -29,7 +29,6 @@ import outcome
 import trio
 
 from runestone_proxy.errors import ServiceUnavailable
-from runestone_proxy.gateway.ratelimit import KeyLimits
 from runestone_proxy.server.redis_client import RedisUnavailable
 from runestone_proxy.server.redis_scripts import WAITING
 
@@ -47,7 +46,7 @@ _RETRY_AFTER = ((b"retry-after", b"1"),)
 class _Waiter:
     task: trio.lowlevel.Task
     seq: int
-    member: str | None = None
+    member: bytes | None = None
 
 
 @attrs.define(eq=False, slots=True)
@@ -56,7 +55,7 @@ class RedisTenant:
 
     name: str
     key: str
-    held: set[str] = attrs.Factory(set)
+    held: set[bytes] = attrs.Factory(set)
     fifo: deque[_Waiter] = attrs.Factory(deque)
 
 
@@ -72,7 +71,7 @@ class Waiting:
     _freed: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
     _seq: int = 0
 
-    async def wait(self, tenant: RedisTenant, max_wait_s: float) -> str | None:
+    async def wait(self, tenant: RedisTenant, max_wait_s: float) -> bytes | None:
         """Park in the tenant's FIFO until the dispatcher hands over a slot (its member), or
         ``max_wait_s`` passes (None)."""
         self._seq += 1
@@ -94,7 +93,7 @@ class Waiting:
             try:
                 await trio.lowlevel.checkpoint_if_cancelled()
             except BaseException:
-                self.limits.release(tenant, member)
+                self.limits.release(tenant, self.limits.job_plan(tenant), member, None)
                 raise
         return member
 
@@ -136,10 +135,11 @@ class Waiting:
 
     async def _serve_fifo(self, tenant: RedisTenant) -> None:
         limits = self.limits
+        plan = limits.job_plan(tenant)
         while tenant.fifo:
             member = limits.member()
             try:
-                reply = await limits.acquire(tenant, member, KeyLimits(), "-", 0)
+                reply = await limits.acquire(plan, member, 0, True, tenant)
             except RedisUnavailable:
                 if limits.fail_closed:
                     self._fail_waiters(tenant)
@@ -147,7 +147,7 @@ class Waiting:
             if not reply[3]:
                 return
             if not tenant.fifo:  # the waiters left meanwhile
-                limits.release(tenant, member)
+                limits.release(tenant, plan, member, None)
                 return
             waiter = tenant.fifo.popleft()
             if not tenant.fifo:

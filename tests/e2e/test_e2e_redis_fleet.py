@@ -4,6 +4,8 @@ own config, port and state dir) share per-tenant slots and per-key windows.
 - A burst across three processes never exceeds the tenant's ``max_concurrent``, counted at
   :class:`TenancyFake` (the calls really in flight upstream); an rpm limit is exact across
   them; a process SIGKILLed while it holds slots gives them back within ``lease_s``.
+- A key's own ``max_concurrent`` is exact across them too (the rest get the key's 429 at
+  once), and a SIGKILLed holder's key slots come back within ``lease_s``.
 - Redis killed under load: the ``fail_closed`` gateway answers 503 (never a 500), the
   ``local`` one keeps serving on its own limits; both are back on Redis once it answers.
 
@@ -28,11 +30,16 @@ from helpers import GatewayProcess, gateway_process
 from redis_server import RedisServer, redis_server
 from tenancy_fakes import HOST, TenancyFake
 
-KEYS = {"acme": "sk-acme-fleet-0123456789abcdef", "beta": "sk-beta-fleet-0123456789abcdef"}
+KEYS = {
+    "acme": "sk-acme-fleet-0123456789abcdef",
+    "beta": "sk-beta-fleet-0123456789abcdef",
+    "gamma": "sk-gamma-fleet-0123456789abcdef",
+}
 ENV = {
     "TENANCY_UPSTREAM_KEY": "sk-upstream-0123456789",
     "KEY_ACME": KEYS["acme"],
     "KEY_BETA": KEYS["beta"],
+    "KEY_GAMMA": KEYS["gamma"],
 }
 MESSAGES = [{"role": "user", "content": "Hi"}]
 LEASE_S = 1.0
@@ -54,8 +61,13 @@ def config_text(upstream: str, redis_url: str, **state: object) -> str:
         tables=[
             ("[[auth.keys]]", {"key_env": "KEY_ACME", "tenant": "acme"}),
             ("[[auth.keys]]", {"key_env": "KEY_BETA", "tenant": "beta", "rpm": 4}),
+            (
+                "[[auth.keys]]",
+                {"key_env": "KEY_GAMMA", "tenant": "gamma", "max_concurrent": 2, "rpm": 1000},
+            ),
             ("[tenants.acme]", {"max_concurrent": 3, "max_wait_ms": 60_000}),
             ("[tenants.beta]", {"max_concurrent": 2, "on_limit": "reject"}),
+            ("[tenants.gamma]", {"max_concurrent": 10}),
         ],
     )
 
@@ -80,13 +92,18 @@ def url(gw: GatewayProcess) -> str:
     return f"http://{HOST}:{gw.port}/v1/chat/completions"
 
 
-async def hold(http: httpx.AsyncClient, gw: GatewayProcess, statuses: list[int]) -> None:
+async def hold(
+    http: httpx.AsyncClient, gw: GatewayProcess, statuses: list[int], tenant: str = "acme"
+) -> None:
     """A held stream through ``gw``; a gateway killed under it counts as status 0."""
     try:
-        body = chat("acme", "t-hold", stream=True)
-        async with http.stream("POST", url(gw), json=body, headers=auth("acme")) as r:
+        body = chat(tenant, "t-hold", stream=True)
+        async with http.stream("POST", url(gw), json=body, headers=auth(tenant)) as r:
             statuses.append(r.status_code)
-            await r.aread()
+            body = await r.aread()
+            if r.status_code == 429:
+                assert b"Too many concurrent requests for API key" in body
+                assert r.headers["x-ratelimit-limit-requests"] == "1000"
     except httpx.TransportError:
         statuses.append(0)
 
@@ -146,6 +163,55 @@ async def test_limits_hold_across_processes_and_a_killed_one_frees_its_slots(
                         freed_after = trio.current_time() - killed_at
                         fake.release_all()
                     assert late == [200]
+                    assert freed_after <= LEASE_S + 1.0, freed_after
+
+
+async def test_a_keys_max_concurrent_holds_across_processes_and_comes_back_from_a_killed_one(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """Key gamma: max_concurrent = 2 (its tenant allows 10), three processes."""
+    fake = TenancyFake()
+    await nursery.start(fake.serve)
+    (tmp_path / "redis").mkdir()
+    with redis_server(tmp_path / "redis") as redis:
+        async with fleet(tmp_path, fake, redis, [{}, {}, {}]) as members:
+            async with httpx.AsyncClient(timeout=30) as http:
+                with trio.fail_after(60):
+                    # A burst of 9 held streams through the key across the three: 2 run, 7
+                    # get the key's 429 at once (no waiting for a key slot, as in-process).
+                    statuses: list[int] = []
+                    async with trio.open_nursery() as burst:
+                        for i in range(9):
+                            burst.start_soon(hold, http, members[i % 3], statuses, "gamma")
+                        await fake.wait_until(lambda: len(fake.held) == 2)
+                        while len(statuses) < 9:  # the 429s answer at once
+                            await trio.sleep(0.01)
+                        assert fake.peak["gamma"] == 2
+                        fake.release_all()
+                    assert sorted(statuses) == [200] * 2 + [429] * 7
+                    assert not redis.command("KEYS", "runestone:kslots:*")  # all given back
+
+                    # Member 0 holds both of the key's slots, then dies without a word.
+                    held: list[int] = []
+                    async with trio.open_nursery() as holders:
+                        for _ in range(2):
+                            holders.start_soon(hold, http, members[0], held, "gamma")
+                        await fake.wait_until(lambda: len(fake.held) == 2)
+                        (kslots,) = redis.command("KEYS", "runestone:kslots:*")
+                        assert redis.command("ZCARD", kslots) == 2
+                        members[0].send_signal(signal.SIGKILL)
+                        killed_at = trio.current_time()
+                    await fake.wait_until(lambda: fake.in_flight["gamma"] == 0)
+                    fake.release_all()
+                    refused = await http.post(
+                        url(members[1]), json=chat("gamma"), headers=auth("gamma")
+                    )
+                    assert refused.status_code == 429  # its leases still run
+                    while (
+                        await http.post(url(members[2]), json=chat("gamma"), headers=auth("gamma"))
+                    ).status_code != 200:
+                        await trio.sleep(0.05)
+                    freed_after = trio.current_time() - killed_at
                     assert freed_after <= LEASE_S + 1.0, freed_after
 
 

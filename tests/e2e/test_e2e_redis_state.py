@@ -24,7 +24,6 @@ from tenancy_fakes import HOST, USAGE, TenancyFake
 
 from runestone_proxy import config as config_mod
 from runestone_proxy import telemetry
-from runestone_proxy.gateway.ratelimit import KeyLimits
 from runestone_proxy.server.app import App
 from runestone_proxy.server.redis_limits import RedisLimits
 
@@ -200,6 +199,69 @@ async def test_reject_when_full_and_slots_return(start: Start, fake: TenancyFake
             assert ok.status_code == 200
 
 
+async def test_a_key_slot_is_held_while_waiting_for_the_tenants(
+    start: Start, fake: TenancyFake, redis: RedisServer
+) -> None:
+    """Key max_concurrent = 2, tenant max_concurrent = 1 (wait 300 ms): a request waiting
+    for the tenant's slot holds one of the key's; a third is refused for the key at once;
+    the waiter's key slot goes back when it gives up, the holder's when it ends."""
+    ((app, url),) = await start(
+        1, key={"max_concurrent": 2}, tenant={"max_concurrent": 1, "max_wait_ms": 300}
+    )
+    path = f"{url}/v1/chat/completions"
+    key_id = app.service.keys.authenticate(f"Bearer {KEY}".encode(), None).key_id
+    kslots = f"runestone:kslots:{key_id}"
+    with trio.fail_after(20):
+        async with httpx.AsyncClient(timeout=10) as http, trio.open_nursery() as nursery:
+            statuses: list[int] = []
+
+            async def post(model: str) -> None:
+                body = chat(model, stream=model == "t-hold")
+                async with http.stream("POST", path, json=body, headers=AUTH) as r:
+                    statuses.append(r.status_code)
+                    await r.aread()
+
+            nursery.start_soon(post, "t-hold")
+            await fake.wait_until(lambda: len(fake.held) == 1)
+            nursery.start_soon(post, "t-fast")  # waits for the tenant's slot
+            while redis.command("ZCARD", kslots) != 2:
+                await trio.sleep(0.01)
+            refused = await http.post(path, json=chat(), headers=AUTH)
+            assert refused.status_code == 429
+            assert "its limit is 2 in flight" in refused.json()["error"]["message"]
+            while 429 not in statuses:  # the waiter gave up after 300 ms
+                await trio.sleep(0.01)
+            assert redis.command("ZCARD", kslots) == 1
+            assert shared(app).snapshot()["key_slots_here"] == 1
+            fake.release_all()
+        assert sorted(statuses) == [200, 429]
+        while redis.command("ZCARD", kslots) != 0:  # fire-and-forget: bounded by fail_after
+            await trio.sleep(0.01)
+        assert shared(app).snapshot()["key_slots_here"] == 0
+        assert app.service.key_slots.in_flight == {}  # the in-process KeySlots not used
+
+
+async def test_an_admission_cancelled_in_flight_gives_its_slots_back(
+    start: Start, redis: RedisServer
+) -> None:
+    """The request's task is cancelled while its ACQUIRE is in flight: the slots the script
+    took for it (the tenant's and the key's) are released when the reply comes."""
+    ((app, _),) = await start(1, key={"max_concurrent": 2})
+    limits = shared(app)
+    principal = app.service.keys.authenticate(f"Bearer {KEY}".encode(), None)
+    with trio.fail_after(20):
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await limits.admit(principal, chat(), 16, "req-cancelled", False)
+        assert scope.cancelled_caught
+        while limits.client.conn is None or limits.client.conn.pending:
+            await trio.sleep(0.01)
+        await limits.client.call("PING")  # the release went out before this
+        assert redis.command("ZCARD", "runestone:slots:acme") == 0
+        assert redis.command("ZCARD", f"runestone:kslots:{principal.key_id}") == 0
+        assert redis.command("ZCARD", "runestone:gslots") == 0
+
+
 async def test_a_dead_holders_slots_come_back_within_the_lease(
     start: Start, redis: RedisServer
 ) -> None:
@@ -208,8 +270,8 @@ async def test_a_dead_holders_slots_come_back_within_the_lease(
     limits = shared(app)
     tenant = limits._tenant("acme")
     with trio.fail_after(20):
-        for member in ("ghost:1", "ghost:2"):
-            await limits.acquire(tenant, member, KeyLimits(), "-", 0)
+        for member in (b"ghost:1", b"ghost:2"):
+            await limits.acquire(limits.job_plan(tenant), member, 0, True, tenant)
         async with httpx.AsyncClient(timeout=10) as http:
             refused = await http.post(f"{url}/v1/chat/completions", json=chat(), headers=AUTH)
             assert refused.status_code == 429

@@ -22,6 +22,7 @@ from runestone_proxy.server.redis_client import (
     RedisUnavailable,
     Script,
     Subscriber,
+    command_prefix,
 )
 
 
@@ -106,6 +107,32 @@ async def test_evalsha_survives_a_script_flush(redis: RedisServer, nursery: trio
     assert await client.call("SCRIPT", "EXISTS", script.sha) == [1]
     with pytest.raises(RedisError):
         await client.evalsha(client.register(Script("return redis.call('NOPE')")), [], [])
+
+
+async def test_pre_encoded_scripts_survive_a_script_flush(
+    redis: RedisServer, nursery: trio.Nursery
+) -> None:
+    """A pre-encoded EVALSHA answered NOSCRIPT: awaited, it is recovered (scripts loaded
+    again, run again); fire-and-forget, it is resent by the connection."""
+    watched = await started(nursery, redis.url)
+    client = watched.client
+    script = client.register(Script("redis.call('INCRBY', KEYS[1], ARGV[1]) return 7"))
+    await watched.until(True)  # registered after the connect: not loaded yet
+    head = command_prefix(5, ("EVALSHA", script.sha, 1, "encoded-n"))
+    payload = head + b"$1\r\n2\r\n"
+    assert await client.recover_encoded(await client.call_encoded(payload), payload) == 7
+    assert await client.call_encoded(payload) == 7
+    assert await client.call("SCRIPT", "FLUSH") == b"OK"
+    reply = await client.call_encoded(payload)
+    assert str(reply).startswith("NOSCRIPT")  # not run: returned as it is
+    assert await client.recover_encoded(reply, payload) == 7
+    assert await client.call("SCRIPT", "FLUSH") == b"OK"
+    assert client.send_encoded(payload)  # NOSCRIPT: loaded again and resent
+    assert await client.call("PING") == b"PONG"
+    assert await client.call("PING") == b"PONG"  # behind the resend
+    assert await client.call("GET", "encoded-n") == b"8"
+    with pytest.raises(RedisError):
+        await client.recover_encoded(await client.call("NOPE"), payload)
 
 
 async def test_a_cancelled_callers_reply_goes_to_its_orphan_handler(client: RedisClient) -> None:
