@@ -117,6 +117,28 @@ class Responder(Protocol):
         """Send one chunk of a streamed response; returns once it is handed to the socket."""
 
 
+async def start_with(responder: Responder, status: int, headers: HeaderList, first: bytes) -> None:
+    """``start`` then ``send(first)``; a responder with its own ``start_with`` (HTTP/1.1)
+    writes both at once: one write fewer per stream, for a relay with its first payloads
+    in hand."""
+    both: Callable[[int, HeaderList, bytes], Awaitable[None]] | None = getattr(
+        responder, "start_with", None
+    )
+    if both is not None:
+        await both(status, headers, first)
+        return
+    await responder.start(status, headers)
+    await responder.send(first)
+
+
+async def send_final(responder: Responder, data: bytes) -> None:
+    """Send the last bytes of a streamed body. A responder with its own ``send_final``
+    (HTTP/1.1: written with the last chunk once the handler returned, one write instead of
+    two per stream) uses it; any other sends them as a chunk."""
+    final: Callable[[bytes], Awaitable[None]] | None = getattr(responder, "send_final", None)
+    await (responder.send(data) if final is None else final(data))
+
+
 Handler = Callable[[Request, Responder], Awaitable[None]]
 
 

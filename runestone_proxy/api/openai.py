@@ -28,6 +28,8 @@ from runestone_proxy.api.http import (
     Request,
     Responder,
     provider_headers,
+    send_final,
+    start_with,
 )
 from runestone_proxy.api.jobs import answer_parked
 from runestone_proxy.api.router import Router
@@ -142,22 +144,24 @@ class Api:
 async def relay(responder: Responder, stream: Stream) -> None:
     """Write an open stream as SSE: the response starts with its first payloads in hand;
     an error after that ends it in-band (an error event, then ``[DONE]``)."""
-    await responder.start(
-        200,
-        (*SSE_HEADERS, *provider_headers(stream.target.provider, stream.policy), *stream.headers),
-    )
-    payloads = stream.first
+    headers = (*SSE_HEADERS, *provider_headers(stream.target.provider, stream.policy))
+    first = stream.first
+    await start_with(responder, 200, (*headers, *stream.headers), _encode(first or []))
     try:
+        payloads = None if first is None else await stream.next()
         while payloads is not None:
-            if len(payloads) == 1:
-                await responder.send(encode_data(payloads[0]))
-            else:
-                await responder.send(b"".join(encode_data(p) for p in payloads))
+            await responder.send(_encode(payloads))
             payloads = await stream.next()
     except GatewayError as exc:
-        await responder.send(encode_data(exc.body()) + DONE)
+        await send_final(responder, encode_data(exc.body()) + DONE)
         return
-    await responder.send(DONE)
+    await send_final(responder, DONE)
+
+
+def _encode(payloads: list[bytes]) -> bytes:
+    if len(payloads) == 1:
+        return encode_data(payloads[0])
+    return b"".join(encode_data(p) for p in payloads)
 
 
 def _model_object(model_id: str, owner: str, alias_for: str | None) -> dict[str, Any]:

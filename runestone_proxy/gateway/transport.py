@@ -56,6 +56,11 @@ class Response(Protocol):
         """The next body chunk, ``b""`` at the end; each wait bounded by ``between_chunks_s``
         and the exchange's deadline."""
 
+    @property
+    def body_done(self) -> bool:
+        """The body was read to its end (``receive`` would return ``b""`` at once); False
+        when unknown."""
+
     async def read(self, max_bytes: int | None = None) -> bytes:
         """The rest of the body; ``UpstreamError`` if it exceeds ``max_bytes``."""
 

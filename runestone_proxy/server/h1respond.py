@@ -4,7 +4,19 @@
 :mod:`~runestone_proxy.server.h1conn`. It writes most heads itself
 (:func:`~runestone_proxy.protocol.h1.response_head`, see "What a request costs" in
 ``h1conn``) and frames streamed bodies as chunks (RFC 9112 §7.1); 1xx, 204, 304 and an
-HTTP/1.0 client's stream go through h11 whole. The body sources are what
+HTTP/1.0 client's stream go through h11 whole.
+
+A chunked stream's fixed writes ride with its data: on a loopback or LAN socket each
+``write`` costs about as much as the Python that prepares it (the kernel runs the
+receiver's TCP path in the sender's call), and a paced stream's chunks each come alone, so
+a stream of n chunks paid n + 3 writes (head, chunks, ``[DONE]``, last chunk). Now
+:meth:`H1Responder.start_with` writes the head with the first chunk (a relay starts with
+its first payloads in hand; :meth:`~H1Responder.start` still writes the head at once, for
+a handler that starts and then waits), and
+:meth:`~H1Responder.send_final` keeps the body's last bytes for :meth:`~H1Responder.finish`
+to write with the last chunk, after the handler returned (so after the stream's ledger
+record and slot release, which a keep-alive client's next request must see): n + 1.
+The body sources are what
 ``Request.body_source`` reads: :class:`BufferedBody` when the whole body came with the head,
 :class:`StreamingBody` when the connection's watcher feeds it through a bounded channel.
 """
@@ -85,6 +97,10 @@ class H1Responder:
     chunked: bool = False
     #: The response was written without h11 (see h1conn's docstring).
     direct: bool = False
+    #: A chunked head :meth:`start_with` keeps for its first :meth:`send`.
+    head: bytes = b""
+    #: The body's last chunk, from :meth:`send_final`, for :meth:`finish` to write.
+    tail: bytes = b""
 
     @property
     def started(self) -> bool:
@@ -134,6 +150,22 @@ class H1Responder:
         await conn.send_all(data)
 
     async def start(self, status: int, headers: HeaderList) -> None:
+        self._start(status, headers)
+        await self._send_head()
+
+    async def start_with(self, status: int, headers: HeaderList, first: bytes) -> None:
+        """:meth:`start` then :meth:`send` ``first``, in one write when the head is ours."""
+        self._start(status, headers)
+        if not (self.direct and first):  # else send's chunk framing takes the head along
+            await self._send_head()
+        await self.send(first)
+
+    async def _send_head(self) -> None:
+        head, self.head = self.head, b""
+        await self.conn.send_all(head)
+
+    def _start(self, status: int, headers: HeaderList) -> None:
+        """The head, into ``head``: written by us (chunked) where we can, else by h11."""
         if self.started:
             raise RuntimeError("response already started")
         conn = self.conn
@@ -143,12 +175,12 @@ class H1Responder:
             if head is not None:
                 self.direct = self.chunked = True
                 self.status = status
-                await conn.send_all(head)
+                self.head = head
                 return
         head = conn.take_h11().send(self._head(status, headers, None))
         # h11 picked chunked framing iff it announced it (HTTP/1.1 client, no length).
         self.chunked = b"\r\ntransfer-encoding: chunked\r\n" in (head or b"").lower()
-        await conn.send_all(head)
+        self.head = head or b""
 
     async def send(self, data: bytes) -> None:
         if not data or self.head_only:
@@ -161,6 +193,9 @@ class H1Responder:
             # (EndOfMessage) itself. The write is FdStream.send_all's, inline for the same
             # reason (a coroutine fewer per chunk): whole to the fd when the kernel takes it.
             frame = b"%x\r\n%b\r\n" % (len(data), data)
+            if self.head or self.tail:  # the kept head; a tail only if sent after it
+                frame = self.head + self.tail + frame
+                self.head = self.tail = b""
             conn = self.conn
             if conn.fd >= 0:
                 try:
@@ -174,11 +209,22 @@ class H1Responder:
             return
         await self.conn.send_all(self.conn.take_h11().send(h11.Data(data=data)))
 
+    async def send_final(self, data: bytes) -> None:
+        """The body's last bytes: a chunked body keeps them for :meth:`finish`, which
+        writes them with the last chunk once the handler returned; else :meth:`send`."""
+        if self.chunked and self.direct and data and not self.tail:
+            self.sent_bytes += len(data)
+            self.tail = b"%x\r\n%b\r\n" % (len(data), data)
+            return
+        await self.send(data)
+
     async def finish(self) -> None:
         if not self.started:
             await self.respond(500, JSON_HEADERS, errors.GatewayError("No response.").body())
         elif self.direct:
             if self.chunked:
-                await self.conn.send_all(LAST_CHUNK)
+                end = self.head + self.tail + LAST_CHUNK
+                self.head = self.tail = b""
+                await self.conn.send_all(end)
         elif (proto := self.conn.take_h11()).our_state is h11.SEND_BODY:
             await self.conn.send_all(proto.send(h11.EndOfMessage()))

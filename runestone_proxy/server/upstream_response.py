@@ -52,6 +52,11 @@ class UpstreamResponse(abc.ABC):
     async def receive(self) -> bytes:
         """The next body chunk, ``b""`` at the end; each call is bounded by between_chunks_s."""
 
+    @property
+    def body_done(self) -> bool:
+        """The body was read to its end (see ``gateway.transport.Response``)."""
+        return False
+
     async def read(self, max_bytes: int | None = None) -> bytes:
         """The rest of the body; raises :class:`UpstreamError` if it exceeds ``max_bytes``."""
         chunks: list[bytes] = []
@@ -262,6 +267,10 @@ class H11Response(UpstreamResponse):
             return bytes(first)
         self._waited = False  # chunks arrive faster than we take them: try reads first
         return b"".join(parts)
+
+    @property
+    def body_done(self) -> bool:
+        return self._done
 
     def _body_end(self, decoder: BodyDecoder) -> None:
         self._done = True

@@ -81,6 +81,7 @@ class Reply:
     status: int
     headers: Headers
     body: bytes
+    body_done: bool = False
 
     async def receive(self) -> bytes:
         return b""
