@@ -52,6 +52,9 @@ _NOT_PLAIN = frozenset(
 )
 _PSEUDO = frozenset({b":method", b":scheme", b":path", b":authority"})
 _REQUIRED = 3  # :method, :scheme and :path
+#: Regular fields a connection remembers as vouched for, at most.
+_MAX_KNOWN = 64
+_MAX_KNOWN_BYTES = 256  # per field: a big cookie is checked every time, not held
 #: RFC 7541 §6.1: the top bit of an indexed field's first byte.
 _INDEXED = 0x80
 #: RFC 7541 §5.1, a 7-bit prefix (string lengths): below this, the length is one byte.
@@ -70,18 +73,23 @@ def _length(size: int) -> bytes:
     return bytes(encode_integer(size, 7))
 
 
-def is_plain_request(headers: Sequence[tuple[bytes, bytes]]) -> bool:
-    """True when ``headers`` is a request block h2 surely accepts (see the module doc)."""
+def is_plain_request(
+    headers: Sequence[tuple[bytes, bytes]], known: set[tuple[bytes, bytes]] | None = None
+) -> bool:
+    """True when ``headers`` is a request block h2 surely accepts (see the module doc).
+
+    ``known``: regular fields (``host`` aside) this check already vouched for, which it
+    adds to and skips the byte checks for: a connection's requests repeat most of their
+    fields. The caller bounds it (:func:`check_request`)."""
     seen: set[bytes] = set()
     authority: bytes | None = None
     host: bytes | None = None
     regular = False
     name_ok, value_ok = _NAME.fullmatch, _VALUE.fullmatch
-    for name, value in headers:
-        if value_ok(value) is None:
-            return False
+    for field in headers:
+        name, value = field
         if name[:1] == b":":
-            if regular or name in seen or name not in _PSEUDO:
+            if regular or name in seen or name not in _PSEUDO or value_ok(value) is None:
                 return False
             seen.add(name)
             if name == b":authority":
@@ -90,12 +98,16 @@ def is_plain_request(headers: Sequence[tuple[bytes, bytes]]) -> bool:
                 return False  # an empty :path (or :method, :scheme), or CONNECT
             continue
         regular = True
-        if name_ok(name) is None or name in _NOT_PLAIN:
+        if known is not None and field in known:
+            continue
+        if value_ok(value) is None or name_ok(name) is None or name in _NOT_PLAIN:
             return False
         if name == b"host":
             if host is not None:
                 return False
             host = value
+        elif known is not None and len(name) + len(value) <= _MAX_KNOWN_BYTES:
+            known.add(field)
     if len(seen) - (authority is not None) != _REQUIRED:
         return False
     if authority is None:
@@ -103,9 +115,14 @@ def is_plain_request(headers: Sequence[tuple[bytes, bytes]]) -> bool:
     return host is None or host == authority
 
 
-def check_request(headers: Sequence[tuple[bytes, bytes]]) -> None:
-    """Raise ``h2.exceptions.ProtocolError`` if h2 would have rejected this request block."""
-    if not is_plain_request(headers):
+def check_request(
+    headers: Sequence[tuple[bytes, bytes]], known: set[tuple[bytes, bytes]] | None = None
+) -> None:
+    """Raise ``h2.exceptions.ProtocolError`` if h2 would have rejected this request block.
+    ``known``: see :func:`is_plain_request`; emptied past ``_MAX_KNOWN`` fields."""
+    if known is not None and len(known) > _MAX_KNOWN:
+        known.clear()
+    if not is_plain_request(headers, known):
         for _ in validate_headers(headers, _REQUEST):
             pass
 

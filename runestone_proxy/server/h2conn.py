@@ -127,6 +127,8 @@ class H2ServerConnection(FdStream):
     _read_scope: trio.CancelScope | None = None
     _opened_at: float = attrs.Factory(trio.current_time)
     _idle_since: float | None = None
+    #: Request fields already vouched for on this connection (``h2headers.check_request``).
+    _known_fields: set[tuple[bytes, bytes]] = attrs.Factory(set)
     #: Request body bytes consumed whose connection-level credit is not yet sent.
     _owed: int = 0
     _last_stream_id: int = _MAX_STREAM_ID
@@ -286,7 +288,7 @@ class H2ServerConnection(FdStream):
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         sid = event.stream_id
-        check_request(event.headers)
+        check_request(event.headers, self._known_fields)
         if self._goaway_sent or len(self.streams) >= self.limits.h2_max_concurrent_streams:
             # RFC 9113 §5.1.2 and §8.7: REFUSED_STREAM means "not processed, safe to retry".
             self.proto.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
