@@ -9,14 +9,17 @@ it configures, and why:
   for a fraction of the cost); responses are built clean by the stream's responder (lower
   case, no connection-specific fields) and split cookies are joined where the request is
   read, as RFC 9113 §8.2.3 asks.
-* Literals go out without Huffman coding (``h2headers.LiteralEncoder``).
+* Literals go out without Huffman coding, and fields already in the dynamic table without
+  a search (``h2headers.LiteralEncoder``).
 * SETTINGS: the advertised MAX_CONCURRENT_STREAMS, MAX_HEADER_LIST_SIZE and
   INITIAL_WINDOW_SIZE go out first; then h2's own stream cap is raised above the
   advertised one, because h2 treats a stream beyond it as a connection error, while RFC
   9113 §5.1.2 allows the kinder REFUSED_STREAM, which the connection sends itself.
-* The connection window is opened to ``max streams x stream window`` up front (RFC 9113
-  §6.9.2: SETTINGS never change it; WINDOW_UPDATE does), so one stalled stream never
-  starves the others at connection level.
+* The connection window is opened to ``(max streams + 1) x stream window`` up front (RFC
+  9113 §6.9.2: SETTINGS never change it; WINDOW_UPDATE does), so one stalled stream never
+  starves the others at connection level: each stream holds at most its own window, and
+  the one to spare covers the credit the connection owes for bodies already read, which it
+  sends a stream window at a time.
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ def server_protocol(limits: LimitsConfig) -> h2.connection.H2Connection:
     advertised[SettingCodes.MAX_CONCURRENT_STREAMS] = 2 * limits.h2_max_concurrent_streams + 16
     proto.local_settings = Settings(client=False, initial_values=advertised)
     proto.decoder.max_header_list_size = limits.h2_max_header_list_bytes
-    target = min(limits.h2_max_concurrent_streams * limits.h2_initial_window_bytes, _MAX_WINDOW)
+    streams = limits.h2_max_concurrent_streams + 1
+    target = min(streams * limits.h2_initial_window_bytes, _MAX_WINDOW)
     if target > _DEFAULT_WINDOW:
         proto.increment_flow_control_window(target - _DEFAULT_WINDOW)
     return proto

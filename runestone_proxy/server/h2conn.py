@@ -23,8 +23,10 @@ How this works::
 * Request bodies. DATA is queued on its stream without ever blocking the reader, and its
   flow-control credit (RFC 9113 §5.2, §6.9) is handed back only as the handler consumes it,
   so a slow handler closes its own stream's window. The connection window is opened to
-  ``max streams x stream window`` up front: one stalled stream never starves the others at
-  connection level, and buffered bodies stay bounded by that product.
+  ``(max streams + 1) x stream window`` up front: one stalled stream never starves the
+  others at connection level, and buffered bodies stay bounded by that product. The last
+  chunk of a body needs no stream credit (no more DATA may follow), only connection
+  credit, which is owed and sent one stream window at a time (the spare window covers it).
 * Response bodies. ``send`` writes as much as the stream's window and the peer's frame size
   allow and parks until a WINDOW_UPDATE (§6.9) wakes it; a write still waiting for window
   ``send_timeout_s`` after it first stalled resets that stream with CANCEL, however the
@@ -125,6 +127,10 @@ class H2ServerConnection(FdStream):
     _read_scope: trio.CancelScope | None = None
     _opened_at: float = attrs.Factory(trio.current_time)
     _idle_since: float | None = None
+    #: Request fields already vouched for on this connection (``h2headers.check_request``).
+    _known_fields: set[tuple[bytes, bytes]] = attrs.Factory(set)
+    #: Request body bytes consumed whose connection-level credit is not yet sent.
+    _owed: int = 0
     _last_stream_id: int = _MAX_STREAM_ID
     _goaway_sent: bool = False
     _ending: bool = False
@@ -206,22 +212,26 @@ class H2ServerConnection(FdStream):
     # -- reading -----------------------------------------------------------------------------
 
     async def _read_loop(self, data: bytes | bytearray) -> None:
-        while True:
-            if data:
-                if not self._feed(data):
-                    return
-                await self.flush()
-            with trio.CancelScope(deadline=self._read_deadline()) as scope:
-                self._read_scope = scope
-                data = await self.receive(waiting=True)
-            self._read_scope = None
-            if scope.cancelled_caught:
-                # Idle, slow to start, or drained: say GOAWAY before closing (RFC 9113 §9.1).
-                self._goaway_gracefully()
-                self._linger = True
-                return
-            if not data:
-                return  # the client went away; nobody is left to tell
+        """Read and feed h2 until the connection ends. One cancel scope bounds every wait
+        (a scope per read cost each read an enter and an exit); its deadline is
+        :meth:`_read_deadline`'s, moved whenever that changes (:meth:`_wake_reader`)."""
+        with trio.CancelScope(deadline=self._read_deadline()) as scope:
+            self._read_scope = scope
+            try:
+                while True:
+                    if data:
+                        if not self._feed(data):
+                            return
+                        self._wake_reader()  # a first stream opened: no deadline while it runs
+                        await self.flush()
+                    data = await self.receive(waiting=True)
+                    if not data:
+                        return  # the client went away; nobody is left to tell
+            finally:
+                self._read_scope = None
+        # Idle, slow to start, or drained: say GOAWAY before closing (RFC 9113 §9.1).
+        self._goaway_gracefully()
+        self._linger = True
 
     def _read_deadline(self) -> float:
         if self.streams:
@@ -233,8 +243,10 @@ class H2ServerConnection(FdStream):
         return self._idle_since + self.limits.keepalive_timeout_s
 
     def _wake_reader(self) -> None:
-        if self._read_scope is not None:
-            self._read_scope.deadline = self._read_deadline()
+        """Move the reader's deadline if it changed (streams opened or all ended, a GOAWAY)."""
+        scope = self._read_scope
+        if scope is not None and scope.deadline != (deadline := self._read_deadline()):
+            scope.deadline = deadline
 
     def _feed(self, data: bytes | bytearray) -> bool:
         """Hand ``data`` to the guard, then to h2; False once the connection must end."""
@@ -276,7 +288,7 @@ class H2ServerConnection(FdStream):
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         sid = event.stream_id
-        check_request(event.headers)
+        check_request(event.headers, self._known_fields)
         if self._goaway_sent or len(self.streams) >= self.limits.h2_max_concurrent_streams:
             # RFC 9113 §5.1.2 and §8.7: REFUSED_STREAM means "not processed, safe to retry".
             self.proto.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
@@ -288,7 +300,7 @@ class H2ServerConnection(FdStream):
         self.streams[sid] = st
         self._idle_since = trio.current_time()
         assert self._nursery is not None
-        self._nursery.start_soon(self._run_stream, st)
+        self._nursery.start_soon(self._run_stream, st, name="h2.stream")
 
     def _on_trailers(self, event: h2.events.TrailersReceived) -> None:
         check_trailers(event.headers)  # then ignored, as before; StreamEnded follows
@@ -342,7 +354,8 @@ class H2ServerConnection(FdStream):
                     await self.gateway.dispatch(st.request, st)
                 if not st.started:
                     await send_error(st, errors.GatewayError("The server sent no response."))
-                await st.finish()
+                if not st.ended:
+                    await st.finish()
         except ResponseAborted:
             pass  # logged by dispatch; _stream_done resets the unfinished stream (CANCEL)
         except Exception:
@@ -356,7 +369,8 @@ class H2ServerConnection(FdStream):
         del self.streams[st.sid]
         if self._closing:
             return
-        self.credit(st.sid, st.unacked)  # unread body: the connection window gets it back
+        if st.unacked:
+            self.credit(st.sid, st.unacked)  # unread body: the connection window gets it back
         if not st.gone and not st.ended:
             self.reset(st, ErrorCodes.CANCEL)
         elif not st.gone and not st.body_ended:
@@ -383,13 +397,33 @@ class H2ServerConnection(FdStream):
             except h2.exceptions.ProtocolError:
                 pass  # the stream is long forgotten; nothing to credit
 
+    def credit_connection(self, flow: int) -> bool:
+        """Give ``flow`` bytes back to the connection window alone (a stream whose body is
+        complete needs no more of its own), one WINDOW_UPDATE per stream window's worth:
+        the connection window has one stream window to spare for it (``h2setup``). True
+        when a frame was queued in h2."""
+        self._owed += flow
+        if self._owed < self.limits.h2_initial_window_bytes:
+            return False
+        self.proto.increment_flow_control_window(self._owed)
+        self._owed = 0
+        return True
+
     # -- writing -----------------------------------------------------------------------------
+
+    def queue_output(self) -> bool:
+        """Hand what h2 has to send to the writer; True when more than ``_HIGH_WATER_BYTES``
+        is unwritten, and the caller must :meth:`wait_writer` (see the docstring)."""
+        self.writer.queue(self.proto.data_to_send())
+        return self.writer.backlog > _HIGH_WATER_BYTES
+
+    async def wait_writer(self) -> None:
+        await self.writer.wait_below(_HIGH_WATER_BYTES)
 
     async def flush(self) -> None:
         """Queue what h2 has to send; wait while too much is unwritten (see the docstring).
         No checkpoint when nothing waits: every caller yields at its next real wait."""
-        self.writer.queue(self.proto.data_to_send())
-        if self.writer.backlog > _HIGH_WATER_BYTES:
+        if self.queue_output():
             await self.writer.wait_below(_HIGH_WATER_BYTES)
 
     def _take_output(self) -> None:

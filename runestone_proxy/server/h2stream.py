@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 from h2.errors import ErrorCodes
+from h2.exceptions import FlowControlError, FrameTooLargeError
 from hpack import NeverIndexedHeaderTuple
 
 from runestone_proxy.api.dispatch import request_id_from
@@ -190,8 +191,15 @@ class H2Stream:
             await self._alive()
         data, flow = self.chunks.popleft()
         self.unacked -= flow
-        self.conn.credit(self.sid, flow)
-        await self.conn.flush()
+        if self.body_ended and not self.chunks:
+            # The body is all here: the stream's own window no longer matters (no more DATA
+            # may come, RFC 9113 §5.1), only the connection's, whose credit is batched.
+            if not self.conn.credit_connection(flow):
+                return data
+        else:
+            self.conn.credit(self.sid, flow)
+        if self.conn.queue_output():
+            await self.conn.wait_writer()
         return data
 
     # -- Responder ---------------------------------------------------------------------------
@@ -201,13 +209,18 @@ class H2Stream:
         return self.status != 0
 
     async def respond(self, status: int, headers: HeaderList, body: bytes) -> None:
-        await self._alive()
+        """Headers and body at once. The common small answer goes out in one HEADERS and
+        one DATA frame queued together, with no await at all while the writer keeps up."""
+        if self.gone:
+            await self._alive()
         bodyless = self.head or not body
         self._send_headers(status, headers, len(body), end=bodyless)
-        if bodyless:
-            await self.conn.flush()
+        if bodyless or self._send_whole(body, end=True):
+            if self.conn.queue_output():
+                await self.conn.wait_writer()
+                await self._alive()
         else:
-            await self._send_data(body, end=True)
+            await self._send_framed(body, end=True)
 
     async def start(self, status: int, headers: HeaderList) -> None:
         await self._alive()
@@ -220,8 +233,13 @@ class H2Stream:
         if self.head or not data:
             await trio.lowlevel.checkpoint()
             return
-        await self._alive()
-        await self._send_data(data, end=False)
+        if self.gone:
+            await self._alive()
+        if not self._send_whole(data, end=False):
+            await self._send_framed(data, end=False)
+        elif self.conn.queue_output():
+            await self.conn.wait_writer()
+            await self._alive()
 
     async def finish(self) -> None:
         """End the response (END_STREAM) unless it already ended."""
@@ -264,7 +282,21 @@ class H2Stream:
         self.status = status
         self.ended = end
 
-    async def _send_data(self, data: bytes, *, end: bool) -> None:
+    def _send_whole(self, data: bytes, *, end: bool) -> bool:
+        """Queue ``data`` as one DATA frame if the stream's window and the peer's frame size
+        allow it (most writes), else change nothing and return False. h2 checks both
+        before it changes any state, so asking it is the cheapest way to know."""
+        try:
+            self.conn.proto.send_data(self.sid, data, end_stream=end)
+        except (FlowControlError, FrameTooLargeError):
+            return False
+        self.sent_bytes += len(data)
+        self.ended = end
+        return True
+
+    async def _send_framed(self, data: bytes, *, end: bool) -> None:
+        """Send ``data`` in as many frames as the window and frame size take, waiting for
+        window as needed (see the module docstring)."""
         proto = self.conn.proto
         view = memoryview(data)
         deadline = math.inf  # set at the first shut window: the whole write's bound

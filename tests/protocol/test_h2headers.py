@@ -144,3 +144,14 @@ def blocks(draw: st.DrawFn) -> Block:
 def test_the_fast_path_never_accepts_what_h2_rejects(block: Block) -> None:
     if is_plain_request(block):
         assert h2_accepts(block)
+
+
+@settings(derandomize=True, max_examples=300, deadline=None)
+@given(st.lists(blocks(), min_size=1, max_size=8))
+def test_fields_remembered_on_a_connection_never_change_a_verdict(sequence: list[Block]) -> None:
+    """A connection's memory of fields already vouched for skips their byte checks only:
+    every block of a sequence gets the verdict it gets alone."""
+    known: set[tuple[bytes, bytes]] = set()
+    for block in sequence:
+        assert is_plain_request(block, known) == is_plain_request(block)
+    assert all(name != b"host" for name, _ in known)
