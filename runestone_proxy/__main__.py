@@ -92,9 +92,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if supervisor.wanted(cfg, os.environ):  # server.workers > 1: supervise, serve nothing
         return supervisor.main(cfg, Path(path) if path else None)
+    from runestone_proxy.server import heap
     from runestone_proxy.server.app import serve
     from runestone_proxy.server.systemd import ListenFdsError
 
+    heap.tune()  # the collector's settings for a serving process: see server/heap.py
     try:
         trio.run(lambda: serve(cfg, config_path=Path(path) if path else None))
     except KeyboardInterrupt:  # a signal that arrived before the handler was installed

@@ -70,7 +70,7 @@ from hyperframe.frame import GoAwayFrame
 
 from runestone_proxy import errors
 from runestone_proxy.api.dispatch import log_access, send_error
-from runestone_proxy.api.http import ResponseAborted
+from runestone_proxy.api.http import Request, ResponseAborted
 from runestone_proxy.config import LimitsConfig
 from runestone_proxy.protocol.h2headers import check_request, check_trailers
 from runestone_proxy.protocol.h2limits import FrameGuard, Violation
@@ -296,11 +296,11 @@ class H2ServerConnection(FdStream):
             if violation is not None:
                 self._abort(violation)
             return
-        st = H2Stream.open(self, sid, event.headers)
+        st, request = H2Stream.open(self, sid, event.headers)
         self.streams[sid] = st
         self._idle_since = trio.current_time()
         assert self._nursery is not None
-        self._nursery.start_soon(self._run_stream, st, name="h2.stream")
+        self._nursery.start_soon(self._run_stream, st, request, name="h2.stream")
 
     def _on_trailers(self, event: h2.events.TrailersReceived) -> None:
         check_trailers(event.headers)  # then ignored, as before; StreamEnded follows
@@ -340,7 +340,7 @@ class H2ServerConnection(FdStream):
 
     # -- streams -----------------------------------------------------------------------------
 
-    async def _run_stream(self, st: H2Stream) -> None:
+    async def _run_stream(self, st: H2Stream, request: Request) -> None:
         started = time.perf_counter()
         try:
             with st.scope:
@@ -351,7 +351,7 @@ class H2ServerConnection(FdStream):
                     )
                     await send_error(st, exc)
                 else:
-                    await self.gateway.dispatch(st.request, st)
+                    await self.gateway.dispatch(request, st)
                 if not st.started:
                     await send_error(st, errors.GatewayError("The server sent no response."))
                 if not st.ended:
@@ -359,11 +359,11 @@ class H2ServerConnection(FdStream):
         except ResponseAborted:
             pass  # logged by dispatch; _stream_done resets the unfinished stream (CANCEL)
         except Exception:
-            log.exception("h2.stream.crashed", request_id=st.request.request_id)
+            log.exception("h2.stream.crashed", request_id=request.request_id)
         finally:
             self._stream_done(st)
             status = st.status or _NO_RESPONSE
-            log_access(self.gateway, st.request, status, st.sent_bytes, started)
+            log_access(self.gateway, request, status, st.sent_bytes, started)
 
     def _stream_done(self, st: H2Stream) -> None:
         del self.streams[st.sid]
