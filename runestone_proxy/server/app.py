@@ -30,10 +30,8 @@ The tree (every task has an owner; nothing runs in the background unparented)::
         │                                 alone opens a nursery here, for its two attempts)
         └── accept loops                  main port(s); cancelled first when draining
 
-What ``App.build`` wires: the upstream pool and the SQLite store (``server/``) into the
-request service (``gateway.service.Service``, over their ``transport`` and ``queue``
-interfaces); the API handlers (``api/``) over the service, on the frontends' route tables;
-the aliases file (``aliases.ServiceAliases``) and the store as reload hooks.
+What ``App.build`` wires is :mod:`.wiring`'s (``wire``): the pool, the store, the service,
+the API handlers and the route tables; this module runs them.
 
 Lifecycle: STARTING (readiness 503) -> READY (READY=1 to systemd) -> DRAINING on SIGTERM or
 SIGINT: readiness turns 503, STOPPING=1, the accept loops stop (listening sockets close),
@@ -51,7 +49,6 @@ import socket
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import attrs
 import structlog
@@ -60,32 +57,15 @@ import trio
 from runestone_proxy import config as config_mod
 from runestone_proxy import logs, metrics, telemetry
 from runestone_proxy.api.admin_auth import AdminAuth
-from runestone_proxy.api.admin_keys import add_admin_key_routes
-from runestone_proxy.api.admin_usage import add_usage_routes
-from runestone_proxy.api.anthropic import AnthropicApi
 from runestone_proxy.api.dispatch import Phase
-from runestone_proxy.api.health import (
-    add_health_routes,
-    add_metrics_route,
-    add_providers_route,
-    key_scope,
-    operator_scope,
-)
-from runestone_proxy.api.jobs import add_job_routes
 from runestone_proxy.api.openai import Api
 from runestone_proxy.api.pings import Pings
-from runestone_proxy.api.responses import ResponsesApi
-from runestone_proxy.api.responses_state import add_routes as add_response_state_routes
 from runestone_proxy.api.router import Router
 from runestone_proxy.config import Config, ConfigError
 from runestone_proxy.gateway.api_keys import KeyManager
-from runestone_proxy.gateway.budget_book import LocalBudgetBook
-from runestone_proxy.gateway.deployments import providers_view
 from runestone_proxy.gateway.service import Service
 from runestone_proxy.server import (
     aliases,
-    redis_budgets,
-    redis_health,
     redis_limits,
     supervisor_worker,
     systemd,
@@ -95,6 +75,7 @@ from runestone_proxy.server.frontend import Frontend
 from runestone_proxy.server.listener import ACCEPT_BATCH, accept_loop, make_ssl_context
 from runestone_proxy.server.store import Store
 from runestone_proxy.server.upstream import UpstreamPool
+from runestone_proxy.server.wiring import wire
 
 log = structlog.get_logger("runestone.app")
 
@@ -139,95 +120,24 @@ class App:
 
     @classmethod
     def build(cls, config: Config, config_path: Path | None, env: Mapping[str, str]) -> App:
-        gateway = Frontend(config)
-        # The health port serves health only, but reports the main gateway's phase.
-        health_gateway = Frontend(config, router=Router())
-        add_health_routes(health_gateway.router, gateway)
-        up = config.upstream
-        pool = UpstreamPool(
-            max_connections_per_origin=up.max_connections_per_origin,
-            idle_timeout_s=up.idle_timeout_s,
-            proxy_env=env,
-        )
-        aliases_path, file_aliases = aliases.ServiceAliases.at_start(config, env)
-        service = Service.build(config, env, pool, file_aliases)
-        shared = None
-        if config.state.backend == "redis":  # the limits shared by a fleet, on Redis
-            shared = redis_limits.build(config, service.ratelimiter, service.capacity)
-            service.limits = shared
-            # Breaker transitions and the hedging p95 shared too (advisory: local if down).
-            redis_health.attach(config, shared, service.deployments)
-        api = Api(service)
-        store = Store.from_config(config, env)
-        service.store = store
-        api.add_routes(gateway.router)
-        pings = Pings()
-        AnthropicApi(service, pings).add_routes(gateway.router)
-        ResponsesApi(service).add_routes(gateway.router)
-        # The main port's detailed health views need a key once keys exist (a tenant's key
-        # sees its own tenant); the health port is the operator's and shows everything.
-        main_scope = key_scope(api.authenticate)
-        add_health_routes(gateway.router, gateway, main_scope)
-        add_job_routes(gateway.router, store, api.authenticate)
-        service.responses = store
-        # Every request's usage record, in the writer's group commits ([ledger] enabled).
-        service.ledger = store if config.ledger.enabled else None
-        # Budgets seed their spend so far from the ledger (no ledger: memory only).
-        service.budgets = LocalBudgetBook.from_config(
-            config, store if config.ledger.enabled else None
-        )
-        if shared is not None:  # spend and holds shared by the fleet too (local: the fallback)
-            service.budgets = redis_budgets.attach(config, shared, service.budgets)
-        metrics.budget_gauge(service.budgets.remaining_usd)
-        add_response_state_routes(gateway.router, store, api.authenticate)
-        gateway.reload_hooks.append(store.apply_config)
-        # The admin API's routes go on these routers ([admin] listen; fixed at start).
-        admin = AdminAuth.build(config, env)
-        gateway.reload_hooks.append(admin.apply_config)
-        admin_routers = [health_gateway.router]
-        if config.admin.listen == "main":
-            admin_routers.append(gateway.router)
-        gateway.components["capacity"] = service.limits.snapshot
-        keys = KeyManager(store, service.keys.runtime, lambda: service.keys)
-        for router in admin_routers:
-            add_admin_key_routes(router, keys, admin)
-        add_usage_routes(admin_routers, admin, store, lambda: store.clock())
-        service_aliases = aliases.ServiceAliases(service, aliases_path)
-        gateway.reload_hooks.append(service_aliases.reload)
-
-        def providers_health() -> dict[str, Any]:
-            return providers_view(service.deployments, service.routing.unavailable)
-
-        for router, scope in (
-            (gateway.router, main_scope),
-            (health_gateway.router, operator_scope),
-        ):
-            add_providers_route(router, providers_health, scope)
-            add_metrics_route(router, scope)
-        _register_gauges(gateway, pool, service)
-        gateway.components["upstream"] = lambda: {
-            "status": "ok",
-            "open_connections": pool.open_connections,
-            "idle_connections": pool.idle_connections,
-        }
-        notifier = systemd.Notifier.from_env(env)
+        parts = wire(config, env)
         app = cls(
             config,
             config_path,
             env,
-            gateway,
-            health_gateway,
-            notifier,
-            pool=pool,
-            service=service,
-            api=api,
-            aliases=service_aliases,
-            store=store,
-            pings=pings,
-            admin=admin,
-            admin_routers=admin_routers,
-            shared=shared,
-            keys=keys,
+            parts.gateway,
+            parts.health_gateway,
+            systemd.Notifier.from_env(env),
+            pool=parts.pool,
+            service=parts.service,
+            api=parts.api,
+            aliases=parts.aliases,
+            store=parts.store,
+            pings=parts.pings,
+            admin=parts.admin,
+            admin_routers=parts.admin_routers,
+            shared=parts.shared,
+            keys=parts.keys,
         )
         app.worker = supervisor_worker.attach(app, env)
         return app
@@ -412,40 +322,6 @@ class App:
             logs.configure(new.logging.level, new.logging.format)
             log.info("config.reloaded", source=exc_source(self.config_path))
         await self.notifier.ready("reloaded")
-
-
-_BREAKER_VALUE = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
-
-
-def _register_gauges(gateway: Frontend, pool: UpstreamPool, service: Service) -> None:
-    metrics.REGISTRY.gauge(
-        "runestone_open_connections",
-        "Client connections open on the main port.",
-        lambda: [((), float(gateway.open_connections))],
-    )
-    metrics.REGISTRY.gauge(
-        "runestone_upstream_connections",
-        "Upstream connections open, by state.",
-        lambda: [
-            ((("state", "open"),), float(pool.open_connections)),
-            ((("state", "idle"),), float(pool.idle_connections)),
-        ],
-    )
-    metrics.REGISTRY.gauge(
-        "runestone_provider_in_flight",
-        "Requests in flight per provider deployment.",
-        lambda: [
-            ((("provider", n),), float(d.in_flight)) for n, d in service.deployments.by_name.items()
-        ],
-    )
-    metrics.REGISTRY.gauge(
-        "runestone_circuit_state",
-        "Breaker state per deployment: 0 closed, 1 half-open, 2 open.",
-        lambda: [
-            ((("provider", n),), _BREAKER_VALUE[d.breaker.state.value])
-            for n, d in service.deployments.by_name.items()
-        ],
-    )
 
 
 def exc_source(path: Path | None) -> str:
