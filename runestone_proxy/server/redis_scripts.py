@@ -10,15 +10,17 @@ Keys (``P`` is ``[state] key_prefix``)::
                        lease's expiry (ms); expired members are purged before counting
     P gslots           the same for the gateway-wide cap
     P kslots:{key}     the same for an API key's own ``max_concurrent``
-    P rl:{key}:{rpm|rph|tpm}   hash: bucket index -> count (the window of rate_window.py)
+    P rl:{key}:{rpm|rph|tpm}   hash: bucket index -> count, and the window's running
+                               total (the window of rate_window.py: redis_window.py)
     P waiting          sorted set of processes with a waiting request (score: expiry)
     P freed            pub/sub channel: a slot was released while someone waits
 
 Windows are :mod:`runestone_proxy.gateway.rate_window`'s exactly: ``k + 1 = 61`` buckets of
 ``T / 60`` (1 s for a minute, 1 min for an hour); bucket ``b = floor(now / width)``; the
 window at ``b`` is ``b - 60 .. b``, so no interval of length ``T`` holds more than the limit.
-A hash holds at most 61 fields; older ones are deleted as they are read, and the key expires
-one horizon after its last write.
+A hash holds at most 61 bucket fields and three of its own (:mod:`.redis_window`: a running
+total, so an admission does not read every bucket); older buckets are deleted as the window
+passes them, and the key expires one horizon after its last write.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from runestone_proxy.gateway.ratelimit import (
     Which,
 )
 from runestone_proxy.server.redis_client import Script
+from runestone_proxy.server.redis_window import WINDOW_LUA
 
 if TYPE_CHECKING:
     from runestone_proxy.gateway.auth import Principal
@@ -83,8 +86,8 @@ local now_ms = math.floor(now_us / 1000)
 #: counted or taken when something is.
 ACQUIRE = Script(
     _NOW
+    + WINDOW_LUA
     + """
-local N = 61
 local widths = {1000000, 60000000, 1000000}
 local INF = 1e18
 local out = {now_us, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
@@ -94,24 +97,14 @@ for i = 1, 3 do
   if limit > 0 then
     local width, key = widths[i], KEYS[2 + i]
     local b = math.floor(now_us / width)
-    local flat = redis.call('HGETALL', key)
-    local counts, total, newest = {}, 0, nil
-    for f = 1, #flat, 2 do
-      local j, c = tonumber(flat[f]), tonumber(flat[f + 1])
-      if j <= b - N then
-        redis.call('HDEL', key, flat[f])
-      else
-        counts[j] = c
-        total = total + c
-        if c > 0 and (newest == nil or j > newest) then newest = j end
-      end
-    end
+    local total, newest = advance(key, b, width)
     local requested = 1
     if i == 3 then requested = tonumber(ARGV[9]) end
     local excess = total + requested - limit
     if (i < 3 and total >= limit) or (i == 3 and excess > 0) then
       local wait = INF
       if requested <= limit then
+        local counts = window_counts(key)
         for j = b - N + 1, b do
           excess = excess - (counts[j] or 0)
           if excess <= 0 then wait = math.max(0, (j + N) * width - now_us); break end
@@ -133,10 +126,7 @@ if out[2] == 0 then
   for i = 1, 3 do
     local s = scans[i]
     if s ~= nil and s[6] > 0 then
-      redis.call('HINCRBY', s[1], string.format('%d', s[3]), s[6])
-      redis.call('PEXPIRE', s[1], math.ceil(N * s[2] / 1000))
-      s[4] = s[4] + s[6]
-      s[5] = s[3]
+      s[4], s[5] = window_add(s[1], s[3], s[6], s[2])
     end
   end
 end
@@ -165,22 +155,22 @@ return out
 )
 
 #: Settle window counts (:data:`ADJUST`'s body) for KEYS[first..], ARGV from ``at``.
-_ADJUST = """
+_ADJUST = (
+    WINDOW_LUA
+    + """
 local function adjust(first, at)
   for i = first, #KEYS do
     local j = at + 3 * (i - first)
     local bucket, delta, width = ARGV[j], tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2])
     if delta > 0 then
-      redis.call('HINCRBY', KEYS[i], string.format('%d', math.floor(now_us / width)), delta)
-      redis.call('PEXPIRE', KEYS[i], math.ceil(61 * width / 1000))
+      window_add(KEYS[i], math.floor(now_us / width), delta, width)
     elseif delta < 0 then
-      local have = tonumber(redis.call('HGET', KEYS[i], bucket) or '0')
-      local take = math.min(-delta, have)
-      if take > 0 then redis.call('HINCRBY', KEYS[i], bucket, -take) end
+      window_refund(KEYS[i], bucket, -delta)
     end
   end
 end
 """
+)
 
 #: Give a request's slots back (the tenant's, with the global one, and the key's); tell
 #: waiting processes when a tenant slot freed; and settle the request's window counts as
