@@ -6,6 +6,11 @@ Per deployment ``<name>``:
   the cooldown, Redis' clock in ms, so hosts with skewed clocks agree) and ``epoch`` (the
   fleet's transitions of that breaker so far: a process that saw epoch n knows it missed
   nothing while the hash still says n). Open and past ``until`` means a probe is due.
+  The hash expires :data:`BREAKER_TTL_MS` after its last transition: a deployment no
+  process has tripped or probed for that long (renamed, removed) leaves nothing behind,
+  and one that comes back starts closed. A hash made anew starts its epoch from Redis'
+  clock (ms), not from 0, so it never repeats an epoch a process saw in the one that
+  expired.
 - ``<prefix>brk:<name>:probe``: the process holding the probe, as a lease (``PX``).
 - ``<prefix>ttft:<name>``: the fleet's last TTFT samples (ms), newest first, trimmed.
 
@@ -16,6 +21,15 @@ read the hashes again (one script for all of them, :data:`READ`).
 from __future__ import annotations
 
 from runestone_proxy.server.redis_client import Script
+
+__all__ = ["BREAKER_TTL_MS", "CLAIM", "CLOSE", "OPEN", "READ", "RELEASE", "SCRIPTS"]
+
+#: A breaker's hash lives this long after its last transition (7 days: far past any
+#: cooldown, so an open breaker never expires while it matters).
+BREAKER_TTL_MS = 7 * 24 * 3600 * 1000
+
+#: Sets the breaker's expiry (after each transition).
+_EXPIRE = f"redis.call('PEXPIRE', KEYS[1], {BREAKER_TTL_MS})\n"
 
 _NOW = """
 local t = redis.call('TIME')
@@ -29,7 +43,7 @@ OPEN = Script(
     _NOW
     + """
 local h = redis.call('HMGET', KEYS[1], 'state', 'until', 'epoch')
-local epoch = tonumber(h[3]) or 0
+local epoch = tonumber(h[3]) or now
 local untl = tonumber(h[2]) or 0
 if h[1] == 'open' and untl > now then
   return {0, untl - now, epoch}
@@ -37,7 +51,9 @@ end
 epoch = epoch + 1
 local cooldown = tonumber(ARGV[1])
 redis.call('HSET', KEYS[1], 'state', 'open', 'until', now + cooldown, 'epoch', epoch)
-redis.call('DEL', KEYS[2])
+"""
+    + _EXPIRE
+    + """redis.call('DEL', KEYS[2])
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return {1, cooldown, epoch}
 """
@@ -56,7 +72,9 @@ if h[1] ~= 'open' or (tonumber(h[2]) or 0) > now then
 end
 epoch = epoch + 1
 redis.call('HSET', KEYS[1], 'state', 'closed', 'until', 0, 'epoch', epoch)
-redis.call('DEL', KEYS[2])
+"""
+    + _EXPIRE
+    + """redis.call('DEL', KEYS[2])
 redis.call('PUBLISH', ARGV[1], ARGV[2])
 return {1, epoch}
 """
