@@ -36,6 +36,7 @@ from runestone_proxy.api.http import (
     Request,
     Responder,
     provider_headers,
+    start_with,
 )
 from runestone_proxy.api.jobs import answer_parked
 from runestone_proxy.api.pings import Pings
@@ -138,14 +139,16 @@ async def relay(
     come; an error after the start ends the stream with an ``event: error`` frame. With
     ``ping_interval_s`` (and the app's :class:`~.pings.Pings`), a ``ping`` frame goes out
     into each silence that long."""
-    await responder.start(
-        200,
-        (
-            *SSE_HEADERS,
-            *provider_headers(stream.target.provider, stream.policy),
-            *_rate_headers(stream.headers),
-        ),
+    headers = (
+        *SSE_HEADERS,
+        *provider_headers(stream.target.provider, stream.policy),
+        *_rate_headers(stream.headers),
     )
+    first = stream.first
+    # The head goes out with the first frames (one write fewer per stream on HTTP/1.1).
+    await start_with(responder, 200, headers, _joined(first) if first else b"")
+    if first is None:
+        return
     if pings is None or ping_interval_s is None:
         await _relay(responder.send, stream)
         return
@@ -157,11 +160,16 @@ async def relay(
         pings.unwatch(quiet)
 
 
+def _joined(payloads: list[bytes]) -> bytes:
+    return payloads[0] if len(payloads) == 1 else b"".join(payloads)
+
+
 async def _relay(send: Callable[[bytes], Awaitable[None]], stream: Stream) -> None:
-    payloads = stream.first
+    """The frames after the first ones, as they come."""
     try:
+        payloads = await stream.next()
         while payloads is not None:
-            await send(payloads[0] if len(payloads) == 1 else b"".join(payloads))
+            await send(_joined(payloads))
             payloads = await stream.next()
     except GatewayError as exc:
         await send(anthropic_error_frame(exc))

@@ -28,6 +28,7 @@ from runestone_proxy.api.http import (
     Request,
     Responder,
     provider_headers,
+    start_with,
 )
 from runestone_proxy.api.jobs import answer_parked
 from runestone_proxy.api.router import Router
@@ -88,13 +89,15 @@ async def relay(
     error after the start ends it with an ``error`` event. The batch that carries the
     terminal event (``response.completed`` / ``.incomplete``) goes out only after ``keep``
     saved the final Response."""
-    await responder.start(
-        200,
-        (*SSE_HEADERS, *provider_headers(stream.target.provider, stream.policy), *stream.headers),
+    headers = (
+        *SSE_HEADERS,
+        *provider_headers(stream.target.provider, stream.policy),
+        *stream.headers,
     )
     payloads = stream.first
     sent = 0
     kept = False
+    started = False
     try:
         while payloads is not None:
             if not kept and stream.final is not None:
@@ -102,7 +105,18 @@ async def relay(
                 await keep(stream.final)
             sent += len(payloads)
             data = payloads[0] if len(payloads) == 1 else b"".join(payloads)
-            await responder.send(turn.echo(data) if turn.previous is not None else data)
+            if turn.previous is not None:
+                data = turn.echo(data)
+            if started:
+                await responder.send(data)
+            else:  # the head with the first frames: one write fewer per stream on HTTP/1.1
+                started = True
+                await start_with(responder, 200, headers, data)
             payloads = await stream.next()
     except GatewayError as exc:
+        if not started:
+            started = True
+            await responder.start(200, headers)
         await responder.send(error_frame(exc, sent))
+    if not started:  # a stream that ended before any frame
+        await responder.start(200, headers)
