@@ -14,7 +14,7 @@ The tree (every task has an owner; nothing runs in the background unparented)::
     ├── SQLite store                      one writer task, group commit
     ├── shared limits (state = redis)     Redis connection, subscriber, slot dispatcher,
     │                                     lease renewal of slots and budget holds,
-    │                                     breaker/p95 sync and its subscriber
+    │                                     breaker/p95 sync (one subscriber for both)
     │                                     (server/redis_limits.py, redis_budgets.py,
     │                                     redis_health.py)
     ├── worker side (server.workers > 1)  private socket for siblings' scrapes; lifeline

@@ -25,9 +25,9 @@ What it offers (everything the shared-state backend needs, nothing more):
   fails at once (no waiting for a timeout per request); :meth:`RedisClient.run` reconnects
   with exponential backoff (50 ms doubling to 2 s) and tells ``on_state`` when Redis comes
   and goes.
-- :class:`Subscriber`: one ``SUBSCRIBE`` connection per process, its messages handed to a
-  callback; it reconnects the same way (and reports a reconnect, since messages sent while
-  it was away are lost: pub/sub is at-most-once).
+- :class:`Subscriber`: one ``SUBSCRIBE`` connection per process for all its channels, each
+  channel's messages handed to its callback; it reconnects the same way (and reports a
+  reconnect, since messages sent while it was away are lost: pub/sub is at-most-once).
 
 One multiplexed connection carries every command (see :mod:`.redis_conn` for why it is not
 a pool of connections); the subscriber is the second. The URL and the dialing (TCP or
@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import ssl
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -292,12 +292,13 @@ class RedisClient:
 
 @attrs.define(eq=False)
 class Subscriber:
-    """One ``SUBSCRIBE`` connection: ``on_message(payload)`` for each message on
-    ``channel``, ``on_message(None)`` after each (re)subscribe (messages may have been lost)."""
+    """One ``SUBSCRIBE`` connection for all of a process's channels: ``channels[name]``
+    gets each message on ``name``, and ``None`` after each (re)subscribe (messages may
+    have been lost). One connection whatever the number of channels: the slots' ``freed``
+    and the breakers' ``health`` share it, so a process holds two connections to Redis."""
 
     client: RedisClient
-    channel: str
-    on_message: Callable[[bytes | None], None]
+    channels: Mapping[str, Callable[[bytes | None], None]]
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -314,20 +315,30 @@ class Subscriber:
     async def _subscribed(self) -> None:
         """Subscribe and hand messages on until the connection fails (a silent network
         partition is not detected here: the backend's waiters poll as well)."""
+        handlers = {name.encode(): handler for name, handler in self.channels.items()}
         conn = await self.client.connect()
         stream, reader = conn.stream, conn.reader
         try:
-            replies = await exchange(stream, reader, [pack(("SUBSCRIBE", self.channel))])
-            _check(replies[0], "SUBSCRIBE")
-            self.on_message(None)
+            await stream.send_all(pack(("SUBSCRIBE", *self.channels)))
+            unconfirmed = len(handlers)  # one confirmation per channel, then messages
             while True:
                 data = await stream.receive_some(65536)
                 if not data:
                     raise RedisUnavailable("Redis closed the subscriber connection")
                 reader.feed(data)  # type: ignore[arg-type]  # any buffer will do
                 while (reply := reader.gets()) is not False:
-                    if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
-                        self.on_message(reply[2])
+                    _check(reply, "SUBSCRIBE")
+                    if not (isinstance(reply, list) and len(reply) == 3):
+                        continue
+                    if reply[0] == b"message":
+                        handler = handlers.get(reply[1])
+                        if handler is not None:
+                            handler(reply[2])
+                    elif reply[0] == b"subscribe" and unconfirmed:
+                        unconfirmed -= 1
+                        if not unconfirmed:  # subscribed: whatever came before is lost
+                            for handler in handlers.values():
+                                handler(None)
         except (OSError, trio.BrokenResourceError, hiredis.ProtocolError) as exc:
             raise RedisUnavailable(f"subscriber: {exc}") from None
         finally:

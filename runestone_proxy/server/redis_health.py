@@ -58,7 +58,7 @@ from runestone_proxy.gateway.shared_health import (
     plan,
 )
 from runestone_proxy.server import redis_health_scripts as scripts
-from runestone_proxy.server.redis_client import Arg, RedisClient, RedisUnavailable, Subscriber
+from runestone_proxy.server.redis_client import Arg, RedisClient, RedisUnavailable
 from runestone_proxy.server.redis_limits import RedisLimits
 
 log = structlog.get_logger("runestone.health")
@@ -137,18 +137,16 @@ class RedisHealth:
     # --- the sync task ------------------------------------------------------------------------
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The subscriber and the sync rounds (see the module docstring)."""
-        async with trio.open_nursery() as nursery:
-            subscriber = Subscriber(self.client, self.channel, self._on_message)
-            await nursery.start(subscriber.run)
-            task_status.started()
-            while True:
-                with trio.move_on_after(self._sleep_s(trio.current_time())):
-                    await self.wake.wait()
-                self.wake = trio.Event()
-                await self.sync()
+        """The sync rounds (see the module docstring); the channel's messages come through
+        the limits' subscriber (``on_message``, registered by :func:`attach`)."""
+        task_status.started()
+        while True:
+            with trio.move_on_after(self._sleep_s(trio.current_time())):
+                await self.wake.wait()
+            self.wake = trio.Event()
+            await self.sync()
 
-    def _on_message(self, _payload: bytes | None) -> None:
+    def on_message(self, _payload: bytes | None) -> None:
         self.wake.set()  # a transition elsewhere (or a resubscribe: maybe missed some)
 
     def _sleep_s(self, now: float) -> float:
@@ -335,5 +333,6 @@ def attach(config: Config, shared: RedisLimits, deployments: Deployments) -> Red
         shared.client.register(script)
     health = RedisHealth(shared.client, deployments, config.state.key_prefix, shared.process_id)
     deployments.health = health
+    shared.channels[health.channel] = health.on_message  # the limits' subscriber's, too
     shared.companions.append(health.run)
     return health

@@ -129,6 +129,9 @@ class RedisLimits:
     #: Other users of the connection with a task of their own (the budgets' renewal),
     #: started with the rest in :meth:`run`.
     companions: list[Callable[..., Awaitable[None]]] = attrs.Factory(list)
+    #: Other channels for the process's one subscriber connection (name -> callback), set
+    #: before :meth:`run`: the shared health's.
+    channels: dict[str, Callable[[bytes | None], None]] = attrs.Factory(dict)
 
     def __attrs_post_init__(self) -> None:
         self.waiting = Waiting(self)
@@ -347,10 +350,12 @@ class RedisLimits:
                 pass
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The client's connection, the subscriber, the dispatcher and the renewal task."""
+        """The client's connection, the subscriber (of every channel the process listens
+        to: ``freed`` and those in ``channels``), the dispatcher and the renewal task."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.client.run)
-            subscriber = Subscriber(self.client, self.channel, self.waiting.on_message)
+            channels = {self.channel: self.waiting.on_message, **self.channels}
+            subscriber = Subscriber(self.client, channels)
             await nursery.start(subscriber.run)
             await nursery.start(self.waiting.dispatch)
             await nursery.start(self.leases.renew)

@@ -151,6 +151,11 @@ async def test_failures_through_one_gateway_open_close_and_probe_for_the_fleet(
             assert len(alpha.requests) == 2
             assert [await ask(http, b) for _ in range(3)] == ["beta"] * 3
             assert len(alpha.requests) == 2  # B skipped alpha without a call
+            # Two connections per gateway: commands, and one subscriber for both channels
+            # (the slots' freed and the breakers' health); the third line is this check's.
+            clients = redis.command("CLIENT", "LIST").decode().splitlines()
+            assert len(clients) == 2 * 2 + 1
+            assert sorted(c.split(" sub=")[1].split()[0] for c in clients) == ["0"] * 3 + ["2"] * 2
 
             # Past the cooldown: one probe for the whole fleet. alpha stalls it, so it stays
             # out until the attempt timeout; meanwhile neither gateway calls alpha again.

@@ -8,7 +8,7 @@ restarted server are bounded too.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -209,13 +209,40 @@ async def test_the_subscriber_hands_messages_on(client: RedisClient, nursery: tr
         got.append(payload)
         arrived.set()
 
-    await nursery.start(Subscriber(client, "chan", on_message).run)
+    await nursery.start(Subscriber(client, {"chan": on_message}).run)
     with trio.fail_after(5):
         await arrived.wait()  # None: subscribed
         while b"hello" not in got:
             await client.call("PUBLISH", "chan", "hello")
             await trio.sleep(0.01)
     assert got[0] is None
+
+
+async def test_one_subscriber_connection_serves_every_channel(
+    client: RedisClient, nursery: trio.Nursery
+) -> None:
+    got: dict[str, list[bytes | None]] = {"one": [], "two": []}
+    both = trio.Event()
+
+    def on(channel: str) -> Callable[[bytes | None], None]:
+        def on_message(payload: bytes | None) -> None:
+            got[channel].append(payload)
+            if all(got.values()):
+                both.set()
+
+        return on_message
+
+    await nursery.start(Subscriber(client, {"one": on("one"), "two": on("two")}).run)
+    with trio.fail_after(5):
+        await both.wait()  # each told once it is subscribed: None
+        while b"b" not in got["two"] or b"a" not in got["one"]:
+            await client.call("PUBLISH", "one", "a")
+            await client.call("PUBLISH", "two", "b")
+            await trio.sleep(0.01)
+    assert got["one"][0] is None
+    assert got["two"][0] is None
+    assert set(got["one"][1:]) == {b"a"}
+    assert set(got["two"][1:]) == {b"b"}
 
 
 async def test_every_caller_parked_on_a_failed_connection_gets_redis_unavailable(
