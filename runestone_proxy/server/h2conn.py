@@ -36,8 +36,9 @@ How this works::
   So h2 is given a higher internal cap (:mod:`~runestone_proxy.protocol.h2setup`, which
   configures h2) and this module refuses the excess itself.
 * Headers. h2's own header checks are off; each request block goes through
-  :func:`~runestone_proxy.protocol.h2headers.check_request` (h2's verdict, cheaper), and
-  a malformed one ends the connection with GOAWAY(PROTOCOL_ERROR) as h2 did.
+  :func:`~runestone_proxy.protocol.h2headers.read_request` (h2's verdict, cheaper, and the
+  handler's view of the block from the same pass), and a malformed one ends the
+  connection with GOAWAY(PROTOCOL_ERROR) as h2 did.
 * GOAWAY. h2 ends the connection on any GOAWAY it sends or receives. The graceful one
   (drain, idle) is therefore a raw frame written beside h2's output, so in-flight streams
   keep running and later streams are refused (§6.8). Error GOAWAYs go through h2.
@@ -72,7 +73,7 @@ from runestone_proxy import errors
 from runestone_proxy.api.dispatch import log_access, send_error
 from runestone_proxy.api.http import Request, ResponseAborted
 from runestone_proxy.config import LimitsConfig
-from runestone_proxy.protocol.h2headers import check_request, check_trailers
+from runestone_proxy.protocol.h2headers import check_trailers, read_request
 from runestone_proxy.protocol.h2limits import FrameGuard, Violation
 from runestone_proxy.protocol.h2setup import server_protocol
 from runestone_proxy.server.fdstream import FdStream
@@ -127,7 +128,7 @@ class H2ServerConnection(FdStream):
     _read_scope: trio.CancelScope | None = None
     _opened_at: float = attrs.Factory(trio.current_time)
     _idle_since: float | None = None
-    #: Request fields already vouched for on this connection (``h2headers.check_request``).
+    #: Request fields already vouched for on this connection (``h2headers.read_request``).
     _known_fields: set[tuple[bytes, bytes]] = attrs.Factory(set)
     #: Request body bytes consumed whose connection-level credit is not yet sent.
     _owed: int = 0
@@ -288,7 +289,7 @@ class H2ServerConnection(FdStream):
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         sid = event.stream_id
-        check_request(event.headers, self._known_fields)
+        head = read_request(event.headers, self._known_fields)  # ProtocolError: see _feed
         if self._goaway_sent or len(self.streams) >= self.limits.h2_max_concurrent_streams:
             # RFC 9113 §5.1.2 and §8.7: REFUSED_STREAM means "not processed, safe to retry".
             self.proto.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
@@ -296,9 +297,8 @@ class H2ServerConnection(FdStream):
             if violation is not None:
                 self._abort(violation)
             return
-        st, request = H2Stream.open(self, sid, event.headers)
+        st, request = H2Stream.open(self, sid, head)
         self.streams[sid] = st
-        self._idle_since = trio.current_time()
         assert self._nursery is not None
         self._nursery.start_soon(self._run_stream, st, request, name="h2.stream")
 
