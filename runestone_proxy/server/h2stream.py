@@ -71,12 +71,14 @@ class H2Stream:
     head: bool
     #: The declared content-length is over ``max_body_bytes``: answer 413 unread.
     too_large: bool
+    #: The cancel scope of the task serving this stream, which the connection may keep for
+    #: later streams while none cancels it (h2conn): cancelling the stream cancels it.
+    scope: trio.CancelScope
     #: The request's id, for the response's ``x-request-id``. The stream does not hold its
     #: :class:`Request` (which holds the stream as its body source): a cycle per request
     #: would leave every exchange to the cyclic garbage collector instead of freeing it at
     #: once, and the collector's passes were about 8% of an h2 request's CPU.
     request_id: str = ""
-    scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     #: The stream is gone from the wire (reset by either side, or the connection closes).
     gone: bool = False
     # Request body: (data, flow-controlled length) not yet read by the handler.
@@ -98,7 +100,7 @@ class H2Stream:
 
     @classmethod
     def open(
-        cls, conn: H2ServerConnection, sid: int, head: RequestHead
+        cls, conn: H2ServerConnection, sid: int, head: RequestHead, scope: trio.CancelScope
     ) -> tuple[H2Stream, Request]:
         """The stream for a request whose header block just arrived, checked and split
         (:func:`~runestone_proxy.protocol.h2headers.read_request`), and the request, whose
@@ -108,7 +110,7 @@ class H2Stream:
         limit = conn.limits.max_body_bytes
         request_id = (client_id and valid_request_id(client_id)) or new_request_id()
         too_large = length is not None and length.isdigit() and int(length) > limit
-        st = cls(conn, sid, method == b"HEAD", too_large, request_id)
+        st = cls(conn, sid, method == b"HEAD", too_large, scope, request_id)
         request = Request(
             method=method.decode("latin-1"),
             path=raw_path.decode("latin-1"),
