@@ -50,9 +50,10 @@ How this works::
   scope, which cancelling the stream (RST_STREAM either way, the connection closing)
   cancels. A task whose stream ended without that waits for the next stream instead of
   exiting, and keeps its scope: a new task and a new scope per stream cost more than
-  everything else the connection does for it (about 6% of an h2 request's CPU). A task
-  whose scope was cancelled exits; the next stream gets a new one. The idle tasks are at
-  most as many as streams ran at once, and go when the connection's nursery is cancelled.
+  everything else the connection does for it (about 4% of an h2 request's instructions).
+  A task whose scope was cancelled exits; the next stream gets a new one. The idle tasks
+  are at most as many as streams ran at once, and go when the connection's nursery is
+  cancelled.
 * Closing. After a GOAWAY the connection half-closes and reads (and drops) what the client
   still sends for a moment, so a TCP reset cannot destroy the GOAWAY in flight.
 * Timeouts. ``header_timeout_s`` until the first request, ``keepalive_timeout_s`` while no
