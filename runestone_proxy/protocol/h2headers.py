@@ -1,22 +1,31 @@
-"""HTTP/2 request header blocks: a one-pass check for the common well-formed block. No I/O.
+"""HTTP/2 request header blocks: one pass checks the common well-formed block and splits it.
+No I/O.
 
 h2 validates every inbound header block (RFC 9113 §8.2, §8.3) through seven chained
 generators, one of which walks every byte of every name and value in Python: about a fifth
 of what h2 costs per request on the non-stream bench. The connection turns that off
-(``H2Configuration(validate_inbound_headers=False)``) and calls :func:`check_request`
-instead, which answers in two steps:
+(``H2Configuration(validate_inbound_headers=False)``) and calls :func:`read_request`
+instead, which answers in one of two ways:
 
-1. :func:`is_plain_request`, one pass with C-level byte checks, vouches for the block every
+1. :func:`plain_request`, one pass with C-level byte checks, vouches for the block every
    client sends: ``:method`` (not CONNECT), ``:scheme``, ``:path`` (not empty) and at most
    one ``:authority``, each once and all before the regular fields; regular names of
    lower-case token characters (RFC 9110 §5.6.2), none connection-specific (§8.2.2),
    ``te`` only as ``trailers``; values with no NUL, CR or LF and no leading or trailing
    space or tab (§8.2.1); ``:authority`` or ``host``, at most one ``host``, equal to
    ``:authority`` when both are there (§8.3.1). It is stricter than h2 (a name with ``"``
-   in it is legal but not plain), never looser.
+   in it is legal but not plain), never looser. The same pass splits the block as the
+   handler wants it (:data:`RequestHead`): a second walk over the fields, and a third and
+   fourth for the length and the request id, cost more than the checks.
 2. Anything it does not vouch for goes to h2's own ``validate_headers``, so a malformed
    block gets exactly the verdict it got before: :class:`h2.exceptions.ProtocolError`,
-   which the connection answers with GOAWAY(PROTOCOL_ERROR), as h2 itself did.
+   which the connection answers with GOAWAY(PROTOCOL_ERROR), as h2 itself did; a legal
+   one is then split by :func:`split_request`, to the same result.
+
+A connection remembers the fields it already vouched for (``known``): its requests repeat
+most of their fields, and a remembered one skips its byte checks, never the rules about
+where it stands. Fields the pass must look at by name (``host``, ``cookie``,
+``content-length``, ``x-request-id``) are never remembered.
 
 Trailers are rare; :func:`check_trailers` always asks h2.
 
@@ -34,7 +43,15 @@ from h2.utilities import HeaderValidationFlags, validate_headers
 from hpack import Encoder, HeaderTuple, NeverIndexedHeaderTuple
 from hpack.hpack import encode_integer
 
-__all__ = ["LiteralEncoder", "check_request", "check_trailers", "is_plain_request"]
+__all__ = [
+    "LiteralEncoder",
+    "RequestHead",
+    "check_trailers",
+    "is_plain_request",
+    "plain_request",
+    "read_request",
+    "split_request",
+]
 
 _REQUEST = HeaderValidationFlags(
     is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False
@@ -50,8 +67,8 @@ _VALUE = re.compile(rb"(?:[^\x00\n\r\t ](?:[^\x00\n\r]*[^\x00\n\r\t ])?)?")
 _NOT_PLAIN = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te"}
 )
-_PSEUDO = frozenset({b":method", b":scheme", b":path", b":authority"})
-_REQUIRED = 3  # :method, :scheme and :path
+#: Regular names the pass handles itself, never remembered in ``known``.
+_NOTED = frozenset({b"host", b"cookie", b"content-length", b"x-request-id"})
 #: Regular fields a connection remembers as vouched for, at most.
 _MAX_KNOWN = 64
 _MAX_KNOWN_BYTES = 256  # per field: a big cookie is checked every time, not held
@@ -73,58 +90,153 @@ def _length(size: int) -> bytes:
     return bytes(encode_integer(size, 7))
 
 
-def is_plain_request(
-    headers: Sequence[tuple[bytes, bytes]], known: set[tuple[bytes, bytes]] | None = None
-) -> bool:
-    """True when ``headers`` is a request block h2 surely accepts (see the module doc).
+#: What :func:`read_request` gives the connection: ``:method``, ``:path``, the regular fields
+#: as a handler sees them (cookies joined, ``host`` from ``:authority``), and the raw values
+#: of ``content-length`` and ``x-request-id`` (None when absent).
+RequestHead = tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes | None, bytes | None]
 
-    ``known``: regular fields (``host`` aside) this check already vouched for, which it
-    adds to and skips the byte checks for: a connection's requests repeat most of their
-    fields. The caller bounds it (:func:`check_request`)."""
-    seen: set[bytes] = set()
-    authority: bytes | None = None
-    host: bytes | None = None
+
+def read_request(
+    headers: Sequence[tuple[bytes, bytes]], known: set[tuple[bytes, bytes]] | None = None
+) -> RequestHead:
+    """Check a request block as h2 would (raising ``h2.exceptions.ProtocolError``) and split
+    it for the handler, in one pass when :func:`plain_request` vouches for it (every block
+    a client sends), else h2's ``validate_headers`` then :func:`split_request`.
+
+    ``known``: regular fields already vouched for on this connection, which the pass adds to
+    and skips the byte checks for (a connection's requests repeat most of their fields);
+    emptied past ``_MAX_KNOWN`` fields."""
+    if known is not None and len(known) > _MAX_KNOWN:
+        known.clear()
+    head = plain_request(headers, known)
+    if head is None:
+        for _ in validate_headers(headers, _REQUEST):
+            pass
+        head = split_request(headers)
+    return head
+
+
+def plain_request(
+    headers: Sequence[tuple[bytes, bytes]], known: set[tuple[bytes, bytes]] | None = None
+) -> RequestHead | None:
+    """The block split as :func:`split_request` splits it, when it is one h2 surely accepts
+    (see the module doc); else None, and nothing is said about it.
+
+    ``known`` (see :func:`read_request`) holds only fields whose name needs no more thought
+    than "append it": never ``host``, ``cookie``, ``content-length`` or ``x-request-id``."""
+    method = path = scheme = authority = host = length = request_id = None
+    cookies: list[bytes] | None = None
+    fields: list[tuple[bytes, bytes]] = []
     regular = False
-    name_ok, value_ok = _NAME.fullmatch, _VALUE.fullmatch
+    if known is None:
+        known = set()
+        remember = False
+    else:
+        remember = True
+    value_ok = _VALUE.fullmatch
     for field in headers:
         name, value = field
         if name[:1] == b":":
-            if regular or name in seen or name not in _PSEUDO or value_ok(value) is None:
-                return False
-            seen.add(name)
-            if name == b":authority":
+            if regular:
+                return None
+            if field not in known:
+                if value_ok(value) is None:
+                    return None
+                if remember and len(value) <= _MAX_KNOWN_BYTES:
+                    known.add(field)
+            if name == b":method":
+                if method is not None or not value or value == b"CONNECT":
+                    return None
+                method = value
+            elif name == b":path":
+                if path is not None or not value:
+                    return None
+                path = value
+            elif name == b":scheme":
+                if scheme is not None or not value:
+                    return None
+                scheme = value
+            elif name == b":authority" and authority is None:
                 authority = value
-            elif not value or (name == b":method" and value == b"CONNECT"):
-                return False  # an empty :path (or :method, :scheme), or CONNECT
+            else:
+                return None  # unknown, repeated, or a response's pseudo-field
             continue
         regular = True
-        if known is not None and field in known:
+        if field in known:
+            fields.append(field)
             continue
-        if value_ok(value) is None or name_ok(name) is None or name in _NOT_PLAIN:
-            return False
-        if name == b"host":
-            if host is not None:
-                return False
-            host = value
-        elif known is not None and len(name) + len(value) <= _MAX_KNOWN_BYTES:
+        if value_ok(value) is None or _NAME.fullmatch(name) is None or name in _NOT_PLAIN:
+            return None
+        if name in _NOTED:
+            if name == b"host":
+                if host is not None:
+                    return None
+                host = value
+            elif name == b"cookie":
+                if cookies is None:
+                    cookies = [value]
+                else:
+                    cookies.append(value)
+                continue
+            elif name == b"content-length":
+                if length is None:
+                    length = value
+            elif request_id is None:
+                request_id = value
+        elif remember and len(name) + len(value) <= _MAX_KNOWN_BYTES:
             known.add(field)
-    if len(seen) - (authority is not None) != _REQUIRED:
-        return False
+        fields.append(field)
+    if method is None or path is None or scheme is None:
+        return None
     if authority is None:
-        return host is not None
-    return host is None or host == authority
+        if host is None:
+            return None  # RFC 9113 §8.3.1: one or the other
+    elif host is not None and host != authority:
+        return None
+    if cookies is not None:
+        fields.append((b"cookie", b"; ".join(cookies)))
+    if host is None and authority:
+        fields.append((b"host", authority))
+    return method, path, fields, length, request_id
 
 
-def check_request(
+def is_plain_request(
     headers: Sequence[tuple[bytes, bytes]], known: set[tuple[bytes, bytes]] | None = None
-) -> None:
-    """Raise ``h2.exceptions.ProtocolError`` if h2 would have rejected this request block.
-    ``known``: see :func:`is_plain_request`; emptied past ``_MAX_KNOWN`` fields."""
-    if known is not None and len(known) > _MAX_KNOWN:
-        known.clear()
-    if not is_plain_request(headers, known):
-        for _ in validate_headers(headers, _REQUEST):
-            pass
+) -> bool:
+    """True when ``headers`` is a request block h2 surely accepts (see the module doc)."""
+    return plain_request(headers, known) is not None
+
+
+def split_request(headers: Sequence[tuple[bytes, bytes]]) -> RequestHead:
+    """The handler's view of a block h2 accepted, the slow way (what :func:`plain_request`
+    gives in its pass). Split ``cookie`` fields are joined again (RFC 9113 §8.2.3) and
+    ``:authority`` stands in for a missing ``host`` (§8.3.1), so handlers see what
+    HTTP/1.1 would have given them."""
+    method = path = authority = b""
+    length = request_id = None
+    fields: list[tuple[bytes, bytes]] = []
+    cookies: list[bytes] = []
+    for name, value in headers:
+        if name[:1] != b":":
+            if name == b"cookie":
+                cookies.append(value)
+                continue
+            if name == b"content-length" and length is None:
+                length = value
+            elif name == b"x-request-id" and request_id is None:
+                request_id = value
+            fields.append((name, value))
+        elif name == b":method":
+            method = value
+        elif name == b":path":
+            path = value
+        elif name == b":authority":
+            authority = value
+    if cookies:
+        fields.append((b"cookie", b"; ".join(cookies)))
+    if authority and not any(name == b"host" for name, _ in fields):
+        fields.append((b"host", authority))
+    return method, path, fields, length, request_id
 
 
 def check_trailers(headers: Sequence[tuple[bytes, bytes]]) -> None:

@@ -5,7 +5,7 @@
 it configures, and why:
 
 * h2's header checks and normalisation are off in both directions. Inbound blocks go
-  through :func:`~runestone_proxy.protocol.h2headers.check_request` instead (h2's verdict,
+  through :func:`~runestone_proxy.protocol.h2headers.read_request` instead (h2's verdict,
   for a fraction of the cost); responses are built clean by the stream's responder (lower
   case, no connection-specific fields) and split cookies are joined where the request is
   read, as RFC 9113 §8.2.3 asks.

@@ -40,14 +40,15 @@ from h2.errors import ErrorCodes
 from h2.exceptions import FlowControlError, FrameTooLargeError
 from hpack import NeverIndexedHeaderTuple
 
-from runestone_proxy.api.dispatch import request_id_from
+from runestone_proxy.api.dispatch import new_request_id, valid_request_id
 from runestone_proxy.api.http import HeaderList, Request
+from runestone_proxy.protocol.h2headers import RequestHead
 from runestone_proxy.server.slowbody import body_pace, body_timeout
 
 if TYPE_CHECKING:
     from runestone_proxy.server.h2conn import H2ServerConnection
 
-__all__ = ["H2Stream", "split_headers"]
+__all__ = ["H2Stream"]
 
 # RFC 9113 §8.2.2: connection-specific header fields are malformed in HTTP/2 (``te`` is
 # allowed only in requests, as "trailers").
@@ -61,36 +62,6 @@ _UNINDEXED = frozenset(
 )
 
 
-def split_headers(
-    headers: HeaderList,
-) -> tuple[bytes, bytes, list[tuple[bytes, bytes]]]:
-    """(:method, :path, regular fields) from a request's header block.
-
-    Split ``cookie`` fields are joined again (RFC 9113 §8.2.3) and ``:authority`` stands in
-    for a missing ``host`` (§8.3.1), so handlers see what HTTP/1.1 would have given them.
-    """
-    method = path = authority = b""
-    fields: list[tuple[bytes, bytes]] = []
-    cookies: list[bytes] = []
-    for name, value in headers:
-        if name[:1] != b":":
-            if name == b"cookie":
-                cookies.append(value)
-            else:
-                fields.append((name, value))
-        elif name == b":method":
-            method = value
-        elif name == b":path":
-            path = value
-        elif name == b":authority":
-            authority = value
-    if cookies:
-        fields.append((b"cookie", b"; ".join(cookies)))
-    if authority and not any(name == b"host" for name, _ in fields):
-        fields.append((b"host", authority))
-    return method, path, fields
-
-
 @attrs.define(eq=False, repr=False)
 class H2Stream:
     """One exchange: the request's :class:`BodySource` and the handler's ``Responder``."""
@@ -100,12 +71,14 @@ class H2Stream:
     head: bool
     #: The declared content-length is over ``max_body_bytes``: answer 413 unread.
     too_large: bool
+    #: The cancel scope of the task serving this stream, which the connection may keep for
+    #: later streams while none cancels it (h2conn): cancelling the stream cancels it.
+    scope: trio.CancelScope
     #: The request's id, for the response's ``x-request-id``. The stream does not hold its
     #: :class:`Request` (which holds the stream as its body source): a cycle per request
     #: would leave every exchange to the cyclic garbage collector instead of freeing it at
     #: once, and the collector's passes were about 8% of an h2 request's CPU.
     request_id: str = ""
-    scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     #: The stream is gone from the wire (reset by either side, or the connection closes).
     gone: bool = False
     # Request body: (data, flow-controlled length) not yet read by the handler.
@@ -127,15 +100,17 @@ class H2Stream:
 
     @classmethod
     def open(
-        cls, conn: H2ServerConnection, sid: int, headers: HeaderList
+        cls, conn: H2ServerConnection, sid: int, head: RequestHead, scope: trio.CancelScope
     ) -> tuple[H2Stream, Request]:
-        """The stream for a request whose header block just arrived (RFC 9113 §8.3.1), and
-        the request, whose body source it is."""
-        method, path, fields = split_headers(headers)
+        """The stream for a request whose header block just arrived, checked and split
+        (:func:`~runestone_proxy.protocol.h2headers.read_request`), and the request, whose
+        body source it is."""
+        method, path, fields, length, client_id = head
         raw_path, _, query = path.partition(b"?")
         limit = conn.limits.max_body_bytes
-        length = next((value for name, value in fields if name == b"content-length"), b"")
-        st = cls(conn, sid, method == b"HEAD", length.isdigit() and int(length) > limit)
+        request_id = (client_id and valid_request_id(client_id)) or new_request_id()
+        too_large = length is not None and length.isdigit() and int(length) > limit
+        st = cls(conn, sid, method == b"HEAD", too_large, scope, request_id)
         request = Request(
             method=method.decode("latin-1"),
             path=raw_path.decode("latin-1"),
@@ -143,11 +118,10 @@ class H2Stream:
             headers=fields,
             http_version="2",
             body_source=st,
-            request_id=request_id_from(fields),
+            request_id=request_id,
             client=conn.client,
             max_body_bytes=limit,
         )
-        st.request_id = request.request_id
         return st, request
 
     def __repr__(self) -> str:

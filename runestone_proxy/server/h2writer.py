@@ -57,7 +57,8 @@ class SerialWriter:
         if data:
             self._out.append(data)
             self._queued_bytes += len(data)
-            self._has_output.unpark_all()
+            if self._has_output:  # the writer is parked (unpark_all costs even when it is not)
+                self._has_output.unpark_all()
 
     @property
     def backlog(self) -> int:
@@ -107,7 +108,8 @@ class SerialWriter:
     def _sent(self, count: int, size: int) -> None:
         del self._out[:count]
         self._written_bytes += size
-        self._wrote.unpark_all()
+        if self._wrote:
+            self._wrote.unpark_all()
 
     def cut_short(self, grace_s: float) -> None:
         """The connection is closing: give the send in flight at most ``grace_s`` more."""

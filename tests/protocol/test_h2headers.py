@@ -3,7 +3,8 @@
 ``is_plain_request`` stands in for h2's inbound header validation, so its one promise is
 soundness: whatever it vouches for, h2's ``validate_headers`` accepts. Hypothesis builds
 blocks near the edges (upper case, separators, whitespace, pseudo-fields in odd places,
-host against :authority); the examples pin what real clients send to the fast path.
+host against :authority); the examples pin what real clients send to the fast path. The
+same pass splits the block: whatever it vouches for, it splits as the slow path does.
 """
 
 from __future__ import annotations
@@ -14,7 +15,13 @@ from h2.utilities import HeaderValidationFlags, validate_headers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runestone_proxy.protocol.h2headers import check_request, check_trailers, is_plain_request
+from runestone_proxy.protocol.h2headers import (
+    check_trailers,
+    is_plain_request,
+    plain_request,
+    read_request,
+    split_request,
+)
 
 Block = list[tuple[bytes, bytes]]
 
@@ -86,12 +93,12 @@ def test_what_clients_send_takes_the_fast_path() -> None:
 def test_malformed_blocks_get_h2s_verdict(block: Block, why: str) -> None:
     assert not is_plain_request(block), why
     with pytest.raises(h2.exceptions.ProtocolError):
-        check_request(block)
+        read_request(block)
 
 
 def test_legal_but_unusual_blocks_are_left_to_h2_and_pass() -> None:
-    check_request(HTTPX)  # te: trailers is not "plain", and is legal
-    check_request([*H2LOAD, (b'x-"quoted"', b"1")])
+    read_request(HTTPX)  # te: trailers is not "plain", and is legal
+    read_request([*H2LOAD, (b'x-"quoted"', b"1")])
 
 
 def test_trailers_with_pseudo_fields_are_rejected() -> None:
@@ -104,13 +111,15 @@ def test_trailers_with_pseudo_fields_are_rejected() -> None:
 _NAMES = st.sampled_from(
     [b":method", b":path", b":scheme", b":authority", b":status", b":protocol", b":x",
      b"host", b"te", b"connection", b"content-type", b"x-a", b"X-A", b"x a", b"x:a", b"",
-     b"x\x7f", b'x"y', b"cookie"]
+     b"x\x7f", b'x"y', b"cookie", b"content-length", b"x-request-id"]
 )  # fmt: skip
 _VALUES = st.sampled_from(
     [b"", b"GET", b"CONNECT", b"/", b"http", b"example", b"trailers", b"a b", b" a", b"a ",
      b"\ta", b"a\r\nb", b"a\x00", b"\xff", b"TRAILERS"]
 )  # fmt: skip
-_GOOD_NAMES = st.sampled_from([b"content-type", b"x-a", b"host", b"cookie", b"accept"])
+_GOOD_NAMES = st.sampled_from(
+    [b"content-type", b"x-a", b"host", b"cookie", b"accept", b"content-length", b"x-request-id"]
+)
 _GOOD_VALUES = st.sampled_from([b"", b"example", b"a b", b"*/*", b"\xff"])
 _PSEUDO = [
     (b":method", b"GET"),
@@ -155,3 +164,34 @@ def test_fields_remembered_on_a_connection_never_change_a_verdict(sequence: list
     for block in sequence:
         assert is_plain_request(block, known) == is_plain_request(block)
     assert all(name != b"host" for name, _ in known)
+
+
+@settings(max_examples=1000, derandomize=True)
+@given(blocks())
+def test_the_fast_path_splits_as_the_slow_path_does(block: Block) -> None:
+    head = plain_request(block)
+    if head is not None:
+        assert head == split_request(block)
+
+
+@settings(derandomize=True, max_examples=300, deadline=None)
+@given(st.lists(blocks(), min_size=1, max_size=8))
+def test_remembered_fields_never_change_a_split(sequence: list[Block]) -> None:
+    known: set[tuple[bytes, bytes]] = set()
+    for block in sequence:
+        assert plain_request(block, known) == plain_request(block)
+    assert not {name for name, _ in known} & {b"host", b"cookie", b"content-length"}
+
+
+def test_the_split_joins_cookies_and_names_the_host() -> None:
+    block = [*H2LOAD, (b"cookie", b"a=1"), (b"x-request-id", b"abc"), (b"cookie", b"b=2")]
+    method, path, fields, length, request_id = read_request(block, set())
+    assert (method, path, length, request_id) == (
+        b"POST",
+        b"/v1/chat/completions",
+        b"88",
+        b"abc",
+    )
+    assert fields[-2:] == [(b"cookie", b"a=1; b=2"), (b"host", b"127.0.0.1:4003")]
+    # Legal but not plain (te: trailers): h2 vouches, the slow split gives the same view.
+    assert read_request([*block, (b"te", b"trailers")])[2][-2:] == fields[-2:]

@@ -1,5 +1,6 @@
-"""HTTP/2 fast paths over real loopback sockets: a whole answer queued in one go, and the
-connection credit of request bodies that arrived whole, owed and sent in batches.
+"""HTTP/2 fast paths over real loopback sockets: a whole answer queued in one go, the
+connection credit of request bodies that arrived whole, owed and sent in batches, and
+stream tasks kept for the next stream.
 
 Same rules as test_h2.py: 127.0.0.1 port 0, every test under ``trio.fail_after``, no sleeps.
 """
@@ -108,3 +109,82 @@ async def test_concurrent_whole_bodies_never_stall_the_connection(nursery: trio.
                     got = await client.response(sid)
                     assert got.status == 200, round_
                     assert len(got.data) == 6000
+
+
+@attrs.define
+class Tasks:
+    """Routes that note which task served them: /who answers at once, /hold waits for
+    ``go``, /slow until cancelled; /late cancels the stream /who served last."""
+
+    seen: list[trio.lowlevel.Task] = attrs.Factory(list)
+    go: trio.Event = attrs.Factory(trio.Event)
+    held: trio.Event = attrs.Factory(trio.Event)
+    slow_task: trio.lowlevel.Task | None = None
+    slow_started: trio.Event = attrs.Factory(trio.Event)
+    slow_cancelled: trio.Event = attrs.Factory(trio.Event)
+    last: Any = None
+
+    async def who(self, request: Request, responder: Responder) -> None:
+        self.seen.append(trio.lowlevel.current_task())
+        self.last = responder
+        await responder.respond(200, [], b"ok")
+
+    async def hold(self, request: Request, responder: Responder) -> None:
+        self.seen.append(trio.lowlevel.current_task())
+        if len(self.seen) == 5:
+            self.held.set()
+        await self.go.wait()
+        await responder.respond(200, [], b"ok")
+
+    async def slow(self, request: Request, responder: Responder) -> None:
+        self.slow_task = trio.lowlevel.current_task()
+        self.slow_started.set()
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.slow_cancelled.set()
+
+    async def late(self, request: Request, responder: Responder) -> None:
+        self.seen.append(trio.lowlevel.current_task())
+        self.last.cancel()  # a done stream, whose task may be this one
+        await trio.lowlevel.checkpoint()
+        await responder.respond(200, [], b"still here")
+
+
+async def test_stream_tasks_serve_stream_after_stream_until_one_is_cancelled(
+    nursery: trio.Nursery,
+) -> None:
+    with trio.fail_after(10):
+        tasks = Tasks()
+        gateway = Frontend(config=Config())
+        gateway.router.add("GET", "/who", tasks.who)
+        gateway.router.add("GET", "/hold", tasks.hold)
+        gateway.router.add("GET", "/slow", tasks.slow)
+        gateway.router.add("GET", "/late", tasks.late)
+        port = (await h2_serve(nursery, gateway)).port
+        async with await H2Client.connect(port) as client:
+            assert (await client.get("/who")).status == 200
+            assert (await client.get("/who")).status == 200
+            assert tasks.seen[0] is tasks.seen[1]  # the first stream's task served the next
+            # Three at once: three tasks; afterwards, one of them serves the next stream.
+            sids = [client.queue_request("GET", "/hold", end=True) for _ in range(3)]
+            await client.flush()
+            await tasks.held.wait()
+            tasks.go.set()
+            assert [(await client.response(sid)).status for sid in sids] == [200] * 3
+            held = set(tasks.seen[2:])
+            assert len(held) == 3
+            assert (await client.get("/who")).status == 200
+            assert tasks.seen[-1] in held
+            # A stream cancelled (client RST_STREAM) takes its task with it.
+            sid = await client.request("GET", "/slow")
+            await tasks.slow_started.wait()
+            await client.reset(sid)
+            await tasks.slow_cancelled.wait()
+            for _ in range(4):
+                assert (await client.get("/who")).status == 200
+                assert tasks.seen[-1] is not tasks.slow_task
+            # Cancelling a stream that is done leaves the task's next stream alone.
+            got = await client.response(await client.request("GET", "/late"))
+            assert (got.status, got.data) == (200, b"still here")
+            assert tasks.seen[-1] is tasks.seen[-2]
