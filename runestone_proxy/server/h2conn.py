@@ -467,7 +467,9 @@ class H2ServerConnection(FdStream):
     def queue_output(self) -> bool:
         """Hand what h2 has to send to the writer; True when more than ``_HIGH_WATER_BYTES``
         is unwritten, and the caller must :meth:`wait_writer` (see the docstring)."""
-        self.writer.queue(self.proto.data_to_send())
+        # A lone stream has nobody to share a write with: it writes now, rather than wake
+        # the writer task for it (a task switch per response at low concurrency).
+        self.writer.queue(self.proto.data_to_send(), now=len(self.streams) <= 1)
         return self.writer.backlog > _HIGH_WATER_BYTES
 
     async def wait_writer(self) -> None:

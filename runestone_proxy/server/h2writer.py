@@ -52,8 +52,23 @@ class SerialWriter:
     _wrote: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
     _scope: trio.CancelScope | None = None
 
-    def queue(self, data: bytes) -> None:
-        """Add ``data`` to the output (the writer task sends it)."""
+    def queue(self, data: bytes, *, now: bool = False) -> None:
+        """Add ``data`` to the output (the writer task sends it). ``now``: the caller knows
+        no other stream will add to this write (it is the connection's only stream), so
+        on cleartext, with nothing queued before it, it goes to the socket at once, without
+        waking the writer task; what the kernel does not take is queued as usual."""
+        if not data:
+            return
+        if now and not self._out and self.fd >= 0 and not self.broken:
+            try:
+                sent = os.write(self.fd, data)
+            except OSError:  # BlockingIOError, or a reset: the writer task finds out
+                sent = 0
+            self._queued_bytes += sent
+            self._written_bytes += sent
+            if sent == len(data):
+                return
+            data = data[sent:]
         if data:
             self._out.append(data)
             self._queued_bytes += len(data)

@@ -94,3 +94,42 @@ async def test_a_slow_reader_holds_up_writers_past_the_mark(nursery: trio.Nurser
             assert got == chunk + chunk
             assert writer.backlog == 0
             assert not writer.broken
+
+
+async def test_a_lone_streams_output_goes_to_the_socket_at_once_and_after_what_is_queued() -> None:
+    """``queue(now=True)``: with nothing queued, straight to the fd, no writer task needed;
+    behind queued bytes it waits its turn (order is the connection's integrity)."""
+    ours, peer = pair()
+    async with ours, peer:
+        with trio.fail_after(5):
+            writer = SerialWriter(ours, 5.0, on_broken=lambda: None, fd=ours.socket.fileno())
+            writer.queue(b"alone", now=True)  # no writer task is running at all
+            assert writer.backlog == 0
+            assert await peer.receive_some(100) == b"alone"
+            writer.queue(b"first;")  # for the writer task
+            writer.queue(b"second", now=True)  # behind it: queued too
+            assert writer.backlog == len(b"first;second")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer.run)
+                got = b""
+                while got != b"first;second":
+                    got += await peer.receive_some(100)
+                nursery.cancel_scope.cancel()
+            assert writer.backlog == 0
+
+
+async def test_what_the_kernel_refuses_of_a_lone_write_is_queued_for_the_writer() -> None:
+    ours, peer = pair()  # small socket buffers
+    async with ours, peer:
+        with trio.fail_after(5):
+            writer = SerialWriter(ours, 5.0, on_broken=lambda: None, fd=ours.socket.fileno())
+            data = bytes(range(256)) * 4096  # 1 MiB: far more than the buffers hold
+            writer.queue(data, now=True)
+            assert 0 < writer.backlog < len(data)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer.run)
+                got = bytearray()
+                while len(got) < len(data):
+                    got += await peer.receive_some(65536)
+                nursery.cancel_scope.cancel()
+            assert bytes(got) == data
