@@ -126,7 +126,7 @@ def bucket_start(at: float, size_s: float) -> float:
 #: under callgrind), 256-row ones 13,125 (1024-row ones 12,647). A prepared 256-row
 #: statement holds ~0.4 MB (its registers and program): the ``sqlite3`` module caches at
 #: most 128 statements, so the many shapes of a very mixed traffic stay within ~50 MB; one
-#: tenant's steady traffic uses one or two.
+#: tenant's steady traffic uses the nine sizes of one or two shapes (~1 MB).
 ROWS_PER_INSERT = 256
 #: The statement sizes a batch is cut into: 256-row statements, then the rest in powers of
 #: two (at most one of each), so a pass prepares at most nine shapes of statement per mask
