@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import operator
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
@@ -102,7 +101,7 @@ def bucket_start(at: float, size_s: float) -> float:
 #   whole batch is rewritten with :func:`storable` text first, so both backends store
 #   exactly what they stored before.
 # * **Few statements, few binds.** SQLite: multi-row ``INSERT ... VALUES (...), (...)`` of
-#   :data:`ROWS_PER_INSERT` rows (the rest of a batch in 32, 16, ... 1: seven sizes of
+#   :data:`ROWS_PER_INSERT` rows (the rest of a batch in 128, 64, ... 1: nine sizes of
 #   statement, prepared once each). Each statement releases the GIL once (around
 #   ``sqlite3_step``), where ``executemany`` released it per row and the event loop and the
 #   writer traded it back and forth. A value every row of a statement has (the tenant, the
@@ -121,11 +120,18 @@ def bucket_start(at: float, size_s: float) -> float:
 #   rows are upserted in key order (PostgreSQL's lock order, see the module docstring).
 
 #: Rows per multi-row INSERT on SQLite (at most; 20 parameters each, within SQLite's 32,766).
-ROWS_PER_INSERT = 64
-#: The statement sizes a batch is cut into: 64-row statements, then the rest in powers of
-#: two (at most one of each), so a pass prepares at most seven shapes of statement per mask
+#: Each statement costs the writer a fixed share besides its rows (the ``sqlite3`` module's
+#: call, the statement's setup and reset, the chunk's Python): 64-row statements cost
+#: 15,480 instructions a record in 4096-record passes (``bench.ledger_writer --size 4096``
+#: under callgrind), 256-row ones 13,125 (1024-row ones 12,647). A prepared 256-row
+#: statement holds ~0.4 MB (its registers and program): the ``sqlite3`` module caches at
+#: most 128 statements, so the many shapes of a very mixed traffic stay within ~50 MB; one
+#: tenant's steady traffic uses the nine sizes of one or two shapes (~1 MB).
+ROWS_PER_INSERT = 256
+#: The statement sizes a batch is cut into: 256-row statements, then the rest in powers of
+#: two (at most one of each), so a pass prepares at most nine shapes of statement per mask
 #: (below), which stay in the connection's statement cache, whatever the batch's size.
-_SIZES = (64, 32, 16, 8, 4, 2, 1)
+_SIZES = (256, 128, 64, 32, 16, 8, 4, 2, 1)
 _COLUMNS = 20
 #: A record's text fields: request_id, tenant, key_id, endpoint, model, provider,
 #: upstream_model (``outcome`` is one of three literals).
@@ -143,7 +149,6 @@ _TTFB = 19
 _SHAREABLE = (2, 3, 4, 5, 6, 7, 8, 11, 12, 14, 15, 16, 17, 19)
 #: A rollup row's who: tenant, key_id, model, provider.
 _WHO = (2, 3, 5, 6)
-_AT = operator.itemgetter(0)
 #: PostgreSQL: the batch as one array per column.
 _PG_TYPES = (
     "DOUBLE PRECISION",
@@ -166,16 +171,23 @@ _INSERT_UNNEST = (
 
 @functools.lru_cache(maxsize=256)
 def _insert_rows(count: int, shared: tuple[int, ...] = ()) -> str:
-    """``INSERT INTO usage ... VALUES`` with ``count`` rows of numbered placeholders: the
-    ``shared`` columns refer to one parameter each (the first ones, in column order), the
-    others to one per row (row after row, in column order)."""
+    """``INSERT INTO usage ... VALUES`` with ``count`` rows of placeholders: the ``shared``
+    columns refer to one parameter each (the first ones, in column order), the others to
+    one per row (row after row, in column order).
+
+    The first row numbers its own parameters (``?15``, ...), the later rows leave them
+    bare (``?``): SQLite gives a bare ``?`` the number after the largest so far, so they
+    number themselves in order. SQLite looks every numbered parameter up in a list of
+    those it has seen while it prepares the statement, so numbering all of them (~1,500 in
+    256 rows) made the prepare quadratic (several milliseconds for each shape of
+    statement); bare ones are not looked up."""
     own = [c for c in range(_COLUMNS) if c not in shared]
     first = len(shared) + 1
     names = {c: f"?{i}" for i, c in enumerate(shared, 1)}
-    rows = []
-    for row in range(count):
-        names.update({c: f"?{first + row * len(own) + i}" for i, c in enumerate(own)})
-        rows.append(f"({', '.join(names[c] for c in range(_COLUMNS))})")
+    names.update({c: f"?{first + i}" for i, c in enumerate(own)})
+    rows = [f"({', '.join(names[c] for c in range(_COLUMNS))})"]
+    names.update(dict.fromkeys(own, "?"))
+    rows += [f"({', '.join(names[c] for c in range(_COLUMNS))})"] * (count - 1)
     return f"INSERT INTO usage ({_RAW_COLUMNS}) VALUES {', '.join(rows)}"
 
 
@@ -418,11 +430,18 @@ def sweep(conn: Db, now: float, config: LedgerConfig) -> tuple[int, float | None
 
 
 def first_due(records: Sequence[UsageRow], config: LedgerConfig) -> float | None:
-    """When the earliest of ``records`` falls due for sweeping (as :func:`sweep` sees it)."""
+    """When the earliest of ``records`` falls due for sweeping (as :func:`sweep` sees it).
+
+    The earliest is taken to be the first or the last (the buffer keeps records in the
+    order their requests ended, a failed pass's in front again): this runs on the event
+    loop once per pass, where a scan of 4096 records cost ~80 instructions a record. A
+    record stamped earlier than both (the wall clock stepped back while the pass filled)
+    is swept up to that step late at worst: every sweep asks the tables when the next one
+    is due."""
     if not records:
         return None
     keep = min(config.retention_days, config.hourly_retention_days, config.daily_retention_days)
-    earliest: float = min(map(_AT, records))
+    earliest: float = min(records[0][0], records[-1][0])
     return earliest + keep * DAY_S + RAW_SWEEP_SLACK_S
 
 

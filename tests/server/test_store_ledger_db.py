@@ -72,7 +72,11 @@ def expected_row(r: UsageRecord, **text: str) -> tuple[Any, ...]:
     )
 
 
-@pytest.mark.parametrize("size", [1, 63, 64, 65, 200])
+# Around one statement's rows and past several (with the rest cut into smaller statements).
+ROWS = store_ledger_sql.ROWS_PER_INSERT
+
+
+@pytest.mark.parametrize("size", [1, 63, ROWS - 1, ROWS, ROWS + 1, 2 * ROWS + 75])
 async def test_records_are_stored_as_they_are(
     db: StoreDb, nursery: trio.Nursery, size: int
 ) -> None:
