@@ -1,7 +1,7 @@
 """The usage ledger's cost per request end to end, as issue 14 states it: non-stream chat
 through the listener, ``[ledger] enabled`` on vs off, in one run.
 
-    python -m bench.ledger_cost [--duration 5] [--repeats 3] [--concurrency 64]
+    python -m bench.ledger_cost [--duration 5] [--repeats 3] [--rounds 1] [--concurrency 64]
 
 Two gateway processes (``bench.targets.PROXY_CONFIG``, one with ``[ledger] enabled =
 false``), each with its own state directory (SQLite store, WAL, ``synchronous=FULL``), both
@@ -12,9 +12,14 @@ loads one gateway, then the other (the order alternating per repeat), so the hos
 spoils both alike. CPU per request is the gateway process's user + system time over the
 measured part (every thread: the store's writer, which inserts the records, included)
 divided by the requests answered; reported are the medians, the difference and the share of
-the ledger-off figure. Each run's CPU is also split, by the scheduler's clock, between the
-event loop's thread (the requests; with the ledger, each record's tuple, buffer and counters,
-and freeing the records after their pass) and the other threads (the store's writer: the
+the ledger-off figure. ``--rounds N`` starts a fresh pair of gateways N times, one pair
+after the other, and also prints each round's cost (its on median against its off median)
+and their median: two processes of one build differ by a microsecond or two for as long as
+they live (where the allocator put things, the hash seed), and a single pair would carry
+that into the comparison; new pairs sample it. Each run's CPU is also split, by the
+scheduler's clock, between the event loop's thread (the requests; with the ledger, each
+record's tuple, buffer and counters, and freeing the records after their pass) and the
+other threads (the store's writer: the
 inserts and commits), with the context switches of all of them: where the ledger's
 microseconds go (README, "What it costs").
 
@@ -93,7 +98,7 @@ def _gateway(
     stack: ExitStack, workdir: Path, upstream: int, ledger: str, cpu: int | None
 ) -> Process:
     state = workdir / f"ledger-{ledger}"
-    state.mkdir()
+    state.mkdir(parents=True)
     config = state / "gateway.toml"
     config.write_text(
         PROXY_CONFIG.format(upstream=upstream) + ("" if ledger == "on" else LEDGER_OFF)
@@ -104,11 +109,45 @@ def _gateway(
     return proc
 
 
+def _measure(
+    proc: Process, server_cpu: int | None, load_cpu: int | None, args: argparse.Namespace
+) -> tuple[float, float, float, float, str]:
+    """One load run on ``proc``: (us CPU per request, loop thread us, other threads us,
+    req/s, a line saying so)."""
+    meter = SplitMeter(proc.popen.pid, server_cpu)
+    spec = LoadSpec(
+        HOST,
+        proc.port,
+        "h1",
+        CHAT,
+        args.concurrency,
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        cpu=load_cpu,
+    )
+    result = run_load(spec, meter=meter)
+    assert meter.cpu_s is not None
+    requests = max(result.requests, 1)
+    per_request = meter.cpu_s / requests * 1e6
+    loop_us = meter.loop_s / requests * 1e6
+    threads_us = meter.others_threads_s / requests * 1e6
+    line = (
+        f"{result.rps:8,.0f} req/s, {per_request:6.1f} us CPU/req (loop thread {loop_us:.1f},"
+        f" other threads {threads_us:.2f}; {meter.switches / requests:.3f} context"
+        f" switches/req; others on the core {meter.others_s or 0:.2f} s, errors"
+        f" {result.errors}, non-2xx {result.non_2xx}, {result.tool})"
+    )
+    return per_request, loop_us, threads_us, result.rps, line
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="load runs per gateway per round")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="fresh pairs of gateway processes, one by one"
+    )
     parser.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args()
     server_cpu, load_cpu = bench_cpus()
@@ -116,51 +155,54 @@ def main() -> None:
     rps: dict[str, list[float]] = {"on": [], "off": []}
     loop: dict[str, list[float]] = {"on": [], "off": []}
     threads: dict[str, list[float]] = {"on": [], "off": []}
+    rounds: list[float] = []  # each round's cost, % of its ledger-off median
     workdir = Path(tempfile.mkdtemp(prefix="runestone-bench-ledger-"))
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, workdir, True)
         argv = [sys.executable, "-m", "bench.upstream", "--host", HOST, "--port", "0"]
         upstream = spawn("upstream", argv, workdir, cpu=load_cpu, announces_port=True)
         stack.callback(upstream.stop)
-        gateways = {
-            ledger: _gateway(stack, workdir, upstream.port, ledger, server_cpu)
-            for ledger in ("on", "off")
-        }
-        for repeat in range(args.repeats):
-            order = ("on", "off") if repeat % 2 == 0 else ("off", "on")
-            for ledger in order:
-                proc = gateways[ledger]
-                meter = SplitMeter(proc.popen.pid, server_cpu)
-                spec = LoadSpec(
-                    HOST,
-                    proc.port,
-                    "h1",
-                    CHAT,
-                    args.concurrency,
-                    duration_s=args.duration,
-                    warmup_s=args.warmup,
-                    cpu=load_cpu,
-                )
-                result = run_load(spec, meter=meter)
-                assert meter.cpu_s is not None
-                requests = max(result.requests, 1)
-                per_request = meter.cpu_s / requests * 1e6
-                loop_us = meter.loop_s / requests * 1e6
-                threads_us = meter.others_threads_s / requests * 1e6
-                us[ledger].append(per_request)
-                loop[ledger].append(loop_us)
-                threads[ledger].append(threads_us)
-                rps[ledger].append(result.rps)
-                print(
-                    f"ledger {ledger:3}: {result.rps:8,.0f} req/s, {per_request:6.1f} us CPU/req"
-                    f" (loop thread {loop_us:.1f}, other threads {threads_us:.2f};"
-                    f" {meter.switches / requests:.3f} context switches/req; others on the core"
-                    f" {meter.others_s or 0:.2f} s, errors {result.errors},"
-                    f" non-2xx {result.non_2xx}, {result.tool})",
-                    flush=True,
-                )
+        for round_no in range(args.rounds):
+            with ExitStack() as pair:
+                gateways = {
+                    ledger: _gateway(
+                        pair, workdir / f"round-{round_no}", upstream.port, ledger, server_cpu
+                    )
+                    for ledger in ("on", "off")
+                }
+                mine: dict[str, list[float]] = {"on": [], "off": []}
+                for repeat in range(args.repeats):
+                    order = ("on", "off") if (round_no + repeat) % 2 == 0 else ("off", "on")
+                    for ledger in order:
+                        per_request, loop_us, threads_us, req_s, line = _measure(
+                            gateways[ledger], server_cpu, load_cpu, args
+                        )
+                        print(f"round {round_no + 1} ledger {ledger:3}: {line}", flush=True)
+                        for into, value in (
+                            (us, per_request),
+                            (loop, loop_us),
+                            (threads, threads_us),
+                            (rps, req_s),
+                        ):
+                            into[ledger].append(value)
+                        mine[ledger].append(per_request)
+            off_round = statistics.median(mine["off"])
+            rounds.append((statistics.median(mine["on"]) - off_round) / off_round * 100)
+    _report(args, server_cpu, us, rps, loop, threads, rounds)
+
+
+def _report(
+    args: argparse.Namespace,
+    server_cpu: int | None,
+    us: dict[str, list[float]],
+    rps: dict[str, list[float]],
+    loop: dict[str, list[float]],
+    threads: dict[str, list[float]],
+    rounds: list[float],
+) -> None:
     on, off = statistics.median(us["on"]), statistics.median(us["off"])
-    print(f"\nmedians of {args.repeats}, c={args.concurrency}, gateway pinned to CPU {server_cpu}:")
+    runs_each = args.rounds * args.repeats
+    print(f"\nmedians of {runs_each}, c={args.concurrency}, gateway pinned to CPU {server_cpu}:")
     print("| ledger | req/s | gateway CPU us/req | loop thread | other threads | runs |")
     print("| --- | --- | --- | --- | --- | --- |")
     for ledger in ("off", "on"):
@@ -173,6 +215,9 @@ def main() -> None:
             f" | {runs} |"
         )
     print(f"ledger cost: {on - off:+.1f} us/request = {(on - off) / off * 100:+.1f}% of ledger off")
+    if len(rounds) > 1:
+        each = ", ".join(f"{r:+.1f}%" for r in rounds)
+        print(f"per round (fresh processes): {each}; median {statistics.median(rounds):+.1f}%")
 
 
 if __name__ == "__main__":
