@@ -1,7 +1,7 @@
 """The usage ledger's cost per request end to end, as issue 14 states it: non-stream chat
 through the listener, ``[ledger] enabled`` on vs off, in one run.
 
-    python -m bench.ledger_cost [--duration 5] [--repeats 3] [--rounds 1] [--concurrency 64]
+    python -m bench.ledger_cost [--duration 5] [--repeats 2] [--rounds 6] [--concurrency 64]
 
 Two gateway processes (``bench.targets.PROXY_CONFIG``, one with ``[ledger] enabled =
 false``), each with its own state directory (SQLite store, WAL, ``synchronous=FULL``), both
@@ -14,12 +14,12 @@ measured part (every thread: the store's writer, which inserts the records, incl
 divided by the requests answered; reported are the medians, the difference and the share of
 the ledger-off figure. ``--rounds N`` starts a fresh pair of gateways N times, one pair
 after the other, and also prints each round's cost (its on median against its off median)
-and their median: two processes of one build differ by a microsecond or two for as long as
-they live (where the allocator put things, the hash seed), and a single pair would carry
-that into the comparison; new pairs sample it. Each run's CPU is also split, by the
-scheduler's clock, between the event loop's thread (the requests; with the ledger, each
-record's tuple, buffer and counters, and freeing the records after their pass) and the
-other threads (the store's writer: the
+and their median, the figure to quote: two processes of one build differ by a microsecond
+or two for as long as they live (where the allocator put things, the hash seed), and a
+single pair would carry that into the comparison; new pairs sample it.
+Each run's CPU is also split, by the scheduler's clock, between the event loop's thread (the
+requests; with the ledger, each record's tuple, buffer and counters, and freeing the
+records after their pass) and the other threads (the store's writer: the
 inserts and commits), with the context switches of all of them: where the ledger's
 microseconds go (README, "What it costs").
 
@@ -144,9 +144,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--repeats", type=int, default=3, help="load runs per gateway per round")
+    parser.add_argument("--repeats", type=int, default=2, help="load runs per gateway per round")
     parser.add_argument(
-        "--rounds", type=int, default=1, help="fresh pairs of gateway processes, one by one"
+        "--rounds", type=int, default=6, help="fresh pairs of gateway processes, one by one"
     )
     parser.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args()
