@@ -62,11 +62,11 @@ from typing import Any, Protocol
 import attrs
 import trio
 
-from runestone_proxy import telemetry
 from runestone_proxy.config import Config, TenancyConfig
 from runestone_proxy.errors import RateLimited
 from runestone_proxy.gateway import limits
 from runestone_proxy.gateway.limits import Admit, Decision, Enqueue, TenantLimits, Wait
+from runestone_proxy.gateway.slot_refusal import at_capacity
 
 #: Idle, unlisted tenants' state is dropped once more than this many tenants are tracked.
 _MAX_TENANTS = 4096
@@ -338,46 +338,6 @@ class Capacity:
             f"<Capacity in_flight={self.in_flight}/{self.max_concurrent} "
             f"waiting={waiting} tenants={len(self.tenants)}>"
         )
-
-
-class SlotLabels(Protocol):
-    """What labels a slot's ``ratelimit.block`` (either capacity's slot has it)."""
-
-    key_mask: str
-    request_id: str | None
-
-
-def at_capacity(
-    slot: SlotLabels,
-    tenant: str,
-    tenant_full: bool,
-    tenant_max: int,
-    global_max: int,
-    waited_s: float | None,
-    in_flight: int | None,
-    waiting: int,
-) -> RateLimited:
-    """``ratelimit.block``, and the 429 to raise, for a slot refused at once (``waited_s``
-    None) or after waiting that long; ``tenant_full``: the tenant's cap (else the gateway's)
-    is the one reached. The in-process and the Redis slot (``server.redis_slot``) both."""
-    telemetry.emit(
-        "ratelimit.block",
-        tenant=tenant,
-        key_mask=slot.key_mask,
-        request_id=slot.request_id,
-        limit="concurrency" if waited_s is None else "concurrency_wait",
-        retry_after_s=limits.RETRY_AFTER_S,
-        in_flight=in_flight,
-        waiting=waiting,
-    )
-    who = (
-        f"Tenant {tenant!r} is at capacity ({tenant_max} concurrent requests)"
-        if tenant_full
-        else f"The gateway is at capacity ({global_max} concurrent requests)"
-    )
-    if waited_s is not None:
-        who += f" and no slot freed within {waited_s * 1000:g}ms"
-    return RateLimited(f"{who}. Please try again in 1s.", retry_after_s=limits.RETRY_AFTER_S)
 
 
 class Slot:

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 from runestone_proxy.errors import RateLimited
 from runestone_proxy.gateway import limits as policy
-from runestone_proxy.gateway.capacity import at_capacity
 from runestone_proxy.gateway.limits import ADMIT, Decision, Enqueue, GlobalState, TenantState, Wait
+from runestone_proxy.gateway.slot_refusal import at_capacity
 
 if TYPE_CHECKING:
     from runestone_proxy.server.redis_commands import Plan
