@@ -230,10 +230,17 @@ class Store(JobsSide, ResponsesSide, LedgerSide, KeysSide):
             return fn()
         return await trio.to_thread.run_sync(fn, limiter=self._limiter)
 
-    async def _call(self, fn: Callable[[Db], T], *, write: bool = False) -> T:
+    async def _call(
+        self,
+        fn: Callable[[Db], T],
+        *,
+        write: bool = False,
+        committed: Callable[[], object] | None = None,
+    ) -> T:
         """Run ``fn(db)`` on the worker thread (in a transaction if ``write``), mapping the
         driver's errors to ``ServiceUnavailable`` (503) or, for a value it cannot store, a
-        500 ``GatewayError``."""
+        500 ``GatewayError``. ``committed`` runs on the worker thread once the transaction
+        is committed (not if it failed)."""
         if self._db is None:
             raise ServiceUnavailable("The job store is not open.")
 
@@ -252,6 +259,8 @@ class Store(JobsSide, ResponsesSide, LedgerSide, KeysSide):
                 result = fn(db)
                 db.commit()
                 self.stats.transactions += 1
+                if committed is not None:
+                    committed()
                 return result
             except db.value_errors as exc:  # a value the database refused
                 log.error("store.error", error=str(exc), kind=type(exc).__name__)
@@ -309,8 +318,14 @@ class Store(JobsSide, ResponsesSide, LedgerSide, KeysSide):
             if not batch and not records:
                 continue
             answers: list[Answer | GatewayError]
+            count, due = len(records), ledger_sql.first_due(records, self.ledger_config)
             try:
-                answers, refused = await self._call(self._batch_writer(batch, records), write=True)
+                # Once committed the records are freed on the worker thread, not on the event
+                # loop after the next pass: ~6 fewer cache misses a request on the loop
+                # (README, "Usage ledger"). A failed pass keeps them for put_back.
+                answers, refused = await self._call(
+                    self._batch_writer(batch, records), write=True, committed=records.clear
+                )
             except GatewayError as exc:
                 answers = [exc] * len(batch)
                 self._ledger.put_back(records)  # retried with the next write or flush
@@ -319,7 +334,7 @@ class Store(JobsSide, ResponsesSide, LedgerSide, KeysSide):
                 raise
             else:
                 self.stats.enqueue_batches += bool(batch)
-                self._ledger_written(records, refused)
+                self._ledger_counted(count, refused, due)
             for pending, answer in zip(batch, answers, strict=True):
                 pending.answer = answer
                 pending.done.set()

@@ -164,11 +164,15 @@ class LedgerSide:
                 pass
 
     def _ledger_written(self, records: list[UsageRow], refused: list[UsageRow]) -> None:
+        self._ledger_counted(len(records), refused, sql.first_due(records, self.ledger_config))
+
+    def _ledger_counted(self, count: int, refused: list[UsageRow], due: float | None) -> None:
+        """A pass wrote ``count`` records but ``refused``; the earliest falls due at ``due``."""
         if refused:
             self._ledger.dropped(len(refused), "refused")
-        if len(records) > len(refused):
-            self._ledger.written(len(records) - len(refused))
-        self._sweep_by(sql.first_due(records, self.ledger_config))
+        if count > len(refused):
+            self._ledger.written(count - len(refused))
+        self._sweep_by(due)
 
     async def _flush_ledger(self) -> None:
         """Shutdown: write what is pending, a pass's worth per transaction (what cannot be
