@@ -30,6 +30,7 @@ from runestone_proxy.gateway.ledger import UsageRecord
 from runestone_proxy.gateway.overflow import NewJob
 from runestone_proxy.server import store_ledger_sql, store_schema
 from runestone_proxy.server.store import Store
+from runestone_proxy.server.store_ledger import LedgerBuffer
 from runestone_proxy.server.store_schema import SCHEMA_VERSION
 from runestone_proxy.server.store_sqlite import SqliteDb
 
@@ -96,6 +97,28 @@ async def test_records_are_written_in_a_few_group_commits(store: Store) -> None:
     assert store.stats.ledger_written == 1000
     assert store.stats.transactions <= 3  # one pass takes up to PASS_MAX records
     assert count(store.path, "usage") == 1000
+
+
+async def test_a_passs_records_are_freed_once_committed(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Freed on the worker thread right after the commit (not kept until the next pass and
+    # freed on the event loop); counted as written all the same.
+    taken: list[list[Any]] = []
+    take = LedgerBuffer.take
+
+    def spy(self: LedgerBuffer, limit: int = 4096) -> list[Any]:
+        records = take(self, limit)
+        taken.append(records)
+        return records
+
+    monkeypatch.setattr(LedgerBuffer, "take", spy)
+    for i in range(10):
+        store.record(rec(T0 + i, request_id=f"req_{i}"))
+    await store.sync_ledger()
+    assert store.stats.ledger_written == 10
+    assert sum(map(len, taken)) == 0  # every pass's list emptied
+    assert count(store.path, "usage") == 10
 
 
 async def test_records_share_transactions_with_concurrent_enqueues(store: Store) -> None:
